@@ -1,0 +1,31 @@
+//! cmc-forwarder: Customers Mail Cloud (CMC) event webhooks in, one NATS message per event
+//! out, on one subject per status.
+//!
+//! # Layout
+//!
+//! A request travels through the modules in this order:
+//!
+//! 1. [`routes::webhook`]: path, method, client IP and Basic credentials ([`auth`]), in-flight
+//!    limit, body read under its size cap.
+//! 2. [`webhook`] (pure, no I/O): media type, form or JSON decoding, `api_key` handed back to
+//!    [`auth`], all-or-nothing validation, then one [`webhook::Outgoing`] per entry with the
+//!    subject rendered by [`subject`].
+//! 3. [`publish`]: the batch goes out in entry order on one NATS connection; JetStream PubAcks
+//!    (or a core flush) are awaited within `nats.publish_timeout`.
+//! 4. [`routes::error`] renders every refusal as SPEC §3's JSON error body.
+//!
+//! Around them: [`settings`] (TOML + environment, checked types), [`startup`] (build, serve,
+//! drain), [`shutdown`] (signals), [`telemetry`] (logging), [`cli`] (command line), and the
+//! admin listener in [`routes::admin`].
+#![forbid(unsafe_code)]
+
+pub mod auth;
+pub mod cli;
+pub mod publish;
+pub mod routes;
+pub mod settings;
+pub mod shutdown;
+pub mod startup;
+pub mod subject;
+pub mod telemetry;
+pub mod webhook;

@@ -1,0 +1,357 @@
+//! Publishing to NATS: the connection, the JetStream stream, and one call that puts a whole
+//! batch on the bus or says honestly that it could not.
+//!
+//! Owns every `async_nats` type in the crate. A batch is sent in entry order on the one shared
+//! connection; in `jetstream` mode all PubAcks are then awaited concurrently, in `core` mode
+//! the connection is flushed. The whole call is bounded by `nats.publish_timeout`, so a slow or
+//! absent NATS yields an error in time, never a hang.
+
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use async_nats::connection::State;
+use async_nats::jetstream::{self, context::PublishErrorKind, stream};
+use async_nats::{Client, ConnectOptions, HeaderMap};
+use futures_util::future::join_all;
+use thiserror::Error;
+
+use crate::settings::{Mode, NatsSettings, Storage};
+use crate::webhook::OutgoingBatch;
+
+/// What a batch's publication achieved.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub struct PublishReport {
+    /// Messages acknowledged by NATS (stored by JetStream, or flushed in core mode).
+    pub published: usize,
+    /// Of those, the ones JetStream reported as duplicates of an earlier message id.
+    pub duplicates: usize,
+}
+
+/// Why a batch is not (entirely) on the bus.
+#[derive(Debug, Error)]
+pub enum PublishError {
+    #[error("NATS is not connected")]
+    NotConnected,
+    #[error("NATS did not acknowledge the batch within {0:?}")]
+    Timeout(Duration),
+    #[error(
+        "entry {index}: its message is {size} bytes, over the NATS max_payload of {max} bytes"
+    )]
+    TooLarge {
+        index: usize,
+        size: usize,
+        max: usize,
+    },
+    #[error("NATS refused the batch: {0}")]
+    Refused(String),
+}
+
+/// Why the connection or the stream could not be set up.
+#[derive(Debug, Error)]
+pub enum SetupError {
+    #[error("cannot read NATS credentials: {0}")]
+    Credentials(String),
+    #[error("cannot connect to NATS: {0}")]
+    Connect(String),
+    #[error("stream {name}: {message}")]
+    Stream { name: String, message: String },
+}
+
+/// The shared publisher: one NATS connection, and the JetStream context in `jetstream` mode.
+#[derive(Clone)]
+pub struct Publisher {
+    client: Client,
+    jetstream: Option<jetstream::Context>,
+    timeout: Duration,
+    /// Set once the stream has been created or found (always true in core mode): readiness
+    /// needs it, because publishing to a missing stream can only fail.
+    stream_ready: Arc<AtomicBool>,
+    settings: Arc<NatsSettings>,
+}
+
+impl Publisher {
+    /// Connects, waiting up to `connect_timeout` for the first connection; if NATS is not
+    /// reachable by then, returns anyway and keeps connecting in the background.
+    pub async fn connect(settings: &NatsSettings) -> Result<Publisher, SetupError> {
+        let options = connect_options(settings).await?;
+        let servers: Vec<&str> = settings
+            .servers
+            .iter()
+            .map(|s| s.trim())
+            .filter(|s| !s.is_empty())
+            .collect();
+        let client = options
+            .connect(servers.join(","))
+            .await
+            .map_err(|e| SetupError::Connect(e.to_string()))?;
+        let deadline = Instant::now() + settings.connect_timeout.get();
+        while client.connection_state() != State::Connected && Instant::now() < deadline {
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+        let timeout = settings.publish_timeout.get();
+        let jetstream = (settings.mode == Mode::Jetstream).then(|| {
+            jetstream::ContextBuilder::new()
+                .timeout(timeout)
+                .max_ack_inflight(65_536)
+                .backpressure_on_inflight(true)
+                .build(client.clone())
+        });
+        Ok(Publisher {
+            stream_ready: Arc::new(AtomicBool::new(jetstream.is_none())),
+            client,
+            jetstream,
+            timeout,
+            settings: Arc::new(settings.clone()),
+        })
+    }
+
+    pub fn is_connected(&self) -> bool {
+        self.client.connection_state() == State::Connected
+    }
+
+    /// Whether a batch can be published now: connected, and the stream is usable.
+    pub fn is_ready(&self) -> bool {
+        self.is_connected() && self.stream_ready.load(Ordering::Acquire)
+    }
+
+    /// Why the publisher is not ready, for `/readyz`.
+    pub fn not_ready_reason(&self) -> Option<&'static str> {
+        if !self.is_connected() {
+            Some("NATS is not connected")
+        } else if !self.stream_ready.load(Ordering::Acquire) {
+            Some("the JetStream stream is not usable yet")
+        } else {
+            None
+        }
+    }
+
+    /// Creates or updates the stream (`nats.stream.create`), or checks that it exists and
+    /// covers the subjects. A no-op in core mode.
+    pub async fn ensure_stream(&self) -> Result<(), SetupError> {
+        let Some(js) = &self.jetstream else {
+            return Ok(());
+        };
+        let s = &self.settings.stream;
+        let err = |message: String| SetupError::Stream {
+            name: s.name.clone(),
+            message,
+        };
+        if s.create {
+            let config = stream::Config {
+                name: s.name.clone(),
+                subjects: s.subjects.clone(),
+                storage: match s.storage {
+                    Storage::File => stream::StorageType::File,
+                    Storage::Memory => stream::StorageType::Memory,
+                },
+                num_replicas: s.replicas,
+                max_age: s.max_age.get(),
+                duplicate_window: s.duplicate_window.get(),
+                ..Default::default()
+            };
+            js.create_or_update_stream(config)
+                .await
+                .map_err(|e| err(format!("cannot create or update: {e}")))?;
+        } else {
+            let mut found = js
+                .get_stream(&s.name)
+                .await
+                .map_err(|e| err(format!("cannot be used (nats.stream.create = false): {e}")))?;
+            let info = found
+                .info()
+                .await
+                .map_err(|e| err(format!("cannot read its configuration: {e}")))?;
+            let template = crate::subject::SubjectTemplate::parse(&self.settings.subject)
+                .map_err(|e| err(e.to_string()))?;
+            if !template.is_covered_by(&info.config.subjects) {
+                return Err(err(format!(
+                    "its subjects {:?} do not cover the template {:?}",
+                    info.config.subjects, self.settings.subject
+                )));
+            }
+        }
+        self.stream_ready.store(true, Ordering::Release);
+        Ok(())
+    }
+
+    /// Keeps trying [`Publisher::ensure_stream`] until it succeeds (used when NATS was not
+    /// reachable at start-up).
+    pub async fn ensure_stream_in_background(self) {
+        let mut logged = false;
+        loop {
+            if self.is_connected() {
+                match self.ensure_stream().await {
+                    Ok(()) => {
+                        tracing::info!(stream = %self.settings.stream.name, "stream ready");
+                        return;
+                    }
+                    Err(e) if !logged => {
+                        tracing::error!(error = %e, "stream not usable yet; retrying");
+                        logged = true;
+                    }
+                    Err(_) => {}
+                }
+            }
+            tokio::time::sleep(Duration::from_millis(500)).await;
+        }
+    }
+
+    /// The `max_payload` the server announced.
+    pub fn max_payload(&self) -> usize {
+        self.client.max_payload()
+    }
+
+    /// Publishes every message of `batch`, in order, within `publish_timeout`.
+    pub async fn publish(&self, batch: &OutgoingBatch) -> Result<PublishReport, PublishError> {
+        if batch.messages.is_empty() {
+            return Ok(PublishReport::default());
+        }
+        if !self.is_connected() {
+            return Err(PublishError::NotConnected);
+        }
+        let max = self.max_payload();
+        for message in &batch.messages {
+            let size = batch.wire_size(message);
+            if size > max {
+                return Err(PublishError::TooLarge {
+                    index: message.index,
+                    size,
+                    max,
+                });
+            }
+        }
+        let work = async {
+            match &self.jetstream {
+                Some(js) => self.publish_jetstream(js, batch).await,
+                None => self.publish_core(batch).await,
+            }
+        };
+        match tokio::time::timeout(self.timeout, work).await {
+            Ok(result) => result,
+            Err(_) => Err(PublishError::Timeout(self.timeout)),
+        }
+    }
+
+    async fn publish_jetstream(
+        &self,
+        js: &jetstream::Context,
+        batch: &OutgoingBatch,
+    ) -> Result<PublishReport, PublishError> {
+        let mut acks = Vec::with_capacity(batch.messages.len());
+        for message in &batch.messages {
+            let ack = js
+                .publish_with_headers(
+                    message.subject.clone(),
+                    headers(batch, message),
+                    message.payload.clone(),
+                )
+                .await
+                .map_err(|e| self.map_error(e.kind(), message.index, e.to_string()))?;
+            acks.push(ack);
+        }
+        let mut report = PublishReport::default();
+        for (index, result) in join_all(acks.into_iter().map(std::future::IntoFuture::into_future))
+            .await
+            .into_iter()
+            .enumerate()
+        {
+            let ack = result.map_err(|e| self.map_error(e.kind(), index, e.to_string()))?;
+            report.published += 1;
+            report.duplicates += usize::from(ack.duplicate);
+        }
+        Ok(report)
+    }
+
+    async fn publish_core(&self, batch: &OutgoingBatch) -> Result<PublishReport, PublishError> {
+        for message in &batch.messages {
+            self.client
+                .publish_with_headers(
+                    message.subject.clone(),
+                    headers(batch, message),
+                    message.payload.clone(),
+                )
+                .await
+                .map_err(|e| PublishError::Refused(e.to_string()))?;
+        }
+        self.client
+            .flush()
+            .await
+            .map_err(|e| PublishError::Refused(e.to_string()))?;
+        Ok(PublishReport {
+            published: batch.messages.len(),
+            duplicates: 0,
+        })
+    }
+
+    fn map_error(&self, kind: PublishErrorKind, index: usize, message: String) -> PublishError {
+        match kind {
+            PublishErrorKind::TimedOut => PublishError::Timeout(self.timeout),
+            PublishErrorKind::MaxPayloadExceeded => PublishError::TooLarge {
+                index,
+                size: 0,
+                max: self.max_payload(),
+            },
+            PublishErrorKind::BrokenPipe => PublishError::NotConnected,
+            _ => PublishError::Refused(message),
+        }
+    }
+
+    /// Flushes what the connection still buffers (at shutdown).
+    pub async fn flush(&self) {
+        if let Err(e) = self.client.flush().await {
+            tracing::warn!(error = %e, "final NATS flush failed");
+        }
+    }
+}
+
+fn headers(batch: &OutgoingBatch, message: &crate::webhook::Outgoing) -> HeaderMap {
+    let mut map = HeaderMap::new();
+    for (name, value) in batch.headers(message) {
+        map.insert(name, value.to_string());
+    }
+    map
+}
+
+async fn connect_options(settings: &NatsSettings) -> Result<ConnectOptions, SetupError> {
+    let mut options = match &settings.creds_file {
+        Some(path) => ConnectOptions::with_credentials_file(path)
+            .await
+            .map_err(|e| SetupError::Credentials(format!("{}: {e}", path.display())))?,
+        None => ConnectOptions::new(),
+    };
+    if settings.token.is_set() {
+        options = options.token(settings.token.expose().to_owned());
+    }
+    if !settings.username.is_empty() {
+        options = options.user_and_password(
+            settings.username.clone(),
+            settings.password.expose().to_owned(),
+        );
+    }
+    if settings.nkey_seed.is_set() {
+        options = options.nkey(settings.nkey_seed.expose().to_owned());
+    }
+    if let Some(ca) = &settings.tls_ca_file {
+        options = options.add_root_certificates(ca.clone()).require_tls(true);
+    }
+    if let (Some(cert), Some(key)) = (&settings.tls_cert_file, &settings.tls_key_file) {
+        options = options.add_client_certificate(cert.clone(), key.clone());
+    }
+    Ok(options
+        .name(&settings.name)
+        .connection_timeout(settings.connect_timeout.get())
+        .retry_on_initial_connect()
+        .max_reconnects(None)
+        // Reconnect quickly after a NATS restart: the default backs off to 4 s.
+        .reconnect_delay_callback(|attempts| {
+            Duration::from_millis((100u64 << attempts.min(4)).min(1_000))
+        })
+        .event_callback(|event| async move {
+            match event {
+                async_nats::Event::Connected => tracing::info!("NATS connected"),
+                async_nats::Event::Disconnected => tracing::warn!("NATS disconnected"),
+                other => tracing::warn!(event = %other, "NATS event"),
+            }
+        }))
+}

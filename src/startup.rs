@@ -1,0 +1,172 @@
+//! The application: [`Application::build`] connects NATS, prepares the stream and binds the
+//! listeners (port 0 allowed); [`Application::run_until_stopped`] serves until the shutdown
+//! future resolves, then drains in-flight requests and flushes NATS.
+
+use std::future::Future;
+use std::net::SocketAddr;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
+use std::time::Duration;
+
+use thiserror::Error;
+use tokio::net::TcpListener;
+use tokio::sync::{watch, Semaphore};
+
+use crate::auth::Auth;
+use crate::publish::{Publisher, SetupError};
+use crate::routes::{admin, webhook};
+use crate::settings::{Settings, SettingsError};
+
+/// Why the service could not start.
+#[derive(Debug, Error)]
+pub enum StartupError {
+    #[error(transparent)]
+    Settings(#[from] SettingsError),
+    #[error(transparent)]
+    Nats(#[from] SetupError),
+    #[error("cannot listen on {addr} ({what}): {source}")]
+    Bind {
+        what: &'static str,
+        addr: SocketAddr,
+        source: std::io::Error,
+    },
+    #[error("invalid configuration: {0}")]
+    Auth(String),
+}
+
+/// A built, not yet running, service.
+pub struct Application {
+    listener: TcpListener,
+    admin_listener: Option<TcpListener>,
+    publisher: Publisher,
+    webhook: Arc<webhook::WebhookState>,
+    /// Turns readiness off as soon as shutdown begins.
+    shutting_down: Arc<AtomicBool>,
+    /// Time in-flight requests get after the stop signal.
+    grace: Duration,
+}
+
+impl Application {
+    pub async fn build(settings: &Settings) -> Result<Application, StartupError> {
+        settings.validate()?;
+        let template = settings.subject_template()?;
+        let auth = Auth::from_settings(&settings.auth).map_err(StartupError::Auth)?;
+
+        let publisher = Publisher::connect(&settings.nats).await?;
+        if publisher.is_connected() {
+            publisher.ensure_stream().await?;
+        } else {
+            tracing::warn!(
+                servers = ?settings.nats.servers,
+                "NATS not reachable yet; serving anyway and connecting in the background"
+            );
+            tokio::spawn(publisher.clone().ensure_stream_in_background());
+        }
+        if settings.spool.enabled {
+            tracing::warn!(
+                "spool.enabled is set, but this version has no spool yet: \
+                 batches NATS cannot take in time are answered 503 (safe to retry)"
+            );
+        }
+
+        let listen = settings.server_listen()?;
+        let listener = bind(listen, "server.listen").await?;
+        let admin_listener = match settings.admin_listen()? {
+            Some(addr) => Some(bind(addr, "admin.listen").await?),
+            None => None,
+        };
+        let publish_timeout = settings.nats.publish_timeout.get();
+        let webhook = Arc::new(webhook::WebhookState {
+            path: settings.server.path.clone(),
+            max_body_bytes: settings.server.max_body_bytes,
+            template,
+            auth,
+            publisher: publisher.clone(),
+            in_flight: Arc::new(Semaphore::new(settings.server.max_in_flight)),
+            retry_after: publish_timeout.max(Duration::from_secs(1)),
+        });
+        Ok(Application {
+            listener,
+            admin_listener,
+            publisher,
+            webhook,
+            shutting_down: Arc::new(AtomicBool::new(false)),
+            grace: publish_timeout + Duration::from_secs(1),
+        })
+    }
+
+    /// The webhook listener's port.
+    pub fn port(&self) -> u16 {
+        self.listener.local_addr().map(|a| a.port()).unwrap_or(0)
+    }
+
+    /// The admin listener's port, when enabled.
+    pub fn admin_port(&self) -> Option<u16> {
+        self.admin_listener
+            .as_ref()
+            .and_then(|l| l.local_addr().ok())
+            .map(|a| a.port())
+    }
+
+    /// Serves until `shutdown` resolves; then stops accepting, gives in-flight requests the
+    /// grace period, flushes NATS and returns.
+    pub async fn run_until_stopped<F>(self, shutdown: F)
+    where
+        F: Future<Output = ()> + Send + 'static,
+    {
+        let (stop_tx, stop_rx) = watch::channel(false);
+        let shutting_down = self.shutting_down.clone();
+        tokio::spawn(async move {
+            shutdown.await;
+            shutting_down.store(true, Ordering::Release);
+            let _ = stop_tx.send(true);
+        });
+
+        let (admin_stop_tx, admin_stop_rx) = watch::channel(false);
+        let admin = self.admin_listener.map(|listener| {
+            let routes = admin::routes(self.publisher.clone(), self.shutting_down.clone());
+            tokio::spawn(
+                warp::serve(routes)
+                    .incoming(listener)
+                    .graceful(stopped(admin_stop_rx))
+                    .run(),
+            )
+        });
+
+        tracing::info!(
+            addr = ?self.listener.local_addr().ok(),
+            path = %self.webhook.path,
+            "webhook listener ready"
+        );
+        let server = warp::serve(webhook::routes(self.webhook.clone()))
+            .incoming(self.listener)
+            .graceful(stopped(stop_rx.clone()))
+            .run();
+        let mut server = std::pin::pin!(server);
+        tokio::select! {
+            () = &mut server => {}
+            () = stopped(stop_rx) => {
+                if tokio::time::timeout(self.grace, &mut server).await.is_err() {
+                    tracing::warn!(grace = ?self.grace, "grace period over; closing the remaining connections");
+                }
+            }
+        }
+        self.publisher.flush().await;
+        let _ = admin_stop_tx.send(true);
+        if let Some(admin) = admin {
+            let _ = admin.await;
+        }
+        tracing::info!("stopped");
+    }
+}
+
+async fn bind(addr: SocketAddr, what: &'static str) -> Result<TcpListener, StartupError> {
+    TcpListener::bind(addr)
+        .await
+        .map_err(|source| StartupError::Bind { what, addr, source })
+}
+
+/// Resolves once the watched flag turns true.
+async fn stopped(mut rx: watch::Receiver<bool>) {
+    let _ = rx.wait_for(|stop| *stop).await;
+}

@@ -1,0 +1,324 @@
+//! Step 3: one outgoing message per entry: subject, JSON body and `Cmc-*` header values.
+
+use bytes::Bytes;
+use sha2::{Digest, Sha256};
+
+use super::json::{write_canonical_members, write_compact, write_string};
+use super::Batch;
+use crate::subject::{bounce_status_name, header_value, SubjectTemplate, SubjectValues};
+
+/// What the status token is when an entry has none.
+const NO_STATUS: &str = "none";
+
+/// One message, ready to publish.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Outgoing {
+    pub subject: String,
+    /// The JSON body.
+    pub payload: Bytes,
+    /// `Nats-Msg-Id`: lowercase hex SHA-256 of the event's identity.
+    pub msg_id: String,
+    /// `Cmc-Status`.
+    pub status_header: String,
+    /// `Cmc-Batch-Index`: the entry's position in its batch.
+    pub index: usize,
+}
+
+/// The messages of one request, with the header values they share.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct OutgoingBatch {
+    /// `Cmc-Batch-Id`.
+    pub batch_id: String,
+    /// `Cmc-Event-Type`.
+    pub event_type_header: String,
+    /// `Cmc-Server-Composition`.
+    pub server_composition_header: String,
+    pub messages: Vec<Outgoing>,
+}
+
+impl OutgoingBatch {
+    /// The headers of `message`, in the order they are sent.
+    pub fn headers<'a>(&'a self, message: &'a Outgoing) -> [(&'static str, HeaderValue<'a>); 7] {
+        [
+            ("Nats-Msg-Id", HeaderValue::Str(&message.msg_id)),
+            ("Content-Type", HeaderValue::Str("application/json")),
+            ("Cmc-Event-Type", HeaderValue::Str(&self.event_type_header)),
+            ("Cmc-Status", HeaderValue::Str(&message.status_header)),
+            (
+                "Cmc-Server-Composition",
+                HeaderValue::Str(&self.server_composition_header),
+            ),
+            ("Cmc-Batch-Id", HeaderValue::Str(&self.batch_id)),
+            ("Cmc-Batch-Index", HeaderValue::Index(message.index)),
+        ]
+    }
+
+    /// The size NATS counts against `max_payload` for `message`: the serialised header block
+    /// (`NATS/1.0\r\n`, `Name: value\r\n` each, `\r\n`) plus the payload.
+    pub fn wire_size(&self, message: &Outgoing) -> usize {
+        let headers: usize = self
+            .headers(message)
+            .iter()
+            .map(|(name, value)| name.len() + 2 + value.len() + 2)
+            .sum();
+        "NATS/1.0\r\n".len() + headers + 2 + message.payload.len()
+    }
+}
+
+/// A header value, borrowed or a number rendered on demand.
+#[derive(Debug, Clone, Copy)]
+pub enum HeaderValue<'a> {
+    Str(&'a str),
+    Index(usize),
+}
+
+impl HeaderValue<'_> {
+    fn len(&self) -> usize {
+        match self {
+            HeaderValue::Str(s) => s.len(),
+            HeaderValue::Index(i) => i.to_string().len(),
+        }
+    }
+}
+
+impl std::fmt::Display for HeaderValue<'_> {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            HeaderValue::Str(s) => f.write_str(s),
+            HeaderValue::Index(i) => write!(f, "{i}"),
+        }
+    }
+}
+
+/// The fields the service adds to every body; an entry's own copies are dropped.
+const ADDED_FIELDS: [&str; 2] = ["event_type", "server_composition"];
+
+impl Batch {
+    /// Renders every entry into its message. `batch_id` identifies the request.
+    pub fn to_outgoing(&self, template: &SubjectTemplate, batch_id: &str) -> OutgoingBatch {
+        let event_type = self.event_type.as_str();
+        let sc = self.server_composition.as_str();
+        let id_prefix = {
+            let mut h = Sha256::new();
+            h.update(sc.as_bytes());
+            h.update([0]);
+            h.update(event_type.as_bytes());
+            h.update([0]);
+            h
+        };
+        let mut scratch = Vec::new();
+        let messages = self
+            .entries
+            .iter()
+            .enumerate()
+            .map(|(index, entry)| {
+                let status = entry.status.as_ref().map_or(NO_STATUS, |s| s.as_str());
+                let status_name = if self.event_type.is_bounces() {
+                    bounce_status_name(status)
+                } else {
+                    status
+                };
+                let subject = template.render(&SubjectValues {
+                    event_type,
+                    status,
+                    status_name,
+                    server_composition: sc,
+                });
+
+                scratch.clear();
+                write_canonical_members(&mut scratch, &entry.fields);
+                let mut hasher = id_prefix.clone();
+                hasher.update(&scratch);
+                let msg_id = hex::encode(hasher.finalize());
+
+                let mut payload = Vec::with_capacity(64 + sc.len() + 64 * entry.fields.0.len());
+                payload.extend_from_slice(b"{\"event_type\":");
+                write_string(&mut payload, event_type);
+                payload.extend_from_slice(b",\"server_composition\":");
+                write_string(&mut payload, sc);
+                for (key, value) in &entry.fields.0 {
+                    if ADDED_FIELDS.contains(&key.as_str()) {
+                        continue;
+                    }
+                    payload.push(b',');
+                    write_string(&mut payload, key);
+                    payload.push(b':');
+                    write_compact(&mut payload, value);
+                }
+                payload.push(b'}');
+
+                Outgoing {
+                    subject,
+                    payload: Bytes::from(payload),
+                    msg_id,
+                    status_header: header_value(status),
+                    index,
+                }
+            })
+            .collect();
+        OutgoingBatch {
+            batch_id: batch_id.to_owned(),
+            event_type_header: header_value(event_type),
+            server_composition_header: header_value(sc),
+            messages,
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::webhook::decode;
+    use proptest::prelude::*;
+
+    fn template() -> SubjectTemplate {
+        SubjectTemplate::parse("cmc.{event_type}.{status}").unwrap()
+    }
+
+    fn split(content_type: &str, body: &str) -> OutgoingBatch {
+        decode(Some(content_type), body.as_bytes())
+            .unwrap()
+            .validate()
+            .unwrap()
+            .to_outgoing(&template(), "b-1")
+    }
+
+    const ENTRY: &str = r#"{"created":"2023-01-25 14:03:06","messageId":"\u003Cid@x\u003E","status":"queued","n":1.50,"event_type":"spoof","api_key":"entry-field"}"#;
+
+    fn json_body(sc: &str) -> String {
+        format!(
+            r#"{{"api_key":"secret","event_type":"deliveries","server_composition":"{sc}","event":{{"deliveries":[{ENTRY}]}}}}"#
+        )
+    }
+
+    #[test]
+    fn body_has_added_fields_first_then_entry_fields_verbatim() {
+        let out = split("application/json", &json_body("pro"));
+        let m = &out.messages[0];
+        assert_eq!(m.subject, "cmc.deliveries.queued");
+        assert_eq!(
+            String::from_utf8(m.payload.to_vec()).unwrap(),
+            r#"{"event_type":"deliveries","server_composition":"pro","created":"2023-01-25 14:03:06","messageId":"<id@x>","status":"queued","n":1.50,"api_key":"entry-field"}"#
+        );
+        assert!(!String::from_utf8_lossy(&m.payload).contains("secret"));
+    }
+
+    #[test]
+    fn msg_id_is_sha256_of_identity_and_canonical_entry() {
+        let out = split("application/json", &json_body("pro"));
+        let canonical = r#"{"api_key":"entry-field","created":"2023-01-25 14:03:06","event_type":"spoof","messageId":"<id@x>","n":1.50,"status":"queued"}"#;
+        let expected = hex::encode(Sha256::digest(
+            [b"pro\0deliveries\0".as_slice(), canonical.as_bytes()].concat(),
+        ));
+        assert_eq!(out.messages[0].msg_id, expected);
+        let other = split("application/json", &json_body("sandbox"));
+        assert_ne!(other.messages[0].msg_id, expected);
+    }
+
+    #[test]
+    fn both_encodings_give_the_same_messages() {
+        let json = split("application/json", &json_body("本番"));
+        let event = format!(r#"{{"deliveries":[{ENTRY}]}}"#);
+        let form = format!(
+            "event={}&server_composition=%E6%9C%AC%E7%95%AA&event_type=deliveries",
+            urlencode(&event)
+        );
+        let form = split("application/x-www-form-urlencoded", &form);
+        assert_eq!(json, form);
+        assert_eq!(json.server_composition_header, "%E6%9C%AC%E7%95%AA");
+    }
+
+    #[test]
+    fn headers_and_wire_size() {
+        let out = split("application/json", &json_body("pro"));
+        let m = &out.messages[0];
+        let headers: Vec<(String, String)> = out
+            .headers(m)
+            .iter()
+            .map(|(n, v)| (n.to_string(), v.to_string()))
+            .collect();
+        assert_eq!(headers[0], ("Nats-Msg-Id".into(), m.msg_id.clone()));
+        assert_eq!(headers[3], ("Cmc-Status".into(), "queued".into()));
+        assert_eq!(headers[6], ("Cmc-Batch-Index".into(), "0".into()));
+        let block: String = headers
+            .iter()
+            .map(|(n, v)| format!("{n}: {v}\r\n"))
+            .collect();
+        assert_eq!(
+            out.wire_size(m),
+            format!("NATS/1.0\r\n{block}\r\n").len() + m.payload.len()
+        );
+    }
+
+    #[test]
+    fn bounce_status_names_and_missing_status() {
+        let t = SubjectTemplate::parse("cmc.{event_type}.{status_name}").unwrap();
+        let body = r#"{"event_type":"bounces","server_composition":"pro","event":{"bounces":[{"status":"2"},{"status":7},{"status":"42"}]}}"#;
+        let out = decode(Some("application/json"), body.as_bytes())
+            .unwrap()
+            .validate()
+            .unwrap()
+            .to_outgoing(&t, "b");
+        let subjects: Vec<_> = out.messages.iter().map(|m| m.subject.as_str()).collect();
+        assert_eq!(
+            subjects,
+            [
+                "cmc.bounces.user_unknown",
+                "cmc.bounces.receiver_error",
+                "cmc.bounces.other"
+            ]
+        );
+        let blocks = split(
+            "application/json",
+            r#"{"event_type":"blocks","server_composition":"pro","event":{"blocks":[{"a":1}]}}"#,
+        );
+        assert_eq!(blocks.messages[0].subject, "cmc.blocks.none");
+        assert_eq!(blocks.messages[0].status_header, "none");
+    }
+
+    pub(crate) fn urlencode(s: &str) -> String {
+        s.bytes()
+            .map(|b| match b {
+                b'A'..=b'Z' | b'a'..=b'z' | b'0'..=b'9' | b'-' | b'_' | b'.' | b'*' => {
+                    (b as char).to_string()
+                }
+                b' ' => "+".into(),
+                _ => format!("%{b:02X}"),
+            })
+            .collect()
+    }
+
+    fn entry_strategy() -> impl Strategy<Value = String> {
+        (
+            prop_oneof!["queued", "succeeded", "failed", "deferred"],
+            "\\PC{0,30}",
+            any::<i64>(),
+        )
+            .prop_map(|(status, text, n)| {
+                serde_json::json!({"status": status, "subject": text, "n": n, "to": "a@b"})
+                    .to_string()
+            })
+    }
+
+    proptest! {
+        #[test]
+        fn n_entries_make_n_messages_with_valid_subjects(entries in prop::collection::vec(entry_strategy(), 0..40), form in any::<bool>()) {
+            let event = format!(r#"{{"deliveries":[{}]}}"#, entries.join(","));
+            let out = if form {
+                split("application/x-www-form-urlencoded", &format!("event_type=deliveries&server_composition=p&event={}", urlencode(&event)))
+            } else {
+                split("application/json", &format!(r#"{{"event_type":"deliveries","server_composition":"p","event":{event}}}"#))
+            };
+            prop_assert_eq!(out.messages.len(), entries.len());
+            for (i, m) in out.messages.iter().enumerate() {
+                prop_assert_eq!(m.index, i);
+                prop_assert!(m.subject.starts_with("cmc.deliveries."));
+                prop_assert_eq!(m.subject.split('.').count(), 3);
+                let body: serde_json::Value = serde_json::from_slice(&m.payload).unwrap();
+                let original: serde_json::Value = serde_json::from_str(&entries[i]).unwrap();
+                prop_assert_eq!(&body["subject"], &original["subject"]);
+                prop_assert_eq!(&body["n"], &original["n"]);
+            }
+        }
+    }
+}

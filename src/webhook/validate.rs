@@ -1,0 +1,346 @@
+//! Step 2: the rules of a valid batch (SPEC §1), all-or-nothing, into typed values.
+
+use serde_json::value::RawValue;
+
+use super::decode::{truncate, Decoded, Param};
+use super::json::{raw_kind, Json, Members};
+use super::PayloadError;
+
+/// A well-formed `event_type`: 1–64 characters of `[a-z0-9_]`.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct EventType(String);
+
+impl EventType {
+    pub fn parse(value: &str) -> Result<Self, PayloadError> {
+        let ok = (1..=64).contains(&value.len())
+            && value
+                .bytes()
+                .all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'_');
+        if ok {
+            Ok(EventType(value.to_owned()))
+        } else {
+            Err(PayloadError::invalid(format!(
+                "event_type {:?} is not a token of 1 to 64 characters [a-z0-9_]",
+                truncate(value, 100)
+            )))
+        }
+    }
+
+    /// Whether entries of this type must carry a `status` (CMC's documented types).
+    fn requires_status(&self) -> bool {
+        matches!(self.0.as_str(), "deliveries" | "bounces")
+    }
+
+    pub fn is_bounces(&self) -> bool {
+        self.0 == "bounces"
+    }
+
+    pub fn as_str(&self) -> &str {
+        &self.0
+    }
+}
+
+/// An entry's status as a subject token's source text: a string, or an integer's digits.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Status(String);
+
+/// The longest status accepted, in bytes; real ones are a word or a code.
+const MAX_STATUS_LEN: usize = 64;
+
+impl Status {
+    /// Parses the `status` field of an entry; `Ok(None)` when absent (or null) and optional.
+    fn from_field(value: Option<&Json>, required: bool) -> Result<Option<Status>, String> {
+        let text = match value {
+            None if required => return Err("status is missing".into()),
+            None => return Ok(None),
+            Some(Json::Null) if required => return Err("status is null".into()),
+            Some(Json::Null) => return Ok(None),
+            Some(Json::String(s)) => s.as_str(),
+            Some(Json::Number(n)) => {
+                let digits = n.strip_prefix('-').unwrap_or(n);
+                if digits.is_empty() || !digits.bytes().all(|b| b.is_ascii_digit()) {
+                    return Err(format!("status {n} is not an integer"));
+                }
+                n
+            }
+            Some(other) => {
+                return Err(format!(
+                    "status must be a string or an integer, not {}",
+                    other.kind()
+                ))
+            }
+        };
+        Status::parse(text).map(Some)
+    }
+
+    /// A status must be 1–64 bytes with no whitespace, control characters or subject
+    /// wildcards and separators (`.`, `*`, `>`): anything else is surely not a CMC status, and
+    /// accepting it would only push garbage onto the bus under an escaped subject.
+    pub fn parse(text: &str) -> Result<Status, String> {
+        if text.is_empty() {
+            return Err("status is empty".into());
+        }
+        if text.len() > MAX_STATUS_LEN {
+            return Err(format!("status is longer than {MAX_STATUS_LEN} bytes"));
+        }
+        if let Some(c) = text
+            .chars()
+            .find(|&c| c.is_whitespace() || c.is_control() || matches!(c, '.' | '*' | '>'))
+        {
+            return Err(format!(
+                "status {:?} contains the forbidden character {c:?}",
+                truncate(text, 100)
+            ));
+        }
+        Ok(Status(text.to_owned()))
+    }
+
+    pub fn as_str(&self) -> &str {
+        &self.0
+    }
+}
+
+/// One entry of a valid batch: all of its fields, verbatim and in order.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Entry {
+    pub fields: Members<Json>,
+    pub status: Option<Status>,
+}
+
+/// A request that passed every check: nothing in it can be refused any more.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Batch {
+    pub event_type: EventType,
+    pub server_composition: String,
+    pub entries: Vec<Entry>,
+}
+
+impl Decoded {
+    /// Checks the whole request; the first problem found is returned, and nothing else.
+    pub fn validate(&self) -> Result<Batch, PayloadError> {
+        let event_type = EventType::parse(required_text("event_type", &self.event_type)?)?;
+        let server_composition = required_text("server_composition", &self.server_composition)?;
+        if server_composition.is_empty() {
+            return Err(PayloadError::invalid("server_composition is empty"));
+        }
+        let event = self
+            .event
+            .as_deref()
+            .ok_or_else(|| PayloadError::invalid("event is missing"))?;
+        if !event.get().starts_with('{') {
+            return Err(PayloadError::invalid(format!(
+                "event must be a JSON object, not {}",
+                raw_kind(event)
+            )));
+        }
+        let members: Members<&RawValue> = serde_json::from_str(event.get())
+            .map_err(|e| PayloadError::MalformedJson(format!("event is not valid JSON: {e}")))?;
+        if let Some(key) = members.first_duplicate() {
+            return Err(PayloadError::MalformedJson(format!(
+                "duplicate key {:?} in event",
+                truncate(key, 100)
+            )));
+        }
+        let name = event_type.as_str();
+        let array = members.get(name).ok_or_else(|| {
+            PayloadError::invalid(format!("event has no {name:?} member (the event_type)"))
+        })?;
+        if !array.get().starts_with('[') {
+            return Err(PayloadError::invalid(format!(
+                "event.{name} must be an array, not {}",
+                raw_kind(array)
+            )));
+        }
+        let items: Vec<&RawValue> = serde_json::from_str(array.get())
+            .map_err(|e| PayloadError::MalformedJson(format!("event is not valid JSON: {e}")))?;
+        let required = event_type.requires_status();
+        let mut entries = Vec::with_capacity(items.len());
+        for (index, item) in items.into_iter().enumerate() {
+            if !item.get().starts_with('{') {
+                return Err(PayloadError::invalid_entry(
+                    index,
+                    format!("must be a JSON object, not {}", raw_kind(item)),
+                ));
+            }
+            let fields: Members<Json> = serde_json::from_str(item.get()).map_err(|e| {
+                PayloadError::MalformedJson(format!("entry {index} is not valid JSON: {e}"))
+            })?;
+            let status = Status::from_field(fields.get("status"), required)
+                .map_err(|m| PayloadError::invalid_entry(index, m))?;
+            entries.push(Entry { fields, status });
+        }
+        Ok(Batch {
+            event_type,
+            server_composition: server_composition.to_owned(),
+            entries,
+        })
+    }
+}
+
+fn required_text<'a>(name: &str, param: &'a Option<Param>) -> Result<&'a str, PayloadError> {
+    match param {
+        None => Err(PayloadError::invalid(format!("{name} is missing"))),
+        Some(Param::NotText(kind)) => Err(PayloadError::invalid(format!(
+            "{name} must be a string, not {kind}"
+        ))),
+        Some(Param::Text(text)) => Ok(text),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::webhook::decode;
+
+    fn validate_json(body: &str) -> Result<Batch, PayloadError> {
+        decode(Some("application/json"), body.as_bytes())?.validate()
+    }
+
+    fn batch(event_type: &str, entries: &str) -> String {
+        format!(
+            r#"{{"event_type":"{event_type}","server_composition":"pro","event":{{"{event_type}":{entries}}}}}"#
+        )
+    }
+
+    fn invalid_at(body: &str) -> (String, Option<usize>) {
+        match validate_json(body) {
+            Err(PayloadError::Invalid { message, index }) => (message, index),
+            other => panic!("expected invalid_payload, got {other:?}"),
+        }
+    }
+
+    #[test]
+    fn event_type_tokens() {
+        for ok in [
+            "deliveries",
+            "bounces",
+            "blocks",
+            "a",
+            "x_1",
+            &"a".repeat(64),
+        ] {
+            assert!(EventType::parse(ok).is_ok(), "{ok}");
+        }
+        for bad in [
+            "",
+            "Deliveries",
+            "a.b",
+            "a*",
+            ">",
+            "a b",
+            "本",
+            &"a".repeat(65),
+        ] {
+            assert!(EventType::parse(bad).is_err(), "{bad}");
+        }
+    }
+
+    #[test]
+    fn statuses() {
+        for ok in ["queued", "2", "99", "-1", "本番", "a-b_c%"] {
+            assert!(Status::parse(ok).is_ok(), "{ok}");
+        }
+        for bad in [
+            "",
+            "a.b",
+            "*",
+            ">",
+            "a b",
+            " a",
+            "a\0",
+            "a\t",
+            &"x".repeat(65),
+        ] {
+            assert!(Status::parse(bad).is_err(), "{bad:?}");
+        }
+    }
+
+    #[test]
+    fn valid_batch_keeps_every_entry() {
+        let b = validate_json(&batch(
+            "deliveries",
+            r#"[{"status":"queued","x":1},{"status":"failed"}]"#,
+        ))
+        .unwrap();
+        assert_eq!(b.event_type.as_str(), "deliveries");
+        assert_eq!(b.entries.len(), 2);
+        assert_eq!(b.entries[0].status.as_ref().unwrap().as_str(), "queued");
+    }
+
+    #[test]
+    fn bounce_status_may_be_an_integer() {
+        let b = validate_json(&batch("bounces", r#"[{"status":2},{"status":"2"}]"#)).unwrap();
+        assert_eq!(b.entries[0].status, b.entries[1].status);
+    }
+
+    #[test]
+    fn empty_array_is_valid() {
+        assert!(validate_json(&batch("deliveries", "[]"))
+            .unwrap()
+            .entries
+            .is_empty());
+    }
+
+    #[test]
+    fn unknown_event_types_are_routed_and_status_is_optional() {
+        let b = validate_json(&batch(
+            "blocks",
+            r#"[{"a":1},{"status":null},{"status":"x"}]"#,
+        ))
+        .unwrap();
+        assert_eq!(b.entries[0].status, None);
+        assert_eq!(b.entries[1].status, None);
+        assert!(b.entries[2].status.is_some());
+        assert!(validate_json(&batch("opens", r#"[{"a":1}]"#)).is_ok());
+    }
+
+    #[test]
+    fn bad_entries_are_named_by_index() {
+        for (entries, index, needle) in [
+            (r#"[{"status":"queued"},1]"#, 1, "not a number"),
+            (r#"[{"status":"queued"},{"status":"ok"},null]"#, 2, "null"),
+            (r#"[{}]"#, 0, "missing"),
+            (r#"[{"status":null}]"#, 0, "null"),
+            (r#"[{"status":true}]"#, 0, "boolean"),
+            (r#"[{"status":{}}]"#, 0, "object"),
+            (r#"[{"status":1.5}]"#, 0, "integer"),
+            (r#"[{"status":""}]"#, 0, "empty"),
+            (r#"[{"status":"a.b"}]"#, 0, "forbidden"),
+        ] {
+            let (message, at) = invalid_at(&batch("deliveries", entries));
+            assert_eq!(at, Some(index), "{entries}");
+            assert!(
+                message.contains(needle)
+                    || (needle == "not a number" && message.contains("number")),
+                "{entries}: {message}"
+            );
+        }
+    }
+
+    #[test]
+    fn top_level_problems_are_invalid_payload() {
+        for body in [
+            r#"{"server_composition":"pro","event":{"deliveries":[]}}"#,
+            r#"{"event_type":"deliveries","event":{"deliveries":[]}}"#,
+            r#"{"event_type":"deliveries","server_composition":"","event":{"deliveries":[]}}"#,
+            r#"{"event_type":"deliveries","server_composition":1,"event":{"deliveries":[]}}"#,
+            r#"{"event_type":"a.b","server_composition":"pro","event":{"a.b":[]}}"#,
+            r#"{"event_type":"deliveries","server_composition":"pro"}"#,
+            r#"{"event_type":"deliveries","server_composition":"pro","event":[]}"#,
+            r#"{"event_type":"deliveries","server_composition":"pro","event":{"bounces":[]}}"#,
+            r#"{"event_type":"deliveries","server_composition":"pro","event":{"deliveries":{}}}"#,
+        ] {
+            let (_, index) = invalid_at(body);
+            assert_eq!(index, None, "{body}");
+        }
+    }
+
+    #[test]
+    fn duplicate_key_in_event_is_malformed_json() {
+        let body = r#"{"event_type":"deliveries","server_composition":"pro","event":{"deliveries":[],"deliveries":[]}}"#;
+        assert!(matches!(
+            validate_json(body),
+            Err(PayloadError::MalformedJson(_))
+        ));
+    }
+}

@@ -1,0 +1,7 @@
+//! Integration tests: the real service on port 0 against real `nats-server` processes.
+//! One test binary keeps link time down; one module per feature.
+
+mod conformance;
+mod delivery;
+mod helpers;
+mod http;
