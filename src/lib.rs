@@ -14,7 +14,8 @@
 //!    (or a core flush) are awaited within `nats.publish_timeout`.
 //! 4. [`routes::error`] renders every refusal as SPEC §3's JSON error body.
 //!
-//! Around them: [`settings`] (TOML + environment, checked types), [`startup`] (build, serve,
+//! Around them: [`server`] (the public accept loop: connection cap, timeouts, TLS),
+//! [`settings`] (TOML + environment, checked types), [`startup`] (build, serve,
 //! drain), [`shutdown`] (signals), [`telemetry`] (logging), [`cli`] (command line), and the
 //! admin listener in [`routes::admin`].
 #![forbid(unsafe_code)]
@@ -23,6 +24,7 @@ pub mod auth;
 pub mod cli;
 pub mod publish;
 pub mod routes;
+pub mod server;
 pub mod settings;
 pub mod shutdown;
 pub mod startup;

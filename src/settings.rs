@@ -55,6 +55,8 @@ pub struct ServerSettings {
     pub request_timeout: HumanDuration,
     /// Requests handled at once; beyond it the service answers 503 instead of queueing.
     pub max_in_flight: usize,
+    /// Open connections at once; more wait in the kernel's accept backlog.
+    pub max_connections: usize,
     /// PEM certificate chain for native TLS (with `tls_key_file`).
     #[serde(skip_serializing_if = "Option::is_none")]
     pub tls_cert_file: Option<PathBuf>,
@@ -71,6 +73,7 @@ impl Default for ServerSettings {
             max_body_bytes: 4 * 1024 * 1024,
             request_timeout: HumanDuration::secs(30),
             max_in_flight: 1024,
+            max_connections: 10_000,
             tls_cert_file: None,
             tls_key_file: None,
         }
@@ -424,6 +427,9 @@ impl Settings {
         }
         if self.server.max_in_flight == 0 {
             return Err(invalid("server.max_in_flight", "must be greater than 0"));
+        }
+        if self.server.max_connections == 0 {
+            return Err(invalid("server.max_connections", "must be greater than 0"));
         }
         if self.server.request_timeout.get().is_zero() {
             return Err(invalid("server.request_timeout", "must be greater than 0"));

@@ -15,6 +15,7 @@ use tokio::sync::{watch, Semaphore};
 use crate::auth::Auth;
 use crate::publish::{Publisher, SetupError};
 use crate::routes::{admin, webhook};
+use crate::server::{self, ServeOptions};
 use crate::settings::{Settings, SettingsError};
 
 /// Why the service could not start.
@@ -32,6 +33,8 @@ pub enum StartupError {
     },
     #[error("invalid configuration: {0}")]
     Auth(String),
+    #[error("invalid TLS configuration: {0}")]
+    Tls(String),
 }
 
 /// A built, not yet running, service.
@@ -40,6 +43,7 @@ pub struct Application {
     admin_listener: Option<TcpListener>,
     publisher: Publisher,
     webhook: Arc<webhook::WebhookState>,
+    serve_options: ServeOptions,
     /// Turns readiness off as soon as shutdown begins.
     shutting_down: Arc<AtomicBool>,
     /// Time in-flight requests get after the stop signal.
@@ -51,6 +55,15 @@ impl Application {
         settings.validate()?;
         let template = settings.subject_template()?;
         let auth = Auth::from_settings(&settings.auth).map_err(StartupError::Auth)?;
+        let tls = match (
+            &settings.server.tls_cert_file,
+            &settings.server.tls_key_file,
+        ) {
+            (Some(cert), Some(key)) => {
+                Some(server::tls_acceptor(cert, key).map_err(StartupError::Tls)?)
+            }
+            _ => None,
+        };
 
         let publisher = Publisher::connect(&settings.nats).await?;
         if publisher.is_connected() {
@@ -90,6 +103,11 @@ impl Application {
             admin_listener,
             publisher,
             webhook,
+            serve_options: ServeOptions {
+                request_timeout: settings.server.request_timeout.get(),
+                max_connections: settings.server.max_connections,
+                tls,
+            },
             shutting_down: Arc::new(AtomicBool::new(false)),
             grace: publish_timeout + Duration::from_secs(1),
         })
@@ -136,12 +154,15 @@ impl Application {
         tracing::info!(
             addr = ?self.listener.local_addr().ok(),
             path = %self.webhook.path,
+            tls = self.serve_options.tls.is_some(),
             "webhook listener ready"
         );
-        let server = warp::serve(webhook::routes(self.webhook.clone()))
-            .incoming(self.listener)
-            .graceful(stopped(stop_rx.clone()))
-            .run();
+        let server = server::serve(
+            self.listener,
+            webhook::routes(self.webhook.clone()),
+            self.serve_options,
+            stopped(stop_rx.clone()),
+        );
         let mut server = std::pin::pin!(server);
         tokio::select! {
             () = &mut server => {}

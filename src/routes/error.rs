@@ -19,6 +19,7 @@ pub enum ApiError {
     BodyTooLarge {
         limit: u64,
     },
+    RequestTimeout,
     BodyUnreadable(String),
     Payload(PayloadError),
     Auth(AuthError),
@@ -47,6 +48,7 @@ impl ApiError {
             ApiError::NotFound => (StatusCode::NOT_FOUND, "not_found"),
             ApiError::MethodNotAllowed => (StatusCode::METHOD_NOT_ALLOWED, "method_not_allowed"),
             ApiError::BodyTooLarge { .. } => (StatusCode::PAYLOAD_TOO_LARGE, "payload_too_large"),
+            ApiError::RequestTimeout => (StatusCode::REQUEST_TIMEOUT, "request_timeout"),
             ApiError::BodyUnreadable(_) => (StatusCode::BAD_REQUEST, "malformed_form"),
             ApiError::Payload(e) => match e {
                 PayloadError::UnsupportedMediaType(_) => {
@@ -75,6 +77,9 @@ impl ApiError {
             ApiError::MethodNotAllowed => "only POST is accepted on this path".into(),
             ApiError::BodyTooLarge { limit } => {
                 format!("the body is larger than server.max_body_bytes ({limit} bytes)")
+            }
+            ApiError::RequestTimeout => {
+                "the request was not received within server.request_timeout".into()
             }
             ApiError::BodyUnreadable(m) => format!("the body could not be read: {m}"),
             ApiError::Payload(e) => e.to_string(),
@@ -115,6 +120,10 @@ impl ApiError {
         match &self {
             ApiError::MethodNotAllowed => {
                 headers.insert(header::ALLOW, HeaderValue::from_static("POST"));
+            }
+            ApiError::RequestTimeout | ApiError::BodyTooLarge { .. } => {
+                // The rest of the body is not read: the connection cannot be reused.
+                headers.insert(header::CONNECTION, HeaderValue::from_static("close"));
             }
             ApiError::Auth(e) if e.is_basic() => {
                 headers.insert(

@@ -2,7 +2,6 @@
 //! Basic credentials, body size, media type, decoding, `api_key`, validation, publishing),
 //! each refusal rendered by [`ApiError`]. Nothing is published unless every check passed.
 
-use std::net::SocketAddr;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
@@ -19,6 +18,7 @@ use warp::Filter;
 use super::error::{json_response, ApiError};
 use crate::auth::Auth;
 use crate::publish::{PublishReport, Publisher};
+use crate::server::RequestInfo;
 use crate::subject::SubjectTemplate;
 use crate::webhook;
 
@@ -57,7 +57,7 @@ pub fn routes(
     warp::path::full()
         .and(warp::method())
         .and(warp::header::headers_cloned())
-        .and(warp::addr::remote())
+        .and(warp::ext::optional::<RequestInfo>())
         .and(warp::body::stream())
         .and(warp::any().map(move || state.clone()))
         .then(handle)
@@ -67,7 +67,7 @@ async fn handle<S, B>(
     path: FullPath,
     method: Method,
     headers: HeaderMap,
-    peer: Option<SocketAddr>,
+    info: Option<RequestInfo>,
     body: S,
     state: Arc<WebhookState>,
 ) -> Response
@@ -78,7 +78,7 @@ where
     let started = Instant::now();
     let batch_id = uuid::Uuid::new_v4().to_string();
     let span = tracing::info_span!("webhook", batch_id = %batch_id);
-    let result = process(&path, &method, &headers, peer, body, &state, &batch_id)
+    let result = process(&path, &method, &headers, info, body, &state, &batch_id)
         .instrument(span.clone())
         .await;
     let _entered = span.enter();
@@ -128,7 +128,7 @@ async fn process<S, B>(
     path: &FullPath,
     method: &Method,
     headers: &HeaderMap,
-    peer: Option<SocketAddr>,
+    info: Option<RequestInfo>,
     body: S,
     state: &WebhookState,
     batch_id: &str,
@@ -143,7 +143,7 @@ where
     if method != Method::POST {
         return Err(ApiError::MethodNotAllowed);
     }
-    state.auth.check_client(peer, headers)?;
+    state.auth.check_client(info.map(|i| i.peer), headers)?;
     state.auth.check_basic(headers)?;
     let _permit = state
         .in_flight
@@ -152,7 +152,14 @@ where
         .map_err(|_| ApiError::Busy {
             retry_after: state.retry_after,
         })?;
-    let body = read_body(headers, body, state.max_body_bytes).await?;
+    let read = read_body(headers, body, state.max_body_bytes);
+    let body = match info {
+        // The connection's deadline: a client trickling its body cannot hold it longer.
+        Some(info) => tokio::time::timeout_at(info.deadline.into(), read)
+            .await
+            .map_err(|_| ApiError::RequestTimeout)??,
+        None => read.await?,
+    };
     let content_type = headers
         .get(header::CONTENT_TYPE)
         .map(|v| v.to_str().unwrap_or("(not ASCII)"));

@@ -5,3 +5,4 @@ mod conformance;
 mod delivery;
 mod helpers;
 mod http;
+mod limits;

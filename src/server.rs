@@ -1,0 +1,199 @@
+//! The public listener's accept loop: HTTP/1.1 (optionally over TLS) with the limits a server
+//! facing the internet needs, which warp's built-in server does not set.
+//!
+//! - at most `server.max_connections` open connections (more wait in the kernel's backlog);
+//! - the TLS handshake and the request head must arrive within `server.request_timeout`,
+//!   counted from the connection's start or its previous response (hyper's header timeout,
+//!   which also closes idle keep-alive connections);
+//! - the body must arrive by the same deadline: each request carries a [`RequestInfo`] whose
+//!   `deadline` the webhook route enforces while reading (answering 408);
+//! - on shutdown, no new connections are accepted and open ones are closed gracefully once
+//!   their current request is answered.
+//!
+//! Owns sockets and TLS; knows nothing of webhooks (the warp filter is passed in).
+
+use std::convert::Infallible;
+use std::future::Future;
+use std::net::SocketAddr;
+use std::path::Path;
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use hyper::body::Incoming;
+use hyper::server::conn::http1;
+use hyper_util::rt::{TokioIo, TokioTimer};
+use rustls_pki_types::pem::PemObject;
+use rustls_pki_types::{CertificateDer, PrivateKeyDer};
+use tokio::io::{AsyncRead, AsyncWrite};
+use tokio::net::TcpListener;
+use tokio::sync::{watch, Semaphore};
+use tokio::task::JoinSet;
+use tokio_rustls::rustls;
+use tokio_rustls::TlsAcceptor;
+use tower_service::Service;
+use warp::Filter;
+
+/// Facts about the connection a request arrived on, available to routes as a request
+/// extension (`warp::ext::get::<RequestInfo>()`).
+#[derive(Debug, Clone, Copy)]
+pub struct RequestInfo {
+    pub peer: SocketAddr,
+    /// When the whole request (head and body) must have been received.
+    pub deadline: Instant,
+}
+
+/// Limits of the public listener.
+#[derive(Clone)]
+pub struct ServeOptions {
+    pub request_timeout: Duration,
+    pub max_connections: usize,
+    pub tls: Option<TlsAcceptor>,
+}
+
+/// Builds the TLS acceptor from PEM files: TLS 1.2 and 1.3 (CMC's client speaks 1.1/1.2, so
+/// 1.2 must stay on; 1.1 is not offered by rustls at all).
+pub fn tls_acceptor(cert_file: &Path, key_file: &Path) -> Result<TlsAcceptor, String> {
+    let certs: Vec<CertificateDer<'static>> = CertificateDer::pem_file_iter(cert_file)
+        .and_then(|it| it.collect::<Result<Vec<_>, _>>())
+        .map_err(|e| format!("server.tls_cert_file {}: {e}", cert_file.display()))?;
+    if certs.is_empty() {
+        return Err(format!(
+            "server.tls_cert_file {}: no certificate found",
+            cert_file.display()
+        ));
+    }
+    let key = PrivateKeyDer::from_pem_file(key_file)
+        .map_err(|e| format!("server.tls_key_file {}: {e}", key_file.display()))?;
+    let provider = Arc::new(rustls::crypto::ring::default_provider());
+    let config = rustls::ServerConfig::builder_with_provider(provider)
+        .with_protocol_versions(&[&rustls::version::TLS12, &rustls::version::TLS13])
+        .map_err(|e| format!("TLS: {e}"))?
+        .with_no_client_auth()
+        .with_single_cert(certs, key)
+        .map_err(|e| format!("server.tls_key_file: {e}"))?;
+    let mut config = config;
+    config.alpn_protocols = vec![b"http/1.1".to_vec()];
+    Ok(TlsAcceptor::from(Arc::new(config)))
+}
+
+/// Serves `filter` on `listener` until `shutdown` resolves, then waits for open connections
+/// to finish their current request (bounded by the caller).
+pub async fn serve<F, R>(
+    listener: TcpListener,
+    filter: F,
+    options: ServeOptions,
+    shutdown: impl Future<Output = ()>,
+) where
+    F: Filter<Extract = (R,), Error = warp::Rejection> + Clone + Send + Sync + 'static,
+    R: warp::Reply,
+{
+    let permits = Arc::new(Semaphore::new(options.max_connections));
+    let (stop_tx, stop_rx) = watch::channel(false);
+    let mut connections = JoinSet::new();
+    let mut shutdown = std::pin::pin!(shutdown);
+    loop {
+        let permit = tokio::select! {
+            () = &mut shutdown => break,
+            permit = permits.clone().acquire_owned() => match permit {
+                Ok(p) => p,
+                Err(_) => break,
+            },
+        };
+        let (stream, peer) = tokio::select! {
+            () = &mut shutdown => break,
+            accepted = listener.accept() => match accepted {
+                Ok(pair) => pair,
+                Err(e) => {
+                    // EMFILE and friends: back off instead of spinning.
+                    tracing::warn!(error = %e, "accept failed");
+                    tokio::time::sleep(Duration::from_millis(100)).await;
+                    continue;
+                }
+            },
+        };
+        let _ = stream.set_nodelay(true);
+        let service = warp::service(filter.clone());
+        let options = options.clone();
+        let stop = stop_rx.clone();
+        connections.spawn(async move {
+            let started = Instant::now();
+            match &options.tls {
+                None => serve_connection(stream, peer, started, service, &options, stop).await,
+                Some(acceptor) => {
+                    let handshake = tokio::time::timeout_at(
+                        (started + options.request_timeout).into(),
+                        acceptor.accept(stream),
+                    )
+                    .await;
+                    match handshake {
+                        Ok(Ok(tls)) => {
+                            serve_connection(tls, peer, started, service, &options, stop).await
+                        }
+                        Ok(Err(e)) => tracing::debug!(%peer, error = %e, "TLS handshake failed"),
+                        Err(_) => tracing::debug!(%peer, "TLS handshake timed out"),
+                    }
+                }
+            }
+            drop(permit);
+        });
+        // Reap finished connection tasks so the set does not grow.
+        while connections.try_join_next().is_some() {}
+    }
+    drop(listener);
+    let _ = stop_tx.send(true);
+    while connections.join_next().await.is_some() {}
+}
+
+async fn serve_connection<IO, S>(
+    io: IO,
+    peer: SocketAddr,
+    started: Instant,
+    service: S,
+    options: &ServeOptions,
+    mut stop: watch::Receiver<bool>,
+) where
+    IO: AsyncRead + AsyncWrite + Unpin + Send + 'static,
+    S: Service<warp::http::Request<Incoming>, Response = warp::reply::Response, Error = Infallible>
+        + Clone
+        + Send
+        + 'static,
+    S::Future: Send,
+{
+    // When the previous response was finished: the start of the next request's allowance.
+    let idle_since = Arc::new(Mutex::new(started));
+    let timeout = options.request_timeout;
+    let hyper_service =
+        hyper::service::service_fn(move |mut request: warp::http::Request<Incoming>| {
+            let since = *idle_since.lock().unwrap_or_else(|e| e.into_inner());
+            request.extensions_mut().insert(RequestInfo {
+                peer,
+                deadline: since + timeout,
+            });
+            let mut service = service.clone();
+            let idle_since = idle_since.clone();
+            async move {
+                let response = service.call(request).await;
+                *idle_since.lock().unwrap_or_else(|e| e.into_inner()) = Instant::now();
+                response
+            }
+        });
+    let connection = http1::Builder::new()
+        .timer(TokioTimer::new())
+        .header_read_timeout(timeout)
+        .keep_alive(true)
+        .serve_connection(TokioIo::new(io), hyper_service);
+    let mut connection = std::pin::pin!(connection);
+    tokio::select! {
+        result = connection.as_mut() => {
+            if let Err(e) = result {
+                tracing::debug!(%peer, error = %e, "connection ended with an error");
+            }
+            return;
+        }
+        _ = stop.wait_for(|s| *s) => {}
+    }
+    connection.as_mut().graceful_shutdown();
+    if let Err(e) = connection.await {
+        tracing::debug!(%peer, error = %e, "connection ended with an error");
+    }
+}

@@ -1,0 +1,217 @@
+//! Limits that hold against slow or greedy clients, and native TLS.
+
+use std::time::{Duration, Instant};
+
+use cmc_forwarder::settings::HumanDuration;
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::net::TcpStream;
+
+use crate::helpers::*;
+
+fn short_timeouts(nats: &NatsServer) -> cmc_forwarder::settings::Settings {
+    let mut settings = test_settings(nats);
+    settings.server.request_timeout = HumanDuration(Duration::from_secs(1));
+    settings
+}
+
+async fn connect(app: &TestApp) -> TcpStream {
+    let addr = app.address.trim_start_matches("http://").to_owned();
+    TcpStream::connect(addr).await.unwrap()
+}
+
+/// Reads until the server closes the connection (or `WAIT` passes); returns what was read.
+async fn read_to_close(stream: &mut TcpStream) -> String {
+    let mut out = Vec::new();
+    let _ = tokio::time::timeout(WAIT, stream.read_to_end(&mut out)).await;
+    String::from_utf8_lossy(&out).into_owned()
+}
+
+#[tokio::test]
+async fn a_client_trickling_its_headers_is_disconnected_in_time() {
+    let nats = NatsServer::start().await;
+    let app = spawn_app_with(short_timeouts(&nats)).await;
+    let mut stream = connect(&app).await;
+    let started = Instant::now();
+
+    let head = b"POST /webhooks/cmc HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n";
+    for byte in head.iter().cycle().take(200) {
+        if stream.write_all(&[*byte]).await.is_err() {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+        if started.elapsed() > Duration::from_secs(3) {
+            break;
+        }
+    }
+    let _ = read_to_close(&mut stream).await;
+
+    let elapsed = started.elapsed();
+    assert!(
+        elapsed < Duration::from_millis(2500),
+        "connection held for {elapsed:?}"
+    );
+}
+
+#[tokio::test]
+async fn a_client_trickling_its_body_gets_408_and_nothing_is_published() {
+    let nats = NatsServer::start().await;
+    let app = spawn_app_with(short_timeouts(&nats)).await;
+    let mut sub = app.subscribe(">").await;
+    let body = fixture("deliveries-queued", Enc::Json);
+    let mut stream = connect(&app).await;
+    let started = Instant::now();
+
+    let head = format!(
+        "POST /webhooks/cmc HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\nContent-Length: {}\r\n\r\n",
+        body.len()
+    );
+    stream.write_all(head.as_bytes()).await.unwrap();
+    let trickle = async {
+        for byte in &body[..body.len() - 1] {
+            if stream.write_all(&[*byte]).await.is_err() {
+                break;
+            }
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+    };
+    let _ = tokio::time::timeout(Duration::from_secs(3), trickle).await;
+    let response = read_to_close(&mut stream).await;
+
+    assert!(response.starts_with("HTTP/1.1 408"), "{response}");
+    assert!(
+        response.contains("\"error\":\"request_timeout\""),
+        "{response}"
+    );
+    assert!(started.elapsed() < Duration::from_secs(4));
+    assert_silent(&mut sub).await;
+    assert!(app.stream_messages().await.is_empty());
+}
+
+#[tokio::test]
+async fn an_idle_keep_alive_connection_is_closed_after_the_timeout() {
+    let nats = NatsServer::start().await;
+    let app = spawn_app_with(short_timeouts(&nats)).await;
+    let mut stream = connect(&app).await;
+    let started = Instant::now();
+
+    let _ = read_to_close(&mut stream).await;
+
+    let elapsed = started.elapsed();
+    assert!(elapsed >= Duration::from_millis(900), "{elapsed:?}");
+    assert!(elapsed < Duration::from_millis(2500), "{elapsed:?}");
+}
+
+#[tokio::test]
+async fn requests_beyond_max_in_flight_get_503_at_once() {
+    let nats = NatsServer::start().await;
+    let mut settings = test_settings(&nats);
+    settings.server.max_in_flight = 1;
+    let app = spawn_app_with(settings).await;
+    // One request holds the only slot by sending its body slowly.
+    let mut slow = connect(&app).await;
+    slow.write_all(
+        b"POST /webhooks/cmc HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\nContent-Length: 100\r\n\r\n{",
+    )
+    .await
+    .unwrap();
+    tokio::time::sleep(Duration::from_millis(200)).await;
+
+    let started = Instant::now();
+    let response = app.post_fixture("deliveries-queued", Enc::Json).await;
+
+    assert_eq!(response.status(), 503);
+    assert!(response.headers().get("retry-after").is_some());
+    assert_eq!(json(response).await["error"], "unavailable");
+    assert!(started.elapsed() < Duration::from_secs(1));
+    drop(slow);
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    assert_eq!(
+        app.post_fixture("deliveries-queued", Enc::Json)
+            .await
+            .status(),
+        200
+    );
+}
+
+#[tokio::test]
+async fn connections_beyond_max_connections_wait_for_a_free_slot() {
+    let nats = NatsServer::start().await;
+    let mut settings = test_settings(&nats);
+    settings.server.max_connections = 1;
+    let app = spawn_app_with(settings).await;
+    let holder = connect(&app).await;
+    tokio::time::sleep(Duration::from_millis(100)).await;
+
+    let waiting = tokio::time::timeout(
+        Duration::from_millis(500),
+        app.post_fixture("deliveries-queued", Enc::Json),
+    )
+    .await;
+    assert!(
+        waiting.is_err(),
+        "a second connection was served while the cap was reached"
+    );
+
+    drop(holder);
+    let response = app.post_fixture("deliveries-queued", Enc::Json).await;
+    assert_eq!(response.status(), 200);
+}
+
+#[tokio::test]
+async fn native_tls_serves_https_with_tls_1_2_and_1_3() {
+    let nats = NatsServer::start().await;
+    let dir = tempfile::tempdir().unwrap();
+    let cert = rcgen::generate_simple_self_signed(vec!["localhost".into()]).unwrap();
+    let cert_path = dir.path().join("cert.pem");
+    let key_path = dir.path().join("key.pem");
+    std::fs::write(&cert_path, cert.cert.pem()).unwrap();
+    std::fs::write(&key_path, cert.signing_key.serialize_pem()).unwrap();
+    let mut settings = test_settings(&nats);
+    settings.server.tls_cert_file = Some(cert_path);
+    settings.server.tls_key_file = Some(key_path);
+    let app = spawn_app_with(settings).await;
+    let mut sub = app.subscribe("cmc.>").await;
+    let url = app
+        .webhook_url()
+        .replace("http://127.0.0.1", "https://localhost");
+    let root = reqwest::Certificate::from_pem(cert.cert.pem().as_bytes()).unwrap();
+
+    for version in [
+        reqwest::tls::Version::TLS_1_2,
+        reqwest::tls::Version::TLS_1_3,
+    ] {
+        let client = reqwest::Client::builder()
+            .add_root_certificate(root.clone())
+            .min_tls_version(version)
+            .max_tls_version(version)
+            .resolve(
+                "localhost",
+                app.address.trim_start_matches("http://").parse().unwrap(),
+            )
+            .timeout(WAIT)
+            .build()
+            .unwrap();
+        let response = client
+            .post(&url)
+            .header("content-type", "application/x-www-form-urlencoded")
+            .body(fixture("deliveries-queued", Enc::Form))
+            .send()
+            .await
+            .unwrap_or_else(|e| panic!("{version:?}: {e}"));
+        assert_eq!(response.status(), 200, "{version:?}");
+        assert_eq!(
+            receive(&mut sub, 1).await[0].subject.as_str(),
+            "cmc.deliveries.queued"
+        );
+    }
+
+    // Plain HTTP on the TLS port gets no answer.
+    let plain = app
+        .http
+        .post(app.webhook_url())
+        .header("content-type", "application/json")
+        .body(fixture("deliveries-queued", Enc::Json))
+        .send()
+        .await;
+    assert!(plain.map(|r| !r.status().is_success()).unwrap_or(true));
+}
