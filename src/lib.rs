@@ -10,23 +10,29 @@
 //! 2. [`webhook`] (pure, no I/O): media type, form or JSON decoding, `api_key` handed back to
 //!    [`auth`], all-or-nothing validation, then one [`webhook::Outgoing`] per entry with the
 //!    subject rendered by [`subject`].
-//! 3. [`publish`]: the batch goes out in entry order on one NATS connection; JetStream PubAcks
-//!    (or a core flush) are awaited within `nats.publish_timeout`.
+//! 3. [`deliver`]: the batch goes out through [`publish`] in entry order on one NATS
+//!    connection; JetStream PubAcks (or a core flush) are awaited within
+//!    `nats.publish_timeout`. What NATS cannot take in time is written to the [`spool`] and
+//!    published later by the drainer; while the spool is not empty, new batches go behind it.
 //! 4. [`routes::error`] renders every refusal as SPEC §3's JSON error body.
 //!
 //! Around them: [`server`] (the public accept loop: connection cap, timeouts, TLS),
 //! [`settings`] (TOML + environment, checked types), [`startup`] (build, serve,
-//! drain), [`shutdown`] (signals), [`telemetry`] (logging), [`cli`] (command line), and the
-//! admin listener in [`routes::admin`].
+//! drain), [`shutdown`] (signals), [`telemetry`] (logging), [`metrics`] (names and the
+//! Prometheus exposition), [`cli`] (command line), and the admin listener in
+//! [`routes::admin`].
 #![forbid(unsafe_code)]
 
 pub mod auth;
 pub mod cli;
+pub mod deliver;
+pub mod metrics;
 pub mod publish;
 pub mod routes;
 pub mod server;
 pub mod settings;
 pub mod shutdown;
+pub mod spool;
 pub mod startup;
 pub mod subject;
 pub mod telemetry;

@@ -6,6 +6,7 @@
 //! the connection is flushed. The whole call is bounded by `nats.publish_timeout`, so a slow or
 //! absent NATS yields an error in time, never a hang.
 
+use std::future::IntoFuture;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
@@ -13,7 +14,7 @@ use std::time::{Duration, Instant};
 use async_nats::connection::State;
 use async_nats::jetstream::{self, context::PublishErrorKind, stream};
 use async_nats::{Client, ConnectOptions, HeaderMap};
-use futures_util::future::join_all;
+use bytes::Bytes;
 use thiserror::Error;
 
 use crate::settings::{Mode, NatsSettings, Storage};
@@ -43,8 +44,27 @@ pub enum PublishError {
         size: usize,
         max: usize,
     },
+    #[error("no JetStream stream answered: {0}")]
+    NoStream(String),
+    #[error("NATS connection failed: {0}")]
+    Connection(String),
     #[error("NATS refused the batch: {0}")]
     Refused(String),
+}
+
+impl PublishError {
+    /// Whether waiting can fix it (so the batch may be spooled): no connection, no answer
+    /// in time, no stream serving the subject for now. Refusals (permissions, limits,
+    /// oversized messages) are permanent and must never be spooled, or they would block it.
+    pub fn is_temporary(&self) -> bool {
+        matches!(
+            self,
+            PublishError::NotConnected
+                | PublishError::Timeout(_)
+                | PublishError::NoStream(_)
+                | PublishError::Connection(_)
+        )
+    }
 }
 
 /// Why the connection or the stream could not be set up.
@@ -202,86 +222,90 @@ impl Publisher {
         self.client.max_payload()
     }
 
-    /// Publishes every message of `batch`, in order, within `publish_timeout`.
-    pub async fn publish(&self, batch: &OutgoingBatch) -> Result<PublishReport, PublishError> {
-        if batch.messages.is_empty() {
+    /// Publishes `messages` in order within `publish_timeout`. On failure, says how many
+    /// leading messages were acknowledged anyway.
+    pub async fn publish(&self, messages: &[NatsMessage]) -> Result<PublishReport, PublishFailure> {
+        if messages.is_empty() {
             return Ok(PublishReport::default());
         }
         if !self.is_connected() {
-            return Err(PublishError::NotConnected);
+            return Err(PublishFailure::none(PublishError::NotConnected));
         }
-        let max = self.max_payload();
-        for message in &batch.messages {
-            let size = batch.wire_size(message);
-            if size > max {
-                return Err(PublishError::TooLarge {
-                    index: message.index,
-                    size,
-                    max,
-                });
-            }
-        }
-        let work = async {
-            match &self.jetstream {
-                Some(js) => self.publish_jetstream(js, batch).await,
-                None => self.publish_core(batch).await,
-            }
-        };
-        match tokio::time::timeout(self.timeout, work).await {
-            Ok(result) => result,
-            Err(_) => Err(PublishError::Timeout(self.timeout)),
+        let deadline = tokio::time::Instant::now() + self.timeout;
+        match &self.jetstream {
+            Some(js) => self.publish_jetstream(js, messages, deadline).await,
+            None => self.publish_core(messages, deadline).await,
         }
     }
 
     async fn publish_jetstream(
         &self,
         js: &jetstream::Context,
-        batch: &OutgoingBatch,
-    ) -> Result<PublishReport, PublishError> {
-        let mut acks = Vec::with_capacity(batch.messages.len());
-        for message in &batch.messages {
-            let ack = js
-                .publish_with_headers(
-                    message.subject.clone(),
-                    headers(batch, message),
-                    message.payload.clone(),
-                )
+        messages: &[NatsMessage],
+        deadline: tokio::time::Instant,
+    ) -> Result<PublishReport, PublishFailure> {
+        // Send everything first, in order, so the acks are outstanding concurrently; then
+        // collect them in order, which tells how long the acknowledged prefix is.
+        let mut acks = Vec::with_capacity(messages.len());
+        for (index, message) in messages.iter().enumerate() {
+            let send = js.publish_with_headers(
+                message.subject.clone(),
+                message.header_map(),
+                message.payload.clone(),
+            );
+            let ack = tokio::time::timeout_at(deadline, send)
                 .await
-                .map_err(|e| self.map_error(e.kind(), message.index, e.to_string()))?;
-            acks.push(ack);
+                .map_err(|_| PublishFailure::none(PublishError::Timeout(self.timeout)))?
+                .map_err(|e| {
+                    PublishFailure::none(self.map_error(e.kind(), index, e.to_string()))
+                })?;
+            acks.push(ack.into_future());
         }
         let mut report = PublishReport::default();
-        for (index, result) in join_all(acks.into_iter().map(std::future::IntoFuture::into_future))
-            .await
-            .into_iter()
-            .enumerate()
-        {
-            let ack = result.map_err(|e| self.map_error(e.kind(), index, e.to_string()))?;
+        for (index, ack) in acks.into_iter().enumerate() {
+            let failure = |error| PublishFailure {
+                error,
+                acked: report.published,
+            };
+            let ack = tokio::time::timeout_at(deadline, ack)
+                .await
+                .map_err(|_| failure(PublishError::Timeout(self.timeout)))?
+                .map_err(|e| failure(self.map_error(e.kind(), index, e.to_string())))?;
             report.published += 1;
             report.duplicates += usize::from(ack.duplicate);
         }
         Ok(report)
     }
 
-    async fn publish_core(&self, batch: &OutgoingBatch) -> Result<PublishReport, PublishError> {
-        for message in &batch.messages {
+    async fn publish_core(
+        &self,
+        messages: &[NatsMessage],
+        deadline: tokio::time::Instant,
+    ) -> Result<PublishReport, PublishFailure> {
+        let work = async {
+            for message in messages {
+                self.client
+                    .publish_with_headers(
+                        message.subject.clone(),
+                        message.header_map(),
+                        message.payload.clone(),
+                    )
+                    .await
+                    .map_err(|e| PublishError::Connection(e.to_string()))?;
+            }
             self.client
-                .publish_with_headers(
-                    message.subject.clone(),
-                    headers(batch, message),
-                    message.payload.clone(),
-                )
+                .flush()
                 .await
-                .map_err(|e| PublishError::Refused(e.to_string()))?;
+                .map_err(|e| PublishError::Connection(e.to_string()))
+        };
+        match tokio::time::timeout_at(deadline, work).await {
+            Ok(Ok(())) => Ok(PublishReport {
+                published: messages.len(),
+                duplicates: 0,
+            }),
+            Ok(Err(error)) => Err(PublishFailure::none(error)),
+            Err(_) => Err(PublishFailure::none(PublishError::Timeout(self.timeout))),
         }
-        self.client
-            .flush()
-            .await
-            .map_err(|e| PublishError::Refused(e.to_string()))?;
-        Ok(PublishReport {
-            published: batch.messages.len(),
-            duplicates: 0,
-        })
     }
 
     fn map_error(&self, kind: PublishErrorKind, index: usize, message: String) -> PublishError {
@@ -293,6 +317,9 @@ impl Publisher {
                 max: self.max_payload(),
             },
             PublishErrorKind::BrokenPipe => PublishError::NotConnected,
+            // "No responders": no stream is serving the subject right now, as during a
+            // leader election or while a stream is being restored. Worth waiting for.
+            PublishErrorKind::StreamNotFound => PublishError::NoStream(message),
             _ => PublishError::Refused(message),
         }
     }
@@ -305,12 +332,54 @@ impl Publisher {
     }
 }
 
-fn headers(batch: &OutgoingBatch, message: &crate::webhook::Outgoing) -> HeaderMap {
-    let mut map = HeaderMap::new();
-    for (name, value) in batch.headers(message) {
-        map.insert(name, value.to_string());
+/// One message to publish (and, when NATS cannot take it, to spool): subject, headers and
+/// body exactly as they go on the wire.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct NatsMessage {
+    pub subject: String,
+    pub headers: Vec<(String, String)>,
+    pub payload: Bytes,
+}
+
+impl NatsMessage {
+    /// The messages of a webhook batch.
+    pub fn from_batch(batch: &OutgoingBatch) -> Vec<NatsMessage> {
+        batch
+            .messages
+            .iter()
+            .map(|m| NatsMessage {
+                subject: m.subject.clone(),
+                headers: batch
+                    .headers(m)
+                    .iter()
+                    .map(|(name, value)| ((*name).to_owned(), value.to_string()))
+                    .collect(),
+                payload: m.payload.clone(),
+            })
+            .collect()
     }
-    map
+
+    fn header_map(&self) -> HeaderMap {
+        let mut map = HeaderMap::new();
+        for (name, value) in &self.headers {
+            map.append(name.as_str(), value.as_str());
+        }
+        map
+    }
+}
+
+/// A batch that is not (entirely) on the bus.
+#[derive(Debug)]
+pub struct PublishFailure {
+    pub error: PublishError,
+    /// How many leading messages were acknowledged before the failure.
+    pub acked: usize,
+}
+
+impl PublishFailure {
+    fn none(error: PublishError) -> Self {
+        PublishFailure { error, acked: 0 }
+    }
 }
 
 async fn connect_options(settings: &NatsSettings) -> Result<ConnectOptions, SetupError> {

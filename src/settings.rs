@@ -57,6 +57,8 @@ pub struct ServerSettings {
     pub max_in_flight: usize,
     /// Open connections at once; more wait in the kernel's accept backlog.
     pub max_connections: usize,
+    /// After SIGTERM/SIGINT: time in-flight requests get before their connections are closed.
+    pub shutdown_grace: HumanDuration,
     /// PEM certificate chain for native TLS (with `tls_key_file`).
     #[serde(skip_serializing_if = "Option::is_none")]
     pub tls_cert_file: Option<PathBuf>,
@@ -74,6 +76,7 @@ impl Default for ServerSettings {
             request_timeout: HumanDuration::secs(30),
             max_in_flight: 1024,
             max_connections: 10_000,
+            shutdown_grace: HumanDuration::secs(10),
             tls_cert_file: None,
             tls_key_file: None,
         }

@@ -13,10 +13,13 @@ use tokio::net::TcpListener;
 use tokio::sync::{watch, Semaphore};
 
 use crate::auth::Auth;
+use crate::deliver::{self, Delivery};
+use crate::metrics;
 use crate::publish::{Publisher, SetupError};
 use crate::routes::{admin, webhook};
 use crate::server::{self, ServeOptions};
 use crate::settings::{Settings, SettingsError};
+use crate::spool::{Spool, SpoolError};
 
 /// Why the service could not start.
 #[derive(Debug, Error)]
@@ -35,6 +38,11 @@ pub enum StartupError {
     Auth(String),
     #[error("invalid TLS configuration: {0}")]
     Tls(String),
+    #[error("cannot open the spool in {dir}: {source}")]
+    Spool {
+        dir: std::path::PathBuf,
+        source: SpoolError,
+    },
 }
 
 /// A built, not yet running, service.
@@ -42,6 +50,7 @@ pub struct Application {
     listener: TcpListener,
     admin_listener: Option<TcpListener>,
     publisher: Publisher,
+    spool: Option<Arc<Spool>>,
     webhook: Arc<webhook::WebhookState>,
     serve_options: ServeOptions,
     /// Turns readiness off as soon as shutdown begins.
@@ -53,6 +62,7 @@ pub struct Application {
 impl Application {
     pub async fn build(settings: &Settings) -> Result<Application, StartupError> {
         settings.validate()?;
+        metrics::install();
         let template = settings.subject_template()?;
         let auth = Auth::from_settings(&settings.auth).map_err(StartupError::Auth)?;
         let tls = match (
@@ -75,12 +85,25 @@ impl Application {
             );
             tokio::spawn(publisher.clone().ensure_stream_in_background());
         }
-        if settings.spool.enabled {
-            tracing::warn!(
-                "spool.enabled is set, but this version has no spool yet: \
-                 batches NATS cannot take in time are answered 503 (safe to retry)"
-            );
-        }
+        let spool = if settings.spool.enabled {
+            let dir = &settings.spool.dir;
+            let spool = Spool::open(dir, settings.spool.max_bytes).map_err(|source| {
+                StartupError::Spool {
+                    dir: dir.clone(),
+                    source,
+                }
+            })?;
+            if !spool.is_empty() {
+                tracing::info!(
+                    messages = spool.len(),
+                    bytes = spool.bytes(),
+                    "spool holds messages from an earlier run; they are published first"
+                );
+            }
+            Some(Arc::new(spool))
+        } else {
+            None
+        };
 
         let listen = settings.server_listen()?;
         let listener = bind(listen, "server.listen").await?;
@@ -94,7 +117,7 @@ impl Application {
             max_body_bytes: settings.server.max_body_bytes,
             template,
             auth,
-            publisher: publisher.clone(),
+            delivery: Delivery::new(publisher.clone(), spool.clone()),
             in_flight: Arc::new(Semaphore::new(settings.server.max_in_flight)),
             retry_after: publish_timeout.max(Duration::from_secs(1)),
         });
@@ -102,6 +125,7 @@ impl Application {
             listener,
             admin_listener,
             publisher,
+            spool,
             webhook,
             serve_options: ServeOptions {
                 request_timeout: settings.server.request_timeout.get(),
@@ -109,7 +133,7 @@ impl Application {
                 tls,
             },
             shutting_down: Arc::new(AtomicBool::new(false)),
-            grace: publish_timeout + Duration::from_secs(1),
+            grace: settings.server.shutdown_grace.get(),
         })
     }
 
@@ -140,9 +164,22 @@ impl Application {
             let _ = stop_tx.send(true);
         });
 
+        let drainer = self.spool.clone().map(|spool| {
+            tokio::spawn(deliver::drain(
+                spool,
+                self.publisher.clone(),
+                stop_rx.clone(),
+            ))
+        });
+
         let (admin_stop_tx, admin_stop_rx) = watch::channel(false);
         let admin = self.admin_listener.map(|listener| {
-            let routes = admin::routes(self.publisher.clone(), self.shutting_down.clone());
+            let routes = admin::routes(admin::AdminState {
+                publisher: self.publisher.clone(),
+                spool: self.spool.clone(),
+                shutting_down: self.shutting_down.clone(),
+                metrics: metrics::install(),
+            });
             tokio::spawn(
                 warp::serve(routes)
                     .incoming(listener)
@@ -172,7 +209,15 @@ impl Application {
                 }
             }
         }
+        if let Some(drainer) = drainer {
+            let _ = drainer.await;
+        }
         self.publisher.flush().await;
+        if let Some(spool) = &self.spool {
+            if !spool.is_empty() {
+                tracing::info!(messages = spool.len(), "spool kept for the next start");
+            }
+        }
         let _ = admin_stop_tx.send(true);
         if let Some(admin) = admin {
             let _ = admin.await;

@@ -8,7 +8,7 @@ use warp::http::{header, HeaderValue, StatusCode};
 use warp::reply::Response;
 
 use crate::auth::AuthError;
-use crate::publish::PublishError;
+use crate::deliver::DeliveryError;
 use crate::webhook::PayloadError;
 
 /// Everything the webhook route can refuse a request for.
@@ -26,8 +26,8 @@ pub enum ApiError {
     Busy {
         retry_after: Duration,
     },
-    Publish {
-        error: PublishError,
+    Delivery {
+        error: DeliveryError,
         retry_after: Duration,
     },
 }
@@ -63,11 +63,11 @@ impl ApiError {
             ApiError::Auth(AuthError::Forbidden) => (StatusCode::FORBIDDEN, "forbidden"),
             ApiError::Auth(_) => (StatusCode::UNAUTHORIZED, "unauthorized"),
             ApiError::Busy { .. } => (StatusCode::SERVICE_UNAVAILABLE, "unavailable"),
-            ApiError::Publish {
-                error: PublishError::TooLarge { .. },
+            ApiError::Delivery {
+                error: DeliveryError::TooLarge { .. },
                 ..
             } => (StatusCode::PAYLOAD_TOO_LARGE, "payload_too_large"),
-            ApiError::Publish { .. } => (StatusCode::SERVICE_UNAVAILABLE, "unavailable"),
+            ApiError::Delivery { .. } => (StatusCode::SERVICE_UNAVAILABLE, "unavailable"),
         }
     }
 
@@ -85,20 +85,15 @@ impl ApiError {
             ApiError::Payload(e) => e.to_string(),
             ApiError::Auth(e) => e.to_string(),
             ApiError::Busy { .. } => "too many requests in flight; retry later".into(),
-            ApiError::Publish { error, .. } => match error {
-                PublishError::TooLarge { .. } => error.to_string(),
-                _ => format!(
-                    "the batch could not be published, nothing is lost by retrying: {error}"
-                ),
-            },
+            ApiError::Delivery { error, .. } => error.to_string(),
         }
     }
 
     fn index(&self) -> Option<usize> {
         match self {
             ApiError::Payload(e) => e.index(),
-            ApiError::Publish {
-                error: PublishError::TooLarge { index, .. },
+            ApiError::Delivery {
+                error: DeliveryError::TooLarge { index, .. },
                 ..
             } => Some(*index),
             _ => None,
@@ -131,7 +126,7 @@ impl ApiError {
                     HeaderValue::from_static("Basic realm=\"cmc-forwarder\""),
                 );
             }
-            ApiError::Busy { retry_after } | ApiError::Publish { retry_after, .. }
+            ApiError::Busy { retry_after } | ApiError::Delivery { retry_after, .. }
                 if status == StatusCode::SERVICE_UNAVAILABLE =>
             {
                 headers.insert(

@@ -17,7 +17,8 @@ use warp::Filter;
 
 use super::error::{json_response, ApiError};
 use crate::auth::Auth;
-use crate::publish::{PublishReport, Publisher};
+use crate::deliver::{Delivery, DeliveryReport};
+use crate::metrics;
 use crate::server::RequestInfo;
 use crate::subject::SubjectTemplate;
 use crate::webhook;
@@ -29,7 +30,7 @@ pub struct WebhookState {
     pub max_body_bytes: u64,
     pub template: SubjectTemplate,
     pub auth: Auth,
-    pub publisher: Publisher,
+    pub delivery: Delivery,
     /// Permits for `server.max_in_flight`; a request that finds none is answered 503 at once.
     pub in_flight: Arc<Semaphore>,
     /// `Retry-After` of 503 answers.
@@ -105,6 +106,7 @@ where
         }
         Err(error) => {
             let (status, code) = error.status();
+            metrics::request(status.as_u16());
             if status.is_server_error() {
                 tracing::warn!(status = status.as_u16(), error = code, reason = ?error, elapsed_ms, "request refused");
             } else {
@@ -132,7 +134,7 @@ async fn process<S, B>(
     body: S,
     state: &WebhookState,
     batch_id: &str,
-) -> Result<(usize, PublishReport), ApiError>
+) -> Result<(usize, DeliveryReport), ApiError>
 where
     S: Stream<Item = Result<B, warp::Error>>,
     B: Buf,
@@ -169,14 +171,21 @@ where
     drop(body);
     let outgoing = batch.to_outgoing(&state.template, batch_id);
     let events = outgoing.messages.len();
+    let started = Instant::now();
     let report = state
-        .publisher
-        .publish(&outgoing)
+        .delivery
+        .deliver(&outgoing)
         .await
-        .map_err(|error| ApiError::Publish {
+        .map_err(|error| ApiError::Delivery {
             error,
             retry_after: state.retry_after,
         })?;
+    metrics::batch_accepted(
+        &outgoing,
+        report.published,
+        report.duplicates,
+        started.elapsed(),
+    );
     Ok((events, report))
 }
 

@@ -1,0 +1,155 @@
+//! Metric names, labels and the Prometheus exposition, in one place.
+//!
+//! Label values are bounded: event types and statuses CMC documents keep their name,
+//! anything else is counted as `other`, so a hostile sender cannot grow the series set.
+
+use std::sync::OnceLock;
+use std::time::Duration;
+
+use metrics::{counter, gauge, histogram};
+use metrics_exporter_prometheus::{Matcher, PrometheusBuilder, PrometheusHandle};
+
+use crate::webhook::OutgoingBatch;
+
+pub const HTTP_REQUESTS: &str = "cmc_forwarder_http_requests_total";
+pub const EVENTS: &str = "cmc_forwarder_events_total";
+pub const DUPLICATES: &str = "cmc_forwarder_duplicates_total";
+pub const SPOOL_DRAINED: &str = "cmc_forwarder_spool_drained_total";
+pub const PUBLISH_SECONDS: &str = "cmc_forwarder_publish_duration_seconds";
+pub const BATCH_SIZE: &str = "cmc_forwarder_batch_size";
+pub const SPOOL_MESSAGES: &str = "cmc_forwarder_spool_messages";
+pub const SPOOL_BYTES: &str = "cmc_forwarder_spool_bytes";
+pub const NATS_CONNECTED: &str = "cmc_forwarder_nats_connected";
+pub const READY: &str = "cmc_forwarder_ready";
+
+static HANDLE: OnceLock<PrometheusHandle> = OnceLock::new();
+
+/// Installs the process-wide recorder once and returns the handle that renders it.
+pub fn install() -> PrometheusHandle {
+    HANDLE
+        .get_or_init(|| {
+            let recorder = PrometheusBuilder::new()
+                .set_buckets_for_metric(
+                    Matcher::Full(PUBLISH_SECONDS.into()),
+                    &[
+                        0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0,
+                        10.0,
+                    ],
+                )
+                .and_then(|b| {
+                    b.set_buckets_for_metric(
+                        Matcher::Full(BATCH_SIZE.into()),
+                        &[1.0, 2.0, 5.0, 10.0, 20.0, 50.0, 100.0, 200.0, 500.0, 1000.0],
+                    )
+                })
+                .expect("bucket lists are not empty")
+                .build_recorder();
+            let handle = recorder.handle();
+            // Another recorder may already be installed (tests embedding the library);
+            // the handle then renders an empty page rather than failing start-up.
+            let _ = metrics::set_global_recorder(recorder);
+            describe();
+            handle
+        })
+        .clone()
+}
+
+fn describe() {
+    metrics::describe_counter!(HTTP_REQUESTS, "Webhook requests answered, by status code");
+    metrics::describe_counter!(
+        EVENTS,
+        "Events accepted, by event type, status and outcome (published or spooled)"
+    );
+    metrics::describe_counter!(DUPLICATES, "Events JetStream reported as already stored");
+    metrics::describe_counter!(SPOOL_DRAINED, "Spooled events published by the drainer");
+    metrics::describe_histogram!(PUBLISH_SECONDS, "Time to publish (or spool) one batch");
+    metrics::describe_histogram!(BATCH_SIZE, "Entries per accepted batch");
+    metrics::describe_gauge!(SPOOL_MESSAGES, "Messages waiting in the spool");
+    metrics::describe_gauge!(SPOOL_BYTES, "Bytes waiting in the spool");
+    metrics::describe_gauge!(NATS_CONNECTED, "1 while the NATS connection is up");
+    metrics::describe_gauge!(READY, "1 while /readyz answers 200");
+}
+
+pub fn request(status: u16) {
+    counter!(HTTP_REQUESTS, "code" => status.to_string()).increment(1);
+}
+
+fn event_type_label(event_type: &str) -> &'static str {
+    match event_type {
+        "deliveries" => "deliveries",
+        "bounces" => "bounces",
+        "blocks" => "blocks",
+        _ => "other",
+    }
+}
+
+fn status_label(event_type: &str, status: &str) -> &'static str {
+    const DELIVERY: [&str; 4] = ["queued", "succeeded", "failed", "deferred"];
+    const BOUNCE: [&str; 12] = [
+        "1", "2", "3", "4", "5", "6", "7", "8", "9", "10", "11", "99",
+    ];
+    let known: &[&'static str] = match event_type {
+        "deliveries" => &DELIVERY,
+        "bounces" => &BOUNCE,
+        _ => &[],
+    };
+    if status == "none" {
+        return "none";
+    }
+    known
+        .iter()
+        .find(|k| **k == status)
+        .copied()
+        .unwrap_or("other")
+}
+
+/// Counts the events of an accepted batch: the first `published` went to NATS, the rest to
+/// the spool.
+pub fn batch_accepted(batch: &OutgoingBatch, published: usize, duplicates: usize, took: Duration) {
+    let event_type = event_type_label(&batch.event_type_header);
+    for (i, message) in batch.messages.iter().enumerate() {
+        let outcome = if i < published {
+            "published"
+        } else {
+            "spooled"
+        };
+        let status = status_label(event_type, &message.status_header);
+        counter!(EVENTS, "event_type" => event_type, "status" => status, "outcome" => outcome)
+            .increment(1);
+    }
+    counter!(DUPLICATES).increment(duplicates as u64);
+    histogram!(PUBLISH_SECONDS).record(took.as_secs_f64());
+    histogram!(BATCH_SIZE).record(batch.messages.len() as f64);
+}
+
+pub fn spool_drained(published: usize, duplicates: usize) {
+    counter!(SPOOL_DRAINED).increment(published as u64);
+    counter!(DUPLICATES).increment(duplicates as u64);
+}
+
+pub fn spool_depth(messages: u64, bytes: u64) {
+    gauge!(SPOOL_MESSAGES).set(messages as f64);
+    gauge!(SPOOL_BYTES).set(bytes as f64);
+}
+
+pub fn connection(connected: bool, ready: bool) {
+    gauge!(NATS_CONNECTED).set(if connected { 1.0 } else { 0.0 });
+    gauge!(READY).set(if ready { 1.0 } else { 0.0 });
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn labels_are_bounded() {
+        assert_eq!(event_type_label("deliveries"), "deliveries");
+        assert_eq!(event_type_label("opens"), "other");
+        assert_eq!(status_label("deliveries", "queued"), "queued");
+        assert_eq!(status_label("deliveries", "%E6"), "other");
+        assert_eq!(status_label("bounces", "2"), "2");
+        assert_eq!(status_label("bounces", "42"), "other");
+        assert_eq!(status_label("blocks", "none"), "none");
+        assert_eq!(status_label("blocks", "x"), "other");
+    }
+}
