@@ -21,6 +21,7 @@ pub const SPOOL_MESSAGES: &str = "cmc_forwarder_spool_messages";
 pub const SPOOL_BYTES: &str = "cmc_forwarder_spool_bytes";
 pub const NATS_CONNECTED: &str = "cmc_forwarder_nats_connected";
 pub const READY: &str = "cmc_forwarder_ready";
+pub const CREATED_UNPARSED: &str = "cmc_forwarder_created_unparsed_total";
 
 static HANDLE: OnceLock<PrometheusHandle> = OnceLock::new();
 
@@ -68,6 +69,10 @@ fn describe() {
     metrics::describe_gauge!(SPOOL_BYTES, "Bytes waiting in the spool");
     metrics::describe_gauge!(NATS_CONNECTED, "1 while the NATS connection is up");
     metrics::describe_gauge!(READY, "1 while /readyz answers 200");
+    metrics::describe_counter!(
+        CREATED_UNPARSED,
+        "Entries whose `created` could not be converted to created_at (cmc.timezone set)"
+    );
 }
 
 pub fn request(status: u16) {
@@ -120,6 +125,12 @@ pub fn batch_accepted(batch: &OutgoingBatch, published: usize, duplicates: usize
     counter!(DUPLICATES).increment(duplicates as u64);
     histogram!(PUBLISH_SECONDS).record(took.as_secs_f64());
     histogram!(BATCH_SIZE).record(batch.messages.len() as f64);
+}
+
+pub fn created_unparsed(count: usize) {
+    if count > 0 {
+        counter!(CREATED_UNPARSED).increment(count as u64);
+    }
 }
 
 pub fn spool_drained(published: usize, duplicates: usize) {

@@ -504,6 +504,7 @@ impl Settings {
                 crate::auth::parse_cidr(item).map_err(|e| invalid(key, e))?;
             }
         }
+        self.timezone()?;
         if let Err(e) = tracing_subscriber::EnvFilter::try_new(&self.log.level) {
             return Err(invalid("log.level", format!("{:?}: {e}", self.log.level)));
         }
@@ -511,6 +512,16 @@ impl Settings {
             return Err(invalid("spool.max_bytes", "must be greater than 0"));
         }
         Ok(())
+    }
+
+    /// The CMC console's time zone, when set.
+    pub fn timezone(&self) -> Result<Option<jiff::tz::TimeZone>, SettingsError> {
+        self.cmc
+            .timezone
+            .as_deref()
+            .filter(|z| !z.trim().is_empty())
+            .map(|z| parse_timezone(z).map_err(|e| invalid("cmc.timezone", e)))
+            .transpose()
     }
 
     /// The validated subject template.
@@ -544,9 +555,51 @@ impl Settings {
     }
 }
 
+/// Parses an IANA zone name (`Asia/Tokyo`, from the bundled database, so it works on hosts
+/// without tzdata) or a fixed offset `±HH:MM` (also `UTC` / `Z`).
+pub fn parse_timezone(text: &str) -> Result<jiff::tz::TimeZone, String> {
+    use jiff::tz::{Offset, TimeZone};
+    let text = text.trim();
+    if text.eq_ignore_ascii_case("utc") || text == "Z" {
+        return Ok(TimeZone::UTC);
+    }
+    let b = text.as_bytes();
+    if b.len() == 6 && matches!(b[0], b'+' | b'-') && b[3] == b':' {
+        let digits = |s: &str| {
+            s.parse::<i32>()
+                .ok()
+                .filter(|_| s.bytes().all(|c| c.is_ascii_digit()))
+        };
+        if let (Some(h), Some(m)) = (digits(&text[1..3]), digits(&text[4..6])) {
+            if h <= 23 && m <= 59 {
+                let seconds = (h * 3600 + m * 60) * if b[0] == b'-' { -1 } else { 1 };
+                return Offset::from_seconds(seconds)
+                    .map(TimeZone::fixed)
+                    .map_err(|e| e.to_string());
+            }
+        }
+        return Err(format!("{text:?} is not a valid offset (expected ±HH:MM)"));
+    }
+    TimeZone::get(text).map_err(|e| format!("{text:?} is not a known time zone: {e}"))
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn time_zones_are_validated() {
+        assert!(Settings::from_toml("[cmc]\ntimezone = \"Asia/Tokyo\"")
+            .unwrap()
+            .timezone()
+            .unwrap()
+            .is_some());
+        assert!(Settings::from_toml("[cmc]\ntimezone = \"+09:00\"").is_ok());
+        for bad in ["Mars/Olympus", "+9:00", "+25:00", "09:00"] {
+            let err = Settings::from_toml(&format!("[cmc]\ntimezone = {bad:?}")).unwrap_err();
+            assert!(err.to_string().contains("cmc.timezone"), "{bad}: {err}");
+        }
+    }
 
     fn env(pairs: &[(&str, &str)]) -> Option<HashMap<String, String>> {
         Some(

@@ -116,6 +116,7 @@ impl Application {
             path: settings.server.path.clone(),
             max_body_bytes: settings.server.max_body_bytes,
             template,
+            timezone: settings.timezone()?,
             auth,
             delivery: Delivery::new(publisher.clone(), spool.clone()),
             in_flight: Arc::new(Semaphore::new(settings.server.max_in_flight)),

@@ -29,6 +29,8 @@ pub struct WebhookState {
     pub path: String,
     pub max_body_bytes: u64,
     pub template: SubjectTemplate,
+    /// `cmc.timezone`: adds `created_at` to bodies when set.
+    pub timezone: Option<jiff::tz::TimeZone>,
     pub auth: Auth,
     pub delivery: Delivery,
     /// Permits for `server.max_in_flight`; a request that finds none is answered 503 at once.
@@ -169,7 +171,8 @@ where
     state.auth.check_api_key(decoded.api_key())?;
     let batch = decoded.validate().map_err(ApiError::Payload)?;
     drop(body);
-    let outgoing = batch.to_outgoing(&state.template, batch_id);
+    let outgoing = batch.to_outgoing_in_zone(&state.template, batch_id, state.timezone.as_ref());
+    metrics::created_unparsed(outgoing.created_unparsed);
     let events = outgoing.messages.len();
     let started = Instant::now();
     let report = state

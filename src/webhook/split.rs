@@ -1,9 +1,11 @@
 //! Step 3: one outgoing message per entry: subject, JSON body and `Cmc-*` header values.
 
 use bytes::Bytes;
+use jiff::civil::DateTime;
+use jiff::tz::TimeZone;
 use sha2::{Digest, Sha256};
 
-use super::json::{write_canonical_members, write_compact, write_string};
+use super::json::{write_canonical_members, write_compact, write_string, Json};
 use super::Batch;
 use crate::subject::{bounce_status_name, header_value, SubjectTemplate, SubjectValues};
 
@@ -34,6 +36,9 @@ pub struct OutgoingBatch {
     /// `Cmc-Server-Composition`.
     pub server_composition_header: String,
     pub messages: Vec<Outgoing>,
+    /// Entries whose `created` could not be read as a time in the configured zone (so their
+    /// body has no `created_at`); always 0 without a zone.
+    pub created_unparsed: usize,
 }
 
 impl OutgoingBatch {
@@ -92,10 +97,35 @@ impl std::fmt::Display for HeaderValue<'_> {
 
 /// The fields the service adds to every body; an entry's own copies are dropped.
 const ADDED_FIELDS: [&str; 2] = ["event_type", "server_composition"];
+const CREATED_AT: &str = "created_at";
+
+/// `created` (`YYYY-MM-DD HH:MM:SS`, no offset, in the CMC console's zone) as RFC 3339 with
+/// the offset in force then. Times in a daylight-saving gap or fold resolve as RFC 5545
+/// ("compatible") does: gaps move forward, folds take the earlier instant.
+pub fn created_at(created: &str, zone: &TimeZone) -> Option<String> {
+    let civil = DateTime::strptime("%Y-%m-%d %H:%M:%S", created).ok()?;
+    let zoned = civil.to_zoned(zone.clone()).ok()?;
+    Some(
+        zoned
+            .timestamp()
+            .display_with_offset(zoned.offset())
+            .to_string(),
+    )
+}
 
 impl Batch {
     /// Renders every entry into its message. `batch_id` identifies the request.
     pub fn to_outgoing(&self, template: &SubjectTemplate, batch_id: &str) -> OutgoingBatch {
+        self.to_outgoing_in_zone(template, batch_id, None)
+    }
+
+    /// As [`Batch::to_outgoing`], adding `created_at` to bodies when `zone` is given.
+    pub fn to_outgoing_in_zone(
+        &self,
+        template: &SubjectTemplate,
+        batch_id: &str,
+        zone: Option<&TimeZone>,
+    ) -> OutgoingBatch {
         let event_type = self.event_type.as_str();
         let sc = self.server_composition.as_str();
         let id_prefix = {
@@ -107,6 +137,7 @@ impl Batch {
             h
         };
         let mut scratch = Vec::new();
+        let mut created_unparsed = 0;
         let messages = self
             .entries
             .iter()
@@ -136,8 +167,24 @@ impl Batch {
                 write_string(&mut payload, event_type);
                 payload.extend_from_slice(b",\"server_composition\":");
                 write_string(&mut payload, sc);
+                let stamp = zone.and_then(|zone| {
+                    let stamp = match entry.fields.get("created") {
+                        Some(Json::String(created)) => created_at(created, zone),
+                        _ => None,
+                    };
+                    if stamp.is_none() {
+                        created_unparsed += 1;
+                    }
+                    stamp
+                });
+                if let Some(stamp) = &stamp {
+                    payload.extend_from_slice(b",\"created_at\":");
+                    write_string(&mut payload, stamp);
+                }
                 for (key, value) in &entry.fields.0 {
-                    if ADDED_FIELDS.contains(&key.as_str()) {
+                    if ADDED_FIELDS.contains(&key.as_str())
+                        || (stamp.is_some() && key == CREATED_AT)
+                    {
                         continue;
                     }
                     payload.push(b',');
@@ -161,6 +208,7 @@ impl Batch {
             event_type_header: header_value(event_type),
             server_composition_header: header_value(sc),
             messages,
+            created_unparsed,
         }
     }
 }
@@ -274,6 +322,91 @@ mod tests {
         );
         assert_eq!(blocks.messages[0].subject, "cmc.blocks.none");
         assert_eq!(blocks.messages[0].status_header, "none");
+    }
+
+    fn zone(name: &str) -> TimeZone {
+        crate::settings::parse_timezone(name).unwrap()
+    }
+
+    #[test]
+    fn created_at_in_tokyo_a_fixed_offset_and_new_york_across_dst() {
+        let tokyo = zone("Asia/Tokyo");
+        assert_eq!(
+            created_at("2023-01-25 14:03:06", &tokyo).as_deref(),
+            Some("2023-01-25T14:03:06+09:00")
+        );
+        assert_eq!(
+            created_at("2023-01-25 14:03:06", &zone("+05:30")).as_deref(),
+            Some("2023-01-25T14:03:06+05:30")
+        );
+        assert_eq!(
+            created_at("2023-01-25 14:03:06", &zone("-03:00")).as_deref(),
+            Some("2023-01-25T14:03:06-03:00")
+        );
+        let ny = zone("America/New_York");
+        // 2024-03-10 02:00 EST → 03:00 EDT.
+        assert_eq!(
+            created_at("2024-03-10 01:59:59", &ny).as_deref(),
+            Some("2024-03-10T01:59:59-05:00")
+        );
+        assert_eq!(
+            created_at("2024-03-10 03:00:00", &ny).as_deref(),
+            Some("2024-03-10T03:00:00-04:00")
+        );
+        // In the gap: moved forward by the gap's length.
+        assert_eq!(
+            created_at("2024-03-10 02:30:00", &ny).as_deref(),
+            Some("2024-03-10T03:30:00-04:00")
+        );
+        // 2024-11-03 02:00 EDT → 01:00 EST: the fold takes the earlier instant.
+        assert_eq!(
+            created_at("2024-11-03 01:30:00", &ny).as_deref(),
+            Some("2024-11-03T01:30:00-04:00")
+        );
+        assert_eq!(
+            created_at("2024-11-03 02:30:00", &ny).as_deref(),
+            Some("2024-11-03T02:30:00-05:00")
+        );
+        for bad in [
+            "",
+            "2023-01-25",
+            "2023-01-25T14:03:06",
+            "2023-13-01 00:00:00",
+            "yesterday",
+        ] {
+            assert_eq!(created_at(bad, &tokyo), None, "{bad}");
+        }
+    }
+
+    #[test]
+    fn created_at_follows_server_composition_and_replaces_an_entry_copy() {
+        let body = r#"{"event_type":"deliveries","server_composition":"pro","event":{"deliveries":[
+            {"created":"2023-01-25 14:03:06","status":"queued","created_at":"spoof"},
+            {"created":"not a time","status":"queued","created_at":"kept"},
+            {"status":"queued"}]}}"#;
+        let batch = decode(Some("application/json"), body.as_bytes())
+            .unwrap()
+            .validate()
+            .unwrap();
+        let out = batch.to_outgoing_in_zone(&template(), "b", Some(&zone("Asia/Tokyo")));
+        let bodies: Vec<String> = out
+            .messages
+            .iter()
+            .map(|m| String::from_utf8(m.payload.to_vec()).unwrap())
+            .collect();
+        assert_eq!(
+            bodies[0],
+            r#"{"event_type":"deliveries","server_composition":"pro","created_at":"2023-01-25T14:03:06+09:00","created":"2023-01-25 14:03:06","status":"queued"}"#
+        );
+        assert_eq!(
+            bodies[1],
+            r#"{"event_type":"deliveries","server_composition":"pro","created":"not a time","status":"queued","created_at":"kept"}"#
+        );
+        assert_eq!(out.created_unparsed, 2);
+        // The id does not depend on the zone: it hashes the entry as received.
+        let plain = batch.to_outgoing(&template(), "b");
+        assert_eq!(plain.messages[0].msg_id, out.messages[0].msg_id);
+        assert_eq!(plain.created_unparsed, 0);
     }
 
     pub(crate) fn urlencode(s: &str) -> String {

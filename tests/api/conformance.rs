@@ -248,3 +248,25 @@ async fn status_name_template_uses_readable_bounce_codes() {
     assert_eq!(messages[0].subject.as_str(), "cmc.bounces.user_unknown");
     assert_eq!(messages[1].subject.as_str(), "cmc.deliveries.failed");
 }
+
+#[tokio::test]
+async fn cmc_timezone_adds_created_at_after_server_composition() {
+    let nats = NatsServer::start().await;
+    let mut settings = test_settings(&nats);
+    settings.cmc.timezone = Some("Asia/Tokyo".into());
+    let app = spawn_app_with(settings).await;
+    let mut sub = app.subscribe("cmc.>").await;
+
+    let response = app.post_fixture("deliveries-queued", Enc::Form).await;
+
+    assert_eq!(response.status(), 200);
+    let message = &receive(&mut sub, 1).await[0];
+    let body: Value = serde_json::from_slice(&message.payload).unwrap();
+    let keys: Vec<&String> = body.as_object().unwrap().keys().collect();
+    assert_eq!(
+        keys[..3],
+        ["event_type", "server_composition", "created_at"]
+    );
+    assert_eq!(body["created_at"], "2023-01-25T14:03:06+09:00");
+    assert_eq!(body["created"], "2023-01-25 14:03:06");
+}

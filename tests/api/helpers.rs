@@ -1,10 +1,9 @@
 //! Test harness: a real `nats-server` per test (JetStream, random loopback port, temp dir) and
 //! the real application on port 0, with typed helpers to post and to read the bus.
 
-use std::net::TcpListener as StdListener;
 use std::path::PathBuf;
 use std::process::{Child, Command, Stdio};
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use async_nats::jetstream;
 use cmc_forwarder::settings::Settings;
@@ -26,20 +25,13 @@ fn nats_server_bin() -> String {
     std::env::var("NATS_SERVER_BIN").unwrap_or_else(|_| "nats-server".into())
 }
 
-fn free_port() -> u16 {
-    StdListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port()
-}
-
 impl NatsServer {
-    /// Starts a JetStream-enabled server on a free loopback port.
+    /// Starts a JetStream-enabled server on a port of its own choosing (`-p -1`), so that
+    /// parallel tests can never race for a port.
     pub async fn start() -> NatsServer {
         let mut server = NatsServer {
             child: None,
-            port: free_port(),
+            port: 0,
             dir: tempfile::tempdir().unwrap(),
         };
         server.launch().await;
@@ -47,19 +39,46 @@ impl NatsServer {
     }
 
     async fn launch(&mut self) {
-        let child = Command::new(nats_server_bin())
-            .args(["-js", "-a", "127.0.0.1", "-p", &self.port.to_string(), "-sd"])
+        let port = if self.port == 0 {
+            "-1".to_owned()
+        } else {
+            self.port.to_string()
+        };
+        let mut child = Command::new(nats_server_bin())
+            .args(["-js", "-a", "127.0.0.1", "-p", &port, "-sd"])
             .arg(self.dir.path())
             .stdout(Stdio::null())
-            .stderr(Stdio::null())
+            .stderr(Stdio::piped())
             .spawn()
             .expect("cannot start nats-server: run the tests through scripts/test, or put nats-server on PATH");
+        // Read the log until the server says where it listens and that it is ready; keep
+        // draining it afterwards so the server never blocks on a full pipe.
+        let stderr = child.stderr.take().unwrap();
+        let (tx, rx) = std::sync::mpsc::channel();
+        std::thread::spawn(move || {
+            use std::io::BufRead;
+            let mut listening = None;
+            for line in std::io::BufReader::new(stderr).lines() {
+                let Ok(line) = line else { break };
+                if let Some(addr) = line.split("Listening for client connections on ").nth(1) {
+                    listening = addr
+                        .trim()
+                        .rsplit(':')
+                        .next()
+                        .and_then(|p| p.parse::<u16>().ok());
+                }
+                if line.contains("Server is ready") {
+                    let _ = tx.send(listening);
+                }
+            }
+        });
         self.child = Some(child);
-        let deadline = Instant::now() + WAIT;
-        while std::net::TcpStream::connect(("127.0.0.1", self.port)).is_err() {
-            assert!(Instant::now() < deadline, "nats-server did not start");
-            tokio::time::sleep(Duration::from_millis(20)).await;
-        }
+        let port = rx
+            .recv_timeout(WAIT)
+            .ok()
+            .flatten()
+            .expect("nats-server did not become ready");
+        self.port = port;
     }
 
     pub fn url(&self) -> String {
