@@ -2,6 +2,7 @@
 //! One test binary keeps link time down; one module per feature.
 
 mod conformance;
+mod consumer;
 mod delivery;
 mod helpers;
 mod http;
