@@ -101,8 +101,10 @@ impl Publisher {
             .map(|s| s.trim())
             .filter(|s| !s.is_empty())
             .collect();
+        // Each URL separately: async-nats parses a string as ONE URL (a comma-joined list
+        // fails with "invalid port number"), so several `nats.servers` need the slice form.
         let client = options
-            .connect(servers.join(","))
+            .connect(servers.as_slice())
             .await
             .map_err(|e| SetupError::Connect(e.to_string()))?;
         let deadline = Instant::now() + settings.connect_timeout.get();
