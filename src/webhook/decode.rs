@@ -4,6 +4,8 @@
 //! nested object (or, leniently, as a string). A parameter given twice is refused in both, so
 //! no two parsers can ever read one request differently.
 
+use std::collections::HashSet;
+
 use serde_json::value::RawValue;
 
 use super::json::{raw_kind, Members};
@@ -55,6 +57,8 @@ pub struct Decoded {
     api_key: Option<Param>,
     /// The `event` parameter, syntactically valid JSON of any type.
     pub(super) event: Option<Box<RawValue>>,
+    /// `event` was given but empty.
+    pub(super) event_empty: bool,
 }
 
 impl Decoded {
@@ -98,21 +102,24 @@ fn decode_json(body: &[u8]) -> Result<Decoded, PayloadError> {
             .map(|raw| json_param(name, raw))
             .transpose()
     };
-    let event = match members.get("event") {
-        None => None,
+    let (event, event_empty) = match members.get("event") {
+        None => (None, false),
         Some(raw) if raw.get().starts_with('"') => {
             let text: String = serde_json::from_str(raw.get()).map_err(|e| {
                 PayloadError::MalformedJson(format!("event is not a valid JSON string: {e}"))
             })?;
-            Some(parse_event(&text)?)
+            let event = parse_event(&text)?;
+            let empty = event.is_none();
+            (event, empty)
         }
-        Some(raw) => Some((*raw).to_owned()),
+        Some(raw) => (Some((*raw).to_owned()), false),
     };
     Ok(Decoded {
         event_type: param("event_type")?,
         server_composition: param("server_composition")?,
         api_key: param("api_key")?,
         event,
+        event_empty,
     })
 }
 
@@ -126,8 +133,14 @@ fn json_param(name: &str, raw: &RawValue) -> Result<Param, PayloadError> {
     }
 }
 
-fn parse_event(text: &str) -> Result<Box<RawValue>, PayloadError> {
+/// Parses the text of `event`; `None` when it is empty, which validation reports as a
+/// required field left empty (422) rather than as malformed JSON.
+fn parse_event(text: &str) -> Result<Option<Box<RawValue>>, PayloadError> {
+    if text.is_empty() {
+        return Ok(None);
+    }
     serde_json::from_str(text)
+        .map(Some)
         .map_err(|e| PayloadError::MalformedJson(format!("event is not valid JSON: {e}")))
 }
 
@@ -137,9 +150,11 @@ fn decode_form(body: &[u8]) -> Result<Decoded, PayloadError> {
         server_composition: None,
         api_key: None,
         event: None,
+        event_empty: false,
     };
     let mut event_text = None;
-    let mut seen: Vec<String> = Vec::new();
+    // A set, not a list: a hostile body may hold a million fields.
+    let mut seen: HashSet<String> = HashSet::new();
     for pair in body.split(|&b| b == b'&').filter(|p| !p.is_empty()) {
         let (raw_name, raw_value) = match pair.iter().position(|&b| b == b'=') {
             Some(eq) => (&pair[..eq], &pair[eq + 1..]),
@@ -152,25 +167,28 @@ fn decode_form(body: &[u8]) -> Result<Decoded, PayloadError> {
                 truncate(&name, 100)
             )));
         }
+        // Every value is decoded, unknown fields' too: a body with a broken escape anywhere
+        // is not a valid form, whatever the field.
+        let value = form_component(raw_value, Some(&name))?;
         let slot = match name.as_str() {
             "event_type" => Some(&mut decoded.event_type),
             "server_composition" => Some(&mut decoded.server_composition),
             "api_key" => Some(&mut decoded.api_key),
             "event" => None,
             _ => {
-                seen.push(name);
+                seen.insert(name);
                 continue;
             }
         };
-        let value = form_component(raw_value, Some(&name))?;
         match slot {
             Some(slot) => *slot = Some(Param::Text(value)),
             None => event_text = Some(value),
         }
-        seen.push(name);
+        seen.insert(name);
     }
     if let Some(text) = event_text {
-        decoded.event = Some(parse_event(&text)?);
+        decoded.event = parse_event(&text)?;
+        decoded.event_empty = decoded.event.is_none();
     }
     Ok(decoded)
 }

@@ -28,14 +28,37 @@ pub enum Json {
     Object(Members<Json>),
 }
 
+/// Deepest nesting of arrays and objects accepted inside an entry (serde_json's own default).
+/// `RawValue` scanning does not limit depth, and building the tree recurses, so without this
+/// a body of nested brackets could exhaust the stack.
+pub const MAX_DEPTH: usize = 128;
+
 impl Json {
     /// Builds the tree of one raw value; the raw value has already been checked by `serde_json`.
     pub fn from_raw(raw: &RawValue) -> serde_json::Result<Json> {
+        Self::from_raw_at(raw, 0)
+    }
+
+    fn from_raw_at(raw: &RawValue, depth: usize) -> serde_json::Result<Json> {
+        use serde::de::{DeserializeSeed, Error};
         let text = raw.get();
-        Ok(match text.as_bytes().first() {
-            Some(b'{') => Json::Object(serde_json::from_str(text)?),
-            Some(b'[') => Json::Array(serde_json::from_str(text)?),
-            Some(b'"') => Json::String(serde_json::from_str(text)?),
+        let first = text.as_bytes().first();
+        if matches!(first, Some(b'{' | b'[')) && depth >= MAX_DEPTH {
+            return Err(serde_json::Error::custom(format!(
+                "nesting deeper than {MAX_DEPTH} levels"
+            )));
+        }
+        Ok(match first {
+            Some(b'{' | b'[') => {
+                let mut de = serde_json::Deserializer::from_str(text);
+                ContainerSeed { depth: depth + 1 }.deserialize(&mut de)?
+            }
+            // Most strings have no escapes: the validated text between the quotes is then the
+            // value itself, and a second parse is not needed.
+            Some(b'"') => match text.get(1..text.len() - 1) {
+                Some(inner) if !inner.contains('\\') => Json::String(inner.to_owned()),
+                _ => Json::String(serde_json::from_str(text)?),
+            },
             Some(b't') => Json::Bool(true),
             Some(b'f') => Json::Bool(false),
             Some(b'n') => Json::Null,
@@ -74,8 +97,59 @@ pub fn raw_kind(raw: &RawValue) -> &'static str {
 
 impl<'de> Deserialize<'de> for Json {
     fn deserialize<D: Deserializer<'de>>(deserializer: D) -> Result<Self, D::Error> {
+        de::DeserializeSeed::deserialize(ValueSeed { depth: 0 }, deserializer)
+    }
+}
+
+/// One value at a known nesting depth.
+struct ValueSeed {
+    depth: usize,
+}
+
+impl<'de> de::DeserializeSeed<'de> for ValueSeed {
+    type Value = Json;
+
+    fn deserialize<D: Deserializer<'de>>(self, deserializer: D) -> Result<Json, D::Error> {
         let raw: &RawValue = Deserialize::deserialize(deserializer)?;
-        Json::from_raw(raw).map_err(de::Error::custom)
+        Json::from_raw_at(raw, self.depth).map_err(de::Error::custom)
+    }
+}
+
+/// The members or elements of one object or array whose children sit at `depth`.
+struct ContainerSeed {
+    depth: usize,
+}
+
+impl<'de> de::DeserializeSeed<'de> for ContainerSeed {
+    type Value = Json;
+
+    fn deserialize<D: Deserializer<'de>>(self, deserializer: D) -> Result<Json, D::Error> {
+        deserializer.deserialize_any(self)
+    }
+}
+
+impl<'de> Visitor<'de> for ContainerSeed {
+    type Value = Json;
+
+    fn expecting(&self, f: &mut fmt::Formatter) -> fmt::Result {
+        f.write_str("a JSON object or array")
+    }
+
+    fn visit_map<A: MapAccess<'de>>(self, mut map: A) -> Result<Json, A::Error> {
+        let mut members = Vec::with_capacity(map.size_hint().unwrap_or(16));
+        while let Some(key) = map.next_key::<String>()? {
+            let value = map.next_value_seed(ValueSeed { depth: self.depth })?;
+            members.push((key, value));
+        }
+        Ok(Json::Object(Members(members)))
+    }
+
+    fn visit_seq<A: de::SeqAccess<'de>>(self, mut seq: A) -> Result<Json, A::Error> {
+        let mut items = Vec::with_capacity(seq.size_hint().unwrap_or(8));
+        while let Some(item) = seq.next_element_seed(ValueSeed { depth: self.depth })? {
+            items.push(item);
+        }
+        Ok(Json::Array(items))
     }
 }
 
@@ -97,6 +171,17 @@ impl<V> Members<V> {
     }
 }
 
+impl<'de, V: Deserialize<'de>> Members<V> {
+    /// Collects the members of a map being deserialised.
+    pub(crate) fn from_map<A: MapAccess<'de>>(mut map: A) -> Result<Self, A::Error> {
+        let mut members = Vec::with_capacity(map.size_hint().unwrap_or(16));
+        while let Some((key, value)) = map.next_entry::<String, V>()? {
+            members.push((key, value));
+        }
+        Ok(Members(members))
+    }
+}
+
 impl<'de, V: Deserialize<'de>> Deserialize<'de> for Members<V> {
     fn deserialize<D: Deserializer<'de>>(deserializer: D) -> Result<Self, D::Error> {
         struct MembersVisitor<V>(std::marker::PhantomData<V>);
@@ -108,12 +193,8 @@ impl<'de, V: Deserialize<'de>> Deserialize<'de> for Members<V> {
                 f.write_str("a JSON object")
             }
 
-            fn visit_map<A: MapAccess<'de>>(self, mut map: A) -> Result<Self::Value, A::Error> {
-                let mut members = Vec::with_capacity(map.size_hint().unwrap_or(16));
-                while let Some((key, value)) = map.next_entry::<String, V>()? {
-                    members.push((key, value));
-                }
-                Ok(Members(members))
+            fn visit_map<A: MapAccess<'de>>(self, map: A) -> Result<Self::Value, A::Error> {
+                Members::from_map(map)
             }
         }
 
@@ -121,32 +202,48 @@ impl<'de, V: Deserialize<'de>> Deserialize<'de> for Members<V> {
     }
 }
 
+/// Bytes that must be escaped inside a JSON string: control characters, `"` and `\`.
+const NEEDS_ESCAPE: [bool; 256] = {
+    let mut table = [false; 256];
+    let mut b = 0;
+    while b < 0x20 {
+        table[b] = true;
+        b += 1;
+    }
+    table[b'"' as usize] = true;
+    table[b'\\' as usize] = true;
+    table
+};
+
 /// Writes `s` as a JSON string with only `"`, `\` and control characters escaped
 /// (`\b \f \n \r \t`, others as `\u00xx` in lowercase hex); everything else raw.
 pub fn write_string(out: &mut Vec<u8>, s: &str) {
-    out.push(b'"');
+    const HEX: &[u8; 16] = b"0123456789abcdef";
     let bytes = s.as_bytes();
+    out.reserve(bytes.len() + 2);
+    out.push(b'"');
     let mut start = 0;
     for (i, &b) in bytes.iter().enumerate() {
-        let escape: &[u8] = match b {
-            b'"' => b"\\\"",
-            b'\\' => b"\\\\",
-            0x08 => b"\\b",
-            0x0c => b"\\f",
-            b'\n' => b"\\n",
-            b'\r' => b"\\r",
-            b'\t' => b"\\t",
-            0x00..=0x1f => b"",
-            _ => continue,
-        };
+        if !NEEDS_ESCAPE[b as usize] {
+            continue;
+        }
         out.extend_from_slice(&bytes[start..i]);
-        if escape.is_empty() {
-            const HEX: &[u8; 16] = b"0123456789abcdef";
-            out.extend_from_slice(b"\\u00");
-            out.push(HEX[(b >> 4) as usize]);
-            out.push(HEX[(b & 0xf) as usize]);
-        } else {
-            out.extend_from_slice(escape);
+        match b {
+            b'"' => out.extend_from_slice(b"\\\""),
+            b'\\' => out.extend_from_slice(b"\\\\"),
+            0x08 => out.extend_from_slice(b"\\b"),
+            0x0c => out.extend_from_slice(b"\\f"),
+            b'\n' => out.extend_from_slice(b"\\n"),
+            b'\r' => out.extend_from_slice(b"\\r"),
+            b'\t' => out.extend_from_slice(b"\\t"),
+            _ => out.extend_from_slice(&[
+                b'\\',
+                b'u',
+                b'0',
+                b'0',
+                HEX[(b >> 4) as usize],
+                HEX[(b & 0xf) as usize],
+            ]),
         }
         start = i + 1;
     }
@@ -272,6 +369,16 @@ mod tests {
         assert_eq!(m.first_duplicate(), Some("a"));
         let m: Members<Json> = serde_json::from_str(r#"{"a":1,"b":2}"#).unwrap();
         assert_eq!(m.first_duplicate(), None);
+    }
+
+    #[test]
+    fn nesting_is_limited_without_exhausting_the_stack() {
+        let deep = |n: usize| format!("{{\"a\":{}1{}}}", "[".repeat(n), "]".repeat(n));
+        assert!(serde_json::from_str::<Members<Json>>(&deep(MAX_DEPTH)).is_ok());
+        let err = serde_json::from_str::<Members<Json>>(&deep(MAX_DEPTH + 1)).unwrap_err();
+        assert!(err.to_string().contains("nesting"), "{err}");
+        // Far deeper than any stack could recurse: refused, not a crash.
+        assert!(serde_json::from_str::<Members<Json>>(&deep(100_000)).is_err());
     }
 
     #[test]

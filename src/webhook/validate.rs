@@ -1,6 +1,10 @@
 //! Step 2: the rules of a valid batch (SPEC §1), all-or-nothing, into typed values.
 
-use serde_json::value::RawValue;
+use std::collections::HashSet;
+use std::fmt;
+
+use serde::de::{self, DeserializeSeed, Deserializer, IgnoredAny, MapAccess, SeqAccess, Visitor};
+use serde::Deserialize;
 
 use super::decode::{truncate, Decoded, Param};
 use super::json::{raw_kind, Json, Members};
@@ -123,6 +127,9 @@ impl Decoded {
         if server_composition.is_empty() {
             return Err(PayloadError::invalid("server_composition is empty"));
         }
+        if self.event_empty {
+            return Err(PayloadError::invalid("event is empty"));
+        }
         let event = self
             .event
             .as_deref()
@@ -133,38 +140,39 @@ impl Decoded {
                 raw_kind(event)
             )));
         }
-        let members: Members<&RawValue> = serde_json::from_str(event.get())
-            .map_err(|e| PayloadError::MalformedJson(format!("event is not valid JSON: {e}")))?;
-        if let Some(key) = members.first_duplicate() {
-            return Err(PayloadError::MalformedJson(format!(
-                "duplicate key {:?} in event",
-                truncate(key, 100)
-            )));
-        }
+        // One pass over `event`: the array under the event_type key is read straight into
+        // entries; other members are skipped; duplicate keys are refused.
         let name = event_type.as_str();
-        let array = members.get(name).ok_or_else(|| {
-            PayloadError::invalid(format!("event has no {name:?} member (the event_type)"))
-        })?;
-        if !array.get().starts_with('[') {
-            return Err(PayloadError::invalid(format!(
-                "event.{name} must be an array, not {}",
-                raw_kind(array)
-            )));
-        }
-        let items: Vec<&RawValue> = serde_json::from_str(array.get())
+        let mut reader = serde_json::Deserializer::from_str(event.get());
+        let parsed = EventSeed { name }
+            .deserialize(&mut reader)
+            .and_then(|parsed| reader.end().map(|()| parsed))
             .map_err(|e| PayloadError::MalformedJson(format!("event is not valid JSON: {e}")))?;
+        let items = match parsed {
+            None => {
+                return Err(PayloadError::invalid(format!(
+                    "event has no {name:?} member (the event_type)"
+                )))
+            }
+            Some(Err(kind)) => {
+                return Err(PayloadError::invalid(format!(
+                    "event.{name} must be an array, not {kind}"
+                )))
+            }
+            Some(Ok(items)) => items,
+        };
         let required = event_type.requires_status();
         let mut entries = Vec::with_capacity(items.len());
         for (index, item) in items.into_iter().enumerate() {
-            if !item.get().starts_with('{') {
-                return Err(PayloadError::invalid_entry(
-                    index,
-                    format!("must be a JSON object, not {}", raw_kind(item)),
-                ));
-            }
-            let fields: Members<Json> = serde_json::from_str(item.get()).map_err(|e| {
-                PayloadError::MalformedJson(format!("entry {index} is not valid JSON: {e}"))
-            })?;
+            let fields = match item {
+                Item::Object(fields) => fields,
+                Item::Other(kind) => {
+                    return Err(PayloadError::invalid_entry(
+                        index,
+                        format!("must be a JSON object, not {kind}"),
+                    ))
+                }
+            };
             let status = Status::from_field(fields.get("status"), required)
                 .map_err(|m| PayloadError::invalid_entry(index, m))?;
             entries.push(Entry { fields, status });
@@ -174,6 +182,138 @@ impl Decoded {
             server_composition: server_composition.to_owned(),
             entries,
         })
+    }
+}
+
+/// Reads the `event` object: `None` when it has no member `name`, `Some(Err(kind))` when
+/// that member is not an array.
+struct EventSeed<'a> {
+    name: &'a str,
+}
+
+type EventItems = Option<Result<Vec<Item>, &'static str>>;
+
+impl<'de> DeserializeSeed<'de> for EventSeed<'_> {
+    type Value = EventItems;
+
+    fn deserialize<D: Deserializer<'de>>(self, deserializer: D) -> Result<EventItems, D::Error> {
+        deserializer.deserialize_map(self)
+    }
+}
+
+impl<'de> Visitor<'de> for EventSeed<'_> {
+    type Value = EventItems;
+
+    fn expecting(&self, f: &mut fmt::Formatter) -> fmt::Result {
+        f.write_str("a JSON object")
+    }
+
+    fn visit_map<A: MapAccess<'de>>(self, mut map: A) -> Result<EventItems, A::Error> {
+        let mut seen = HashSet::new();
+        let mut items = None;
+        while let Some(key) = map.next_key::<String>()? {
+            if seen.contains(&key) {
+                return Err(de::Error::custom(format!(
+                    "duplicate key {:?}",
+                    truncate(&key, 100)
+                )));
+            }
+            if key == self.name {
+                items = Some(map.next_value::<ArrayOrKind>()?.0);
+            } else {
+                map.next_value::<IgnoredAny>()?;
+            }
+            seen.insert(key);
+        }
+        Ok(items)
+    }
+}
+
+/// An array of items, or the kind of the non-array value found instead.
+struct ArrayOrKind(Result<Vec<Item>, &'static str>);
+
+/// One element of the entries array: an object, or the kind of what it is instead.
+enum Item {
+    Object(Members<Json>),
+    Other(&'static str),
+}
+
+/// Consumes the rest of a map or sequence that is only reported by its kind.
+fn skip_map<'de, A: MapAccess<'de>>(mut map: A) -> Result<(), A::Error> {
+    while map.next_entry::<IgnoredAny, IgnoredAny>()?.is_some() {}
+    Ok(())
+}
+
+fn skip_seq<'de, A: SeqAccess<'de>>(mut seq: A) -> Result<(), A::Error> {
+    while seq.next_element::<IgnoredAny>()?.is_some() {}
+    Ok(())
+}
+
+/// Implements the scalar `visit_*` methods of a visitor whose value records a kind name.
+macro_rules! kinds {
+    ($wrap:expr) => {
+        fn visit_bool<E: de::Error>(self, _: bool) -> Result<Self::Value, E> {
+            Ok($wrap("a boolean"))
+        }
+        fn visit_i64<E: de::Error>(self, _: i64) -> Result<Self::Value, E> {
+            Ok($wrap("a number"))
+        }
+        fn visit_u64<E: de::Error>(self, _: u64) -> Result<Self::Value, E> {
+            Ok($wrap("a number"))
+        }
+        fn visit_f64<E: de::Error>(self, _: f64) -> Result<Self::Value, E> {
+            Ok($wrap("a number"))
+        }
+        fn visit_str<E: de::Error>(self, _: &str) -> Result<Self::Value, E> {
+            Ok($wrap("a string"))
+        }
+        fn visit_unit<E: de::Error>(self) -> Result<Self::Value, E> {
+            Ok($wrap("null"))
+        }
+    };
+}
+
+impl<'de> Deserialize<'de> for ArrayOrKind {
+    fn deserialize<D: Deserializer<'de>>(deserializer: D) -> Result<Self, D::Error> {
+        struct V;
+        impl<'de> Visitor<'de> for V {
+            type Value = ArrayOrKind;
+            fn expecting(&self, f: &mut fmt::Formatter) -> fmt::Result {
+                f.write_str("any JSON value")
+            }
+            kinds!(|k| ArrayOrKind(Err(k)));
+            fn visit_map<A: MapAccess<'de>>(self, map: A) -> Result<ArrayOrKind, A::Error> {
+                skip_map(map).map(|()| ArrayOrKind(Err("an object")))
+            }
+            fn visit_seq<A: SeqAccess<'de>>(self, mut seq: A) -> Result<ArrayOrKind, A::Error> {
+                let mut items = Vec::with_capacity(seq.size_hint().unwrap_or(16));
+                while let Some(item) = seq.next_element::<Item>()? {
+                    items.push(item);
+                }
+                Ok(ArrayOrKind(Ok(items)))
+            }
+        }
+        deserializer.deserialize_any(V)
+    }
+}
+
+impl<'de> Deserialize<'de> for Item {
+    fn deserialize<D: Deserializer<'de>>(deserializer: D) -> Result<Self, D::Error> {
+        struct V;
+        impl<'de> Visitor<'de> for V {
+            type Value = Item;
+            fn expecting(&self, f: &mut fmt::Formatter) -> fmt::Result {
+                f.write_str("any JSON value")
+            }
+            kinds!(Item::Other);
+            fn visit_map<A: MapAccess<'de>>(self, map: A) -> Result<Item, A::Error> {
+                Members::<Json>::from_map(map).map(Item::Object)
+            }
+            fn visit_seq<A: SeqAccess<'de>>(self, seq: A) -> Result<Item, A::Error> {
+                skip_seq(seq).map(|()| Item::Other("an array"))
+            }
+        }
+        deserializer.deserialize_any(V)
     }
 }
 
