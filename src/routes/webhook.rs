@@ -88,20 +88,22 @@ where
     let elapsed_ms = started.elapsed().as_secs_f64() * 1000.0;
     let mut response = match result {
         Ok((events, report)) => {
+            metrics::request(200);
             tracing::info!(
                 status = 200,
                 events,
                 published = report.published,
+                spooled = report.spooled,
                 duplicates = report.duplicates,
                 elapsed_ms,
-                "batch published"
+                "batch accepted"
             );
             json_response(
                 StatusCode::OK,
                 &OkBody {
                     result: "ok",
                     published: report.published,
-                    spooled: 0,
+                    spooled: report.spooled,
                     duplicates: report.duplicates,
                 },
             )
