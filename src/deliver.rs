@@ -13,7 +13,7 @@ use thiserror::Error;
 use tokio::sync::watch;
 
 use crate::metrics;
-use crate::publish::{NatsMessage, PublishError, PublishReport, Publisher};
+use crate::publish::{NatsMessage, Outbound, PublishError, PublishReport, Publisher};
 use crate::spool::{Spool, SpoolError};
 use crate::webhook::OutgoingBatch;
 
@@ -68,13 +68,13 @@ impl Delivery {
                 });
             }
         }
-        let messages = NatsMessage::from_batch(batch);
         if let Some(spool) = &self.spool {
             if !spool.is_empty() {
+                let messages = NatsMessage::from_batch(batch, 0);
                 return self.spool(spool, messages, PublishReport::default()).await;
             }
         }
-        match self.publisher.publish(&messages).await {
+        match self.publisher.publish(Outbound::from_batch(batch)).await {
             Ok(report) => Ok(DeliveryReport {
                 published: report.published,
                 duplicates: report.duplicates,
@@ -87,7 +87,7 @@ impl Delivery {
                 error if error.is_temporary() => match &self.spool {
                     Some(spool) => {
                         tracing::warn!(%error, acked = failure.acked, "NATS did not take the batch; spooling the rest");
-                        let rest = messages[failure.acked..].to_vec();
+                        let rest = NatsMessage::from_batch(batch, failure.acked);
                         let done = PublishReport {
                             published: failure.acked,
                             duplicates: 0,
@@ -174,7 +174,12 @@ pub async fn drain(spool: Arc<Spool>, publisher: Publisher, mut stop: watch::Rec
                 continue;
             }
         };
-        let (acked, result) = match publisher.publish(&batch.messages).await {
+        let outbound = batch
+            .messages
+            .iter()
+            .map(NatsMessage::to_outbound)
+            .collect();
+        let (acked, result) = match publisher.publish(outbound).await {
             Ok(report) => {
                 metrics::spool_drained(report.published, report.duplicates);
                 (report.published, Ok(()))

@@ -226,7 +226,7 @@ impl Publisher {
 
     /// Publishes `messages` in order within `publish_timeout`. On failure, says how many
     /// leading messages were acknowledged anyway.
-    pub async fn publish(&self, messages: &[NatsMessage]) -> Result<PublishReport, PublishFailure> {
+    pub async fn publish(&self, messages: Vec<Outbound>) -> Result<PublishReport, PublishFailure> {
         if messages.is_empty() {
             return Ok(PublishReport::default());
         }
@@ -243,18 +243,14 @@ impl Publisher {
     async fn publish_jetstream(
         &self,
         js: &jetstream::Context,
-        messages: &[NatsMessage],
+        messages: Vec<Outbound>,
         deadline: tokio::time::Instant,
     ) -> Result<PublishReport, PublishFailure> {
         // Send everything first, in order, so the acks are outstanding concurrently; then
         // collect them in order, which tells how long the acknowledged prefix is.
         let mut acks = Vec::with_capacity(messages.len());
-        for (index, message) in messages.iter().enumerate() {
-            let send = js.publish_with_headers(
-                message.subject.clone(),
-                message.header_map(),
-                message.payload.clone(),
-            );
+        for (index, message) in messages.into_iter().enumerate() {
+            let send = js.publish_with_headers(message.subject, message.headers, message.payload);
             let ack = tokio::time::timeout_at(deadline, send)
                 .await
                 .map_err(|_| PublishFailure::none(PublishError::Timeout(self.timeout)))?
@@ -281,17 +277,14 @@ impl Publisher {
 
     async fn publish_core(
         &self,
-        messages: &[NatsMessage],
+        messages: Vec<Outbound>,
         deadline: tokio::time::Instant,
     ) -> Result<PublishReport, PublishFailure> {
+        let count = messages.len();
         let work = async {
             for message in messages {
                 self.client
-                    .publish_with_headers(
-                        message.subject.clone(),
-                        message.header_map(),
-                        message.payload.clone(),
-                    )
+                    .publish_with_headers(message.subject, message.headers, message.payload)
                     .await
                     .map_err(|e| PublishError::Connection(e.to_string()))?;
             }
@@ -302,7 +295,7 @@ impl Publisher {
         };
         match tokio::time::timeout_at(deadline, work).await {
             Ok(Ok(())) => Ok(PublishReport {
-                published: messages.len(),
+                published: count,
                 duplicates: 0,
             }),
             Ok(Err(error)) => Err(PublishFailure::none(error)),
@@ -326,10 +319,22 @@ impl Publisher {
         }
     }
 
-    /// Flushes what the connection still buffers (at shutdown).
+    /// Flushes what the connection still buffers (at shutdown), within `publish_timeout`.
+    ///
+    /// Bounded because async-nats completes a flush only once the buffer is written to a
+    /// connected server: with NATS down it waits for the reconnection, with NATS frozen for
+    /// the socket to drain, i.e. forever, and SIGTERM would never end the process. Nothing
+    /// promised is at stake: every `200` already has its PubAck, its spool record, or (core
+    /// mode) its own flush.
     pub async fn flush(&self) {
-        if let Err(e) = self.client.flush().await {
-            tracing::warn!(error = %e, "final NATS flush failed");
+        if !self.is_connected() {
+            tracing::warn!("NATS not connected at shutdown; nothing to flush");
+            return;
+        }
+        match tokio::time::timeout(self.timeout, self.client.flush()).await {
+            Ok(Ok(())) => {}
+            Ok(Err(e)) => tracing::warn!(error = %e, "final NATS flush failed"),
+            Err(_) => tracing::warn!(timeout = ?self.timeout, "final NATS flush timed out"),
         }
     }
 }
@@ -343,12 +348,43 @@ pub struct NatsMessage {
     pub payload: Bytes,
 }
 
-impl NatsMessage {
-    /// The messages of a webhook batch.
-    pub fn from_batch(batch: &OutgoingBatch) -> Vec<NatsMessage> {
+/// A message as handed to the NATS client, which takes ownership of its parts.
+#[derive(Debug)]
+pub struct Outbound {
+    pub subject: String,
+    pub headers: HeaderMap,
+    pub payload: Bytes,
+}
+
+impl Outbound {
+    /// The messages of a webhook batch, built straight into the client's header type.
+    pub fn from_batch(batch: &OutgoingBatch) -> Vec<Outbound> {
         batch
             .messages
             .iter()
+            .map(|m| {
+                let mut headers = HeaderMap::new();
+                for (name, value) in batch.headers(m) {
+                    headers.insert(name, value.to_string());
+                }
+                Outbound {
+                    subject: m.subject.clone(),
+                    headers,
+                    payload: m.payload.clone(),
+                }
+            })
+            .collect()
+    }
+}
+
+impl NatsMessage {
+    /// The messages of a webhook batch from position `start` on (to spool what NATS did not
+    /// acknowledge).
+    pub fn from_batch(batch: &OutgoingBatch, start: usize) -> Vec<NatsMessage> {
+        batch
+            .messages
+            .iter()
+            .skip(start)
             .map(|m| NatsMessage {
                 subject: m.subject.clone(),
                 headers: batch
@@ -361,12 +397,17 @@ impl NatsMessage {
             .collect()
     }
 
-    fn header_map(&self) -> HeaderMap {
-        let mut map = HeaderMap::new();
+    /// The message as handed to the client.
+    pub fn to_outbound(&self) -> Outbound {
+        let mut headers = HeaderMap::new();
         for (name, value) in &self.headers {
-            map.append(name.as_str(), value.as_str());
+            headers.append(name.as_str(), value.as_str());
         }
-        map
+        Outbound {
+            subject: self.subject.clone(),
+            headers,
+            payload: self.payload.clone(),
+        }
     }
 }
 
