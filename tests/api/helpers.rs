@@ -225,10 +225,19 @@ impl TestApp {
         self.post(enc.content_type(), fixture(name, enc)).await
     }
 
-    /// Subscribes to `subject` and makes sure the server knows before returning.
+    /// Subscribes to `subject` and makes sure the server has registered it before returning.
+    ///
+    /// `flush` only proves the bytes left this client; the server may still process another
+    /// connection's PUB first. It handles one connection's protocol in order, though, so once
+    /// a message published after the SUB comes back, the SUB is in effect.
     pub async fn subscribe(&self, subject: &str) -> async_nats::Subscriber {
         let sub = self.nats.subscribe(subject.to_owned()).await.unwrap();
-        self.nats.flush().await.unwrap();
+        let probe = self.nats.new_inbox();
+        let mut echo = self.nats.subscribe(probe.clone()).await.unwrap();
+        self.nats.publish(probe, "sync".into()).await.unwrap();
+        tokio::time::timeout(WAIT, echo.next())
+            .await
+            .expect("subscription registered in time");
         sub
     }
 
