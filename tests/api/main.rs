@@ -4,6 +4,9 @@
 mod conformance;
 mod consumer;
 mod delivery;
+mod faults;
 mod helpers;
+mod hostile;
 mod http;
 mod limits;
+mod props;

@@ -1,0 +1,1376 @@
+//! Fault tests (issue 4): NATS killed and restarted, a cluster node killed, the service stopped
+//! with SIGTERM or killed with SIGKILL, NATS absent at start-up, all under a modest load.
+//!
+//! Every test sends batches of distinct events (so JetStream's dedup hides nothing), prints
+//! `sent=… answered_200=… stored=… duplicates=… lost=…` (in events) and asserts that every
+//! event of every request answered `200` is in the stream exactly once: the stream holds as
+//! many messages as distinct `Nats-Msg-Id`s, and no event body twice. No request may hang
+//! (every one is bounded by a client timeout), and every `200` body must account for its
+//! entries: `published + spooled` = entries (SPEC §2).
+//!
+//! Run them one at a time (they kill processes and share two cores):
+//! `cargo test --test api faults:: -- --nocapture --test-threads=1` (`scripts/test` does).
+
+use std::collections::{HashMap, HashSet};
+use std::net::TcpListener as StdListener;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, ExitStatus, Stdio};
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use async_nats::jetstream;
+use cmc_forwarder::settings::{HumanDuration, Settings};
+use cmc_forwarder::spool::Spool;
+use cmc_forwarder::startup::Application;
+use futures_util::StreamExt;
+use serde_json::{json, Value};
+use tokio::sync::oneshot;
+
+use crate::helpers::*;
+
+/// Events per batch; every one distinct.
+const PER_BATCH: usize = 10;
+/// A sender's batches at most (the load stays a few hundred requests).
+const MAX_BATCHES: usize = 80;
+/// Pause between two batches of one sender.
+const PAUSE: Duration = Duration::from_millis(40);
+/// Pause before a retry.
+const RETRY_PAUSE: Duration = Duration::from_millis(150);
+/// A retrying sender gives one batch up after this long (counted, and fails the test).
+const RETRY_BOUND: Duration = Duration::from_secs(30);
+/// Every HTTP request is bounded by this: hitting it means the service hung.
+const CLIENT_TIMEOUT: Duration = Duration::from_secs(10);
+/// Time given to the stream (and the drainer) to hold every event answered `200`.
+const SETTLE: Duration = Duration::from_secs(30);
+const STREAM: &str = "CMC_EVENTS";
+const STATUSES: [&str; 4] = ["queued", "succeeded", "failed", "deferred"];
+
+fn free_port() -> u16 {
+    StdListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port()
+}
+
+fn nats_server_bin() -> String {
+    std::env::var("NATS_SERVER_BIN").unwrap_or_else(|_| "nats-server".into())
+}
+
+fn secs(d: Duration) -> HumanDuration {
+    HumanDuration(d)
+}
+
+// ---------------------------------------------------------------------------------------
+// Load: batches of distinct events, senders that retry or not, and their tally.
+
+/// A JSON webhook of `PER_BATCH` distinct deliveries, and the events' keys (`messageId`).
+fn batch(tag: &str, sender: usize, n: usize) -> (Vec<u8>, Vec<String>) {
+    let mut keys = Vec::with_capacity(PER_BATCH);
+    let entries: Vec<Value> = (0..PER_BATCH)
+        .map(|i| {
+            let key = format!("<{tag}-{sender}-{n}-{i}@faults.example.com>");
+            keys.push(key.clone());
+            let status = STATUSES[(n + i) % STATUSES.len()];
+            let mut entry = json!({
+                "created": "2024-05-01 12:00:00",
+                "returnPath": "bounce@return.example.com",
+                "from": "info@example.com",
+                "to": format!("user-{sender}-{n}-{i}@example.jp"),
+                "messageId": key,
+                "subject": "fault test",
+                "apiData": "",
+                "status": status,
+            });
+            if status == "failed" || status == "deferred" {
+                entry["reason"] = json!("450 4.2.1 try again later");
+            }
+            entry
+        })
+        .collect();
+    let body = json!({
+        "server_composition": "pro",
+        "event_type": "deliveries",
+        "event": {"deliveries": entries},
+    });
+    (serde_json::to_vec(&body).unwrap(), keys)
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Retry {
+    /// One attempt per batch, whatever the answer.
+    Never,
+    /// Every non-`200` answer is retried (after `RETRY_PAUSE`) until `200`, within `RETRY_BOUND`.
+    UntilOk,
+}
+
+/// Shared between the controller and the senders.
+#[derive(Default)]
+struct Load {
+    stop: AtomicBool,
+    /// `200` answers so far (the controller waits for some after a fault).
+    oks: AtomicUsize,
+    /// Set just before the service is told to stop: failures are expected from then on.
+    terminating: AtomicBool,
+}
+
+impl Load {
+    /// Waits until `more` further `200` answers arrived (proof the service recovered).
+    async fn wait_for_oks(&self, more: usize, within: Duration) -> bool {
+        let target = self.oks.load(Ordering::Acquire) + more;
+        let deadline = Instant::now() + within;
+        while self.oks.load(Ordering::Acquire) < target {
+            if Instant::now() >= deadline {
+                return false;
+            }
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+        true
+    }
+}
+
+/// What the senders saw.
+#[derive(Debug, Default)]
+struct Tally {
+    batches: usize,
+    requests: usize,
+    /// Events of every batch sent at least once.
+    sent: usize,
+    /// Keys of the events of batches answered `200`.
+    answered: Vec<String>,
+    ok: usize,
+    unavailable: usize,
+    other_status: HashMap<u16, usize>,
+    connection_errors: usize,
+    timeouts: usize,
+    /// `200` answers whose body said `"spooled" > 0`.
+    spooled_answers: usize,
+    spooled_events: usize,
+    /// `200` answers where `published + spooled` is not the number of entries (SPEC §2).
+    inconsistent_answers: usize,
+    /// Non-`200` outcomes that arrived before the service was told to stop.
+    failures_before_stop: usize,
+    /// Batches a retrying sender gave up on.
+    gave_up: usize,
+    /// Slowest request.
+    slowest: Duration,
+}
+
+impl Tally {
+    fn merge(&mut self, other: Tally) {
+        self.batches += other.batches;
+        self.requests += other.requests;
+        self.sent += other.sent;
+        self.answered.extend(other.answered);
+        self.ok += other.ok;
+        self.unavailable += other.unavailable;
+        for (status, n) in other.other_status {
+            *self.other_status.entry(status).or_default() += n;
+        }
+        self.connection_errors += other.connection_errors;
+        self.timeouts += other.timeouts;
+        self.spooled_answers += other.spooled_answers;
+        self.spooled_events += other.spooled_events;
+        self.inconsistent_answers += other.inconsistent_answers;
+        self.failures_before_stop += other.failures_before_stop;
+        self.gave_up += other.gave_up;
+        self.slowest = self.slowest.max(other.slowest);
+    }
+
+    /// The `n`th batch of a test's single sequential sender, counted as sent.
+    fn next_batch(&mut self, tag: &str, n: usize) -> (Vec<u8>, Vec<String>) {
+        let (body, keys) = batch(tag, 0, n);
+        self.batches += 1;
+        self.sent += keys.len();
+        (body, keys)
+    }
+
+    /// Posts one batch once and records the outcome; true when answered `200`.
+    async fn post(
+        &mut self,
+        http: &reqwest::Client,
+        url: &str,
+        body: &[u8],
+        keys: &[String],
+        load: &Load,
+    ) -> bool {
+        self.requests += 1;
+        let started = Instant::now();
+        let result = http
+            .post(url)
+            .header("content-type", "application/json")
+            .body(body.to_vec())
+            .send()
+            .await;
+        let ok = match result {
+            Ok(response) if response.status() == 200 => match response.json::<Value>().await {
+                Ok(answer) => {
+                    self.ok += 1;
+                    let published = answer["published"].as_u64().unwrap_or(0) as usize;
+                    let spooled = answer["spooled"].as_u64().unwrap_or(0) as usize;
+                    if spooled > 0 {
+                        self.spooled_answers += 1;
+                        self.spooled_events += spooled;
+                    }
+                    if published + spooled != keys.len() {
+                        self.inconsistent_answers += 1;
+                    }
+                    self.answered.extend(keys.iter().cloned());
+                    load.oks.fetch_add(1, Ordering::AcqRel);
+                    true
+                }
+                // The answer was 200 but its body was cut: count it as a connection error
+                // (the sender cannot know it succeeded).
+                Err(e) if e.is_timeout() => {
+                    self.timeouts += 1;
+                    false
+                }
+                Err(_) => {
+                    self.connection_errors += 1;
+                    false
+                }
+            },
+            Ok(response) => {
+                if response.status() == 503 {
+                    self.unavailable += 1;
+                } else {
+                    *self
+                        .other_status
+                        .entry(response.status().as_u16())
+                        .or_default() += 1;
+                }
+                false
+            }
+            Err(e) if e.is_timeout() => {
+                self.timeouts += 1;
+                false
+            }
+            Err(_) => {
+                self.connection_errors += 1;
+                false
+            }
+        };
+        if !ok && !load.terminating.load(Ordering::Acquire) {
+            self.failures_before_stop += 1;
+        }
+        self.slowest = self.slowest.max(started.elapsed());
+        ok
+    }
+}
+
+async fn sender(url: String, tag: String, id: usize, retry: Retry, load: Arc<Load>) -> Tally {
+    let http = reqwest::Client::builder()
+        .timeout(CLIENT_TIMEOUT)
+        .build()
+        .unwrap();
+    let mut tally = Tally::default();
+    for n in 0..MAX_BATCHES {
+        if load.stop.load(Ordering::Acquire) {
+            break;
+        }
+        let (body, keys) = batch(&tag, id, n);
+        tally.batches += 1;
+        tally.sent += keys.len();
+        let give_up = Instant::now() + RETRY_BOUND;
+        while !tally.post(&http, &url, &body, &keys, &load).await {
+            if retry == Retry::Never {
+                break;
+            }
+            if Instant::now() >= give_up {
+                tally.gave_up += 1;
+                break;
+            }
+            tokio::time::sleep(RETRY_PAUSE).await;
+        }
+        tokio::time::sleep(PAUSE).await;
+    }
+    tally
+}
+
+/// Running senders.
+struct Senders {
+    load: Arc<Load>,
+    tasks: Vec<tokio::task::JoinHandle<Tally>>,
+}
+
+impl Senders {
+    fn start(url: &str, tag: &str, count: usize, retry: Retry) -> Senders {
+        let load = Arc::new(Load::default());
+        let tasks = (0..count)
+            .map(|id| {
+                tokio::spawn(sender(
+                    url.to_owned(),
+                    tag.to_owned(),
+                    id,
+                    retry,
+                    load.clone(),
+                ))
+            })
+            .collect();
+        Senders { load, tasks }
+    }
+
+    /// Stops them after their current batch and adds up what they saw.
+    async fn finish(self) -> Tally {
+        self.load.stop.store(true, Ordering::Release);
+        let mut total = Tally::default();
+        let all = futures_util::future::join_all(self.tasks);
+        let results = tokio::time::timeout(RETRY_BOUND + CLIENT_TIMEOUT, all)
+            .await
+            .expect("senders finished (a request or retry loop hung)");
+        for tally in results {
+            total.merge(tally.expect("sender task"));
+        }
+        total
+    }
+}
+
+// ---------------------------------------------------------------------------------------
+// The stream: what is stored, waiting for it, and the verdict.
+
+/// A JetStream client for reading the stream, reconnecting quickly to any of `urls`.
+async fn reader(urls: &[String]) -> jetstream::Context {
+    let client = async_nats::ConnectOptions::new()
+        .retry_on_initial_connect()
+        .reconnect_delay_callback(|_| Duration::from_millis(100))
+        .connect(urls)
+        .await
+        .unwrap();
+    jetstream::new(client)
+}
+
+/// What the stream holds.
+#[derive(Debug, Default)]
+struct Stored {
+    messages: usize,
+    /// Distinct `Nats-Msg-Id`s.
+    ids: HashSet<String>,
+    /// Events (by `messageId`) and how many times each is stored.
+    keys: HashMap<String, usize>,
+}
+
+impl Stored {
+    /// Messages beyond the first of their `Nats-Msg-Id`, or of their event.
+    fn duplicates(&self) -> usize {
+        let by_id = self.messages - self.ids.len();
+        let by_event: usize = self.keys.values().map(|n| n - 1).sum();
+        by_id.max(by_event)
+    }
+
+    fn missing<'a>(&self, answered: &'a [String]) -> Vec<&'a String> {
+        answered
+            .iter()
+            .filter(|k| !self.keys.contains_key(*k))
+            .collect()
+    }
+}
+
+async fn message_count(js: &jetstream::Context) -> Option<u64> {
+    let info = tokio::time::timeout(Duration::from_secs(3), async {
+        js.get_stream(STREAM).await.ok()?.get_info().await.ok()
+    })
+    .await
+    .ok()??;
+    Some(info.state.messages)
+}
+
+/// Reads every message of the stream (`None` when the stream cannot be read now).
+async fn read_stream(js: &jetstream::Context) -> Option<Stored> {
+    let stream = tokio::time::timeout(Duration::from_secs(3), js.get_stream(STREAM))
+        .await
+        .ok()?
+        .ok()?;
+    let state = stream.get_info().await.ok()?.state;
+    let mut stored = Stored::default();
+    if state.messages == 0 {
+        return Some(stored);
+    }
+    let reads = futures_util::stream::iter(state.first_sequence..=state.last_sequence)
+        .map(|seq| {
+            let stream = &stream;
+            async move {
+                tokio::time::timeout(Duration::from_secs(5), stream.get_raw_message(seq)).await
+            }
+        })
+        .buffered(16)
+        .collect::<Vec<_>>()
+        .await;
+    for read in reads {
+        let message = read.ok()?.ok()?;
+        stored.messages += 1;
+        if let Some(id) = message.headers.get("Nats-Msg-Id") {
+            stored.ids.insert(id.as_str().to_owned());
+        }
+        let body: Value = serde_json::from_slice(&message.payload).ok()?;
+        let key = body["messageId"].as_str().unwrap_or_default().to_owned();
+        *stored.keys.entry(key).or_default() += 1;
+    }
+    Some(stored)
+}
+
+/// Waits (up to `SETTLE`) until every answered event is stored and, when given, the spool
+/// directory is drained; then reads the stream once more.
+async fn settle(js: &jetstream::Context, answered: &[String], spool_dir: Option<&Path>) -> Stored {
+    let deadline = Instant::now() + SETTLE;
+    loop {
+        let count = message_count(js).await.unwrap_or(0) as usize;
+        let spool_empty = spool_dir.is_none_or(|d| spool_segments(d) == 0);
+        if count >= answered.len() && spool_empty {
+            if let Some(stored) = read_stream(js).await {
+                if stored.missing(answered).is_empty() {
+                    return stored;
+                }
+            }
+        }
+        if Instant::now() >= deadline {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(300)).await;
+    }
+    // Out of time: what is there now is the verdict.
+    for _ in 0..10 {
+        if let Some(stored) = read_stream(js).await {
+            return stored;
+        }
+        tokio::time::sleep(Duration::from_millis(500)).await;
+    }
+    panic!("the stream cannot be read");
+}
+
+/// Spool segment files (the drainer deletes a segment once it is wholly published).
+fn spool_segments(dir: &Path) -> usize {
+    std::fs::read_dir(dir)
+        .map(|entries| {
+            entries
+                .filter_map(|e| e.ok())
+                .filter(|e| e.path().extension() == Some("seg".as_ref()))
+                .count()
+        })
+        .unwrap_or(0)
+}
+
+/// Prints the figures and asserts exactly once for every event answered `200`.
+fn verdict(test: &str, tally: &Tally, stored: &Stored, extra: &str) {
+    let missing = stored.missing(&tally.answered);
+    let duplicates = stored.duplicates();
+    println!(
+        "[{test}] sent={} answered_200={} stored={} duplicates={} lost={}",
+        tally.sent,
+        tally.answered.len(),
+        stored.messages,
+        duplicates,
+        missing.len()
+    );
+    println!(
+        "[{test}]   requests={} batches={} 200={} 503={} other={:?} connection_errors={} timeouts={} \
+         gave_up={} spooled_answers={} spooled_events={} slowest={:?}{extra}",
+        tally.requests,
+        tally.batches,
+        tally.ok,
+        tally.unavailable,
+        tally.other_status,
+        tally.connection_errors,
+        tally.timeouts,
+        tally.gave_up,
+        tally.spooled_answers,
+        tally.spooled_events,
+        tally.slowest,
+    );
+    assert!(
+        missing.is_empty(),
+        "{test}: {} events answered 200 are not in the stream, e.g. {:?}",
+        missing.len(),
+        &missing[..missing.len().min(5)]
+    );
+    assert_eq!(duplicates, 0, "{test}: duplicates stored");
+    assert_eq!(
+        stored.messages,
+        stored.ids.len(),
+        "{test}: messages vs distinct Nats-Msg-Id"
+    );
+    assert_eq!(
+        tally.timeouts, 0,
+        "{test}: requests hung until the client timeout"
+    );
+    assert_eq!(
+        tally.gave_up, 0,
+        "{test}: retried batches never answered 200"
+    );
+    assert!(
+        tally.other_status.is_empty(),
+        "{test}: unexpected answers {:?}",
+        tally.other_status
+    );
+    // Every event sent is stored at most once, answered or not.
+    assert!(
+        stored.keys.len() <= tally.sent,
+        "{test}: unknown events stored"
+    );
+    assert_answers_consistent(test, tally);
+}
+
+/// SPEC §2: a `200` body says `published + spooled` = the number of entries.
+fn assert_answers_consistent(test: &str, tally: &Tally) {
+    assert_eq!(
+        tally.inconsistent_answers, 0,
+        "{test}: {} of {} answers 200 did not have published + spooled = entries \
+         (the body of a 200 must report \"spooled\")",
+        tally.inconsistent_answers, tally.ok
+    );
+}
+
+// ---------------------------------------------------------------------------------------
+// Processes: single nats-server on a chosen port, a 3-node cluster, the real binary, and the
+// in-process application when `spawn_app_with` does not fit.
+
+/// A `nats-server` with JetStream on a chosen port, killed (SIGKILL) on drop.
+struct Node {
+    name: String,
+    port: u16,
+    args: Vec<String>,
+    dir: tempfile::TempDir,
+    child: Option<Child>,
+}
+
+impl Node {
+    fn new(name: &str, port: u16, args: Vec<String>) -> Node {
+        Node {
+            name: name.to_owned(),
+            port,
+            args,
+            dir: tempfile::tempdir().unwrap(),
+            child: None,
+        }
+    }
+
+    fn url(&self) -> String {
+        format!("nats://127.0.0.1:{}", self.port)
+    }
+
+    /// Starts it and waits until the client port accepts connections.
+    async fn start(&mut self) {
+        let child = Command::new(nats_server_bin())
+            .args(["-js", "-a", "127.0.0.1", "-p", &self.port.to_string()])
+            .args(["-n", &self.name, "-sd"])
+            .arg(self.dir.path())
+            .args(&self.args)
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()
+            .expect("cannot start nats-server (set NATS_SERVER_BIN or use scripts/test)");
+        self.child = Some(child);
+        let deadline = Instant::now() + WAIT;
+        while std::net::TcpStream::connect(("127.0.0.1", self.port)).is_err() {
+            assert!(
+                Instant::now() < deadline,
+                "nats-server {} did not start",
+                self.name
+            );
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+    }
+
+    fn kill(&mut self) {
+        if let Some(mut child) = self.child.take() {
+            let _ = child.kill();
+            let _ = child.wait();
+        }
+    }
+}
+
+impl Drop for Node {
+    fn drop(&mut self) {
+        self.kill();
+    }
+}
+
+/// Three JetStream nodes `n1`..`n3` routed to each other on free loopback ports.
+struct NatsCluster {
+    nodes: Vec<Node>,
+}
+
+impl NatsCluster {
+    async fn start() -> NatsCluster {
+        let ports: Vec<(u16, u16)> = (0..3).map(|_| (free_port(), free_port())).collect();
+        let mut nodes = Vec::new();
+        for (i, (port, cluster_port)) in ports.iter().enumerate() {
+            let routes: Vec<String> = ports
+                .iter()
+                .enumerate()
+                .filter(|(j, _)| *j != i)
+                .map(|(_, (_, c))| format!("nats://127.0.0.1:{c}"))
+                .collect();
+            let args = vec![
+                "--cluster_name".into(),
+                "cmc".into(),
+                "--cluster".into(),
+                format!("nats://127.0.0.1:{cluster_port}"),
+                "--routes".into(),
+                routes.join(","),
+            ];
+            nodes.push(Node::new(&format!("n{}", i + 1), *port, args));
+        }
+        for node in &mut nodes {
+            node.start().await;
+        }
+        NatsCluster { nodes }
+    }
+
+    fn urls(&self) -> Vec<String> {
+        self.nodes.iter().map(Node::url).collect()
+    }
+
+    fn kill(&mut self, name: &str) {
+        self.nodes
+            .iter_mut()
+            .find(|n| n.name == name)
+            .unwrap_or_else(|| panic!("no node {name}"))
+            .kill();
+    }
+}
+
+/// The application run in this process (for when NATS is not there at start-up, where
+/// `spawn_app_with`'s own NATS client cannot connect).
+struct InProc {
+    address: String,
+    admin: String,
+    stop: Option<oneshot::Sender<()>>,
+    task: Option<tokio::task::JoinHandle<()>>,
+}
+
+impl InProc {
+    fn run(app: Application, path: &str) -> InProc {
+        let address = format!("http://127.0.0.1:{}{path}", app.port());
+        let admin = format!("http://127.0.0.1:{}", app.admin_port().unwrap());
+        let (stop, stopped) = oneshot::channel::<()>();
+        let task = tokio::spawn(app.run_until_stopped(async {
+            let _ = stopped.await;
+        }));
+        InProc {
+            address,
+            admin,
+            stop: Some(stop),
+            task: Some(task),
+        }
+    }
+
+    async fn stop(mut self) {
+        if let Some(stop) = self.stop.take() {
+            let _ = stop.send(());
+        }
+        if let Some(task) = self.task.take() {
+            tokio::time::timeout(WAIT, task)
+                .await
+                .expect("the application stopped in time")
+                .unwrap();
+        }
+    }
+}
+
+impl Drop for InProc {
+    fn drop(&mut self) {
+        if let Some(stop) = self.stop.take() {
+            let _ = stop.send(());
+        }
+    }
+}
+
+/// The settings of the in-process tests, as `test_settings` but for any servers.
+fn settings_for(servers: Vec<String>) -> Settings {
+    let mut s = Settings::default();
+    s.server.listen = "127.0.0.1:0".into();
+    s.admin.listen = "127.0.0.1:0".into();
+    s.nats.servers = servers;
+    s.nats.publish_timeout = secs(Duration::from_secs(1));
+    s.nats.connect_timeout = secs(Duration::from_secs(1));
+    s.spool.enabled = false;
+    s
+}
+
+/// The status of `GET url` (0 when it cannot be reached).
+async fn status_of(http: &reqwest::Client, url: &str) -> u16 {
+    match http.get(url).send().await {
+        Ok(response) => response.status().as_u16(),
+        Err(_) => 0,
+    }
+}
+
+async fn wait_for_status(http: &reqwest::Client, url: &str, status: u16, within: Duration) {
+    let deadline = Instant::now() + within;
+    loop {
+        let now = status_of(http, url).await;
+        if now == status {
+            return;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "{url} stayed {now}, expected {status}"
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}
+
+/// The real `cmc-forwarder` binary, configured through the environment, killed on drop.
+struct Service {
+    child: Child,
+    port: u16,
+    admin_port: u16,
+    log: PathBuf,
+}
+
+/// Grace given to in-flight requests after SIGTERM (`server.shutdown_grace`).
+const GRACE: Duration = Duration::from_secs(5);
+
+impl Service {
+    /// Starts the binary on fresh loopback ports; its stderr is appended to `log`.
+    fn start(nats_url: &str, spool_dir: &Path, log: &Path) -> Service {
+        let (port, admin_port) = (free_port(), free_port());
+        let stderr = std::fs::OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(log)
+            .unwrap();
+        let mut command = Command::new(env!("CARGO_BIN_EXE_cmc-forwarder"));
+        for (key, _) in std::env::vars_os() {
+            if key.to_string_lossy().starts_with("CMC_FORWARDER") {
+                command.env_remove(key);
+            }
+        }
+        let child = command
+            .env("CMC_FORWARDER__SERVER__LISTEN", format!("127.0.0.1:{port}"))
+            .env(
+                "CMC_FORWARDER__ADMIN__LISTEN",
+                format!("127.0.0.1:{admin_port}"),
+            )
+            .env("CMC_FORWARDER__NATS__SERVERS", nats_url)
+            .env("CMC_FORWARDER__NATS__PUBLISH_TIMEOUT", "1s")
+            .env("CMC_FORWARDER__NATS__CONNECT_TIMEOUT", "2s")
+            .env(
+                "CMC_FORWARDER__SERVER__SHUTDOWN_GRACE",
+                format!("{}s", GRACE.as_secs()),
+            )
+            .env("CMC_FORWARDER__SPOOL__ENABLED", "true")
+            .env("CMC_FORWARDER__SPOOL__DIR", spool_dir)
+            .env("RUST_LOG", "warn")
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .stderr(stderr)
+            .spawn()
+            .expect("cannot start the cmc-forwarder binary");
+        Service {
+            child,
+            port,
+            admin_port,
+            log: log.to_owned(),
+        }
+    }
+
+    fn webhook_url(&self) -> String {
+        format!("http://127.0.0.1:{}/webhooks/cmc", self.port)
+    }
+
+    fn readyz(&self) -> String {
+        format!("http://127.0.0.1:{}/readyz", self.admin_port)
+    }
+
+    fn log_tail(&self) -> String {
+        let text = std::fs::read_to_string(&self.log).unwrap_or_default();
+        let lines: Vec<&str> = text.lines().collect();
+        lines[lines.len().saturating_sub(20)..].join("\n")
+    }
+
+    /// Waits until `/readyz` answers 200 (the process must not exit meanwhile).
+    async fn wait_ready(&mut self, http: &reqwest::Client) {
+        let deadline = Instant::now() + Duration::from_secs(15);
+        while status_of(http, &self.readyz()).await != 200 {
+            if let Some(status) = self.child.try_wait().unwrap() {
+                panic!(
+                    "the service exited ({status}) before ready:\n{}",
+                    self.log_tail()
+                );
+            }
+            assert!(
+                Instant::now() < deadline,
+                "the service never became ready:\n{}",
+                self.log_tail()
+            );
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+    }
+
+    fn signal(&self, signal: &str) {
+        let status = Command::new("kill")
+            .args([signal, &self.child.id().to_string()])
+            .status()
+            .unwrap();
+        assert!(status.success(), "kill {signal} failed");
+    }
+
+    /// Waits for the process to exit; `None` after `within`.
+    async fn wait_exit(&mut self, within: Duration) -> Option<ExitStatus> {
+        let deadline = Instant::now() + within;
+        loop {
+            if let Some(status) = self.child.try_wait().unwrap() {
+                return Some(status);
+            }
+            if Instant::now() >= deadline {
+                return None;
+            }
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+    }
+
+    /// SIGTERM, then asserts exit status 0 within the grace period and a few seconds.
+    async fn terminate(&mut self) -> Duration {
+        let started = Instant::now();
+        self.signal("-TERM");
+        let status = self.wait_exit(GRACE + Duration::from_secs(4)).await;
+        let status = status.unwrap_or_else(|| {
+            panic!(
+                "no exit within {:?} of SIGTERM:\n{}",
+                GRACE + Duration::from_secs(4),
+                self.log_tail()
+            )
+        });
+        assert!(
+            status.success(),
+            "exit status {status} after SIGTERM:\n{}",
+            self.log_tail()
+        );
+        started.elapsed()
+    }
+}
+
+impl Drop for Service {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+/// Messages left in a spool directory no process uses any more.
+fn spool_backlog(dir: &Path) -> u64 {
+    Spool::open(dir, u64::MAX).unwrap().len()
+}
+
+fn http_client() -> reqwest::Client {
+    reqwest::Client::builder()
+        .timeout(CLIENT_TIMEOUT)
+        .build()
+        .unwrap()
+}
+
+// ---------------------------------------------------------------------------------------
+// 1. NATS killed and restarted under load, spool on, senders never retry.
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn nats_restart_under_load_with_spool_loses_nothing() {
+    let test = "nats_restart_spool";
+    let started = Instant::now();
+    let mut nats = NatsServer::start().await;
+    let spool = tempfile::tempdir().unwrap();
+    let mut settings = test_settings(&nats);
+    settings.spool.enabled = true;
+    settings.spool.dir = spool.path().to_owned();
+    settings.nats.publish_timeout = secs(Duration::from_secs(1));
+    let app = spawn_app_with(settings).await;
+    let js = reader(&[nats.url()]).await;
+
+    let senders = Senders::start(&app.webhook_url(), test, 6, Retry::Never);
+    assert!(senders.load.wait_for_oks(30, WAIT).await, "no load");
+    nats.stop();
+    tokio::time::sleep(Duration::from_millis(1500)).await;
+    nats.restart().await;
+    let recovered = senders.load.wait_for_oks(60, WAIT).await;
+    let tally = senders.finish().await;
+    assert!(recovered, "no 200 after NATS came back");
+
+    let stored = settle(&js, &tally.answered, Some(spool.path())).await;
+    verdict(
+        test,
+        &tally,
+        &stored,
+        &format!(" wall={:?}", started.elapsed()),
+    );
+    // Without retries, only the spool can keep the answers 200 while NATS is down.
+    assert_eq!(
+        tally.ok, tally.requests,
+        "{test}: with the spool on, every request should be answered 200"
+    );
+}
+
+// ---------------------------------------------------------------------------------------
+// 2. The same with the spool off: 503 while NATS is down, the senders retry until 200.
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn nats_restart_under_load_without_spool_loses_nothing_with_retries() {
+    let test = "nats_restart_no_spool";
+    let started = Instant::now();
+    let mut nats = NatsServer::start().await;
+    let mut settings = test_settings(&nats);
+    settings.spool.enabled = false;
+    settings.nats.publish_timeout = secs(Duration::from_secs(1));
+    let app = spawn_app_with(settings).await;
+    let js = reader(&[nats.url()]).await;
+
+    let senders = Senders::start(&app.webhook_url(), test, 6, Retry::UntilOk);
+    assert!(senders.load.wait_for_oks(30, WAIT).await, "no load");
+    nats.stop();
+    tokio::time::sleep(Duration::from_millis(1500)).await;
+    nats.restart().await;
+    let recovered = senders.load.wait_for_oks(60, WAIT).await;
+    let tally = senders.finish().await;
+    assert!(recovered, "no 200 after NATS came back");
+
+    let stored = settle(&js, &tally.answered, None).await;
+    verdict(
+        test,
+        &tally,
+        &stored,
+        &format!(" wall={:?}", started.elapsed()),
+    );
+    assert!(
+        tally.unavailable > 0,
+        "{test}: NATS was down but nothing was refused"
+    );
+    assert_eq!(
+        tally.spooled_answers, 0,
+        "{test}: spooled with the spool off"
+    );
+    assert_eq!(
+        tally.answered.len(),
+        tally.sent,
+        "{test}: every batch ends 200"
+    );
+}
+
+// ---------------------------------------------------------------------------------------
+// 3. A 3-node cluster, stream R3: the stream leader killed under load.
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn stream_leader_killed_in_a_cluster_loses_nothing_with_retries() {
+    let test = "cluster_leader_killed";
+    let started = Instant::now();
+    let mut cluster = NatsCluster::start().await;
+    let mut settings = settings_for(cluster.urls());
+    settings.nats.stream.replicas = 3;
+    settings.nats.publish_timeout = secs(Duration::from_secs(2));
+    settings.nats.connect_timeout = secs(Duration::from_secs(5));
+    // Cluster formation and the meta-leader election take a few seconds: stream creation
+    // fails until then.
+    let deadline = Instant::now() + Duration::from_secs(30);
+    let app = loop {
+        match Application::build(&settings).await {
+            Ok(app) => break app,
+            Err(e) => {
+                assert!(Instant::now() < deadline, "the service never built: {e}");
+                tokio::time::sleep(Duration::from_millis(500)).await;
+            }
+        }
+    };
+    let formed = started.elapsed();
+    let app = InProc::run(app, &settings.server.path);
+    let js = reader(&cluster.urls()).await;
+
+    // The stream leader, once every replica is current.
+    let deadline = Instant::now() + Duration::from_secs(20);
+    let leader = loop {
+        let info = async { js.get_stream(STREAM).await.ok()?.get_info().await.ok() }.await;
+        if let Some(cluster_info) = info.and_then(|i| i.cluster) {
+            if let Some(leader) = &cluster_info.leader {
+                if cluster_info.replicas.len() == 2
+                    && cluster_info.replicas.iter().all(|p| p.current)
+                {
+                    break leader.clone();
+                }
+            }
+        }
+        assert!(
+            Instant::now() < deadline,
+            "the stream has no leader with current replicas"
+        );
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    };
+
+    let senders = Senders::start(&app.address, test, 6, Retry::UntilOk);
+    assert!(senders.load.wait_for_oks(30, WAIT).await, "no load");
+    let killed_at = Instant::now();
+    cluster.kill(&leader);
+    let recovered = senders.load.wait_for_oks(60, Duration::from_secs(30)).await;
+    let recovery = killed_at.elapsed();
+    let tally = senders.finish().await;
+    assert!(recovered, "no 200 after the leader was killed");
+
+    let stored = settle(&js, &tally.answered, None).await;
+    let new_leader = async {
+        js.get_stream(STREAM)
+            .await
+            .ok()?
+            .get_info()
+            .await
+            .ok()?
+            .cluster?
+            .leader
+    }
+    .await;
+    verdict(
+        test,
+        &tally,
+        &stored,
+        &format!(
+            " killed={leader} new_leader={new_leader:?} formed_in={formed:?} recovered_in≈{recovery:?} wall={:?}",
+            started.elapsed()
+        ),
+    );
+    assert_eq!(
+        tally.answered.len(),
+        tally.sent,
+        "{test}: every batch ends 200"
+    );
+    app.stop().await;
+}
+
+// ---------------------------------------------------------------------------------------
+// 4. SIGTERM to the real binary under load.
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sigterm_under_load_exits_0_and_loses_nothing() {
+    let test = "sigterm";
+    let started = Instant::now();
+    let nats = NatsServer::start().await;
+    let spool = tempfile::tempdir().unwrap();
+    let logs = tempfile::tempdir().unwrap();
+    let log = logs.path().join("service.log");
+    let http = http_client();
+    let mut service = Service::start(&nats.url(), spool.path(), &log);
+    service.wait_ready(&http).await;
+    let js = reader(&[nats.url()]).await;
+
+    let senders = Senders::start(&service.webhook_url(), test, 6, Retry::Never);
+    assert!(senders.load.wait_for_oks(60, WAIT).await, "no load");
+    senders.load.terminating.store(true, Ordering::Release);
+    let exit_after = service.terminate().await;
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    let tally = senders.finish().await;
+
+    // What the first run spooled at shutdown (if anything) is published by the next run.
+    let backlog = spool_backlog(spool.path());
+    if backlog > 0 {
+        let mut again = Service::start(&nats.url(), spool.path(), &log);
+        again.wait_ready(&http).await;
+        settle(&js, &tally.answered, Some(spool.path())).await;
+        again.terminate().await;
+    }
+    let stored = settle(&js, &tally.answered, None).await;
+    verdict(
+        test,
+        &tally,
+        &stored,
+        &format!(
+            " exit_after_sigterm={exit_after:?} spooled_at_shutdown={backlog} wall={:?}",
+            started.elapsed()
+        ),
+    );
+    assert_eq!(
+        tally.failures_before_stop, 0,
+        "{test}: requests failed before SIGTERM"
+    );
+    assert!(tally.ok > 0);
+    assert_eq!(spool_backlog(spool.path()), 0, "{test}: spool not drained");
+}
+
+// ---------------------------------------------------------------------------------------
+// 4b. SIGTERM while NATS is down: batches are spooled, the service must still exit 0 in
+// time (nothing to flush to), and the next run publishes the spool.
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sigterm_with_nats_down_exits_0_and_the_next_run_drains_the_spool() {
+    let test = "sigterm_nats_down";
+    let started = Instant::now();
+    let mut nats = NatsServer::start().await;
+    let spool = tempfile::tempdir().unwrap();
+    let logs = tempfile::tempdir().unwrap();
+    let log = logs.path().join("service.log");
+    let http = http_client();
+    let mut service = Service::start(&nats.url(), spool.path(), &log);
+    service.wait_ready(&http).await;
+    let js = reader(&[nats.url()]).await;
+
+    let senders = Senders::start(&service.webhook_url(), test, 4, Retry::Never);
+    assert!(senders.load.wait_for_oks(20, WAIT).await, "no load");
+    nats.stop();
+    // Some batches are spooled while NATS is down, then the service is told to stop.
+    assert!(
+        senders.load.wait_for_oks(20, WAIT).await,
+        "no 200 with NATS down"
+    );
+    senders.load.terminating.store(true, Ordering::Release);
+    let exit_after = service.terminate().await;
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    let tally = senders.finish().await;
+
+    let backlog = spool_backlog(spool.path());
+    nats.restart().await;
+    let mut again = Service::start(&nats.url(), spool.path(), &log);
+    again.wait_ready(&http).await;
+    let stored = settle(&js, &tally.answered, Some(spool.path())).await;
+    again.terminate().await;
+    verdict(
+        test,
+        &tally,
+        &stored,
+        &format!(
+            " exit_after_sigterm={exit_after:?} spooled_at_shutdown={backlog} wall={:?}",
+            started.elapsed()
+        ),
+    );
+    assert_eq!(
+        tally.failures_before_stop, 0,
+        "{test}: requests failed before SIGTERM"
+    );
+    assert!(backlog > 0, "{test}: nothing was spooled");
+    assert_eq!(spool_backlog(spool.path()), 0, "{test}: spool not drained");
+}
+
+// ---------------------------------------------------------------------------------------
+// 4c. SIGTERM while NATS is frozen (SIGSTOP) under load: in-flight batches wait for acks
+// that never come, get at most `publish_timeout`, are spooled and answered 200; the final
+// flush cannot complete. The service must still exit 0 in time, and the next run (NATS
+// resumed) publishes the spool exactly once, even where the frozen server stored a message
+// before its batch was spooled.
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sigterm_with_nats_frozen_exits_0_and_loses_nothing() {
+    let test = "sigterm_nats_frozen";
+    let started = Instant::now();
+    let mut nats = Node::new("frozen", free_port(), Vec::new());
+    nats.start().await;
+    let pid = nats.child.as_ref().unwrap().id().to_string();
+    let signal = |signal: &str| {
+        assert!(Command::new("kill")
+            .args([signal, &pid])
+            .status()
+            .unwrap()
+            .success());
+    };
+    let spool = tempfile::tempdir().unwrap();
+    let logs = tempfile::tempdir().unwrap();
+    let log = logs.path().join("service.log");
+    let http = http_client();
+    let mut service = Service::start(&nats.url(), spool.path(), &log);
+    service.wait_ready(&http).await;
+
+    let senders = Senders::start(&service.webhook_url(), test, 6, Retry::Never);
+    assert!(senders.load.wait_for_oks(30, WAIT).await, "no load");
+    signal("-STOP");
+    // Let requests pile up waiting for acks, then stop the service under them.
+    tokio::time::sleep(Duration::from_millis(400)).await;
+    senders.load.terminating.store(true, Ordering::Release);
+    let exit_after = service.terminate().await;
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    let tally = senders.finish().await;
+
+    signal("-CONT");
+    let backlog = spool_backlog(spool.path());
+    let js = reader(&[nats.url()]).await;
+    let mut again = Service::start(&nats.url(), spool.path(), &log);
+    again.wait_ready(&http).await;
+    let stored = settle(&js, &tally.answered, Some(spool.path())).await;
+    again.terminate().await;
+    verdict(
+        test,
+        &tally,
+        &stored,
+        &format!(
+            " exit_after_sigterm={exit_after:?} spooled_at_shutdown={backlog} wall={:?}",
+            started.elapsed()
+        ),
+    );
+    assert_eq!(
+        tally.failures_before_stop, 0,
+        "{test}: requests failed before SIGTERM"
+    );
+    assert!(backlog > 0, "{test}: nothing was spooled");
+    assert_eq!(spool_backlog(spool.path()), 0, "{test}: spool not drained");
+}
+// ---------------------------------------------------------------------------------------
+// 5. SIGKILL with a non-empty spool, then NATS and the service restarted.
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sigkill_with_a_full_spool_then_restart_publishes_it_exactly_once() {
+    let test = "sigkill_spool";
+    let started = Instant::now();
+    let mut nats = NatsServer::start().await;
+    let spool = tempfile::tempdir().unwrap();
+    let logs = tempfile::tempdir().unwrap();
+    let log = logs.path().join("service.log");
+    let http = http_client();
+    let mut service = Service::start(&nats.url(), spool.path(), &log);
+    service.wait_ready(&http).await;
+    let js = reader(&[nats.url()]).await;
+
+    let load = Load::default();
+    let mut tally = Tally::default();
+    let url = service.webhook_url();
+    // Before the fault: published directly.
+    for n in 0..3 {
+        let (body, keys) = tally.next_batch(test, n);
+        assert!(tally.post(&http, &url, &body, &keys, &load).await);
+    }
+    nats.stop();
+    wait_for_status(&http, &service.readyz(), 503, WAIT).await;
+    // NATS down: every batch answered 200 from the spool.
+    for n in 3..33 {
+        let (body, keys) = tally.next_batch(test, n);
+        assert!(
+            tally.post(&http, &url, &body, &keys, &load).await,
+            "{test}: not 200 with NATS down"
+        );
+    }
+    let on_disk: u64 = std::fs::read_dir(spool.path())
+        .unwrap()
+        .filter_map(|e| e.ok())
+        .filter(|e| e.path().extension() == Some("seg".as_ref()))
+        .map(|e| e.metadata().unwrap().len())
+        .sum();
+    assert!(on_disk > 0, "{test}: nothing in the spool");
+    service.signal("-KILL");
+    let status = service
+        .wait_exit(WAIT)
+        .await
+        .expect("SIGKILL ends the process");
+    assert!(!status.success());
+    drop(service);
+
+    nats.restart().await;
+    let mut service = Service::start(&nats.url(), spool.path(), &log);
+    service.wait_ready(&http).await;
+    // New batches go behind the spooled ones.
+    let url = service.webhook_url();
+    for n in 33..36 {
+        let (body, keys) = tally.next_batch(test, n);
+        assert!(tally.post(&http, &url, &body, &keys, &load).await);
+    }
+    let stored = settle(&js, &tally.answered, Some(spool.path())).await;
+    let exit_after = service.terminate().await;
+    verdict(
+        test,
+        &tally,
+        &stored,
+        &format!(
+            " spool_bytes_at_kill={on_disk} exit_after_sigterm={exit_after:?} wall={:?}",
+            started.elapsed()
+        ),
+    );
+    assert_eq!(tally.answered.len(), tally.sent);
+    assert_eq!(spool_backlog(spool.path()), 0, "{test}: spool not drained");
+}
+
+// ---------------------------------------------------------------------------------------
+// 6. NATS unreachable at start-up: not ready, batches spooled; NATS appears: ready, drained.
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn nats_unreachable_at_start_up_then_started_spooled_events_land() {
+    let test = "nats_late";
+    let started = Instant::now();
+    let port = free_port();
+    let spool = tempfile::tempdir().unwrap();
+    let mut settings = settings_for(vec![format!("nats://127.0.0.1:{port}")]);
+    settings.nats.connect_timeout = secs(Duration::from_millis(300));
+    settings.spool.enabled = true;
+    settings.spool.dir = spool.path().to_owned();
+    let app = Application::build(&settings)
+        .await
+        .expect("the service starts without NATS");
+    let app = InProc::run(app, &settings.server.path);
+    let http = http_client();
+    let readyz = format!("{}/readyz", app.admin);
+    assert_eq!(status_of(&http, &readyz).await, 503);
+
+    let load = Load::default();
+    let mut tally = Tally::default();
+    for n in 0..5 {
+        let (body, keys) = tally.next_batch(test, n);
+        assert!(
+            tally.post(&http, &app.address, &body, &keys, &load).await,
+            "{test}: not 200 (spooled) without NATS"
+        );
+    }
+    assert!(spool_segments(spool.path()) > 0, "{test}: nothing spooled");
+
+    let mut nats = Node::new("late", port, Vec::new());
+    nats.start().await;
+    let appeared = Instant::now();
+    wait_for_status(&http, &readyz, 200, Duration::from_secs(15)).await;
+    let ready_after = appeared.elapsed();
+    for n in 5..8 {
+        let (body, keys) = tally.next_batch(test, n);
+        assert!(tally.post(&http, &app.address, &body, &keys, &load).await);
+    }
+    let js = reader(&[nats.url()]).await;
+    let stored = settle(&js, &tally.answered, Some(spool.path())).await;
+    verdict(
+        test,
+        &tally,
+        &stored,
+        &format!(
+            " ready_after_nats_started={ready_after:?} wall={:?}",
+            started.elapsed()
+        ),
+    );
+    assert_eq!(tally.answered.len(), tally.sent);
+    app.stop().await;
+}
+
+// ---------------------------------------------------------------------------------------
+// 7. NATS frozen (SIGSTOP) under load, spool on: the connection stays up but nothing is
+// acknowledged, so batches time out and are spooled while some of their messages may be
+// stored anyway; after SIGCONT the drainer republishes them (same ids: stored once).
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn nats_frozen_under_load_with_spool_loses_and_duplicates_nothing() {
+    let test = "nats_frozen_spool";
+    let started = Instant::now();
+    let mut nats = Node::new("frozen", free_port(), Vec::new());
+    nats.start().await;
+    let spool = tempfile::tempdir().unwrap();
+    let mut settings = settings_for(vec![nats.url()]);
+    settings.spool.enabled = true;
+    settings.spool.dir = spool.path().to_owned();
+    let app = Application::build(&settings)
+        .await
+        .expect("application builds");
+    let app = InProc::run(app, &settings.server.path);
+    let js = reader(&[nats.url()]).await;
+    let pid = nats.child.as_ref().unwrap().id().to_string();
+    let signal = |signal: &str| {
+        assert!(Command::new("kill")
+            .args([signal, &pid])
+            .status()
+            .unwrap()
+            .success());
+    };
+
+    let senders = Senders::start(&app.address, test, 6, Retry::Never);
+    assert!(senders.load.wait_for_oks(30, WAIT).await, "no load");
+    signal("-STOP");
+    tokio::time::sleep(Duration::from_millis(2500)).await;
+    signal("-CONT");
+    let recovered = senders.load.wait_for_oks(60, WAIT).await;
+    let tally = senders.finish().await;
+    assert!(recovered, "no 200 after NATS resumed");
+
+    let stored = settle(&js, &tally.answered, Some(spool.path())).await;
+    verdict(
+        test,
+        &tally,
+        &stored,
+        &format!(" wall={:?}", started.elapsed()),
+    );
+    assert_eq!(
+        tally.ok, tally.requests,
+        "{test}: with the spool on, every request should be answered 200"
+    );
+    app.stop().await;
+}
