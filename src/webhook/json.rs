@@ -28,10 +28,40 @@ pub enum Json {
     Object(Members<Json>),
 }
 
-/// Deepest nesting of arrays and objects accepted inside an entry (serde_json's own default).
-/// `RawValue` scanning does not limit depth, and building the tree recurses, so without this
-/// a body of nested brackets could exhaust the stack.
-pub const MAX_DEPTH: usize = 128;
+/// Deepest nesting of arrays and objects accepted inside an entry field. CMC's entries are
+/// flat; 32 leaves room for structured `apiData`. `RawValue` scanning does not limit depth,
+/// and building the tree recurses (each level re-reading its own text), so without a limit a
+/// body of nested brackets could exhaust the stack, and a high one multiplies the work.
+pub const MAX_DEPTH: usize = 32;
+
+/// The deepest bracket nesting in a JSON text that `serde_json` has already validated, found
+/// in one linear pass (brackets inside strings do not count). Lets a request nested too deep
+/// be refused in time proportional to its size.
+pub fn max_nesting(text: &str) -> usize {
+    let (mut depth, mut deepest) = (0usize, 0usize);
+    let (mut in_string, mut escaped) = (false, false);
+    for &b in text.as_bytes() {
+        if in_string {
+            match (escaped, b) {
+                (true, _) => escaped = false,
+                (false, b'\\') => escaped = true,
+                (false, b'"') => in_string = false,
+                _ => {}
+            }
+            continue;
+        }
+        match b {
+            b'"' => in_string = true,
+            b'[' | b'{' => {
+                depth += 1;
+                deepest = deepest.max(depth);
+            }
+            b']' | b'}' => depth = depth.saturating_sub(1),
+            _ => {}
+        }
+    }
+    deepest
+}
 
 impl Json {
     /// Builds the tree of one raw value; the raw value has already been checked by `serde_json`.
@@ -379,6 +409,13 @@ mod tests {
         assert!(err.to_string().contains("nesting"), "{err}");
         // Far deeper than any stack could recurse: refused, not a crash.
         assert!(serde_json::from_str::<Members<Json>>(&deep(100_000)).is_err());
+    }
+
+    #[test]
+    fn nesting_is_measured_outside_strings() {
+        assert_eq!(max_nesting(r#"{"a":[1,{"b":[]}]}"#), 4);
+        assert_eq!(max_nesting(r#"{"a":"[[[[\"{{"}"#), 1);
+        assert_eq!(max_nesting("1"), 0);
     }
 
     #[test]

@@ -7,7 +7,7 @@ use serde::de::{self, DeserializeSeed, Deserializer, IgnoredAny, MapAccess, SeqA
 use serde::Deserialize;
 
 use super::decode::{truncate, Decoded, Param};
-use super::json::{raw_kind, Json, Members};
+use super::json::{self, raw_kind, Json, Members};
 use super::PayloadError;
 
 /// A well-formed `event_type`: 1–64 characters of `[a-z0-9_]`.
@@ -143,6 +143,14 @@ impl Decoded {
         // One pass over `event`: the array under the event_type key is read straight into
         // entries; other members are skipped; duplicate keys are refused.
         let name = event_type.as_str();
+        // `event` > array > entry > fields: three levels above an entry field's own nesting.
+        let deepest = json::max_nesting(event.get());
+        if deepest > json::MAX_DEPTH + 3 {
+            return Err(PayloadError::MalformedJson(format!(
+                "event is nested {deepest} levels deep; entry fields may nest at most {} levels",
+                json::MAX_DEPTH
+            )));
+        }
         let mut reader = serde_json::Deserializer::from_str(event.get());
         let parsed = EventSeed { name }
             .deserialize(&mut reader)
