@@ -38,20 +38,22 @@ pub const MAX_DEPTH: usize = 32;
 /// in one linear pass (brackets inside strings do not count). Lets a request nested too deep
 /// be refused in time proportional to its size.
 pub fn max_nesting(text: &str) -> usize {
-    let (mut depth, mut deepest) = (0usize, 0usize);
-    let (mut in_string, mut escaped) = (false, false);
-    for &b in text.as_bytes() {
-        if in_string {
-            match (escaped, b) {
-                (true, _) => escaped = false,
-                (false, b'\\') => escaped = true,
-                (false, b'"') => in_string = false,
-                _ => {}
+    let bytes = text.as_bytes();
+    let (mut depth, mut deepest, mut i) = (0usize, 0usize, 0usize);
+    while i < bytes.len() {
+        match bytes[i] {
+            b'"' => {
+                // Jump through the string: only a quote or a backslash can end or escape it.
+                i += 1;
+                while let Some(at) = memchr::memchr2(b'"', b'\\', &bytes[i..]) {
+                    i += at;
+                    if bytes[i] == b'\\' {
+                        i += 2;
+                    } else {
+                        break;
+                    }
+                }
             }
-            continue;
-        }
-        match b {
-            b'"' => in_string = true,
             b'[' | b'{' => {
                 depth += 1;
                 deepest = deepest.max(depth);
@@ -59,6 +61,7 @@ pub fn max_nesting(text: &str) -> usize {
             b']' | b'}' => depth = depth.saturating_sub(1),
             _ => {}
         }
+        i += 1;
     }
     deepest
 }
@@ -252,6 +255,15 @@ pub fn write_string(out: &mut Vec<u8>, s: &str) {
     let bytes = s.as_bytes();
     out.reserve(bytes.len() + 2);
     out.push(b'"');
+    // Most strings need no escaping; this check has no early exit, so it vectorises.
+    let clean = !bytes.iter().fold(false, |dirty, &b| {
+        dirty | (b < 0x20) | (b == b'"') | (b == b'\\')
+    });
+    if clean {
+        out.extend_from_slice(bytes);
+        out.push(b'"');
+        return;
+    }
     let mut start = 0;
     for (i, &b) in bytes.iter().enumerate() {
         if !NEEDS_ESCAPE[b as usize] {
@@ -313,9 +325,20 @@ fn write_value(out: &mut Vec<u8>, value: &Json, sorted: bool) {
     }
 }
 
-/// Writes the members of an object in canonical form (see [`write_canonical`]).
-pub fn write_canonical_members(out: &mut Vec<u8>, members: &Members<Json>) {
-    write_members(out, members.0.iter(), true);
+/// Writes the members of an object in canonical form (see [`write_canonical`]), taking them
+/// in `order`: a permutation that sorts their keys by bytes (stable for duplicates).
+pub fn write_canonical_members_in(out: &mut Vec<u8>, members: &Members<Json>, order: &[usize]) {
+    out.push(b'{');
+    for (n, &i) in order.iter().enumerate() {
+        if n > 0 {
+            out.push(b',');
+        }
+        let (key, value) = &members.0[i];
+        write_string(out, key);
+        out.push(b':');
+        write_canonical(out, value);
+    }
+    out.push(b'}');
 }
 
 /// Writes an object made of `members`, sorted by key when `sorted` (a stable sort, so

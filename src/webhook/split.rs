@@ -5,7 +5,7 @@ use jiff::civil::DateTime;
 use jiff::tz::TimeZone;
 use sha2::{Digest, Sha256};
 
-use super::json::{write_canonical_members, write_compact, write_string, Json};
+use super::json::{write_canonical_members_in, write_compact, write_string, Json, Members};
 use super::Batch;
 use crate::subject::{bounce_status_name, header_value, SubjectTemplate, SubjectValues};
 
@@ -137,6 +137,7 @@ impl Batch {
             h
         };
         let mut scratch = Vec::new();
+        let mut canonical = CanonicalOrder::default();
         let mut created_unparsed = 0;
         let messages = self
             .entries
@@ -157,10 +158,10 @@ impl Batch {
                 });
 
                 scratch.clear();
-                write_canonical_members(&mut scratch, &entry.fields);
+                canonical.write(&mut scratch, &entry.fields);
                 let mut hasher = id_prefix.clone();
                 hasher.update(&scratch);
-                let msg_id = hex::encode(hasher.finalize());
+                let msg_id = lower_hex(&hasher.finalize());
 
                 let mut payload = Vec::with_capacity(64 + sc.len() + 64 * entry.fields.0.len());
                 payload.extend_from_slice(b"{\"event_type\":");
@@ -211,6 +212,41 @@ impl Batch {
             created_unparsed,
         }
     }
+}
+
+/// Writes entries in canonical form, reusing the sorted order of the previous entry when the
+/// keys are the same (in a batch they almost always are: one schema per event type).
+#[derive(Default)]
+struct CanonicalOrder {
+    /// The previous entry's keys in their original order, and the sorted permutation.
+    keys: Vec<String>,
+    order: Vec<usize>,
+}
+
+impl CanonicalOrder {
+    fn write(&mut self, out: &mut Vec<u8>, fields: &Members<Json>) {
+        let same = self.keys.len() == fields.0.len()
+            && self.keys.iter().zip(&fields.0).all(|(a, (b, _))| a == b);
+        if !same {
+            self.keys = fields.0.iter().map(|(k, _)| k.clone()).collect();
+            self.order = (0..self.keys.len()).collect();
+            let keys = &self.keys;
+            self.order
+                .sort_by(|&a, &b| keys[a].as_bytes().cmp(keys[b].as_bytes()));
+        }
+        write_canonical_members_in(out, fields, &self.order);
+    }
+}
+
+/// Lowercase hex of a digest.
+fn lower_hex(bytes: &[u8]) -> String {
+    const HEX: &[u8; 16] = b"0123456789abcdef";
+    let mut out = String::with_capacity(bytes.len() * 2);
+    for &b in bytes {
+        out.push(HEX[(b >> 4) as usize] as char);
+        out.push(HEX[(b & 0xf) as usize] as char);
+    }
+    out
 }
 
 #[cfg(test)]
