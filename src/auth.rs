@@ -23,16 +23,24 @@ pub enum AuthError {
     MissingBasic,
     #[error("HTTP Basic credentials are wrong")]
     WrongBasic,
+    /// `basic` tells whether HTTP Basic is configured too.
     #[error("api_key is required")]
-    MissingApiKey,
+    MissingApiKey { basic: bool },
     #[error("api_key is wrong")]
-    WrongApiKey,
+    WrongApiKey { basic: bool },
 }
 
 impl AuthError {
-    /// Whether the answer should carry `WWW-Authenticate: Basic`.
-    pub fn is_basic(self) -> bool {
-        matches!(self, AuthError::MissingBasic | AuthError::WrongBasic)
+    /// Whether the answer carries `WWW-Authenticate: Basic`: every 401 does when Basic is
+    /// configured (RFC 9110: a 401 names a scheme; there is none to name for api_key alone).
+    pub fn challenges_basic(self) -> bool {
+        matches!(
+            self,
+            AuthError::MissingBasic
+                | AuthError::WrongBasic
+                | AuthError::MissingApiKey { basic: true }
+                | AuthError::WrongApiKey { basic: true }
+        )
     }
 }
 
@@ -147,11 +155,12 @@ impl Auth {
         let Some(expected) = &self.api_key else {
             return Ok(());
         };
-        let given = given.ok_or(AuthError::MissingApiKey)?;
+        let basic = self.basic.is_some();
+        let given = given.ok_or(AuthError::MissingApiKey { basic })?;
         if bool::from(given.as_bytes().ct_eq(expected.expose().as_bytes())) {
             Ok(())
         } else {
-            Err(AuthError::WrongApiKey)
+            Err(AuthError::WrongApiKey { basic })
         }
     }
 }
@@ -178,9 +187,18 @@ mod tests {
             ..Default::default()
         });
         assert_eq!(a.check_api_key(Some("k")), Ok(()));
-        assert_eq!(a.check_api_key(Some("K")), Err(AuthError::WrongApiKey));
-        assert_eq!(a.check_api_key(Some("")), Err(AuthError::WrongApiKey));
-        assert_eq!(a.check_api_key(None), Err(AuthError::MissingApiKey));
+        assert_eq!(
+            a.check_api_key(Some("K")),
+            Err(AuthError::WrongApiKey { basic: false })
+        );
+        assert_eq!(
+            a.check_api_key(Some("")),
+            Err(AuthError::WrongApiKey { basic: false })
+        );
+        assert_eq!(
+            a.check_api_key(None),
+            Err(AuthError::MissingApiKey { basic: false })
+        );
     }
 
     #[test]

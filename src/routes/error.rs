@@ -120,7 +120,7 @@ impl ApiError {
                 // The rest of the body is not read: the connection cannot be reused.
                 headers.insert(header::CONNECTION, HeaderValue::from_static("close"));
             }
-            ApiError::Auth(e) if e.is_basic() => {
+            ApiError::Auth(e) if e.challenges_basic() => {
                 headers.insert(
                     header::WWW_AUTHENTICATE,
                     HeaderValue::from_static("Basic realm=\"cmc-forwarder\""),

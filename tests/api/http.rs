@@ -189,6 +189,11 @@ async fn api_key_and_basic_credentials_are_enforced() {
     let r = send(format!("{form}&api_key=wrong"), Some(("cmc", "pw")))
         .await
         .unwrap();
+    // Basic is configured, so this 401 carries the challenge too (RFC 9110).
+    assert_eq!(
+        r.headers().get("www-authenticate").unwrap(),
+        "Basic realm=\"cmc-forwarder\""
+    );
     let body = assert_refused(&app, &mut sub, r, 401, "unauthorized").await;
     assert!(!body.to_string().contains("s3cret"));
 
