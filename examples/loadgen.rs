@@ -203,7 +203,13 @@ async fn worker(
 ) -> WorkerResult {
     let mut result = WorkerResult::default();
     let authority = url.authority().expect("url has host:port").to_string();
-    let stream = TcpStream::connect(&authority).await.expect("connect");
+    let stream = match TcpStream::connect(&authority).await {
+        Ok(stream) => stream,
+        Err(e) => {
+            eprintln!("loadgen: cannot connect to {authority}: {e}");
+            std::process::exit(2);
+        }
+    };
     stream.set_nodelay(true).ok();
     let (mut sender, connection) = http1::handshake(TokioIo::new(stream))
         .await

@@ -475,6 +475,14 @@ impl Settings {
             if stream.replicas == 0 || stream.replicas > 5 {
                 return Err(invalid("nats.stream.replicas", "must be between 1 and 5"));
             }
+            let (max_age, window) = (stream.max_age.get(), stream.duplicate_window.get());
+            if !max_age.is_zero() && window > max_age {
+                // JetStream refuses such a stream; say so before connecting.
+                return Err(invalid(
+                    "nats.stream.duplicate_window",
+                    "must not be longer than nats.stream.max_age",
+                ));
+            }
             if stream.subjects.is_empty() {
                 return Err(invalid("nats.stream.subjects", "at least one is required"));
             }
@@ -689,6 +697,10 @@ mod tests {
             ("[nats]\nsubject = \"mail.{status}\"", "nats.subject"),
             ("[nats.stream]\nname = \"a.b\"", "nats.stream.name"),
             ("[auth]\nbasic_username = \"u\"", "auth.basic_username"),
+            (
+                "[nats.stream]\nmax_age = \"1m\"",
+                "nats.stream.duplicate_window",
+            ),
         ] {
             let err = Settings::from_toml(toml).unwrap_err().to_string();
             assert!(err.contains(key), "{toml}: {err}");
