@@ -13,7 +13,7 @@ use thiserror::Error;
 use tokio::sync::watch;
 
 use crate::metrics;
-use crate::publish::{NatsMessage, Outbound, PublishError, PublishReport, Publisher};
+use crate::publish::{NatsMessage, Outbound, Oversized, PublishError, PublishReport, Publisher};
 use crate::spool::{Spool, SpoolError};
 use crate::webhook::OutgoingBatch;
 
@@ -31,14 +31,8 @@ pub struct DeliveryReport {
 /// Why a batch was not accepted; nothing of it needs to be assumed stored.
 #[derive(Debug, Error)]
 pub enum DeliveryError {
-    #[error(
-        "entry {index}: its message is {size} bytes, over the NATS max_payload of {max} bytes"
-    )]
-    TooLarge {
-        index: usize,
-        size: usize,
-        max: usize,
-    },
+    #[error(transparent)]
+    TooLarge(Oversized),
     #[error("{0}")]
     Unavailable(String),
 }
@@ -61,11 +55,11 @@ impl Delivery {
         for message in &batch.messages {
             let size = batch.wire_size(message);
             if size > max {
-                return Err(DeliveryError::TooLarge {
+                return Err(DeliveryError::TooLarge(Oversized {
                     index: message.index,
-                    size,
+                    size: Some(size),
                     max,
-                });
+                }));
             }
         }
         if let Some(spool) = &self.spool {
@@ -81,9 +75,7 @@ impl Delivery {
                 spooled: 0,
             }),
             Err(failure) => match failure.error {
-                PublishError::TooLarge { index, size, max } => {
-                    Err(DeliveryError::TooLarge { index, size, max })
-                }
+                PublishError::TooLarge(oversized) => Err(DeliveryError::TooLarge(oversized)),
                 error if error.is_temporary() => match &self.spool {
                     Some(spool) => {
                         tracing::warn!(%error, acked = failure.acked, "NATS did not take the batch; spooling the rest");

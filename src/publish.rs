@@ -36,14 +36,8 @@ pub enum PublishError {
     NotConnected,
     #[error("NATS did not acknowledge the batch within {0:?}")]
     Timeout(Duration),
-    #[error(
-        "entry {index}: its message is {size} bytes, over the NATS max_payload of {max} bytes"
-    )]
-    TooLarge {
-        index: usize,
-        size: usize,
-        max: usize,
-    },
+    #[error(transparent)]
+    TooLarge(Oversized),
     #[error("no JetStream stream answered: {0}")]
     NoStream(String),
     #[error("NATS connection failed: {0}")]
@@ -51,6 +45,27 @@ pub enum PublishError {
     #[error("NATS refused the batch: {0}")]
     Refused(String),
 }
+
+/// One entry's message is larger than the server's `max_payload`: a permanent refusal (413).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Oversized {
+    pub index: usize,
+    /// The message's wire size, when known (the client's own check does not report it).
+    pub size: Option<usize>,
+    pub max: usize,
+}
+
+impl std::fmt::Display for Oversized {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "entry {}: its message is ", self.index)?;
+        if let Some(size) = self.size {
+            write!(f, "{size} bytes, ")?;
+        }
+        write!(f, "over the NATS max_payload of {} bytes", self.max)
+    }
+}
+
+impl std::error::Error for Oversized {}
 
 impl PublishError {
     /// Whether waiting can fix it (so the batch may be spooled): no connection, no answer
@@ -134,7 +149,7 @@ impl Publisher {
 
     /// Whether a batch can be published now: connected, and the stream is usable.
     pub fn is_ready(&self) -> bool {
-        self.is_connected() && self.stream_ready.load(Ordering::Acquire)
+        self.not_ready_reason().is_none()
     }
 
     /// Why the publisher is not ready, for `/readyz`.
@@ -306,11 +321,11 @@ impl Publisher {
     fn map_error(&self, kind: PublishErrorKind, index: usize, message: String) -> PublishError {
         match kind {
             PublishErrorKind::TimedOut => PublishError::Timeout(self.timeout),
-            PublishErrorKind::MaxPayloadExceeded => PublishError::TooLarge {
+            PublishErrorKind::MaxPayloadExceeded => PublishError::TooLarge(Oversized {
                 index,
-                size: 0,
+                size: None,
                 max: self.max_payload(),
-            },
+            }),
             PublishErrorKind::BrokenPipe => PublishError::NotConnected,
             // "No responders": no stream is serving the subject right now, as during a
             // leader election or while a stream is being restored. Worth waiting for.

@@ -9,6 +9,7 @@ use warp::reply::Response;
 
 use crate::auth::AuthError;
 use crate::deliver::DeliveryError;
+use crate::publish::Oversized;
 use crate::webhook::PayloadError;
 
 /// Everything the webhook route can refuse a request for.
@@ -64,7 +65,7 @@ impl ApiError {
             ApiError::Auth(_) => (StatusCode::UNAUTHORIZED, "unauthorized"),
             ApiError::Busy { .. } => (StatusCode::SERVICE_UNAVAILABLE, "unavailable"),
             ApiError::Delivery {
-                error: DeliveryError::TooLarge { .. },
+                error: DeliveryError::TooLarge(_),
                 ..
             } => (StatusCode::PAYLOAD_TOO_LARGE, "payload_too_large"),
             ApiError::Delivery { .. } => (StatusCode::SERVICE_UNAVAILABLE, "unavailable"),
@@ -93,7 +94,7 @@ impl ApiError {
         match self {
             ApiError::Payload(e) => e.index(),
             ApiError::Delivery {
-                error: DeliveryError::TooLarge { index, .. },
+                error: DeliveryError::TooLarge(Oversized { index, .. }),
                 ..
             } => Some(*index),
             _ => None,
