@@ -12,13 +12,14 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use async_nats::connection::State;
+use async_nats::header::HeaderName;
 use async_nats::jetstream::{self, context::PublishErrorKind, stream};
 use async_nats::{Client, ConnectOptions, HeaderMap};
 use bytes::Bytes;
 use thiserror::Error;
 
 use crate::settings::{Mode, NatsSettings, Storage};
-use crate::webhook::OutgoingBatch;
+use crate::webhook::{HeaderValue, OutgoingBatch};
 
 /// What a batch's publication achieved.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
@@ -262,32 +263,45 @@ impl Publisher {
         deadline: tokio::time::Instant,
     ) -> Result<PublishReport, PublishFailure> {
         // Send everything first, in order, so the acks are outstanding concurrently; then
-        // collect them in order, which tells how long the acknowledged prefix is.
+        // collect them in order, which tells how long the acknowledged prefix is. One deadline
+        // for each phase rather than a timer per message: the client already bounds each call.
         let mut acks = Vec::with_capacity(messages.len());
-        for (index, message) in messages.into_iter().enumerate() {
-            let send = js.publish_with_headers(message.subject, message.headers, message.payload);
-            let ack = tokio::time::timeout_at(deadline, send)
-                .await
-                .map_err(|_| PublishFailure::none(PublishError::Timeout(self.timeout)))?
-                .map_err(|e| {
-                    PublishFailure::none(self.map_error(e.kind(), index, e.to_string()))
-                })?;
-            acks.push(ack.into_future());
+        let sending = async {
+            for (index, message) in messages.into_iter().enumerate() {
+                let ack = js
+                    .publish_with_headers(message.subject, message.headers, message.payload)
+                    .await
+                    .map_err(|e| self.map_error(e.kind(), index, e.to_string()))?;
+                acks.push(ack.into_future());
+            }
+            Ok(())
+        };
+        match tokio::time::timeout_at(deadline, sending).await {
+            Ok(Ok(())) => {}
+            Ok(Err(error)) => return Err(PublishFailure::none(error)),
+            Err(_) => return Err(PublishFailure::none(PublishError::Timeout(self.timeout))),
         }
         let mut report = PublishReport::default();
-        for (index, ack) in acks.into_iter().enumerate() {
-            let failure = |error| PublishFailure {
-                error,
-                acked: report.published,
-            };
-            let ack = tokio::time::timeout_at(deadline, ack)
-                .await
-                .map_err(|_| failure(PublishError::Timeout(self.timeout)))?
-                .map_err(|e| failure(self.map_error(e.kind(), index, e.to_string())))?;
-            report.published += 1;
-            report.duplicates += usize::from(ack.duplicate);
-        }
-        Ok(report)
+        let collecting = async {
+            for (index, ack) in acks.into_iter().enumerate() {
+                let ack = ack
+                    .await
+                    .map_err(|e| self.map_error(e.kind(), index, e.to_string()))?;
+                report.published += 1;
+                report.duplicates += usize::from(ack.duplicate);
+            }
+            Ok(())
+        };
+        let outcome = tokio::time::timeout_at(deadline, collecting).await;
+        let error = match outcome {
+            Ok(Ok(())) => return Ok(report),
+            Ok(Err(error)) => error,
+            Err(_) => PublishError::Timeout(self.timeout),
+        };
+        Err(PublishFailure {
+            error,
+            acked: report.published,
+        })
     }
 
     async fn publish_core(
@@ -373,6 +387,10 @@ pub struct Outbound {
 
 impl Outbound {
     /// The messages of a webhook batch, built straight into the client's header type.
+    ///
+    /// Names are made with `HeaderName::from_static` (no validation, no allocation) and values
+    /// moved in as owned strings: building header maps by parsing `&str` names and formatting
+    /// values was a seventh of the service's CPU time in a JetStream profile.
     pub fn from_batch(batch: &OutgoingBatch) -> Vec<Outbound> {
         batch
             .messages
@@ -380,7 +398,11 @@ impl Outbound {
             .map(|m| {
                 let mut headers = HeaderMap::new();
                 for (name, value) in batch.headers(m) {
-                    headers.insert(name, value.to_string());
+                    let value = match value {
+                        HeaderValue::Str(s) => s.to_owned(),
+                        HeaderValue::Index(i) => i.to_string(),
+                    };
+                    headers.insert(HeaderName::from_static(name), value);
                 }
                 Outbound {
                     subject: m.subject.clone(),

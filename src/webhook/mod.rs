@@ -20,5 +20,5 @@ mod validate;
 
 pub use decode::{decode, Decoded, Encoding};
 pub use error::PayloadError;
-pub use split::{Outgoing, OutgoingBatch};
+pub use split::{HeaderValue, Outgoing, OutgoingBatch};
 pub use validate::{Batch, Entry, EventType, Status};
