@@ -55,6 +55,22 @@ pub fn install() -> PrometheusHandle {
         .clone()
 }
 
+/// Drains the recorded histogram samples into their buckets every few seconds, for as long as
+/// the runtime runs. With `build_recorder` that is the caller's job: without it every sample
+/// stays queued until `/metrics` is scraped, and an unscraped service grows by ~8 bytes per
+/// recorded value (the slow climb a 10-minute soak showed).
+pub fn spawn_upkeep() {
+    let handle = install();
+    tokio::spawn(async move {
+        let mut every = tokio::time::interval(Duration::from_secs(5));
+        every.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        loop {
+            every.tick().await;
+            handle.run_upkeep();
+        }
+    });
+}
+
 fn describe() {
     metrics::describe_counter!(HTTP_REQUESTS, "Webhook requests answered, by status code");
     metrics::describe_counter!(

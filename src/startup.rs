@@ -157,6 +157,7 @@ impl Application {
     where
         F: Future<Output = ()> + Send + 'static,
     {
+        metrics::spawn_upkeep();
         let (stop_tx, stop_rx) = watch::channel(false);
         let shutting_down = self.shutting_down.clone();
         tokio::spawn(async move {

@@ -1112,25 +1112,15 @@ async fn sigterm_with_nats_down_exits_0_and_the_next_run_drains_the_spool() {
 
     let backlog = spool_backlog(spool.path());
     nats.restart().await;
-    let mut again = Service::start(&nats.url(), spool.path(), &log);
-    again.wait_ready(&http).await;
-    let stored = settle(&js, &tally.answered, Some(spool.path())).await;
-    again.terminate().await;
-    verdict(
+    let run = SigtermRun {
         test,
-        &tally,
-        &stored,
-        &format!(
-            " exit_after_sigterm={exit_after:?} spooled_at_shutdown={backlog} wall={:?}",
-            started.elapsed()
-        ),
-    );
-    assert_eq!(
-        tally.failures_before_stop, 0,
-        "{test}: requests failed before SIGTERM"
-    );
-    assert!(backlog > 0, "{test}: nothing was spooled");
-    assert_eq!(spool_backlog(spool.path()), 0, "{test}: spool not drained");
+        tally,
+        exit_after,
+        backlog,
+        started,
+    };
+    run.next_run_drains(&nats.url(), &js, spool.path(), &log, &http)
+        .await;
 }
 
 // ---------------------------------------------------------------------------------------
@@ -1174,25 +1164,66 @@ async fn sigterm_with_nats_frozen_exits_0_and_loses_nothing() {
     signal("-CONT");
     let backlog = spool_backlog(spool.path());
     let js = reader(&[nats.url()]).await;
-    let mut again = Service::start(&nats.url(), spool.path(), &log);
-    again.wait_ready(&http).await;
-    let stored = settle(&js, &tally.answered, Some(spool.path())).await;
-    again.terminate().await;
-    verdict(
+    let run = SigtermRun {
         test,
-        &tally,
-        &stored,
-        &format!(
-            " exit_after_sigterm={exit_after:?} spooled_at_shutdown={backlog} wall={:?}",
-            started.elapsed()
-        ),
-    );
-    assert_eq!(
-        tally.failures_before_stop, 0,
-        "{test}: requests failed before SIGTERM"
-    );
-    assert!(backlog > 0, "{test}: nothing was spooled");
-    assert_eq!(spool_backlog(spool.path()), 0, "{test}: spool not drained");
+        tally,
+        exit_after,
+        backlog,
+        started,
+    };
+    run.next_run_drains(&nats.url(), &js, spool.path(), &log, &http)
+        .await;
+}
+
+/// What a SIGTERM-with-a-spool test saw up to the service's exit.
+struct SigtermRun<'a> {
+    test: &'a str,
+    tally: Tally,
+    exit_after: Duration,
+    /// What the spool held at exit (`Spool::len`).
+    backlog: u64,
+    started: Instant,
+}
+
+impl SigtermRun<'_> {
+    /// The second half of those tests: with NATS back, a new run of the service on the same
+    /// spool publishes what the first one left. Every answered event must then be stored
+    /// exactly once, nothing failed before the signal, and the spool ends empty.
+    async fn next_run_drains(
+        self,
+        nats_url: &str,
+        js: &jetstream::Context,
+        spool: &Path,
+        log: &Path,
+        http: &reqwest::Client,
+    ) {
+        let SigtermRun {
+            test,
+            tally,
+            exit_after,
+            backlog,
+            started,
+        } = self;
+        let mut again = Service::start(nats_url, spool, log);
+        again.wait_ready(http).await;
+        let stored = settle(js, &tally.answered, Some(spool)).await;
+        again.terminate().await;
+        verdict(
+            test,
+            &tally,
+            &stored,
+            &format!(
+                " exit_after_sigterm={exit_after:?} spooled_at_shutdown={backlog} wall={:?}",
+                started.elapsed()
+            ),
+        );
+        assert_eq!(
+            tally.failures_before_stop, 0,
+            "{test}: requests failed before SIGTERM"
+        );
+        assert!(backlog > 0, "{test}: nothing was spooled");
+        assert_eq!(spool_backlog(spool), 0, "{test}: spool not drained");
+    }
 }
 // ---------------------------------------------------------------------------------------
 // 5. SIGKILL with a non-empty spool, then NATS and the service restarted.
