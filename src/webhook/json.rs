@@ -11,21 +11,24 @@
 //! message bodies, and the canonical form (sorted keys, minimal escaping) hashed into
 //! `Nats-Msg-Id`. No I/O here.
 
+use std::borrow::Cow;
 use std::fmt;
 
 use serde::de::{self, Deserialize, Deserializer, MapAccess, Visitor};
 use serde_json::value::RawValue;
 
-/// One JSON value, as received.
+/// One JSON value, as received, borrowing from the text it was read from wherever it can:
+/// numbers always, strings and member names unless they hold escapes. An entry of a dozen
+/// fields then costs a few allocations instead of two per field.
 #[derive(Debug, Clone, PartialEq, Eq)]
-pub enum Json {
+pub enum Json<'a> {
     Null,
     Bool(bool),
     /// The number's literal text, exactly as in the input (`1`, `-0`, `1.50`, `2e3`).
-    Number(Box<str>),
-    String(String),
-    Array(Vec<Json>),
-    Object(Members<Json>),
+    Number(&'a str),
+    String(Cow<'a, str>),
+    Array(Vec<Json<'a>>),
+    Object(Members<'a, Json<'a>>),
 }
 
 /// Deepest nesting of arrays and objects accepted inside an entry field. CMC's entries are
@@ -66,13 +69,13 @@ pub fn max_nesting(text: &str) -> usize {
     deepest
 }
 
-impl Json {
+impl<'a> Json<'a> {
     /// Builds the tree of one raw value; the raw value has already been checked by `serde_json`.
-    pub fn from_raw(raw: &RawValue) -> serde_json::Result<Json> {
+    pub fn from_raw(raw: &'a RawValue) -> serde_json::Result<Json<'a>> {
         Self::from_raw_at(raw, 0)
     }
 
-    fn from_raw_at(raw: &RawValue, depth: usize) -> serde_json::Result<Json> {
+    fn from_raw_at(raw: &'a RawValue, depth: usize) -> serde_json::Result<Json<'a>> {
         use serde::de::{DeserializeSeed, Error};
         let text = raw.get();
         let first = text.as_bytes().first();
@@ -89,13 +92,13 @@ impl Json {
             // Most strings have no escapes: the validated text between the quotes is then the
             // value itself, and a second parse is not needed.
             Some(b'"') => match text.get(1..text.len() - 1) {
-                Some(inner) if !inner.contains('\\') => Json::String(inner.to_owned()),
-                _ => Json::String(serde_json::from_str(text)?),
+                Some(inner) if !inner.contains('\\') => Json::String(Cow::Borrowed(inner)),
+                _ => Json::String(Cow::Owned(serde_json::from_str(text)?)),
             },
             Some(b't') => Json::Bool(true),
             Some(b'f') => Json::Bool(false),
             Some(b'n') => Json::Null,
-            _ => Json::Number(text.into()),
+            _ => Json::Number(text),
         })
     }
 
@@ -128,7 +131,7 @@ pub fn raw_kind(raw: &RawValue) -> &'static str {
     }
 }
 
-impl<'de> Deserialize<'de> for Json {
+impl<'de> Deserialize<'de> for Json<'de> {
     fn deserialize<D: Deserializer<'de>>(deserializer: D) -> Result<Self, D::Error> {
         de::DeserializeSeed::deserialize(ValueSeed { depth: 0 }, deserializer)
     }
@@ -140,10 +143,10 @@ struct ValueSeed {
 }
 
 impl<'de> de::DeserializeSeed<'de> for ValueSeed {
-    type Value = Json;
+    type Value = Json<'de>;
 
-    fn deserialize<D: Deserializer<'de>>(self, deserializer: D) -> Result<Json, D::Error> {
-        let raw: &RawValue = Deserialize::deserialize(deserializer)?;
+    fn deserialize<D: Deserializer<'de>>(self, deserializer: D) -> Result<Json<'de>, D::Error> {
+        let raw: &'de RawValue = Deserialize::deserialize(deserializer)?;
         Json::from_raw_at(raw, self.depth).map_err(de::Error::custom)
     }
 }
@@ -154,30 +157,30 @@ struct ContainerSeed {
 }
 
 impl<'de> de::DeserializeSeed<'de> for ContainerSeed {
-    type Value = Json;
+    type Value = Json<'de>;
 
-    fn deserialize<D: Deserializer<'de>>(self, deserializer: D) -> Result<Json, D::Error> {
+    fn deserialize<D: Deserializer<'de>>(self, deserializer: D) -> Result<Json<'de>, D::Error> {
         deserializer.deserialize_any(self)
     }
 }
 
 impl<'de> Visitor<'de> for ContainerSeed {
-    type Value = Json;
+    type Value = Json<'de>;
 
     fn expecting(&self, f: &mut fmt::Formatter) -> fmt::Result {
         f.write_str("a JSON object or array")
     }
 
-    fn visit_map<A: MapAccess<'de>>(self, mut map: A) -> Result<Json, A::Error> {
+    fn visit_map<A: MapAccess<'de>>(self, mut map: A) -> Result<Json<'de>, A::Error> {
         let mut members = Vec::with_capacity(map.size_hint().unwrap_or(16));
-        while let Some(key) = map.next_key::<String>()? {
+        while let Some(key) = map.next_key_seed(KeySeed)? {
             let value = map.next_value_seed(ValueSeed { depth: self.depth })?;
             members.push((key, value));
         }
         Ok(Json::Object(Members(members)))
     }
 
-    fn visit_seq<A: de::SeqAccess<'de>>(self, mut seq: A) -> Result<Json, A::Error> {
+    fn visit_seq<A: de::SeqAccess<'de>>(self, mut seq: A) -> Result<Json<'de>, A::Error> {
         let mut items = Vec::with_capacity(seq.size_hint().unwrap_or(8));
         while let Some(item) = seq.next_element_seed(ValueSeed { depth: self.depth })? {
             items.push(item);
@@ -186,14 +189,45 @@ impl<'de> Visitor<'de> for ContainerSeed {
     }
 }
 
+/// A member name, borrowed from the input when it has no escapes.
+struct KeySeed;
+
+impl<'de> de::DeserializeSeed<'de> for KeySeed {
+    type Value = Cow<'de, str>;
+
+    fn deserialize<D: Deserializer<'de>>(self, deserializer: D) -> Result<Self::Value, D::Error> {
+        deserializer.deserialize_str(self)
+    }
+}
+
+impl<'de> Visitor<'de> for KeySeed {
+    type Value = Cow<'de, str>;
+
+    fn expecting(&self, f: &mut fmt::Formatter) -> fmt::Result {
+        f.write_str("a member name")
+    }
+
+    fn visit_borrowed_str<E: de::Error>(self, v: &'de str) -> Result<Self::Value, E> {
+        Ok(Cow::Borrowed(v))
+    }
+
+    fn visit_str<E: de::Error>(self, v: &str) -> Result<Self::Value, E> {
+        Ok(Cow::Owned(v.to_owned()))
+    }
+
+    fn visit_string<E: de::Error>(self, v: String) -> Result<Self::Value, E> {
+        Ok(Cow::Owned(v))
+    }
+}
+
 /// The members of a JSON object in their original order, duplicates kept.
 #[derive(Debug, Clone, PartialEq, Eq, Default)]
-pub struct Members<V>(pub Vec<(String, V)>);
+pub struct Members<'a, V>(pub Vec<(Cow<'a, str>, V)>);
 
-impl<V> Members<V> {
+impl<V> Members<'_, V> {
     /// The first key that appears more than once, if any.
     pub fn first_duplicate(&self) -> Option<&str> {
-        let mut keys: Vec<&str> = self.0.iter().map(|(k, _)| k.as_str()).collect();
+        let mut keys: Vec<&str> = self.0.iter().map(|(k, _)| k.as_ref()).collect();
         keys.sort_unstable();
         keys.windows(2).find(|w| w[0] == w[1]).map(|w| w[0])
     }
@@ -204,23 +238,23 @@ impl<V> Members<V> {
     }
 }
 
-impl<'de, V: Deserialize<'de>> Members<V> {
+impl<'de, V: Deserialize<'de>> Members<'de, V> {
     /// Collects the members of a map being deserialised.
     pub(crate) fn from_map<A: MapAccess<'de>>(mut map: A) -> Result<Self, A::Error> {
         let mut members = Vec::with_capacity(map.size_hint().unwrap_or(16));
-        while let Some((key, value)) = map.next_entry::<String, V>()? {
-            members.push((key, value));
+        while let Some(key) = map.next_key_seed(KeySeed)? {
+            members.push((key, map.next_value::<V>()?));
         }
         Ok(Members(members))
     }
 }
 
-impl<'de, V: Deserialize<'de>> Deserialize<'de> for Members<V> {
+impl<'de, V: Deserialize<'de>> Deserialize<'de> for Members<'de, V> {
     fn deserialize<D: Deserializer<'de>>(deserializer: D) -> Result<Self, D::Error> {
         struct MembersVisitor<V>(std::marker::PhantomData<V>);
 
         impl<'de, V: Deserialize<'de>> Visitor<'de> for MembersVisitor<V> {
-            type Value = Members<V>;
+            type Value = Members<'de, V>;
 
             fn expecting(&self, f: &mut fmt::Formatter) -> fmt::Result {
                 f.write_str("a JSON object")
@@ -294,17 +328,17 @@ pub fn write_string(out: &mut Vec<u8>, s: &str) {
 }
 
 /// Writes `value` as compact JSON, members in their original order.
-pub fn write_compact(out: &mut Vec<u8>, value: &Json) {
+pub fn write_compact(out: &mut Vec<u8>, value: &Json<'_>) {
     write_value(out, value, false);
 }
 
 /// Writes `value` in canonical form: object keys sorted by their UTF-8 bytes at every level,
 /// no whitespace, minimal string escaping, numbers as received.
-pub fn write_canonical(out: &mut Vec<u8>, value: &Json) {
+pub fn write_canonical(out: &mut Vec<u8>, value: &Json<'_>) {
     write_value(out, value, true);
 }
 
-fn write_value(out: &mut Vec<u8>, value: &Json, sorted: bool) {
+fn write_value(out: &mut Vec<u8>, value: &Json<'_>, sorted: bool) {
     match value {
         Json::Null => out.extend_from_slice(b"null"),
         Json::Bool(true) => out.extend_from_slice(b"true"),
@@ -327,7 +361,11 @@ fn write_value(out: &mut Vec<u8>, value: &Json, sorted: bool) {
 
 /// Writes the members of an object in canonical form (see [`write_canonical`]), taking them
 /// in `order`: a permutation that sorts their keys by bytes (stable for duplicates).
-pub fn write_canonical_members_in(out: &mut Vec<u8>, members: &Members<Json>, order: &[usize]) {
+pub fn write_canonical_members_in(
+    out: &mut Vec<u8>,
+    members: &Members<'_, Json<'_>>,
+    order: &[usize],
+) {
     out.push(b'{');
     for (n, &i) in order.iter().enumerate() {
         if n > 0 {
@@ -343,12 +381,12 @@ pub fn write_canonical_members_in(out: &mut Vec<u8>, members: &Members<Json>, or
 
 /// Writes an object made of `members`, sorted by key when `sorted` (a stable sort, so
 /// duplicate keys keep their relative order and the output stays deterministic).
-pub fn write_members<'a>(
+pub fn write_members<'b, 'a: 'b>(
     out: &mut Vec<u8>,
-    members: impl Iterator<Item = &'a (String, Json)>,
+    members: impl Iterator<Item = &'b (Cow<'a, str>, Json<'a>)>,
     sorted: bool,
 ) {
-    let mut members: Vec<&(String, Json)> = members.collect();
+    let mut members: Vec<&(Cow<'a, str>, Json<'a>)> = members.collect();
     if sorted {
         members.sort_by(|a, b| a.0.as_bytes().cmp(b.0.as_bytes()));
     }
@@ -368,7 +406,7 @@ pub fn write_members<'a>(
 mod tests {
     use super::*;
 
-    fn parse(text: &str) -> Json {
+    fn parse(text: &str) -> Json<'_> {
         serde_json::from_str(text).unwrap()
     }
 

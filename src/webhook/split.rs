@@ -113,7 +113,7 @@ pub fn created_at(created: &str, zone: &TimeZone) -> Option<String> {
     )
 }
 
-impl Batch {
+impl Batch<'_> {
     /// Renders every entry into its message. `batch_id` identifies the request.
     pub fn to_outgoing(&self, template: &SubjectTemplate, batch_id: &str) -> OutgoingBatch {
         self.to_outgoing_in_zone(template, batch_id, None)
@@ -183,7 +183,7 @@ impl Batch {
                     write_string(&mut payload, stamp);
                 }
                 for (key, value) in &entry.fields.0 {
-                    if ADDED_FIELDS.contains(&key.as_str())
+                    if ADDED_FIELDS.contains(&key.as_ref())
                         || (stamp.is_some() && key == CREATED_AT)
                     {
                         continue;
@@ -224,11 +224,11 @@ struct CanonicalOrder {
 }
 
 impl CanonicalOrder {
-    fn write(&mut self, out: &mut Vec<u8>, fields: &Members<Json>) {
+    fn write(&mut self, out: &mut Vec<u8>, fields: &Members<'_, Json<'_>>) {
         let same = self.keys.len() == fields.0.len()
             && self.keys.iter().zip(&fields.0).all(|(a, (b, _))| a == b);
         if !same {
-            self.keys = fields.0.iter().map(|(k, _)| k.clone()).collect();
+            self.keys = fields.0.iter().map(|(k, _)| k.to_string()).collect();
             self.order = (0..self.keys.len()).collect();
             let keys = &self.keys;
             self.order
@@ -420,10 +420,8 @@ mod tests {
             {"created":"2023-01-25 14:03:06","status":"queued","created_at":"spoof"},
             {"created":"not a time","status":"queued","created_at":"kept"},
             {"status":"queued"}]}}"#;
-        let batch = decode(Some("application/json"), body.as_bytes())
-            .unwrap()
-            .validate()
-            .unwrap();
+        let decoded = decode(Some("application/json"), body.as_bytes()).unwrap();
+        let batch = decoded.validate().unwrap();
         let out = batch.to_outgoing_in_zone(&template(), "b", Some(&zone("Asia/Tokyo")));
         let bodies: Vec<String> = out
             .messages
