@@ -128,6 +128,9 @@ fn status_label(event_type: &str, status: &str) -> &'static str {
 /// the spool.
 pub fn batch_accepted(batch: &OutgoingBatch, published: usize, duplicates: usize, took: Duration) {
     let event_type = event_type_label(&batch.event_type_header);
+    // One registry lookup per label set rather than per event (it was 3-4 % of the CPU in
+    // core mode); the label sets are few, so a list beats a map.
+    let mut counts: Vec<(&'static str, &'static str, u64)> = Vec::new();
     for (i, message) in batch.messages.iter().enumerate() {
         let outcome = if i < published {
             "published"
@@ -135,8 +138,17 @@ pub fn batch_accepted(batch: &OutgoingBatch, published: usize, duplicates: usize
             "spooled"
         };
         let status = status_label(event_type, &message.status_header);
+        match counts
+            .iter_mut()
+            .find(|(s, o, _)| *s == status && *o == outcome)
+        {
+            Some((_, _, n)) => *n += 1,
+            None => counts.push((status, outcome, 1)),
+        }
+    }
+    for (status, outcome, n) in counts {
         counter!(EVENTS, "event_type" => event_type, "status" => status, "outcome" => outcome)
-            .increment(1);
+            .increment(n);
     }
     counter!(DUPLICATES).increment(duplicates as u64);
     histogram!(PUBLISH_SECONDS).record(took.as_secs_f64());
@@ -178,5 +190,60 @@ mod tests {
         assert_eq!(status_label("bounces", "42"), "other");
         assert_eq!(status_label("blocks", "none"), "none");
         assert_eq!(status_label("blocks", "x"), "other");
+    }
+
+    #[test]
+    fn accepted_events_are_counted_per_status_and_outcome() {
+        use crate::webhook::{Outgoing, OutgoingBatch};
+        let messages = [
+            "queued",
+            "queued",
+            "failed",
+            "queued",
+            "succeeded",
+            "queued",
+        ]
+        .iter()
+        .enumerate()
+        .map(|(index, status)| Outgoing {
+            subject: format!("cmc.deliveries.{status}"),
+            payload: bytes::Bytes::from_static(b"{}"),
+            msg_id: index.to_string(),
+            status_header: (*status).to_owned(),
+            index,
+        })
+        .collect();
+        let batch = OutgoingBatch {
+            batch_id: "b".into(),
+            event_type_header: "deliveries".into(),
+            server_composition_header: "pro".into(),
+            messages,
+            created_unparsed: 0,
+        };
+        let recorder = PrometheusBuilder::new().build_recorder();
+        let handle = recorder.handle();
+        // The first three were published, the last three spooled.
+        metrics::with_local_recorder(&recorder, || {
+            batch_accepted(&batch, 3, 1, Duration::from_millis(5))
+        });
+        let page = handle.render();
+        let count = |status: &str, outcome: &str| {
+            let series = format!(
+                "{EVENTS}{{event_type=\"deliveries\",status=\"{status}\",outcome=\"{outcome}\"}} "
+            );
+            page.lines()
+                .find_map(|line| line.strip_prefix(&series))
+                .unwrap_or_else(|| panic!("no {series} in\n{page}"))
+                .to_owned()
+        };
+        assert_eq!(count("queued", "published"), "2");
+        assert_eq!(count("failed", "published"), "1");
+        assert_eq!(count("queued", "spooled"), "2");
+        assert_eq!(count("succeeded", "spooled"), "1");
+        assert!(
+            !page.contains("status=\"failed\",outcome=\"spooled\""),
+            "{page}"
+        );
+        assert!(page.contains(&format!("{DUPLICATES} 1")), "{page}");
     }
 }
