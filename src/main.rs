@@ -13,7 +13,9 @@ static GLOBAL: mimalloc::MiMalloc = mimalloc::MiMalloc;
 /// this load (`docs/performance.md`). A default only: `MIMALLOC_ARENA_EAGER_COMMIT` still wins.
 ///
 /// It has to run before mimalloc initialises itself (its constructor, priority 101, reads the
-/// options and reserves the first arena, before `main`), hence a constructor of priority 100.
+/// options and reserves the first arena, before `main`), hence a constructor of priority 100
+/// (an ELF `.init_array` entry: Linux only; elsewhere mimalloc keeps its defaults).
+#[cfg(target_os = "linux")]
 extern "C" fn tune_allocator() {
     // The option's number in mimalloc 3's `mi_option_e` (libmimalloc-sys does not name it).
     const ARENA_EAGER_COMMIT: libmimalloc_sys::mi_option_t = 4;
@@ -21,6 +23,7 @@ extern "C" fn tune_allocator() {
     unsafe { libmimalloc_sys::mi_option_set_default(ARENA_EAGER_COMMIT, 0) }
 }
 
+#[cfg(target_os = "linux")]
 #[used]
 #[unsafe(link_section = ".init_array.00100")]
 static TUNE_ALLOCATOR: extern "C" fn() = tune_allocator;
