@@ -882,17 +882,15 @@ async fn nats_restart_under_load_with_spool_loses_nothing() {
     nats.stop();
     tokio::time::sleep(Duration::from_millis(1500)).await;
     nats.restart().await;
-    let recovered = senders.load.wait_for_oks(60, WAIT).await;
-    let tally = senders.finish().await;
-    assert!(recovered, "no 200 after NATS came back");
-
-    let stored = settle(&js, &tally.answered, Some(spool.path())).await;
-    verdict(
+    let tally = recover_and_settle(
         test,
-        &tally,
-        &stored,
-        &format!(" wall={:?}", started.elapsed()),
-    );
+        senders,
+        &js,
+        Some(spool.path()),
+        "NATS came back",
+        started,
+    )
+    .await;
     // Without retries, only the spool can keep the answers 200 while NATS is down.
     assert_eq!(
         tally.ok, tally.requests,
@@ -919,17 +917,7 @@ async fn nats_restart_under_load_without_spool_loses_nothing_with_retries() {
     nats.stop();
     tokio::time::sleep(Duration::from_millis(1500)).await;
     nats.restart().await;
-    let recovered = senders.load.wait_for_oks(60, WAIT).await;
-    let tally = senders.finish().await;
-    assert!(recovered, "no 200 after NATS came back");
-
-    let stored = settle(&js, &tally.answered, None).await;
-    verdict(
-        test,
-        &tally,
-        &stored,
-        &format!(" wall={:?}", started.elapsed()),
-    );
+    let tally = recover_and_settle(test, senders, &js, None, "NATS came back", started).await;
     assert!(
         tally.unavailable > 0,
         "{test}: NATS was down but nothing was refused"
@@ -1049,10 +1037,7 @@ async fn sigterm_under_load_exits_0_and_loses_nothing() {
 
     let senders = Senders::start(&service.webhook_url(), test, 6, Retry::Never);
     assert!(senders.load.wait_for_oks(60, WAIT).await, "no load");
-    senders.load.terminating.store(true, Ordering::Release);
-    let exit_after = service.terminate().await;
-    tokio::time::sleep(Duration::from_millis(300)).await;
-    let tally = senders.finish().await;
+    let (exit_after, tally) = stop_under_load(&mut service, senders).await;
 
     // What the first run spooled at shutdown (if anything) is published by the next run.
     assert!(tally.ok > 0);
@@ -1086,10 +1071,7 @@ async fn sigterm_with_nats_down_exits_0_and_the_next_run_drains_the_spool() {
         senders.load.wait_for_oks(20, WAIT).await,
         "no 200 with NATS down"
     );
-    senders.load.terminating.store(true, Ordering::Release);
-    let exit_after = service.terminate().await;
-    tokio::time::sleep(Duration::from_millis(300)).await;
-    let tally = senders.finish().await;
+    let (exit_after, tally) = stop_under_load(&mut service, senders).await;
 
     nats.restart().await;
     let run = SigtermRun::after_exit(test, tally, exit_after, spool.path(), started);
@@ -1130,16 +1112,45 @@ async fn sigterm_with_nats_frozen_exits_0_and_loses_nothing() {
     signal("-STOP");
     // Let requests pile up waiting for acks, then stop the service under them.
     tokio::time::sleep(Duration::from_millis(400)).await;
-    senders.load.terminating.store(true, Ordering::Release);
-    let exit_after = service.terminate().await;
-    tokio::time::sleep(Duration::from_millis(300)).await;
-    let tally = senders.finish().await;
+    let (exit_after, tally) = stop_under_load(&mut service, senders).await;
 
     signal("-CONT");
     let js = reader(&[nats.url()]).await;
     let run = SigtermRun::after_exit(test, tally, exit_after, spool.path(), started);
     run.next_run_drains(&nats.url(), &js, spool.path(), &log, &http, true)
         .await;
+}
+
+/// After a disruption: the load must get a 200 again, then every event answered 200 must be
+/// stored exactly once (`verdict`). Returns the tally for the test's own checks.
+async fn recover_and_settle(
+    test: &str,
+    senders: Senders,
+    js: &jetstream::Context,
+    spool: Option<&Path>,
+    disruption_ended: &str,
+    started: Instant,
+) -> Tally {
+    let recovered = senders.load.wait_for_oks(60, WAIT).await;
+    let tally = senders.finish().await;
+    assert!(recovered, "no 200 after {disruption_ended}");
+    let stored = settle(js, &tally.answered, spool).await;
+    verdict(
+        test,
+        &tally,
+        &stored,
+        &format!(" wall={:?}", started.elapsed()),
+    );
+    tally
+}
+
+/// SIGTERM to the service while the senders are busy (their failures from then on are not
+/// counted against it); returns how long it took to exit, and what the senders saw.
+async fn stop_under_load(service: &mut Service, senders: Senders) -> (Duration, Tally) {
+    senders.load.terminating.store(true, Ordering::Release);
+    let exit_after = service.terminate().await;
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    (exit_after, senders.finish().await)
 }
 
 /// What a SIGTERM-with-a-spool test saw up to the service's exit.
@@ -1381,17 +1392,15 @@ async fn nats_frozen_under_load_with_spool_loses_and_duplicates_nothing() {
     signal("-STOP");
     tokio::time::sleep(Duration::from_millis(2500)).await;
     signal("-CONT");
-    let recovered = senders.load.wait_for_oks(60, WAIT).await;
-    let tally = senders.finish().await;
-    assert!(recovered, "no 200 after NATS resumed");
-
-    let stored = settle(&js, &tally.answered, Some(spool.path())).await;
-    verdict(
+    let tally = recover_and_settle(
         test,
-        &tally,
-        &stored,
-        &format!(" wall={:?}", started.elapsed()),
-    );
+        senders,
+        &js,
+        Some(spool.path()),
+        "NATS resumed",
+        started,
+    )
+    .await;
     assert_eq!(
         tally.ok, tally.requests,
         "{test}: with the spool on, every request should be answered 200"
