@@ -9,8 +9,15 @@
 //! ```text
 //! loadgen --url http://127.0.0.1:8080/webhooks/cmc --encoding json --batch 100 \
 //!         --connections 16 --seconds 10 --pid <forwarder pid> \
-//!         --nats nats://127.0.0.1:4222 --stream CMC_EVENTS
+//!         --nats nats://127.0.0.1:4222 --stream CMC_EVENTS [--rate 200]
 //! ```
+//!
+//! Without `--rate` the load is closed-loop: each connection sends its next request as soon as
+//! the previous one is answered, which measures saturation. With `--rate R` it is open-loop:
+//! requests are due at fixed instants (R per second) whatever the answers do, handed to the
+//! first free connection, and each latency is counted from the instant the request was *due*,
+//! so time spent queued behind a slow answer is part of it (no coordinated omission). That is
+//! the latency a sender below saturation sees.
 
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::Arc;
@@ -32,6 +39,8 @@ struct Args {
     nats: Option<String>,
     stream: Option<String>,
     label: String,
+    /// Open-loop request rate (requests/s); `None`: closed-loop.
+    rate: Option<f64>,
 }
 
 fn parse_args() -> Args {
@@ -45,6 +54,7 @@ fn parse_args() -> Args {
         nats: None,
         stream: None,
         label: String::new(),
+        rate: None,
     };
     let mut it = std::env::args().skip(1);
     while let Some(flag) = it.next() {
@@ -59,6 +69,7 @@ fn parse_args() -> Args {
             "--nats" => args.nats = Some(value),
             "--stream" => args.stream = Some(value),
             "--label" => args.label = value,
+            "--rate" => args.rate = Some(value.parse().expect("--rate")),
             other => panic!("unknown flag {other}"),
         }
     }
@@ -195,11 +206,20 @@ fn peak_rss_mb(pid: u32) -> Option<f64> {
     Some(kb / 1024.0)
 }
 
+/// Where a connection gets its next request: at once (closed loop), or the next due instant of
+/// the open-loop schedule.
+#[derive(Clone)]
+enum Pace {
+    Closed,
+    Open(Arc<tokio::sync::Mutex<tokio::sync::mpsc::Receiver<Instant>>>),
+}
+
 async fn worker(
     url: hyper::Uri,
     template: Arc<BodyTemplate>,
     counter: Arc<AtomicU64>,
     stop: Arc<AtomicBool>,
+    pace: Pace,
 ) -> WorkerResult {
     let mut result = WorkerResult::default();
     let authority = url.authority().expect("url has host:port").to_string();
@@ -216,6 +236,13 @@ async fn worker(
         .expect("handshake");
     tokio::spawn(connection);
     while !stop.load(Ordering::Relaxed) {
+        let due = match &pace {
+            Pace::Closed => Instant::now(),
+            Pace::Open(schedule) => match schedule.lock().await.recv().await {
+                Some(due) => due,
+                None => break,
+            },
+        };
         let n = counter.fetch_add(1, Ordering::Relaxed);
         let body = template.render(n);
         let request = hyper::Request::post(url.clone())
@@ -223,7 +250,6 @@ async fn worker(
             .header("content-type", template.content_type)
             .body(Full::new(body))
             .expect("request");
-        let started = Instant::now();
         let response = match sender.send_request(request).await {
             Ok(r) => r,
             Err(_) => {
@@ -235,7 +261,7 @@ async fn worker(
         let _ = response.into_body().collect().await;
         result
             .latencies_us
-            .push(started.elapsed().as_micros().min(u32::MAX as u128) as u32);
+            .push(due.elapsed().as_micros().min(u32::MAX as u128) as u32);
         if status == 200 {
             result.ok += 1;
         } else {
@@ -243,6 +269,22 @@ async fn worker(
         }
     }
     result
+}
+
+/// Emits the due instants of an open-loop schedule, `rate` per second, until `until`.
+async fn schedule(rate: f64, until: Instant, due: tokio::sync::mpsc::Sender<Instant>) {
+    let start = Instant::now();
+    let interval = Duration::from_secs_f64(1.0 / rate);
+    for i in 0u32.. {
+        let at = start + interval * i;
+        if at >= until {
+            break;
+        }
+        tokio::time::sleep_until(at.into()).await;
+        if due.send(at).await.is_err() {
+            break;
+        }
+    }
 }
 
 async fn stream_messages(nats: &str, stream: &str) -> Option<u64> {
@@ -279,6 +321,17 @@ async fn main() {
     let self_cpu_before = cpu_seconds("self");
 
     let started = Instant::now();
+    let until = started + Duration::from_secs(args.seconds);
+    let pace = match args.rate {
+        None => Pace::Closed,
+        Some(rate) => {
+            // Deep enough that the schedule never waits for the connections: a backlog is
+            // latency the measurement must see, not a pause in the offered load.
+            let (tx, rx) = tokio::sync::mpsc::channel((rate * args.seconds as f64) as usize + 1);
+            tokio::spawn(schedule(rate, until, tx));
+            Pace::Open(Arc::new(tokio::sync::Mutex::new(rx)))
+        }
+    };
     let workers: Vec<_> = (0..args.connections)
         .map(|_| {
             tokio::spawn(worker(
@@ -286,11 +339,19 @@ async fn main() {
                 template.clone(),
                 counter.clone(),
                 stop.clone(),
+                pace.clone(),
             ))
         })
         .collect();
-    tokio::time::sleep(Duration::from_secs(args.seconds)).await;
-    stop.store(true, Ordering::Relaxed);
+    match args.rate {
+        // Closed loop: stop at the deadline. Open loop: the schedule ends at the deadline and
+        // the workers finish what was due by then.
+        None => {
+            tokio::time::sleep_until(until.into()).await;
+            stop.store(true, Ordering::Relaxed);
+        }
+        Some(_) => drop(pace),
+    }
     let mut latencies = Vec::new();
     let (mut ok, mut failed) = (0u64, 0u64);
     for w in workers {
@@ -327,6 +388,8 @@ async fn main() {
         "events_per_s": (events_ok as f64 / elapsed).round(),
         "p50_ms": percentile(&latencies, 0.50),
         "p99_ms": percentile(&latencies, 0.99),
+        "p999_ms": percentile(&latencies, 0.999),
+        "offered_requests_per_s": args.rate,
         "service_peak_rss_mb": args.pid.and_then(peak_rss_mb),
         "service_cpu_s_per_1k_events": service_cpu.map(|c| if events_ok > 0 { (c / events_ok as f64 * 1000.0 * 10000.0).round() / 10000.0 } else { 0.0 }),
         "service_cpu_cores": service_cpu.map(|c| (c / elapsed * 100.0).round() / 100.0),
