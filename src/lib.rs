@@ -36,4 +36,5 @@ pub mod spool;
 pub mod startup;
 pub mod subject;
 pub mod telemetry;
+pub mod trace_context;
 pub mod webhook;

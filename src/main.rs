@@ -50,7 +50,13 @@ async fn main() -> ExitCode {
         return ExitCode::SUCCESS;
     }
 
-    telemetry::init(&settings.log);
+    let _telemetry = match telemetry::init_with_export(&settings.log, &settings.telemetry) {
+        Ok(guard) => guard,
+        Err(e) => {
+            eprintln!("cmc-forwarder: {e}");
+            return ExitCode::from(2);
+        }
+    };
     tracing::info!(version = env!("CARGO_PKG_VERSION"), "starting");
     match Application::build(&settings).await {
         Ok(app) => {

@@ -3,8 +3,9 @@
 //! Label values are bounded: event types and statuses CMC documents keep their name,
 //! anything else is counted as `other`, so a hostile sender cannot grow the series set.
 
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::OnceLock;
-use std::time::Duration;
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use metrics::{counter, gauge, histogram};
 use metrics_exporter_prometheus::{Matcher, PrometheusBuilder, PrometheusHandle};
@@ -22,6 +23,28 @@ pub const SPOOL_BYTES: &str = "cmc_forwarder_spool_bytes";
 pub const NATS_CONNECTED: &str = "cmc_forwarder_nats_connected";
 pub const READY: &str = "cmc_forwarder_ready";
 pub const CREATED_UNPARSED: &str = "cmc_forwarder_created_unparsed_total";
+pub const INVALID_ENTRIES: &str = "cmc_forwarder_invalid_entries_total";
+pub const SPOOL_QUARANTINED: &str = "cmc_forwarder_spool_quarantined_messages";
+pub const SPOOL_BACKLOG_AGE: &str = "cmc_forwarder_spool_backlog_age_seconds";
+
+/// Every metric the service exposes, for the checks of `deploy/monitoring/` (every name a
+/// dashboard panel or an alert uses must be one of these).
+pub const ALL: [&str; 14] = [
+    HTTP_REQUESTS,
+    EVENTS,
+    DUPLICATES,
+    SPOOL_DRAINED,
+    PUBLISH_SECONDS,
+    BATCH_SIZE,
+    SPOOL_MESSAGES,
+    SPOOL_BYTES,
+    NATS_CONNECTED,
+    READY,
+    CREATED_UNPARSED,
+    INVALID_ENTRIES,
+    SPOOL_QUARANTINED,
+    SPOOL_BACKLOG_AGE,
+];
 
 static HANDLE: OnceLock<PrometheusHandle> = OnceLock::new();
 
@@ -50,6 +73,16 @@ pub fn install() -> PrometheusHandle {
             // the handle then renders an empty page rather than failing start-up.
             let _ = metrics::set_global_recorder(recorder);
             describe();
+            // Series an alert watches are exposed from the start, at 0, so "absent" never
+            // has to be told apart from "nothing happened yet".
+            gauge!(SPOOL_MESSAGES).set(0.0);
+            gauge!(SPOOL_BYTES).set(0.0);
+            gauge!(SPOOL_QUARANTINED).set(0.0);
+            gauge!(SPOOL_BACKLOG_AGE).set(0.0);
+            counter!(DUPLICATES).absolute(0);
+            for event_type in ["deliveries", "bounces", "blocks", "other"] {
+                counter!(INVALID_ENTRIES, "event_type" => event_type).absolute(0);
+            }
             handle
         })
         .clone()
@@ -85,6 +118,18 @@ fn describe() {
     metrics::describe_gauge!(SPOOL_BYTES, "Bytes waiting in the spool");
     metrics::describe_gauge!(NATS_CONNECTED, "1 while the NATS connection is up");
     metrics::describe_gauge!(READY, "1 while /readyz answers 200");
+    metrics::describe_counter!(
+        INVALID_ENTRIES,
+        "Invalid entries sent to the dead-letter subject, by event type"
+    );
+    metrics::describe_gauge!(
+        SPOOL_QUARANTINED,
+        "Spooled messages NATS refused permanently, moved to the spool's quarantine"
+    );
+    metrics::describe_gauge!(
+        SPOOL_BACKLOG_AGE,
+        "Seconds since the spool was last empty (0 when empty): an upper bound on the age of its oldest message"
+    );
     metrics::describe_counter!(
         CREATED_UNPARSED,
         "Entries whose `created` could not be converted to created_at (cmc.timezone set)"
@@ -125,13 +170,16 @@ fn status_label(event_type: &str, status: &str) -> &'static str {
 }
 
 /// Counts the events of an accepted batch: the first `published` went to NATS, the rest to
-/// the spool.
+/// the spool. Dead letters are counted in [`INVALID_ENTRIES`], not as events of a status.
 pub fn batch_accepted(batch: &OutgoingBatch, published: usize, duplicates: usize, took: Duration) {
     let event_type = event_type_label(&batch.event_type_header);
     // One registry lookup per label set rather than per event (it was 3-4 % of the CPU in
     // core mode); the label sets are few, so a list beats a map.
     let mut counts: Vec<(&'static str, &'static str, u64)> = Vec::new();
     for (i, message) in batch.messages.iter().enumerate() {
+        if message.is_dead_letter() {
+            continue;
+        }
         let outcome = if i < published {
             "published"
         } else {
@@ -150,6 +198,9 @@ pub fn batch_accepted(batch: &OutgoingBatch, published: usize, duplicates: usize
         counter!(EVENTS, "event_type" => event_type, "status" => status, "outcome" => outcome)
             .increment(n);
     }
+    if batch.invalid > 0 {
+        counter!(INVALID_ENTRIES, "event_type" => event_type).increment(batch.invalid as u64);
+    }
     counter!(DUPLICATES).increment(duplicates as u64);
     histogram!(PUBLISH_SECONDS).record(took.as_secs_f64());
     histogram!(BATCH_SIZE).record(batch.messages.len() as f64);
@@ -166,9 +217,38 @@ pub fn spool_drained(published: usize, duplicates: usize) {
     counter!(DUPLICATES).increment(duplicates as u64);
 }
 
+/// When the spool last went from empty to non-empty (milliseconds since the Unix epoch; 0
+/// while empty), for [`SPOOL_BACKLOG_AGE`].
+static SPOOL_NONEMPTY_SINCE_MS: AtomicU64 = AtomicU64::new(0);
+
 pub fn spool_depth(messages: u64, bytes: u64) {
     gauge!(SPOOL_MESSAGES).set(messages as f64);
     gauge!(SPOOL_BYTES).set(bytes as f64);
+    let now = SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map_or(0, |d| d.as_millis() as u64)
+        .max(1);
+    let age_ms = if messages == 0 {
+        SPOOL_NONEMPTY_SINCE_MS.store(0, Ordering::Relaxed);
+        0
+    } else {
+        let since = match SPOOL_NONEMPTY_SINCE_MS.compare_exchange(
+            0,
+            now,
+            Ordering::Relaxed,
+            Ordering::Relaxed,
+        ) {
+            Ok(_) => now,
+            Err(since) => since,
+        };
+        now.saturating_sub(since)
+    };
+    gauge!(SPOOL_BACKLOG_AGE).set(age_ms as f64 / 1000.0);
+}
+
+/// Messages in the spool's quarantine.
+pub fn spool_quarantined(messages: u64) {
+    gauge!(SPOOL_QUARANTINED).set(messages as f64);
 }
 
 pub fn connection(connected: bool, ready: bool) {
@@ -210,6 +290,7 @@ mod tests {
             payload: bytes::Bytes::from_static(b"{}"),
             msg_id: index.to_string(),
             status_header: (*status).to_owned(),
+            error: None,
             index,
         })
         .collect();
@@ -217,8 +298,10 @@ mod tests {
             batch_id: "b".into(),
             event_type_header: "deliveries".into(),
             server_composition_header: "pro".into(),
+            traceparent: String::new(),
             messages,
             created_unparsed: 0,
+            invalid: 0,
         };
         let recorder = PrometheusBuilder::new().build_recorder();
         let handle = recorder.handle();

@@ -104,6 +104,9 @@ pub struct Publisher {
     /// needs it, because publishing to a missing stream can only fail.
     stream_ready: Arc<AtomicBool>,
     settings: Arc<NatsSettings>,
+    /// `validation.dead_letter_subject` in dead-letter mode: an existing stream must cover it
+    /// too.
+    dead_letter: Option<Arc<crate::subject::SubjectTemplate>>,
 }
 
 impl Publisher {
@@ -141,7 +144,15 @@ impl Publisher {
             jetstream,
             timeout,
             settings: Arc::new(settings.clone()),
+            dead_letter: None,
         })
+    }
+
+    /// Makes [`Publisher::ensure_stream`] check that an existing stream also covers the
+    /// dead-letter subjects.
+    pub fn with_dead_letter(mut self, template: Option<crate::subject::SubjectTemplate>) -> Self {
+        self.dead_letter = template.map(Arc::new);
+        self
     }
 
     pub fn is_connected(&self) -> bool {
@@ -207,6 +218,15 @@ impl Publisher {
                     "its subjects {:?} do not cover the template {:?}",
                     info.config.subjects, self.settings.subject
                 )));
+            }
+            if let Some(dead_letter) = &self.dead_letter {
+                if !dead_letter.is_covered_by(&info.config.subjects) {
+                    return Err(err(format!(
+                        "its subjects {:?} do not cover the dead-letter template {:?}",
+                        info.config.subjects,
+                        dead_letter.as_str()
+                    )));
+                }
             }
         }
         self.stream_ready.store(true, Ordering::Release);

@@ -14,7 +14,8 @@ use std::time::Duration;
 use serde::{Deserialize, Deserializer, Serialize, Serializer};
 use thiserror::Error;
 
-use crate::subject::SubjectTemplate;
+use crate::subject::{Placeholder, SubjectTemplate};
+use crate::webhook::InvalidEntries;
 
 /// The environment prefix; `CMC_FORWARDER__NATS__MODE=core` sets `nats.mode`.
 pub const ENV_PREFIX: &str = "CMC_FORWARDER";
@@ -36,8 +37,10 @@ pub struct Settings {
     pub auth: AuthSettings,
     pub nats: NatsSettings,
     pub spool: SpoolSettings,
+    pub validation: ValidationSettings,
     pub cmc: CmcSettings,
     pub log: LogSettings,
+    pub telemetry: TelemetrySettings,
 }
 
 /// The public webhook listener.
@@ -237,6 +240,35 @@ impl Default for SpoolSettings {
             max_bytes: 1 << 30,
         }
     }
+}
+
+/// What happens to invalid entries (SPEC §1 "Validation is all-or-nothing (by default)").
+#[derive(Debug, Clone, Deserialize, Serialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct ValidationSettings {
+    /// `reject` (422, nothing published) or `dead_letter` (each invalid entry goes out on
+    /// `dead_letter_subject`, the valid ones as usual).
+    pub invalid_entries: InvalidEntries,
+    /// Subject template of dead letters; placeholders `{event_type}`, `{server_composition}`.
+    pub dead_letter_subject: String,
+}
+
+impl Default for ValidationSettings {
+    fn default() -> Self {
+        ValidationSettings {
+            invalid_entries: InvalidEntries::Reject,
+            dead_letter_subject: "cmc.invalid.{event_type}".into(),
+        }
+    }
+}
+
+/// Export of request spans.
+#[derive(Debug, Clone, Default, Deserialize, Serialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct TelemetrySettings {
+    /// OTLP/HTTP collector base URL (`http://otel-collector:4318`); spans are POSTed to
+    /// `<endpoint>/v1/traces`. Empty: no export.
+    pub otlp_endpoint: String,
 }
 
 /// Facts about the CMC account.
@@ -459,6 +491,7 @@ impl Settings {
             ));
         }
         let template = self.subject_template()?;
+        let dead_letter = self.dead_letter_template()?;
         if self.nats.mode == Mode::Jetstream {
             let stream = &self.nats.stream;
             if stream.name.is_empty()
@@ -497,6 +530,19 @@ impl Settings {
                     ),
                 ));
             }
+            if let Some(dead_letter) = &dead_letter {
+                if !dead_letter.is_covered_by(&stream.subjects) {
+                    return Err(invalid(
+                        "validation.dead_letter_subject",
+                        format!(
+                            "subjects of the template {:?} (i.e. {}) do not all fall under nats.stream.subjects {:?}",
+                            dead_letter.as_str(),
+                            dead_letter.as_filter(),
+                            stream.subjects
+                        ),
+                    ));
+                }
+            }
         }
         if self.auth.basic_username.is_empty() == self.auth.basic_password.is_set() {
             return Err(invalid(
@@ -513,6 +559,13 @@ impl Settings {
             }
         }
         self.timezone()?;
+        let endpoint = self.telemetry.otlp_endpoint.trim();
+        if !endpoint.is_empty() && !endpoint.starts_with("http://") {
+            return Err(invalid(
+                "telemetry.otlp_endpoint",
+                format!("{endpoint:?} must be an http:// URL of an OTLP/HTTP collector, or empty"),
+            ));
+        }
         if let Err(e) = tracing_subscriber::EnvFilter::try_new(&self.log.level) {
             return Err(invalid("log.level", format!("{:?}: {e}", self.log.level)));
         }
@@ -530,6 +583,24 @@ impl Settings {
             .filter(|z| !z.trim().is_empty())
             .map(|z| parse_timezone(z).map_err(|e| invalid("cmc.timezone", e)))
             .transpose()
+    }
+
+    /// The validated dead-letter subject template, in dead-letter mode. An invalid entry may
+    /// have no usable status, so only `{event_type}` and `{server_composition}` may be used.
+    pub fn dead_letter_template(&self) -> Result<Option<SubjectTemplate>, SettingsError> {
+        if self.validation.invalid_entries != InvalidEntries::DeadLetter {
+            return Ok(None);
+        }
+        let key = "validation.dead_letter_subject";
+        let template = SubjectTemplate::parse(&self.validation.dead_letter_subject)
+            .map_err(|e| invalid(key, e.to_string()))?;
+        if template.uses(Placeholder::Status) || template.uses(Placeholder::StatusName) {
+            return Err(invalid(
+                key,
+                "may use only {event_type} and {server_composition}: an invalid entry has no usable status",
+            ));
+        }
+        Ok(Some(template))
     }
 
     /// The validated subject template.
@@ -607,6 +678,44 @@ mod tests {
             let err = Settings::from_toml(&format!("[cmc]\ntimezone = {bad:?}")).unwrap_err();
             assert!(err.to_string().contains("cmc.timezone"), "{bad}: {err}");
         }
+    }
+
+    #[test]
+    fn validation_and_telemetry_keys() {
+        let s = Settings::from_toml("").unwrap();
+        assert_eq!(s.validation.invalid_entries, InvalidEntries::Reject);
+        assert_eq!(s.validation.dead_letter_subject, "cmc.invalid.{event_type}");
+        assert!(s.dead_letter_template().unwrap().is_none());
+        assert_eq!(s.telemetry.otlp_endpoint, "");
+
+        let s = Settings::from_toml("[validation]\ninvalid_entries = \"dead_letter\"").unwrap();
+        assert_eq!(
+            s.dead_letter_template().unwrap().unwrap().as_str(),
+            "cmc.invalid.{event_type}"
+        );
+        for (bad, key) in [
+            ("[validation]\ninvalid_entries = \"drop\"", "invalid_entries"),
+            (
+                "[validation]\ninvalid_entries = \"dead_letter\"\ndead_letter_subject = \"cmc.bad.{status}\"",
+                "validation.dead_letter_subject",
+            ),
+            (
+                "[validation]\ninvalid_entries = \"dead_letter\"\ndead_letter_subject = \"other.{event_type}\"",
+                "validation.dead_letter_subject",
+            ),
+            (
+                "[telemetry]\notlp_endpoint = \"collector:4318\"",
+                "telemetry.otlp_endpoint",
+            ),
+        ] {
+            let err = Settings::from_toml(bad).unwrap_err().to_string();
+            assert!(err.contains(key), "{bad}: {err}");
+        }
+        // Core mode has no stream to cover the dead-letter subject.
+        assert!(Settings::from_toml(
+            "[nats]\nmode = \"core\"\n[validation]\ninvalid_entries = \"dead_letter\"\ndead_letter_subject = \"other.{event_type}\""
+        )
+        .is_ok());
     }
 
     fn env(pairs: &[(&str, &str)]) -> Option<HashMap<String, String>> {

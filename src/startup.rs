@@ -75,7 +75,10 @@ impl Application {
             _ => None,
         };
 
-        let publisher = Publisher::connect(&settings.nats).await?;
+        let dead_letter = settings.dead_letter_template()?;
+        let publisher = Publisher::connect(&settings.nats)
+            .await?
+            .with_dead_letter(dead_letter.clone());
         if publisher.is_connected() {
             publisher.ensure_stream().await?;
         } else {
@@ -116,6 +119,7 @@ impl Application {
             path: settings.server.path.clone(),
             max_body_bytes: settings.server.max_body_bytes,
             template,
+            dead_letter,
             timezone: settings.timezone()?,
             auth,
             delivery: Delivery::new(publisher.clone(), spool.clone()),

@@ -9,6 +9,14 @@ use std::fmt;
 
 use thiserror::Error;
 
+/// The longest `status` accepted, in bytes (SPEC §1). Escaped, one byte can take three, so a
+/// status alone stays far below what one NATS protocol line may hold.
+pub const MAX_STATUS_BYTES: usize = 128;
+
+/// The longest rendered subject accepted, in bytes (SPEC §1): an entry whose subject would be
+/// longer is invalid, so no entry can make the `PUB` line of its message one NATS refuses.
+pub const MAX_SUBJECT_BYTES: usize = 512;
+
 /// A value that can be substituted into a subject template.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Placeholder {
@@ -149,6 +157,14 @@ impl SubjectTemplate {
 
     pub fn as_str(&self) -> &str {
         &self.source
+    }
+
+    /// Whether the template substitutes `placeholder` anywhere.
+    pub fn uses(&self, placeholder: Placeholder) -> bool {
+        self.tokens
+            .iter()
+            .flatten()
+            .any(|s| *s == Segment::Value(placeholder))
     }
 }
 
@@ -347,6 +363,33 @@ mod tests {
         assert_eq!(header_value(" pro"), "%20pro");
         assert_eq!(header_value("本番"), "%E6%9C%AC%E7%95%AA");
         assert_eq!(header_value("a\r\nb"), "a%0D%0Ab");
+    }
+
+    #[test]
+    fn hostile_statuses_are_escaped_in_subject_and_header() {
+        let t = SubjectTemplate::parse("cmc.{event_type}.{status}").unwrap();
+        let hostile = "a.b*> c\r\nX-Injected: 1\0";
+        let subject = t.render(&values("deliveries", hostile, "pro"));
+        assert_eq!(
+            subject,
+            "cmc.deliveries.a%2Eb%2A%3E%20c%0D%0AX-Injected%3A%201%00"
+        );
+        assert_eq!(subject.split('.').count(), 3);
+        let header = header_value(hostile);
+        assert_eq!(header, "a%2Eb%2A%3E%20c%0D%0AX-Injected%3A%201%00");
+        assert!(!header.bytes().any(|b| b < 0x20 || b == 0x7f));
+        // The longest status escapes to at most three bytes each: far below the subject cap.
+        let longest = "\0".repeat(MAX_STATUS_BYTES);
+        assert_eq!(escape_token(&longest).len(), 3 * MAX_STATUS_BYTES);
+        assert!(3 * MAX_STATUS_BYTES < MAX_SUBJECT_BYTES);
+    }
+
+    #[test]
+    fn templates_tell_which_placeholders_they_use() {
+        let t = SubjectTemplate::parse("cmc.invalid.{event_type}").unwrap();
+        assert!(t.uses(Placeholder::EventType));
+        assert!(!t.uses(Placeholder::Status));
+        assert!(!t.uses(Placeholder::ServerComposition));
     }
 
     #[test]

@@ -21,7 +21,7 @@ use crate::deliver::{Delivery, DeliveryReport};
 use crate::metrics;
 use crate::server::RequestInfo;
 use crate::subject::SubjectTemplate;
-use crate::webhook;
+use crate::{telemetry, webhook};
 
 /// What the webhook route needs, built once at start-up.
 pub struct WebhookState {
@@ -29,6 +29,8 @@ pub struct WebhookState {
     pub path: String,
     pub max_body_bytes: u64,
     pub template: SubjectTemplate,
+    /// `validation.dead_letter_subject` in dead-letter mode; `None`: all-or-nothing.
+    pub dead_letter: Option<SubjectTemplate>,
     /// `cmc.timezone`: adds `created_at` to bodies when set.
     pub timezone: Option<jiff::tz::TimeZone>,
     pub auth: Auth,
@@ -47,6 +49,9 @@ struct OkBody {
     spooled: usize,
     #[serde(skip_serializing_if = "is_zero")]
     duplicates: usize,
+    /// Entries sent to the dead-letter subject (dead-letter mode).
+    #[serde(skip_serializing_if = "is_zero")]
+    invalid: usize,
 }
 
 fn is_zero(n: &usize) -> bool {
@@ -80,18 +85,41 @@ where
 {
     let started = Instant::now();
     let batch_id = uuid::Uuid::new_v4().to_string();
-    let span = tracing::info_span!("webhook", batch_id = %batch_id);
-    let result = process(&path, &method, &headers, info, body, &state, &batch_id)
-        .instrument(span.clone())
-        .await;
+    let span = tracing::info_span!(
+        "webhook",
+        batch_id = %batch_id,
+        trace_id = tracing::field::Empty,
+        traceparent = tracing::field::Empty
+    );
+    // One traceparent per request, carried by every message of its batch.
+    let trace = telemetry::request_trace(
+        &span,
+        headers.get_all("traceparent").iter().map(|v| v.as_bytes()),
+    );
+    let traceparent = trace.to_string();
+    span.record("trace_id", trace.trace_id_hex());
+    span.record("traceparent", traceparent.as_str());
+    let result = process(
+        &path,
+        &method,
+        &headers,
+        info,
+        body,
+        &state,
+        &batch_id,
+        &traceparent,
+    )
+    .instrument(span.clone())
+    .await;
     let _entered = span.enter();
     let elapsed_ms = started.elapsed().as_secs_f64() * 1000.0;
     let mut response = match result {
-        Ok((events, report)) => {
+        Ok((events, invalid, report)) => {
             metrics::request(200);
             tracing::info!(
                 status = 200,
                 events,
+                invalid,
                 published = report.published,
                 spooled = report.spooled,
                 duplicates = report.duplicates,
@@ -105,6 +133,7 @@ where
                     published: report.published,
                     spooled: report.spooled,
                     duplicates: report.duplicates,
+                    invalid,
                 },
             )
         }
@@ -138,7 +167,8 @@ async fn process<S, B>(
     body: S,
     state: &WebhookState,
     batch_id: &str,
-) -> Result<(usize, DeliveryReport), ApiError>
+    traceparent: &str,
+) -> Result<(usize, usize, DeliveryReport), ApiError>
 where
     S: Stream<Item = Result<B, warp::Error>>,
     B: Buf,
@@ -171,9 +201,19 @@ where
         .map(|v| v.to_str().unwrap_or("(not ASCII)"));
     let decoded = webhook::decode(content_type, &body).map_err(ApiError::Payload)?;
     state.auth.check_api_key(decoded.api_key())?;
-    let batch = decoded.validate().map_err(ApiError::Payload)?;
+    let mode = match state.dead_letter {
+        Some(_) => webhook::InvalidEntries::DeadLetter,
+        None => webhook::InvalidEntries::Reject,
+    };
+    let batch = decoded.validate_with(mode).map_err(ApiError::Payload)?;
     drop(body);
-    let outgoing = batch.to_outgoing_in_zone(&state.template, batch_id, state.timezone.as_ref());
+    let render = webhook::Render {
+        template: &state.template,
+        dead_letter: state.dead_letter.as_ref(),
+        zone: state.timezone.as_ref(),
+        traceparent,
+    };
+    let outgoing = batch.render(&render, batch_id).map_err(ApiError::Payload)?;
     metrics::created_unparsed(outgoing.created_unparsed);
     let events = outgoing.messages.len();
     let started = Instant::now();
@@ -191,7 +231,7 @@ where
         report.duplicates,
         started.elapsed(),
     );
-    Ok((events, report))
+    Ok((events, outgoing.invalid, report))
 }
 
 /// Reads the body up to `limit` bytes, refusing early when `Content-Length` already says it

@@ -8,17 +8,19 @@
 //! 1. [`decode`]: choose the encoding by media type, decode the form or JSON envelope, and
 //!    extract the top-level parameters (`api_key` included, so the route can check it before
 //!    anything else is looked at).
-//! 2. [`Decoded::validate`]: check `event_type`, `server_composition`, the `event` object and
-//!    every entry, all-or-nothing, into a [`Batch`].
-//! 3. [`Batch::to_outgoing`]: render subject, body and headers of every entry.
+//! 2. [`Decoded::validate_with`]: check `event_type`, `server_composition`, the `event` object
+//!    and every entry into a [`Batch`]: all-or-nothing by default, or keeping invalid entries
+//!    aside for the dead-letter subject ([`InvalidEntries::DeadLetter`]).
+//! 3. [`Batch::render`]: subject, body and headers of every entry, dead letters included, in
+//!    entry order, with the batch's `traceparent`.
 
 mod decode;
 mod error;
 pub mod json;
-mod split;
+mod outgoing;
 mod validate;
 
 pub use decode::{decode, Decoded, Encoding};
 pub use error::PayloadError;
-pub use split::{HeaderValue, Outgoing, OutgoingBatch};
-pub use validate::{Batch, Entry, EventType, Status};
+pub use outgoing::{HeaderValue, Headers, Outgoing, OutgoingBatch, Render};
+pub use validate::{Batch, Entry, EventType, InvalidEntries, InvalidEntry, Status};

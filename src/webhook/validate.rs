@@ -5,10 +5,24 @@ use std::fmt;
 
 use serde::de::{self, DeserializeSeed, Deserializer, IgnoredAny, MapAccess, SeqAccess, Visitor};
 use serde::Deserialize;
+use serde_json::value::RawValue;
 
 use super::decode::{truncate, Decoded, Param};
 use super::json::{self, raw_kind, Json, Members};
 use super::PayloadError;
+use crate::subject::MAX_STATUS_BYTES;
+
+/// What happens to a request whose entries are not all valid (`validation.invalid_entries`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Deserialize, serde::Serialize)]
+#[serde(rename_all = "snake_case")]
+pub enum InvalidEntries {
+    /// All-or-nothing: the request is refused (`422`) and nothing of it is published.
+    #[default]
+    Reject,
+    /// Each invalid entry goes out as one message on the dead-letter subject; the valid ones
+    /// go out as usual.
+    DeadLetter,
+}
 
 /// A well-formed `event_type`: 1–64 characters of `[a-z0-9_]`.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -48,9 +62,6 @@ impl EventType {
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Status(String);
 
-/// The longest status accepted, in bytes; real ones are a word or a code.
-const MAX_STATUS_LEN: usize = 64;
-
 impl Status {
     /// Parses the `status` field of an entry; `Ok(None)` when absent (or null) and optional.
     fn from_field(value: Option<&Json<'_>>, required: bool) -> Result<Option<Status>, String> {
@@ -77,23 +88,17 @@ impl Status {
         Status::parse(text).map(Some)
     }
 
-    /// A status must be 1–64 bytes with no whitespace, control characters or subject
-    /// wildcards and separators (`.`, `*`, `>`): anything else is surely not a CMC status, and
-    /// accepting it would only push garbage onto the bus under an escaped subject.
+    /// Any non-empty string of at most [`MAX_STATUS_BYTES`] bytes is a status (SPEC §1),
+    /// whatever its characters: dots, wildcards, spaces, CR LF, NUL and non-ASCII are escaped
+    /// where the status is used (subject token, `Cmc-Status`), never a reason to refuse.
     pub fn parse(text: &str) -> Result<Status, String> {
         if text.is_empty() {
             return Err("status is empty".into());
         }
-        if text.len() > MAX_STATUS_LEN {
-            return Err(format!("status is longer than {MAX_STATUS_LEN} bytes"));
-        }
-        if let Some(c) = text
-            .chars()
-            .find(|&c| c.is_whitespace() || c.is_control() || matches!(c, '.' | '*' | '>'))
-        {
+        if text.len() > MAX_STATUS_BYTES {
             return Err(format!(
-                "status {:?} contains the forbidden character {c:?}",
-                truncate(text, 100)
+                "status is {} bytes long, over the limit of {MAX_STATUS_BYTES}",
+                text.len()
             ));
         }
         Ok(Status(text.to_owned()))
@@ -108,6 +113,8 @@ impl Status {
 /// request's `event` text.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Entry<'a> {
+    /// The entry's 0-based position in the request.
+    pub index: usize,
     pub fields: Members<'a, Json<'a>>,
     pub status: Option<Status>,
 }
@@ -118,11 +125,32 @@ pub struct Batch<'a> {
     pub event_type: EventType,
     pub server_composition: String,
     pub entries: Vec<Entry<'a>>,
+    /// Entries that broke a rule, in entry order; only ever non-empty in dead-letter mode.
+    pub invalid: Vec<InvalidEntry<'a>>,
+}
+
+/// An entry that broke a rule of SPEC §1, kept with the reason for the dead-letter subject.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct InvalidEntry<'a> {
+    /// The entry's 0-based position in the request.
+    pub index: usize,
+    /// What is wrong with it, for a human.
+    pub error: String,
+    /// The entry as sent: any JSON value.
+    pub value: Json<'a>,
 }
 
 impl Decoded {
-    /// Checks the whole request; the first problem found is returned, and nothing else.
+    /// Checks the whole request, all-or-nothing: the first problem found is returned, and
+    /// nothing else.
     pub fn validate(&self) -> Result<Batch<'_>, PayloadError> {
+        self.validate_with(InvalidEntries::Reject)
+    }
+
+    /// Checks the whole request. With [`InvalidEntries::DeadLetter`], a request that is
+    /// well-formed as a whole keeps its invalid entries in [`Batch::invalid`] instead of being
+    /// refused; problems of the request itself are refused in both modes.
+    pub fn validate_with(&self, mode: InvalidEntries) -> Result<Batch<'_>, PayloadError> {
         let event_type = EventType::parse(required_text("event_type", &self.event_type)?)?;
         let server_composition = required_text("server_composition", &self.server_composition)?;
         if server_composition.is_empty() {
@@ -172,26 +200,90 @@ impl Decoded {
         };
         let required = event_type.requires_status();
         let mut entries = Vec::with_capacity(items.len());
+        let mut invalid = Vec::new();
+        // Entries that are not objects were read by kind only (the common path keeps no
+        // copy); their text is read again, once, when they are dead-lettered.
+        let mut not_objects = Vec::new();
         for (index, item) in items.into_iter().enumerate() {
             let fields = match item {
                 Item::Object(fields) => fields,
                 Item::Other(kind) => {
-                    return Err(PayloadError::invalid_entry(
+                    let error = format!("must be a JSON object, not {kind}");
+                    if mode == InvalidEntries::Reject {
+                        return Err(PayloadError::invalid_entry(index, error));
+                    }
+                    not_objects.push(invalid.len());
+                    invalid.push(InvalidEntry {
                         index,
-                        format!("must be a JSON object, not {kind}"),
-                    ))
+                        error,
+                        value: Json::Null,
+                    });
+                    continue;
                 }
             };
-            let status = Status::from_field(fields.get("status"), required)
-                .map_err(|m| PayloadError::invalid_entry(index, m))?;
-            entries.push(Entry { fields, status });
+            match Status::from_field(fields.get("status"), required) {
+                Ok(status) => entries.push(Entry {
+                    index,
+                    fields,
+                    status,
+                }),
+                Err(error) if mode == InvalidEntries::Reject => {
+                    return Err(PayloadError::invalid_entry(index, error))
+                }
+                Err(error) => invalid.push(InvalidEntry {
+                    index,
+                    error,
+                    value: Json::Object(fields),
+                }),
+            }
+        }
+        if !not_objects.is_empty() {
+            let raw = raw_items(event.get(), name)?;
+            for at in not_objects {
+                let entry = &mut invalid[at];
+                let text = raw.get(entry.index).copied().ok_or_else(|| {
+                    PayloadError::MalformedJson("event changed between two reads".into())
+                })?;
+                entry.value = Json::from_raw(text).map_err(|e| {
+                    PayloadError::MalformedJson(format!("entry {}: {e}", entry.index))
+                })?;
+            }
         }
         Ok(Batch {
             event_type,
             server_composition: server_composition.to_owned(),
             entries,
+            invalid,
         })
     }
+}
+
+/// The raw text of every element of the array under `name` in the `event` object.
+fn raw_items<'a>(event: &'a str, name: &str) -> Result<Vec<&'a RawValue>, PayloadError> {
+    struct Seed<'n> {
+        name: &'n str,
+    }
+    impl<'de> Visitor<'de> for Seed<'_> {
+        type Value = Vec<&'de RawValue>;
+        fn expecting(&self, f: &mut fmt::Formatter) -> fmt::Result {
+            f.write_str("a JSON object")
+        }
+        fn visit_map<A: MapAccess<'de>>(self, mut map: A) -> Result<Self::Value, A::Error> {
+            let mut items = Vec::new();
+            while let Some(key) = map.next_key::<String>()? {
+                if key == self.name {
+                    items = map.next_value::<Vec<&'de RawValue>>()?;
+                } else {
+                    map.next_value::<IgnoredAny>()?;
+                }
+            }
+            Ok(items)
+        }
+    }
+    let mut reader = serde_json::Deserializer::from_str(event);
+    reader
+        .deserialize_map(Seed { name })
+        .map_err(|e| PayloadError::MalformedJson(format!("event is not valid JSON: {e}")))
 }
 
 /// Reads the `event` object: `None` when it has no member `name`, `Some(Err(kind))` when
@@ -391,11 +483,14 @@ mod tests {
 
     #[test]
     fn statuses() {
-        for ok in ["queued", "2", "99", "-1", "本番", "a-b_c%"] {
-            assert!(Status::parse(ok).is_ok(), "{ok}");
-        }
-        for bad in [
-            "",
+        // Any non-empty string up to 128 bytes: escaping, not refusal, deals with the rest.
+        for ok in [
+            "queued",
+            "2",
+            "99",
+            "-1",
+            "本番",
+            "a-b_c%",
             "a.b",
             "*",
             ">",
@@ -403,8 +498,13 @@ mod tests {
             " a",
             "a\0",
             "a\t",
-            &"x".repeat(65),
+            "a.b*> c\r\nX-Injected: 1\0",
+            &"x".repeat(MAX_STATUS_BYTES),
+            &"本".repeat(MAX_STATUS_BYTES / 3),
         ] {
+            assert_eq!(Status::parse(ok).unwrap().as_str(), ok, "{ok:?}");
+        }
+        for bad in ["", &"x".repeat(MAX_STATUS_BYTES + 1), &"本".repeat(43)] {
             assert!(Status::parse(bad).is_err(), "{bad:?}");
         }
     }
@@ -450,6 +550,7 @@ mod tests {
 
     #[test]
     fn bad_entries_are_named_by_index() {
+        let long = format!(r#"[{{"status":"{}"}}]"#, "x".repeat(129));
         for (entries, index, needle) in [
             (r#"[{"status":"queued"},1]"#, 1, "not a number"),
             (r#"[{"status":"queued"},{"status":"ok"},null]"#, 2, "null"),
@@ -459,7 +560,7 @@ mod tests {
             (r#"[{"status":{}}]"#, 0, "object"),
             (r#"[{"status":1.5}]"#, 0, "integer"),
             (r#"[{"status":""}]"#, 0, "empty"),
-            (r#"[{"status":"a.b"}]"#, 0, "forbidden"),
+            (long.as_str(), 0, "129 bytes"),
         ] {
             let (message, at) = invalid_at(&batch("deliveries", entries));
             assert_eq!(at, Some(index), "{entries}");
@@ -486,6 +587,59 @@ mod tests {
         ] {
             let (_, index) = invalid_at(body);
             assert_eq!(index, None, "{body}");
+        }
+    }
+
+    #[test]
+    fn dead_letter_mode_keeps_invalid_entries_as_sent() {
+        let body = batch(
+            "deliveries",
+            r#"[{"status":"queued"},[1, 2.50,"x"],{"to":"a@b"},{"status":"failed"},7]"#,
+        );
+        let decoded = decode(Some("application/json"), body.as_bytes()).unwrap();
+        let b = decoded.validate_with(InvalidEntries::DeadLetter).unwrap();
+        let indices: Vec<usize> = b.entries.iter().map(|e| e.index).collect();
+        assert_eq!(indices, [0, 3]);
+        let invalid: Vec<(usize, &str, String)> = b
+            .invalid
+            .iter()
+            .map(|i| {
+                let mut text = Vec::new();
+                json::write_compact(&mut text, &i.value);
+                (i.index, i.error.as_str(), String::from_utf8(text).unwrap())
+            })
+            .collect();
+        assert_eq!(
+            invalid,
+            [
+                (
+                    1,
+                    "must be a JSON object, not an array",
+                    r#"[1,2.50,"x"]"#.into()
+                ),
+                (2, "status is missing", r#"{"to":"a@b"}"#.into()),
+                (4, "must be a JSON object, not a number", "7".into()),
+            ]
+        );
+        // The same request, all-or-nothing: refused at the first invalid entry.
+        assert_eq!(decoded.validate().unwrap_err().index(), Some(1));
+    }
+
+    #[test]
+    fn dead_letter_mode_still_refuses_a_malformed_request() {
+        for body in [
+            r#"{"server_composition":"pro","event":{"deliveries":[1]}}"#,
+            r#"{"event_type":"deliveries","server_composition":"pro","event":{"deliveries":{}}}"#,
+            r#"{"event_type":"deliveries","server_composition":"","event":{"deliveries":[1]}}"#,
+        ] {
+            let decoded = decode(Some("application/json"), body.as_bytes()).unwrap();
+            let err = decoded
+                .validate_with(InvalidEntries::DeadLetter)
+                .unwrap_err();
+            assert!(
+                matches!(err, PayloadError::Invalid { index: None, .. }),
+                "{body}"
+            );
         }
     }
 
