@@ -520,9 +520,19 @@ async fn entries_and_statuses_name_the_entry_at_fault() {
     let nats = NatsServer::start().await;
     let app = spawn_app(&nats).await;
     let long = format!("\"{}\"", "x".repeat(65));
-    let long_utf8 = format!("\"{}ab\"", "本".repeat(21));
-    let max = format!("\"{}\"", "x".repeat(64));
-    let max_subject = format!("cmc.deliveries.{}", "x".repeat(64));
+    let too_long = format!("\"{}\"", "x".repeat(129));
+    let too_long_utf8 = format!("\"{}\"", "本".repeat(43));
+    let max = format!("\"{}\"", "x".repeat(128));
+    let max_subject = format!("cmc.deliveries.{}", "x".repeat(128));
+    let escaped = |name: &str, status: &str, token: &str| {
+        let subject = format!("cmc.deliveries.{token}");
+        accepted(
+            name,
+            Some(J),
+            with_status(status),
+            &["cmc.deliveries.queued", &subject, "cmc.deliveries.failed"],
+        )
+    };
     let bounces = |event: &str| batch(r#""bounces""#, r#""pro""#, event);
     let blocks = |event: &str| batch(r#""blocks""#, r#""pro""#, event);
     #[rustfmt::skip]
@@ -546,23 +556,25 @@ async fn entries_and_statuses_name_the_entry_at_fault() {
         invalid("status float", with_status("1.5")).at(1),
         invalid("status exponent", with_status("2e0")).at(1),
         invalid("status empty", with_status(r#""""#)).at(1),
-        invalid("status with a dot", with_status(r#""queued.x""#)).at(1),
-        invalid("status *", with_status(r#""*""#)).at(1),
-        invalid("status >", with_status(r#"">""#)).at(1),
-        invalid("status with a space", with_status(r#""que ued""#)).at(1),
-        invalid("status with a trailing space", with_status(r#""queued ""#)).at(1),
-        invalid("status with a tab", with_status(r#""queued\t""#)).at(1),
-        invalid("status with CR LF", with_status(r#""queued\r\nX: 1""#)).at(1),
-        invalid("status with NUL", with_status(r#""queued\u0000""#)).at(1),
-        invalid("status with an ideographic space", with_status(r#""queued\u3000""#)).at(1),
-        invalid("status of 65 bytes", with_status(&long)).at(1),
-        invalid("status of 65 bytes in 23 characters", with_status(&long_utf8)).at(1),
+        // Any status up to 128 bytes arrives, escaped in its subject token (SPEC §1, §2).
+        escaped("status with a dot", r#""queued.x""#, "queued%2Ex"),
+        escaped("status *", r#""*""#, "%2A"),
+        escaped("status >", r#"">""#, "%3E"),
+        escaped("status with a space", r#""que ued""#, "que%20ued"),
+        escaped("status with a trailing space", r#""queued ""#, "queued%20"),
+        escaped("status with a tab", r#""queued\t""#, "queued%09"),
+        escaped("status with CR LF", r#""queued\r\nX: 1""#, "queued%0D%0AX%3A%201"),
+        escaped("status with NUL", r#""queued\u0000""#, "queued%00"),
+        escaped("status with an ideographic space", r#""queued\u3000""#, "queued%E3%80%80"),
+        escaped("status of 65 bytes", &long, &"x".repeat(65)),
+        invalid("status of 129 bytes", with_status(&too_long)).at(1),
+        invalid("status of 129 bytes in 43 characters", with_status(&too_long_utf8)).at(1),
         invalid("bounce status missing", bounces(r#"{"bounces":[{"status":"2"},{"status":2},{}]}"#)).at(2),
         invalid("bounce status 2.0", bounces(r#"{"bounces":[{"status":2.0}]}"#)).at(0),
         invalid("blocks status object", blocks(r#"{"blocks":[{},{"status":{}}]}"#)).at(1),
         invalid("blocks status empty", blocks(r#"{"blocks":[{"status":""}]}"#)).at(0),
         // Valid edges
-        accepted("status of 64 bytes", Some(J), with_status(&max), &["cmc.deliveries.queued", &max_subject, "cmc.deliveries.failed"]),
+        accepted("status of 128 bytes", Some(J), with_status(&max), &["cmc.deliveries.queued", &max_subject, "cmc.deliveries.failed"]),
         accepted("bounce status as an integer and a string", Some(J), bounces(r#"{"bounces":[{"status":2},{"status":"2"}]}"#), &["cmc.bounces.2", "cmc.bounces.2"]),
         accepted("blocks status absent or null", Some(J), blocks(r#"{"blocks":[{},{"status":null},{"status":"x"}]}"#), &["cmc.blocks.none", "cmc.blocks.none", "cmc.blocks.x"]),
         accepted("empty array", Some(J), deliveries("[]"), &[]),
@@ -616,7 +628,7 @@ async fn broken_form_bodies() {
         f("event with a duplicate key", event_of(r#"{"deliveries":[],"deliveries":[]}"#), 400, "malformed_json"),
         f("event array missing", event_of(r#"{"bounces":[]}"#), 422, "invalid_payload"),
         f("entry at fault", event_of(&format!(r#"{{"deliveries":{}}}"#, middle("null"))), 422, "invalid_payload").at(2),
-        f("status at fault", event_of(r#"{"deliveries":[{"status":"queued"},{"status":"a.b"}]}"#), 422, "invalid_payload").at(1),
+        f("status at fault", event_of(r#"{"deliveries":[{"status":"queued"},{"status":""}]}"#), 422, "invalid_payload").at(1),
         // event_type, server_composition
         f("event_type missing", format!("{sc}&{ev}"), 422, "invalid_payload"),
         f("event_type empty", format!("event_type=&{sc}&{ev}"), 422, "invalid_payload"),
@@ -962,4 +974,36 @@ async fn deeply_nested_json_is_refused_without_crashing() {
     // Still alive.
     let r = app.post(J, valid_json()).await;
     assert_eq!(r.status(), 200);
+}
+
+#[tokio::test]
+async fn a_hostile_status_is_escaped_and_arrives() {
+    let nats = NatsServer::start().await;
+    let app = spawn_app(&nats).await;
+    let mut sub = app.subscribe(">").await;
+    // Separators, wildcards, a space, CR LF with a header line after it, NUL, non-ASCII.
+    let status = "a.b*> c\r\nX-Injected: 1\0本";
+    let body = json!({
+        "event_type": "deliveries",
+        "server_composition": "pro",
+        "event": {"deliveries": [{"status": status, "to": "a@example.com"}]},
+    });
+    let response = app.post(J, body.to_string()).await;
+    assert_eq!(response.status(), 200);
+    assert_eq!(json(response).await["published"], 1);
+    let message = receive(&mut sub, 1).await.remove(0);
+    let escaped = "a%2Eb%2A%3E%20c%0D%0AX-Injected%3A%201%00%E6%9C%AC";
+    assert_eq!(
+        message.subject.as_str(),
+        format!("cmc.deliveries.{escaped}")
+    );
+    let headers = message.headers.as_ref().unwrap();
+    assert_eq!(header(headers, "Cmc-Status"), escaped);
+    assert!(headers.get("X-Injected").is_none());
+    let received: Value = serde_json::from_slice(&message.payload).unwrap();
+    assert_eq!(
+        received["status"], status,
+        "the body keeps the status verbatim"
+    );
+    assert_eq!(stored(&app).await, 1);
 }

@@ -3,6 +3,7 @@
 
 mod conformance;
 mod consumer;
+mod deadletter;
 mod delivery;
 mod faults;
 mod helpers;
@@ -10,3 +11,4 @@ mod hostile;
 mod http;
 mod limits;
 mod props;
+mod trace;

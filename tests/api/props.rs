@@ -142,12 +142,25 @@ struct ValidBatch {
     envelope: Envelope,
 }
 
-/// A status of the known set for `event_type`: its JSON value and its subject token.
+/// A status for `event_type`: its JSON value and its subject token. Mostly the known set, but
+/// any non-empty string of at most 128 bytes is valid too (dots, wildcards, control
+/// characters, non-ASCII), and must arrive under its escaped token.
 fn status(event_type: &'static str) -> BoxedStrategy<(Value, String)> {
+    let any_status = any::<String>()
+        .prop_filter("a valid status: 1 to 128 bytes", |s| {
+            (1..=128).contains(&s.len())
+        })
+        .prop_map(|s| {
+            let token = escape(&s);
+            (json!(s), token)
+        });
     match event_type {
-        "deliveries" => prop::sample::select(&["queued", "succeeded", "failed", "deferred"][..])
-            .prop_map(|s| (json!(s), s.to_owned()))
-            .boxed(),
+        "deliveries" => prop_oneof![
+            3 => prop::sample::select(&["queued", "succeeded", "failed", "deferred"][..])
+                .prop_map(|s| (json!(s), s.to_owned())),
+            1 => any_status,
+        ]
+        .boxed(),
         _ => (
             prop::sample::select(&[1u32, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 99][..]),
             any::<bool>(),
@@ -308,6 +321,24 @@ fn every_valid_batch_becomes_one_well_formed_message_per_entry() {
             let response = app.post(content_type, body).await;
             let status = response.status();
             let answer: Value = response.json().await.unwrap_or(Value::Null);
+            // SPEC §1: an entry whose subject would exceed 512 bytes is invalid, and the
+            // request with it (all-or-nothing).
+            let prefix = format!(
+                "cmc.{}.{}.",
+                escape(&batch.server_composition),
+                batch.event_type
+            );
+            let too_long = batch
+                .entries
+                .iter()
+                .position(|(_, token)| prefix.len() + token.len() > 512);
+            if let Some(index) = too_long {
+                prop_assert_eq!(status, 422, "{}", answer);
+                prop_assert_eq!(&answer["index"], index);
+                let events = drain_events(&app, &mut *sub.lock().await).await;
+                prop_assert!(events.is_empty(), "published on {}", events[0].subject);
+                return Ok(());
+            }
             prop_assert_eq!(status, 200, "{}", answer);
             prop_assert_eq!(&answer["result"], "ok");
             prop_assert_eq!(&answer["published"], batch.entries.len());
@@ -329,7 +360,16 @@ fn every_valid_batch_becomes_one_well_formed_message_per_entry() {
 
                 let headers = message.headers.as_ref().expect("headers");
                 prop_assert_eq!(header(headers, "Cmc-Batch-Index"), i.to_string());
-                prop_assert_eq!(header(headers, "Cmc-Status"), token.as_str());
+                // Raw when printable ASCII without leading or trailing space, else escaped.
+                let raw = match &fields["status"] {
+                    Value::String(s) => s.clone(),
+                    other => other.to_string(),
+                };
+                let printable = raw.bytes().all(|b| (0x20..=0x7e).contains(&b))
+                    && !raw.starts_with(' ')
+                    && !raw.ends_with(' ');
+                let expected_header = if printable { raw } else { escape(&raw) };
+                prop_assert_eq!(header(headers, "Cmc-Status"), expected_header);
 
                 let body: Map<String, Value> = serde_json::from_slice(&message.payload)
                     .map_err(|e| TestCaseError::fail(format!("body is not an object: {e}")))?;
