@@ -99,18 +99,13 @@ where
     let traceparent = trace.to_string();
     span.record("trace_id", trace.trace_id_hex());
     span.record("traceparent", traceparent.as_str());
-    let result = process(
-        &path,
-        &method,
-        &headers,
-        info,
-        body,
-        &state,
-        &batch_id,
-        &traceparent,
-    )
-    .instrument(span.clone())
-    .await;
+    let ids = RequestIds {
+        batch_id: &batch_id,
+        traceparent: &traceparent,
+    };
+    let result = process(&path, &method, &headers, info, body, &state, ids)
+        .instrument(span.clone())
+        .await;
     let _entered = span.enter();
     let elapsed_ms = started.elapsed().as_secs_f64() * 1000.0;
     let mut response = match result {
@@ -159,6 +154,13 @@ where
     response
 }
 
+/// What identifies one request on the bus: `Cmc-Batch-Id` and the batch's `traceparent`.
+#[derive(Clone, Copy)]
+struct RequestIds<'a> {
+    batch_id: &'a str,
+    traceparent: &'a str,
+}
+
 async fn process<S, B>(
     path: &FullPath,
     method: &Method,
@@ -166,8 +168,7 @@ async fn process<S, B>(
     info: Option<RequestInfo>,
     body: S,
     state: &WebhookState,
-    batch_id: &str,
-    traceparent: &str,
+    ids: RequestIds<'_>,
 ) -> Result<(usize, usize, DeliveryReport), ApiError>
 where
     S: Stream<Item = Result<B, warp::Error>>,
@@ -211,9 +212,11 @@ where
         template: &state.template,
         dead_letter: state.dead_letter.as_ref(),
         zone: state.timezone.as_ref(),
-        traceparent,
+        traceparent: ids.traceparent,
     };
-    let outgoing = batch.render(&render, batch_id).map_err(ApiError::Payload)?;
+    let outgoing = batch
+        .render(&render, ids.batch_id)
+        .map_err(ApiError::Payload)?;
     metrics::created_unparsed(outgoing.created_unparsed);
     let events = outgoing.messages.len();
     let started = Instant::now();
