@@ -329,4 +329,71 @@ mod tests {
         );
         assert!(page.contains(&format!("{DUPLICATES} 1")), "{page}");
     }
+
+    #[test]
+    fn dead_letters_count_as_invalid_entries_not_as_events() {
+        use crate::webhook::{Outgoing, OutgoingBatch};
+        let message = |index: usize, error: Option<&str>| Outgoing {
+            subject: "s".into(),
+            payload: bytes::Bytes::from_static(b"{}"),
+            msg_id: index.to_string(),
+            status_header: if error.is_some() { "" } else { "queued" }.into(),
+            error: error.map(str::to_owned),
+            index,
+        };
+        let batch = OutgoingBatch {
+            batch_id: "b".into(),
+            event_type_header: "deliveries".into(),
+            server_composition_header: "pro".into(),
+            traceparent: String::new(),
+            messages: vec![
+                message(0, None),
+                message(1, Some("status is missing")),
+                message(2, None),
+                message(3, Some("must be a JSON object, not null")),
+            ],
+            created_unparsed: 0,
+            invalid: 2,
+        };
+        let recorder = PrometheusBuilder::new().build_recorder();
+        let handle = recorder.handle();
+        metrics::with_local_recorder(&recorder, || {
+            batch_accepted(&batch, 4, 0, Duration::from_millis(1))
+        });
+        let page = handle.render();
+        assert!(
+            page.contains(&format!("{INVALID_ENTRIES}{{event_type=\"deliveries\"}} 2")),
+            "{page}"
+        );
+        assert!(
+            page.contains(&format!(
+                "{EVENTS}{{event_type=\"deliveries\",status=\"queued\",outcome=\"published\"}} 2"
+            )),
+            "{page}"
+        );
+        assert!(!page.contains("status=\"other\""), "{page}");
+    }
+
+    #[test]
+    fn spool_backlog_age_counts_from_when_the_spool_stopped_being_empty() {
+        let recorder = PrometheusBuilder::new().build_recorder();
+        let handle = recorder.handle();
+        let age = || {
+            let page = handle.render();
+            page.lines()
+                .find_map(|l| l.strip_prefix(&format!("{SPOOL_BACKLOG_AGE} ")))
+                .unwrap_or_else(|| panic!("no {SPOOL_BACKLOG_AGE} in\n{page}"))
+                .parse::<f64>()
+                .unwrap()
+        };
+        metrics::with_local_recorder(&recorder, || spool_depth(0, 0));
+        assert_eq!(age(), 0.0);
+        metrics::with_local_recorder(&recorder, || spool_depth(3, 300));
+        std::thread::sleep(Duration::from_millis(120));
+        // Draining part of it does not reset the clock; only an empty spool does.
+        metrics::with_local_recorder(&recorder, || spool_depth(1, 100));
+        assert!(age() >= 0.1, "{}", age());
+        metrics::with_local_recorder(&recorder, || spool_depth(0, 0));
+        assert_eq!(age(), 0.0);
+    }
 }

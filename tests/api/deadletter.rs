@@ -196,3 +196,49 @@ async fn start_up_checks_that_an_existing_stream_covers_the_dead_letter_subject(
         .await
         .is_ok());
 }
+
+#[tokio::test]
+async fn dead_letters_are_spooled_and_drained_like_any_message() {
+    let mut nats = NatsServer::start().await;
+    let spool = tempfile::tempdir().unwrap();
+    let mut settings = dead_letter_settings(&nats);
+    settings.spool.enabled = true;
+    settings.spool.dir = spool.path().join("spool");
+    let app = spawn_app_with(settings).await;
+    // The stream exists (created at start-up); NATS then goes away.
+    nats.stop();
+    let (body, entries) = ten_with_two_invalid();
+    let response = app.post("application/json", body.to_string()).await;
+    assert_eq!(response.status(), 200);
+    assert_eq!(
+        json(response).await,
+        json!({"result": "ok", "published": 0, "spooled": 10, "invalid": 2})
+    );
+
+    nats.restart().await;
+    let deadline = std::time::Instant::now() + WAIT;
+    let stored = loop {
+        let stored = match app.jetstream().get_stream("CMC_EVENTS").await {
+            Ok(mut stream) => stream.info().await.map_or(0, |i| i.state.messages),
+            Err(_) => 0,
+        };
+        if stored >= 10 || std::time::Instant::now() > deadline {
+            break stored;
+        }
+        tokio::time::sleep(std::time::Duration::from_millis(100)).await;
+    };
+    assert_eq!(stored, 10);
+    let messages = app.stream_messages().await;
+    let dead: Vec<Value> = messages
+        .iter()
+        .filter(|m| m.subject.as_str() == "cmc.invalid.deliveries")
+        .map(|m| serde_json::from_slice(&m.payload).unwrap())
+        .collect();
+    assert_eq!(dead.len(), 2);
+    assert_eq!(dead[0]["entry"], entries[3]);
+    assert_eq!(dead[1]["entry"], entries[7]);
+    assert!(messages
+        .iter()
+        .filter(|m| m.subject.as_str() == "cmc.invalid.deliveries")
+        .all(|m| m.headers.get("Cmc-Error").is_some() && m.headers.get("traceparent").is_some()));
+}
