@@ -8,8 +8,9 @@
 //! 1. [`routes::webhook`]: path, method, client IP and Basic credentials ([`auth`]), in-flight
 //!    limit, body read under its size cap.
 //! 2. [`webhook`] (pure, no I/O): media type, form or JSON decoding, `api_key` handed back to
-//!    [`auth`], all-or-nothing validation, then one [`webhook::Outgoing`] per entry with the
-//!    subject rendered by [`subject`].
+//!    [`auth`], validation (all-or-nothing, or invalid entries kept for the dead-letter
+//!    subject), then one [`webhook::Outgoing`] per entry with the subject rendered by
+//!    [`subject`] and the batch's `traceparent`.
 //! 3. [`deliver`]: the batch goes out through [`publish`] in entry order on one NATS
 //!    connection; JetStream PubAcks (or a core flush) are awaited within
 //!    `nats.publish_timeout`. What NATS cannot take in time is written to the [`spool`] and
@@ -18,7 +19,8 @@
 //!
 //! Around them: [`server`] (the public accept loop: connection cap, timeouts, TLS),
 //! [`settings`] (TOML + environment, checked types), [`startup`] (build, serve,
-//! drain), [`shutdown`] (signals), [`telemetry`] (logging), [`metrics`] (names and the
+//! drain), [`shutdown`] (signals), [`telemetry`] (logging, optional OTLP span export, the
+//! request's trace context), [`trace_context`] (pure W3C `traceparent` rules), [`metrics`] (names and the
 //! Prometheus exposition), [`cli`] (command line), and the admin listener in
 //! [`routes::admin`].
 #![forbid(unsafe_code)]
