@@ -28,6 +28,7 @@
 pub mod auth;
 pub mod cli;
 pub mod deliver;
+pub mod inbound;
 pub mod metrics;
 pub mod publish;
 pub mod routes;

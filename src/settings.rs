@@ -38,6 +38,7 @@ pub struct Settings {
     pub nats: NatsSettings,
     pub spool: SpoolSettings,
     pub validation: ValidationSettings,
+    pub inbound: InboundSettings,
     pub cmc: CmcSettings,
     pub log: LogSettings,
     pub telemetry: TelemetrySettings,
@@ -258,6 +259,31 @@ impl Default for ValidationSettings {
         ValidationSettings {
             invalid_entries: InvalidEntries::Reject,
             dead_letter_subject: "cmc.invalid.{event_type}".into(),
+        }
+    }
+}
+
+/// The Inbound webhook (SPEC §7): received mail, one message per mail.
+#[derive(Debug, Clone, Deserialize, Serialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct InboundSettings {
+    /// Path of the inbound endpoint on the public listener; `""` disables it.
+    pub path: String,
+    /// Subject template; placeholders `{filter}` and `{server_composition}`.
+    pub subject: String,
+    /// Largest accepted inbound body, in bytes (attachments included); larger ones answer 413.
+    pub max_body_bytes: u64,
+    /// JetStream object store holding attachments (stream `OBJ_<bucket>`).
+    pub bucket: String,
+}
+
+impl Default for InboundSettings {
+    fn default() -> Self {
+        InboundSettings {
+            path: "/webhooks/cmc/inbound".into(),
+            subject: "cmc.inbound.{filter}".into(),
+            max_body_bytes: 32 * 1024 * 1024,
+            bucket: "CMC_INBOUND".into(),
         }
     }
 }
@@ -572,6 +598,7 @@ impl Settings {
         if self.spool.enabled && self.spool.max_bytes == 0 {
             return Err(invalid("spool.max_bytes", "must be greater than 0"));
         }
+        crate::inbound::check_settings(self).map_err(|(key, message)| invalid(key, message))?;
         Ok(())
     }
 
