@@ -26,6 +26,9 @@ pub const CREATED_UNPARSED: &str = "cmc_forwarder_created_unparsed_total";
 pub const INVALID_ENTRIES: &str = "cmc_forwarder_invalid_entries_total";
 pub const SPOOL_QUARANTINED: &str = "cmc_forwarder_spool_quarantined_messages";
 pub const SPOOL_BACKLOG_AGE: &str = "cmc_forwarder_spool_backlog_age_seconds";
+pub const INBOUND_MAILS: &str = "cmc_forwarder_inbound_mails_total";
+pub const INBOUND_ATTACHMENTS: &str = "cmc_forwarder_inbound_attachments_total";
+pub const INBOUND_ATTACHMENT_BYTES: &str = "cmc_forwarder_inbound_attachment_bytes_total";
 
 static HANDLE: OnceLock<PrometheusHandle> = OnceLock::new();
 
@@ -115,6 +118,18 @@ fn describe() {
         CREATED_UNPARSED,
         "Entries whose `created` could not be converted to created_at (cmc.timezone set)"
     );
+    metrics::describe_counter!(
+        INBOUND_MAILS,
+        "Inbound mails, by outcome (published, duplicate, spooled, drained, rejected)"
+    );
+    metrics::describe_counter!(
+        INBOUND_ATTACHMENTS,
+        "Inbound attachment objects, by outcome (uploaded, already_stored, spooled)"
+    );
+    metrics::describe_counter!(
+        INBOUND_ATTACHMENT_BYTES,
+        "Bytes of inbound attachment objects, by outcome (uploaded, already_stored, spooled)"
+    );
 }
 
 pub fn request(status: u16) {
@@ -185,6 +200,19 @@ pub fn batch_accepted(batch: &OutgoingBatch, published: usize, duplicates: usize
     counter!(DUPLICATES).increment(duplicates as u64);
     histogram!(PUBLISH_SECONDS).record(took.as_secs_f64());
     histogram!(BATCH_SIZE).record(batch.messages.len() as f64);
+}
+
+/// One inbound mail: `published`, `duplicate`, `spooled`, `drained` or `rejected`.
+pub fn inbound_mail(outcome: &'static str) {
+    counter!(INBOUND_MAILS, "outcome" => outcome).increment(1);
+}
+
+/// Inbound objects (attachments and stored bodies): `uploaded`, `already_stored` or `spooled`.
+pub fn inbound_attachments(outcome: &'static str, count: usize, bytes: u64) {
+    if count > 0 {
+        counter!(INBOUND_ATTACHMENTS, "outcome" => outcome).increment(count as u64);
+        counter!(INBOUND_ATTACHMENT_BYTES, "outcome" => outcome).increment(bytes);
+    }
 }
 
 pub fn created_unparsed(count: usize) {

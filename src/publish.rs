@@ -255,6 +255,21 @@ impl Publisher {
         }
     }
 
+    /// A JetStream context on the shared connection whatever `nats.mode`: the inbound
+    /// object store needs one even when events go out as core messages.
+    pub fn jetstream_context(&self) -> jetstream::Context {
+        self.jetstream.clone().unwrap_or_else(|| {
+            jetstream::ContextBuilder::new()
+                .timeout(self.timeout)
+                .build(self.client.clone())
+        })
+    }
+
+    /// `nats.publish_timeout`.
+    pub fn timeout(&self) -> Duration {
+        self.timeout
+    }
+
     /// The `max_payload` the server announced.
     pub fn max_payload(&self) -> usize {
         self.client.max_payload()

@@ -1,0 +1,335 @@
+//! The inbound spool: mails NATS could not take in time, kept whole on disk in
+//! `<spool.dir>/inbound/`, and the task that later sends them, in arrival order.
+//!
+//! Each mail is one directory named by its arrival number (`00000000000000000042`), holding
+//! its attachment files and `mail.json`. A request's files are written first to its work
+//! directory in `<spool.dir>/inbound/tmp/`; spooling fsyncs every file and the directory,
+//! then renames it into place and fsyncs the parent, so a directory in the queue is always
+//! complete. The drainer stores the objects and publishes the message of the oldest mail,
+//! then removes it; a crash in between repeats the same objects (skipped, same digest) and the
+//! same `Nats-Msg-Id` (dropped by JetStream), so each mail is on the bus exactly once.
+//! Temporary failures back off exponentially (capped), permanent ones move the mail to
+//! `quarantine/` with the reason. Independent of the event spool.
+
+use std::fs;
+use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::Arc;
+use std::time::Duration;
+
+use thiserror::Error;
+use tokio::sync::{watch, Notify};
+
+use super::mail::Mail;
+use super::receive::WorkDir;
+use super::store::InboundSink;
+
+const MAIL_FILE: &str = "mail.json";
+/// Longest pause between two attempts of the drainer.
+pub const RETRY_MAX: Duration = Duration::from_secs(5);
+
+#[derive(Debug, Error)]
+pub enum InboundSpoolError {
+    #[error("inbound spool I/O: {0}")]
+    Io(#[from] std::io::Error),
+    #[error("the spool is full (spool.max_bytes)")]
+    Full,
+    #[error("inbound spool record {0}: {1}")]
+    Corrupt(PathBuf, String),
+}
+
+/// The on-disk queue of mails.
+pub struct InboundSpool {
+    dir: PathBuf,
+    tmp: PathBuf,
+    quarantine: PathBuf,
+    max_bytes: u64,
+    next: AtomicU64,
+    mails: AtomicU64,
+    bytes: AtomicU64,
+    appended: Notify,
+}
+
+fn entries(dir: &Path) -> std::io::Result<Vec<(u64, PathBuf)>> {
+    let mut out: Vec<(u64, PathBuf)> = fs::read_dir(dir)?
+        .filter_map(|e| e.ok())
+        .filter_map(|e| {
+            let n = e.file_name().to_str()?.parse::<u64>().ok()?;
+            Some((n, e.path()))
+        })
+        .collect();
+    out.sort_unstable_by_key(|(n, _)| *n);
+    Ok(out)
+}
+
+fn dir_bytes(dir: &Path) -> u64 {
+    fs::read_dir(dir)
+        .map(|it| {
+            it.filter_map(|e| e.ok())
+                .filter_map(|e| e.metadata().ok())
+                .map(|m| m.len())
+                .sum()
+        })
+        .unwrap_or(0)
+}
+
+fn sync_dir(dir: &Path) -> std::io::Result<()> {
+    fs::File::open(dir)?.sync_all()
+}
+
+impl InboundSpool {
+    /// Opens `<spool_dir>/inbound/`, removing the work directories of requests a previous run
+    /// did not finish (they were never answered 200).
+    pub fn open(spool_dir: &Path, max_bytes: u64) -> Result<InboundSpool, InboundSpoolError> {
+        let dir = spool_dir.join("inbound");
+        let tmp = dir.join("tmp");
+        let quarantine = dir.join("quarantine");
+        if tmp.exists() {
+            fs::remove_dir_all(&tmp)?;
+        }
+        fs::create_dir_all(&tmp)?;
+        fs::create_dir_all(&quarantine)?;
+        let queued = entries(&dir)?;
+        let next = queued.last().map_or(1, |(n, _)| n + 1);
+        let bytes = queued.iter().map(|(_, p)| dir_bytes(p)).sum();
+        Ok(InboundSpool {
+            mails: AtomicU64::new(queued.len() as u64),
+            bytes: AtomicU64::new(bytes),
+            next: AtomicU64::new(next),
+            dir,
+            tmp,
+            quarantine,
+            max_bytes,
+            appended: Notify::new(),
+        })
+    }
+
+    /// Where requests write their files, so spooling them is a rename.
+    pub fn work_root(&self) -> &Path {
+        &self.tmp
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.mails.load(Ordering::Acquire) == 0
+    }
+
+    pub fn len(&self) -> u64 {
+        self.mails.load(Ordering::Acquire)
+    }
+
+    /// Makes `mail` (its files in `work`) durable at the end of the queue. Blocking I/O: run
+    /// it on a blocking thread.
+    pub fn append(&self, work: WorkDir, mail: &Mail) -> Result<(), InboundSpoolError> {
+        let size = mail.file_bytes();
+        if self.bytes.load(Ordering::Acquire) + size > self.max_bytes {
+            return Err(InboundSpoolError::Full);
+        }
+        let path = work.path().to_owned();
+        let record = serde_json::to_vec(mail)
+            .map_err(|e| InboundSpoolError::Corrupt(path.clone(), e.to_string()))?;
+        let mut file = fs::File::create(path.join(MAIL_FILE))?;
+        std::io::Write::write_all(&mut file, &record)?;
+        file.sync_all()?;
+        for entry in fs::read_dir(&path)? {
+            let entry = entry?;
+            if entry.file_name() != MAIL_FILE {
+                fs::File::open(entry.path())?.sync_all()?;
+            }
+        }
+        sync_dir(&path)?;
+        let n = self.next.fetch_add(1, Ordering::AcqRel);
+        let target = self.dir.join(format!("{n:020}"));
+        fs::rename(&path, &target)?;
+        // Renamed: the work directory must no longer be removed on drop.
+        let _ = work.into_path();
+        sync_dir(&self.dir)?;
+        sync_dir(&self.tmp)?;
+        self.bytes
+            .fetch_add(size + record.len() as u64, Ordering::AcqRel);
+        self.mails.fetch_add(1, Ordering::AcqRel);
+        self.appended.notify_one();
+        Ok(())
+    }
+
+    /// The oldest mail and its directory.
+    fn oldest(&self) -> Result<Option<(PathBuf, Result<Mail, String>)>, InboundSpoolError> {
+        let Some((_, path)) = entries(&self.dir)?.into_iter().next() else {
+            return Ok(None);
+        };
+        let mail = fs::read(path.join(MAIL_FILE))
+            .map_err(|e| e.to_string())
+            .and_then(|b| serde_json::from_slice::<Mail>(&b).map_err(|e| e.to_string()));
+        Ok(Some((path, mail)))
+    }
+
+    fn forget(&self, path: &Path) {
+        let size = dir_bytes(path);
+        self.bytes.fetch_sub(size.min(self.bytes.load(Ordering::Acquire)), Ordering::AcqRel);
+        self.mails.fetch_sub(1, Ordering::AcqRel);
+    }
+
+    /// Removes a delivered mail.
+    fn remove(&self, path: &Path) -> Result<(), InboundSpoolError> {
+        self.forget(path);
+        fs::remove_dir_all(path)?;
+        sync_dir(&self.dir)?;
+        Ok(())
+    }
+
+    /// Moves a mail NATS refused for good aside, with the reason.
+    fn quarantine(&self, path: &Path, reason: &str) -> Result<(), InboundSpoolError> {
+        self.forget(path);
+        let name = path.file_name().unwrap_or_default();
+        let target = self.quarantine.join(name);
+        fs::rename(path, &target)?;
+        fs::write(target.join("reason.txt"), reason)?;
+        sync_dir(&self.dir)?;
+        Ok(())
+    }
+}
+
+/// Sends the spooled mails in order until `stop` turns true; never spins.
+pub async fn drain(spool: Arc<InboundSpool>, sink: Arc<InboundSink>, mut stop: watch::Receiver<bool>) {
+    let mut backoff = Duration::from_millis(100);
+    loop {
+        if *stop.borrow() {
+            return;
+        }
+        let next = {
+            let spool = spool.clone();
+            tokio::task::spawn_blocking(move || spool.oldest()).await
+        };
+        let outcome = match next {
+            Ok(Ok(None)) => {
+                tokio::select! {
+                    () = spool.appended.notified() => {}
+                    // A periodic look, in case a notification raced with the emptiness check.
+                    () = tokio::time::sleep(Duration::from_secs(1)) => {}
+                    _ = stop.wait_for(|s| *s) => return,
+                }
+                continue;
+            }
+            Ok(Ok(Some((path, Err(reason))))) => {
+                tracing::error!(dir = %path.display(), %reason, "inbound spool record unreadable; quarantined");
+                finish(&spool, path, Some(reason)).await
+            }
+            Ok(Ok(Some((path, Ok(mail))))) => {
+                let batch_id = path
+                    .file_name()
+                    .and_then(|n| n.to_str())
+                    .map(|n| format!("spool-{n}"))
+                    .unwrap_or_default();
+                match sink.deliver(&mail, &path, &batch_id).await {
+                    Ok(sent) => {
+                        tracing::info!(
+                            batch_id = %batch_id,
+                            attachments = mail.attachments.len(),
+                            uploaded = sent.uploaded,
+                            duplicate = sent.duplicate,
+                            "spooled inbound mail published"
+                        );
+                        crate::metrics::inbound_mail("drained");
+                        crate::metrics::inbound_attachments("uploaded", sent.uploaded, sent.uploaded_bytes);
+                        finish(&spool, path, None).await
+                    }
+                    Err(e) if e.is_temporary() => {
+                        tracing::debug!(error = %e, "inbound spool: NATS not ready; retrying");
+                        Err(e.to_string())
+                    }
+                    Err(e) => {
+                        tracing::error!(batch_id = %batch_id, error = %e, "spooled inbound mail refused by NATS; quarantined");
+                        finish(&spool, path, Some(e.to_string())).await
+                    }
+                }
+            }
+            Ok(Err(e)) => Err(e.to_string()),
+            Err(e) => Err(e.to_string()),
+        };
+        match outcome {
+            Ok(()) => backoff = Duration::from_millis(100),
+            Err(_) => {
+                tokio::select! {
+                    () = tokio::time::sleep(backoff) => {}
+                    _ = stop.wait_for(|s| *s) => return,
+                }
+                backoff = (backoff * 2).min(RETRY_MAX);
+            }
+        }
+    }
+}
+
+async fn finish(spool: &Arc<InboundSpool>, path: PathBuf, quarantine: Option<String>) -> Result<(), String> {
+    let spool = spool.clone();
+    tokio::task::spawn_blocking(move || match quarantine {
+        None => spool.remove(&path),
+        Some(reason) => spool.quarantine(&path, &reason),
+    })
+    .await
+    .map_err(|e| e.to_string())?
+    .map_err(|e| {
+        tracing::error!(error = %e, "inbound spool: cannot remove a sent mail");
+        e.to_string()
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::inbound::mail::parse_json;
+
+    #[test]
+    fn mails_are_kept_in_order_across_a_reopen_and_unfinished_work_is_removed() {
+        let root = tempfile::tempdir().unwrap();
+        let spool = InboundSpool::open(root.path(), 1 << 30).unwrap();
+        let mail = parse_json(include_bytes!("../../fixtures/inbound/json.json"))
+            .unwrap()
+            .validate()
+            .unwrap();
+        for subject in ["first", "second"] {
+            let work = WorkDir::create(spool.work_root()).unwrap();
+            fs::write(work.path().join("part-1"), b"data").unwrap();
+            let mut m = mail.clone();
+            m.subject = subject.into();
+            spool.append(work, &m).unwrap();
+        }
+        let abandoned = WorkDir::create(spool.work_root()).unwrap().into_path();
+        assert_eq!(spool.len(), 2);
+        drop(spool);
+
+        let spool = InboundSpool::open(root.path(), 1 << 30).unwrap();
+        assert!(!abandoned.exists());
+        assert_eq!(spool.len(), 2);
+        let (path, first) = spool.oldest().unwrap().unwrap();
+        assert_eq!(first.unwrap().subject, "first");
+        assert_eq!(fs::read(path.join("part-1")).unwrap(), b"data");
+        spool.remove(&path).unwrap();
+        let (path, second) = spool.oldest().unwrap().unwrap();
+        assert_eq!(second.unwrap().subject, "second");
+        spool.quarantine(&path, "refused").unwrap();
+        assert!(spool.is_empty());
+        assert!(spool.oldest().unwrap().is_none());
+        assert_eq!(
+            fs::read_to_string(root.path().join("inbound/quarantine").join(path.file_name().unwrap()).join("reason.txt")).unwrap(),
+            "refused"
+        );
+    }
+
+    #[test]
+    fn a_full_spool_refuses() {
+        let root = tempfile::tempdir().unwrap();
+        let spool = InboundSpool::open(root.path(), 10).unwrap();
+        let mut mail = parse_json(include_bytes!("../../fixtures/inbound/json.json"))
+            .unwrap()
+            .validate()
+            .unwrap();
+        mail.attachments.push(crate::inbound::mail::Attachment {
+            field: "attachment1".into(),
+            filename: "a".into(),
+            content_type: "x/y".into(),
+            data: crate::inbound::mail::StoredFile { file: "part-1".into(), size: 100, sha256: String::new() },
+        });
+        let work = WorkDir::create(spool.work_root()).unwrap();
+        assert!(matches!(spool.append(work, &mail), Err(InboundSpoolError::Full)));
+        assert!(spool.is_empty());
+    }
+}

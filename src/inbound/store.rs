@@ -1,0 +1,262 @@
+//! What goes out for one mail, in SPEC §7's order: every object into the bucket
+//! `inbound.bucket`, then the message (JetStream PubAck awaited, or a core flush).
+//!
+//! An object is named by its content's SHA-256; when the bucket already holds that name with
+//! the same digest and size, nothing is uploaded again, so a retried (or drained) mail stores
+//! nothing twice, and its message repeats the same `Nats-Msg-Id`, which JetStream drops.
+//! Objects are put from their file (or, for an inline body, from memory) in the client's
+//! 128 KiB chunks, each acknowledged, so an upload holds one chunk at a time. Every NATS call
+//! is bounded: a stalled server gives an error in time, never a hang.
+
+use std::collections::HashMap;
+use std::path::Path;
+use std::time::Duration;
+
+use async_nats::header::HeaderName;
+use async_nats::jetstream::object_store::{self, InfoErrorKind, ObjectMetadata, ObjectStore};
+use async_nats::jetstream::stream::StorageType;
+use base64::Engine;
+use thiserror::Error;
+use tokio::sync::Mutex;
+
+use super::mail::Mail;
+use super::message::{plan, ObjectToStore, Source, TooLarge};
+use super::subject::InboundSubject;
+use crate::publish::{Outbound, PublishError, Publisher};
+use crate::settings::{Settings, Storage};
+
+/// Why a mail is not (entirely) out.
+#[derive(Debug, Error)]
+pub enum SinkError {
+    /// Waiting can fix it (no connection, no answer in time): the mail may be spooled.
+    #[error("{0}")]
+    Temporary(String),
+    /// The message cannot fit the server's `max_payload` (413; never spooled).
+    #[error(transparent)]
+    TooLarge(TooLarge),
+    /// NATS refused for good (permissions, no stream for the subject, bucket unusable).
+    #[error("{0}")]
+    Refused(String),
+}
+
+impl SinkError {
+    pub fn is_temporary(&self) -> bool {
+        matches!(self, SinkError::Temporary(_))
+    }
+}
+
+/// What a delivered mail did.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub struct Sent {
+    /// JetStream already had the message (same `Nats-Msg-Id`).
+    pub duplicate: bool,
+    /// Objects uploaded now, and those the bucket already held.
+    pub uploaded: usize,
+    pub already_stored: usize,
+    /// Bytes uploaded now.
+    pub uploaded_bytes: u64,
+}
+
+/// The object store and the publisher, shared by the route and the inbound drainer.
+pub struct InboundSink {
+    publisher: Publisher,
+    bucket: String,
+    template: InboundSubject,
+    create: bool,
+    storage: StorageType,
+    replicas: usize,
+    /// The bucket, once created or found.
+    store: Mutex<Option<ObjectStore>>,
+}
+
+impl InboundSink {
+    pub fn new(settings: &Settings, publisher: Publisher) -> Result<InboundSink, String> {
+        let template = InboundSubject::parse(&settings.inbound.subject)
+            .map_err(|e| format!("inbound.subject: {e}"))?;
+        Ok(InboundSink {
+            publisher,
+            bucket: settings.inbound.bucket.clone(),
+            template,
+            create: settings.nats.stream.create,
+            storage: match settings.nats.stream.storage {
+                Storage::File => StorageType::File,
+                Storage::Memory => StorageType::Memory,
+            },
+            replicas: settings.nats.stream.replicas,
+            store: Mutex::new(None),
+        })
+    }
+
+    pub fn bucket(&self) -> &str {
+        &self.bucket
+    }
+
+    fn timeout(&self) -> Duration {
+        self.publisher.timeout()
+    }
+
+    /// Creates the bucket (`nats.stream.create`) or finds it; cached once it succeeded.
+    pub async fn ensure_bucket(&self) -> Result<ObjectStore, SinkError> {
+        let mut cached = self.store.lock().await;
+        if let Some(store) = &*cached {
+            return Ok(store.clone());
+        }
+        if !self.publisher.is_connected() {
+            return Err(SinkError::Temporary("NATS is not connected".into()));
+        }
+        let js = self.publisher.jetstream_context();
+        let found = async {
+            if self.create {
+                let config = object_store::Config {
+                    bucket: self.bucket.clone(),
+                    description: Some("cmc-forwarder: attachments of inbound mail".into()),
+                    storage: self.storage,
+                    num_replicas: self.replicas,
+                    ..Default::default()
+                };
+                match js.create_object_store(config).await {
+                    Ok(store) => return Ok(store),
+                    // Already there with another configuration (set by an operator): use it.
+                    Err(create) => js
+                        .get_object_store(&self.bucket)
+                        .await
+                        .map_err(|_| create.to_string()),
+                }
+            } else {
+                js.get_object_store(&self.bucket)
+                    .await
+                    .map_err(|e| format!("{e} (nats.stream.create = false: it must exist)"))
+            }
+        };
+        let store = match tokio::time::timeout(self.timeout(), found).await {
+            Ok(Ok(store)) => store,
+            Ok(Err(e)) => {
+                return Err(SinkError::Temporary(format!(
+                    "object store {} not usable: {e}",
+                    self.bucket
+                )))
+            }
+            Err(_) => {
+                return Err(SinkError::Temporary(format!(
+                    "object store {}: no answer within {:?}",
+                    self.bucket,
+                    self.timeout()
+                )))
+            }
+        };
+        *cached = Some(store.clone());
+        Ok(store)
+    }
+
+    /// Stores the objects of `mail` (files under `dir`), then publishes its message.
+    pub async fn deliver(&self, mail: &Mail, dir: &Path, batch_id: &str) -> Result<Sent, SinkError> {
+        if !self.publisher.is_connected() {
+            return Err(SinkError::Temporary("NATS is not connected".into()));
+        }
+        let max_payload = self.publisher.max_payload();
+        if max_payload == 0 {
+            return Err(SinkError::Temporary("NATS has not announced max_payload yet".into()));
+        }
+        let planned = plan(mail, &self.template, &self.bucket, batch_id, max_payload)
+            .map_err(SinkError::TooLarge)?;
+        let store = self.ensure_bucket().await?;
+        let mut sent = Sent::default();
+        for object in &planned.objects {
+            if self.put(&store, object, dir).await? {
+                sent.uploaded += 1;
+                sent.uploaded_bytes += object.size;
+            } else {
+                sent.already_stored += 1;
+            }
+        }
+        let message = planned.message;
+        let mut headers = async_nats::HeaderMap::new();
+        for (name, value) in message.headers {
+            headers.insert(HeaderName::from_static(name), value);
+        }
+        let report = self
+            .publisher
+            .publish(vec![Outbound {
+                subject: message.subject,
+                headers,
+                payload: message.payload.into(),
+            }])
+            .await
+            .map_err(|failure| match failure.error {
+                PublishError::TooLarge(o) => SinkError::TooLarge(TooLarge {
+                    size: o.size.unwrap_or(0),
+                    max: o.max,
+                }),
+                e if e.is_temporary() => SinkError::Temporary(e.to_string()),
+                e => SinkError::Refused(e.to_string()),
+            })?;
+        sent.duplicate = report.duplicates > 0;
+        Ok(sent)
+    }
+
+    /// Puts one object unless the bucket already has it; returns whether it uploaded.
+    async fn put(&self, store: &ObjectStore, object: &ObjectToStore<'_>, dir: &Path) -> Result<bool, SinkError> {
+        let timeout = self.timeout();
+        let digest = hex::decode(&object.name)
+            .map(|d| format!("SHA-256={}", base64::engine::general_purpose::URL_SAFE.encode(d)))
+            .map_err(|_| SinkError::Refused(format!("{:?} is not a SHA-256", object.name)))?;
+        match tokio::time::timeout(timeout, store.info(&object.name)).await {
+            Ok(Ok(info))
+                if !info.deleted
+                    && info.size as u64 == object.size
+                    && info.digest.as_deref() == Some(digest.as_str()) =>
+            {
+                return Ok(false);
+            }
+            Ok(Ok(_)) => {}
+            Ok(Err(e)) if e.kind() == InfoErrorKind::NotFound => {}
+            Ok(Err(e)) => return Err(SinkError::Temporary(format!("object {}: {e}", object.name))),
+            Err(_) => {
+                return Err(SinkError::Temporary(format!(
+                    "object {}: no answer within {timeout:?}",
+                    object.name
+                )))
+            }
+        }
+        let meta = ObjectMetadata {
+            name: object.name.clone(),
+            description: Some(object.filename.clone()),
+            metadata: HashMap::from([
+                ("filename".to_owned(), object.filename.clone()),
+                ("content_type".to_owned(), object.content_type.clone()),
+                ("field".to_owned(), object.field.clone()),
+            ]),
+            ..Default::default()
+        };
+        // Each 128 KiB chunk is acknowledged within `timeout` by the client; the whole upload
+        // gets that per chunk, plus one for the metadata.
+        let chunks = object.size.div_ceil(128 * 1024) as u32;
+        let bound = timeout * (chunks + 2);
+        let upload = async {
+            match object.source {
+                Source::File(name) => {
+                    let mut file = tokio::fs::File::open(dir.join(name))
+                        .await
+                        .map_err(|e| SinkError::Refused(format!("attachment file {name}: {e}")))?;
+                    store.put(meta, &mut file).await
+                }
+                Source::Memory(bytes) => {
+                    let mut reader = bytes;
+                    store.put(meta, &mut reader).await
+                }
+            }
+            .map_err(|e| SinkError::Temporary(format!("object {}: {e}", object.name)))
+        };
+        let info = tokio::time::timeout(bound, upload).await.map_err(|_| {
+            SinkError::Temporary(format!("object {}: upload not done within {bound:?}", object.name))
+        })??;
+        if info.digest.as_deref() != Some(digest.as_str()) {
+            // The file changed under us: never reference an object whose content differs.
+            return Err(SinkError::Refused(format!(
+                "object {}: stored content has digest {:?}",
+                object.name, info.digest
+            )));
+        }
+        Ok(true)
+    }
+}
