@@ -11,12 +11,15 @@ use std::time::Duration;
 use thiserror::Error;
 use tokio::net::TcpListener;
 use tokio::sync::{watch, Semaphore};
+use warp::Filter;
 
 use crate::auth::Auth;
 use crate::deliver::{self, Delivery};
+use crate::inbound::spool::InboundSpool;
+use crate::inbound::store::InboundSink;
 use crate::metrics;
 use crate::publish::{Publisher, SetupError};
-use crate::routes::{admin, webhook};
+use crate::routes::{admin, inbound, webhook};
 use crate::server::{self, ServeOptions};
 use crate::settings::{Settings, SettingsError};
 use crate::spool::{Spool, SpoolError};
@@ -52,6 +55,8 @@ pub struct Application {
     publisher: Publisher,
     spool: Option<Arc<Spool>>,
     webhook: Arc<webhook::WebhookState>,
+    /// The inbound endpoint and its spool, when `inbound.path` is set.
+    inbound: Option<Arc<inbound::InboundState>>,
     serve_options: ServeOptions,
     /// Turns readiness off as soon as shutdown begins.
     shutting_down: Arc<AtomicBool>,
@@ -108,6 +113,8 @@ impl Application {
             None
         };
 
+        let inbound = build_inbound(settings, &publisher).await?;
+
         let listen = settings.server_listen()?;
         let listener = bind(listen, "server.listen").await?;
         let admin_listener = match settings.admin_listen()? {
@@ -115,6 +122,19 @@ impl Application {
             None => None,
         };
         let publish_timeout = settings.nats.publish_timeout.get();
+        let in_flight = Arc::new(Semaphore::new(settings.server.max_in_flight));
+        let inbound = inbound.map(|(sink, spool, work_root)| {
+            Arc::new(inbound::InboundState {
+                path: settings.inbound.path.clone(),
+                max_body_bytes: settings.inbound.max_body_bytes,
+                auth: auth.clone(),
+                sink,
+                spool,
+                work_root,
+                in_flight: in_flight.clone(),
+                retry_after: publish_timeout.max(Duration::from_secs(1)),
+            })
+        });
         let webhook = Arc::new(webhook::WebhookState {
             path: settings.server.path.clone(),
             max_body_bytes: settings.server.max_body_bytes,
@@ -123,7 +143,7 @@ impl Application {
             timezone: settings.timezone()?,
             auth,
             delivery: Delivery::new(publisher.clone(), spool.clone()),
-            in_flight: Arc::new(Semaphore::new(settings.server.max_in_flight)),
+            in_flight,
             retry_after: publish_timeout.max(Duration::from_secs(1)),
         });
         Ok(Application {
@@ -132,6 +152,7 @@ impl Application {
             publisher,
             spool,
             webhook,
+            inbound,
             serve_options: ServeOptions {
                 request_timeout: settings.server.request_timeout.get(),
                 max_connections: settings.server.max_connections,
@@ -178,6 +199,15 @@ impl Application {
             ))
         });
 
+        let inbound_drainer = self.inbound.as_ref().and_then(|state| {
+            let spool = state.spool.clone()?;
+            Some(tokio::spawn(crate::inbound::spool::drain(
+                spool,
+                state.sink.clone(),
+                stop_rx.clone(),
+            )))
+        });
+
         let (admin_stop_tx, admin_stop_rx) = watch::channel(false);
         let admin = self.admin_listener.map(|listener| {
             let routes = admin::routes(admin::AdminState {
@@ -200,9 +230,19 @@ impl Application {
             tls = self.serve_options.tls.is_some(),
             "webhook listener ready"
         );
+        let routes = match &self.inbound {
+            Some(state) => {
+                tracing::info!(path = %state.path, bucket = %state.sink.bucket(), "inbound endpoint ready");
+                inbound::routes(state.clone())
+                    .or(webhook::routes(self.webhook.clone()))
+                    .unify()
+                    .boxed()
+            }
+            None => webhook::routes(self.webhook.clone()).boxed(),
+        };
         let server = server::serve(
             self.listener,
-            webhook::routes(self.webhook.clone()),
+            routes,
             self.serve_options,
             stopped(stop_rx.clone()),
         );
@@ -218,6 +258,9 @@ impl Application {
         if let Some(drainer) = drainer {
             let _ = drainer.await;
         }
+        if let Some(drainer) = inbound_drainer {
+            let _ = drainer.await;
+        }
         self.publisher.flush().await;
         if let Some(spool) = &self.spool {
             if !spool.is_empty() {
@@ -230,6 +273,57 @@ impl Application {
         }
         tracing::info!("stopped");
     }
+}
+
+/// The inbound sink, its spool (with `spool.enabled`) and the requests' work area; the bucket
+/// is created (or found) now when NATS is reachable, else in the background.
+async fn build_inbound(
+    settings: &Settings,
+    publisher: &Publisher,
+) -> Result<Option<(Arc<InboundSink>, Option<Arc<InboundSpool>>, std::path::PathBuf)>, StartupError>
+{
+    if settings.inbound.path.is_empty() {
+        return Ok(None);
+    }
+    let sink = Arc::new(InboundSink::new(settings, publisher.clone()).map_err(StartupError::Auth)?);
+    let bucket_error = |message: String| SetupError::Stream {
+        name: format!("OBJ_{}", settings.inbound.bucket),
+        message,
+    };
+    if publisher.is_connected() {
+        sink.ensure_bucket()
+            .await
+            .map_err(|e| bucket_error(e.to_string()))?;
+    } else {
+        let sink = sink.clone();
+        tokio::spawn(async move {
+            while sink.ensure_bucket().await.is_err() {
+                tokio::time::sleep(Duration::from_millis(500)).await;
+            }
+            tracing::info!(bucket = %sink.bucket(), "inbound object store ready");
+        });
+    }
+    let (spool, work_root) = if settings.spool.enabled {
+        let spool = InboundSpool::open(&settings.spool.dir, settings.spool.max_bytes).map_err(
+            |e| StartupError::Spool {
+                dir: settings.spool.dir.join("inbound"),
+                source: crate::spool::SpoolError::Io(std::io::Error::other(e.to_string())),
+            },
+        )?;
+        if !spool.is_empty() {
+            tracing::info!(mails = spool.len(), "inbound spool holds mails from an earlier run; they are sent first");
+        }
+        let root = spool.work_root().to_owned();
+        (Some(Arc::new(spool)), root)
+    } else {
+        let root = std::env::temp_dir().join("cmc-forwarder-inbound");
+        std::fs::create_dir_all(&root).map_err(|e| StartupError::Spool {
+            dir: root.clone(),
+            source: crate::spool::SpoolError::Io(e),
+        })?;
+        (None, root)
+    };
+    Ok(Some((sink, spool, work_root)))
 }
 
 async fn bind(addr: SocketAddr, what: &'static str) -> Result<TcpListener, StartupError> {

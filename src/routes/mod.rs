@@ -3,4 +3,5 @@
 
 pub mod admin;
 pub mod error;
+pub mod inbound;
 pub mod webhook;
