@@ -9,6 +9,7 @@ mod faults;
 mod helpers;
 mod hostile;
 mod http;
+mod inbound;
 mod limits;
 mod props;
 mod trace;
