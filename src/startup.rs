@@ -280,8 +280,14 @@ impl Application {
 async fn build_inbound(
     settings: &Settings,
     publisher: &Publisher,
-) -> Result<Option<(Arc<InboundSink>, Option<Arc<InboundSpool>>, std::path::PathBuf)>, StartupError>
-{
+) -> Result<
+    Option<(
+        Arc<InboundSink>,
+        Option<Arc<InboundSpool>>,
+        std::path::PathBuf,
+    )>,
+    StartupError,
+> {
     if settings.inbound.path.is_empty() {
         return Ok(None);
     }
@@ -304,14 +310,18 @@ async fn build_inbound(
         });
     }
     let (spool, work_root) = if settings.spool.enabled {
-        let spool = InboundSpool::open(&settings.spool.dir, settings.spool.max_bytes).map_err(
-            |e| StartupError::Spool {
-                dir: settings.spool.dir.join("inbound"),
-                source: crate::spool::SpoolError::Io(std::io::Error::other(e.to_string())),
-            },
-        )?;
+        let spool =
+            InboundSpool::open(&settings.spool.dir, settings.spool.max_bytes).map_err(|e| {
+                StartupError::Spool {
+                    dir: settings.spool.dir.join("inbound"),
+                    source: crate::spool::SpoolError::Io(std::io::Error::other(e.to_string())),
+                }
+            })?;
         if !spool.is_empty() {
-            tracing::info!(mails = spool.len(), "inbound spool holds mails from an earlier run; they are sent first");
+            tracing::info!(
+                mails = spool.len(),
+                "inbound spool holds mails from an earlier run; they are sent first"
+            );
         }
         let root = spool.work_root().to_owned();
         (Some(Arc::new(spool)), root)

@@ -115,10 +115,7 @@ fn split_params(header: &str) -> Vec<&str> {
 }
 
 fn unquote(value: &str) -> String {
-    match value
-        .strip_prefix('"')
-        .and_then(|v| v.strip_suffix('"'))
-    {
+    match value.strip_prefix('"').and_then(|v| v.strip_suffix('"')) {
         Some(inner) => {
             let mut out = String::with_capacity(inner.len());
             let mut chars = inner.chars();
@@ -165,9 +162,15 @@ mod tests {
             Some("画像1.jpg")
         );
         let cont = b"form-data; name=\"a\"; filename*0*=UTF-8''%E7%94%BB; filename*1*=%E5%83%8F; filename*2=\"1.jpg\"";
-        assert_eq!(decode_filename(Some(cont), None).as_deref(), Some("画像1.jpg"));
+        assert_eq!(
+            decode_filename(Some(cont), None).as_deref(),
+            Some("画像1.jpg")
+        );
         let sjis = b"form-data; name=\"a\"; filename*=Shift_JIS'ja'%89%E6%91%9C.txt";
-        assert_eq!(decode_filename(Some(sjis), None).as_deref(), Some("画像.txt"));
+        assert_eq!(
+            decode_filename(Some(sjis), None).as_deref(),
+            Some("画像.txt")
+        );
     }
 
     #[test]

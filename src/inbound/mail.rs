@@ -114,15 +114,18 @@ impl Mail {
                 Body::File(f) => f.size,
                 Body::Inline(_) => 0,
             });
-        self.attachments.iter().map(|a| a.data.size).chain(bodies).sum()
+        self.attachments
+            .iter()
+            .map(|a| a.data.size)
+            .chain(bodies)
+            .sum()
     }
 }
 
 /// Whether `name` is `attachmentN` with N ≥ 1 (no leading zero); returns N.
 pub fn attachment_number(name: &str) -> Option<usize> {
     let digits = name.strip_prefix("attachment")?;
-    if digits.is_empty() || digits.starts_with('0') || !digits.bytes().all(|b| b.is_ascii_digit())
-    {
+    if digits.is_empty() || digits.starts_with('0') || !digits.bytes().all(|b| b.is_ascii_digit()) {
         return None;
     }
     digits.parse().ok()
@@ -132,9 +135,8 @@ pub fn attachment_number(name: &str) -> Option<usize> {
 pub fn parse_json(body: &[u8]) -> Result<FieldSet, PayloadError> {
     let text = std::str::from_utf8(body)
         .map_err(|_| PayloadError::MalformedJson("the body is not UTF-8".into()))?;
-    let members: Members<'_, &RawValue> = serde_json::from_str(text).map_err(|e| {
-        PayloadError::MalformedJson(format!("the body is not a JSON object: {e}"))
-    })?;
+    let members: Members<'_, &RawValue> = serde_json::from_str(text)
+        .map_err(|e| PayloadError::MalformedJson(format!("the body is not a JSON object: {e}")))?;
     if let Some(key) = members.first_duplicate() {
         return Err(PayloadError::MalformedJson(format!(
             "parameter {key:?} is given twice"
@@ -225,7 +227,9 @@ impl FieldSet {
             }
             match name.as_str() {
                 "api_key" => {}
-                "server_composition" => composition = Some(string_value(&field).map_err(named("server_composition"))?),
+                "server_composition" => {
+                    composition = Some(string_value(&field).map_err(named("server_composition"))?)
+                }
                 "filter" => filter = Some(string_value(&field).map_err(named("filter"))?),
                 "headers" => headers = Some(parse_headers(&field)?),
                 "subject" => mail.subject = string_value(&field).map_err(named("subject"))?,
@@ -294,7 +298,12 @@ impl FieldSet {
             )));
         }
         files.sort_by_key(|(n, _)| *n);
-        if let Some((n, a)) = files.iter().enumerate().find(|(i, (n, _))| *n != i + 1).map(|(_, f)| f) {
+        if let Some((n, a)) = files
+            .iter()
+            .enumerate()
+            .find(|(i, (n, _))| *n != i + 1)
+            .map(|(_, f)| f)
+        {
             return Err(invalid(format!(
                 "file part {:?} (number {n}) does not fit attachment1 … attachment{declared}",
                 a.field
@@ -432,7 +441,10 @@ mod tests {
         let mut v: serde_json::Value = serde_json::from_str(JSON).unwrap();
         let as_string = v["headers"].to_string();
         v["headers"] = serde_json::Value::String(as_string);
-        let mail = parse_json(v.to_string().as_bytes()).unwrap().validate().unwrap();
+        let mail = parse_json(v.to_string().as_bytes())
+            .unwrap()
+            .validate()
+            .unwrap();
         let again = parse_json(JSON.as_bytes()).unwrap().validate().unwrap();
         assert_eq!(mail.headers, again.headers);
     }
@@ -443,7 +455,10 @@ mod tests {
             let mut set = base();
             set.fields.retain(|(n, _)| n != drop);
             let err = error_of(set);
-            assert!(matches!(err, PayloadError::Invalid { .. }), "{drop}: {err:?}");
+            assert!(
+                matches!(err, PayloadError::Invalid { .. }),
+                "{drop}: {err:?}"
+            );
             assert!(err.to_string().contains(drop), "{err}");
         }
         let mut set = base();
@@ -463,7 +478,10 @@ mod tests {
             let mut set = base();
             set.fields[2].1 = Field::Text(bad.into());
             let err = error_of(set);
-            assert!(matches!(err, PayloadError::Invalid { .. }), "{bad}: {err:?}");
+            assert!(
+                matches!(err, PayloadError::Invalid { .. }),
+                "{bad}: {err:?}"
+            );
             assert!(err.to_string().contains("headers"), "{err}");
         }
         let mut set = base();
@@ -474,37 +492,44 @@ mod tests {
     #[test]
     fn attachments_must_match_the_file_parts() {
         let mut set = base();
-        set.push("attachments".into(), Field::Text("2".into())).unwrap();
+        set.push("attachments".into(), Field::Text("2".into()))
+            .unwrap();
         set.push("attachment1".into(), file(1)).unwrap();
         assert!(error_of(set).to_string().contains("attachments says 2"));
 
         let mut set = base();
         set.push("attachment2".into(), file(2)).unwrap();
-        set.push("attachments".into(), Field::Text("2".into())).unwrap();
+        set.push("attachments".into(), Field::Text("2".into()))
+            .unwrap();
         set.push("attachment1".into(), file(1)).unwrap();
         let mail = set.validate().unwrap();
         let names: Vec<&str> = mail.attachments.iter().map(|a| a.field.as_str()).collect();
         assert_eq!(names, ["attachment1", "attachment2"]);
 
         let mut set = base();
-        set.push("attachments".into(), Field::Text("1".into())).unwrap();
+        set.push("attachments".into(), Field::Text("1".into()))
+            .unwrap();
         set.push("attachment2".into(), file(2)).unwrap();
         assert!(error_of(set).to_string().contains("attachment2"));
 
         let mut set = base();
-        set.push("attachments".into(), Field::Text("1".into())).unwrap();
+        set.push("attachments".into(), Field::Text("1".into()))
+            .unwrap();
         set.push("upload".into(), file(1)).unwrap();
         assert!(error_of(set).to_string().contains("upload"));
 
         // JSON: a count without file parts disagrees; 0 or absent is fine.
         let mut set = base();
-        set.push("attachments".into(), Field::Json("1".into())).unwrap();
+        set.push("attachments".into(), Field::Json("1".into()))
+            .unwrap();
         assert!(error_of(set).to_string().contains("attachments"));
         let mut set = base();
-        set.push("attachments".into(), Field::Json("\"0\"".into())).unwrap();
+        set.push("attachments".into(), Field::Json("\"0\"".into()))
+            .unwrap();
         assert!(set.validate().is_ok());
         let mut set = base();
-        set.push("attachments".into(), Field::Text("two".into())).unwrap();
+        set.push("attachments".into(), Field::Text("two".into()))
+            .unwrap();
         assert!(error_of(set).to_string().contains("integer"));
     }
 
@@ -518,7 +543,10 @@ mod tests {
             parse_json(br#"{"filter":"a","filter":"b"}"#),
             Err(PayloadError::MalformedJson(_))
         ));
-        assert!(matches!(parse_json(b"[1]"), Err(PayloadError::MalformedJson(_))));
+        assert!(matches!(
+            parse_json(b"[1]"),
+            Err(PayloadError::MalformedJson(_))
+        ));
     }
 
     #[test]
@@ -536,7 +564,13 @@ mod tests {
     fn attachment_numbers() {
         assert_eq!(attachment_number("attachment1"), Some(1));
         assert_eq!(attachment_number("attachment12"), Some(12));
-        for bad in ["attachment", "attachment0", "attachment01", "attachments", "x1"] {
+        for bad in [
+            "attachment",
+            "attachment0",
+            "attachment01",
+            "attachments",
+            "x1",
+        ] {
             assert_eq!(attachment_number(bad), None, "{bad}");
         }
     }

@@ -353,7 +353,10 @@ mod tests {
         assert_eq!(body["event_type"], "inbound");
         assert_eq!(body["server_composition"], "sandbox");
         assert_eq!(body["headers"][0]["value"], "<admin@smtps.jp>");
-        assert_eq!(body["html"].as_str().unwrap().len(), mail.html.as_ref().unwrap().len() as usize);
+        assert_eq!(
+            body["html"].as_str().unwrap().len(),
+            mail.html.as_ref().unwrap().len() as usize
+        );
         assert_eq!(body["attachments"], serde_json::json!([]));
         let text = String::from_utf8(m.payload.clone()).unwrap();
         let order: Vec<usize> = [
@@ -383,14 +386,20 @@ mod tests {
         let a = fixture();
         let mut v: serde_json::Value = serde_json::from_str(JSON).unwrap();
         v["headers"] = serde_json::Value::String(v["headers"].to_string());
-        let b = parse_json(v.to_string().as_bytes()).unwrap().validate().unwrap();
+        let b = parse_json(v.to_string().as_bytes())
+            .unwrap()
+            .validate()
+            .unwrap();
         let pa = plan(&a, &template(), "B", "1", 1 << 20).unwrap();
         let pb = plan(&b, &template(), "B", "2", 1 << 20).unwrap();
         assert_eq!(pa.message.msg_id, pb.message.msg_id);
         let mut c = fixture();
         c.subject.push('!');
         assert_ne!(
-            plan(&c, &template(), "B", "1", 1 << 20).unwrap().message.msg_id,
+            plan(&c, &template(), "B", "1", 1 << 20)
+                .unwrap()
+                .message
+                .msg_id,
             pa.message.msg_id
         );
         // SHA-256 of server_composition NUL inbound NUL canonical body.
@@ -451,7 +460,10 @@ mod tests {
                 sha256: "ab".repeat(32),
             },
         }];
-        mail.extra = vec![("x-spam".into(), "\"yes\"".into()), ("event_type".into(), "\"spoof\"".into())];
+        mail.extra = vec![
+            ("x-spam".into(), "\"yes\"".into()),
+            ("event_type".into(), "\"spoof\"".into()),
+        ];
         let planned = plan(&mail, &template(), "CMC_INBOUND", "b", 1 << 20).unwrap();
         assert_eq!(planned.objects.len(), 1);
         assert_eq!(planned.objects[0].source, Source::File("part-1"));
@@ -463,7 +475,16 @@ mod tests {
             serde_json::json!({"field":"attachment1","filename":"画像1.jpg","content_type":"image/jpeg",
                 "size":1234,"sha256":"ab".repeat(32),"bucket":"CMC_INBOUND","object":"ab".repeat(32)})
         );
-        let header = |n: &str| planned.message.headers.iter().find(|(k, _)| *k == n).unwrap().1.clone();
+        let header = |n: &str| {
+            planned
+                .message
+                .headers
+                .iter()
+                .find(|(k, _)| *k == n)
+                .unwrap()
+                .1
+                .clone()
+        };
         assert_eq!(header("Cmc-Attachments"), "1");
     }
 }

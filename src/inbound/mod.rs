@@ -38,7 +38,10 @@ pub fn check_settings(settings: &Settings) -> Result<(), (&'static str, String)>
         return Ok(());
     }
     if !inbound.path.starts_with('/') {
-        return Err(("inbound.path", "must start with '/' (or be \"\" to disable)".into()));
+        return Err((
+            "inbound.path",
+            "must start with '/' (or be \"\" to disable)".into(),
+        ));
     }
     if inbound.path == settings.server.path {
         return Err(("inbound.path", "must differ from server.path".into()));
@@ -54,11 +57,14 @@ pub fn check_settings(settings: &Settings) -> Result<(), (&'static str, String)>
     {
         return Err((
             "inbound.bucket",
-            format!("{:?} is not a valid bucket name ([A-Za-z0-9_-]+)", inbound.bucket),
+            format!(
+                "{:?} is not a valid bucket name ([A-Za-z0-9_-]+)",
+                inbound.bucket
+            ),
         ));
     }
-    let template = InboundSubject::parse(&inbound.subject)
-        .map_err(|e| ("inbound.subject", e.to_string()))?;
+    let template =
+        InboundSubject::parse(&inbound.subject).map_err(|e| ("inbound.subject", e.to_string()))?;
     if settings.nats.mode == Mode::Jetstream {
         let subjects = &settings.nats.stream.subjects;
         if !template.is_covered_by(subjects) {
@@ -73,7 +79,10 @@ pub fn check_settings(settings: &Settings) -> Result<(), (&'static str, String)>
             ));
         }
         let objects = format!("$O.{}.>", inbound.bucket);
-        if let Some(s) = subjects.iter().find(|s| subject::filters_overlap(s, &objects)) {
+        if let Some(s) = subjects
+            .iter()
+            .find(|s| subject::filters_overlap(s, &objects))
+        {
             return Err((
                 "nats.stream.subjects",
                 format!("{s:?} overlaps the object store's subjects {objects:?} (inbound.bucket)"),
@@ -107,6 +116,9 @@ mod tests {
         }
         // Disabled: nothing else is checked; core mode needs no covering stream.
         assert!(Settings::from_toml("[inbound]\npath = \"\"\nsubject = \"x.{nope}\"").is_ok());
-        assert!(Settings::from_toml("[nats]\nmode = \"core\"\n[inbound]\nsubject = \"mail.{filter}\"").is_ok());
+        assert!(Settings::from_toml(
+            "[nats]\nmode = \"core\"\n[inbound]\nsubject = \"mail.{filter}\""
+        )
+        .is_ok());
     }
 }

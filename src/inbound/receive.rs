@@ -152,7 +152,9 @@ where
     E: std::fmt::Display + 'static,
 {
     let boundary = multer::parse_boundary(content_type).map_err(|e| {
-        PayloadError::MalformedForm(format!("multipart Content-Type without a usable boundary: {e}"))
+        PayloadError::MalformedForm(format!(
+            "multipart Content-Type without a usable boundary: {e}"
+        ))
     })?;
     let over = Arc::new(AtomicBool::new(false));
     let mut parts = multer::Multipart::new(limited(body, limit, over.clone()), boundary);
@@ -180,7 +182,9 @@ where
                 PayloadError::MalformedForm(format!("multipart part {index} has no name"))
             })?;
         if set.fields.iter().any(|(n, _)| *n == name) {
-            return Err(PayloadError::MalformedForm(format!("field {name:?} is given twice")).into());
+            return Err(
+                PayloadError::MalformedForm(format!("field {name:?} is given twice")).into(),
+            );
         }
         let is_file = part.file_name().is_some() || attachment_number(&name).is_some();
         let field = if is_file {
@@ -302,7 +306,10 @@ mod tests {
     const MULTIPART: &[u8] = include_bytes!("../../fixtures/inbound/multipart.txt");
     const CT: &str = "multipart/form-data; boundary=----CMCInboundBoundary7MA4YWxkTrZu0gW";
 
-    fn chunks(body: Vec<u8>, size: usize) -> impl Stream<Item = Result<Bytes, std::io::Error>> + Send {
+    fn chunks(
+        body: Vec<u8>,
+        size: usize,
+    ) -> impl Stream<Item = Result<Bytes, std::io::Error>> + Send {
         let pieces: Vec<Result<Bytes, std::io::Error>> = body
             .chunks(size)
             .map(|c| Ok(Bytes::copy_from_slice(c)))
@@ -310,7 +317,11 @@ mod tests {
         futures_util::stream::iter(pieces)
     }
 
-    async fn read(body: Vec<u8>, ct: &str, limit: u64) -> (Result<Received, ReceiveError>, WorkDir) {
+    async fn read(
+        body: Vec<u8>,
+        ct: &str,
+        limit: u64,
+    ) -> (Result<Received, ReceiveError>, WorkDir) {
         let root = tempfile::tempdir().unwrap().keep();
         let work = WorkDir::create(&root).unwrap();
         (multipart(chunks(body, 7), ct, limit, &work).await, work)
@@ -349,17 +360,23 @@ mod tests {
         let text = String::from_utf8_lossy(MULTIPART).into_owned();
         let cut = MULTIPART.len() - 200;
         let cases: Vec<(&str, Vec<u8>, &str)> = vec![
-            ("wrong boundary", MULTIPART.to_vec(), "multipart/form-data; boundary=nope"),
+            (
+                "wrong boundary",
+                MULTIPART.to_vec(),
+                "multipart/form-data; boundary=nope",
+            ),
             ("no boundary", MULTIPART.to_vec(), "multipart/form-data"),
             ("truncated part", MULTIPART[..cut].to_vec(), CT),
             (
                 "repeated field",
-                text.replacen("name=\"subject\"", "name=\"filter\"", 1).into_bytes(),
+                text.replacen("name=\"subject\"", "name=\"filter\"", 1)
+                    .into_bytes(),
                 CT,
             ),
             (
                 "part without a name",
-                text.replacen("form-data; name=\"subject\"", "form-data", 1).into_bytes(),
+                text.replacen("form-data; name=\"subject\"", "form-data", 1)
+                    .into_bytes(),
                 CT,
             ),
         ];
@@ -384,13 +401,21 @@ mod tests {
         let body = format!(
             "--B\r\nContent-Disposition: form-data; name=\"html\"\r\n\r\n{html}\r\n--B--\r\n"
         );
-        let (received, work) = read(body.into_bytes(), "multipart/form-data; boundary=B", 1 << 24).await;
+        let (received, work) = read(
+            body.into_bytes(),
+            "multipart/form-data; boundary=B",
+            1 << 24,
+        )
+        .await;
         let received = received.unwrap();
         assert!(received.held_bytes < 1024);
         match &received.fields.fields[0].1 {
             Field::Spilled(f) => {
                 assert_eq!(f.size, html.len() as u64);
-                assert_eq!(std::fs::read(work.path().join(&f.file)).unwrap(), html.as_bytes());
+                assert_eq!(
+                    std::fs::read(work.path().join(&f.file)).unwrap(),
+                    html.as_bytes()
+                );
             }
             other => panic!("{other:?}"),
         }

@@ -164,7 +164,10 @@ impl InboundSpool {
 
     fn forget(&self, path: &Path) {
         let size = dir_bytes(path);
-        self.bytes.fetch_sub(size.min(self.bytes.load(Ordering::Acquire)), Ordering::AcqRel);
+        self.bytes.fetch_sub(
+            size.min(self.bytes.load(Ordering::Acquire)),
+            Ordering::AcqRel,
+        );
         self.mails.fetch_sub(1, Ordering::AcqRel);
     }
 
@@ -189,7 +192,11 @@ impl InboundSpool {
 }
 
 /// Sends the spooled mails in order until `stop` turns true; never spins.
-pub async fn drain(spool: Arc<InboundSpool>, sink: Arc<InboundSink>, mut stop: watch::Receiver<bool>) {
+pub async fn drain(
+    spool: Arc<InboundSpool>,
+    sink: Arc<InboundSink>,
+    mut stop: watch::Receiver<bool>,
+) {
     let mut backoff = Duration::from_millis(100);
     loop {
         if *stop.borrow() {
@@ -229,7 +236,11 @@ pub async fn drain(spool: Arc<InboundSpool>, sink: Arc<InboundSink>, mut stop: w
                             "spooled inbound mail published"
                         );
                         crate::metrics::inbound_mail("drained");
-                        crate::metrics::inbound_attachments("uploaded", sent.uploaded, sent.uploaded_bytes);
+                        crate::metrics::inbound_attachments(
+                            "uploaded",
+                            sent.uploaded,
+                            sent.uploaded_bytes,
+                        );
                         finish(&spool, path, None).await
                     }
                     Err(e) if e.is_temporary() => {
@@ -258,7 +269,11 @@ pub async fn drain(spool: Arc<InboundSpool>, sink: Arc<InboundSink>, mut stop: w
     }
 }
 
-async fn finish(spool: &Arc<InboundSpool>, path: PathBuf, quarantine: Option<String>) -> Result<(), String> {
+async fn finish(
+    spool: &Arc<InboundSpool>,
+    path: PathBuf,
+    quarantine: Option<String>,
+) -> Result<(), String> {
     let spool = spool.clone();
     tokio::task::spawn_blocking(move || match quarantine {
         None => spool.remove(&path),
@@ -309,7 +324,13 @@ mod tests {
         assert!(spool.is_empty());
         assert!(spool.oldest().unwrap().is_none());
         assert_eq!(
-            fs::read_to_string(root.path().join("inbound/quarantine").join(path.file_name().unwrap()).join("reason.txt")).unwrap(),
+            fs::read_to_string(
+                root.path()
+                    .join("inbound/quarantine")
+                    .join(path.file_name().unwrap())
+                    .join("reason.txt")
+            )
+            .unwrap(),
             "refused"
         );
     }
@@ -326,10 +347,17 @@ mod tests {
             field: "attachment1".into(),
             filename: "a".into(),
             content_type: "x/y".into(),
-            data: crate::inbound::mail::StoredFile { file: "part-1".into(), size: 100, sha256: String::new() },
+            data: crate::inbound::mail::StoredFile {
+                file: "part-1".into(),
+                size: 100,
+                sha256: String::new(),
+            },
         });
         let work = WorkDir::create(spool.work_root()).unwrap();
-        assert!(matches!(spool.append(work, &mail), Err(InboundSpoolError::Full)));
+        assert!(matches!(
+            spool.append(work, &mail),
+            Err(InboundSpoolError::Full)
+        ));
         assert!(spool.is_empty());
     }
 }

@@ -149,13 +149,20 @@ impl InboundSink {
     }
 
     /// Stores the objects of `mail` (files under `dir`), then publishes its message.
-    pub async fn deliver(&self, mail: &Mail, dir: &Path, batch_id: &str) -> Result<Sent, SinkError> {
+    pub async fn deliver(
+        &self,
+        mail: &Mail,
+        dir: &Path,
+        batch_id: &str,
+    ) -> Result<Sent, SinkError> {
         if !self.publisher.is_connected() {
             return Err(SinkError::Temporary("NATS is not connected".into()));
         }
         let max_payload = self.publisher.max_payload();
         if max_payload == 0 {
-            return Err(SinkError::Temporary("NATS has not announced max_payload yet".into()));
+            return Err(SinkError::Temporary(
+                "NATS has not announced max_payload yet".into(),
+            ));
         }
         let planned = plan(mail, &self.template, &self.bucket, batch_id, max_payload)
             .map_err(SinkError::TooLarge)?;
@@ -195,10 +202,20 @@ impl InboundSink {
     }
 
     /// Puts one object unless the bucket already has it; returns whether it uploaded.
-    async fn put(&self, store: &ObjectStore, object: &ObjectToStore<'_>, dir: &Path) -> Result<bool, SinkError> {
+    async fn put(
+        &self,
+        store: &ObjectStore,
+        object: &ObjectToStore<'_>,
+        dir: &Path,
+    ) -> Result<bool, SinkError> {
         let timeout = self.timeout();
         let digest = hex::decode(&object.name)
-            .map(|d| format!("SHA-256={}", base64::engine::general_purpose::URL_SAFE.encode(d)))
+            .map(|d| {
+                format!(
+                    "SHA-256={}",
+                    base64::engine::general_purpose::URL_SAFE.encode(d)
+                )
+            })
             .map_err(|_| SinkError::Refused(format!("{:?} is not a SHA-256", object.name)))?;
         match tokio::time::timeout(timeout, store.info(&object.name)).await {
             Ok(Ok(info))
@@ -248,7 +265,10 @@ impl InboundSink {
             .map_err(|e| SinkError::Temporary(format!("object {}: {e}", object.name)))
         };
         let info = tokio::time::timeout(bound, upload).await.map_err(|_| {
-            SinkError::Temporary(format!("object {}: upload not done within {bound:?}", object.name))
+            SinkError::Temporary(format!(
+                "object {}: upload not done within {bound:?}",
+                object.name
+            ))
         })??;
         if info.digest.as_deref() != Some(digest.as_str()) {
             // The file changed under us: never reference an object whose content differs.

@@ -103,7 +103,9 @@ impl Refusal {
     fn status(&self) -> (StatusCode, &'static str) {
         match self {
             Refusal::Api(e) => e.status(),
-            Refusal::Receive(ReceiveError::BodyTooLarge { .. } | ReceiveError::FieldTooLarge(_))
+            Refusal::Receive(
+                ReceiveError::BodyTooLarge { .. } | ReceiveError::FieldTooLarge(_),
+            )
             | Refusal::Sink(SinkError::TooLarge(_)) => {
                 (StatusCode::PAYLOAD_TOO_LARGE, "payload_too_large")
             }
@@ -225,7 +227,12 @@ where
             if status.is_server_error() {
                 tracing::warn!(status = status.as_u16(), error = code, reason = ?refusal, elapsed_ms, "inbound mail refused");
             } else {
-                tracing::info!(status = status.as_u16(), error = code, elapsed_ms, "inbound mail refused");
+                tracing::info!(
+                    status = status.as_u16(),
+                    error = code,
+                    elapsed_ms,
+                    "inbound mail refused"
+                );
             }
             refusal.into_response(state.retry_after)
         }
@@ -325,10 +332,17 @@ where
     // Behind a non-empty spool, so mails keep their order.
     let behind_spool = state.spool.as_ref().is_some_and(|s| !s.is_empty());
     if !behind_spool {
-        let dir = work.as_ref().map(|w| w.path().to_owned()).unwrap_or_default();
+        let dir = work
+            .as_ref()
+            .map(|w| w.path().to_owned())
+            .unwrap_or_default();
         match state.sink.deliver(&mail, &dir, batch_id).await {
             Ok(sent) => {
-                metrics::inbound_mail(if sent.duplicate { "duplicate" } else { "published" });
+                metrics::inbound_mail(if sent.duplicate {
+                    "duplicate"
+                } else {
+                    "published"
+                });
                 metrics::inbound_attachments("uploaded", sent.uploaded, sent.uploaded_bytes);
                 let skipped_bytes = mail.file_bytes().saturating_sub(sent.uploaded_bytes);
                 metrics::inbound_attachments("already_stored", sent.already_stored, skipped_bytes);
@@ -351,7 +365,9 @@ where
         }
     }
     let Some(spool) = state.spool.clone() else {
-        return Err(Refusal::Sink(SinkError::Temporary("the spool is not enabled".into())));
+        return Err(Refusal::Sink(SinkError::Temporary(
+            "the spool is not enabled".into(),
+        )));
     };
     spool_mail(spool, work, mail).await?;
     Ok(Accepted {

@@ -54,7 +54,8 @@ fn multipart_body(boundary: &str, parts: &[Part]) -> Vec<u8> {
     out
 }
 
-const HEADERS: &[u8] = br#"[{"name":"From","value":"a@example.com"},{"name":"To","value":"in@example.com"}]"#;
+const HEADERS: &[u8] =
+    br#"[{"name":"From","value":"a@example.com"},{"name":"To","value":"in@example.com"}]"#;
 
 /// A mail with the required parameters and the given extra parts.
 fn mail_with(extra: &[Part]) -> Vec<u8> {
@@ -99,8 +100,14 @@ async fn object_stream_messages(app: &TestApp) -> u64 {
     stream.get_info().await.unwrap().state.messages
 }
 
-async fn object_bytes(store: &ObjectStore, name: &str) -> (Vec<u8>, std::collections::HashMap<String, String>) {
-    let mut object = store.get(name).await.unwrap_or_else(|e| panic!("object {name}: {e}"));
+async fn object_bytes(
+    store: &ObjectStore,
+    name: &str,
+) -> (Vec<u8>, std::collections::HashMap<String, String>) {
+    let mut object = store
+        .get(name)
+        .await
+        .unwrap_or_else(|e| panic!("object {name}: {e}"));
     let metadata = object.info().metadata.clone();
     let mut bytes = Vec::new();
     object.read_to_end(&mut bytes).await.unwrap();
@@ -132,15 +139,39 @@ async fn the_json_fixture_becomes_one_message_with_the_spec_body() {
     assert_eq!(message.subject.as_str(), "cmc.inbound.info%40smtps%2Ejp");
     let body: serde_json::Value = serde_json::from_slice(&message.payload).unwrap();
     assert_eq!(body["event_type"], "inbound");
-    for key in ["server_composition", "filter", "subject", "envelope-from", "envelope-to", "text", "html"] {
+    for key in [
+        "server_composition",
+        "filter",
+        "subject",
+        "envelope-from",
+        "envelope-to",
+        "text",
+        "html",
+    ] {
         assert_eq!(body[key], fixture[key], "{key}");
     }
     assert_eq!(body["headers"], fixture["headers"]);
     assert_eq!(body["attachments"], serde_json::json!([]));
-    let keys: Vec<&str> = body.as_object().unwrap().keys().map(String::as_str).collect();
+    let keys: Vec<&str> = body
+        .as_object()
+        .unwrap()
+        .keys()
+        .map(String::as_str)
+        .collect();
     assert_eq!(
         keys,
-        ["event_type", "server_composition", "filter", "subject", "envelope-from", "envelope-to", "headers", "text", "html", "attachments"]
+        [
+            "event_type",
+            "server_composition",
+            "filter",
+            "subject",
+            "envelope-from",
+            "envelope-to",
+            "headers",
+            "text",
+            "html",
+            "attachments"
+        ]
     );
     let headers = message.headers.as_ref().unwrap();
     assert_eq!(header(headers, "Cmc-Event-Type"), "inbound");
@@ -219,7 +250,10 @@ async fn the_multipart_fixture_stores_both_attachments_and_a_retry_stores_nothin
     );
     assert_eq!(sent["subject"], "添付ファイルテスト");
     assert!(sent["headers"].is_array());
-    assert_eq!(header(message.headers.as_ref().unwrap(), "Cmc-Attachments"), "2");
+    assert_eq!(
+        header(message.headers.as_ref().unwrap(), "Cmc-Attachments"),
+        "2"
+    );
 
     // The same mail again: nothing uploaded, the message is a duplicate.
     let stored = object_stream_messages(&app).await;
@@ -228,7 +262,11 @@ async fn the_multipart_fixture_stores_both_attachments_and_a_retry_stores_nothin
         json(again).await,
         serde_json::json!({"result": "ok", "published": 1, "attachments": 2, "duplicates": 1})
     );
-    assert_eq!(object_stream_messages(&app).await, stored, "no object stored twice");
+    assert_eq!(
+        object_stream_messages(&app).await,
+        stored,
+        "no object stored twice"
+    );
     assert_eq!(app.stream_messages().await.len(), 1);
 }
 
@@ -240,7 +278,15 @@ async fn a_2_mib_html_body_is_stored_as_an_object_and_referenced() {
     let line = "<p>メール本文</p>\n";
     let html = line.repeat(2 * 1024 * 1024 / line.len() + 1);
     assert!(html.len() >= 2 * 1024 * 1024);
-    let body = mail_with(&[("html", None, Some("text/html; charset=UTF-8"), html.as_bytes()), ("text", None, None, b"short")]);
+    let body = mail_with(&[
+        (
+            "html",
+            None,
+            Some("text/html; charset=UTF-8"),
+            html.as_bytes(),
+        ),
+        ("text", None, None, b"short"),
+    ]);
 
     let response = post_inbound(&app, &multipart_type("XyZ"), body).await;
 
@@ -286,23 +332,134 @@ async fn every_bad_input_gets_its_status_and_code_and_nothing_is_stored() {
     let json_ct = "application/json".to_owned();
     let mp_ct = multipart_type(BOUNDARY);
     let cases: Vec<(&str, String, Vec<u8>, u16, &str)> = vec![
-        ("missing server_composition", json_ct.clone(), without("server_composition"), 422, "invalid_payload"),
-        ("missing filter", json_ct.clone(), without("filter"), 422, "invalid_payload"),
-        ("empty filter", json_ct.clone(), with("filter", "".into()), 422, "invalid_payload"),
-        ("headers not a list", json_ct.clone(), with("headers", serde_json::json!({"From": "x"})), 422, "invalid_payload"),
-        ("headers without values", json_ct.clone(), with("headers", serde_json::json!([{"name": "From"}])), 422, "invalid_payload"),
-        ("headers string not pairs", json_ct.clone(), with("headers", "From: x".into()), 422, "invalid_payload"),
-        ("attachments in JSON", json_ct.clone(), with("attachments", 1.into()), 422, "invalid_payload"),
-        ("attachments count mismatch", mp_ct.clone(), fixture_mp.replacen("\r\n\r\n2\r\n", "\r\n\r\n3\r\n", 1).into_bytes(), 422, "invalid_payload"),
-        ("bad boundary", multipart_type("NotTheBoundary"), raw_mp.clone(), 400, "malformed_form"),
-        ("no boundary", "multipart/form-data".into(), raw_mp.clone(), 400, "malformed_form"),
-        ("truncated part", mp_ct.clone(), raw_mp[..raw_mp.len() - 300].to_vec(), 400, "malformed_form"),
-        ("repeated field", mp_ct.clone(), fixture_mp.replacen("name=\"subject\"", "name=\"filter\"", 1).into_bytes(), 400, "malformed_form"),
-        ("part without a name", mp_ct.clone(), fixture_mp.replacen("form-data; name=\"envelope-to\"", "form-data", 1).into_bytes(), 400, "malformed_form"),
-        ("repeated JSON key", json_ct.clone(), br#"{"filter":"a","filter":"b"}"#.to_vec(), 400, "malformed_json"),
-        ("not JSON", json_ct.clone(), b"{".to_vec(), 400, "malformed_json"),
-        ("body over inbound.max_body_bytes", mp_ct.clone(), mail_with(&[("attachments", None, None, b"1"), ("attachment1", Some("big.bin"), None, &vec![7u8; 100 * 1024])]), 413, "payload_too_large"),
-        ("unsupported media type", "text/plain".into(), b"hello".to_vec(), 415, "unsupported_media_type"),
+        (
+            "missing server_composition",
+            json_ct.clone(),
+            without("server_composition"),
+            422,
+            "invalid_payload",
+        ),
+        (
+            "missing filter",
+            json_ct.clone(),
+            without("filter"),
+            422,
+            "invalid_payload",
+        ),
+        (
+            "empty filter",
+            json_ct.clone(),
+            with("filter", "".into()),
+            422,
+            "invalid_payload",
+        ),
+        (
+            "headers not a list",
+            json_ct.clone(),
+            with("headers", serde_json::json!({"From": "x"})),
+            422,
+            "invalid_payload",
+        ),
+        (
+            "headers without values",
+            json_ct.clone(),
+            with("headers", serde_json::json!([{"name": "From"}])),
+            422,
+            "invalid_payload",
+        ),
+        (
+            "headers string not pairs",
+            json_ct.clone(),
+            with("headers", "From: x".into()),
+            422,
+            "invalid_payload",
+        ),
+        (
+            "attachments in JSON",
+            json_ct.clone(),
+            with("attachments", 1.into()),
+            422,
+            "invalid_payload",
+        ),
+        (
+            "attachments count mismatch",
+            mp_ct.clone(),
+            fixture_mp
+                .replacen("\r\n\r\n2\r\n", "\r\n\r\n3\r\n", 1)
+                .into_bytes(),
+            422,
+            "invalid_payload",
+        ),
+        (
+            "bad boundary",
+            multipart_type("NotTheBoundary"),
+            raw_mp.clone(),
+            400,
+            "malformed_form",
+        ),
+        (
+            "no boundary",
+            "multipart/form-data".into(),
+            raw_mp.clone(),
+            400,
+            "malformed_form",
+        ),
+        (
+            "truncated part",
+            mp_ct.clone(),
+            raw_mp[..raw_mp.len() - 300].to_vec(),
+            400,
+            "malformed_form",
+        ),
+        (
+            "repeated field",
+            mp_ct.clone(),
+            fixture_mp
+                .replacen("name=\"subject\"", "name=\"filter\"", 1)
+                .into_bytes(),
+            400,
+            "malformed_form",
+        ),
+        (
+            "part without a name",
+            mp_ct.clone(),
+            fixture_mp
+                .replacen("form-data; name=\"envelope-to\"", "form-data", 1)
+                .into_bytes(),
+            400,
+            "malformed_form",
+        ),
+        (
+            "repeated JSON key",
+            json_ct.clone(),
+            br#"{"filter":"a","filter":"b"}"#.to_vec(),
+            400,
+            "malformed_json",
+        ),
+        (
+            "not JSON",
+            json_ct.clone(),
+            b"{".to_vec(),
+            400,
+            "malformed_json",
+        ),
+        (
+            "body over inbound.max_body_bytes",
+            mp_ct.clone(),
+            mail_with(&[
+                ("attachments", None, None, b"1"),
+                ("attachment1", Some("big.bin"), None, &vec![7u8; 100 * 1024]),
+            ]),
+            413,
+            "payload_too_large",
+        ),
+        (
+            "unsupported media type",
+            "text/plain".into(),
+            b"hello".to_vec(),
+            415,
+            "unsupported_media_type",
+        ),
     ];
 
     for (what, content_type, body, status, code) in cases {
@@ -355,9 +512,16 @@ async fn a_wrong_api_key_or_missing_basic_credentials_get_401_and_store_nothing(
     let no_key = post(fixture.clone().into_bytes(), true).await.unwrap();
     let no_basic = post(with_key("k-123"), false).await.unwrap();
 
-    for (what, response) in [("wrong api_key", wrong_key), ("no api_key", no_key), ("no Basic", no_basic)] {
+    for (what, response) in [
+        ("wrong api_key", wrong_key),
+        ("no api_key", no_key),
+        ("no Basic", no_basic),
+    ] {
         assert_eq!(response.status(), 401, "{what}");
-        assert!(response.headers().contains_key("www-authenticate"), "{what}");
+        assert!(
+            response.headers().contains_key("www-authenticate"),
+            "{what}"
+        );
         assert_eq!(json(response).await["error"], "unauthorized", "{what}");
     }
     assert_eq!(object_stream_messages(&app).await, 0);
@@ -380,7 +544,11 @@ async fn nats_down_mid_upload_spools_the_whole_mail_and_the_drainer_sends_it_onc
     settings.spool.dir = spool.path().to_owned();
     let app = spawn_app_with(settings).await;
     let files: Vec<Vec<u8>> = (0..3u8)
-        .map(|k| (0..3 * 1024 * 1024u32).map(|i| (i % 251) as u8 ^ k).collect())
+        .map(|k| {
+            (0..3 * 1024 * 1024u32)
+                .map(|i| (i % 251) as u8 ^ k)
+                .collect()
+        })
         .collect();
     let body = mail_with(&[
         ("attachments", None, None, b"3"),
@@ -391,7 +559,11 @@ async fn nats_down_mid_upload_spools_the_whole_mail_and_the_drainer_sends_it_onc
     let mut first_stored = app.subscribe("$O.CMC_INBOUND.M.>").await;
     let (http, url, ct) = (app.http.clone(), inbound_url(&app), multipart_type("XyZ"));
     let request = tokio::spawn(async move {
-        http.post(url).header("content-type", ct).body(body).send().await
+        http.post(url)
+            .header("content-type", ct)
+            .body(body)
+            .send()
+            .await
     });
 
     // Act
@@ -480,7 +652,10 @@ async fn a_20_mib_attachment_is_stored_and_the_service_peak_rss_stays_under_64_m
         .stdout(Stdio::null())
         .spawn()
         .expect("cannot start the cmc-forwarder binary");
-    let http = reqwest::Client::builder().timeout(Duration::from_secs(60)).build().unwrap();
+    let http = reqwest::Client::builder()
+        .timeout(Duration::from_secs(60))
+        .build()
+        .unwrap();
     let url = format!("http://127.0.0.1:{port}/webhooks/cmc/inbound");
     let deadline = Instant::now() + Duration::from_secs(15);
     while http.get(&url).send().await.is_err() {
@@ -488,10 +663,17 @@ async fn a_20_mib_attachment_is_stored_and_the_service_peak_rss_stays_under_64_m
         tokio::time::sleep(Duration::from_millis(100)).await;
     }
     let before = vm_hwm_kib(child.id());
-    let attachment: Vec<u8> = (0..20 * 1024 * 1024u32).map(|i| (i.wrapping_mul(2_654_435_761) >> 24) as u8).collect();
+    let attachment: Vec<u8> = (0..20 * 1024 * 1024u32)
+        .map(|i| (i.wrapping_mul(2_654_435_761) >> 24) as u8)
+        .collect();
     let body = mail_with(&[
         ("attachments", None, None, b"1"),
-        ("attachment1", Some("big.bin"), Some("application/octet-stream"), &attachment),
+        (
+            "attachment1",
+            Some("big.bin"),
+            Some("application/octet-stream"),
+            &attachment,
+        ),
     ]);
 
     // Act
@@ -509,7 +691,9 @@ async fn a_20_mib_attachment_is_stored_and_the_service_peak_rss_stays_under_64_m
     let peak = vm_hwm_kib(child.id());
     let _ = child.kill();
     let _ = child.wait();
-    println!("inbound 20 MiB attachment: service VmHWM {before} KiB before, {peak} KiB peak ({binary})");
+    println!(
+        "inbound 20 MiB attachment: service VmHWM {before} KiB before, {peak} KiB peak ({binary})"
+    );
     assert_eq!(status, 200, "{answer}");
     assert_eq!(answer["attachments"], 1);
     assert!(peak < 64 * 1024, "peak RSS {peak} KiB is not under 64 MiB");
@@ -522,4 +706,40 @@ async fn a_20_mib_attachment_is_stored_and_the_service_peak_rss_stays_under_64_m
     let sent: serde_json::Value = serde_json::from_slice(&message.payload).unwrap();
     assert_eq!(sent["attachments"][0]["object"], sha(&attachment));
     assert_eq!(sent["attachments"][0]["size"], attachment.len());
+}
+
+// Its `main` is the example's entry point and unused here.
+#[allow(dead_code)]
+#[path = "../../examples/inbound_attachments.rs"]
+mod inbound_attachments;
+
+#[tokio::test]
+async fn the_example_consumer_fetches_both_attachments_of_the_multipart_fixture() {
+    // Arrange
+    let nats = NatsServer::start().await;
+    let app = spawn_app(&nats).await;
+    let response = post_inbound(
+        &app,
+        &multipart_type(BOUNDARY),
+        inbound_fixture("multipart.txt"),
+    )
+    .await;
+    assert_eq!(response.status(), 200);
+    let dir = tempfile::tempdir().unwrap();
+
+    // Act
+    let handled = tokio::time::timeout(
+        WAIT,
+        inbound_attachments::consume(&app.jetstream(), "inbound-test", dir.path(), Some(1)),
+    )
+    .await
+    .expect("the mail arrives in time")
+    .expect("consumer runs");
+
+    // Assert
+    assert_eq!(handled, 1);
+    let jpeg = std::fs::read(dir.path().join(JPEG_SHA).join("画像1.jpg")).unwrap();
+    assert_eq!(sha(&jpeg), JPEG_SHA);
+    let pdf = std::fs::read(dir.path().join(PDF_SHA).join("report.pdf")).unwrap();
+    assert_eq!(sha(&pdf), PDF_SHA);
 }
