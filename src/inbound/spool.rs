@@ -38,6 +38,9 @@ pub enum InboundSpoolError {
     Corrupt(PathBuf, String),
 }
 
+/// A queued mail's directory and its record (or why the record cannot be read).
+type Queued = (PathBuf, Result<Mail, String>);
+
 /// The on-disk queue of mails.
 pub struct InboundSpool {
     dir: PathBuf,
@@ -152,7 +155,7 @@ impl InboundSpool {
     }
 
     /// The oldest mail and its directory.
-    fn oldest(&self) -> Result<Option<(PathBuf, Result<Mail, String>)>, InboundSpoolError> {
+    fn oldest(&self) -> Result<Option<Queued>, InboundSpoolError> {
         let Some((_, path)) = entries(&self.dir)?.into_iter().next() else {
             return Ok(None);
         };

@@ -115,7 +115,7 @@ impl InboundSink {
                     ..Default::default()
                 };
                 match js.create_object_store(config).await {
-                    Ok(store) => return Ok(store),
+                    Ok(store) => Ok(store),
                     // Already there with another configuration (set by an operator): use it.
                     Err(create) => js
                         .get_object_store(&self.bucket)
