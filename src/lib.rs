@@ -17,6 +17,12 @@
 //!    published later by the drainer; while the spool is not empty, new batches go behind it.
 //! 4. [`routes::error`] renders every refusal as SPEC §3's JSON error body.
 //!
+//! Received mail (CMC's Inbound webhook, SPEC §7) takes a parallel path:
+//! [`routes::inbound`] (same checks) → [`inbound`] (multipart streamed to disk, validation,
+//! the message planned by pure code) → [`inbound::store`] (objects into the JetStream object
+//! store, then one message), or the inbound spool ([`inbound::spool`]) when NATS cannot take
+//! the mail in time.
+//!
 //! Around them: [`server`] (the public accept loop: connection cap, timeouts, TLS),
 //! [`settings`] (TOML + environment, checked types), [`startup`] (build, serve,
 //! drain), [`shutdown`] (signals), [`telemetry`] (logging, optional OTLP span export, the

@@ -135,8 +135,16 @@ pub fn attachment_number(name: &str) -> Option<usize> {
 pub fn parse_json(body: &[u8]) -> Result<FieldSet, PayloadError> {
     let text = std::str::from_utf8(body)
         .map_err(|_| PayloadError::MalformedJson("the body is not UTF-8".into()))?;
-    let members: Members<'_, &RawValue> = serde_json::from_str(text)
-        .map_err(|e| PayloadError::MalformedJson(format!("the body is not a JSON object: {e}")))?;
+    let members: Members<'_, &RawValue> = serde_json::from_str(text).map_err(|e| {
+        // Valid JSON that is not an object parses; it just is not a mail (as for events).
+        match serde_json::from_str::<&RawValue>(text) {
+            Ok(raw) => invalid(format!(
+                "the body must be a JSON object, not {}",
+                crate::webhook::json::raw_kind(raw)
+            )),
+            Err(_) => PayloadError::MalformedJson(format!("the body is not valid JSON: {e}")),
+        }
+    })?;
     if let Some(key) = members.first_duplicate() {
         return Err(PayloadError::MalformedJson(format!(
             "parameter {key:?} is given twice"
@@ -545,8 +553,9 @@ mod tests {
         ));
         assert!(matches!(
             parse_json(b"[1]"),
-            Err(PayloadError::MalformedJson(_))
+            Err(PayloadError::Invalid { .. })
         ));
+        assert!(matches!(parse_json(b"{"), Err(PayloadError::MalformedJson(_))));
     }
 
     #[test]
