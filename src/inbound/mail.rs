@@ -555,7 +555,10 @@ mod tests {
             parse_json(b"[1]"),
             Err(PayloadError::Invalid { .. })
         ));
-        assert!(matches!(parse_json(b"{"), Err(PayloadError::MalformedJson(_))));
+        assert!(matches!(
+            parse_json(b"{"),
+            Err(PayloadError::MalformedJson(_))
+        ));
     }
 
     #[test]
