@@ -297,9 +297,16 @@ async fn build_inbound(
         message,
     };
     if publisher.is_connected() {
-        sink.ensure_bucket()
-            .await
-            .map_err(|e| bucket_error(e.to_string()))?;
+        match sink.ensure_bucket().await {
+            Ok(_) => {}
+            // Creation refused: a configuration error, like an unusable events stream.
+            Err(e) if settings.nats.stream.create => return Err(bucket_error(e.to_string()).into()),
+            // Not created by us and not there (yet): events are unaffected; inbound mails
+            // answer 503 (or are spooled) until it exists, looked up again on each mail.
+            Err(e) => {
+                tracing::error!(error = %e, "inbound object store not usable; inbound mails cannot be stored until it exists")
+            }
+        }
     } else {
         let sink = sink.clone();
         tokio::spawn(async move {
