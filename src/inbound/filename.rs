@@ -186,4 +186,15 @@ mod tests {
             Some("画像1.jpg")
         );
     }
+
+    proptest::proptest! {
+        /// Whatever a sender puts in Content-Disposition, decoding returns a name (or none)
+        /// without panicking, and a plain ASCII name without `=?` comes back unchanged.
+        #[test]
+        fn decoding_never_panics(header in proptest::collection::vec(proptest::prelude::any::<u8>(), 0..200),
+                                 plain in "[A-Za-z0-9._ -]{0,40}") {
+            let _ = decode_filename(Some(&header), Some(&plain));
+            proptest::prop_assert_eq!(decode_filename(None, Some(&plain)), Some(plain.clone()));
+        }
+    }
 }

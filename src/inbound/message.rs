@@ -488,3 +488,63 @@ mod tests {
         assert_eq!(header("Cmc-Attachments"), "1");
     }
 }
+
+#[cfg(test)]
+mod props {
+    use proptest::prelude::*;
+
+    use super::*;
+    use crate::inbound::mail::{parse_form, parse_json};
+
+    fn form_encode(s: &str) -> String {
+        percent_encoding::utf8_percent_encode(s, percent_encoding::NON_ALPHANUMERIC).to_string()
+    }
+
+    proptest! {
+        /// The same mail posted as JSON (headers as an array) or as a form (headers as a
+        /// string) goes out as the same message with the same `Nats-Msg-Id`.
+        #[test]
+        fn json_and_form_encodings_of_one_mail_give_one_message(
+            composition in "\\PC{1,12}",
+            filter in "\\PC{1,20}",
+            subject in "\\PC{0,20}",
+            text in proptest::option::of("\\PC{0,40}"),
+            headers in proptest::collection::vec(("[A-Za-z-]{1,12}", "\\PC{0,30}"), 0..5),
+        ) {
+            let header_json = serde_json::Value::Array(
+                headers
+                    .iter()
+                    .map(|(n, v)| serde_json::json!({"name": n, "value": v}))
+                    .collect(),
+            );
+            let mut json = serde_json::json!({
+                "server_composition": composition,
+                "filter": filter,
+                "subject": subject,
+                "headers": header_json,
+            });
+            let mut form = format!(
+                "server_composition={}&filter={}&subject={}&headers={}",
+                form_encode(&composition),
+                form_encode(&filter),
+                form_encode(&subject),
+                form_encode(&header_json.to_string()),
+            );
+            if let Some(text) = &text {
+                json["text"] = text.clone().into();
+                form.push_str(&format!("&text={}", form_encode(text)));
+            }
+            let template = InboundSubject::parse("cmc.inbound.{server_composition}.{filter}").unwrap();
+            let a = parse_json(json.to_string().as_bytes()).unwrap().validate().unwrap();
+            let b = parse_form(form.as_bytes()).unwrap().validate().unwrap();
+            let pa = plan(&a, &template, "B", "x", 1 << 20).unwrap();
+            let pb = plan(&b, &template, "B", "y", 1 << 20).unwrap();
+            prop_assert_eq!(&pa.message.msg_id, &pb.message.msg_id);
+            prop_assert_eq!(&pa.message.payload, &pb.message.payload);
+            prop_assert_eq!(&pa.message.subject, &pb.message.subject);
+            // The subject is always three literal tokens plus two escaped ones.
+            prop_assert_eq!(pa.message.subject.split('.').count(), 4);
+            prop_assert!(!pa.message.subject.contains(['*', '>', ' ']));
+        }
+    }
+}
