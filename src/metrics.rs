@@ -406,4 +406,27 @@ mod tests {
         metrics::with_local_recorder(&recorder, || spool_depth(0, 0));
         assert_eq!(age(), 0.0);
     }
+
+    #[test]
+    fn inbound_mails_and_attachments_are_counted_by_outcome() {
+        let recorder = PrometheusBuilder::new().build_recorder();
+        let handle = recorder.handle();
+        metrics::with_local_recorder(&recorder, || {
+            inbound_mail("published");
+            inbound_mail("published");
+            inbound_mail("spooled");
+            inbound_attachments("uploaded", 2, 1500);
+            inbound_attachments("already_stored", 0, 0);
+        });
+        let page = handle.render();
+        for line in [
+            format!("{INBOUND_MAILS}{{outcome=\"published\"}} 2"),
+            format!("{INBOUND_MAILS}{{outcome=\"spooled\"}} 1"),
+            format!("{INBOUND_ATTACHMENTS}{{outcome=\"uploaded\"}} 2"),
+            format!("{INBOUND_ATTACHMENT_BYTES}{{outcome=\"uploaded\"}} 1500"),
+        ] {
+            assert!(page.lines().any(|l| l == line), "{line} not in\n{page}");
+        }
+        assert!(!page.contains("already_stored"), "zero counts add no series: {page}");
+    }
 }
