@@ -427,6 +427,9 @@ mod tests {
         ] {
             assert!(page.lines().any(|l| l == line), "{line} not in\n{page}");
         }
-        assert!(!page.contains("already_stored"), "zero counts add no series: {page}");
+        assert!(
+            !page.contains("already_stored"),
+            "zero counts add no series: {page}"
+        );
     }
 }

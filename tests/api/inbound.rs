@@ -743,3 +743,24 @@ async fn the_example_consumer_fetches_both_attachments_of_the_multipart_fixture(
     let pdf = std::fs::read(dir.path().join(PDF_SHA).join("report.pdf")).unwrap();
     assert_eq!(sha(&pdf), PDF_SHA);
 }
+
+#[tokio::test]
+async fn with_nats_down_and_the_spool_off_a_mail_gets_503_with_retry_after() {
+    let mut nats = NatsServer::start().await;
+    let app = spawn_app(&nats).await;
+    nats.stop();
+    tokio::time::sleep(Duration::from_millis(200)).await;
+
+    let started = Instant::now();
+    let response = post_inbound(
+        &app,
+        &multipart_type(BOUNDARY),
+        inbound_fixture("multipart.txt"),
+    )
+    .await;
+
+    assert_eq!(response.status(), 503);
+    assert!(response.headers().contains_key("retry-after"));
+    assert_eq!(json(response).await["error"], "unavailable");
+    assert!(started.elapsed() < app.settings.nats.publish_timeout.get() + Duration::from_secs(1));
+}
