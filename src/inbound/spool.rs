@@ -25,6 +25,8 @@ use super::receive::WorkDir;
 use super::store::InboundSink;
 
 const MAIL_FILE: &str = "mail.json";
+/// The request id the mail arrived with, kept so its message carries the same `Cmc-Batch-Id`.
+const BATCH_FILE: &str = "batch_id";
 /// Longest pause between two attempts of the drainer.
 pub const RETRY_MAX: Duration = Duration::from_secs(5);
 
@@ -120,9 +122,14 @@ impl InboundSpool {
         self.mails.load(Ordering::Acquire)
     }
 
-    /// Makes `mail` (its files in `work`) durable at the end of the queue. Blocking I/O: run
-    /// it on a blocking thread.
-    pub fn append(&self, work: WorkDir, mail: &Mail) -> Result<(), InboundSpoolError> {
+    /// Makes `mail` (its files in `work`) durable at the end of the queue, with the id of the
+    /// request it arrived in. Blocking I/O: run it on a blocking thread.
+    pub fn append(
+        &self,
+        work: WorkDir,
+        mail: &Mail,
+        batch_id: &str,
+    ) -> Result<(), InboundSpoolError> {
         let size = mail.file_bytes();
         if self.bytes.load(Ordering::Acquire) + size > self.max_bytes {
             return Err(InboundSpoolError::Full);
@@ -133,6 +140,7 @@ impl InboundSpool {
         let mut file = fs::File::create(path.join(MAIL_FILE))?;
         std::io::Write::write_all(&mut file, &record)?;
         file.sync_all()?;
+        fs::write(path.join(BATCH_FILE), batch_id)?;
         for entry in fs::read_dir(&path)? {
             let entry = entry?;
             if entry.file_name() != MAIL_FILE {
@@ -224,11 +232,10 @@ pub async fn drain(
                 finish(&spool, path, Some(reason)).await
             }
             Ok(Ok(Some((path, Ok(mail))))) => {
-                let batch_id = path
-                    .file_name()
-                    .and_then(|n| n.to_str())
-                    .map(|n| format!("spool-{n}"))
-                    .unwrap_or_default();
+                let batch_id = fs::read_to_string(path.join(BATCH_FILE)).unwrap_or_else(|_| {
+                    let n = path.file_name().and_then(|n| n.to_str()).unwrap_or("");
+                    format!("spool-{n}")
+                });
                 match sink.deliver(&mail, &path, &batch_id).await {
                     Ok(sent) => {
                         tracing::info!(
@@ -308,7 +315,7 @@ mod tests {
             fs::write(work.path().join("part-1"), b"data").unwrap();
             let mut m = mail.clone();
             m.subject = subject.into();
-            spool.append(work, &m).unwrap();
+            spool.append(work, &m, subject).unwrap();
         }
         let abandoned = WorkDir::create(spool.work_root()).unwrap().into_path();
         assert_eq!(spool.len(), 2);
@@ -319,6 +326,7 @@ mod tests {
         assert_eq!(spool.len(), 2);
         let (path, first) = spool.oldest().unwrap().unwrap();
         assert_eq!(first.unwrap().subject, "first");
+        assert_eq!(fs::read_to_string(path.join(BATCH_FILE)).unwrap(), "first");
         assert_eq!(fs::read(path.join("part-1")).unwrap(), b"data");
         spool.remove(&path).unwrap();
         let (path, second) = spool.oldest().unwrap().unwrap();
@@ -358,7 +366,7 @@ mod tests {
         });
         let work = WorkDir::create(spool.work_root()).unwrap();
         assert!(matches!(
-            spool.append(work, &mail),
+            spool.append(work, &mail, "b"),
             Err(InboundSpoolError::Full)
         ));
         assert!(spool.is_empty());

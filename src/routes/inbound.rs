@@ -369,7 +369,7 @@ where
             "the spool is not enabled".into(),
         )));
     };
-    spool_mail(spool, work, mail).await?;
+    spool_mail(spool, work, mail, batch_id.to_owned()).await?;
     Ok(Accepted {
         attachments,
         published: 0,
@@ -382,6 +382,7 @@ async fn spool_mail(
     spool: Arc<InboundSpool>,
     work: Option<WorkDir>,
     mail: Mail,
+    batch_id: String,
 ) -> Result<(), Refusal> {
     let files = mail.file_bytes();
     let count = mail.attachments.len();
@@ -390,7 +391,7 @@ async fn spool_mail(
             Some(w) => w,
             None => WorkDir::create(spool.work_root())?,
         };
-        spool.append(work, &mail)
+        spool.append(work, &mail, &batch_id)
     })
     .await
     .map_err(|e| Refusal::Spool(InboundSpoolError::Io(std::io::Error::other(e.to_string()))))?

@@ -575,6 +575,7 @@ async fn nats_down_mid_upload_spools_the_whole_mail_and_the_drainer_sends_it_onc
 
     // Assert: spooled whole, then drained after NATS is back.
     assert_eq!(response.status(), 200);
+    let request_id = response.headers()["x-request-id"].to_str().unwrap().to_owned();
     assert_eq!(
         json(response).await,
         serde_json::json!({"result": "ok", "published": 0, "attachments": 3, "spooled": 1})
@@ -595,6 +596,7 @@ async fn nats_down_mid_upload_spools_the_whole_mail_and_the_drainer_sends_it_onc
     tokio::time::sleep(Duration::from_millis(500)).await;
     assert_eq!(app.stream_messages().await.len(), 1, "and still one");
     let sent: serde_json::Value = serde_json::from_slice(&messages[0].payload).unwrap();
+    assert_eq!(header(&messages[0].headers, "Cmc-Batch-Id"), request_id);
     let store = bucket(&app).await;
     for (i, file) in files.iter().enumerate() {
         assert_eq!(sent["attachments"][i]["sha256"], sha(file));
