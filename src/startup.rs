@@ -15,8 +15,6 @@ use warp::Filter;
 
 use crate::auth::Auth;
 use crate::deliver::{self, Delivery};
-use crate::inbound::spool::InboundSpool;
-use crate::inbound::store::InboundSink;
 use crate::metrics;
 use crate::publish::{Publisher, SetupError};
 use crate::routes::{admin, inbound, webhook};
@@ -41,6 +39,8 @@ pub enum StartupError {
     Auth(String),
     #[error("invalid TLS configuration: {0}")]
     Tls(String),
+    #[error(transparent)]
+    Inbound(#[from] crate::inbound::SetupError),
     #[error("cannot open the spool in {dir}: {source}")]
     Spool {
         dir: std::path::PathBuf,
@@ -113,7 +113,7 @@ impl Application {
             None
         };
 
-        let inbound = build_inbound(settings, &publisher).await?;
+        let inbound = crate::inbound::setup(settings, &publisher).await?;
 
         let listen = settings.server_listen()?;
         let listener = bind(listen, "server.listen").await?;
@@ -123,14 +123,14 @@ impl Application {
         };
         let publish_timeout = settings.nats.publish_timeout.get();
         let in_flight = Arc::new(Semaphore::new(settings.server.max_in_flight));
-        let inbound = inbound.map(|(sink, spool, work_root)| {
+        let inbound = inbound.map(|parts| {
             Arc::new(inbound::InboundState {
                 path: settings.inbound.path.clone(),
                 max_body_bytes: settings.inbound.max_body_bytes,
                 auth: auth.clone(),
-                sink,
-                spool,
-                work_root,
+                sink: parts.sink,
+                spool: parts.spool,
+                work_root: parts.work_root,
                 in_flight: in_flight.clone(),
                 retry_after: publish_timeout.max(Duration::from_secs(1)),
             })
@@ -273,74 +273,6 @@ impl Application {
         }
         tracing::info!("stopped");
     }
-}
-
-/// The inbound sink, its spool (with `spool.enabled`) and the requests' work area; the bucket
-/// is created (or found) now when NATS is reachable, else in the background.
-async fn build_inbound(
-    settings: &Settings,
-    publisher: &Publisher,
-) -> Result<
-    Option<(
-        Arc<InboundSink>,
-        Option<Arc<InboundSpool>>,
-        std::path::PathBuf,
-    )>,
-    StartupError,
-> {
-    if settings.inbound.path.is_empty() {
-        return Ok(None);
-    }
-    let sink = Arc::new(InboundSink::new(settings, publisher.clone()).map_err(StartupError::Auth)?);
-    let bucket_error = |message: String| SetupError::Stream {
-        name: format!("OBJ_{}", settings.inbound.bucket),
-        message,
-    };
-    if publisher.is_connected() {
-        match sink.ensure_bucket().await {
-            Ok(_) => {}
-            // Creation refused: a configuration error, like an unusable events stream.
-            Err(e) if settings.nats.stream.create => return Err(bucket_error(e.to_string()).into()),
-            // Not created by us and not there (yet): events are unaffected; inbound mails
-            // answer 503 (or are spooled) until it exists, looked up again on each mail.
-            Err(e) => {
-                tracing::error!(error = %e, "inbound object store not usable; inbound mails cannot be stored until it exists")
-            }
-        }
-    } else {
-        let sink = sink.clone();
-        tokio::spawn(async move {
-            while sink.ensure_bucket().await.is_err() {
-                tokio::time::sleep(Duration::from_millis(500)).await;
-            }
-            tracing::info!(bucket = %sink.bucket(), "inbound object store ready");
-        });
-    }
-    let (spool, work_root) = if settings.spool.enabled {
-        let spool =
-            InboundSpool::open(&settings.spool.dir, settings.spool.max_bytes).map_err(|e| {
-                StartupError::Spool {
-                    dir: settings.spool.dir.join("inbound"),
-                    source: crate::spool::SpoolError::Io(std::io::Error::other(e.to_string())),
-                }
-            })?;
-        if !spool.is_empty() {
-            tracing::info!(
-                mails = spool.len(),
-                "inbound spool holds mails from an earlier run; they are sent first"
-            );
-        }
-        let root = spool.work_root().to_owned();
-        (Some(Arc::new(spool)), root)
-    } else {
-        let root = std::env::temp_dir().join("cmc-forwarder-inbound");
-        std::fs::create_dir_all(&root).map_err(|e| StartupError::Spool {
-            dir: root.clone(),
-            source: crate::spool::SpoolError::Io(e),
-        })?;
-        (None, root)
-    };
-    Ok(Some((sink, spool, work_root)))
 }
 
 async fn bind(addr: SocketAddr, what: &'static str) -> Result<TcpListener, StartupError> {

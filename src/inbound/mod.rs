@@ -27,7 +27,103 @@ pub mod subject;
 pub use mail::{FieldSet, Mail};
 pub use subject::InboundSubject;
 
+use std::path::PathBuf;
+use std::sync::Arc;
+use std::time::Duration;
+
+use thiserror::Error;
+
+use crate::publish::Publisher;
 use crate::settings::{Mode, Settings};
+use spool::InboundSpool;
+use store::InboundSink;
+
+/// Why the inbound endpoint could not be set up at start-up.
+#[derive(Debug, Error)]
+pub enum SetupError {
+    #[error("invalid configuration: {0}")]
+    Settings(String),
+    #[error("inbound object store {bucket} (stream OBJ_{bucket}): {message}")]
+    Bucket { bucket: String, message: String },
+    #[error("cannot open the inbound spool in {dir}: {message}")]
+    Spool { dir: PathBuf, message: String },
+}
+
+/// What the inbound route and its drainer share, built at start-up.
+pub struct InboundParts {
+    pub sink: Arc<InboundSink>,
+    /// With `spool.enabled`.
+    pub spool: Option<Arc<InboundSpool>>,
+    /// Where requests write their file parts: the spool's work area (spooling is then a
+    /// rename), else a directory under the system's temporary one.
+    pub work_root: PathBuf,
+}
+
+/// Builds the inbound parts when `inbound.path` is set. The bucket is created (or found) now
+/// when NATS is reachable, else in the background. Creation refused is a configuration error,
+/// like an unusable events stream; a bucket that is merely missing (`nats.stream.create =
+/// false`) leaves events unaffected, and inbound mails wait for it (503 or spool).
+pub async fn setup(
+    settings: &Settings,
+    publisher: &Publisher,
+) -> Result<Option<InboundParts>, SetupError> {
+    if settings.inbound.path.is_empty() {
+        return Ok(None);
+    }
+    let sink =
+        Arc::new(InboundSink::new(settings, publisher.clone()).map_err(SetupError::Settings)?);
+    if publisher.is_connected() {
+        match sink.ensure_bucket().await {
+            Ok(_) => {}
+            Err(e) if settings.nats.stream.create => {
+                return Err(SetupError::Bucket {
+                    bucket: settings.inbound.bucket.clone(),
+                    message: e.to_string(),
+                })
+            }
+            Err(e) => {
+                tracing::error!(error = %e, "inbound object store not usable; inbound mails cannot be stored until it exists")
+            }
+        }
+    } else {
+        let sink = sink.clone();
+        tokio::spawn(async move {
+            while sink.ensure_bucket().await.is_err() {
+                tokio::time::sleep(Duration::from_millis(500)).await;
+            }
+            tracing::info!(bucket = %sink.bucket(), "inbound object store ready");
+        });
+    }
+    let (spool, work_root) = if settings.spool.enabled {
+        let spool =
+            InboundSpool::open(&settings.spool.dir, settings.spool.max_bytes).map_err(|e| {
+                SetupError::Spool {
+                    dir: settings.spool.dir.join("inbound"),
+                    message: e.to_string(),
+                }
+            })?;
+        if !spool.is_empty() {
+            tracing::info!(
+                mails = spool.len(),
+                "inbound spool holds mails from an earlier run; they are sent first"
+            );
+        }
+        let root = spool.work_root().to_owned();
+        (Some(Arc::new(spool)), root)
+    } else {
+        let root = std::env::temp_dir().join("cmc-forwarder-inbound");
+        std::fs::create_dir_all(&root).map_err(|e| SetupError::Spool {
+            dir: root.clone(),
+            message: e.to_string(),
+        })?;
+        (None, root)
+    };
+    Ok(Some(InboundParts {
+        sink,
+        spool,
+        work_root,
+    }))
+}
 
 /// The checks of the `[inbound]` section that serde cannot do: path, template (covered by
 /// the events stream in `jetstream` mode), bucket name, and a stream that leaves the object
