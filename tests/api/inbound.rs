@@ -769,3 +769,53 @@ async fn with_nats_down_and_the_spool_off_a_mail_gets_503_with_retry_after() {
     assert_eq!(json(response).await["error"], "unavailable");
     assert!(started.elapsed() < app.settings.nats.publish_timeout.get() + Duration::from_secs(1));
 }
+
+#[tokio::test]
+async fn the_derived_form_and_rfc2231_fixtures_are_the_same_mails() {
+    // Arrange
+    let nats = NatsServer::start().await;
+    let app = spawn_app(&nats).await;
+    let mut sub = app.subscribe("cmc.inbound.>").await;
+
+    // Act: each derived body after its original.
+    let json_mail = post_inbound(&app, "application/json", inbound_fixture("json.json")).await;
+    let form_mail = post_inbound(
+        &app,
+        "application/x-www-form-urlencoded",
+        inbound_fixture("form.txt"),
+    )
+    .await;
+    let rfc2047 = post_inbound(
+        &app,
+        &multipart_type(BOUNDARY),
+        inbound_fixture("multipart.txt"),
+    )
+    .await;
+    let rfc2231 = post_inbound(
+        &app,
+        &multipart_type(BOUNDARY),
+        inbound_fixture("multipart-rfc2231.txt"),
+    )
+    .await;
+
+    // Assert: the same two mails, whatever the encoding.
+    assert_eq!(json(json_mail).await["published"], 1);
+    assert_eq!(
+        json(form_mail).await["duplicates"],
+        1,
+        "form twin of json.json"
+    );
+    assert_eq!(json(rfc2047).await["attachments"], 2);
+    assert_eq!(
+        json(rfc2231).await["duplicates"],
+        1,
+        "RFC 2231 twin of multipart.txt"
+    );
+    let messages = receive(&mut sub, 4).await;
+    let body =
+        |i: usize| serde_json::from_slice::<serde_json::Value>(&messages[i].payload).unwrap();
+    assert_eq!(body(0), body(1));
+    assert_eq!(body(3)["attachments"][0]["filename"], "画像1.jpg");
+    assert_eq!(body(2), body(3));
+    assert_eq!(app.stream_messages().await.len(), 2);
+}
