@@ -17,7 +17,7 @@
 //!    published later by the drainer; while the spool is not empty, new batches go behind it.
 //! 4. [`routes::error`] renders every refusal as SPEC §3's JSON error body.
 //!
-//! Around them: [`server`] (the public accept loop: connection cap, timeouts, TLS),
+//! Around them: [`nats`] (the connection, its health and the stream), [`server`] (the public accept loop: connection cap, timeouts, TLS),
 //! [`settings`] (TOML + environment, checked types), [`startup`] (build, serve,
 //! drain), [`shutdown`] (signals), [`telemetry`] (logging, optional OTLP span export, the
 //! request's trace context), [`trace_context`] (pure W3C `traceparent` rules), [`metrics`] (names and the
@@ -29,6 +29,7 @@ pub mod auth;
 pub mod cli;
 pub mod deliver;
 pub mod metrics;
+pub mod nats;
 pub mod publish;
 pub mod routes;
 pub mod server;

@@ -26,6 +26,7 @@ pub const CREATED_UNPARSED: &str = "cmc_forwarder_created_unparsed_total";
 pub const INVALID_ENTRIES: &str = "cmc_forwarder_invalid_entries_total";
 pub const SPOOL_QUARANTINED: &str = "cmc_forwarder_spool_quarantined_messages";
 pub const SPOOL_BACKLOG_AGE: &str = "cmc_forwarder_spool_backlog_age_seconds";
+pub const PUBLISH_DENIED: &str = "cmc_forwarder_nats_publish_denied_total";
 
 static HANDLE: OnceLock<PrometheusHandle> = OnceLock::new();
 
@@ -115,6 +116,15 @@ fn describe() {
         CREATED_UNPARSED,
         "Entries whose `created` could not be converted to created_at (cmc.timezone set)"
     );
+    metrics::describe_counter!(
+        PUBLISH_DENIED,
+        "Publishes the NATS server refused for lack of permission on the subject"
+    );
+}
+
+/// The server refused a publish: this user may not publish to the subject.
+pub fn publish_denied() {
+    counter!(PUBLISH_DENIED).increment(1);
 }
 
 pub fn request(status: u16) {
