@@ -52,6 +52,9 @@ pub struct Health {
     denied_tick: tokio::sync::Notify,
     /// Set while a TLS diagnosis runs, so a reconnect loop starts at most one at a time.
     diagnosing: AtomicBool,
+    /// What is known to be wrong with the credentials sent at the last attempt (an expired
+    /// user JWT), to name the cause of the server's bare "authorization violation".
+    credentials_problem: Mutex<Option<String>>,
 }
 
 impl Health {
@@ -73,6 +76,23 @@ impl Health {
     fn clear_error(&self) {
         if let Ok(mut last) = self.last_error.lock() {
             *last = None;
+        }
+    }
+
+    fn set_credentials_problem(&self, problem: Option<String>) {
+        if let Ok(mut slot) = self.credentials_problem.lock() {
+            *slot = problem;
+        }
+    }
+
+    /// Why the server refused the credentials, as far as the client can tell.
+    fn authorization_violation(&self) -> String {
+        let known = self.credentials_problem.lock().ok().and_then(|p| p.clone());
+        match known {
+            Some(problem) => format!("authorization violation: {problem}"),
+            None => "authorization violation: the server refused the credentials (wrong or \
+                     missing user, password, token, nkey or creds, or a revoked or expired user JWT)"
+                .into(),
         }
     }
 
@@ -213,9 +233,11 @@ async fn connect_options(
             // again at every connection, so a renewed file needs no restart.
             read_creds(path).map_err(SetupError::Credentials)?;
             let path = path.clone();
+            let health = health.clone();
             ConnectOptions::with_auth_callback(move |nonce| {
                 let path = path.clone();
-                async move { sign_with_creds(&path, &nonce) }
+                let health = health.clone();
+                async move { sign_with_creds(&path, &nonce, &health) }
             })
         }
         None => ConnectOptions::new(),
@@ -275,14 +297,16 @@ async fn on_event(event: Event, health: &Arc<Health>, settings: &Arc<NatsSetting
                 health.set_error(format!("the server refused the connection: {message}"));
             }
         }
-        Event::ServerError(ServerError::AuthorizationViolation) => health.set_error(
-            "authorization violation: the server refused the credentials (wrong or missing \
-             user, password, token, nkey or creds, or an expired or revoked user JWT)"
-                .into(),
-        ),
+        Event::ServerError(ServerError::AuthorizationViolation) => {
+            health.set_error(health.authorization_violation())
+        }
         Event::ClientError(error) => {
             let reason = error.to_string();
-            health.set_error(format!("connection attempt failed: {reason}"));
+            if reason.contains("authorization violation") {
+                health.set_error(health.authorization_violation());
+            } else {
+                health.set_error(format!("connection attempt failed: {reason}"));
+            }
             if uses_tls(settings) && !health.diagnosing.swap(true, Ordering::AcqRel) {
                 let health = health.clone();
                 let settings = settings.clone();
@@ -332,8 +356,13 @@ fn read_creds(path: &Path) -> Result<(String, nkeys::KeyPair), String> {
     Ok((jwt, key))
 }
 
-fn sign_with_creds(path: &Path, nonce: &[u8]) -> Result<async_nats::Auth, AuthError> {
+fn sign_with_creds(
+    path: &Path,
+    nonce: &[u8],
+    health: &Health,
+) -> Result<async_nats::Auth, AuthError> {
     let (jwt, key) = read_creds(path).map_err(AuthError::new)?;
+    health.set_credentials_problem(jwt_expiry_problem(&jwt, path));
     let signature = key
         .sign(nonce)
         .map_err(|e| AuthError::new(format!("cannot sign the server's nonce: {e}")))?;
@@ -341,6 +370,28 @@ fn sign_with_creds(path: &Path, nonce: &[u8]) -> Result<async_nats::Auth, AuthEr
     auth.jwt = Some(jwt);
     auth.signature = Some(signature);
     Ok(auth)
+}
+
+/// When the user JWT has expired, says so (the server only answers "authorization
+/// violation"). Claims are read, not verified: the server does that.
+fn jwt_expiry_problem(jwt: &str, path: &Path) -> Option<String> {
+    use base64::Engine;
+    let claims = jwt.split('.').nth(1)?;
+    let claims = base64::engine::general_purpose::URL_SAFE_NO_PAD
+        .decode(claims.trim_end_matches('='))
+        .ok()?;
+    let claims: serde_json::Value = serde_json::from_slice(&claims).ok()?;
+    let exp = claims.get("exp")?.as_i64()?;
+    let now = jiff::Timestamp::now().as_second();
+    (exp <= now).then(|| {
+        let at = jiff::Timestamp::from_second(exp)
+            .map(|t| t.to_string())
+            .unwrap_or_else(|_| exp.to_string());
+        format!(
+            "the user JWT in nats.creds_file {} expired at {at}",
+            path.display()
+        )
+    })
 }
 
 /// Host and port of a server URL (`nats://user:pass@host:4222`, `tls://host`).
@@ -411,9 +462,9 @@ async fn diagnose_tls(settings: &NatsSettings) -> Option<String> {
 
 /// A hint in the operator's terms for the commonest TLS failures.
 fn hint(error: &str, settings: &NatsSettings) -> String {
-    if error.contains("UnknownIssuer") {
+    if error.contains("UnknownIssuer") || error.contains("unknown issuer") {
         " (the server's certificate is not signed by nats.tls_ca_file)".into()
-    } else if error.contains("NotValidForName") {
+    } else if error.contains("NotValidForName") || error.contains("not valid for name") {
         " (the server's certificate is not valid for the host name in nats.servers)".into()
     } else if error.contains("CertificateRequired") || error.contains("BadCertificate") {
         if settings.tls_cert_file.is_none() {

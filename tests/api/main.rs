@@ -11,4 +11,5 @@ mod hostile;
 mod http;
 mod limits;
 mod props;
+mod secure;
 mod trace;
