@@ -23,7 +23,7 @@
 //! store, then one message), or the inbound spool ([`inbound::spool`]) when NATS cannot take
 //! the mail in time.
 //!
-//! Around them: [`server`] (the public accept loop: connection cap, timeouts, TLS),
+//! Around them: [`nats`] (the connection, its health and the stream), [`server`] (the public accept loop: connection cap, timeouts, TLS),
 //! [`settings`] (TOML + environment, checked types), [`startup`] (build, serve,
 //! drain), [`shutdown`] (signals), [`telemetry`] (logging, optional OTLP span export, the
 //! request's trace context), [`trace_context`] (pure W3C `traceparent` rules), [`metrics`] (names and the
@@ -36,6 +36,7 @@ pub mod cli;
 pub mod deliver;
 pub mod inbound;
 pub mod metrics;
+pub mod nats;
 pub mod publish;
 pub mod routes;
 pub mod server;

@@ -1,6 +1,8 @@
 //! Entry point: parse the command line, load settings (failing before anything binds), then
 //! either print them (`check-config`) or run the service until SIGTERM/SIGINT.
 
+#![forbid(unsafe_code)]
+
 use std::process::ExitCode;
 
 /// glibc's allocator spent a third of the service's CPU under load (many small,
@@ -10,23 +12,36 @@ static GLOBAL: mimalloc::MiMalloc = mimalloc::MiMalloc;
 
 /// mimalloc commits its arenas eagerly by default, which put the service at 30-40 MB resident
 /// under load; committing on demand keeps it near 20 MB at no throughput cost measurable on
-/// this load (`docs/performance.md`). A default only: `MIMALLOC_ARENA_EAGER_COMMIT` still wins.
-///
-/// It has to run before mimalloc initialises itself (its constructor, priority 101, reads the
-/// options and reserves the first arena, before `main`), hence a constructor of priority 100
-/// (an ELF `.init_array` entry: Linux only; elsewhere mimalloc keeps its defaults).
-#[cfg(target_os = "linux")]
-extern "C" fn tune_allocator() {
-    // The option's number in mimalloc 3's `mi_option_e` (libmimalloc-sys does not name it).
-    const ARENA_EAGER_COMMIT: libmimalloc_sys::mi_option_t = 4;
-    // SAFETY: a plain setter of mimalloc's option table, run before any thread exists.
-    unsafe { libmimalloc_sys::mi_option_set_default(ARENA_EAGER_COMMIT, 0) }
+/// this load (`docs/performance.md`). mimalloc reads its options from the environment when it
+/// initialises, before `main`, so the setting is its documented variable
+/// `MIMALLOC_ARENA_EAGER_COMMIT=0`: set by the image, the systemd unit and Compose, and, when
+/// the process was started without it, set here and the binary executed again (same process,
+/// same arguments) so the allocator starts with it. An explicit value always wins.
+const ALLOCATOR_OPTION: &str = "MIMALLOC_ARENA_EAGER_COMMIT";
+
+/// Executes this binary again with `MIMALLOC_ARENA_EAGER_COMMIT=0` when the variable is not
+/// set; returns only when it is set already or the re-execution is impossible (then mimalloc
+/// keeps its defaults, which is merely more memory).
+#[cfg(unix)]
+fn tune_allocator() {
+    use std::os::unix::process::CommandExt;
+    if std::env::var_os(ALLOCATOR_OPTION).is_some() {
+        return;
+    }
+    let Ok(exe) = std::env::current_exe() else {
+        return;
+    };
+    let mut args = std::env::args_os();
+    let mut command = std::process::Command::new(exe);
+    if let Some(arg0) = args.next() {
+        command.arg0(arg0);
+    }
+    let error = command.args(args).env(ALLOCATOR_OPTION, "0").exec();
+    eprintln!("cmc-forwarder: cannot re-execute with {ALLOCATOR_OPTION}=0 ({error}); continuing with mimalloc's defaults");
 }
 
-#[cfg(target_os = "linux")]
-#[used]
-#[unsafe(link_section = ".init_array.00100")]
-static TUNE_ALLOCATOR: extern "C" fn() = tune_allocator;
+#[cfg(not(unix))]
+fn tune_allocator() {}
 
 use clap::Parser;
 use cmc_forwarder::cli::{Cli, Command};
@@ -34,8 +49,14 @@ use cmc_forwarder::settings::Settings;
 use cmc_forwarder::startup::Application;
 use cmc_forwarder::{shutdown, telemetry};
 
+fn main() -> ExitCode {
+    // Before anything else (the runtime's threads included): this may replace the process.
+    tune_allocator();
+    run()
+}
+
 #[tokio::main]
-async fn main() -> ExitCode {
+async fn run() -> ExitCode {
     let cli = Cli::parse();
     let settings = match Settings::load(cli.config.as_deref(), None) {
         Ok(settings) => settings,

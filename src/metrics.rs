@@ -26,6 +26,7 @@ pub const CREATED_UNPARSED: &str = "cmc_forwarder_created_unparsed_total";
 pub const INVALID_ENTRIES: &str = "cmc_forwarder_invalid_entries_total";
 pub const SPOOL_QUARANTINED: &str = "cmc_forwarder_spool_quarantined_messages";
 pub const SPOOL_BACKLOG_AGE: &str = "cmc_forwarder_spool_backlog_age_seconds";
+pub const PUBLISH_DENIED: &str = "cmc_forwarder_nats_publish_denied_total";
 pub const INBOUND_MAILS: &str = "cmc_forwarder_inbound_mails_total";
 pub const INBOUND_ATTACHMENTS: &str = "cmc_forwarder_inbound_attachments_total";
 pub const INBOUND_ATTACHMENT_BYTES: &str = "cmc_forwarder_inbound_attachment_bytes_total";
@@ -119,6 +120,10 @@ fn describe() {
         "Entries whose `created` could not be converted to created_at (cmc.timezone set)"
     );
     metrics::describe_counter!(
+        PUBLISH_DENIED,
+        "Publishes the NATS server refused for lack of permission on the subject"
+    );
+    metrics::describe_counter!(
         INBOUND_MAILS,
         "Inbound mails, by outcome (published, duplicate, spooled, drained, rejected)"
     );
@@ -130,6 +135,11 @@ fn describe() {
         INBOUND_ATTACHMENT_BYTES,
         "Bytes of inbound attachment objects, by outcome (uploaded, already_stored, spooled)"
     );
+}
+
+/// The server refused a publish: this user may not publish to the subject.
+pub fn publish_denied() {
+    counter!(PUBLISH_DENIED).increment(1);
 }
 
 pub fn request(status: u16) {

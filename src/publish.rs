@@ -1,7 +1,7 @@
-//! Publishing to NATS: the connection, the JetStream stream, and one call that puts a whole
-//! batch on the bus or says honestly that it could not.
+//! Publishing to NATS: one call that puts a whole batch on the bus or says honestly that it
+//! could not. The connection and the stream are set up by [`crate::nats`].
 //!
-//! Owns every `async_nats` type in the crate. A batch is sent in entry order on the one shared
+//! A batch is sent in entry order on the one shared
 //! connection; in `jetstream` mode all PubAcks are then awaited concurrently, in `core` mode
 //! the connection is flushed. The whole call is bounded by `nats.publish_timeout`, so a slow or
 //! absent NATS yields an error in time, never a hang.
@@ -13,12 +13,14 @@ use std::time::{Duration, Instant};
 
 use async_nats::connection::State;
 use async_nats::header::HeaderName;
-use async_nats::jetstream::{self, context::PublishErrorKind, stream};
-use async_nats::{Client, ConnectOptions, HeaderMap};
+use async_nats::jetstream::{self, context::PublishErrorKind};
+use async_nats::{Client, HeaderMap};
 use bytes::Bytes;
 use thiserror::Error;
 
-use crate::settings::{Mode, NatsSettings, Storage};
+use crate::nats::Health;
+pub use crate::nats::SetupError;
+use crate::settings::NatsSettings;
 use crate::webhook::{HeaderValue, OutgoingBatch};
 
 /// What a batch's publication achieved.
@@ -83,17 +85,6 @@ impl PublishError {
     }
 }
 
-/// Why the connection or the stream could not be set up.
-#[derive(Debug, Error)]
-pub enum SetupError {
-    #[error("cannot read NATS credentials: {0}")]
-    Credentials(String),
-    #[error("cannot connect to NATS: {0}")]
-    Connect(String),
-    #[error("stream {name}: {message}")]
-    Stream { name: String, message: String },
-}
-
 /// The shared publisher: one NATS connection, and the JetStream context in `jetstream` mode.
 #[derive(Clone)]
 pub struct Publisher {
@@ -107,44 +98,24 @@ pub struct Publisher {
     /// `validation.dead_letter_subject` in dead-letter mode: an existing stream must cover it
     /// too.
     dead_letter: Option<Arc<crate::subject::SubjectTemplate>>,
+    /// The connection's health as its events tell it (last failure, denied subjects).
+    health: Arc<Health>,
 }
 
 impl Publisher {
     /// Connects, waiting up to `connect_timeout` for the first connection; if NATS is not
     /// reachable by then, returns anyway and keeps connecting in the background.
     pub async fn connect(settings: &NatsSettings) -> Result<Publisher, SetupError> {
-        let options = connect_options(settings).await?;
-        let servers: Vec<&str> = settings
-            .servers
-            .iter()
-            .map(|s| s.trim())
-            .filter(|s| !s.is_empty())
-            .collect();
-        // Each URL separately: async-nats parses a string as ONE URL (a comma-joined list
-        // fails with "invalid port number"), so several `nats.servers` need the slice form.
-        let client = options
-            .connect(servers.as_slice())
-            .await
-            .map_err(|e| SetupError::Connect(e.to_string()))?;
-        let deadline = Instant::now() + settings.connect_timeout.get();
-        while client.connection_state() != State::Connected && Instant::now() < deadline {
-            tokio::time::sleep(Duration::from_millis(20)).await;
-        }
-        let timeout = settings.publish_timeout.get();
-        let jetstream = (settings.mode == Mode::Jetstream).then(|| {
-            jetstream::ContextBuilder::new()
-                .timeout(timeout)
-                .max_ack_inflight(65_536)
-                .backpressure_on_inflight(true)
-                .build(client.clone())
-        });
+        let (client, health) = crate::nats::connect(settings).await?;
+        let jetstream = crate::nats::jetstream(&client, settings);
         Ok(Publisher {
             stream_ready: Arc::new(AtomicBool::new(jetstream.is_none())),
             client,
             jetstream,
-            timeout,
+            timeout: settings.publish_timeout,
             settings: Arc::new(settings.clone()),
             dead_letter: None,
+            health,
         })
     }
 
@@ -165,11 +136,14 @@ impl Publisher {
     }
 
     /// Why the publisher is not ready, for `/readyz`.
-    pub fn not_ready_reason(&self) -> Option<&'static str> {
+    pub fn not_ready_reason(&self) -> Option<String> {
         if !self.is_connected() {
-            Some("NATS is not connected")
+            Some(match self.health.last_error() {
+                Some(cause) => format!("NATS is not connected: {cause}"),
+                None => "NATS is not connected".into(),
+            })
         } else if !self.stream_ready.load(Ordering::Acquire) {
-            Some("the JetStream stream is not usable yet")
+            Some("the JetStream stream is not usable yet".into())
         } else {
             None
         }
@@ -181,54 +155,7 @@ impl Publisher {
         let Some(js) = &self.jetstream else {
             return Ok(());
         };
-        let s = &self.settings.stream;
-        let err = |message: String| SetupError::Stream {
-            name: s.name.clone(),
-            message,
-        };
-        if s.create {
-            let config = stream::Config {
-                name: s.name.clone(),
-                subjects: s.subjects.clone(),
-                storage: match s.storage {
-                    Storage::File => stream::StorageType::File,
-                    Storage::Memory => stream::StorageType::Memory,
-                },
-                num_replicas: s.replicas,
-                max_age: s.max_age.get(),
-                duplicate_window: s.duplicate_window.get(),
-                ..Default::default()
-            };
-            js.create_or_update_stream(config)
-                .await
-                .map_err(|e| err(format!("cannot create or update: {e}")))?;
-        } else {
-            let mut found = js
-                .get_stream(&s.name)
-                .await
-                .map_err(|e| err(format!("cannot be used (nats.stream.create = false): {e}")))?;
-            let info = found
-                .info()
-                .await
-                .map_err(|e| err(format!("cannot read its configuration: {e}")))?;
-            let template = crate::subject::SubjectTemplate::parse(&self.settings.subject)
-                .map_err(|e| err(e.to_string()))?;
-            if !template.is_covered_by(&info.config.subjects) {
-                return Err(err(format!(
-                    "its subjects {:?} do not cover the template {:?}",
-                    info.config.subjects, self.settings.subject
-                )));
-            }
-            if let Some(dead_letter) = &self.dead_letter {
-                if !dead_letter.is_covered_by(&info.config.subjects) {
-                    return Err(err(format!(
-                        "its subjects {:?} do not cover the dead-letter template {:?}",
-                        info.config.subjects,
-                        dead_letter.as_str()
-                    )));
-                }
-            }
-        }
+        crate::nats::ensure_stream(js, &self.settings, self.dead_letter.as_deref()).await?;
         self.stream_ready.store(true, Ordering::Release);
         Ok(())
     }
@@ -301,8 +228,15 @@ impl Publisher {
         // collect them in order, which tells how long the acknowledged prefix is. One deadline
         // for each phase rather than a timer per message: the client already bounds each call.
         let mut acks = Vec::with_capacity(messages.len());
+        // The batch's distinct subjects (few in practice), to recognise a permission denial:
+        // the server answers a denied publish with an error event, never with an ack.
+        let started = Instant::now();
+        let mut subjects: Vec<String> = Vec::new();
         let sending = async {
             for (index, message) in messages.into_iter().enumerate() {
+                if !subjects.contains(&message.subject) {
+                    subjects.push(message.subject.clone());
+                }
                 let ack = js
                     .publish_with_headers(message.subject, message.headers, message.payload)
                     .await
@@ -327,7 +261,12 @@ impl Publisher {
             }
             Ok(())
         };
-        let outcome = tokio::time::timeout_at(deadline, collecting).await;
+        let outcome = tokio::select! {
+            outcome = tokio::time::timeout_at(deadline, collecting) => outcome,
+            subject = self.health.wait_denied(&subjects, started) => Ok(Err(
+                PublishError::Refused(format!("permission denied: this NATS user may not publish to {subject:?}")),
+            )),
+        };
         let error = match outcome {
             Ok(Ok(())) => return Ok(report),
             Ok(Err(error)) => error,
@@ -495,47 +434,4 @@ impl PublishFailure {
     fn none(error: PublishError) -> Self {
         PublishFailure { error, acked: 0 }
     }
-}
-
-async fn connect_options(settings: &NatsSettings) -> Result<ConnectOptions, SetupError> {
-    let mut options = match &settings.creds_file {
-        Some(path) => ConnectOptions::with_credentials_file(path)
-            .await
-            .map_err(|e| SetupError::Credentials(format!("{}: {e}", path.display())))?,
-        None => ConnectOptions::new(),
-    };
-    if settings.token.is_set() {
-        options = options.token(settings.token.expose().to_owned());
-    }
-    if !settings.username.is_empty() {
-        options = options.user_and_password(
-            settings.username.clone(),
-            settings.password.expose().to_owned(),
-        );
-    }
-    if settings.nkey_seed.is_set() {
-        options = options.nkey(settings.nkey_seed.expose().to_owned());
-    }
-    if let Some(ca) = &settings.tls_ca_file {
-        options = options.add_root_certificates(ca.clone()).require_tls(true);
-    }
-    if let (Some(cert), Some(key)) = (&settings.tls_cert_file, &settings.tls_key_file) {
-        options = options.add_client_certificate(cert.clone(), key.clone());
-    }
-    Ok(options
-        .name(&settings.name)
-        .connection_timeout(settings.connect_timeout.get())
-        .retry_on_initial_connect()
-        .max_reconnects(None)
-        // Reconnect quickly after a NATS restart: the default backs off to 4 s.
-        .reconnect_delay_callback(|attempts| {
-            Duration::from_millis((100u64 << attempts.min(4)).min(1_000))
-        })
-        .event_callback(|event| async move {
-            match event {
-                async_nats::Event::Connected => tracing::info!("NATS connected"),
-                async_nats::Event::Disconnected => tracing::warn!("NATS disconnected"),
-                other => tracing::warn!(event = %other, "NATS event"),
-            }
-        }))
 }

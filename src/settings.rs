@@ -1,16 +1,22 @@
 //! Configuration (SPEC §4): one TOML file layered under `CMC_FORWARDER__SECTION__KEY`
-//! environment variables, deserialised into typed settings and checked before anything binds.
+//! environment variables, deserialised once, in [`Settings::load`], into the types the service
+//! uses (socket addresses, networks, durations, the compiled subject template, the time zone,
+//! secrets), then checked across keys. Nothing re-parses or re-validates a value afterwards.
 //!
 //! Every key has a default, so the service runs with no file against a local NATS. Unknown
-//! keys and invalid values stop start-up with a message naming the key. Secrets live in
-//! [`Secret`], which never prints its value. Owns no I/O beyond reading the file.
+//! keys and invalid values stop start-up with a message naming the key (and the environment
+//! variable, when one set it). An environment value is typed by its key: string keys take the
+//! text exactly as written (`007123` stays `007123`), number and boolean keys are parsed, list
+//! keys are split at commas. Secrets live in [`Secret`], which never prints its value. Owns no
+//! I/O beyond reading the file.
 
-use std::collections::HashMap;
+use std::collections::{BTreeMap, HashMap};
 use std::fmt;
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 
+use ipnet::IpNet;
 use serde::{Deserialize, Deserializer, Serialize, Serializer};
 use thiserror::Error;
 
@@ -20,53 +26,68 @@ use crate::webhook::InvalidEntries;
 /// The environment prefix; `CMC_FORWARDER__NATS__MODE=core` sets `nats.mode`.
 pub const ENV_PREFIX: &str = "CMC_FORWARDER";
 
-/// Keys whose environment value is a comma-separated list.
-const LIST_KEYS: [&str; 4] = [
-    "nats.servers",
-    "nats.stream.subjects",
-    "auth.allowed_ips",
-    "auth.trusted_proxies",
-];
+/// The conventional NATS variable, used for `nats.servers` when nothing else sets it.
+pub const NATS_URL: &str = "NATS_URL";
+
+/// What `check-config` prints in place of a set secret. The loader refuses it, so a printed
+/// configuration fed back can never run with this text as the real secret.
+pub const REDACTED: &str = "[redacted]";
 
 /// The whole configuration.
-#[derive(Debug, Clone, Default, Deserialize, Serialize)]
+#[derive(Debug, Clone, Default, PartialEq, Deserialize, Serialize)]
 #[serde(deny_unknown_fields, default)]
 pub struct Settings {
+    /// `[server]`: the public webhook listener.
     pub server: ServerSettings,
+    /// `[admin]`: health, readiness and metrics.
     pub admin: AdminSettings,
+    /// `[auth]`: who may post.
     pub auth: AuthSettings,
+    /// `[nats]`: the connection, the subject and the stream.
     pub nats: NatsSettings,
+    /// `[spool]`: the durable local buffer.
     pub spool: SpoolSettings,
+    /// `[validation]`: what happens to entries that fail validation.
     pub validation: ValidationSettings,
+    /// `[inbound]`: the Inbound webhook (SPEC §7).
     pub inbound: InboundSettings,
+    /// `[cmc]`: facts about the CMC account.
     pub cmc: CmcSettings,
+    /// `[log]`: log output.
     pub log: LogSettings,
+    /// `[telemetry]`: trace export.
     pub telemetry: TelemetrySettings,
 }
 
 /// The public webhook listener.
-#[derive(Debug, Clone, Deserialize, Serialize)]
+#[derive(Debug, Clone, PartialEq, Deserialize, Serialize)]
 #[serde(deny_unknown_fields, default)]
 pub struct ServerSettings {
     /// Address and port the webhook listener binds (port 0 picks a free one).
-    pub listen: String,
-    /// The path CMC posts to; every other path answers 404.
+    pub listen: SocketAddr,
+    /// The path CMC posts to; every other path answers 404. Starts with `/`.
     pub path: String,
     /// Largest accepted body, in bytes; larger ones answer 413 (counted while reading, with or
     /// without `Content-Length`).
     pub max_body_bytes: u64,
     /// Time allowed to receive a whole request.
-    pub request_timeout: HumanDuration,
+    #[serde(with = "humantime_serde")]
+    pub request_timeout: Duration,
     /// Requests handled at once; beyond it the service answers 503 instead of queueing.
     pub max_in_flight: usize,
+    /// Bytes of request bodies held at once; beyond it the service answers 503.
+    pub max_in_flight_bytes: u64,
+    /// Entries accepted in one request; more answer 413.
+    pub max_entries: usize,
     /// Open connections at once; more wait in the kernel's accept backlog.
     pub max_connections: usize,
     /// After SIGTERM/SIGINT: time in-flight requests get before their connections are closed.
-    pub shutdown_grace: HumanDuration,
+    #[serde(with = "humantime_serde")]
+    pub shutdown_grace: Duration,
     /// PEM certificate chain for native TLS (with `tls_key_file`).
     #[serde(skip_serializing_if = "Option::is_none")]
     pub tls_cert_file: Option<PathBuf>,
-    /// PEM private key for native TLS.
+    /// PEM private key for native TLS (with `tls_cert_file`).
     #[serde(skip_serializing_if = "Option::is_none")]
     pub tls_key_file: Option<PathBuf>,
 }
@@ -74,13 +95,15 @@ pub struct ServerSettings {
 impl Default for ServerSettings {
     fn default() -> Self {
         ServerSettings {
-            listen: "0.0.0.0:8080".into(),
+            listen: SocketAddr::from(([0, 0, 0, 0], 8080)),
             path: "/webhooks/cmc".into(),
             max_body_bytes: 4 * 1024 * 1024,
-            request_timeout: HumanDuration::secs(30),
+            request_timeout: Duration::from_secs(30),
             max_in_flight: 1024,
+            max_in_flight_bytes: 256 * 1024 * 1024,
+            max_entries: 10_000,
             max_connections: 10_000,
-            shutdown_grace: HumanDuration::secs(10),
+            shutdown_grace: Duration::from_secs(10),
             tls_cert_file: None,
             tls_key_file: None,
         }
@@ -88,34 +111,38 @@ impl Default for ServerSettings {
 }
 
 /// The admin listener (health, readiness, metrics), kept off the public port.
-#[derive(Debug, Clone, Deserialize, Serialize)]
+#[derive(Debug, Clone, PartialEq, Deserialize, Serialize)]
 #[serde(deny_unknown_fields, default)]
 pub struct AdminSettings {
-    /// Address of the admin listener; `""` disables it.
-    pub listen: String,
+    /// Address of the admin listener; `""` (here `None`) disables it.
+    #[serde(with = "optional_addr")]
+    pub listen: Option<SocketAddr>,
 }
 
 impl Default for AdminSettings {
     fn default() -> Self {
         AdminSettings {
-            listen: "127.0.0.1:9091".into(),
+            listen: Some(SocketAddr::from(([127, 0, 0, 1], 9091))),
         }
     }
 }
 
 /// Who may post webhooks.
-#[derive(Debug, Clone, Default, Deserialize, Serialize)]
+#[derive(Debug, Clone, Default, PartialEq, Deserialize, Serialize)]
 #[serde(deny_unknown_fields, default)]
 pub struct AuthSettings {
     /// When non-empty, the request's `api_key` parameter must match.
     pub api_key: Secret,
-    /// When non-empty, HTTP Basic authentication is required.
+    /// When non-empty, HTTP Basic authentication is required (with `basic_password`).
     pub basic_username: String,
+    /// The HTTP Basic password (with `basic_username`).
     pub basic_password: Secret,
-    /// Client networks (CIDR) allowed to post; empty allows all.
-    pub allowed_ips: Vec<String>,
-    /// Proxies (CIDR) whose `X-Forwarded-For` is believed.
-    pub trusted_proxies: Vec<String>,
+    /// Client networks allowed to post (CIDRs or single addresses); empty allows all.
+    #[serde(with = "networks")]
+    pub allowed_ips: Vec<IpNet>,
+    /// Proxies (CIDRs or single addresses) whose `X-Forwarded-For` is believed.
+    #[serde(with = "networks")]
+    pub trusted_proxies: Vec<IpNet>,
 }
 
 /// How messages are delivered.
@@ -130,33 +157,49 @@ pub enum Mode {
 }
 
 /// The NATS connection and subject.
-#[derive(Debug, Clone, Deserialize, Serialize)]
+#[derive(Debug, Clone, PartialEq, Deserialize, Serialize)]
 #[serde(deny_unknown_fields, default)]
 pub struct NatsSettings {
-    /// Server URLs; the client reconnects across all of them.
+    /// Server URLs; the client reconnects across all of them. Blank entries are dropped.
     pub servers: Vec<String>,
+    /// `jetstream` (await PubAcks) or `core` (publish and flush).
     pub mode: Mode,
     /// Subject template; placeholders `{event_type}`, `{status}`, `{status_name}`,
-    /// `{server_composition}`.
-    pub subject: String,
+    /// `{server_composition}`. Compiled when the configuration is loaded.
+    pub subject: SubjectTemplate,
     /// Time a batch may take to be acknowledged before the request answers 503.
-    pub publish_timeout: HumanDuration,
+    #[serde(with = "humantime_serde")]
+    pub publish_timeout: Duration,
     /// Time allowed for the first connection at start-up before the service starts anyway.
-    pub connect_timeout: HumanDuration,
+    #[serde(with = "humantime_serde")]
+    pub connect_timeout: Duration,
     /// Client name shown in the server's connection list.
     pub name: String,
+    /// A `.creds` file (user JWT and nkey seed) for operator-mode (decentralised) auth.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub creds_file: Option<PathBuf>,
+    /// A token for token authentication.
     pub token: Secret,
+    /// User name for user/password authentication (with `password`).
     pub username: String,
+    /// Password for user/password authentication.
     pub password: Secret,
+    /// A user nkey seed (`SU…`) for nkey authentication.
     pub nkey_seed: Secret,
+    /// PEM CA certificate(s) that sign the server's certificate; setting it requires TLS.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub tls_ca_file: Option<PathBuf>,
+    /// PEM client certificate for mutual TLS (with `tls_key_file`).
     #[serde(skip_serializing_if = "Option::is_none")]
     pub tls_cert_file: Option<PathBuf>,
+    /// PEM private key of the client certificate.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub tls_key_file: Option<PathBuf>,
+    /// JetStream domain whose API serves the stream (`$JS.<domain>.API`), e.g. the hub's
+    /// domain when the forwarder is connected to a leaf node; unset uses the local JetStream.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub jetstream_domain: Option<String>,
+    /// `[nats.stream]`: the stream (jetstream mode).
     pub stream: StreamSettings,
 }
 
@@ -165,9 +208,10 @@ impl Default for NatsSettings {
         NatsSettings {
             servers: vec!["nats://127.0.0.1:4222".into()],
             mode: Mode::Jetstream,
-            subject: "cmc.{event_type}.{status}".into(),
-            publish_timeout: HumanDuration::secs(5),
-            connect_timeout: HumanDuration::secs(5),
+            subject: SubjectTemplate::parse("cmc.{event_type}.{status}")
+                .expect("the default template is valid"),
+            publish_timeout: Duration::from_secs(5),
+            connect_timeout: Duration::from_secs(5),
             name: "cmc-forwarder".into(),
             creds_file: None,
             token: Secret::default(),
@@ -177,6 +221,7 @@ impl Default for NatsSettings {
             tls_ca_file: None,
             tls_cert_file: None,
             tls_key_file: None,
+            jetstream_domain: None,
             stream: StreamSettings::default(),
         }
     }
@@ -186,26 +231,33 @@ impl Default for NatsSettings {
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Deserialize, Serialize)]
 #[serde(rename_all = "lowercase")]
 pub enum Storage {
+    /// On disk.
     #[default]
     File,
+    /// In memory (lost when the server restarts).
     Memory,
 }
 
 /// The JetStream stream the messages are stored in (`jetstream` mode).
-#[derive(Debug, Clone, Deserialize, Serialize)]
+#[derive(Debug, Clone, PartialEq, Deserialize, Serialize)]
 #[serde(deny_unknown_fields, default)]
 pub struct StreamSettings {
+    /// The stream's name (no whitespace, `.`, `*`, `>`, `/` or `\`).
     pub name: String,
     /// Create or update the stream at start-up; when false it must already exist.
     pub create: bool,
     /// The stream's subjects; every subject the template can produce must fall under one.
     pub subjects: Vec<String>,
+    /// `file` or `memory`.
     pub storage: Storage,
+    /// Copies of each message in a cluster (1 to 5).
     pub replicas: usize,
     /// Age after which messages are discarded; `0s` keeps them forever.
-    pub max_age: HumanDuration,
+    #[serde(with = "humantime_serde")]
+    pub max_age: Duration,
     /// Window in which a repeated `Nats-Msg-Id` is dropped as a duplicate.
-    pub duplicate_window: HumanDuration,
+    #[serde(with = "humantime_serde")]
+    pub duplicate_window: Duration,
 }
 
 impl Default for StreamSettings {
@@ -216,21 +268,25 @@ impl Default for StreamSettings {
             subjects: vec!["cmc.>".into()],
             storage: Storage::File,
             replicas: 1,
-            max_age: HumanDuration::secs(0),
-            duplicate_window: HumanDuration::secs(120),
+            max_age: Duration::ZERO,
+            duplicate_window: Duration::from_secs(120),
         }
     }
 }
 
 /// The durable local buffer.
-#[derive(Debug, Clone, Deserialize, Serialize)]
+#[derive(Debug, Clone, PartialEq, Deserialize, Serialize)]
 #[serde(deny_unknown_fields, default)]
 pub struct SpoolSettings {
+    /// Spool what NATS cannot take in time (answering 200) instead of answering 503.
     pub enabled: bool,
     /// Directory of the spool files; relative to the working directory.
     pub dir: PathBuf,
     /// Size at which new batches are refused with 503.
     pub max_bytes: u64,
+    /// Longest pause between the drainer's retries of a temporary failure.
+    #[serde(with = "humantime_serde")]
+    pub retry_max_interval: Duration,
 }
 
 impl Default for SpoolSettings {
@@ -239,41 +295,44 @@ impl Default for SpoolSettings {
             enabled: true,
             dir: "data/spool".into(),
             max_bytes: 1 << 30,
+            retry_max_interval: Duration::from_secs(5),
         }
     }
 }
 
 /// What happens to invalid entries (SPEC §1 "Validation is all-or-nothing (by default)").
-#[derive(Debug, Clone, Deserialize, Serialize)]
+#[derive(Debug, Clone, PartialEq, Deserialize, Serialize)]
 #[serde(deny_unknown_fields, default)]
 pub struct ValidationSettings {
     /// `reject` (422, nothing published) or `dead_letter` (each invalid entry goes out on
     /// `dead_letter_subject`, the valid ones as usual).
     pub invalid_entries: InvalidEntries,
-    /// Subject template of dead letters; placeholders `{event_type}`, `{server_composition}`.
-    pub dead_letter_subject: String,
+    /// Subject template of dead letters; placeholders `{event_type}`, `{server_composition}`
+    /// (an invalid entry may have no usable status).
+    pub dead_letter_subject: SubjectTemplate,
 }
 
 impl Default for ValidationSettings {
     fn default() -> Self {
         ValidationSettings {
             invalid_entries: InvalidEntries::Reject,
-            dead_letter_subject: "cmc.invalid.{event_type}".into(),
+            dead_letter_subject: SubjectTemplate::parse("cmc.invalid.{event_type}")
+                .expect("the default template is valid"),
         }
     }
 }
 
-/// The Inbound webhook (SPEC §7): received mail, one message per mail.
-#[derive(Debug, Clone, Deserialize, Serialize)]
+/// The Inbound webhook (received mail, SPEC §7).
+#[derive(Debug, Clone, PartialEq, Deserialize, Serialize)]
 #[serde(deny_unknown_fields, default)]
 pub struct InboundSettings {
-    /// Path of the inbound endpoint on the public listener; `""` disables it.
+    /// Path of the inbound endpoint; `""` disables it.
     pub path: String,
-    /// Subject template; placeholders `{filter}` and `{server_composition}`.
+    /// Subject template of inbound mail (placeholder `{filter}`).
     pub subject: String,
-    /// Largest accepted inbound body, in bytes (attachments included); larger ones answer 413.
+    /// Largest accepted inbound body, in bytes.
     pub max_body_bytes: u64,
-    /// JetStream object store holding attachments (stream `OBJ_<bucket>`).
+    /// JetStream object store bucket for attachments.
     pub bucket: String,
 }
 
@@ -288,8 +347,51 @@ impl Default for InboundSettings {
     }
 }
 
+/// Facts about the CMC account.
+#[derive(Debug, Clone, Default, PartialEq, Deserialize, Serialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct CmcSettings {
+    /// CMC console's time zone (IANA name or `+09:00`); adds `created_at` to bodies. `""`
+    /// (here `None`) leaves it out.
+    #[serde(
+        deserialize_with = "optional_zone",
+        skip_serializing_if = "Option::is_none"
+    )]
+    pub timezone: Option<Zone>,
+}
+
+/// Log output format.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Deserialize, Serialize)]
+#[serde(rename_all = "lowercase")]
+pub enum LogFormat {
+    /// Human-readable lines.
+    #[default]
+    Text,
+    /// One JSON object per line.
+    Json,
+}
+
+/// Logging.
+#[derive(Debug, Clone, PartialEq, Deserialize, Serialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct LogSettings {
+    /// `text` or `json`.
+    pub format: LogFormat,
+    /// A `tracing` filter such as `info` or `cmc_forwarder=debug`; `RUST_LOG` overrides it.
+    pub level: LogFilter,
+}
+
+impl Default for LogSettings {
+    fn default() -> Self {
+        LogSettings {
+            format: LogFormat::Text,
+            level: LogFilter("info".into()),
+        }
+    }
+}
+
 /// Export of request spans.
-#[derive(Debug, Clone, Default, Deserialize, Serialize)]
+#[derive(Debug, Clone, Default, PartialEq, Deserialize, Serialize)]
 #[serde(deny_unknown_fields, default)]
 pub struct TelemetrySettings {
     /// OTLP/HTTP collector base URL (`http://otel-collector:4318`); spans are POSTed to
@@ -297,63 +399,149 @@ pub struct TelemetrySettings {
     pub otlp_endpoint: String,
 }
 
-/// Facts about the CMC account.
-#[derive(Debug, Clone, Default, Deserialize, Serialize)]
-#[serde(deny_unknown_fields, default)]
-pub struct CmcSettings {
-    /// CMC console's time zone (IANA name or `+09:00`); adds `created_at` to bodies.
-    #[serde(skip_serializing_if = "Option::is_none")]
-    pub timezone: Option<String>,
-}
+/// A checked `tracing` filter directive (`info`, `cmc_forwarder=debug,warn`).
+#[derive(Debug, Clone, PartialEq, Eq, Deserialize, Serialize)]
+#[serde(try_from = "String", into = "String")]
+pub struct LogFilter(String);
 
-/// Log output format.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Deserialize, Serialize)]
-#[serde(rename_all = "lowercase")]
-pub enum LogFormat {
-    #[default]
-    Text,
-    Json,
-}
-
-/// Logging.
-#[derive(Debug, Clone, Deserialize, Serialize)]
-#[serde(deny_unknown_fields, default)]
-pub struct LogSettings {
-    pub format: LogFormat,
-    /// A `tracing` filter such as `info` or `cmc_forwarder=debug`; `RUST_LOG` overrides it.
-    pub level: String,
-}
-
-impl Default for LogSettings {
-    fn default() -> Self {
-        LogSettings {
-            format: LogFormat::Text,
-            level: "info".into(),
-        }
+impl LogFilter {
+    /// The directive, as [`tracing_subscriber::EnvFilter`] takes it.
+    pub fn as_str(&self) -> &str {
+        &self.0
     }
 }
 
-/// A secret value: deserialised normally, never shown by `Debug` or serialisation.
-#[derive(Clone, Default, Deserialize, PartialEq, Eq)]
-#[serde(transparent)]
+impl TryFrom<String> for LogFilter {
+    type Error = String;
+    fn try_from(text: String) -> Result<Self, String> {
+        tracing_subscriber::EnvFilter::try_new(&text)
+            .map(|_| LogFilter(text.clone()))
+            .map_err(|e| format!("{text:?} is not a log filter: {e}"))
+    }
+}
+
+impl From<LogFilter> for String {
+    fn from(filter: LogFilter) -> String {
+        filter.0
+    }
+}
+
+/// The CMC console's time zone: the text as configured, and the zone it names.
+#[derive(Debug, Clone)]
+pub struct Zone {
+    text: String,
+    zone: jiff::tz::TimeZone,
+}
+
+impl Zone {
+    /// Parses an IANA name or a `±HH:MM` offset (see [`parse_timezone`]).
+    pub fn parse(text: &str) -> Result<Zone, String> {
+        Ok(Zone {
+            zone: parse_timezone(text)?,
+            text: text.trim().to_owned(),
+        })
+    }
+
+    /// The zone.
+    pub fn zone(&self) -> &jiff::tz::TimeZone {
+        &self.zone
+    }
+}
+
+impl PartialEq for Zone {
+    fn eq(&self, other: &Zone) -> bool {
+        self.text == other.text
+    }
+}
+
+impl Serialize for Zone {
+    fn serialize<S: Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
+        s.serialize_str(&self.text)
+    }
+}
+
+fn optional_zone<'de, D: Deserializer<'de>>(d: D) -> Result<Option<Zone>, D::Error> {
+    let text = String::deserialize(d)?;
+    if text.trim().is_empty() {
+        return Ok(None);
+    }
+    Zone::parse(&text)
+        .map(Some)
+        .map_err(serde::de::Error::custom)
+}
+
+/// `admin.listen`: an address, or `""` for none.
+mod optional_addr {
+    use super::*;
+
+    pub fn serialize<S: Serializer>(addr: &Option<SocketAddr>, s: S) -> Result<S::Ok, S::Error> {
+        match addr {
+            Some(addr) => s.collect_str(addr),
+            None => s.serialize_str(""),
+        }
+    }
+
+    pub fn deserialize<'de, D: Deserializer<'de>>(d: D) -> Result<Option<SocketAddr>, D::Error> {
+        let text = String::deserialize(d)?;
+        if text.trim().is_empty() {
+            return Ok(None);
+        }
+        text.trim()
+            .parse()
+            .map(Some)
+            .map_err(|e| serde::de::Error::custom(format!("{text:?}: {e}")))
+    }
+}
+
+/// Lists of networks: CIDRs (`10.0.0.0/8`) or single addresses (`10.0.0.1`); blank entries
+/// are dropped. Written back as CIDRs.
+mod networks {
+    use super::*;
+
+    pub fn serialize<S: Serializer>(nets: &[IpNet], s: S) -> Result<S::Ok, S::Error> {
+        s.collect_seq(nets.iter().map(|n| n.to_string()))
+    }
+
+    pub fn deserialize<'de, D: Deserializer<'de>>(d: D) -> Result<Vec<IpNet>, D::Error> {
+        Vec::<String>::deserialize(d)?
+            .iter()
+            .filter(|s| !s.trim().is_empty())
+            .map(|s| parse_network(s).map_err(serde::de::Error::custom))
+            .collect()
+    }
+}
+
+/// Parses a CIDR (`10.0.0.0/8`) or a single address (`10.0.0.1`, a /32 or /128).
+pub fn parse_network(text: &str) -> Result<IpNet, String> {
+    let text = text.trim();
+    text.parse::<IpNet>()
+        .or_else(|_| text.parse::<std::net::IpAddr>().map(IpNet::from))
+        .map_err(|_| format!("{text:?} is not a CIDR or IP address"))
+}
+
+/// A secret value: never shown by `Debug` or serialisation, compared by its bytes.
+#[derive(Clone, Default, PartialEq, Eq)]
 pub struct Secret(String);
 
 impl Secret {
+    /// Wraps a value.
     pub fn new(value: impl Into<String>) -> Self {
         Secret(value.into())
     }
 
+    /// The value itself, for the one place that needs it.
     pub fn expose(&self) -> &str {
         &self.0
     }
 
+    /// Whether a (non-empty) value is set.
     pub fn is_set(&self) -> bool {
         !self.0.is_empty()
     }
 
     fn shown(&self) -> &'static str {
         if self.is_set() {
-            "[redacted]"
+            REDACTED
         } else {
             ""
         }
@@ -372,45 +560,16 @@ impl Serialize for Secret {
     }
 }
 
-/// A duration written with a unit (`500ms`, `5s`, `2m`, `1h`, `1d`).
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub struct HumanDuration(pub Duration);
-
-impl HumanDuration {
-    pub const fn secs(s: u64) -> Self {
-        HumanDuration(Duration::from_secs(s))
-    }
-
-    pub fn get(self) -> Duration {
-        self.0
-    }
-}
-
-impl<'de> Deserialize<'de> for HumanDuration {
+impl<'de> Deserialize<'de> for Secret {
     fn deserialize<D: Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
-        struct V;
-        impl serde::de::Visitor<'_> for V {
-            type Value = HumanDuration;
-            fn expecting(&self, f: &mut fmt::Formatter) -> fmt::Result {
-                f.write_str("a duration with a unit, such as \"500ms\", \"5s\", \"2m\"")
-            }
-            fn visit_str<E: serde::de::Error>(self, v: &str) -> Result<HumanDuration, E> {
-                humantime::parse_duration(v.trim())
-                    .map(HumanDuration)
-                    .map_err(|e| E::custom(format!("invalid duration {v:?}: {e}")))
-            }
+        let value = String::deserialize(d)?;
+        if value == REDACTED {
+            return Err(serde::de::Error::custom(format!(
+                "{REDACTED:?} is the placeholder check-config prints instead of a secret; \
+                 put the real secret here (or set it through the environment)"
+            )));
         }
-        d.deserialize_str(V)
-    }
-}
-
-impl Serialize for HumanDuration {
-    fn serialize<S: Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
-        if self.0.is_zero() {
-            s.serialize_str("0s")
-        } else {
-            s.serialize_str(&humantime::format_duration(self.0).to_string())
-        }
+        Ok(Secret(value))
     }
 }
 
@@ -422,104 +581,170 @@ pub enum SettingsError {
     #[error("invalid configuration: {0}")]
     Parse(String),
     #[error("invalid configuration: {key}: {message}")]
-    Invalid { key: &'static str, message: String },
+    Invalid { key: String, message: String },
+    #[error("invalid configuration: environment variable {var}: {message}")]
+    Env { var: String, message: String },
 }
 
-fn invalid(key: &'static str, message: impl Into<String>) -> SettingsError {
+fn invalid(key: &str, message: impl Into<String>) -> SettingsError {
     SettingsError::Invalid {
-        key,
+        key: key.to_owned(),
         message: message.into(),
     }
 }
 
 impl Settings {
     /// Loads the optional TOML file, then the environment: `env` is the process environment
-    /// in production and a plain map in tests (never mutate the process environment).
+    /// when `None`, and a plain map in tests (never mutate the process environment).
     pub fn load(
         file: Option<&Path>,
         env: Option<HashMap<String, String>>,
     ) -> Result<Settings, SettingsError> {
-        let mut builder = config::Config::builder();
-        if let Some(path) = file {
-            let text = std::fs::read_to_string(path).map_err(|e| SettingsError::File {
-                path: path.to_owned(),
-                message: e.to_string(),
-            })?;
-            builder = builder.add_source(config::File::from_str(&text, config::FileFormat::Toml));
-        }
-        let mut environment = config::Environment::with_prefix(ENV_PREFIX)
-            .prefix_separator("__")
-            .separator("__")
-            .list_separator(",")
-            .try_parsing(true)
-            .source(env);
-        for key in LIST_KEYS {
-            environment = environment.with_list_parse_key(key);
-        }
-        let settings: Settings = builder
-            .add_source(environment)
-            .build()
-            .and_then(|c| c.try_deserialize())
-            .map_err(|e| SettingsError::Parse(e.to_string()))?;
-        settings.validate()?;
-        Ok(settings)
+        let text = match file {
+            Some(path) => Some(
+                std::fs::read_to_string(path).map_err(|e| SettingsError::File {
+                    path: path.to_owned(),
+                    message: e.to_string(),
+                })?,
+            ),
+            None => None,
+        };
+        let env: BTreeMap<String, String> = match env {
+            Some(map) => map.into_iter().collect(),
+            None => std::env::vars_os()
+                .filter_map(|(k, v)| Some((k.into_string().ok()?, v.into_string().ok()?)))
+                .collect(),
+        };
+        Settings::from_sources(text.as_deref(), &env)
     }
 
     /// Loads from a TOML string alone (tests and examples).
     pub fn from_toml(text: &str) -> Result<Settings, SettingsError> {
-        let settings: Settings = config::Config::builder()
-            .add_source(config::File::from_str(text, config::FileFormat::Toml))
-            .build()
-            .and_then(|c| c.try_deserialize())
-            .map_err(|e| SettingsError::Parse(e.to_string()))?;
-        settings.validate()?;
+        Settings::from_sources(Some(text), &BTreeMap::new())
+    }
+
+    /// The one place configuration is parsed: the file's table, the environment laid over it
+    /// (typed by each key's type), `NATS_URL` as the fallback for `nats.servers`, then a
+    /// single deserialisation into the typed settings and the checks across keys.
+    fn from_sources(
+        text: Option<&str>,
+        env: &BTreeMap<String, String>,
+    ) -> Result<Settings, SettingsError> {
+        let mut table: toml::Table = match text {
+            Some(text) => toml::from_str(text)
+                .map_err(|e| SettingsError::Parse(e.to_string().trim_end().to_owned()))?,
+            None => toml::Table::new(),
+        };
+        let file_sets_servers = lookup(&table, &["nats", "servers"]).is_some();
+        let schema = toml::Table::try_from(Settings::default())
+            .map_err(|e| SettingsError::Parse(format!("cannot describe the defaults: {e}")))?;
+        // Which variable set which key, to name it in errors.
+        let mut origins: Vec<(String, String)> = Vec::new();
+        let prefix = format!("{ENV_PREFIX}__");
+        for (var, value) in env {
+            let Some(rest) = var.strip_prefix(&prefix) else {
+                continue;
+            };
+            let path: Vec<String> = rest.split("__").map(str::to_ascii_lowercase).collect();
+            if path.iter().any(String::is_empty) {
+                return Err(env_error(
+                    var,
+                    "is not of the form CMC_FORWARDER__SECTION__KEY",
+                ));
+            }
+            let keys: Vec<&str> = path.iter().map(String::as_str).collect();
+            let typed =
+                typed_env_value(lookup(&schema, &keys), value).map_err(|m| env_error(var, m))?;
+            insert(&mut table, &keys, typed).map_err(|m| env_error(var, m))?;
+            origins.push((path.join("."), var.clone()));
+        }
+        if !file_sets_servers && !env.contains_key(&format!("{prefix}NATS__SERVERS")) {
+            if let Some(urls) = env.get(NATS_URL).filter(|u| !u.trim().is_empty()) {
+                insert(&mut table, &["nats", "servers"], list(urls))
+                    .map_err(|m| env_error(NATS_URL, m))?;
+                origins.push(("nats.servers".into(), NATS_URL.into()));
+            }
+        }
+        let mut settings: Settings = serde_path_to_error::deserialize(toml::Value::Table(table))
+            .map_err(|e| {
+                let key = e.path().to_string();
+                let message = e.inner().message().trim().to_owned();
+                match origins.iter().find(|(k, _)| *k == key) {
+                    Some((_, var)) => env_error(var, format!("{key}: {message}")),
+                    None => invalid(&key, message),
+                }
+            })?;
+        settings.nats.servers = settings
+            .nats
+            .servers
+            .iter()
+            .map(|s| s.trim())
+            .filter(|s| !s.is_empty())
+            .map(str::to_owned)
+            .collect();
+        settings.check()?;
         Ok(settings)
     }
 
-    /// Checks everything that serde alone cannot.
-    pub fn validate(&self) -> Result<(), SettingsError> {
-        self.server_listen()?;
-        self.admin_listen()?;
-        if !self.server.path.starts_with('/') {
+    /// Checks across keys, and the bounds serde alone cannot express. Run once, by the loader.
+    fn check(&self) -> Result<(), SettingsError> {
+        let server = &self.server;
+        if !server.path.starts_with('/') {
             return Err(invalid("server.path", "must start with '/'"));
         }
-        if self.server.max_body_bytes == 0 {
-            return Err(invalid("server.max_body_bytes", "must be greater than 0"));
+        for (key, value) in [
+            ("server.max_body_bytes", server.max_body_bytes),
+            ("server.max_in_flight", server.max_in_flight as u64),
+            ("server.max_in_flight_bytes", server.max_in_flight_bytes),
+            ("server.max_entries", server.max_entries as u64),
+            ("server.max_connections", server.max_connections as u64),
+        ] {
+            if value == 0 {
+                return Err(invalid(key, "must be greater than 0"));
+            }
         }
-        if self.server.max_in_flight == 0 {
-            return Err(invalid("server.max_in_flight", "must be greater than 0"));
+        for (key, value) in [
+            ("server.request_timeout", server.request_timeout),
+            ("nats.publish_timeout", self.nats.publish_timeout),
+            ("nats.connect_timeout", self.nats.connect_timeout),
+        ] {
+            if value.is_zero() {
+                return Err(invalid(key, "must be greater than 0"));
+            }
         }
-        if self.server.max_connections == 0 {
-            return Err(invalid("server.max_connections", "must be greater than 0"));
-        }
-        if self.server.request_timeout.get().is_zero() {
-            return Err(invalid("server.request_timeout", "must be greater than 0"));
-        }
-        if self.server.tls_cert_file.is_some() != self.server.tls_key_file.is_some() {
+        if server.tls_cert_file.is_some() != server.tls_key_file.is_some() {
             return Err(invalid(
                 "server.tls_cert_file",
                 "tls_cert_file and tls_key_file must be set together",
             ));
         }
-        if self.nats.servers.iter().all(|s| s.trim().is_empty()) {
+        let nats = &self.nats;
+        if nats.servers.is_empty() {
             return Err(invalid("nats.servers", "at least one server is required"));
         }
-        if self.nats.publish_timeout.get().is_zero() {
-            return Err(invalid("nats.publish_timeout", "must be greater than 0"));
-        }
-        if self.nats.connect_timeout.get().is_zero() {
-            return Err(invalid("nats.connect_timeout", "must be greater than 0"));
-        }
-        if self.nats.tls_cert_file.is_some() != self.nats.tls_key_file.is_some() {
+        if nats.tls_cert_file.is_some() != nats.tls_key_file.is_some() {
             return Err(invalid(
                 "nats.tls_cert_file",
                 "tls_cert_file and tls_key_file must be set together",
             ));
         }
-        let template = self.subject_template()?;
-        let dead_letter = self.dead_letter_template()?;
-        if self.nats.mode == Mode::Jetstream {
-            let stream = &self.nats.stream;
+        if nats.username.is_empty() && nats.password.is_set() {
+            return Err(invalid("nats.password", "is set without nats.username"));
+        }
+        if let Some(domain) = &nats.jetstream_domain {
+            if domain.is_empty()
+                || domain
+                    .chars()
+                    .any(|c| c.is_whitespace() || matches!(c, '.' | '*' | '>'))
+            {
+                return Err(invalid(
+                    "nats.jetstream_domain",
+                    format!("{domain:?} is not a valid JetStream domain"),
+                ));
+            }
+        }
+        if nats.mode == Mode::Jetstream {
+            let stream = &nats.stream;
             if stream.name.is_empty()
                 || stream
                     .name
@@ -534,8 +759,7 @@ impl Settings {
             if stream.replicas == 0 || stream.replicas > 5 {
                 return Err(invalid("nats.stream.replicas", "must be between 1 and 5"));
             }
-            let (max_age, window) = (stream.max_age.get(), stream.duplicate_window.get());
-            if !max_age.is_zero() && window > max_age {
+            if !stream.max_age.is_zero() && stream.duplicate_window > stream.max_age {
                 // JetStream refuses such a stream; say so before connecting.
                 return Err(invalid(
                     "nats.stream.duplicate_window",
@@ -545,18 +769,7 @@ impl Settings {
             if stream.subjects.is_empty() {
                 return Err(invalid("nats.stream.subjects", "at least one is required"));
             }
-            if !template.is_covered_by(&stream.subjects) {
-                return Err(invalid(
-                    "nats.subject",
-                    format!(
-                        "subjects of the template {:?} (i.e. {}) do not all fall under nats.stream.subjects {:?}",
-                        template.as_str(),
-                        template.as_filter(),
-                        stream.subjects
-                    ),
-                ));
-            }
-            if let Some(dead_letter) = &dead_letter {
+            if let Some(dead_letter) = self.dead_letter_template() {
                 if !dead_letter.is_covered_by(&stream.subjects) {
                     return Err(invalid(
                         "validation.dead_letter_subject",
@@ -569,6 +782,18 @@ impl Settings {
                     ));
                 }
             }
+            let template = &nats.subject;
+            if !template.is_covered_by(&stream.subjects) {
+                return Err(invalid(
+                    "nats.subject",
+                    format!(
+                        "subjects of the template {:?} (i.e. {}) do not all fall under nats.stream.subjects {:?}",
+                        template.as_str(),
+                        template.as_filter(),
+                        stream.subjects
+                    ),
+                ));
+            }
         }
         if self.auth.basic_username.is_empty() == self.auth.basic_password.is_set() {
             return Err(invalid(
@@ -576,15 +801,18 @@ impl Settings {
                 "basic_username and basic_password must be set together",
             ));
         }
-        for (key, list) in [
-            ("auth.allowed_ips", &self.auth.allowed_ips),
-            ("auth.trusted_proxies", &self.auth.trusted_proxies),
-        ] {
-            for item in list.iter().filter(|s| !s.trim().is_empty()) {
-                crate::auth::parse_cidr(item).map_err(|e| invalid(key, e))?;
-            }
+        if self.spool.enabled && self.spool.max_bytes == 0 {
+            return Err(invalid("spool.max_bytes", "must be greater than 0"));
         }
-        self.timezone()?;
+        let dead_letter = &self.validation.dead_letter_subject;
+        if self.validation.invalid_entries == InvalidEntries::DeadLetter
+            && (dead_letter.uses(Placeholder::Status) || dead_letter.uses(Placeholder::StatusName))
+        {
+            return Err(invalid(
+                "validation.dead_letter_subject",
+                "may use only {event_type} and {server_composition}: an invalid entry has no usable status",
+            ));
+        }
         let endpoint = self.telemetry.otlp_endpoint.trim();
         if !endpoint.is_empty() && !endpoint.starts_with("http://") {
             return Err(invalid(
@@ -592,73 +820,92 @@ impl Settings {
                 format!("{endpoint:?} must be an http:// URL of an OTLP/HTTP collector, or empty"),
             ));
         }
-        if let Err(e) = tracing_subscriber::EnvFilter::try_new(&self.log.level) {
-            return Err(invalid("log.level", format!("{:?}: {e}", self.log.level)));
-        }
-        if self.spool.enabled && self.spool.max_bytes == 0 {
-            return Err(invalid("spool.max_bytes", "must be greater than 0"));
-        }
         crate::inbound::check_settings(self).map_err(|(key, message)| invalid(key, message))?;
         Ok(())
     }
 
-    /// The CMC console's time zone, when set.
-    pub fn timezone(&self) -> Result<Option<jiff::tz::TimeZone>, SettingsError> {
-        self.cmc
-            .timezone
-            .as_deref()
-            .filter(|z| !z.trim().is_empty())
-            .map(|z| parse_timezone(z).map_err(|e| invalid("cmc.timezone", e)))
-            .transpose()
+    /// The dead-letter subject template, in dead-letter mode (checked by the loader).
+    pub fn dead_letter_template(&self) -> Option<SubjectTemplate> {
+        (self.validation.invalid_entries == InvalidEntries::DeadLetter)
+            .then(|| self.validation.dead_letter_subject.clone())
     }
 
-    /// The validated dead-letter subject template, in dead-letter mode. An invalid entry may
-    /// have no usable status, so only `{event_type}` and `{server_composition}` may be used.
-    pub fn dead_letter_template(&self) -> Result<Option<SubjectTemplate>, SettingsError> {
-        if self.validation.invalid_entries != InvalidEntries::DeadLetter {
-            return Ok(None);
-        }
-        let key = "validation.dead_letter_subject";
-        let template = SubjectTemplate::parse(&self.validation.dead_letter_subject)
-            .map_err(|e| invalid(key, e.to_string()))?;
-        if template.uses(Placeholder::Status) || template.uses(Placeholder::StatusName) {
-            return Err(invalid(
-                key,
-                "may use only {event_type} and {server_composition}: an invalid entry has no usable status",
-            ));
-        }
-        Ok(Some(template))
-    }
-
-    /// The validated subject template.
-    pub fn subject_template(&self) -> Result<SubjectTemplate, SettingsError> {
-        SubjectTemplate::parse(&self.nats.subject)
-            .map_err(|e| invalid("nats.subject", e.to_string()))
-    }
-
-    pub fn server_listen(&self) -> Result<SocketAddr, SettingsError> {
-        self.server
-            .listen
-            .parse()
-            .map_err(|e| invalid("server.listen", format!("{:?}: {e}", self.server.listen)))
-    }
-
-    /// The admin address, or `None` when disabled.
-    pub fn admin_listen(&self) -> Result<Option<SocketAddr>, SettingsError> {
-        if self.admin.listen.is_empty() {
-            return Ok(None);
-        }
-        self.admin
-            .listen
-            .parse()
-            .map(Some)
-            .map_err(|e| invalid("admin.listen", format!("{:?}: {e}", self.admin.listen)))
-    }
-
-    /// The effective configuration as TOML, secrets redacted.
+    /// The effective configuration as TOML, secrets replaced by [`REDACTED`]. Fed back to the
+    /// loader it gives the same configuration, except that every set secret must be supplied
+    /// again (the loader refuses the placeholder).
     pub fn to_redacted_toml(&self) -> String {
         toml::to_string(self).unwrap_or_else(|e| format!("# cannot render configuration: {e}\n"))
     }
+}
+
+fn env_error(var: &str, message: impl Into<String>) -> SettingsError {
+    SettingsError::Env {
+        var: var.to_owned(),
+        message: message.into(),
+    }
+}
+
+fn lookup<'a>(table: &'a toml::Table, keys: &[&str]) -> Option<&'a toml::Value> {
+    let (last, parents) = keys.split_last()?;
+    let mut table = table;
+    for key in parents {
+        table = table.get(*key)?.as_table()?;
+    }
+    table.get(*last)
+}
+
+fn insert(table: &mut toml::Table, keys: &[&str], value: toml::Value) -> Result<(), String> {
+    let Some((last, parents)) = keys.split_last() else {
+        return Err("names no key".into());
+    };
+    let mut table = table;
+    for key in parents {
+        table = table
+            .entry(key.to_string())
+            .or_insert_with(|| toml::Value::Table(toml::Table::new()))
+            .as_table_mut()
+            .ok_or_else(|| format!("{key} is not a section"))?;
+    }
+    table.insert(last.to_string(), value);
+    Ok(())
+}
+
+fn list(text: &str) -> toml::Value {
+    toml::Value::Array(
+        text.split(',')
+            .map(str::trim)
+            .filter(|s| !s.is_empty())
+            .map(|s| toml::Value::String(s.to_owned()))
+            .collect(),
+    )
+}
+
+/// An environment value typed by its key, as the defaults show the key's type: numbers and
+/// booleans are parsed, lists split at commas, and every other key (strings, secrets, paths,
+/// durations, optional keys) takes the text exactly as written.
+fn typed_env_value(schema: Option<&toml::Value>, text: &str) -> Result<toml::Value, String> {
+    Ok(match schema {
+        Some(toml::Value::Integer(_)) => toml::Value::Integer(
+            text.trim()
+                .parse()
+                .map_err(|_| format!("{text:?} is not a whole number"))?,
+        ),
+        Some(toml::Value::Boolean(_)) => toml::Value::Boolean(match text.trim() {
+            t if t.eq_ignore_ascii_case("true") => true,
+            t if t.eq_ignore_ascii_case("false") => false,
+            _ => return Err(format!("{text:?} is not true or false")),
+        }),
+        Some(toml::Value::Float(_)) => toml::Value::Float(
+            text.trim()
+                .parse()
+                .map_err(|_| format!("{text:?} is not a number"))?,
+        ),
+        Some(toml::Value::Array(_)) => list(text),
+        Some(toml::Value::Table(_)) => {
+            return Err("names a section, not a key".into());
+        }
+        _ => toml::Value::String(text.to_owned()),
+    })
 }
 
 /// Parses an IANA zone name (`Asia/Tokyo`, from the bundled database, so it works on hosts
@@ -690,185 +937,4 @@ pub fn parse_timezone(text: &str) -> Result<jiff::tz::TimeZone, String> {
 }
 
 #[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn time_zones_are_validated() {
-        assert!(Settings::from_toml("[cmc]\ntimezone = \"Asia/Tokyo\"")
-            .unwrap()
-            .timezone()
-            .unwrap()
-            .is_some());
-        assert!(Settings::from_toml("[cmc]\ntimezone = \"+09:00\"").is_ok());
-        for bad in ["Mars/Olympus", "+9:00", "+25:00", "09:00"] {
-            let err = Settings::from_toml(&format!("[cmc]\ntimezone = {bad:?}")).unwrap_err();
-            assert!(err.to_string().contains("cmc.timezone"), "{bad}: {err}");
-        }
-    }
-
-    #[test]
-    fn validation_and_telemetry_keys() {
-        let s = Settings::from_toml("").unwrap();
-        assert_eq!(s.validation.invalid_entries, InvalidEntries::Reject);
-        assert_eq!(s.validation.dead_letter_subject, "cmc.invalid.{event_type}");
-        assert!(s.dead_letter_template().unwrap().is_none());
-        assert_eq!(s.telemetry.otlp_endpoint, "");
-
-        let s = Settings::from_toml("[validation]\ninvalid_entries = \"dead_letter\"").unwrap();
-        assert_eq!(
-            s.dead_letter_template().unwrap().unwrap().as_str(),
-            "cmc.invalid.{event_type}"
-        );
-        for (bad, key) in [
-            ("[validation]\ninvalid_entries = \"drop\"", "invalid_entries"),
-            (
-                "[validation]\ninvalid_entries = \"dead_letter\"\ndead_letter_subject = \"cmc.bad.{status}\"",
-                "validation.dead_letter_subject",
-            ),
-            (
-                "[validation]\ninvalid_entries = \"dead_letter\"\ndead_letter_subject = \"other.{event_type}\"",
-                "validation.dead_letter_subject",
-            ),
-            (
-                "[telemetry]\notlp_endpoint = \"collector:4318\"",
-                "telemetry.otlp_endpoint",
-            ),
-        ] {
-            let err = Settings::from_toml(bad).unwrap_err().to_string();
-            assert!(err.contains(key), "{bad}: {err}");
-        }
-        // Core mode has no stream to cover the dead-letter subject.
-        assert!(Settings::from_toml(
-            "[nats]\nmode = \"core\"\n[validation]\ninvalid_entries = \"dead_letter\"\ndead_letter_subject = \"other.{event_type}\""
-        )
-        .is_ok());
-    }
-
-    fn env(pairs: &[(&str, &str)]) -> Option<HashMap<String, String>> {
-        Some(
-            pairs
-                .iter()
-                .map(|(k, v)| (k.to_string(), v.to_string()))
-                .collect(),
-        )
-    }
-
-    #[test]
-    fn defaults_match_the_spec() {
-        let s = Settings::load(None, env(&[])).unwrap();
-        assert_eq!(s.server.listen, "0.0.0.0:8080");
-        assert_eq!(s.server.path, "/webhooks/cmc");
-        assert_eq!(s.server.max_body_bytes, 4194304);
-        assert_eq!(s.nats.servers, ["nats://127.0.0.1:4222"]);
-        assert_eq!(s.nats.mode, Mode::Jetstream);
-        assert_eq!(s.nats.publish_timeout.get(), Duration::from_secs(5));
-        assert_eq!(s.nats.stream.name, "CMC_EVENTS");
-        assert_eq!(
-            s.nats.stream.duplicate_window.get(),
-            Duration::from_secs(120)
-        );
-        assert!(s.spool.enabled);
-        assert_eq!(
-            s.admin_listen().unwrap(),
-            Some("127.0.0.1:9091".parse().unwrap())
-        );
-    }
-
-    #[test]
-    fn the_shipped_default_file_parses() {
-        let path = Path::new(env!("CARGO_MANIFEST_DIR")).join("config/default.toml");
-        let s = Settings::load(Some(&path), env(&[])).unwrap();
-        assert_eq!(s.nats.subject, "cmc.{event_type}.{status}");
-    }
-
-    #[test]
-    fn environment_overrides_file_values_including_lists_and_nesting() {
-        let s = Settings::load(
-            None,
-            env(&[
-                ("CMC_FORWARDER__NATS__STREAM__NAME", "OTHER"),
-                (
-                    "CMC_FORWARDER__NATS__SERVERS",
-                    "nats://a:4222,nats://b:4222",
-                ),
-                ("CMC_FORWARDER__NATS__MODE", "core"),
-                ("CMC_FORWARDER__SERVER__MAX_BODY_BYTES", "1000"),
-                ("CMC_FORWARDER__NATS__PUBLISH_TIMEOUT", "500ms"),
-                ("CMC_FORWARDER__AUTH__API_KEY", "12345"),
-                ("CMC_FORWARDER__SPOOL__ENABLED", "false"),
-                ("CMC_FORWARDER_PORT", "tcp://10.0.0.1:80"),
-            ]),
-        )
-        .unwrap();
-        assert_eq!(s.nats.stream.name, "OTHER");
-        assert_eq!(s.nats.servers, ["nats://a:4222", "nats://b:4222"]);
-        assert_eq!(s.nats.mode, Mode::Core);
-        assert_eq!(s.server.max_body_bytes, 1000);
-        assert_eq!(s.nats.publish_timeout.get(), Duration::from_millis(500));
-        assert_eq!(s.auth.api_key.expose(), "12345");
-        assert!(!s.spool.enabled);
-    }
-
-    #[test]
-    fn unknown_keys_are_refused_by_name() {
-        let err =
-            Settings::from_toml("[server]\nlisten = \"0.0.0.0:1\"\nlistne = 1\n").unwrap_err();
-        assert!(err.to_string().contains("listne"), "{err}");
-        let err = Settings::load(None, env(&[("CMC_FORWARDER__NATS__SUBJCT", "x")])).unwrap_err();
-        assert!(err.to_string().contains("subjct"), "{err}");
-    }
-
-    #[test]
-    fn invalid_values_name_the_key() {
-        for (toml, key) in [
-            ("[nats]\nmode = \"fast\"", "mode"),
-            ("[nats]\npublish_timeout = \"5 parsecs\"", "publish_timeout"),
-            ("[nats]\npublish_timeout = 5", "publish_timeout"),
-            ("[server]\nmax_body_bytes = \"big\"", "max_body_bytes"),
-            ("[server]\nlisten = \"nowhere\"", "server.listen"),
-            ("[server]\npath = \"webhooks\"", "server.path"),
-            ("[nats]\nsubject = \"cmc.{nope}\"", "nats.subject"),
-            ("[nats]\nsubject = \"cmc.*\"", "nats.subject"),
-            ("[nats]\nsubject = \"mail.{status}\"", "nats.subject"),
-            ("[nats.stream]\nname = \"a.b\"", "nats.stream.name"),
-            ("[auth]\nbasic_username = \"u\"", "auth.basic_username"),
-            (
-                "[nats.stream]\nmax_age = \"1m\"",
-                "nats.stream.duplicate_window",
-            ),
-        ] {
-            let err = Settings::from_toml(toml).unwrap_err().to_string();
-            assert!(err.contains(key), "{toml}: {err}");
-        }
-    }
-
-    #[test]
-    fn core_mode_needs_no_covering_stream() {
-        assert!(
-            Settings::from_toml("[nats]\nmode = \"core\"\nsubject = \"mail.{status}\"").is_ok()
-        );
-    }
-
-    #[test]
-    fn secrets_are_redacted_everywhere() {
-        let s = Settings::from_toml(
-            "[auth]\napi_key = \"k-123\"\nbasic_username = \"cmc\"\nbasic_password = \"p-456\"\n[nats]\ntoken = \"t-789\"",
-        )
-        .unwrap();
-        let shown = format!("{}\n{:?}", s.to_redacted_toml(), s);
-        for secret in ["k-123", "p-456", "t-789"] {
-            assert!(!shown.contains(secret), "{secret} leaked");
-        }
-        assert!(shown.contains("[redacted]"));
-        assert_eq!(s.auth.api_key.expose(), "k-123");
-    }
-
-    #[test]
-    fn redacted_toml_round_trips_durations() {
-        let s = Settings::from_toml("[nats]\npublish_timeout = \"1500ms\"").unwrap();
-        let again = Settings::from_toml(&s.to_redacted_toml()).unwrap();
-        assert_eq!(again.nats.publish_timeout, s.nats.publish_timeout);
-        assert_eq!(again.nats.stream.max_age, s.nats.stream.max_age);
-    }
-}
+mod tests;

@@ -17,16 +17,14 @@ use crate::auth::Auth;
 use crate::deliver::{self, Delivery};
 use crate::metrics;
 use crate::publish::{Publisher, SetupError};
-use crate::routes::{admin, inbound, webhook};
+use crate::routes::{self, admin, inbound};
 use crate::server::{self, ServeOptions};
-use crate::settings::{Settings, SettingsError};
+use crate::settings::Settings;
 use crate::spool::{Spool, SpoolError};
 
 /// Why the service could not start.
 #[derive(Debug, Error)]
 pub enum StartupError {
-    #[error(transparent)]
-    Settings(#[from] SettingsError),
     #[error(transparent)]
     Nats(#[from] SetupError),
     #[error("cannot listen on {addr} ({what}): {source}")]
@@ -35,8 +33,6 @@ pub enum StartupError {
         addr: SocketAddr,
         source: std::io::Error,
     },
-    #[error("invalid configuration: {0}")]
-    Auth(String),
     #[error("invalid TLS configuration: {0}")]
     Tls(String),
     #[error(transparent)]
@@ -54,7 +50,7 @@ pub struct Application {
     admin_listener: Option<TcpListener>,
     publisher: Publisher,
     spool: Option<Arc<Spool>>,
-    webhook: Arc<webhook::WebhookState>,
+    webhook: Arc<routes::webhook::WebhookState>,
     /// The inbound endpoint and its spool, when `inbound.path` is set.
     inbound: Option<Arc<inbound::InboundState>>,
     serve_options: ServeOptions,
@@ -65,11 +61,10 @@ pub struct Application {
 }
 
 impl Application {
+    /// Builds the service from settings the loader has already checked.
     pub async fn build(settings: &Settings) -> Result<Application, StartupError> {
-        settings.validate()?;
         metrics::install();
-        let template = settings.subject_template()?;
-        let auth = Auth::from_settings(&settings.auth).map_err(StartupError::Auth)?;
+        let auth = Auth::from_settings(&settings.auth);
         let tls = match (
             &settings.server.tls_cert_file,
             &settings.server.tls_key_file,
@@ -80,7 +75,7 @@ impl Application {
             _ => None,
         };
 
-        let dead_letter = settings.dead_letter_template()?;
+        let dead_letter = settings.dead_letter_template();
         let publisher = Publisher::connect(&settings.nats)
             .await?
             .with_dead_letter(dead_letter.clone());
@@ -115,13 +110,12 @@ impl Application {
 
         let inbound = crate::inbound::setup(settings, &publisher).await?;
 
-        let listen = settings.server_listen()?;
-        let listener = bind(listen, "server.listen").await?;
-        let admin_listener = match settings.admin_listen()? {
+        let listener = bind(settings.server.listen, "server.listen").await?;
+        let admin_listener = match settings.admin.listen {
             Some(addr) => Some(bind(addr, "admin.listen").await?),
             None => None,
         };
-        let publish_timeout = settings.nats.publish_timeout.get();
+        let publish_timeout = settings.nats.publish_timeout;
         let in_flight = Arc::new(Semaphore::new(settings.server.max_in_flight));
         let inbound = inbound.map(|parts| {
             Arc::new(inbound::InboundState {
@@ -135,12 +129,12 @@ impl Application {
                 retry_after: publish_timeout.max(Duration::from_secs(1)),
             })
         });
-        let webhook = Arc::new(webhook::WebhookState {
+        let webhook = Arc::new(routes::webhook::WebhookState {
             path: settings.server.path.clone(),
             max_body_bytes: settings.server.max_body_bytes,
-            template,
+            template: settings.nats.subject.clone(),
             dead_letter,
-            timezone: settings.timezone()?,
+            timezone: settings.cmc.timezone.as_ref().map(|z| z.zone().clone()),
             auth,
             delivery: Delivery::new(publisher.clone(), spool.clone()),
             in_flight,
@@ -154,12 +148,12 @@ impl Application {
             webhook,
             inbound,
             serve_options: ServeOptions {
-                request_timeout: settings.server.request_timeout.get(),
+                request_timeout: settings.server.request_timeout,
                 max_connections: settings.server.max_connections,
                 tls,
             },
             shutting_down: Arc::new(AtomicBool::new(false)),
-            grace: settings.server.shutdown_grace.get(),
+            grace: settings.server.shutdown_grace,
         })
     }
 
@@ -234,11 +228,11 @@ impl Application {
             Some(state) => {
                 tracing::info!(path = %state.path, bucket = %state.sink.bucket(), "inbound endpoint ready");
                 inbound::routes(state.clone())
-                    .or(webhook::routes(self.webhook.clone()))
+                    .or(routes::webhook::routes(self.webhook.clone()))
                     .unify()
                     .boxed()
             }
-            None => webhook::routes(self.webhook.clone()).boxed(),
+            None => routes::webhook::routes(self.webhook.clone()).boxed(),
         };
         let server = server::serve(
             self.listener,

@@ -65,8 +65,10 @@ enum Segment {
     Value(Placeholder),
 }
 
-/// A validated subject template such as `cmc.{event_type}.{status}`.
-#[derive(Debug, Clone, PartialEq, Eq)]
+/// A validated subject template such as `cmc.{event_type}.{status}`. Deserialised from its
+/// text (compiled, or refused with the reason) and serialised back to it.
+#[derive(Debug, Clone, PartialEq, Eq, serde::Deserialize, serde::Serialize)]
+#[serde(try_from = "String", into = "String")]
 pub struct SubjectTemplate {
     source: String,
     /// One entry per dot-separated token; each token is a run of segments.
@@ -165,6 +167,26 @@ impl SubjectTemplate {
             .iter()
             .flatten()
             .any(|s| *s == Segment::Value(placeholder))
+    }
+}
+
+impl TryFrom<String> for SubjectTemplate {
+    type Error = TemplateError;
+    fn try_from(source: String) -> Result<Self, TemplateError> {
+        SubjectTemplate::parse(&source)
+    }
+}
+
+impl From<SubjectTemplate> for String {
+    fn from(template: SubjectTemplate) -> String {
+        template.source
+    }
+}
+
+impl std::str::FromStr for SubjectTemplate {
+    type Err = TemplateError;
+    fn from_str(source: &str) -> Result<Self, TemplateError> {
+        SubjectTemplate::parse(source)
     }
 }
 

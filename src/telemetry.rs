@@ -112,8 +112,8 @@ fn build_provider(url: &str) -> Result<SdkTracerProvider, TelemetryError> {
 
 /// Installs the subscriber; false when one was already installed.
 fn install(settings: &LogSettings, provider: Option<&SdkTracerProvider>) -> bool {
-    let filter =
-        EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new(&settings.level));
+    let filter = EnvFilter::try_from_default_env()
+        .unwrap_or_else(|_| EnvFilter::new(settings.level.as_str()));
     let fmt: Box<dyn Layer<Registry> + Send + Sync> = match settings.format {
         LogFormat::Text => tracing_subscriber::fmt::layer()
             .with_writer(std::io::stderr)

@@ -28,9 +28,9 @@ pub struct AdminState {
 }
 
 impl AdminState {
-    fn not_ready_reason(&self) -> Option<&'static str> {
+    fn not_ready_reason(&self) -> Option<String> {
         if self.shutting_down.load(Ordering::Acquire) {
-            Some("shutting down")
+            Some("shutting down".into())
         } else {
             self.publisher.not_ready_reason()
         }

@@ -279,7 +279,7 @@ impl Batch<'_> {
             canonical.write(&mut scratch, &entry.fields);
             let mut hasher = id_prefix.clone();
             hasher.update(&scratch);
-            let msg_id = lower_hex(&hasher.finalize());
+            let msg_id = hex::encode(hasher.finalize());
 
             let mut payload = Vec::with_capacity(64 + sc.len() + 64 * entry.fields.0.len());
             payload.extend_from_slice(b"{\"event_type\":");
@@ -347,7 +347,7 @@ impl Batch<'_> {
                 write_canonical(&mut scratch, &entry.value);
                 let mut hasher = dead_prefix.clone();
                 hasher.update(&scratch);
-                let msg_id = lower_hex(&hasher.finalize());
+                let msg_id = hex::encode(hasher.finalize());
 
                 let mut payload = Vec::with_capacity(128 + sc.len() + entry.error.len());
                 payload.extend_from_slice(b"{\"event_type\":");
@@ -407,17 +407,6 @@ impl CanonicalOrder {
         }
         write_canonical_members_in(out, fields, &self.order);
     }
-}
-
-/// Lowercase hex of a digest.
-fn lower_hex(bytes: &[u8]) -> String {
-    const HEX: &[u8; 16] = b"0123456789abcdef";
-    let mut out = String::with_capacity(bytes.len() * 2);
-    for &b in bytes {
-        out.push(HEX[(b >> 4) as usize] as char);
-        out.push(HEX[(b & 0xf) as usize] as char);
-    }
-    out
 }
 
 #[cfg(test)]

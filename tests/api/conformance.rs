@@ -9,21 +9,21 @@ fn assert_message_matches(
     message: &async_nats::Message,
     batch: &Value,
     entry: &Value,
+    entry_keys: &[String],
     index: usize,
     expected_subject: &str,
 ) {
     assert_eq!(message.subject.as_str(), expected_subject);
     let body: Value = serde_json::from_slice(&message.payload).unwrap();
     let body = body.as_object().unwrap();
-    let keys: Vec<&String> = body.keys().collect();
+    let keys = ordered_keys(&message.payload);
     assert_eq!(keys[0], "event_type");
     assert_eq!(keys[1], "server_composition");
     assert_eq!(body["event_type"], batch["event_type"]);
     assert_eq!(body["server_composition"], batch["server_composition"]);
     // Every entry field, verbatim and in the original order, after the two added ones.
     let entry = entry.as_object().unwrap();
-    let entry_keys: Vec<&String> = entry.keys().collect();
-    assert_eq!(&keys[2..], &entry_keys[..]);
+    assert_eq!(&keys[2..], entry_keys);
     for (k, v) in entry {
         assert_eq!(&body[k], v, "field {k}");
     }
@@ -67,6 +67,7 @@ async fn captured_examples_publish_one_message_per_entry_in_both_encodings() {
     for enc in [Enc::Json, Enc::Form] {
         for name in names {
             let (batch, entries) = fixture_entries(name);
+            let entry_keys = fixture_entry_keys(name);
 
             // Act
             let response = app.post_fixture(name, enc).await;
@@ -96,7 +97,7 @@ async fn captured_examples_publish_one_message_per_entry_in_both_encodings() {
                     batch["event_type"].as_str().unwrap(),
                     status_token(entry)
                 );
-                assert_message_matches(m, &batch, entry, i, &subject);
+                assert_message_matches(m, &batch, entry, &entry_keys[i], i, &subject);
                 let headers = m.headers.as_ref().unwrap();
                 assert_eq!(header(headers, "Cmc-Batch-Id"), request_id);
                 assert_eq!(header(headers, "Cmc-Status"), status_token(entry));
@@ -155,6 +156,7 @@ async fn version_1_batch_is_accepted_and_routed_by_status() {
     let app = spawn_app(&nats).await;
     let mut sub = app.subscribe(">").await;
     let (batch, entries) = fixture_entries("deliveries-v1");
+    let entry_keys = fixture_entry_keys("deliveries-v1");
     assert!(entries[0].get("envelopeFrom").is_some() && entries[0].get("apiData").is_none());
 
     let response = app.post_fixture("deliveries-v1", Enc::Form).await;
@@ -163,7 +165,7 @@ async fn version_1_batch_is_accepted_and_routed_by_status() {
     let messages = receive(&mut sub, entries.len()).await;
     for (i, (m, entry)) in messages.iter().zip(&entries).enumerate() {
         let subject = format!("cmc.deliveries.{}", status_token(entry));
-        assert_message_matches(m, &batch, entry, i, &subject);
+        assert_message_matches(m, &batch, entry, &entry_keys[i], i, &subject);
     }
     assert_silent(&mut sub).await;
 }
@@ -197,7 +199,9 @@ async fn hundred_entry_mixed_batch_keeps_cmc_order_in_the_stream() {
 async fn japanese_server_composition_is_escaped_in_subject_and_header() {
     let nats = NatsServer::start().await;
     let mut settings = test_settings(&nats);
-    settings.nats.subject = "cmc.{server_composition}.{event_type}.{status}".into();
+    settings.nats.subject = "cmc.{server_composition}.{event_type}.{status}"
+        .parse()
+        .unwrap();
     let app = spawn_app_with(settings).await;
     let mut sub = app.subscribe(">").await;
 
@@ -227,7 +231,7 @@ async fn japanese_server_composition_is_escaped_in_subject_and_header() {
 async fn status_name_template_uses_readable_bounce_codes() {
     let nats = NatsServer::start().await;
     let mut settings = test_settings(&nats);
-    settings.nats.subject = "cmc.{event_type}.{status_name}".into();
+    settings.nats.subject = "cmc.{event_type}.{status_name}".parse().unwrap();
     let app = spawn_app_with(settings).await;
     let mut sub = app.subscribe(">").await;
 
@@ -253,7 +257,7 @@ async fn status_name_template_uses_readable_bounce_codes() {
 async fn cmc_timezone_adds_created_at_after_server_composition() {
     let nats = NatsServer::start().await;
     let mut settings = test_settings(&nats);
-    settings.cmc.timezone = Some("Asia/Tokyo".into());
+    settings.cmc.timezone = Some(cmc_forwarder::settings::Zone::parse("Asia/Tokyo").unwrap());
     let app = spawn_app_with(settings).await;
     let mut sub = app.subscribe("cmc.>").await;
 
@@ -262,7 +266,7 @@ async fn cmc_timezone_adds_created_at_after_server_composition() {
     assert_eq!(response.status(), 200);
     let message = &receive(&mut sub, 1).await[0];
     let body: Value = serde_json::from_slice(&message.payload).unwrap();
-    let keys: Vec<&String> = body.as_object().unwrap().keys().collect();
+    let keys = ordered_keys(&message.payload);
     assert_eq!(
         keys[..3],
         ["event_type", "server_composition", "created_at"]

@@ -183,7 +183,7 @@ async fn start_up_checks_that_an_existing_stream_covers_the_dead_letter_subject(
         .await
         .unwrap();
     let mut settings = dead_letter_settings(&nats);
-    settings.nats.subject = "cmc.events.{status}".into();
+    settings.nats.subject = "cmc.events.{status}".parse().unwrap();
     settings.nats.stream.create = false;
     let error = match cmc_forwarder::startup::Application::build(&settings).await {
         Ok(_) => panic!("started with a stream that cannot hold dead letters"),
@@ -191,7 +191,7 @@ async fn start_up_checks_that_an_existing_stream_covers_the_dead_letter_subject(
     };
     assert!(error.contains("dead-letter"), "{error}");
 
-    settings.validation.dead_letter_subject = "cmc.events.invalid_{event_type}".into();
+    settings.validation.dead_letter_subject = "cmc.events.invalid_{event_type}".parse().unwrap();
     assert!(cmc_forwarder::startup::Application::build(&settings)
         .await
         .is_ok());

@@ -92,7 +92,7 @@ async fn nats_stopped_answers_503_with_retry_after_in_time() {
 
     assert_eq!(response.status(), 503);
     assert!(response.headers().get("retry-after").is_some());
-    let limit = app.settings.nats.publish_timeout.get() + Duration::from_secs(1);
+    let limit = app.settings.nats.publish_timeout + Duration::from_secs(1);
     assert!(elapsed < limit, "took {elapsed:?}");
     let body = json(response).await;
     assert_eq!(body["error"], "unavailable");
@@ -121,7 +121,7 @@ async fn a_stream_that_does_not_cover_the_subject_answers_503_in_time() {
 
     assert_eq!(response.status(), 503);
     assert!(response.headers().get("retry-after").is_some());
-    assert!(started.elapsed() < app.settings.nats.publish_timeout.get() + Duration::from_secs(1));
+    assert!(started.elapsed() < app.settings.nats.publish_timeout + Duration::from_secs(1));
 }
 
 #[tokio::test]

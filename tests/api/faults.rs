@@ -20,7 +20,7 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use async_nats::jetstream;
-use cmc_forwarder::settings::{HumanDuration, Settings};
+use cmc_forwarder::settings::Settings;
 use cmc_forwarder::spool::Spool;
 use cmc_forwarder::startup::Application;
 use futures_util::StreamExt;
@@ -56,10 +56,6 @@ fn free_port() -> u16 {
 
 fn nats_server_bin() -> String {
     std::env::var("NATS_SERVER_BIN").unwrap_or_else(|_| "nats-server".into())
-}
-
-fn secs(d: Duration) -> HumanDuration {
-    HumanDuration(d)
 }
 
 // ---------------------------------------------------------------------------------------
@@ -679,11 +675,11 @@ impl Drop for InProc {
 /// The settings of the in-process tests, as `test_settings` but for any servers.
 fn settings_for(servers: Vec<String>) -> Settings {
     let mut s = Settings::default();
-    s.server.listen = "127.0.0.1:0".into();
-    s.admin.listen = "127.0.0.1:0".into();
+    s.server.listen = "127.0.0.1:0".parse().unwrap();
+    s.admin.listen = Some("127.0.0.1:0".parse().unwrap());
     s.nats.servers = servers;
-    s.nats.publish_timeout = secs(Duration::from_secs(1));
-    s.nats.connect_timeout = secs(Duration::from_secs(1));
+    s.nats.publish_timeout = Duration::from_secs(1);
+    s.nats.connect_timeout = Duration::from_secs(1);
     s.spool.enabled = false;
     s
 }
@@ -873,7 +869,7 @@ async fn nats_restart_under_load_with_spool_loses_nothing() {
     let mut settings = test_settings(&nats);
     settings.spool.enabled = true;
     settings.spool.dir = spool.path().to_owned();
-    settings.nats.publish_timeout = secs(Duration::from_secs(1));
+    settings.nats.publish_timeout = Duration::from_secs(1);
     let app = spawn_app_with(settings).await;
     let js = reader(&[nats.url()]).await;
 
@@ -908,7 +904,7 @@ async fn nats_restart_under_load_without_spool_loses_nothing_with_retries() {
     let mut nats = NatsServer::start().await;
     let mut settings = test_settings(&nats);
     settings.spool.enabled = false;
-    settings.nats.publish_timeout = secs(Duration::from_secs(1));
+    settings.nats.publish_timeout = Duration::from_secs(1);
     let app = spawn_app_with(settings).await;
     let js = reader(&[nats.url()]).await;
 
@@ -943,8 +939,8 @@ async fn stream_leader_killed_in_a_cluster_loses_nothing_with_retries() {
     let mut cluster = NatsCluster::start().await;
     let mut settings = settings_for(cluster.urls());
     settings.nats.stream.replicas = 3;
-    settings.nats.publish_timeout = secs(Duration::from_secs(2));
-    settings.nats.connect_timeout = secs(Duration::from_secs(5));
+    settings.nats.publish_timeout = Duration::from_secs(2);
+    settings.nats.connect_timeout = Duration::from_secs(5);
     // Cluster formation and the meta-leader election take a few seconds: stream creation
     // fails until then.
     let deadline = Instant::now() + Duration::from_secs(30);
@@ -1312,7 +1308,7 @@ async fn nats_unreachable_at_start_up_then_started_spooled_events_land() {
     let port = free_port();
     let spool = tempfile::tempdir().unwrap();
     let mut settings = settings_for(vec![format!("nats://127.0.0.1:{port}")]);
-    settings.nats.connect_timeout = secs(Duration::from_millis(300));
+    settings.nats.connect_timeout = Duration::from_millis(300);
     settings.spool.enabled = true;
     settings.spool.dir = spool.path().to_owned();
     let app = Application::build(&settings)

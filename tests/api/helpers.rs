@@ -148,6 +148,51 @@ pub fn fixture_entries(name: &str) -> (serde_json::Value, Vec<serde_json::Value>
     (body, entries)
 }
 
+/// The keys of a JSON object in the order they are written (`serde_json::Map` sorts them, as
+/// it does in the service, which is built without `preserve_order`).
+pub fn ordered_keys(json: &[u8]) -> Vec<String> {
+    struct Keys(Vec<String>);
+    impl<'de> serde::Deserialize<'de> for Keys {
+        fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+            struct V;
+            impl<'de> serde::de::Visitor<'de> for V {
+                type Value = Keys;
+                fn expecting(&self, f: &mut std::fmt::Formatter) -> std::fmt::Result {
+                    f.write_str("a JSON object")
+                }
+                fn visit_map<A: serde::de::MapAccess<'de>>(
+                    self,
+                    mut map: A,
+                ) -> Result<Keys, A::Error> {
+                    let mut keys = Vec::new();
+                    while let Some((key, _)) = map.next_entry::<String, serde::de::IgnoredAny>()? {
+                        keys.push(key);
+                    }
+                    Ok(Keys(keys))
+                }
+            }
+            d.deserialize_map(V)
+        }
+    }
+    serde_json::from_slice::<Keys>(json)
+        .expect("a JSON object")
+        .0
+}
+
+/// The keys of every entry of a JSON fixture, in the order the file writes them.
+pub fn fixture_entry_keys(name: &str) -> Vec<Vec<String>> {
+    #[derive(serde::Deserialize)]
+    struct Body {
+        event_type: String,
+        event: std::collections::HashMap<String, Vec<Box<serde_json::value::RawValue>>>,
+    }
+    let body: Body = serde_json::from_slice(&fixture(name, Enc::Json)).unwrap();
+    body.event[&body.event_type]
+        .iter()
+        .map(|raw| ordered_keys(raw.get().as_bytes()))
+        .collect()
+}
+
 /// The running application and clients to talk to it and to NATS.
 pub struct TestApp {
     pub address: String,
@@ -162,11 +207,11 @@ pub struct TestApp {
 /// The settings every test starts from: loopback port 0, the given NATS, short timeouts.
 pub fn test_settings(nats: &NatsServer) -> Settings {
     let mut s = Settings::default();
-    s.server.listen = "127.0.0.1:0".into();
-    s.admin.listen = "127.0.0.1:0".into();
+    s.server.listen = "127.0.0.1:0".parse().unwrap();
+    s.admin.listen = Some("127.0.0.1:0".parse().unwrap());
     s.nats.servers = vec![nats.url()];
-    s.nats.publish_timeout = cmc_forwarder::settings::HumanDuration(Duration::from_secs(2));
-    s.nats.connect_timeout = cmc_forwarder::settings::HumanDuration(Duration::from_secs(2));
+    s.nats.publish_timeout = Duration::from_secs(2);
+    s.nats.connect_timeout = Duration::from_secs(2);
     s.spool.enabled = false;
     s
 }

@@ -648,7 +648,9 @@ async fn broken_form_bodies() {
 async fn wildcards_and_japanese_in_server_composition_are_escaped() {
     let nats = NatsServer::start().await;
     let mut settings = test_settings(&nats);
-    settings.nats.subject = "cmc.{server_composition}.{event_type}.{status}".into();
+    settings.nats.subject = "cmc.{server_composition}.{event_type}.{status}"
+        .parse()
+        .unwrap();
     let app = spawn_app_with(settings).await;
     let mut sub = app.subscribe(">").await;
     // (value, subject token, Cmc-Server-Composition): the header is the raw value when it is
@@ -882,9 +884,9 @@ async fn wrong_credentials_are_unauthorized_in_both_encodings() {
 async fn clients_outside_the_allow_list_cannot_spoof_their_way_in() {
     let nats = NatsServer::start().await;
     let mut settings = test_settings(&nats);
-    settings.auth.allowed_ips = vec!["203.0.113.0/24".into()];
+    settings.auth.allowed_ips = vec!["203.0.113.0/24".parse().unwrap()];
     // A proxy range is configured, but the test client (127.0.0.1) is not in it.
-    settings.auth.trusted_proxies = vec!["10.0.0.0/8".into()];
+    settings.auth.trusted_proxies = vec!["10.0.0.0/8".parse().unwrap()];
     let cap = 64 * 1024;
     settings.server.max_body_bytes = cap as u64;
     let app = spawn_app_with(settings).await;

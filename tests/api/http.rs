@@ -209,7 +209,7 @@ async fn api_key_and_basic_credentials_are_enforced() {
 async fn clients_outside_allowed_ips_are_forbidden() {
     let nats = NatsServer::start().await;
     let mut settings = test_settings(&nats);
-    settings.auth.allowed_ips = vec!["203.0.113.0/24".into()];
+    settings.auth.allowed_ips = vec!["203.0.113.0/24".parse().unwrap()];
     let app = spawn_app_with(settings).await;
     let mut sub = app.subscribe(">").await;
 

@@ -2,7 +2,6 @@
 
 use std::time::{Duration, Instant};
 
-use cmc_forwarder::settings::HumanDuration;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpStream;
 
@@ -10,7 +9,7 @@ use crate::helpers::*;
 
 fn short_timeouts(nats: &NatsServer) -> cmc_forwarder::settings::Settings {
     let mut settings = test_settings(nats);
-    settings.server.request_timeout = HumanDuration(Duration::from_secs(1));
+    settings.server.request_timeout = Duration::from_secs(1);
     settings
 }
 

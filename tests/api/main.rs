@@ -12,4 +12,5 @@ mod http;
 mod inbound;
 mod limits;
 mod props;
+mod secure;
 mod trace;

@@ -133,12 +133,25 @@ enum Envelope {
     Form([usize; 3]),
 }
 
+/// An entry's fields, in order.
+type Fields = Vec<(String, Value)>;
+
+/// A JSON object with its keys in the given order.
+fn object_text(fields: &[(String, Value)]) -> String {
+    let members: Vec<String> = fields
+        .iter()
+        .map(|(k, v)| format!("{}:{}", Value::from(k.as_str()), v))
+        .collect();
+    format!("{{{}}}", members.join(","))
+}
+
 #[derive(Debug, Clone)]
 struct ValidBatch {
     event_type: &'static str,
     server_composition: String,
     /// Each entry, with its status token (what the subject must show).
-    entries: Vec<(Map<String, Value>, String)>,
+    /// Fields in the order they are sent (a plain `Map` would sort them).
+    entries: Vec<(Fields, String)>,
     envelope: Envelope,
 }
 
@@ -188,7 +201,7 @@ fn field_value() -> impl Strategy<Value = Value> {
     ]
 }
 
-fn entry(event_type: &'static str) -> impl Strategy<Value = (Map<String, Value>, String)> {
+fn entry(event_type: &'static str) -> impl Strategy<Value = (Fields, String)> {
     (
         status(event_type),
         prop::collection::vec(
@@ -211,7 +224,7 @@ fn entry(event_type: &'static str) -> impl Strategy<Value = (Map<String, Value>,
             }
             // The status anywhere among the fields.
             fields.insert(at.index(fields.len() + 1), ("status".into(), status));
-            (fields.into_iter().collect(), token)
+            (fields, token)
         })
 }
 
@@ -242,13 +255,18 @@ fn valid_batch() -> impl Strategy<Value = ValidBatch> {
 }
 
 impl ValidBatch {
-    fn event(&self) -> Value {
-        let entries: Vec<Value> = self
+    /// The `event` object, as JSON text with every entry's fields in order.
+    fn event(&self) -> String {
+        let entries: Vec<String> = self
             .entries
             .iter()
-            .map(|(fields, _)| Value::Object(fields.clone()))
+            .map(|(fields, _)| object_text(fields))
             .collect();
-        json!({ self.event_type: entries })
+        format!(
+            "{{{}:[{}]}}",
+            Value::from(self.event_type),
+            entries.join(",")
+        )
     }
 
     /// Content type and body.
@@ -258,20 +276,21 @@ impl ValidBatch {
             Envelope::Json | Envelope::JsonString => {
                 let event = match self.envelope {
                     Envelope::Json => event,
-                    _ => Value::from(event.to_string()),
+                    _ => Value::from(event).to_string(),
                 };
-                let body = json!({
-                    "event_type": self.event_type,
-                    "server_composition": self.server_composition,
-                    "event": event,
-                });
-                (Enc::Json.content_type(), body.to_string())
+                let body = format!(
+                    "{{\"event_type\":{},\"server_composition\":{},\"event\":{}}}",
+                    Value::from(self.event_type),
+                    Value::from(self.server_composition.as_str()),
+                    event
+                );
+                (Enc::Json.content_type(), body)
             }
             Envelope::Form(order) => {
                 let fields = [
                     ("event_type", self.event_type.to_owned()),
                     ("server_composition", self.server_composition.clone()),
-                    ("event", event.to_string()),
+                    ("event", event),
                 ];
                 let body = order
                     .iter()
@@ -308,7 +327,9 @@ fn every_valid_batch_becomes_one_well_formed_message_per_entry() {
     let (nats, app, sub) = rt.block_on(async {
         let nats = NatsServer::start().await;
         let mut settings = test_settings(&nats);
-        settings.nats.subject = "cmc.{server_composition}.{event_type}.{status}".into();
+        settings.nats.subject = "cmc.{server_composition}.{event_type}.{status}"
+            .parse()
+            .unwrap();
         let app = spawn_app_with(settings).await;
         let sub = app.subscribe(">").await;
         (nats, app, sub)
@@ -361,7 +382,12 @@ fn every_valid_batch_becomes_one_well_formed_message_per_entry() {
                 let headers = message.headers.as_ref().expect("headers");
                 prop_assert_eq!(header(headers, "Cmc-Batch-Index"), i.to_string());
                 // Raw when printable ASCII without leading or trailing space, else escaped.
-                let raw = match &fields["status"] {
+                let status = fields
+                    .iter()
+                    .find(|(k, _)| k == "status")
+                    .map(|(_, v)| v)
+                    .expect("a status field");
+                let raw = match status {
                     Value::String(s) => s.clone(),
                     other => other.to_string(),
                 };
@@ -373,9 +399,9 @@ fn every_valid_batch_becomes_one_well_formed_message_per_entry() {
 
                 let body: Map<String, Value> = serde_json::from_slice(&message.payload)
                     .map_err(|e| TestCaseError::fail(format!("body is not an object: {e}")))?;
-                let keys: Vec<&str> = body.keys().map(String::as_str).collect();
+                let keys = ordered_keys(&message.payload);
                 let mut expected_keys = vec!["event_type", "server_composition"];
-                expected_keys.extend(fields.keys().map(String::as_str));
+                expected_keys.extend(fields.iter().map(|(k, _)| k.as_str()));
                 prop_assert_eq!(keys, expected_keys);
                 prop_assert_eq!(&body["event_type"], batch.event_type);
                 prop_assert_eq!(

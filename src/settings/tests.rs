@@ -1,0 +1,356 @@
+use super::*;
+
+fn env(pairs: &[(&str, &str)]) -> Option<HashMap<String, String>> {
+    Some(
+        pairs
+            .iter()
+            .map(|(k, v)| (k.to_string(), v.to_string()))
+            .collect(),
+    )
+}
+
+fn from_env(pairs: &[(&str, &str)]) -> Result<Settings, SettingsError> {
+    Settings::load(None, env(pairs))
+}
+
+#[test]
+fn time_zones_are_parsed_once_into_the_zone() {
+    let s = Settings::from_toml("[cmc]\ntimezone = \"Asia/Tokyo\"").unwrap();
+    let zone = s.cmc.timezone.unwrap();
+    assert_eq!(zone.zone().iana_name(), Some("Asia/Tokyo"));
+    assert!(Settings::from_toml("[cmc]\ntimezone = \"+09:00\"").is_ok());
+    assert_eq!(
+        Settings::from_toml("[cmc]\ntimezone = \"\"")
+            .unwrap()
+            .cmc
+            .timezone,
+        None
+    );
+    for bad in ["Mars/Olympus", "+9:00", "+25:00", "09:00"] {
+        let err = Settings::from_toml(&format!("[cmc]\ntimezone = {bad:?}")).unwrap_err();
+        assert!(err.to_string().contains("cmc.timezone"), "{bad}: {err}");
+    }
+}
+
+#[test]
+fn defaults_match_the_spec() {
+    let s = from_env(&[]).unwrap();
+    assert_eq!(s.server.listen, "0.0.0.0:8080".parse().unwrap());
+    assert_eq!(s.server.path, "/webhooks/cmc");
+    assert_eq!(s.server.max_body_bytes, 4194304);
+    assert_eq!(s.server.max_in_flight_bytes, 268435456);
+    assert_eq!(s.server.max_entries, 10000);
+    assert_eq!(s.nats.servers, ["nats://127.0.0.1:4222"]);
+    assert_eq!(s.nats.mode, Mode::Jetstream);
+    assert_eq!(s.nats.subject.as_str(), "cmc.{event_type}.{status}");
+    assert_eq!(s.nats.publish_timeout, Duration::from_secs(5));
+    assert_eq!(s.nats.jetstream_domain, None);
+    assert_eq!(s.nats.stream.name, "CMC_EVENTS");
+    assert_eq!(s.nats.stream.duplicate_window, Duration::from_secs(120));
+    assert!(s.spool.enabled);
+    assert_eq!(s.spool.retry_max_interval, Duration::from_secs(5));
+    assert_eq!(s.validation.invalid_entries, InvalidEntries::Reject);
+    assert_eq!(
+        s.validation.dead_letter_subject.as_str(),
+        "cmc.invalid.{event_type}"
+    );
+    assert_eq!(s.inbound.max_body_bytes, 33554432);
+    assert_eq!(s.telemetry.otlp_endpoint, "");
+    assert_eq!(s.admin.listen, Some("127.0.0.1:9091".parse().unwrap()));
+    assert_eq!(s, Settings::default());
+}
+
+#[test]
+fn the_shipped_default_file_is_exactly_the_defaults() {
+    let path = Path::new(env!("CARGO_MANIFEST_DIR")).join("config/default.toml");
+    let s = Settings::load(Some(&path), env(&[])).unwrap();
+    assert_eq!(s, Settings::default());
+}
+
+#[test]
+fn environment_overrides_file_values_including_lists_and_nesting() {
+    let s = from_env(&[
+        ("CMC_FORWARDER__NATS__STREAM__NAME", "OTHER"),
+        (
+            "CMC_FORWARDER__NATS__SERVERS",
+            "nats://a:4222, nats://b:4222,",
+        ),
+        ("CMC_FORWARDER__NATS__MODE", "core"),
+        ("CMC_FORWARDER__SERVER__MAX_BODY_BYTES", "1000"),
+        ("CMC_FORWARDER__NATS__PUBLISH_TIMEOUT", "500ms"),
+        ("CMC_FORWARDER__AUTH__API_KEY", "12345"),
+        ("CMC_FORWARDER__AUTH__ALLOWED_IPS", "10.0.0.0/8,192.0.2.1"),
+        ("CMC_FORWARDER__SPOOL__ENABLED", "false"),
+        ("CMC_FORWARDER__ADMIN__LISTEN", ""),
+        ("CMC_FORWARDER_PORT", "tcp://10.0.0.1:80"),
+    ])
+    .unwrap();
+    assert_eq!(s.nats.stream.name, "OTHER");
+    assert_eq!(s.nats.servers, ["nats://a:4222", "nats://b:4222"]);
+    assert_eq!(s.nats.mode, Mode::Core);
+    assert_eq!(s.server.max_body_bytes, 1000);
+    assert_eq!(s.nats.publish_timeout, Duration::from_millis(500));
+    assert_eq!(s.auth.api_key.expose(), "12345");
+    assert_eq!(
+        s.auth.allowed_ips,
+        [
+            "10.0.0.0/8".parse::<IpNet>().unwrap(),
+            "192.0.2.1/32".parse().unwrap()
+        ]
+    );
+    assert!(!s.spool.enabled);
+    assert_eq!(s.admin.listen, None);
+}
+
+#[test]
+fn string_keys_get_the_environment_text_exactly() {
+    for value in [
+        "007123",
+        "1.50",
+        "true",
+        "12345678901234567890",
+        " spaced ",
+        "1e3",
+    ] {
+        let s = from_env(&[
+            ("CMC_FORWARDER__AUTH__API_KEY", value),
+            ("CMC_FORWARDER__AUTH__BASIC_USERNAME", value),
+            ("CMC_FORWARDER__AUTH__BASIC_PASSWORD", value),
+            ("CMC_FORWARDER__NATS__USERNAME", "u"),
+            ("CMC_FORWARDER__NATS__PASSWORD", value),
+            ("CMC_FORWARDER__NATS__TOKEN", value),
+            ("CMC_FORWARDER__NATS__NAME", value),
+        ])
+        .unwrap();
+        assert_eq!(s.auth.api_key.expose(), value);
+        assert_eq!(s.auth.basic_username, value);
+        assert_eq!(s.auth.basic_password.expose(), value);
+        assert_eq!(s.nats.password.expose(), value);
+        assert_eq!(s.nats.token.expose(), value);
+        assert_eq!(s.nats.name, value);
+    }
+}
+
+#[test]
+fn number_and_boolean_keys_are_parsed_with_the_variable_named() {
+    let s = from_env(&[
+        ("CMC_FORWARDER__SERVER__MAX_IN_FLIGHT", " 7 "),
+        ("CMC_FORWARDER__NATS__STREAM__CREATE", "FALSE"),
+    ])
+    .unwrap();
+    assert_eq!(s.server.max_in_flight, 7);
+    assert!(!s.nats.stream.create);
+    for (var, value) in [
+        ("CMC_FORWARDER__SERVER__MAX_IN_FLIGHT", "many"),
+        ("CMC_FORWARDER__SERVER__MAX_BODY_BYTES", "1.5"),
+        ("CMC_FORWARDER__SERVER__MAX_BODY_BYTES", "-1"),
+        ("CMC_FORWARDER__SPOOL__ENABLED", "yes please"),
+        ("CMC_FORWARDER__NATS__PUBLISH_TIMEOUT", "5 parsecs"),
+        ("CMC_FORWARDER__NATS__MODE", "fast"),
+        ("CMC_FORWARDER__NATS__STREAM", "x"),
+    ] {
+        let err = from_env(&[(var, value)]).unwrap_err().to_string();
+        assert!(err.contains(var), "{var}={value}: {err}");
+    }
+}
+
+#[test]
+fn nats_url_is_the_fallback_for_the_servers() {
+    let s = from_env(&[("NATS_URL", "nats://x:1,nats://y:2")]).unwrap();
+    assert_eq!(s.nats.servers, ["nats://x:1", "nats://y:2"]);
+    // The forwarder's own variable wins ...
+    let s = from_env(&[
+        ("NATS_URL", "nats://x:1"),
+        ("CMC_FORWARDER__NATS__SERVERS", "nats://z:3"),
+    ])
+    .unwrap();
+    assert_eq!(s.nats.servers, ["nats://z:3"]);
+    // ... and so does the file.
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("c.toml");
+    std::fs::write(&path, "[nats]\nservers = [\"nats://f:4\"]\n").unwrap();
+    let s = Settings::load(Some(&path), env(&[("NATS_URL", "nats://x:1")])).unwrap();
+    assert_eq!(s.nats.servers, ["nats://f:4"]);
+    // An empty NATS_URL is no setting at all.
+    let s = from_env(&[("NATS_URL", "")]).unwrap();
+    assert_eq!(s.nats.servers, ["nats://127.0.0.1:4222"]);
+}
+
+#[test]
+fn unknown_keys_are_refused_by_name() {
+    let err = Settings::from_toml("[server]\nlisten = \"0.0.0.0:1\"\nlistne = 1\n").unwrap_err();
+    assert!(err.to_string().contains("listne"), "{err}");
+    let err = from_env(&[("CMC_FORWARDER__NATS__SUBJCT", "x")]).unwrap_err();
+    assert!(err.to_string().contains("subjct"), "{err}");
+    assert!(
+        err.to_string().contains("CMC_FORWARDER__NATS__SUBJCT"),
+        "{err}"
+    );
+}
+
+#[test]
+fn invalid_values_name_the_key() {
+    for (toml, key) in [
+        ("[nats]\nmode = \"fast\"", "nats.mode"),
+        (
+            "[nats]\npublish_timeout = \"5 parsecs\"",
+            "nats.publish_timeout",
+        ),
+        ("[nats]\npublish_timeout = 5", "nats.publish_timeout"),
+        ("[nats]\npublish_timeout = \"0s\"", "nats.publish_timeout"),
+        (
+            "[server]\nmax_body_bytes = \"big\"",
+            "server.max_body_bytes",
+        ),
+        ("[server]\nmax_body_bytes = 0", "server.max_body_bytes"),
+        ("[server]\nlisten = \"nowhere\"", "server.listen"),
+        ("[admin]\nlisten = \"nowhere\"", "admin.listen"),
+        ("[server]\npath = \"webhooks\"", "server.path"),
+        ("[nats]\nsubject = \"cmc.{nope}\"", "nats.subject"),
+        ("[nats]\nsubject = \"cmc.*\"", "nats.subject"),
+        ("[nats]\nsubject = \"mail.{status}\"", "nats.subject"),
+        (
+            "[nats]\njetstream_domain = \"a.b\"",
+            "nats.jetstream_domain",
+        ),
+        ("[nats]\npassword = \"p\"", "nats.password"),
+        ("[nats]\ntls_cert_file = \"c.pem\"", "nats.tls_cert_file"),
+        ("[nats.stream]\nname = \"a.b\"", "nats.stream.name"),
+        ("[auth]\nbasic_username = \"u\"", "auth.basic_username"),
+        (
+            "[auth]\nallowed_ips = [\"10.0.0.0/33\"]",
+            "auth.allowed_ips",
+        ),
+        (
+            "[auth]\ntrusted_proxies = [\"proxy\"]",
+            "auth.trusted_proxies",
+        ),
+        ("[log]\nlevel = \"cmc_forwarder=loud\"", "log.level"),
+        (
+            "[validation]\ninvalid_entries = \"ignore\"",
+            "validation.invalid_entries",
+        ),
+        (
+            "[nats.stream]\nmax_age = \"1m\"",
+            "nats.stream.duplicate_window",
+        ),
+    ] {
+        let err = Settings::from_toml(toml).unwrap_err().to_string();
+        assert!(err.contains(key), "{toml}: {err}");
+    }
+}
+
+#[test]
+fn core_mode_needs_no_covering_stream() {
+    assert!(Settings::from_toml("[nats]\nmode = \"core\"\nsubject = \"mail.{status}\"").is_ok());
+}
+
+#[test]
+fn secrets_are_redacted_everywhere() {
+    let s = Settings::from_toml(
+        "[auth]\napi_key = \"k-123\"\nbasic_username = \"cmc\"\nbasic_password = \"p-456\"\n[nats]\ntoken = \"t-789\"\nnkey_seed = \"SU-000\"",
+    )
+    .unwrap();
+    let shown = format!("{}\n{:?}", s.to_redacted_toml(), s);
+    for secret in ["k-123", "p-456", "t-789", "SU-000"] {
+        assert!(!shown.contains(secret), "{secret} leaked");
+    }
+    assert!(shown.contains(REDACTED));
+    assert_eq!(s.auth.api_key.expose(), "k-123");
+}
+
+#[test]
+fn the_redaction_marker_is_refused_as_a_secret() {
+    for (toml, key) in [
+        ("[auth]\napi_key = \"[redacted]\"", "auth.api_key"),
+        ("[nats]\ntoken = \"[redacted]\"", "nats.token"),
+    ] {
+        let err = Settings::from_toml(toml).unwrap_err().to_string();
+        assert!(err.contains(key) && err.contains("placeholder"), "{err}");
+    }
+    let err = from_env(&[("CMC_FORWARDER__NATS__NKEY_SEED", REDACTED)])
+        .unwrap_err()
+        .to_string();
+    assert!(err.contains("CMC_FORWARDER__NATS__NKEY_SEED"), "{err}");
+}
+
+#[test]
+fn the_printed_configuration_round_trips() {
+    let s = Settings::from_toml(
+        r#"
+[server]
+listen = "127.0.0.1:8443"
+request_timeout = "1500ms"
+tls_cert_file = "/tls/cert.pem"
+tls_key_file = "/tls/key.pem"
+[admin]
+listen = ""
+[auth]
+allowed_ips = ["10.0.0.0/8", "2001:db8::1"]
+[nats]
+servers = ["tls://a:4222", "tls://b:4222"]
+subject = "cmc.{event_type}.{status_name}"
+creds_file = "/creds/user.creds"
+tls_ca_file = "/tls/ca.pem"
+jetstream_domain = "hub"
+[nats.stream]
+max_age = "7d"
+duplicate_window = "1m 30s"
+[spool]
+dir = "/var/lib/spool"
+[cmc]
+timezone = "Asia/Tokyo"
+[log]
+level = "cmc_forwarder=debug,warn"
+"#,
+    )
+    .unwrap();
+    let printed = s.to_redacted_toml();
+    let again = Settings::from_toml(&printed).unwrap();
+    assert_eq!(again, s, "{printed}");
+    assert_eq!(again.nats.stream.duplicate_window, Duration::from_secs(90));
+    // The defaults round-trip too.
+    let defaults = Settings::default().to_redacted_toml();
+    assert_eq!(Settings::from_toml(&defaults).unwrap(), Settings::default());
+}
+
+#[test]
+fn validation_and_telemetry_keys() {
+    let s = Settings::from_toml("").unwrap();
+    assert_eq!(s.validation.invalid_entries, InvalidEntries::Reject);
+    assert_eq!(
+        s.validation.dead_letter_subject.as_str(),
+        "cmc.invalid.{event_type}"
+    );
+    assert!(s.dead_letter_template().is_none());
+    assert_eq!(s.telemetry.otlp_endpoint, "");
+
+    let s = Settings::from_toml("[validation]\ninvalid_entries = \"dead_letter\"").unwrap();
+    assert_eq!(
+        s.dead_letter_template().unwrap().as_str(),
+        "cmc.invalid.{event_type}"
+    );
+    for (bad, key) in [
+        ("[validation]\ninvalid_entries = \"drop\"", "invalid_entries"),
+        (
+            "[validation]\ninvalid_entries = \"dead_letter\"\ndead_letter_subject = \"cmc.bad.{status}\"",
+            "validation.dead_letter_subject",
+        ),
+        (
+            "[validation]\ninvalid_entries = \"dead_letter\"\ndead_letter_subject = \"other.{event_type}\"",
+            "validation.dead_letter_subject",
+        ),
+        (
+            "[telemetry]\notlp_endpoint = \"collector:4318\"",
+            "telemetry.otlp_endpoint",
+        ),
+    ] {
+        let err = Settings::from_toml(bad).unwrap_err().to_string();
+        assert!(err.contains(key), "{bad}: {err}");
+    }
+    // Core mode has no stream to cover the dead-letter subject.
+    assert!(Settings::from_toml(
+        "[nats]\nmode = \"core\"\n[validation]\ninvalid_entries = \"dead_letter\"\ndead_letter_subject = \"other.{event_type}\""
+    )
+    .is_ok());
+}
