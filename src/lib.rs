@@ -26,6 +26,7 @@
 #![forbid(unsafe_code)]
 
 pub mod auth;
+pub mod budget;
 pub mod cli;
 pub mod deliver;
 pub mod metrics;
