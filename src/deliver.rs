@@ -494,7 +494,7 @@ pub enum Step {
 
 /// Publishes the spool in order: one step of at most [`DRAIN_BATCH`] messages.
 pub async fn drain_step<P: Publish>(spool: &SpoolHandle, publisher: &P, window: usize) -> Step {
-    if spool.stats().len() == 0 {
+    if spool.stats().messages() == 0 {
         return Step::Empty;
     }
     if !publisher.is_ready() {
@@ -565,7 +565,7 @@ pub async fn drain<P: Publish>(
         if *stop.borrow() {
             return;
         }
-        metrics::spool_depth(spool.stats().len(), spool.stats().bytes());
+        metrics::spool_depth(spool.stats().messages(), spool.stats().bytes());
         let pause = match drain_step(&spool, &publisher, options.window).await {
             Step::Empty => {
                 backoff.reset();
@@ -579,7 +579,7 @@ pub async fn drain<P: Publish>(
             Step::NotReady => Duration::from_millis(100),
             Step::Progressed { .. } => {
                 if failures > 0 {
-                    tracing::info!(remaining = spool.stats().len(), "spool draining again");
+                    tracing::info!(remaining = spool.stats().messages(), "spool draining again");
                 }
                 failures = 0;
                 backoff.reset();
@@ -589,7 +589,7 @@ pub async fn drain<P: Publish>(
                 failures += 1;
                 let pause = backoff.next_pause();
                 if failures == 1 || failures.is_multiple_of(20) {
-                    tracing::warn!(%reason, remaining = spool.stats().len(), retry_in = ?pause, "spool drain paused");
+                    tracing::warn!(%reason, remaining = spool.stats().messages(), retry_in = ?pause, "spool drain paused");
                 }
                 pause
             }
@@ -649,7 +649,7 @@ pub async fn drain_to_empty<P: Publish>(
             Step::NotReady | Step::Failed(_) if failures + 1 >= max_failures => {
                 return Err(DrainError(format!(
                     "{} messages left in the spool after {} attempts: {reason}",
-                    spool.stats().len(),
+                    spool.stats().messages(),
                     failures + 1
                 )));
             }
@@ -664,5 +664,401 @@ pub async fn drain_to_empty<P: Publish>(
 impl std::fmt::Debug for Delivery {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("Delivery").finish_non_exhaustive()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::time::Instant;
+
+    use super::*;
+    use crate::budget::Budget;
+    use crate::publish::fake::{FakePublisher, Step};
+    use crate::spool::Spool;
+    use crate::subject::SubjectTemplate;
+
+    const TIMEOUT: Duration = Duration::from_millis(300);
+
+    /// A batch built the way the route builds it, each entry's `Cmc-Batch-Id:index` label
+    /// being `tag:i`.
+    fn batch(tag: &str, n: usize) -> OutgoingBatch {
+        batch_with(tag, n, 0)
+    }
+
+    fn batch_with(tag: &str, n: usize, padding: usize) -> OutgoingBatch {
+        let pad = "x".repeat(padding);
+        let entries: Vec<String> = (0..n)
+            .map(|i| format!(r#"{{"status":"queued","tag":"{tag}","i":{i},"pad":"{pad}"}}"#))
+            .collect();
+        let body = format!(
+            r#"{{"event_type":"deliveries","server_composition":"sc","event":{{"deliveries":[{}]}}}}"#,
+            entries.join(",")
+        );
+        let decoded = crate::webhook::decode(Some("application/json"), body.as_bytes()).unwrap();
+        let template = SubjectTemplate::parse("cmc.{event_type}.{status}").unwrap();
+        decoded.validate().unwrap().to_outgoing(&template, tag)
+    }
+
+    fn labels(tag: &str, n: usize) -> Vec<String> {
+        (0..n).map(|i| format!("{tag}:{i}")).collect()
+    }
+
+    fn permit() -> Permit {
+        Budget::new(1 << 30).try_acquire(1).unwrap()
+    }
+
+    struct Rig {
+        fake: FakePublisher,
+        delivery: Delivery,
+        spool: Option<SpoolHandle>,
+        _dir: tempfile::TempDir,
+        options: DeliveryOptions,
+    }
+
+    fn rig(spool: bool, window: usize) -> Rig {
+        rig_with(spool, window, TIMEOUT)
+    }
+
+    fn rig_with(spool: bool, window: usize, timeout: Duration) -> Rig {
+        let dir = tempfile::tempdir().unwrap();
+        let fake = FakePublisher::new(timeout);
+        let spool =
+            spool.then(|| SpoolHandle::start(Spool::open(dir.path(), 1 << 30).unwrap()).unwrap());
+        let options = DeliveryOptions {
+            window,
+            retry_max_interval: Duration::from_millis(400),
+        };
+        let delivery = Delivery::start(fake.clone(), spool.clone(), options);
+        Rig {
+            fake,
+            delivery,
+            spool,
+            _dir: dir,
+            options,
+        }
+    }
+
+    impl Rig {
+        async fn deliver(&self, b: OutgoingBatch) -> Result<DeliveryReport, DeliveryError> {
+            self.delivery.deliver(b, permit()).await
+        }
+
+        fn start_drain(&self) -> watch::Sender<bool> {
+            let (tx, rx) = watch::channel(false);
+            tokio::spawn(drain(
+                self.spool.clone().unwrap(),
+                self.fake.clone(),
+                rx,
+                self.options,
+            ));
+            tx
+        }
+
+        async fn wait_drained(&self) {
+            let spool = self.spool.as_ref().unwrap();
+            let until = Instant::now() + Duration::from_secs(10);
+            while !spool.stats().is_empty() {
+                assert!(Instant::now() < until, "the spool did not drain");
+                tokio::time::sleep(Duration::from_millis(10)).await;
+            }
+        }
+    }
+
+    #[tokio::test]
+    async fn healthy_nats_gets_every_message_in_order_and_200() {
+        let rig = rig(true, 8);
+        let report = rig.deliver(batch("a", 100)).await.unwrap();
+        assert_eq!(
+            report,
+            DeliveryReport {
+                published: 100,
+                duplicates: 0,
+                spooled: 0
+            }
+        );
+        assert_eq!(rig.fake.stored(), labels("a", 100));
+        assert!(rig.spool.as_ref().unwrap().stats().is_empty());
+    }
+
+    #[tokio::test]
+    async fn a_timeout_spools_the_unacknowledged_rest_which_drains_in_order_once() {
+        let rig = rig(true, 4);
+        rig.fake.script([Step::Ack, Step::Ack, Step::Ack]);
+        rig.fake.set_default(Step::Hang);
+        let started = Instant::now();
+        let report = rig.deliver(batch("a", 10)).await.unwrap();
+        assert!(started.elapsed() < TIMEOUT + Duration::from_millis(500));
+        assert_eq!((report.published, report.spooled), (3, 7));
+        assert_eq!(rig.spool.as_ref().unwrap().stats().messages(), 7);
+        rig.fake.set_default(Step::Ack);
+        let _stop = rig.start_drain();
+        rig.wait_drained().await;
+        assert_eq!(rig.fake.stored(), labels("a", 10));
+    }
+
+    #[tokio::test]
+    async fn a_disconnect_after_k_messages_spools_the_rest() {
+        let rig = rig(true, 4);
+        rig.fake.script([Step::Ack; 5]);
+        rig.fake.script([Step::Disconnect]);
+        let report = rig.deliver(batch("a", 12)).await.unwrap();
+        assert_eq!((report.published, report.spooled), (5, 7));
+        rig.fake.set_ready(true);
+        let _stop = rig.start_drain();
+        rig.wait_drained().await;
+        assert_eq!(rig.fake.stored(), labels("a", 12));
+        assert_eq!(rig.fake.duplicates(), 0);
+    }
+
+    #[tokio::test]
+    async fn without_a_spool_a_temporary_failure_is_an_honest_503_in_time() {
+        let rig = rig(false, 4);
+        rig.fake.set_default(Step::Hang);
+        let started = Instant::now();
+        let err = rig.deliver(batch("a", 10)).await.unwrap_err();
+        assert!(matches!(err, DeliveryError::Unavailable(_)), "{err}");
+        assert!(started.elapsed() < TIMEOUT + Duration::from_millis(500));
+        rig.fake.set_ready(false);
+        assert!(matches!(
+            rig.deliver(batch("b", 1)).await,
+            Err(DeliveryError::Unavailable(_))
+        ));
+    }
+
+    #[tokio::test]
+    async fn a_permanent_refusal_is_answered_without_spooling() {
+        let rig = rig(true, 4);
+        rig.fake.script([Step::Ack, Step::Refuse]);
+        let err = rig.deliver(batch("a", 5)).await.unwrap_err();
+        assert!(err.to_string().contains("refused"), "{err}");
+        assert!(rig.spool.as_ref().unwrap().stats().is_empty());
+        // The spool is not blocked: the next batch goes straight through.
+        rig.fake.set_default(Step::Ack);
+        assert_eq!(rig.deliver(batch("b", 3)).await.unwrap().published, 3);
+    }
+
+    #[tokio::test]
+    async fn an_oversized_entry_is_refused_before_anything_is_sent() {
+        let rig = rig(true, 4);
+        rig.fake.set_max_payload(1000);
+        let mut b = batch_with("a", 3, 10);
+        let big = batch_with("big", 1, 2000).messages.remove(0);
+        b.messages[1].payload = big.payload;
+        match rig.deliver(b).await {
+            Err(DeliveryError::TooLarge(o)) => assert_eq!((o.index, o.max), (1, 1000)),
+            other => panic!("expected 413, got {other:?}"),
+        }
+        assert_eq!(rig.fake.sent(), 0);
+        assert!(rig.spool.as_ref().unwrap().stats().is_empty());
+    }
+
+    #[tokio::test]
+    async fn while_anything_is_spooled_new_batches_go_behind_it() {
+        let rig = rig(true, 4);
+        rig.fake.set_ready(false);
+        let a = rig.deliver(batch("a", 5)).await.unwrap();
+        assert_eq!(a.spooled, 5);
+        // NATS is back, but no drain has run yet: new batches must not overtake "a".
+        rig.fake.set_ready(true);
+        let b = rig.deliver(batch("b", 5)).await.unwrap();
+        assert_eq!((b.published, b.spooled), (0, 5));
+        // Many at once, none of them direct.
+        let mut tasks = Vec::new();
+        for i in 0..20 {
+            let delivery = rig.delivery.clone();
+            tasks.push(tokio::spawn(async move {
+                delivery
+                    .deliver(batch(&format!("c{i:02}"), 3), permit())
+                    .await
+            }));
+        }
+        for t in tasks {
+            assert_eq!(t.await.unwrap().unwrap().published, 0);
+        }
+        assert_eq!(
+            rig.fake.sent(),
+            0,
+            "nothing was sent while the spool held anything"
+        );
+        let _stop = rig.start_drain();
+        rig.wait_drained().await;
+        let stored = rig.fake.stored();
+        assert_eq!(
+            &stored[..10],
+            &[labels("a", 5), labels("b", 5)].concat()[..]
+        );
+        assert_eq!(stored.len(), 10 + 60);
+        // Once the spool is empty, batches go direct again.
+        let d = rig.deliver(batch("d", 2)).await.unwrap();
+        assert_eq!((d.published, d.spooled), (2, 0));
+    }
+
+    #[tokio::test]
+    async fn a_message_nats_refuses_for_good_is_quarantined_and_the_drain_goes_on() {
+        let rig = rig(true, 4);
+        rig.fake.set_ready(false);
+        rig.deliver(batch("a", 3)).await.unwrap();
+        rig.deliver(batch_with("big", 1, 5000)).await.unwrap();
+        rig.deliver(batch("c", 3)).await.unwrap();
+        // NATS comes back with a smaller max_payload.
+        rig.fake.set_max_payload(2000);
+        rig.fake.set_ready(true);
+        let _stop = rig.start_drain();
+        rig.wait_drained().await;
+        assert_eq!(rig.fake.stored(), [labels("a", 3), labels("c", 3)].concat());
+        let spool = rig.spool.as_ref().unwrap();
+        assert_eq!(spool.stats().quarantined(), 1);
+        let status = crate::spool::status(rig._dir.path()).unwrap();
+        assert_eq!(status.messages, 0);
+        assert_eq!(status.quarantined.len(), 1);
+        assert_eq!(status.quarantined[0].subject, "cmc.deliveries.queued");
+        assert!(
+            status.quarantined[0].reason.contains("max_payload"),
+            "{}",
+            status.quarantined[0].reason
+        );
+        // New batches are accepted again, directly.
+        assert_eq!(rig.deliver(batch("d", 2)).await.unwrap().published, 2);
+    }
+
+    #[tokio::test]
+    async fn a_refused_ack_in_the_spool_is_quarantined_too() {
+        let rig = rig(true, 4);
+        rig.fake.set_ready(false);
+        rig.deliver(batch("a", 4)).await.unwrap();
+        rig.fake.set_ready(true);
+        rig.fake.script([Step::Ack, Step::Refuse]);
+        let _stop = rig.start_drain();
+        rig.wait_drained().await;
+        let stored = rig.fake.stored();
+        assert_eq!(stored, ["a:0", "a:2", "a:3"]);
+        assert_eq!(rig.spool.as_ref().unwrap().stats().quarantined(), 1);
+    }
+
+    #[tokio::test]
+    async fn temporary_failures_back_off_exponentially_up_to_the_cap() {
+        let rig = rig(true, 4);
+        rig.fake.set_ready(false);
+        rig.deliver(batch("a", 1)).await.unwrap();
+        rig.fake.set_ready(true);
+        rig.fake.set_default(Step::Fail);
+        let before = rig.fake.sent();
+        let stop = rig.start_drain();
+        tokio::time::sleep(Duration::from_millis(2500)).await;
+        stop.send(true).unwrap();
+        let times = rig.fake.send_times()[before..].to_vec();
+        // 100, 200, 400, 400, 400... ms: about 7 attempts in 2.5 s, never a hot loop.
+        assert!(
+            (4..=9).contains(&times.len()),
+            "{} attempts in 2.5 s",
+            times.len()
+        );
+        let gaps: Vec<Duration> = times.windows(2).map(|w| w[1] - w[0]).collect();
+        assert!(gaps[0] >= Duration::from_millis(90), "{gaps:?}");
+        assert!(gaps[1] >= Duration::from_millis(190), "{gaps:?}");
+        for gap in &gaps[2..] {
+            assert!(*gap >= Duration::from_millis(390), "{gaps:?}");
+            assert!(*gap < Duration::from_millis(700), "capped: {gaps:?}");
+        }
+        // Nothing was lost meanwhile.
+        assert_eq!(rig.spool.as_ref().unwrap().stats().messages(), 1);
+    }
+
+    #[test]
+    fn backoff_doubles_and_is_capped() {
+        let mut b = Backoff::new(Duration::from_secs(1));
+        let pauses: Vec<u64> = (0..6).map(|_| b.next_pause().as_millis() as u64).collect();
+        assert_eq!(pauses, [100, 200, 400, 800, 1000, 1000]);
+        b.reset();
+        assert_eq!(b.next_pause(), Duration::from_millis(100));
+    }
+
+    #[tokio::test]
+    async fn acks_are_consumed_as_they_arrive_within_the_window_and_batches_share_fairly() {
+        let rig = rig_with(true, 16, Duration::from_secs(20));
+        rig.fake
+            .set_default(Step::AckAfter(Duration::from_millis(2)));
+        let delivery = rig.delivery.clone();
+        // Far more messages than the window, so acks must be consumed while sending.
+        let large = tokio::spawn(async move {
+            let started = Instant::now();
+            let r = delivery.deliver(batch("large", 3000), permit()).await;
+            (r, started.elapsed())
+        });
+        tokio::time::sleep(Duration::from_millis(20)).await;
+        let started = Instant::now();
+        let small = rig.deliver(batch("small", 10)).await.unwrap();
+        let small_took = started.elapsed();
+        assert_eq!(small.published, 10);
+        let (large, large_took) = large.await.unwrap();
+        let large = large.unwrap();
+        assert_eq!(large.published, 3000);
+        assert!(
+            small_took * 5 < large_took,
+            "the small batch waited for the large one: {small_took:?} vs {large_took:?}"
+        );
+        assert!(
+            rig.fake.max_outstanding() <= 32,
+            "{} acks outstanding",
+            rig.fake.max_outstanding()
+        );
+    }
+
+    #[tokio::test]
+    async fn concurrent_large_batches_all_complete() {
+        let rig = rig_with(true, 64, Duration::from_secs(20));
+        rig.fake
+            .set_default(Step::AckAfter(Duration::from_millis(1)));
+        let mut tasks = Vec::new();
+        for i in 0..4 {
+            let delivery = rig.delivery.clone();
+            tasks.push(tokio::spawn(async move {
+                delivery
+                    .deliver(batch(&format!("b{i}"), 2000), permit())
+                    .await
+            }));
+        }
+        for t in tasks {
+            assert_eq!(t.await.unwrap().unwrap().published, 2000);
+        }
+        assert_eq!(rig.fake.stored().len(), 8000);
+    }
+
+    #[tokio::test]
+    async fn the_budget_is_held_until_the_batch_is_answered() {
+        let rig = rig(false, 4);
+        let budget = Budget::new(100 * 1024);
+        rig.fake
+            .set_default(Step::AckAfter(Duration::from_millis(40)));
+        let b = batch("a", 10);
+        let bytes: usize = b.messages.iter().map(|m| b.wire_size(m)).sum();
+        let held = budget.try_acquire(bytes as u64).unwrap();
+        let delivery = rig.delivery.clone();
+        let task = tokio::spawn(async move { delivery.deliver(b, held).await });
+        tokio::time::sleep(Duration::from_millis(30)).await;
+        assert!(budget.available() < budget.total());
+        // A request that does not fit in what is left is refused at once.
+        assert!(budget.try_acquire(budget.total()).is_err());
+        task.await.unwrap().unwrap();
+        assert_eq!(budget.available(), budget.total());
+    }
+
+    #[tokio::test]
+    async fn drain_to_empty_publishes_everything_or_says_why_not() {
+        let rig = rig(true, 4);
+        rig.fake.set_ready(false);
+        rig.deliver(batch("a", 7)).await.unwrap();
+        let spool = rig.spool.clone().unwrap();
+        let err = drain_to_empty(&spool, &rig.fake, rig.options, 2)
+            .await
+            .unwrap_err();
+        assert!(err.to_string().contains("7 messages left"), "{err}");
+        rig.fake.set_ready(true);
+        let summary = drain_to_empty(&spool, &rig.fake, rig.options, 2)
+            .await
+            .unwrap();
+        assert_eq!(summary.published, 7);
+        assert_eq!(rig.fake.stored(), labels("a", 7));
+        assert!(spool.stats().is_empty());
     }
 }

@@ -410,3 +410,211 @@ impl NatsMessage {
         }
     }
 }
+
+/// An in-memory [`Publish`] whose behaviour a test scripts message by message, with
+/// JetStream's de-duplication by `Nats-Msg-Id`.
+#[cfg(test)]
+pub(crate) mod fake {
+    use std::collections::{HashSet, VecDeque};
+    use std::sync::{Arc, Mutex};
+    use std::time::Duration;
+
+    use super::{Ack, AckFuture, Oversized, Publish, PublishError};
+    use crate::publish::Outbound;
+
+    /// What happens to one sent message.
+    #[derive(Debug, Clone, Copy)]
+    pub enum Step {
+        /// Stored and acknowledged at once.
+        Ack,
+        /// Stored and acknowledged after a while.
+        AckAfter(Duration),
+        /// Refused for good (as a permission error is).
+        Refuse,
+        /// Never acknowledged (NATS frozen).
+        Hang,
+        /// The send fails: no connection, and not ready from now on.
+        Disconnect,
+        /// The send fails with a temporary error; readiness is unchanged.
+        Fail,
+    }
+
+    #[derive(Debug)]
+    struct State {
+        script: VecDeque<Step>,
+        default: Step,
+        ready: bool,
+        max_payload: usize,
+        timeout: Duration,
+        /// `Cmc-Batch-Id:Cmc-Batch-Index` of each stored message, in the order stored.
+        stored: Vec<String>,
+        ids: HashSet<String>,
+        duplicates: usize,
+        sent: usize,
+        outstanding: usize,
+        max_outstanding: usize,
+        send_times: Vec<std::time::Instant>,
+    }
+
+    #[derive(Debug, Clone)]
+    pub struct FakePublisher(Arc<Mutex<State>>);
+
+    impl FakePublisher {
+        pub fn new(timeout: Duration) -> FakePublisher {
+            FakePublisher(Arc::new(Mutex::new(State {
+                script: VecDeque::new(),
+                default: Step::Ack,
+                ready: true,
+                max_payload: 1 << 20,
+                timeout,
+                stored: Vec::new(),
+                ids: HashSet::new(),
+                duplicates: 0,
+                sent: 0,
+                outstanding: 0,
+                max_outstanding: 0,
+                send_times: Vec::new(),
+            })))
+        }
+
+        fn state(&self) -> std::sync::MutexGuard<'_, State> {
+            self.0.lock().unwrap()
+        }
+
+        /// The next sends behave as `steps`, then as the default.
+        pub fn script(&self, steps: impl IntoIterator<Item = Step>) {
+            self.state().script.extend(steps);
+        }
+
+        pub fn set_default(&self, step: Step) {
+            self.state().default = step;
+        }
+
+        pub fn set_ready(&self, ready: bool) {
+            self.state().ready = ready;
+        }
+
+        pub fn set_max_payload(&self, max: usize) {
+            self.state().max_payload = max;
+        }
+
+        pub fn stored(&self) -> Vec<String> {
+            self.state().stored.clone()
+        }
+
+        pub fn duplicates(&self) -> usize {
+            self.state().duplicates
+        }
+
+        pub fn sent(&self) -> usize {
+            self.state().sent
+        }
+
+        pub fn max_outstanding(&self) -> usize {
+            self.state().max_outstanding
+        }
+
+        pub fn send_times(&self) -> Vec<std::time::Instant> {
+            self.state().send_times.clone()
+        }
+
+        /// Stores the message (once per id); whether it was a duplicate.
+        fn store(&self, id: String, label: String) -> bool {
+            let mut s = self.state();
+            if s.ids.insert(id) {
+                s.stored.push(label);
+                false
+            } else {
+                s.duplicates += 1;
+                true
+            }
+        }
+    }
+
+    fn header(m: &Outbound, name: &str) -> String {
+        m.headers
+            .get(name)
+            .map(|v| v.as_str().to_owned())
+            .unwrap_or_default()
+    }
+
+    impl Publish for FakePublisher {
+        fn max_payload(&self) -> usize {
+            self.state().max_payload
+        }
+
+        fn is_ready(&self) -> bool {
+            self.state().ready
+        }
+
+        fn timeout(&self) -> Duration {
+            self.state().timeout
+        }
+
+        fn confirms_each(&self) -> bool {
+            true
+        }
+
+        async fn send(&self, message: Outbound, index: usize) -> Result<AckFuture, PublishError> {
+            let id = header(&message, "Nats-Msg-Id");
+            let label = format!(
+                "{}:{}",
+                header(&message, "Cmc-Batch-Id"),
+                header(&message, "Cmc-Batch-Index")
+            );
+            let step = {
+                let mut s = self.state();
+                s.sent += 1;
+                s.send_times.push(std::time::Instant::now());
+                if !s.ready {
+                    return Err(PublishError::NotConnected);
+                }
+                let size = message.wire_size();
+                if size > s.max_payload {
+                    return Err(PublishError::TooLarge(Oversized {
+                        index,
+                        size: Some(size),
+                        max: s.max_payload,
+                    }));
+                }
+                let default = s.default;
+                s.script.pop_front().unwrap_or(default)
+            };
+            // Give other tasks a turn, as a real socket write would.
+            tokio::task::yield_now().await;
+            match step {
+                Step::Ack => {
+                    let duplicate = self.store(id, label);
+                    Ok(Box::pin(async move { Ok(Ack { duplicate }) }))
+                }
+                Step::AckAfter(delay) => {
+                    let this = self.clone();
+                    {
+                        let mut s = self.state();
+                        s.outstanding += 1;
+                        s.max_outstanding = s.max_outstanding.max(s.outstanding);
+                    }
+                    Ok(Box::pin(async move {
+                        tokio::time::sleep(delay).await;
+                        this.state().outstanding -= 1;
+                        let duplicate = this.store(id, label);
+                        Ok(Ack { duplicate })
+                    }))
+                }
+                Step::Refuse => Ok(Box::pin(async {
+                    Err(PublishError::Refused("permissions violation (fake)".into()))
+                })),
+                Step::Hang => Ok(Box::pin(std::future::pending())),
+                Step::Disconnect => {
+                    self.state().ready = false;
+                    Err(PublishError::NotConnected)
+                }
+                Step::Fail => Err(PublishError::Connection("connection reset (fake)".into())),
+            }
+        }
+
+        async fn settle(&self) -> Result<(), PublishError> {
+            Ok(())
+        }
+    }
+}

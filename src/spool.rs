@@ -112,7 +112,7 @@ pub struct SpoolStats {
 
 impl SpoolStats {
     /// Messages waiting to be published.
-    pub fn len(&self) -> u64 {
+    pub fn messages(&self) -> u64 {
         self.messages.load(Ordering::SeqCst)
     }
 
@@ -123,7 +123,7 @@ impl SpoolStats {
 
     /// Nothing waits to be published and nothing is on its way to the spool.
     pub fn is_empty(&self) -> bool {
-        self.queued.load(Ordering::SeqCst) == 0 && self.len() == 0
+        self.queued.load(Ordering::SeqCst) == 0 && self.messages() == 0
     }
 
     /// Messages moved to the quarantine (in the directory, this run's and earlier ones).
@@ -991,14 +991,14 @@ mod tests {
             let mut spool = Spool::open(dir.path(), 1 << 20).unwrap();
             append(&mut spool, &[message(0), message(1)]).unwrap();
             append(&mut spool, &[message(2)]).unwrap();
-            assert_eq!(spool.stats().len(), 3);
+            assert_eq!(spool.stats().messages(), 3);
             // Publish one, then "crash".
             let batch = spool.read(1).unwrap();
             assert_eq!(batch.messages, [message(0)]);
             spool.commit(&batch, 1).unwrap();
         }
         let mut spool = Spool::open(dir.path(), 1 << 20).unwrap();
-        assert_eq!(spool.stats().len(), 2);
+        assert_eq!(spool.stats().messages(), 2);
         append(&mut spool, &[message(3)]).unwrap();
         assert_eq!(drain_all(&mut spool), [message(1), message(2), message(3)]);
         assert!(spool.stats().is_empty());
@@ -1021,7 +1021,7 @@ mod tests {
         file.set_len(len - 10).unwrap();
 
         let mut spool = Spool::open(dir.path(), 1 << 20).unwrap();
-        assert_eq!(spool.stats().len(), 1);
+        assert_eq!(spool.stats().messages(), 1);
         assert_eq!(drain_all(&mut spool), [message(0)]);
     }
 
@@ -1065,12 +1065,12 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         let mut spool = Spool::open(dir.path(), 250).unwrap();
         append(&mut spool, &[message(0)]).unwrap();
-        let before = spool.stats().len();
+        let before = spool.stats().messages();
         assert!(matches!(
             append(&mut spool, &[message(1), message(2), message(3)]),
             Err(SpoolError::Full(250))
         ));
-        assert_eq!(spool.stats().len(), before);
+        assert_eq!(spool.stats().messages(), before);
     }
 
     #[test]
@@ -1096,7 +1096,7 @@ mod tests {
         append(&mut spool, &(0..5).map(message).collect::<Vec<_>>()).unwrap();
         let batch = spool.read(5).unwrap();
         spool.commit(&batch, 2).unwrap();
-        assert_eq!(spool.stats().len(), 3);
+        assert_eq!(spool.stats().messages(), 3);
         assert_eq!(drain_all(&mut spool), [message(2), message(3), message(4)]);
     }
 
@@ -1109,7 +1109,7 @@ mod tests {
             let batch = spool.read(3).unwrap();
             spool.commit(&batch, 1).unwrap();
             spool.quarantine(&batch, 1, "too large").unwrap();
-            assert_eq!(spool.stats().len(), 1);
+            assert_eq!(spool.stats().messages(), 1);
             assert_eq!(spool.stats().quarantined(), 1);
             let s = status(dir.path()).unwrap();
             assert!(s.in_use);
@@ -1123,6 +1123,7 @@ mod tests {
         let mut spool = Spool::open(dir.path(), 1 << 20).unwrap();
         assert_eq!(spool.stats().quarantined(), 1);
         assert_eq!(drain_all(&mut spool), [message(2)]);
+        drop(spool);
         assert!(!status(dir.path()).unwrap().in_use);
         // The quarantined record is kept intact.
         let rec = fs::read_dir(dir.path().join(QUARANTINE))
@@ -1157,7 +1158,7 @@ mod tests {
         for rx in pending {
             rx.await.unwrap().unwrap();
         }
-        assert_eq!(spool.stats().len(), 200);
+        assert_eq!(spool.stats().messages(), 200);
         let batch = spool.read(1000).await.unwrap();
         let ids: Vec<String> = batch
             .messages

@@ -96,7 +96,7 @@ impl Application {
             let stats = spool.stats();
             if !stats.is_empty() {
                 tracing::info!(
-                    messages = stats.len(),
+                    messages = stats.messages(),
                     bytes = stats.bytes(),
                     "spool holds messages from an earlier run; they are published first"
                 );
@@ -242,7 +242,7 @@ impl Application {
         if let Some(spool) = &self.spool {
             if !spool.stats().is_empty() {
                 tracing::info!(
-                    messages = spool.stats().len(),
+                    messages = spool.stats().messages(),
                     "spool kept for the next start"
                 );
             }

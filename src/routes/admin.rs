@@ -61,7 +61,7 @@ pub fn routes(
             state.not_ready_reason().is_none(),
         );
         if let Some(spool) = &state.spool {
-            metrics::spool_depth(spool.stats().len(), spool.stats().bytes());
+            metrics::spool_depth(spool.stats().messages(), spool.stats().bytes());
             metrics::spool_quarantined(spool.stats().quarantined());
         }
         let mut response = Response::new(state.metrics.render().into());

@@ -847,7 +847,7 @@ impl Drop for Service {
 
 /// Messages left in a spool directory no process uses any more.
 fn spool_backlog(dir: &Path) -> u64 {
-    Spool::open(dir, u64::MAX).unwrap().len()
+    cmc_forwarder::spool::status(dir).unwrap().messages
 }
 
 fn http_client() -> reqwest::Client {
