@@ -46,6 +46,35 @@ impl Permit {
     }
 }
 
+/// A reservation that grows as a request's data arrives (a body read chunk by chunk), in
+/// steps of at least [`Reservation::STEP`] so a trickled body does not take a permit per
+/// chunk.
+#[derive(Debug, Default)]
+pub struct Reservation {
+    permits: Vec<Permit>,
+    bytes: u64,
+}
+
+impl Reservation {
+    pub const STEP: u64 = 256 * KIB;
+
+    /// Makes the reservation cover at least `bytes`.
+    pub fn grow_to(&mut self, budget: &Budget, bytes: u64) -> Result<(), Busy> {
+        if bytes <= self.bytes {
+            return Ok(());
+        }
+        let more = (bytes - self.bytes).max(Self::STEP);
+        self.permits.push(budget.try_acquire(more)?);
+        self.bytes += more;
+        Ok(())
+    }
+
+    /// Bytes reserved.
+    pub fn bytes(&self) -> u64 {
+        self.bytes
+    }
+}
+
 impl Budget {
     /// A budget of `bytes` (rounded down to whole KiB, at least one KiB).
     pub fn new(bytes: u64) -> Budget {
@@ -114,6 +143,20 @@ mod tests {
         drop(b);
         assert_eq!(budget.available(), 10 * KIB);
         assert!(budget.try_acquire(10 * KIB).is_ok());
+    }
+
+    #[test]
+    fn a_growing_reservation_takes_steps_and_stops_at_the_budget() {
+        let budget = Budget::new(1024 * KIB);
+        let mut r = Reservation::default();
+        r.grow_to(&budget, 10).unwrap();
+        assert_eq!(r.bytes(), Reservation::STEP);
+        r.grow_to(&budget, 100).unwrap();
+        assert_eq!(budget.available(), 768 * KIB);
+        r.grow_to(&budget, 1000 * KIB).unwrap();
+        assert!(r.grow_to(&budget, 1025 * KIB).is_err());
+        drop(r);
+        assert_eq!(budget.available(), 1024 * KIB);
     }
 
     #[test]

@@ -526,7 +526,15 @@ pub async fn drain_step<P: Publish>(spool: &SpoolHandle, publisher: &P, window: 
     if failure.error.is_temporary() || failure.at != done.acked {
         return Step::Failed(failure.error.to_string());
     }
-    let reason = failure.error.to_string();
+    let reason = match &failure.error {
+        // The index in the drain's read batch would mean nothing to a reader.
+        PublishError::TooLarge(o) => format!(
+            "the message is {} over the NATS max_payload of {} bytes",
+            o.size.map_or("now".into(), |s| format!("{s} bytes,")),
+            o.max
+        ),
+        error => error.to_string(),
+    };
     let message = &batch.messages[failure.at];
     let (subject, msg_id) = (
         message.subject.clone(),

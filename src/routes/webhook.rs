@@ -25,7 +25,7 @@ use warp::Filter;
 
 use super::error::{json_response, ApiError};
 use crate::auth::Auth;
-use crate::budget::Budget;
+use crate::budget::{Budget, Reservation};
 use crate::deliver::{Delivery, DeliveryReport};
 use crate::metrics;
 use crate::server::RequestInfo;
@@ -213,7 +213,16 @@ where
             .trim()
             .eq_ignore_ascii_case("application/json")
     });
-    let read = read_body(headers, body, state.max_body_bytes, json);
+    // The body and the copy decoding makes of `event` are reserved in the byte budget as the
+    // body arrives (all at once when Content-Length announces it), before either exists in
+    // full; the entry trees are short-lived and bounded by max_entries.
+    let over_budget = |_| ApiError::OverBudget {
+        retry_after: state.retry_after,
+    };
+    let mut reserved = Reservation::default();
+    let read = read_body(headers, body, state.max_body_bytes, json, |n| {
+        reserved.grow_to(&state.budget, 2 * n).map_err(over_budget)
+    });
     let body = match info {
         // The connection's deadline: a client trickling its body cannot hold it longer.
         Some(info) => tokio::time::timeout_at(info.deadline.into(), read)
@@ -277,9 +286,12 @@ where
         .iter()
         .map(|m| outgoing.wire_size(m))
         .sum();
-    let permit = state.budget.try_acquire(bytes as u64);
+    // From here on the batch's outgoing size is what this request holds.
     drop(reserved);
-    let permit = permit.map_err(over_budget)?;
+    let permit = state
+        .budget
+        .try_acquire(bytes as u64)
+        .map_err(over_budget)?;
     let started = Instant::now();
     // Counted before the batch moves into the pipeline.
     let counts = metrics::BatchCounts::of(&outgoing);
@@ -297,11 +309,15 @@ where
 
 /// Reads the body up to `limit` bytes, refusing early when `Content-Length` already says it
 /// is larger; a chunked body is counted as it arrives and cut off at the limit.
+///
+/// `reserve(n)` is called before the body grows to `n` bytes, and refuses when the in-flight
+/// budget cannot cover it.
 async fn read_body<S, B>(
     headers: &HeaderMap,
     body: S,
     limit: u64,
     json: bool,
+    mut reserve: impl FnMut(u64) -> Result<(), ApiError>,
 ) -> Result<BytesMut, ApiError>
 where
     S: Stream<Item = Result<B, warp::Error>>,
@@ -314,15 +330,26 @@ where
     if declared.is_some_and(|n| n > limit) {
         return Err(ApiError::BodyTooLarge { limit });
     }
-    let mut buf = BytesMut::with_capacity(declared.unwrap_or(8 * 1024).min(limit) as usize);
     let mut body = std::pin::pin!(body);
+    if let Some(n) = declared {
+        if let Err(refused) = reserve(n) {
+            return Err(discard(body.as_mut(), limit, refused).await);
+        }
+    }
+    let mut buf = BytesMut::with_capacity(declared.unwrap_or(8 * 1024).min(limit) as usize);
     while let Some(chunk) = body.next().await {
         let mut chunk = chunk.map_err(|e| ApiError::BodyUnreadable {
             json,
             message: e.to_string(),
         })?;
-        if (buf.len() + chunk.remaining()) as u64 > limit {
+        let grown = (buf.len() + chunk.remaining()) as u64;
+        if grown > limit {
             return Err(ApiError::BodyTooLarge { limit });
+        }
+        if let Err(refused) = reserve(grown) {
+            let read = buf.len() as u64 + chunk.remaining() as u64;
+            drop(buf);
+            return Err(discard(body.as_mut(), limit.saturating_sub(read), refused).await);
         }
         while chunk.has_remaining() {
             let part = chunk.chunk();
@@ -332,6 +359,23 @@ where
         }
     }
     Ok(buf)
+}
+
+/// Reads and drops the rest of a body that is refused (503: the budget cannot hold it), so
+/// the sender sees the answer instead of a broken pipe; keeps nothing, stops past `limit`.
+async fn discard<S, B>(mut body: std::pin::Pin<&mut S>, limit: u64, refused: ApiError) -> ApiError
+where
+    S: Stream<Item = Result<B, warp::Error>>,
+    B: Buf,
+{
+    let mut read = 0u64;
+    while let Some(Ok(chunk)) = body.next().await {
+        read += chunk.remaining() as u64;
+        if read > limit {
+            break;
+        }
+    }
+    refused
 }
 
 /// A `Content-Encoding` the service decodes.

@@ -10,6 +10,7 @@ mod helpers;
 mod hostile;
 mod http;
 mod limits;
+mod pipeline;
 mod props;
 mod secure;
 mod trace;
