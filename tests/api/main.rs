@@ -1,6 +1,7 @@
 //! Integration tests: the real service on port 0 against real `nats-server` processes.
 //! One test binary keeps link time down; one module per feature.
 
+mod bodies;
 mod conformance;
 mod consumer;
 mod deadletter;
