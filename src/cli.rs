@@ -124,6 +124,7 @@ pub async fn spool_drain(settings: &Settings) -> Result<String, String> {
         retry_max_interval: settings.spool.retry_max_interval,
         ..DeliveryOptions::default()
     };
+    let publisher = std::sync::Arc::new(publisher);
     let summary = deliver::drain_to_empty(&spool, &publisher, options, DRAIN_ATTEMPTS)
         .await
         .map_err(|e| e.to_string())?;

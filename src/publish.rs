@@ -255,7 +255,9 @@ impl Publisher {
     }
 }
 
-impl Publish for Publisher {
+/// Implemented on a shared publisher so each message's acknowledgement future holds one
+/// reference count rather than a copy of the client and the JetStream context.
+impl Publish for Arc<Publisher> {
     fn max_payload(&self) -> usize {
         self.client.max_payload()
     }
@@ -280,7 +282,7 @@ impl Publish for Publisher {
                     .await
                     .map_err(|e| self.map_error(e.kind(), index, e.to_string()))?
                     .into_future();
-                let publisher = self.clone();
+                let publisher = Arc::clone(self);
                 Ok(Box::pin(async move {
                     ack.await
                         .map(|ack| Ack {

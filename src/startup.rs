@@ -133,7 +133,7 @@ impl Application {
             dead_letter,
             timezone: settings.cmc.timezone.as_ref().map(|z| z.zone().clone()),
             auth,
-            delivery: Delivery::start(publisher.clone(), spool.clone(), delivery_options),
+            delivery: Delivery::start(Arc::new(publisher.clone()), spool.clone(), delivery_options),
             budget: Budget::new(settings.server.max_in_flight_bytes),
             max_entries: settings.server.max_entries,
             in_flight: Arc::new(Semaphore::new(settings.server.max_in_flight)),
@@ -187,7 +187,7 @@ impl Application {
         let drainer = self.spool.clone().map(|spool| {
             tokio::spawn(deliver::drain(
                 spool,
-                self.publisher.clone(),
+                Arc::new(self.publisher.clone()),
                 stop_rx.clone(),
                 self.delivery_options,
             ))
