@@ -704,7 +704,11 @@ mod tests {
         );
         let decoded = crate::webhook::decode(Some("application/json"), body.as_bytes()).unwrap();
         let template = SubjectTemplate::parse("cmc.{event_type}.{status}").unwrap();
-        decoded.validate().unwrap().to_outgoing(&template, tag)
+        decoded
+            .validate()
+            .unwrap()
+            .to_outgoing(&template, tag)
+            .unwrap()
     }
 
     fn labels(tag: &str, n: usize) -> Vec<String> {
