@@ -40,7 +40,7 @@ use std::io::{self, Read, Seek, SeekFrom, Write};
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{mpsc, Arc};
-use std::time::{SystemTime, UNIX_EPOCH};
+use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 use bytes::Bytes;
 use serde::{Deserialize, Serialize};
@@ -672,8 +672,14 @@ impl SpoolHandle {
     }
 }
 
+/// How long the writer waits for more appends when they arrive concurrently.
+const LINGER: Duration = Duration::from_millis(1);
+/// A group this large is written without waiting any longer.
+const GROUP_TARGET: usize = 64;
+
 fn writer_loop(mut spool: Spool, rx: mpsc::Receiver<Op>, appended: Arc<Notify>) {
     let mut next = None;
+    let mut last_group = 0usize;
     loop {
         let op = match next.take() {
             Some(op) => op,
@@ -687,16 +693,28 @@ fn writer_loop(mut spool: Spool, rx: mpsc::Receiver<Op>, appended: Arc<Notify>) 
                 // Group commit: everything that queued up while the last fsync ran goes
                 // into this one write.
                 let mut group = vec![(records, reply)];
+                // When the last group had company, appends are arriving concurrently: wait a
+                // moment for more (as Postgres's commit_delay does), so one fsync covers
+                // them; a lone sender never waits.
+                let linger_until = (last_group > 1).then(|| Instant::now() + LINGER);
                 loop {
-                    match rx.try_recv() {
+                    let received = match linger_until {
+                        Some(until) if group.len() < GROUP_TARGET => {
+                            let left = until.saturating_duration_since(Instant::now());
+                            rx.recv_timeout(left).map_err(|_| ())
+                        }
+                        _ => rx.try_recv().map_err(|_| ()),
+                    };
+                    match received {
                         Ok(Op::Append { records, reply }) => group.push((records, reply)),
                         Ok(other) => {
                             next = Some(other);
                             break;
                         }
-                        Err(_) => break,
+                        Err(()) => break,
                     }
                 }
+                last_group = group.len();
                 let at = now_ms();
                 let mut encoded = Vec::with_capacity(group.len());
                 let mut replies = Vec::with_capacity(group.len());
