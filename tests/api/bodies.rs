@@ -141,8 +141,7 @@ async fn more_entries_than_max_entries_is_413_and_publishes_nothing() {
 async fn the_admin_listener_closes_a_connection_that_does_not_send_its_request_in_time() {
     let nats = NatsServer::start().await;
     let mut settings = test_settings(&nats);
-    settings.server.request_timeout =
-        cmc_forwarder::settings::HumanDuration(Duration::from_secs(1));
+    settings.server.request_timeout = Duration::from_secs(1);
     let app = spawn_app_with(settings).await;
     let admin = app.admin_address.clone().unwrap();
     let addr = admin.trim_start_matches("http://");
