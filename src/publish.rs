@@ -277,6 +277,10 @@ impl Publish for Arc<Publisher> {
     async fn send(&self, message: Outbound, index: usize) -> Result<AckFuture, PublishError> {
         match &self.jetstream {
             Some(js) => {
+                // The server answers a denied publish with an error event, never with an
+                // ack: each acknowledgement also watches for a denial of its subject.
+                let since = std::time::Instant::now();
+                let subject = message.subject.clone();
                 let ack = js
                     .publish_with_headers(message.subject, message.headers, message.payload)
                     .await
@@ -284,11 +288,20 @@ impl Publish for Arc<Publisher> {
                     .into_future();
                 let publisher = Arc::clone(self);
                 Ok(Box::pin(async move {
-                    ack.await
-                        .map(|ack| Ack {
-                            duplicate: ack.duplicate,
-                        })
-                        .map_err(|e| publisher.map_error(e.kind(), index, e.to_string()))
+                    let subjects = [subject];
+                    tokio::select! {
+                        biased;
+                        ack = ack => ack
+                            .map(|ack| Ack {
+                                duplicate: ack.duplicate,
+                            })
+                            .map_err(|e| publisher.map_error(e.kind(), index, e.to_string())),
+                        subject = publisher.health.wait_denied(&subjects, since) => {
+                            Err(PublishError::Refused(format!(
+                                "permission denied: this NATS user may not publish to {subject:?}"
+                            )))
+                        }
+                    }
                 }))
             }
             None => {
