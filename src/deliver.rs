@@ -73,7 +73,7 @@ pub struct DeliveryOptions {
 impl Default for DeliveryOptions {
     fn default() -> Self {
         DeliveryOptions {
-            window: 1024,
+            window: 4096,
             retry_max_interval: Duration::from_secs(5),
         }
     }
