@@ -1,8 +1,16 @@
-//! The command line (SPEC §5).
+//! The command line (SPEC §5): running the service, `check-config`, and the spool commands
+//! (`spool status`, `spool drain`), which work on a spool directory without starting the
+//! service.
 
+use std::fmt::Write as _;
 use std::path::PathBuf;
 
 use clap::{Parser, Subcommand};
+
+use crate::deliver::{self, DeliveryOptions};
+use crate::publish::Publisher;
+use crate::settings::Settings;
+use crate::spool::{self, Spool, SpoolHandle};
 
 /// Customers Mail Cloud event webhooks in, one NATS message per event out.
 #[derive(Debug, Parser)]
@@ -19,4 +27,119 @@ pub struct Cli {
 pub enum Command {
     /// Validate the configuration and print the effective values (secrets redacted).
     CheckConfig,
+    /// Inspect or empty the spool (`spool.dir`) without running the service.
+    Spool {
+        #[command(subcommand)]
+        command: SpoolCommand,
+    },
+}
+
+#[derive(Debug, Subcommand)]
+pub enum SpoolCommand {
+    /// Print the spool's depth (messages, bytes, oldest record's age) and its quarantine.
+    Status {
+        /// Print JSON instead of text.
+        #[arg(long)]
+        json: bool,
+    },
+    /// Publish everything in the spool to the configured NATS (same ids, same order), wait
+    /// for every acknowledgement, and exit 0 once the spool is empty.
+    Drain,
+}
+
+/// Attempts in a row without progress after which `spool drain` gives up.
+const DRAIN_ATTEMPTS: u32 = 6;
+
+/// `cmc-forwarder spool status`: the text (or JSON) to print.
+pub fn spool_status(settings: &Settings, json: bool) -> Result<String, String> {
+    let status = spool::status(&settings.spool.dir).map_err(|e| {
+        format!(
+            "cannot read the spool in {}: {e}",
+            settings.spool.dir.display()
+        )
+    })?;
+    if json {
+        return serde_json::to_string_pretty(&status)
+            .map(|mut s| {
+                s.push('\n');
+                s
+            })
+            .map_err(|e| e.to_string());
+    }
+    let mut out = String::new();
+    let _ = writeln!(
+        out,
+        "spool {} ({})",
+        status.dir.display(),
+        if status.in_use {
+            "in use by a running process"
+        } else {
+            "not in use"
+        }
+    );
+    let oldest = match status.oldest_age_seconds {
+        Some(age) => format!(", oldest {age:.1} s old"),
+        None if status.messages > 0 => ", oldest of unknown age".into(),
+        None => String::new(),
+    };
+    let _ = writeln!(
+        out,
+        "waiting: {} messages, {} bytes{oldest}",
+        status.messages, status.bytes
+    );
+    let _ = writeln!(out, "quarantined: {} messages", status.quarantined.len());
+    for entry in &status.quarantined {
+        let _ = writeln!(
+            out,
+            "  {} (Nats-Msg-Id {}): {}",
+            entry.subject, entry.msg_id, entry.reason
+        );
+    }
+    Ok(out)
+}
+
+/// `cmc-forwarder spool drain`: publishes the whole spool, or says why it cannot.
+pub async fn spool_drain(settings: &Settings) -> Result<String, String> {
+    let dir = &settings.spool.dir;
+    let spool = Spool::open(dir, settings.spool.max_bytes).map_err(|e| match e {
+        spool::SpoolError::Locked(_) => format!("refusing to drain: {e}"),
+        e => format!("cannot open the spool in {}: {e}", dir.display()),
+    })?;
+    let waiting = spool.stats().messages();
+    if waiting == 0 {
+        return Ok(format!("the spool in {} is empty\n", dir.display()));
+    }
+    let spool = SpoolHandle::start(spool).map_err(|e| e.to_string())?;
+    let publisher = Publisher::connect(&settings.nats)
+        .await
+        .map_err(|e| e.to_string())?;
+    if !publisher.is_connected() {
+        return Err(format!(
+            "cannot connect to NATS ({}) within nats.connect_timeout; {waiting} messages stay in the spool",
+            settings.nats.servers.join(", ")
+        ));
+    }
+    publisher.ensure_stream().await.map_err(|e| e.to_string())?;
+    let options = DeliveryOptions {
+        retry_max_interval: settings.spool.retry_max_interval,
+        ..DeliveryOptions::default()
+    };
+    let publisher = std::sync::Arc::new(publisher);
+    let summary = deliver::drain_to_empty(&spool, &publisher, options, DRAIN_ATTEMPTS)
+        .await
+        .map_err(|e| e.to_string())?;
+    publisher.flush().await;
+    let mut out = format!(
+        "published {} messages from {}; the spool is empty\n",
+        summary.published,
+        dir.display()
+    );
+    if summary.quarantined > 0 {
+        let _ = writeln!(
+            out,
+            "{} messages refused by NATS were moved to the quarantine (see spool status)",
+            summary.quarantined
+        );
+    }
+    Ok(out)
 }

@@ -1,21 +1,45 @@
-//! Delivery: what stands behind a `200`. A validated batch is published; what NATS cannot
-//! take in time (a temporary failure) is appended to the spool instead, and [`drain`]
-//! publishes the spool in arrival order once NATS is back.
+//! Delivery: what stands behind a `200`, as one pipeline with one owner.
 //!
-//! While the spool holds anything, new batches go behind it, so the stream keeps arrival
-//! order. Permanent refusals (oversized message, permissions, limits) are answered without
-//! spooling, so they can never block it.
+//! Routes hand a validated batch to [`Delivery::deliver`] (a cheap handle holding the sender
+//! of a bounded channel) together with its share of the in-flight byte budget, and wait for
+//! the answer. One task, the delivery actor, receives every batch in arrival order and
+//! decides, alone, where it goes:
+//!
+//! - while the spool holds anything, or anything is on its way into it, the batch is appended
+//!   behind it: the decision and the hand-over to the spool writer happen in that one task, so
+//!   no later batch can overtake a spooled one;
+//! - otherwise the batch is published directly (in a task of its own, so batches progress
+//!   side by side); what NATS cannot take in time (a temporary failure) goes back to the actor
+//!   and is appended to the spool, and a permanent refusal is answered without spooling
+//!   (`413` for an oversized message, else `503`), so it can never block the spool.
+//!
+//! Publishing ([`publish_run`]) sends a batch in entry order with at most `window` messages
+//! unacknowledged and consumes acknowledgements as they arrive, within `publish_timeout`:
+//! any batch completes in time proportional to its size, and a large batch holds no more of
+//! the connection than its window, so concurrent batches share it fairly.
+//!
+//! The drainer ([`drain`]) publishes the spool in order whenever NATS is ready. A message NATS
+//! refuses for good is moved to the quarantine and the drain goes on; temporary failures and
+//! failing disks are retried with exponential back-off capped at `spool.retry_max_interval`.
 
 use std::sync::Arc;
 use std::time::Duration;
 
+use futures_util::stream::FuturesOrdered;
+use futures_util::{FutureExt, StreamExt};
 use thiserror::Error;
-use tokio::sync::watch;
+use tokio::sync::{mpsc, oneshot, watch};
 
+use crate::budget::Permit;
 use crate::metrics;
-use crate::publish::{NatsMessage, Outbound, Oversized, PublishError, PublishReport, Publisher};
-use crate::spool::{Spool, SpoolError};
+use crate::publish::{NatsMessage, Outbound, Oversized, Publish, PublishError};
+use crate::spool::{encode_record, Records, SpoolError, SpoolHandle};
 use crate::webhook::OutgoingBatch;
+
+/// Messages read from the spool per drain step.
+const DRAIN_BATCH: usize = 512;
+/// First pause after a failure; it doubles up to `spool.retry_max_interval`.
+const FIRST_RETRY: Duration = Duration::from_millis(100);
 
 /// What happened to a batch that was accepted.
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
@@ -37,83 +61,218 @@ pub enum DeliveryError {
     Unavailable(String),
 }
 
-/// The publisher, and the spool when enabled.
+/// How the pipeline runs.
+#[derive(Debug, Clone, Copy)]
+pub struct DeliveryOptions {
+    /// Messages of one batch sent and not yet acknowledged, at most.
+    pub window: usize,
+    /// Cap of the drainer's back-off.
+    pub retry_max_interval: Duration,
+}
+
+impl Default for DeliveryOptions {
+    fn default() -> Self {
+        DeliveryOptions {
+            window: 4096,
+            retry_max_interval: Duration::from_secs(5),
+        }
+    }
+}
+
+type Reply = oneshot::Sender<Result<DeliveryReport, DeliveryError>>;
+
+enum Command {
+    Deliver {
+        batch: OutgoingBatch,
+        permit: Permit,
+        reply: Reply,
+    },
+    /// A direct publication failed temporarily: spool what was not acknowledged.
+    SpoolRest {
+        batch: OutgoingBatch,
+        done: Progress,
+        permit: Permit,
+        reply: Reply,
+    },
+}
+
+/// The handle routes deliver through; cheap to clone.
 #[derive(Clone)]
 pub struct Delivery {
-    publisher: Publisher,
-    spool: Option<Arc<Spool>>,
+    tx: mpsc::Sender<Command>,
 }
 
 impl Delivery {
-    pub fn new(publisher: Publisher, spool: Option<Arc<Spool>>) -> Self {
-        Delivery { publisher, spool }
+    /// Starts the delivery actor owning `publisher` and the spool (when enabled).
+    pub fn start<P: Publish>(
+        publisher: P,
+        spool: Option<SpoolHandle>,
+        options: DeliveryOptions,
+    ) -> Delivery {
+        let (tx, rx) = mpsc::channel(1024);
+        let back = tx.downgrade();
+        tokio::spawn(actor(rx, back, publisher, spool, options));
+        Delivery { tx }
     }
 
-    pub async fn deliver(&self, batch: &OutgoingBatch) -> Result<DeliveryReport, DeliveryError> {
-        // All-or-nothing: refuse an oversized entry before anything is sent or spooled.
-        let max = self.publisher.max_payload();
-        for message in &batch.messages {
-            let size = batch.wire_size(message);
-            if size > max {
-                return Err(DeliveryError::TooLarge(Oversized {
-                    index: message.index,
-                    size: Some(size),
-                    max,
-                }));
-            }
-        }
-        if let Some(spool) = &self.spool {
-            if !spool.is_empty() {
-                let messages = NatsMessage::from_batch(batch, 0);
-                return self.spool(spool, messages, PublishReport::default()).await;
-            }
-        }
-        match self.publisher.publish(Outbound::from_batch(batch)).await {
-            Ok(report) => Ok(DeliveryReport {
-                published: report.published,
-                duplicates: report.duplicates,
-                spooled: 0,
-            }),
-            Err(failure) => match failure.error {
-                PublishError::TooLarge(oversized) => Err(DeliveryError::TooLarge(oversized)),
-                error if error.is_temporary() => match &self.spool {
-                    Some(spool) => {
-                        tracing::warn!(%error, acked = failure.acked, "NATS did not take the batch; spooling the rest");
-                        let rest = NatsMessage::from_batch(batch, failure.acked);
-                        let done = PublishReport {
-                            published: failure.acked,
-                            duplicates: 0,
-                        };
-                        self.spool(spool, rest, done).await
+    /// Delivers `batch`, holding `permit` (its share of the byte budget) until it is on the
+    /// bus, spooled, or refused.
+    pub async fn deliver(
+        &self,
+        batch: OutgoingBatch,
+        permit: Permit,
+    ) -> Result<DeliveryReport, DeliveryError> {
+        let (reply, answer) = oneshot::channel();
+        let stopped = || DeliveryError::Unavailable("the service is stopping".into());
+        self.tx
+            .send(Command::Deliver {
+                batch,
+                permit,
+                reply,
+            })
+            .await
+            .map_err(|_| stopped())?;
+        answer.await.map_err(|_| stopped())?
+    }
+}
+
+async fn actor<P: Publish>(
+    mut rx: mpsc::Receiver<Command>,
+    back: mpsc::WeakSender<Command>,
+    publisher: P,
+    spool: Option<SpoolHandle>,
+    options: DeliveryOptions,
+) {
+    while let Some(command) = rx.recv().await {
+        match command {
+            Command::Deliver {
+                batch,
+                permit,
+                reply,
+            } => {
+                // All-or-nothing: refuse an oversized entry before anything is sent or spooled.
+                if let Some(oversized) = oversized(&batch, publisher.max_payload()) {
+                    let _ = reply.send(Err(DeliveryError::TooLarge(oversized)));
+                    continue;
+                }
+                match &spool {
+                    Some(spool) if !spool.stats().is_empty() => {
+                        spool_rest(spool, batch, Progress::default(), permit, reply);
                     }
-                    None => Err(DeliveryError::Unavailable(format!(
-                        "the batch could not be published, nothing is lost by retrying: {error}"
-                    ))),
-                },
-                error => {
-                    tracing::error!(%error, "NATS refused the batch");
-                    Err(DeliveryError::Unavailable(format!(
-                        "NATS refused the batch: {error}"
-                    )))
+                    _ => {
+                        let Some(back) = back.upgrade() else { return };
+                        tokio::spawn(direct(
+                            publisher.clone(),
+                            batch,
+                            permit,
+                            reply,
+                            spool.is_some().then_some(back),
+                            options.window,
+                        ));
+                    }
+                }
+            }
+            Command::SpoolRest {
+                batch,
+                done,
+                permit,
+                reply,
+            } => match &spool {
+                Some(spool) => spool_rest(spool, batch, done, permit, reply),
+                None => {
+                    let _ = reply.send(Err(unpublished()));
                 }
             },
         }
     }
+}
 
-    async fn spool(
-        &self,
-        spool: &Arc<Spool>,
-        messages: Vec<NatsMessage>,
-        done: PublishReport,
-    ) -> Result<DeliveryReport, DeliveryError> {
-        let count = messages.len();
-        let spool = spool.clone();
-        let appended = tokio::task::spawn_blocking(move || spool.append(&messages))
-            .await
-            .map_err(|e| SpoolError::Io(std::io::Error::other(e)));
-        match appended.and_then(|r| r) {
+fn oversized(batch: &OutgoingBatch, max: usize) -> Option<Oversized> {
+    batch.messages.iter().find_map(|m| {
+        let size = batch.wire_size(m);
+        (size > max).then_some(Oversized {
+            index: m.index,
+            size: Some(size),
+            max,
+        })
+    })
+}
+
+fn unpublished() -> DeliveryError {
+    DeliveryError::Unavailable("NATS cannot take the batch now; nothing is lost by retrying".into())
+}
+
+/// Publishes one batch directly; a temporary failure goes back to the actor to be spooled
+/// (`back`, when the spool is enabled).
+async fn direct<P: Publish>(
+    publisher: P,
+    batch: OutgoingBatch,
+    permit: Permit,
+    reply: Reply,
+    back: Option<mpsc::Sender<Command>>,
+    window: usize,
+) {
+    let failure = match publish_run(&publisher, &batch, window).await {
+        Ok(done) => {
+            let _ = reply.send(Ok(DeliveryReport {
+                published: done.acked,
+                duplicates: done.duplicates,
+                spooled: 0,
+            }));
+            return;
+        }
+        Err(failure) => failure,
+    };
+    let answer = match failure.error {
+        PublishError::TooLarge(oversized) => Err(DeliveryError::TooLarge(oversized)),
+        error if error.is_temporary() => match back {
+            Some(back) => {
+                tracing::warn!(%error, acked = failure.done.acked, "NATS did not take the batch; spooling the rest");
+                let command = Command::SpoolRest {
+                    batch,
+                    done: failure.done,
+                    permit,
+                    reply,
+                };
+                if let Err(mpsc::error::SendError(Command::SpoolRest { reply, .. })) =
+                    back.send(command).await
+                {
+                    let _ = reply.send(Err(unpublished()));
+                }
+                return;
+            }
+            None => Err(DeliveryError::Unavailable(format!(
+                "the batch could not be published, nothing is lost by retrying: {error}"
+            ))),
+        },
+        error => {
+            tracing::error!(%error, "NATS refused the batch");
+            Err(DeliveryError::Unavailable(format!(
+                "NATS refused the batch: {error}"
+            )))
+        }
+    };
+    let _ = reply.send(answer);
+}
+
+/// Hands the unacknowledged rest of `batch` to the spool writer (in the actor, so in arrival
+/// order) and answers `reply` once it is durable.
+fn spool_rest(
+    spool: &SpoolHandle,
+    batch: OutgoingBatch,
+    done: Progress,
+    permit: Permit,
+    reply: Reply,
+) {
+    let count = batch.messages.len() - done.acked;
+    let written = spool.begin_append(Box::new(BatchRest {
+        batch,
+        start: done.acked,
+    }));
+    tokio::spawn(async move {
+        let answer = match written.await.unwrap_or(Err(SpoolError::Stopped)) {
             Ok(()) => Ok(DeliveryReport {
-                published: done.published,
+                published: done.acked,
                 duplicates: done.duplicates,
                 spooled: count,
             }),
@@ -125,86 +284,793 @@ impl Delivery {
                     "NATS cannot take the batch now and it could not be spooled ({e}); nothing is lost by retrying"
                 )))
             }
+        };
+        let _ = reply.send(answer);
+        drop(permit);
+    });
+}
+
+/// The messages of a batch from `start` on, as spool records.
+struct BatchRest {
+    batch: OutgoingBatch,
+    start: usize,
+}
+
+impl Records for BatchRest {
+    fn encode(&self, out: &mut Vec<u8>, at_ms: u64) -> Result<u64, SpoolError> {
+        let messages = self.batch.messages.get(self.start..).unwrap_or_default();
+        for m in messages {
+            let headers = self.batch.headers(m);
+            let values: Vec<String> = headers.iter().map(|(_, v)| v.to_string()).collect();
+            encode_record(
+                out,
+                &m.subject,
+                headers
+                    .iter()
+                    .zip(&values)
+                    .map(|((name, _), value)| (*name, value.as_str())),
+                &m.payload,
+                at_ms,
+            )?;
+        }
+        Ok(messages.len() as u64)
+    }
+}
+
+/// A sequence of messages that can be published.
+pub trait Source: Sync {
+    fn len(&self) -> usize;
+    fn is_empty(&self) -> bool {
+        self.len() == 0
+    }
+    /// Message `i`, as handed to the client.
+    fn outbound(&self, i: usize) -> Outbound;
+}
+
+impl Source for OutgoingBatch {
+    fn len(&self) -> usize {
+        self.messages.len()
+    }
+
+    fn outbound(&self, i: usize) -> Outbound {
+        Outbound::from_message(self, &self.messages[i])
+    }
+}
+
+impl Source for Vec<NatsMessage> {
+    fn len(&self) -> usize {
+        <[NatsMessage]>::len(self)
+    }
+
+    fn outbound(&self, i: usize) -> Outbound {
+        self[i].to_outbound()
+    }
+}
+
+/// How far a publication got: the acknowledged prefix.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct Progress {
+    pub acked: usize,
+    pub duplicates: usize,
+}
+
+/// A publication that did not complete.
+#[derive(Debug)]
+pub struct Failure {
+    pub error: PublishError,
+    /// The acknowledged prefix; message `done.acked` is the first not known to be stored.
+    pub done: Progress,
+    /// The message the error is about.
+    pub at: usize,
+}
+
+/// Publishes `messages` in order within the publisher's timeout, at most `window` of them
+/// unacknowledged at a time, consuming acknowledgements as they arrive.
+pub async fn publish_run<P: Publish, S: Source + ?Sized>(
+    publisher: &P,
+    messages: &S,
+    window: usize,
+) -> Result<Progress, Failure> {
+    let n = messages.len();
+    if n == 0 {
+        return Ok(Progress::default());
+    }
+    if !publisher.is_ready() {
+        return Err(Failure {
+            error: PublishError::NotConnected,
+            done: Progress::default(),
+            at: 0,
+        });
+    }
+    let timeout = publisher.timeout();
+    let deadline = tokio::time::Instant::now() + timeout;
+    let window = window.max(1);
+    let mut done = Progress::default();
+    // (position, error) of the first failure.
+    let mut failed: Option<(usize, PublishError)> = None;
+    let work = async {
+        let mut acks = FuturesOrdered::new();
+        let mut next = 0;
+        loop {
+            // Take every acknowledgement that is already there before sending more.
+            while let Some(Some(ack)) = acks.next().now_or_never() {
+                match ack {
+                    Ok(ack) => count(&mut done, ack),
+                    Err(error) => {
+                        failed = Some((done.acked, error));
+                        return;
+                    }
+                }
+            }
+            if next < n && acks.len() < window && failed.is_none() {
+                match publisher.send(messages.outbound(next), next).await {
+                    Ok(ack) => {
+                        acks.push_back(ack);
+                        next += 1;
+                    }
+                    // Stop sending, but collect the acknowledgements of what went before,
+                    // so the acknowledged prefix reaches the failed message.
+                    Err(error) => failed = Some((next, error)),
+                }
+                continue;
+            }
+            match acks.next().await {
+                Some(Ok(ack)) => count(&mut done, ack),
+                Some(Err(error)) => {
+                    failed = Some((done.acked, error));
+                    return;
+                }
+                None => break,
+            }
+        }
+        if failed.is_none() {
+            if let Err(error) = publisher.settle().await {
+                failed = Some((0, error));
+            }
+        }
+    };
+    if tokio::time::timeout_at(deadline, work).await.is_err() && failed.is_none() {
+        failed = Some((done.acked, PublishError::Timeout(timeout)));
+    }
+    match failed {
+        None => Ok(done),
+        Some((at, error)) => {
+            if !publisher.confirms_each() {
+                // Nothing sent is known to be on the server before a flush succeeded.
+                done = Progress::default();
+            }
+            Err(Failure { error, done, at })
+        }
+    }
+}
+
+fn count(done: &mut Progress, ack: crate::publish::Ack) {
+    done.acked += 1;
+    done.duplicates += usize::from(ack.duplicate);
+}
+
+/// Exponential back-off: 100 ms, doubling, capped.
+#[derive(Debug, Clone)]
+pub struct Backoff {
+    next: Duration,
+    max: Duration,
+}
+
+impl Backoff {
+    pub fn new(max: Duration) -> Backoff {
+        Backoff {
+            next: FIRST_RETRY.min(max),
+            max,
+        }
+    }
+
+    /// The pause before the next retry.
+    pub fn next_pause(&mut self) -> Duration {
+        let pause = self.next;
+        self.next = (self.next * 2).min(self.max);
+        pause
+    }
+
+    pub fn reset(&mut self) {
+        self.next = FIRST_RETRY.min(self.max);
+    }
+}
+
+/// What one drain step did.
+#[derive(Debug)]
+pub enum Step {
+    /// Nothing to publish.
+    Empty,
+    /// NATS is not ready.
+    NotReady,
+    /// Messages left the spool (published or quarantined).
+    Progressed {
+        published: usize,
+        quarantined: usize,
+    },
+    /// Nothing could be done now; retry after a pause.
+    Failed(String),
+}
+
+/// Publishes the spool in order: one step of at most [`DRAIN_BATCH`] messages.
+pub async fn drain_step<P: Publish>(spool: &SpoolHandle, publisher: &P, window: usize) -> Step {
+    if spool.stats().messages() == 0 {
+        return Step::Empty;
+    }
+    if !publisher.is_ready() {
+        return Step::NotReady;
+    }
+    let batch = match spool.read(DRAIN_BATCH).await {
+        Ok(batch) if batch.messages.is_empty() => return Step::Empty,
+        Ok(batch) => Arc::new(batch),
+        Err(e) => return Step::Failed(format!("cannot read the spool: {e}")),
+    };
+    let (done, failure) = match publish_run(publisher, &batch.messages, window).await {
+        Ok(done) => (done, None),
+        Err(failure) => (failure.done, Some(failure)),
+    };
+    if let Err(e) = spool.commit(batch.clone(), done.acked).await {
+        // The cursor has moved in memory: nothing is published twice; its file is written
+        // again at the next commit.
+        tracing::error!(error = %e, "cannot record spool progress");
+        metrics::spool_drained(done.acked, done.duplicates);
+        return Step::Failed(format!("cannot record spool progress: {e}"));
+    }
+    metrics::spool_drained(done.acked, done.duplicates);
+    let Some(failure) = failure else {
+        return Step::Progressed {
+            published: done.acked,
+            quarantined: 0,
+        };
+    };
+    if failure.error.is_temporary() || failure.at != done.acked {
+        return Step::Failed(failure.error.to_string());
+    }
+    let reason = match &failure.error {
+        // The index in the drain's read batch would mean nothing to a reader.
+        PublishError::TooLarge(o) => format!(
+            "the message is {} over the NATS max_payload of {} bytes",
+            o.size.map_or("now".into(), |s| format!("{s} bytes,")),
+            o.max
+        ),
+        error => error.to_string(),
+    };
+    let message = &batch.messages[failure.at];
+    let (subject, msg_id) = (
+        message.subject.clone(),
+        message.header("Nats-Msg-Id").unwrap_or("").to_owned(),
+    );
+    match spool
+        .quarantine(batch.clone(), failure.at, reason.clone())
+        .await
+    {
+        Ok(()) => {
+            tracing::error!(%subject, %msg_id, %reason, "NATS refuses a spooled message for good; moved to the quarantine");
+            metrics::spool_quarantined(spool.stats().quarantined());
+            Step::Progressed {
+                published: done.acked,
+                quarantined: 1,
+            }
+        }
+        Err(e) => {
+            tracing::error!(error = %e, "cannot move a refused message to the quarantine");
+            Step::Failed(format!("cannot quarantine a refused message: {e}"))
         }
     }
 }
 
 /// Publishes the spool's messages in order whenever NATS is ready, until `stop` turns true.
-pub async fn drain(spool: Arc<Spool>, publisher: Publisher, mut stop: watch::Receiver<bool>) {
-    const BATCH: usize = 512;
+pub async fn drain<P: Publish>(
+    spool: SpoolHandle,
+    publisher: P,
+    mut stop: watch::Receiver<bool>,
+    options: DeliveryOptions,
+) {
+    let mut backoff = Backoff::new(options.retry_max_interval);
     let mut failures = 0u32;
+    metrics::spool_quarantined(spool.stats().quarantined());
     loop {
         if *stop.borrow() {
             return;
         }
-        metrics::spool_depth(spool.len(), spool.bytes());
-        let pause = if spool.is_empty() {
-            Some(Duration::from_secs(1))
-        } else if !publisher.is_ready() {
-            Some(Duration::from_millis(100))
-        } else {
-            None
-        };
-        if let Some(pause) = pause {
-            tokio::select! {
-                () = spool.appended.notified() => {}
-                () = tokio::time::sleep(pause) => {}
-                _ = stop.changed() => {}
-            }
-            continue;
-        }
-        let reader = spool.clone();
-        let batch = match tokio::task::spawn_blocking(move || reader.read(BATCH)).await {
-            Ok(Ok(batch)) => batch,
-            Ok(Err(e)) => {
-                tracing::error!(error = %e, "cannot read the spool");
-                tokio::time::sleep(Duration::from_secs(1)).await;
+        metrics::spool_depth(spool.stats().messages(), spool.stats().bytes());
+        let pause = match drain_step(&spool, &publisher, options.window).await {
+            Step::Empty => {
+                backoff.reset();
+                tokio::select! {
+                    () = spool.appended() => {}
+                    () = tokio::time::sleep(Duration::from_secs(1)) => {}
+                    _ = stop.changed() => {}
+                }
                 continue;
             }
-            Err(e) => {
-                tracing::error!(error = %e, "spool reader failed");
-                continue;
-            }
-        };
-        let outbound = batch
-            .messages
-            .iter()
-            .map(NatsMessage::to_outbound)
-            .collect();
-        let (acked, result) = match publisher.publish(outbound).await {
-            Ok(report) => {
-                metrics::spool_drained(report.published, report.duplicates);
-                (report.published, Ok(()))
-            }
-            Err(failure) => (failure.acked, Err(failure.error)),
-        };
-        if acked > 0 {
-            let committer = spool.clone();
-            let commit = tokio::task::spawn_blocking(move || committer.commit(&batch, acked)).await;
-            if let Ok(Err(e)) | Err(e) =
-                commit.map_err(|e| SpoolError::Io(std::io::Error::other(e)))
-            {
-                tracing::error!(error = %e, "cannot record spool progress");
-            }
-        }
-        match result {
-            Ok(()) => {
+            Step::NotReady => Duration::from_millis(100),
+            Step::Progressed { .. } => {
                 if failures > 0 {
-                    tracing::info!(remaining = spool.len(), "spool draining again");
+                    tracing::info!(remaining = spool.stats().messages(), "spool draining again");
                 }
                 failures = 0;
+                backoff.reset();
+                continue;
             }
-            Err(error) => {
+            Step::Failed(reason) => {
                 failures += 1;
-                if failures == 1 || failures.is_multiple_of(60) {
-                    if error.is_temporary() {
-                        tracing::warn!(%error, remaining = spool.len(), "spool drain paused");
-                    } else {
-                        tracing::error!(%error, remaining = spool.len(), "NATS refuses a spooled message; retrying");
-                    }
+                let pause = backoff.next_pause();
+                if failures == 1 || failures.is_multiple_of(20) {
+                    tracing::warn!(%reason, remaining = spool.stats().messages(), retry_in = ?pause, "spool drain paused");
                 }
-                tokio::time::sleep(Duration::from_millis(500)).await;
+                pause
+            }
+        };
+        sleep_or_stop(pause, &mut stop).await;
+    }
+}
+
+async fn sleep_or_stop(pause: Duration, stop: &mut watch::Receiver<bool>) {
+    tokio::select! {
+        () = tokio::time::sleep(pause) => {}
+        _ = stop.changed() => {}
+    }
+}
+
+/// Why `cmc-forwarder spool drain` could not empty the spool.
+#[derive(Debug, Error)]
+#[error("{0}")]
+pub struct DrainError(pub String);
+
+/// What a completed drain did.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct DrainSummary {
+    pub published: usize,
+    pub quarantined: usize,
+}
+
+/// Drains the spool until it is empty (`cmc-forwarder spool drain`); gives up after
+/// `max_failures` failed attempts in a row, saying why.
+pub async fn drain_to_empty<P: Publish>(
+    spool: &SpoolHandle,
+    publisher: &P,
+    options: DeliveryOptions,
+    max_failures: u32,
+) -> Result<DrainSummary, DrainError> {
+    let mut summary = DrainSummary::default();
+    let mut backoff = Backoff::new(options.retry_max_interval);
+    let mut failures = 0;
+    loop {
+        let step = drain_step(spool, publisher, options.window).await;
+        let reason = match &step {
+            Step::NotReady => "NATS is not connected, or the stream is not usable".to_owned(),
+            Step::Failed(reason) => reason.clone(),
+            _ => String::new(),
+        };
+        match step {
+            Step::Empty => return Ok(summary),
+            Step::Progressed {
+                published,
+                quarantined,
+            } => {
+                summary.published += published;
+                summary.quarantined += quarantined;
+                failures = 0;
+                backoff.reset();
+            }
+            Step::NotReady | Step::Failed(_) if failures + 1 >= max_failures => {
+                return Err(DrainError(format!(
+                    "{} messages left in the spool after {} attempts: {reason}",
+                    spool.stats().messages(),
+                    failures + 1
+                )));
+            }
+            Step::NotReady | Step::Failed(_) => {
+                failures += 1;
+                tokio::time::sleep(backoff.next_pause()).await;
             }
         }
+    }
+}
+
+impl std::fmt::Debug for Delivery {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Delivery").finish_non_exhaustive()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::time::Instant;
+
+    use super::*;
+    use crate::budget::Budget;
+    use crate::publish::fake::{FakePublisher, Step};
+    use crate::spool::Spool;
+    use crate::subject::SubjectTemplate;
+
+    const TIMEOUT: Duration = Duration::from_millis(300);
+
+    /// A batch built the way the route builds it, each entry's `Cmc-Batch-Id:index` label
+    /// being `tag:i`.
+    fn batch(tag: &str, n: usize) -> OutgoingBatch {
+        batch_with(tag, n, 0)
+    }
+
+    fn batch_with(tag: &str, n: usize, padding: usize) -> OutgoingBatch {
+        let pad = "x".repeat(padding);
+        let entries: Vec<String> = (0..n)
+            .map(|i| format!(r#"{{"status":"queued","tag":"{tag}","i":{i},"pad":"{pad}"}}"#))
+            .collect();
+        let body = format!(
+            r#"{{"event_type":"deliveries","server_composition":"sc","event":{{"deliveries":[{}]}}}}"#,
+            entries.join(",")
+        );
+        let decoded = crate::webhook::decode(Some("application/json"), body.as_bytes()).unwrap();
+        let template = SubjectTemplate::parse("cmc.{event_type}.{status}").unwrap();
+        decoded
+            .validate()
+            .unwrap()
+            .to_outgoing(&template, tag)
+            .unwrap()
+    }
+
+    fn labels(tag: &str, n: usize) -> Vec<String> {
+        (0..n).map(|i| format!("{tag}:{i}")).collect()
+    }
+
+    fn permit() -> Permit {
+        Budget::new(1 << 30).try_acquire(1).unwrap()
+    }
+
+    struct Rig {
+        fake: FakePublisher,
+        delivery: Delivery,
+        spool: Option<SpoolHandle>,
+        _dir: tempfile::TempDir,
+        options: DeliveryOptions,
+    }
+
+    fn rig(spool: bool, window: usize) -> Rig {
+        rig_with(spool, window, TIMEOUT)
+    }
+
+    fn rig_with(spool: bool, window: usize, timeout: Duration) -> Rig {
+        let dir = tempfile::tempdir().unwrap();
+        let fake = FakePublisher::new(timeout);
+        let spool =
+            spool.then(|| SpoolHandle::start(Spool::open(dir.path(), 1 << 30).unwrap()).unwrap());
+        let options = DeliveryOptions {
+            window,
+            retry_max_interval: Duration::from_millis(400),
+        };
+        let delivery = Delivery::start(fake.clone(), spool.clone(), options);
+        Rig {
+            fake,
+            delivery,
+            spool,
+            _dir: dir,
+            options,
+        }
+    }
+
+    impl Rig {
+        async fn deliver(&self, b: OutgoingBatch) -> Result<DeliveryReport, DeliveryError> {
+            self.delivery.deliver(b, permit()).await
+        }
+
+        fn start_drain(&self) -> watch::Sender<bool> {
+            let (tx, rx) = watch::channel(false);
+            tokio::spawn(drain(
+                self.spool.clone().unwrap(),
+                self.fake.clone(),
+                rx,
+                self.options,
+            ));
+            tx
+        }
+
+        async fn wait_drained(&self) {
+            let spool = self.spool.as_ref().unwrap();
+            let until = Instant::now() + Duration::from_secs(10);
+            while !spool.stats().is_empty() {
+                assert!(Instant::now() < until, "the spool did not drain");
+                tokio::time::sleep(Duration::from_millis(10)).await;
+            }
+        }
+    }
+
+    #[tokio::test]
+    async fn healthy_nats_gets_every_message_in_order_and_200() {
+        let rig = rig(true, 8);
+        let report = rig.deliver(batch("a", 100)).await.unwrap();
+        assert_eq!(
+            report,
+            DeliveryReport {
+                published: 100,
+                duplicates: 0,
+                spooled: 0
+            }
+        );
+        assert_eq!(rig.fake.stored(), labels("a", 100));
+        assert!(rig.spool.as_ref().unwrap().stats().is_empty());
+    }
+
+    #[tokio::test]
+    async fn a_timeout_spools_the_unacknowledged_rest_which_drains_in_order_once() {
+        let rig = rig(true, 4);
+        rig.fake.script([Step::Ack, Step::Ack, Step::Ack]);
+        rig.fake.set_default(Step::Hang);
+        let started = Instant::now();
+        let report = rig.deliver(batch("a", 10)).await.unwrap();
+        assert!(started.elapsed() < TIMEOUT + Duration::from_millis(500));
+        assert_eq!((report.published, report.spooled), (3, 7));
+        assert_eq!(rig.spool.as_ref().unwrap().stats().messages(), 7);
+        rig.fake.set_default(Step::Ack);
+        let _stop = rig.start_drain();
+        rig.wait_drained().await;
+        assert_eq!(rig.fake.stored(), labels("a", 10));
+    }
+
+    #[tokio::test]
+    async fn a_disconnect_after_k_messages_spools_the_rest() {
+        let rig = rig(true, 4);
+        rig.fake.script([Step::Ack; 5]);
+        rig.fake.script([Step::Disconnect]);
+        let report = rig.deliver(batch("a", 12)).await.unwrap();
+        assert_eq!((report.published, report.spooled), (5, 7));
+        rig.fake.set_ready(true);
+        let _stop = rig.start_drain();
+        rig.wait_drained().await;
+        assert_eq!(rig.fake.stored(), labels("a", 12));
+        assert_eq!(rig.fake.duplicates(), 0);
+    }
+
+    #[tokio::test]
+    async fn without_a_spool_a_temporary_failure_is_an_honest_503_in_time() {
+        let rig = rig(false, 4);
+        rig.fake.set_default(Step::Hang);
+        let started = Instant::now();
+        let err = rig.deliver(batch("a", 10)).await.unwrap_err();
+        assert!(matches!(err, DeliveryError::Unavailable(_)), "{err}");
+        assert!(started.elapsed() < TIMEOUT + Duration::from_millis(500));
+        rig.fake.set_ready(false);
+        assert!(matches!(
+            rig.deliver(batch("b", 1)).await,
+            Err(DeliveryError::Unavailable(_))
+        ));
+    }
+
+    #[tokio::test]
+    async fn a_permanent_refusal_is_answered_without_spooling() {
+        let rig = rig(true, 4);
+        rig.fake.script([Step::Ack, Step::Refuse]);
+        let err = rig.deliver(batch("a", 5)).await.unwrap_err();
+        assert!(err.to_string().contains("refused"), "{err}");
+        assert!(rig.spool.as_ref().unwrap().stats().is_empty());
+        // The spool is not blocked: the next batch goes straight through.
+        rig.fake.set_default(Step::Ack);
+        assert_eq!(rig.deliver(batch("b", 3)).await.unwrap().published, 3);
+    }
+
+    #[tokio::test]
+    async fn an_oversized_entry_is_refused_before_anything_is_sent() {
+        let rig = rig(true, 4);
+        rig.fake.set_max_payload(1000);
+        let mut b = batch_with("a", 3, 10);
+        let big = batch_with("big", 1, 2000).messages.remove(0);
+        b.messages[1].payload = big.payload;
+        match rig.deliver(b).await {
+            Err(DeliveryError::TooLarge(o)) => assert_eq!((o.index, o.max), (1, 1000)),
+            other => panic!("expected 413, got {other:?}"),
+        }
+        assert_eq!(rig.fake.sent(), 0);
+        assert!(rig.spool.as_ref().unwrap().stats().is_empty());
+    }
+
+    #[tokio::test]
+    async fn while_anything_is_spooled_new_batches_go_behind_it() {
+        let rig = rig(true, 4);
+        rig.fake.set_ready(false);
+        let a = rig.deliver(batch("a", 5)).await.unwrap();
+        assert_eq!(a.spooled, 5);
+        // NATS is back, but no drain has run yet: new batches must not overtake "a".
+        rig.fake.set_ready(true);
+        let b = rig.deliver(batch("b", 5)).await.unwrap();
+        assert_eq!((b.published, b.spooled), (0, 5));
+        // Many at once, none of them direct.
+        let mut tasks = Vec::new();
+        for i in 0..20 {
+            let delivery = rig.delivery.clone();
+            tasks.push(tokio::spawn(async move {
+                delivery
+                    .deliver(batch(&format!("c{i:02}"), 3), permit())
+                    .await
+            }));
+        }
+        for t in tasks {
+            assert_eq!(t.await.unwrap().unwrap().published, 0);
+        }
+        assert_eq!(
+            rig.fake.sent(),
+            0,
+            "nothing was sent while the spool held anything"
+        );
+        let _stop = rig.start_drain();
+        rig.wait_drained().await;
+        let stored = rig.fake.stored();
+        assert_eq!(
+            &stored[..10],
+            &[labels("a", 5), labels("b", 5)].concat()[..]
+        );
+        assert_eq!(stored.len(), 10 + 60);
+        // Once the spool is empty, batches go direct again.
+        let d = rig.deliver(batch("d", 2)).await.unwrap();
+        assert_eq!((d.published, d.spooled), (2, 0));
+    }
+
+    #[tokio::test]
+    async fn a_message_nats_refuses_for_good_is_quarantined_and_the_drain_goes_on() {
+        let rig = rig(true, 4);
+        rig.fake.set_ready(false);
+        rig.deliver(batch("a", 3)).await.unwrap();
+        rig.deliver(batch_with("big", 1, 5000)).await.unwrap();
+        rig.deliver(batch("c", 3)).await.unwrap();
+        // NATS comes back with a smaller max_payload.
+        rig.fake.set_max_payload(2000);
+        rig.fake.set_ready(true);
+        let _stop = rig.start_drain();
+        rig.wait_drained().await;
+        assert_eq!(rig.fake.stored(), [labels("a", 3), labels("c", 3)].concat());
+        let spool = rig.spool.as_ref().unwrap();
+        assert_eq!(spool.stats().quarantined(), 1);
+        let status = crate::spool::status(rig._dir.path()).unwrap();
+        assert_eq!(status.messages, 0);
+        assert_eq!(status.quarantined.len(), 1);
+        assert_eq!(status.quarantined[0].subject, "cmc.deliveries.queued");
+        assert!(
+            status.quarantined[0].reason.contains("max_payload"),
+            "{}",
+            status.quarantined[0].reason
+        );
+        // New batches are accepted again, directly.
+        assert_eq!(rig.deliver(batch("d", 2)).await.unwrap().published, 2);
+    }
+
+    #[tokio::test]
+    async fn a_refused_ack_in_the_spool_is_quarantined_too() {
+        let rig = rig(true, 4);
+        rig.fake.set_ready(false);
+        rig.deliver(batch("a", 4)).await.unwrap();
+        rig.fake.set_ready(true);
+        rig.fake.script([Step::Ack, Step::Refuse]);
+        let _stop = rig.start_drain();
+        rig.wait_drained().await;
+        let stored = rig.fake.stored();
+        assert_eq!(stored, ["a:0", "a:2", "a:3"]);
+        assert_eq!(rig.spool.as_ref().unwrap().stats().quarantined(), 1);
+    }
+
+    #[tokio::test]
+    async fn temporary_failures_back_off_exponentially_up_to_the_cap() {
+        let rig = rig(true, 4);
+        rig.fake.set_ready(false);
+        rig.deliver(batch("a", 1)).await.unwrap();
+        rig.fake.set_ready(true);
+        rig.fake.set_default(Step::Fail);
+        let before = rig.fake.sent();
+        let stop = rig.start_drain();
+        tokio::time::sleep(Duration::from_millis(2500)).await;
+        stop.send(true).unwrap();
+        let times = rig.fake.send_times()[before..].to_vec();
+        // 100, 200, 400, 400, 400... ms: about 7 attempts in 2.5 s, never a hot loop.
+        assert!(
+            (4..=9).contains(&times.len()),
+            "{} attempts in 2.5 s",
+            times.len()
+        );
+        let gaps: Vec<Duration> = times.windows(2).map(|w| w[1] - w[0]).collect();
+        assert!(gaps[0] >= Duration::from_millis(90), "{gaps:?}");
+        assert!(gaps[1] >= Duration::from_millis(190), "{gaps:?}");
+        for gap in &gaps[2..] {
+            assert!(*gap >= Duration::from_millis(390), "{gaps:?}");
+            assert!(*gap < Duration::from_millis(700), "capped: {gaps:?}");
+        }
+        // Nothing was lost meanwhile.
+        assert_eq!(rig.spool.as_ref().unwrap().stats().messages(), 1);
+    }
+
+    #[test]
+    fn backoff_doubles_and_is_capped() {
+        let mut b = Backoff::new(Duration::from_secs(1));
+        let pauses: Vec<u64> = (0..6).map(|_| b.next_pause().as_millis() as u64).collect();
+        assert_eq!(pauses, [100, 200, 400, 800, 1000, 1000]);
+        b.reset();
+        assert_eq!(b.next_pause(), Duration::from_millis(100));
+    }
+
+    #[tokio::test]
+    async fn acks_are_consumed_as_they_arrive_within_the_window_and_batches_share_fairly() {
+        let rig = rig_with(true, 16, Duration::from_secs(20));
+        rig.fake
+            .set_default(Step::AckAfter(Duration::from_millis(2)));
+        let delivery = rig.delivery.clone();
+        // Far more messages than the window, so acks must be consumed while sending.
+        let large = tokio::spawn(async move {
+            let started = Instant::now();
+            let r = delivery.deliver(batch("large", 3000), permit()).await;
+            (r, started.elapsed())
+        });
+        tokio::time::sleep(Duration::from_millis(20)).await;
+        let started = Instant::now();
+        let small = rig.deliver(batch("small", 10)).await.unwrap();
+        let small_took = started.elapsed();
+        assert_eq!(small.published, 10);
+        let (large, large_took) = large.await.unwrap();
+        let large = large.unwrap();
+        assert_eq!(large.published, 3000);
+        assert!(
+            small_took * 5 < large_took,
+            "the small batch waited for the large one: {small_took:?} vs {large_took:?}"
+        );
+        assert!(
+            rig.fake.max_outstanding() <= 32,
+            "{} acks outstanding",
+            rig.fake.max_outstanding()
+        );
+    }
+
+    #[tokio::test]
+    async fn concurrent_large_batches_all_complete() {
+        let rig = rig_with(true, 64, Duration::from_secs(20));
+        rig.fake
+            .set_default(Step::AckAfter(Duration::from_millis(1)));
+        let mut tasks = Vec::new();
+        for i in 0..4 {
+            let delivery = rig.delivery.clone();
+            tasks.push(tokio::spawn(async move {
+                delivery
+                    .deliver(batch(&format!("b{i}"), 2000), permit())
+                    .await
+            }));
+        }
+        for t in tasks {
+            assert_eq!(t.await.unwrap().unwrap().published, 2000);
+        }
+        assert_eq!(rig.fake.stored().len(), 8000);
+    }
+
+    #[tokio::test]
+    async fn the_budget_is_held_until_the_batch_is_answered() {
+        let rig = rig(false, 4);
+        let budget = Budget::new(100 * 1024);
+        rig.fake
+            .set_default(Step::AckAfter(Duration::from_millis(40)));
+        let b = batch("a", 10);
+        let bytes: usize = b.messages.iter().map(|m| b.wire_size(m)).sum();
+        let held = budget.try_acquire(bytes as u64).unwrap();
+        let delivery = rig.delivery.clone();
+        let task = tokio::spawn(async move { delivery.deliver(b, held).await });
+        tokio::time::sleep(Duration::from_millis(30)).await;
+        assert!(budget.available() < budget.total());
+        // A request that does not fit in what is left is refused at once.
+        assert!(budget.try_acquire(budget.total()).is_err());
+        task.await.unwrap().unwrap();
+        assert_eq!(budget.available(), budget.total());
+    }
+
+    #[tokio::test]
+    async fn drain_to_empty_publishes_everything_or_says_why_not() {
+        let rig = rig(true, 4);
+        rig.fake.set_ready(false);
+        rig.deliver(batch("a", 7)).await.unwrap();
+        let spool = rig.spool.clone().unwrap();
+        let err = drain_to_empty(&spool, &rig.fake, rig.options, 2)
+            .await
+            .unwrap_err();
+        assert!(err.to_string().contains("7 messages left"), "{err}");
+        rig.fake.set_ready(true);
+        let summary = drain_to_empty(&spool, &rig.fake, rig.options, 2)
+            .await
+            .unwrap();
+        assert_eq!(summary.published, 7);
+        assert_eq!(rig.fake.stored(), labels("a", 7));
+        assert!(spool.stats().is_empty());
     }
 }

@@ -11,10 +11,12 @@
 //!    [`auth`], validation (all-or-nothing, or invalid entries kept for the dead-letter
 //!    subject), then one [`webhook::Outgoing`] per entry with the subject rendered by
 //!    [`subject`] and the batch's `traceparent`.
-//! 3. [`deliver`]: the batch goes out through [`publish`] in entry order on one NATS
-//!    connection; JetStream PubAcks (or a core flush) are awaited within
-//!    `nats.publish_timeout`. What NATS cannot take in time is written to the [`spool`] and
-//!    published later by the drainer; while the spool is not empty, new batches go behind it.
+//! 3. [`deliver`]: one delivery actor receives every batch (with its share of the
+//!    [`budget`] of bytes in flight) and decides where it goes: out through the [`publish`]
+//!    seam in entry order, with a bounded window of PubAcks consumed as they arrive, within
+//!    `nats.publish_timeout`; or, while the [`spool`] holds anything, behind it. What NATS
+//!    cannot take in time goes to the spool's writer thread (group commit) and is published
+//!    later by the drainer, which quarantines what NATS refuses for good.
 //! 4. [`routes::error`] renders every refusal as SPEC §3's JSON error body.
 //!
 //! Received mail (CMC's Inbound webhook, SPEC §7) takes a parallel path:
@@ -32,6 +34,7 @@
 #![forbid(unsafe_code)]
 
 pub mod auth;
+pub mod budget;
 pub mod cli;
 pub mod deliver;
 pub mod inbound;

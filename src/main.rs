@@ -44,7 +44,7 @@ fn tune_allocator() {
 fn tune_allocator() {}
 
 use clap::Parser;
-use cmc_forwarder::cli::{Cli, Command};
+use cmc_forwarder::cli::{self, Cli, Command, SpoolCommand};
 use cmc_forwarder::settings::Settings;
 use cmc_forwarder::startup::Application;
 use cmc_forwarder::{shutdown, telemetry};
@@ -65,10 +65,32 @@ async fn run() -> ExitCode {
             return ExitCode::from(2);
         }
     };
-    if let Some(Command::CheckConfig) = cli.command {
-        print!("{}", settings.to_redacted_toml());
-        eprintln!("cmc-forwarder: configuration is valid");
-        return ExitCode::SUCCESS;
+    match cli.command {
+        Some(Command::CheckConfig) => {
+            print!("{}", settings.to_redacted_toml());
+            eprintln!("cmc-forwarder: configuration is valid");
+            return ExitCode::SUCCESS;
+        }
+        Some(Command::Spool { command }) => {
+            let result = match command {
+                SpoolCommand::Status { json } => cli::spool_status(&settings, json),
+                SpoolCommand::Drain => {
+                    telemetry::init(&settings.log);
+                    cli::spool_drain(&settings).await
+                }
+            };
+            return match result {
+                Ok(text) => {
+                    print!("{text}");
+                    ExitCode::SUCCESS
+                }
+                Err(e) => {
+                    eprintln!("cmc-forwarder: {e}");
+                    ExitCode::FAILURE
+                }
+            };
+        }
+        None => {}
     }
 
     let _telemetry = match telemetry::init_with_export(&settings.log, &settings.telemetry) {

@@ -1,15 +1,17 @@
 //! Publishing to NATS: one call that puts a whole batch on the bus or says honestly that it
 //! could not. The connection and the stream are set up by [`crate::nats`].
 //!
-//! A batch is sent in entry order on the one shared
-//! connection; in `jetstream` mode all PubAcks are then awaited concurrently, in `core` mode
-//! the connection is flushed. The whole call is bounded by `nats.publish_timeout`, so a slow or
-//! absent NATS yields an error in time, never a hang.
+//! [`Publish`] is the seam delivery works through: put one message on the connection (after
+//! every message sent before it) and get the future of its acknowledgement, or, in `core`
+//! mode, an immediate one plus a final flush. Delivery (`deliver.rs`) decides the window, the
+//! deadline and what a failure means; tests drive it with an in-memory fake instead of a
+//! nats-server.
 
-use std::future::IntoFuture;
+use std::future::{Future, IntoFuture};
+use std::pin::Pin;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use async_nats::connection::State;
 use async_nats::header::HeaderName;
@@ -21,15 +23,40 @@ use thiserror::Error;
 use crate::nats::Health;
 pub use crate::nats::SetupError;
 use crate::settings::NatsSettings;
-use crate::webhook::{HeaderValue, OutgoingBatch};
+use crate::webhook::{HeaderValue, Outgoing, OutgoingBatch};
 
-/// What a batch's publication achieved.
+/// The acknowledgement of one message.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
-pub struct PublishReport {
-    /// Messages acknowledged by NATS (stored by JetStream, or flushed in core mode).
-    pub published: usize,
-    /// Of those, the ones JetStream reported as duplicates of an earlier message id.
-    pub duplicates: usize,
+pub struct Ack {
+    /// JetStream already stored a message with this `Nats-Msg-Id`.
+    pub duplicate: bool,
+}
+
+/// The future of one message's acknowledgement.
+pub type AckFuture = Pin<Box<dyn Future<Output = Result<Ack, PublishError>> + Send>>;
+
+/// The network seam: what delivery needs from NATS, and nothing more.
+///
+/// Messages are put on the connection in the order of the `send` calls; their
+/// acknowledgements may be awaited concurrently and in any order.
+pub trait Publish: Clone + Send + Sync + 'static {
+    /// The largest message (headers and payload) the server takes.
+    fn max_payload(&self) -> usize;
+    /// Whether publishing can succeed now (connected, stream usable).
+    fn is_ready(&self) -> bool;
+    /// `nats.publish_timeout`: the time one batch may take.
+    fn timeout(&self) -> Duration;
+    /// Whether each acknowledgement confirms its message (JetStream). When false (core mode)
+    /// nothing sent is confirmed until [`Publish::settle`] has succeeded.
+    fn confirms_each(&self) -> bool;
+    /// Puts `message` (the `index`-th of its batch, for error reports) on the connection.
+    fn send(
+        &self,
+        message: Outbound,
+        index: usize,
+    ) -> impl Future<Output = Result<AckFuture, PublishError>> + Send;
+    /// Resolves once everything sent so far has reached the server (core mode's flush).
+    fn settle(&self) -> impl Future<Output = Result<(), PublishError>> + Send;
 }
 
 /// Why a batch is not (entirely) on the bus.
@@ -71,6 +98,11 @@ impl std::fmt::Display for Oversized {
 impl std::error::Error for Oversized {}
 
 impl PublishError {
+    /// Whether NATS refused the message for good: spooling it could only block the spool.
+    pub fn is_permanent(&self) -> bool {
+        !self.is_temporary()
+    }
+
     /// Whether waiting can fix it (so the batch may be spooled): no connection, no answer
     /// in time, no stream serving the subject for now. Refusals (permissions, limits,
     /// oversized messages) are permanent and must never be spooled, or they would block it.
@@ -202,110 +234,6 @@ impl Publisher {
         self.client.max_payload()
     }
 
-    /// Publishes `messages` in order within `publish_timeout`. On failure, says how many
-    /// leading messages were acknowledged anyway.
-    pub async fn publish(&self, messages: Vec<Outbound>) -> Result<PublishReport, PublishFailure> {
-        if messages.is_empty() {
-            return Ok(PublishReport::default());
-        }
-        if !self.is_connected() {
-            return Err(PublishFailure::none(PublishError::NotConnected));
-        }
-        let deadline = tokio::time::Instant::now() + self.timeout;
-        match &self.jetstream {
-            Some(js) => self.publish_jetstream(js, messages, deadline).await,
-            None => self.publish_core(messages, deadline).await,
-        }
-    }
-
-    async fn publish_jetstream(
-        &self,
-        js: &jetstream::Context,
-        messages: Vec<Outbound>,
-        deadline: tokio::time::Instant,
-    ) -> Result<PublishReport, PublishFailure> {
-        // Send everything first, in order, so the acks are outstanding concurrently; then
-        // collect them in order, which tells how long the acknowledged prefix is. One deadline
-        // for each phase rather than a timer per message: the client already bounds each call.
-        let mut acks = Vec::with_capacity(messages.len());
-        // The batch's distinct subjects (few in practice), to recognise a permission denial:
-        // the server answers a denied publish with an error event, never with an ack.
-        let started = Instant::now();
-        let mut subjects: Vec<String> = Vec::new();
-        let sending = async {
-            for (index, message) in messages.into_iter().enumerate() {
-                if !subjects.contains(&message.subject) {
-                    subjects.push(message.subject.clone());
-                }
-                let ack = js
-                    .publish_with_headers(message.subject, message.headers, message.payload)
-                    .await
-                    .map_err(|e| self.map_error(e.kind(), index, e.to_string()))?;
-                acks.push(ack.into_future());
-            }
-            Ok(())
-        };
-        match tokio::time::timeout_at(deadline, sending).await {
-            Ok(Ok(())) => {}
-            Ok(Err(error)) => return Err(PublishFailure::none(error)),
-            Err(_) => return Err(PublishFailure::none(PublishError::Timeout(self.timeout))),
-        }
-        let mut report = PublishReport::default();
-        let collecting = async {
-            for (index, ack) in acks.into_iter().enumerate() {
-                let ack = ack
-                    .await
-                    .map_err(|e| self.map_error(e.kind(), index, e.to_string()))?;
-                report.published += 1;
-                report.duplicates += usize::from(ack.duplicate);
-            }
-            Ok(())
-        };
-        let outcome = tokio::select! {
-            outcome = tokio::time::timeout_at(deadline, collecting) => outcome,
-            subject = self.health.wait_denied(&subjects, started) => Ok(Err(
-                PublishError::Refused(format!("permission denied: this NATS user may not publish to {subject:?}")),
-            )),
-        };
-        let error = match outcome {
-            Ok(Ok(())) => return Ok(report),
-            Ok(Err(error)) => error,
-            Err(_) => PublishError::Timeout(self.timeout),
-        };
-        Err(PublishFailure {
-            error,
-            acked: report.published,
-        })
-    }
-
-    async fn publish_core(
-        &self,
-        messages: Vec<Outbound>,
-        deadline: tokio::time::Instant,
-    ) -> Result<PublishReport, PublishFailure> {
-        let count = messages.len();
-        let work = async {
-            for message in messages {
-                self.client
-                    .publish_with_headers(message.subject, message.headers, message.payload)
-                    .await
-                    .map_err(|e| PublishError::Connection(e.to_string()))?;
-            }
-            self.client
-                .flush()
-                .await
-                .map_err(|e| PublishError::Connection(e.to_string()))
-        };
-        match tokio::time::timeout_at(deadline, work).await {
-            Ok(Ok(())) => Ok(PublishReport {
-                published: count,
-                duplicates: 0,
-            }),
-            Ok(Err(error)) => Err(PublishFailure::none(error)),
-            Err(_) => Err(PublishFailure::none(PublishError::Timeout(self.timeout))),
-        }
-    }
-
     fn map_error(&self, kind: PublishErrorKind, index: usize, message: String) -> PublishError {
         match kind {
             PublishErrorKind::TimedOut => PublishError::Timeout(self.timeout),
@@ -342,6 +270,86 @@ impl Publisher {
     }
 }
 
+/// Implemented on a shared publisher so each message's acknowledgement future holds one
+/// reference count rather than a copy of the client and the JetStream context.
+impl Publish for Arc<Publisher> {
+    fn max_payload(&self) -> usize {
+        self.client.max_payload()
+    }
+
+    fn is_ready(&self) -> bool {
+        self.not_ready_reason().is_none()
+    }
+
+    fn timeout(&self) -> Duration {
+        self.timeout
+    }
+
+    fn confirms_each(&self) -> bool {
+        self.jetstream.is_some()
+    }
+
+    async fn send(&self, message: Outbound, index: usize) -> Result<AckFuture, PublishError> {
+        match &self.jetstream {
+            Some(js) => {
+                // The server answers a denied publish with an error event, never with an
+                // ack: each acknowledgement also watches for a denial of its subject.
+                let since = std::time::Instant::now();
+                let subject = message.subject.clone();
+                let ack = js
+                    .publish_with_headers(message.subject, message.headers, message.payload)
+                    .await
+                    .map_err(|e| self.map_error(e.kind(), index, e.to_string()))?
+                    .into_future();
+                let publisher = Arc::clone(self);
+                Ok(Box::pin(async move {
+                    let subjects = [subject];
+                    tokio::select! {
+                        biased;
+                        ack = ack => ack
+                            .map(|ack| Ack {
+                                duplicate: ack.duplicate,
+                            })
+                            .map_err(|e| publisher.map_error(e.kind(), index, e.to_string())),
+                        subject = publisher.health.wait_denied(&subjects, since) => {
+                            Err(PublishError::Refused(format!(
+                                "permission denied: this NATS user may not publish to {subject:?}"
+                            )))
+                        }
+                    }
+                }))
+            }
+            None => {
+                if !self.is_connected() {
+                    return Err(PublishError::NotConnected);
+                }
+                if message.wire_size() > self.client.max_payload() {
+                    return Err(PublishError::TooLarge(Oversized {
+                        index,
+                        size: Some(message.wire_size()),
+                        max: self.client.max_payload(),
+                    }));
+                }
+                self.client
+                    .publish_with_headers(message.subject, message.headers, message.payload)
+                    .await
+                    .map_err(|e| PublishError::Connection(e.to_string()))?;
+                Ok(Box::pin(std::future::ready(Ok(Ack::default()))))
+            }
+        }
+    }
+
+    async fn settle(&self) -> Result<(), PublishError> {
+        if self.jetstream.is_some() {
+            return Ok(());
+        }
+        self.client
+            .flush()
+            .await
+            .map_err(|e| PublishError::Connection(e.to_string()))
+    }
+}
+
 /// One message to publish (and, when NATS cannot take it, to spool): subject, headers and
 /// body exactly as they go on the wire.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -365,47 +373,58 @@ impl Outbound {
     /// Names are made with `HeaderName::from_static` (no validation, no allocation) and values
     /// moved in as owned strings: building header maps by parsing `&str` names and formatting
     /// values was a seventh of the service's CPU time in a JetStream profile.
-    pub fn from_batch(batch: &OutgoingBatch) -> Vec<Outbound> {
-        batch
-            .messages
+    pub fn from_message(batch: &OutgoingBatch, m: &Outgoing) -> Outbound {
+        let mut headers = HeaderMap::new();
+        for (name, value) in batch.headers(m) {
+            let value = match value {
+                HeaderValue::Str(s) => s.to_owned(),
+                HeaderValue::Index(i) => i.to_string(),
+            };
+            headers.insert(HeaderName::from_static(name), value);
+        }
+        Outbound {
+            subject: m.subject.clone(),
+            headers,
+            payload: m.payload.clone(),
+        }
+    }
+
+    /// The size NATS counts against `max_payload`: serialised headers plus payload.
+    pub fn wire_size(&self) -> usize {
+        let headers: usize = self
+            .headers
             .iter()
-            .map(|m| {
-                let mut headers = HeaderMap::new();
-                for (name, value) in batch.headers(m) {
-                    let value = match value {
-                        HeaderValue::Str(s) => s.to_owned(),
-                        HeaderValue::Index(i) => i.to_string(),
-                    };
-                    headers.insert(HeaderName::from_static(name), value);
-                }
-                Outbound {
-                    subject: m.subject.clone(),
-                    headers,
-                    payload: m.payload.clone(),
-                }
+            .map(|(name, values)| {
+                values
+                    .iter()
+                    .map(|v| AsRef::<str>::as_ref(name).len() + 2 + v.as_str().len() + 2)
+                    .sum::<usize>()
             })
-            .collect()
+            .sum();
+        "NATS/1.0\r\n".len() + headers + 2 + self.payload.len()
     }
 }
 
 impl NatsMessage {
-    /// The messages of a webhook batch from position `start` on (to spool what NATS did not
-    /// acknowledge).
-    pub fn from_batch(batch: &OutgoingBatch, start: usize) -> Vec<NatsMessage> {
-        batch
-            .messages
+    /// One message of a webhook batch.
+    pub fn from_message(batch: &OutgoingBatch, m: &Outgoing) -> NatsMessage {
+        NatsMessage {
+            subject: m.subject.clone(),
+            headers: batch
+                .headers(m)
+                .iter()
+                .map(|(name, value)| ((*name).to_owned(), value.to_string()))
+                .collect(),
+            payload: m.payload.clone(),
+        }
+    }
+
+    /// The value of header `name`, if present.
+    pub fn header(&self, name: &str) -> Option<&str> {
+        self.headers
             .iter()
-            .skip(start)
-            .map(|m| NatsMessage {
-                subject: m.subject.clone(),
-                headers: batch
-                    .headers(m)
-                    .iter()
-                    .map(|(name, value)| ((*name).to_owned(), value.to_string()))
-                    .collect(),
-                payload: m.payload.clone(),
-            })
-            .collect()
+            .find(|(n, _)| n.eq_ignore_ascii_case(name))
+            .map(|(_, v)| v.as_str())
     }
 
     /// The message as handed to the client.
@@ -422,16 +441,210 @@ impl NatsMessage {
     }
 }
 
-/// A batch that is not (entirely) on the bus.
-#[derive(Debug)]
-pub struct PublishFailure {
-    pub error: PublishError,
-    /// How many leading messages were acknowledged before the failure.
-    pub acked: usize,
-}
+/// An in-memory [`Publish`] whose behaviour a test scripts message by message, with
+/// JetStream's de-duplication by `Nats-Msg-Id`.
+#[cfg(test)]
+pub(crate) mod fake {
+    use std::collections::{HashSet, VecDeque};
+    use std::sync::{Arc, Mutex};
+    use std::time::Duration;
 
-impl PublishFailure {
-    fn none(error: PublishError) -> Self {
-        PublishFailure { error, acked: 0 }
+    use super::{Ack, AckFuture, Oversized, Publish, PublishError};
+    use crate::publish::Outbound;
+
+    /// What happens to one sent message.
+    #[derive(Debug, Clone, Copy)]
+    pub enum Step {
+        /// Stored and acknowledged at once.
+        Ack,
+        /// Stored and acknowledged after a while.
+        AckAfter(Duration),
+        /// Refused for good (as a permission error is).
+        Refuse,
+        /// Never acknowledged (NATS frozen).
+        Hang,
+        /// The send fails: no connection, and not ready from now on.
+        Disconnect,
+        /// The send fails with a temporary error; readiness is unchanged.
+        Fail,
+    }
+
+    #[derive(Debug)]
+    struct State {
+        script: VecDeque<Step>,
+        default: Step,
+        ready: bool,
+        max_payload: usize,
+        timeout: Duration,
+        /// `Cmc-Batch-Id:Cmc-Batch-Index` of each stored message, in the order stored.
+        stored: Vec<String>,
+        ids: HashSet<String>,
+        duplicates: usize,
+        sent: usize,
+        outstanding: usize,
+        max_outstanding: usize,
+        send_times: Vec<std::time::Instant>,
+    }
+
+    #[derive(Debug, Clone)]
+    pub struct FakePublisher(Arc<Mutex<State>>);
+
+    impl FakePublisher {
+        pub fn new(timeout: Duration) -> FakePublisher {
+            FakePublisher(Arc::new(Mutex::new(State {
+                script: VecDeque::new(),
+                default: Step::Ack,
+                ready: true,
+                max_payload: 1 << 20,
+                timeout,
+                stored: Vec::new(),
+                ids: HashSet::new(),
+                duplicates: 0,
+                sent: 0,
+                outstanding: 0,
+                max_outstanding: 0,
+                send_times: Vec::new(),
+            })))
+        }
+
+        fn state(&self) -> std::sync::MutexGuard<'_, State> {
+            self.0.lock().unwrap()
+        }
+
+        /// The next sends behave as `steps`, then as the default.
+        pub fn script(&self, steps: impl IntoIterator<Item = Step>) {
+            self.state().script.extend(steps);
+        }
+
+        pub fn set_default(&self, step: Step) {
+            self.state().default = step;
+        }
+
+        pub fn set_ready(&self, ready: bool) {
+            self.state().ready = ready;
+        }
+
+        pub fn set_max_payload(&self, max: usize) {
+            self.state().max_payload = max;
+        }
+
+        pub fn stored(&self) -> Vec<String> {
+            self.state().stored.clone()
+        }
+
+        pub fn duplicates(&self) -> usize {
+            self.state().duplicates
+        }
+
+        pub fn sent(&self) -> usize {
+            self.state().sent
+        }
+
+        pub fn max_outstanding(&self) -> usize {
+            self.state().max_outstanding
+        }
+
+        pub fn send_times(&self) -> Vec<std::time::Instant> {
+            self.state().send_times.clone()
+        }
+
+        /// Stores the message (once per id); whether it was a duplicate.
+        fn store(&self, id: String, label: String) -> bool {
+            let mut s = self.state();
+            if s.ids.insert(id) {
+                s.stored.push(label);
+                false
+            } else {
+                s.duplicates += 1;
+                true
+            }
+        }
+    }
+
+    fn header(m: &Outbound, name: &str) -> String {
+        m.headers
+            .get(name)
+            .map(|v| v.as_str().to_owned())
+            .unwrap_or_default()
+    }
+
+    impl Publish for FakePublisher {
+        fn max_payload(&self) -> usize {
+            self.state().max_payload
+        }
+
+        fn is_ready(&self) -> bool {
+            self.state().ready
+        }
+
+        fn timeout(&self) -> Duration {
+            self.state().timeout
+        }
+
+        fn confirms_each(&self) -> bool {
+            true
+        }
+
+        async fn send(&self, message: Outbound, index: usize) -> Result<AckFuture, PublishError> {
+            let id = header(&message, "Nats-Msg-Id");
+            let label = format!(
+                "{}:{}",
+                header(&message, "Cmc-Batch-Id"),
+                header(&message, "Cmc-Batch-Index")
+            );
+            let step = {
+                let mut s = self.state();
+                s.sent += 1;
+                s.send_times.push(std::time::Instant::now());
+                if !s.ready {
+                    return Err(PublishError::NotConnected);
+                }
+                let size = message.wire_size();
+                if size > s.max_payload {
+                    return Err(PublishError::TooLarge(Oversized {
+                        index,
+                        size: Some(size),
+                        max: s.max_payload,
+                    }));
+                }
+                let default = s.default;
+                s.script.pop_front().unwrap_or(default)
+            };
+            // Give other tasks a turn, as a real socket write would.
+            tokio::task::yield_now().await;
+            match step {
+                Step::Ack => {
+                    let duplicate = self.store(id, label);
+                    Ok(Box::pin(async move { Ok(Ack { duplicate }) }))
+                }
+                Step::AckAfter(delay) => {
+                    let this = self.clone();
+                    {
+                        let mut s = self.state();
+                        s.outstanding += 1;
+                        s.max_outstanding = s.max_outstanding.max(s.outstanding);
+                    }
+                    Ok(Box::pin(async move {
+                        tokio::time::sleep(delay).await;
+                        this.state().outstanding -= 1;
+                        let duplicate = this.store(id, label);
+                        Ok(Ack { duplicate })
+                    }))
+                }
+                Step::Refuse => Ok(Box::pin(async {
+                    Err(PublishError::Refused("permissions violation (fake)".into()))
+                })),
+                Step::Hang => Ok(Box::pin(std::future::pending())),
+                Step::Disconnect => {
+                    self.state().ready = false;
+                    Err(PublishError::NotConnected)
+                }
+                Step::Fail => Err(PublishError::Connection("connection reset (fake)".into())),
+            }
+        }
+
+        async fn settle(&self) -> Result<(), PublishError> {
+            Ok(())
+        }
     }
 }

@@ -1,21 +1,33 @@
 //! The durable local spool: messages NATS could not take in time are appended here (and
-//! fsynced) before the request is answered `200`, then published in arrival order by
-//! [`drain`] once NATS is back.
+//! fsynced) before the request is answered `200`, then published in arrival order by the
+//! drainer (`deliver.rs`) once NATS is back.
+//!
+//! One [`Spool`] per directory and process: [`Spool::open`] takes an exclusive lock on
+//! `<spool.dir>/lock` (held until the process ends), so a second service or a
+//! `cmc-forwarder spool drain` can never work on a spool in use. The spool is owned by one
+//! writer thread ([`SpoolHandle::start`]) that does group commit: every append waiting on its
+//! channel is written with one `write_all` and made durable with one `sync_data`, then all of
+//! them are answered. Requests never hold a lock or a thread of their own across an fsync.
 //!
 //! # On-disk format
 //!
-//! `spool.dir` holds segment files `<20-digit id>.seg` and one `cursor` file.
+//! `spool.dir` holds segment files `<20-digit id>.seg`, one `cursor` file, the `lock` file and
+//! the `quarantine/` directory.
 //!
-//! - A segment is a sequence of records: `b"CMCS"`, payload length (u32 LE), CRC-32 of the
-//!   payload (u32 LE), payload. The payload is the message: subject (u16 LE length + bytes),
-//!   header count (u16 LE), each header as name (u16 length + bytes) and value (u16 length +
-//!   bytes), then the body (u32 LE length + bytes). Headers include `Nats-Msg-Id`, so a
-//!   message published twice (e.g. after a crash between publish and cursor update) is
-//!   stored once by JetStream.
+//! - A segment is a sequence of records: magic (`b"CMC2"`; `b"CMCS"` for records written by
+//!   earlier versions, which have no time stamp), payload length (u32 LE), CRC-32 of the
+//!   payload (u32 LE), payload. The payload is (`CMC2` only) the time it was spooled in ms
+//!   since the Unix epoch (u64 LE), then the message: subject (u16 LE length + bytes), header
+//!   count (u16 LE), each header as name (u16 length + bytes) and value (u16 length + bytes),
+//!   then the body (u32 LE length + bytes). Headers include `Nats-Msg-Id`, so a message
+//!   published twice (e.g. after a crash between publish and cursor update) is stored once
+//!   by JetStream.
 //! - `cursor` holds `<segment id> <byte offset>`: the first record not yet acknowledged.
 //!   It is replaced atomically (write, fsync, rename) after each acknowledged run.
 //! - A new segment is started at every start-up and after 64 MiB. Consumed segments are
 //!   deleted.
+//! - `quarantine/` holds the messages NATS refused permanently: `<name>.rec` (the record as it
+//!   was in the segment) and `<name>.json` (subject, message id, reason, time).
 //!
 //! A crash can tear the last record of the segment being written: at start-up every segment
 //! is scanned, and a record with a short header, a length past the end of the file or a wrong
@@ -27,20 +39,25 @@ use std::fs::{self, File, OpenOptions};
 use std::io::{self, Read, Seek, SeekFrom, Write};
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicU64, Ordering};
-use std::sync::Mutex;
+use std::sync::{mpsc, Arc};
+use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 use bytes::Bytes;
+use serde::{Deserialize, Serialize};
 use thiserror::Error;
-use tokio::sync::Notify;
+use tokio::sync::{oneshot, Notify};
 
 use crate::publish::NatsMessage;
 
-const MAGIC: &[u8; 4] = b"CMCS";
+const MAGIC_V1: &[u8; 4] = b"CMCS";
+const MAGIC: &[u8; 4] = b"CMC2";
 const RECORD_HEADER: usize = 12;
 const SEGMENT_MAX: u64 = 64 * 1024 * 1024;
 const CURSOR: &str = "cursor";
+const LOCK: &str = "lock";
+const QUARANTINE: &str = "quarantine";
 
-/// Why a batch could not be spooled.
+/// Why a batch could not be spooled, or the spool could not be used.
 #[derive(Debug, Error)]
 pub enum SpoolError {
     #[error("the spool is full (spool.max_bytes = {0})")]
@@ -49,6 +66,10 @@ pub enum SpoolError {
     Io(#[from] io::Error),
     #[error("a spooled message field is too long to encode")]
     TooLong,
+    #[error("the spool in {0} is in use by another process (a running service or a spool drain); stop it first")]
+    Locked(PathBuf),
+    #[error("the spool writer has stopped")]
+    Stopped,
 }
 
 /// A position in the spool: segment id and byte offset.
@@ -63,6 +84,8 @@ pub struct Position {
 pub struct ReadBatch {
     pub messages: Vec<NatsMessage>,
     ends: Vec<(Position, u64)>,
+    /// Each message's record as it is on disk (kept for the quarantine).
+    records: Vec<Vec<u8>>,
 }
 
 impl ReadBatch {
@@ -74,6 +97,47 @@ impl ReadBatch {
     }
 }
 
+/// Counts shared between the writer thread and everyone who asks how full the spool is.
+#[derive(Debug, Default)]
+pub struct SpoolStats {
+    /// Unacknowledged messages and their encoded bytes.
+    messages: AtomicU64,
+    bytes: AtomicU64,
+    /// Appends handed to the writer and not yet finished: while any is pending, the spool
+    /// counts as non-empty, so a later batch can never overtake one on its way to the disk.
+    queued: AtomicU64,
+    /// Messages in the quarantine.
+    quarantined: AtomicU64,
+}
+
+impl SpoolStats {
+    /// Messages waiting to be published.
+    pub fn messages(&self) -> u64 {
+        self.messages.load(Ordering::SeqCst)
+    }
+
+    /// Encoded bytes waiting to be published.
+    pub fn bytes(&self) -> u64 {
+        self.bytes.load(Ordering::SeqCst)
+    }
+
+    /// Nothing waits to be published and nothing is on its way to the spool.
+    pub fn is_empty(&self) -> bool {
+        self.queued.load(Ordering::SeqCst) == 0 && self.messages() == 0
+    }
+
+    /// Messages moved to the quarantine (in the directory, this run's and earlier ones).
+    pub fn quarantined(&self) -> u64 {
+        self.quarantined.load(Ordering::SeqCst)
+    }
+}
+
+/// Something the writer thread encodes into records: the messages of one batch.
+pub trait Records: Send + 'static {
+    /// Appends the records to `out` (time stamp `at_ms`), returning how many.
+    fn encode(&self, out: &mut Vec<u8>, at_ms: u64) -> Result<u64, SpoolError>;
+}
+
 #[derive(Debug)]
 struct Segment {
     id: u64,
@@ -81,44 +145,65 @@ struct Segment {
     size: u64,
 }
 
+/// The spool of one directory, owned by one process (and, in it, by the writer thread).
 #[derive(Debug)]
-struct Inner {
+pub struct Spool {
+    dir: PathBuf,
+    max_bytes: u64,
     segments: VecDeque<Segment>,
     /// The segment being appended to (always the last of `segments`), when open.
     writer: Option<File>,
     next_id: u64,
     cursor: Position,
-}
-
-/// The spool of one process.
-#[derive(Debug)]
-pub struct Spool {
-    dir: PathBuf,
-    max_bytes: u64,
-    inner: Mutex<Inner>,
-    /// Unacknowledged messages and their encoded bytes (for `max_bytes`, metrics, `is_empty`).
-    messages: AtomicU64,
-    bytes: AtomicU64,
-    /// Wakes the drainer when something is appended.
-    pub(crate) appended: Notify,
+    /// The cursor in memory is ahead of the file (its last write failed).
+    cursor_dirty: bool,
+    stats: Arc<SpoolStats>,
+    /// Held for the life of the spool: the exclusive lock on `<dir>/lock`.
+    _lock: File,
 }
 
 fn segment_path(dir: &Path, id: u64) -> PathBuf {
     dir.join(format!("{id:020}.seg"))
 }
 
+fn now_ms() -> u64 {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map_or(0, |d| d.as_millis() as u64)
+}
+
+fn lock_dir(dir: &Path) -> Result<File, SpoolError> {
+    let file = OpenOptions::new()
+        .create(true)
+        .truncate(false)
+        .write(true)
+        .open(dir.join(LOCK))?;
+    match file.try_lock() {
+        Ok(()) => Ok(file),
+        Err(fs::TryLockError::WouldBlock) => Err(SpoolError::Locked(dir.to_owned())),
+        Err(fs::TryLockError::Error(e)) => Err(e.into()),
+    }
+}
+
+fn segment_ids(dir: &Path) -> io::Result<Vec<u64>> {
+    let mut ids: Vec<u64> = fs::read_dir(dir)?
+        .filter_map(|e| e.ok())
+        .filter_map(|e| {
+            let name = e.file_name().into_string().ok()?;
+            name.strip_suffix(".seg")?.parse().ok()
+        })
+        .collect();
+    ids.sort_unstable();
+    Ok(ids)
+}
+
 impl Spool {
-    /// Opens (or creates) the spool in `dir`, scanning what a previous run left.
+    /// Opens (or creates) the spool in `dir`, taking its lock and scanning what a previous
+    /// run left.
     pub fn open(dir: &Path, max_bytes: u64) -> Result<Spool, SpoolError> {
         fs::create_dir_all(dir)?;
-        let mut ids: Vec<u64> = fs::read_dir(dir)?
-            .filter_map(|e| e.ok())
-            .filter_map(|e| {
-                let name = e.file_name().into_string().ok()?;
-                name.strip_suffix(".seg")?.parse().ok()
-            })
-            .collect();
-        ids.sort_unstable();
+        let lock = lock_dir(dir)?;
+        let ids = segment_ids(dir)?;
         let cursor = read_cursor(dir)?.unwrap_or(Position {
             segment: ids.first().copied().unwrap_or(0),
             offset: 0,
@@ -144,10 +229,10 @@ impl Spool {
                     .open(&path)?
                     .set_len(scan.valid_len)?;
             }
-            for (end, size) in scan.records {
-                if id > cursor.segment || end > cursor.offset {
+            for record in scan.records {
+                if id > cursor.segment || record.end > cursor.offset {
                     messages += 1;
-                    bytes += size;
+                    bytes += record.size;
                 }
             }
             segments.push_back(Segment {
@@ -156,105 +241,118 @@ impl Spool {
             });
         }
         let next_id = segments.back().map_or(cursor.segment.max(1), |s| s.id + 1);
+        let stats = Arc::new(SpoolStats::default());
+        stats.messages.store(messages, Ordering::SeqCst);
+        stats.bytes.store(bytes, Ordering::SeqCst);
+        stats
+            .quarantined
+            .store(quarantine_entries(dir)?.len() as u64, Ordering::SeqCst);
         Ok(Spool {
             dir: dir.to_owned(),
             max_bytes,
-            inner: Mutex::new(Inner {
-                segments,
-                writer: None,
-                next_id,
-                cursor,
-            }),
-            messages: AtomicU64::new(messages),
-            bytes: AtomicU64::new(bytes),
-            appended: Notify::new(),
+            segments,
+            writer: None,
+            next_id,
+            cursor,
+            cursor_dirty: false,
+            stats,
+            _lock: lock,
         })
     }
 
-    pub fn is_empty(&self) -> bool {
-        self.messages.load(Ordering::Acquire) == 0
+    /// The counts, shared.
+    pub fn stats(&self) -> Arc<SpoolStats> {
+        self.stats.clone()
     }
 
-    /// Messages waiting to be published.
-    pub fn len(&self) -> u64 {
-        self.messages.load(Ordering::Acquire)
+    /// Appends one batch's encoded records durably (one write, one fsync); all or nothing.
+    pub fn append(&mut self, records: Vec<u8>, count: u64) -> Result<(), SpoolError> {
+        self.append_group(vec![(records, count)])
+            .pop()
+            .unwrap_or(Ok(()))
     }
 
-    /// Encoded bytes waiting to be published.
-    pub fn bytes(&self) -> u64 {
-        self.bytes.load(Ordering::Acquire)
-    }
-
-    fn lock(&self) -> std::sync::MutexGuard<'_, Inner> {
-        self.inner.lock().unwrap_or_else(|e| e.into_inner())
-    }
-
-    /// Appends `messages` durably (fsync) as one write; all or nothing.
-    pub fn append(&self, messages: &[NatsMessage]) -> Result<(), SpoolError> {
-        if messages.is_empty() {
-            return Ok(());
-        }
+    /// Appends several batches with one write and one `sync_data`; each gets its own answer
+    /// (a batch that does not fit in `max_bytes` is refused, the others are written).
+    pub fn append_group(&mut self, group: Vec<(Vec<u8>, u64)>) -> Vec<Result<(), SpoolError>> {
+        let mut answers = Vec::with_capacity(group.len());
         let mut buf = Vec::new();
-        for m in messages {
-            encode_record(&mut buf, m)?;
+        let (mut size, mut count) = (0u64, 0u64);
+        let mut accepted = Vec::with_capacity(group.len());
+        for (records, n) in group {
+            let len = records.len() as u64;
+            if self.stats.bytes() + size + len > self.max_bytes {
+                answers.push(Some(Err(SpoolError::Full(self.max_bytes))));
+                continue;
+            }
+            if buf.is_empty() {
+                buf = records;
+            } else {
+                buf.extend_from_slice(&records);
+            }
+            size += len;
+            count += n;
+            accepted.push(answers.len());
+            answers.push(None);
         }
-        let size = buf.len() as u64;
-        let mut inner = self.lock();
-        if self.bytes.load(Ordering::Acquire) + size > self.max_bytes {
-            return Err(SpoolError::Full(self.max_bytes));
+        if size > 0 {
+            let written = self.write_durably(&buf);
+            if written.is_ok() {
+                self.stats.messages.fetch_add(count, Ordering::SeqCst);
+                self.stats.bytes.fetch_add(size, Ordering::SeqCst);
+            }
+            for i in accepted {
+                answers[i] = Some(match &written {
+                    Ok(()) => Ok(()),
+                    Err(e) => Err(SpoolError::Io(io::Error::new(e.kind(), e.to_string()))),
+                });
+            }
         }
-        let needs_new = match (&inner.writer, inner.segments.back()) {
+        answers.into_iter().map(|a| a.unwrap_or(Ok(()))).collect()
+    }
+
+    fn write_durably(&mut self, buf: &[u8]) -> io::Result<()> {
+        let needs_new = match (&self.writer, self.segments.back()) {
             (Some(_), Some(last)) => last.size >= SEGMENT_MAX,
             _ => true,
         };
         if needs_new {
-            let id = inner.next_id;
-            inner.next_id += 1;
+            let id = self.next_id;
+            self.next_id += 1;
             let file = OpenOptions::new()
                 .create_new(true)
                 .append(true)
                 .open(segment_path(&self.dir, id))?;
             sync_dir(&self.dir)?;
-            inner.writer = Some(file);
-            inner.segments.push_back(Segment { id, size: 0 });
+            self.writer = Some(file);
+            self.segments.push_back(Segment { id, size: 0 });
         }
-        let writer = inner.writer.as_mut().expect("writer opened above");
-        let result = writer.write_all(&buf).and_then(|()| writer.sync_data());
-        if let Err(e) = result {
+        let writer = self.writer.as_mut().expect("writer opened above");
+        if let Err(e) = writer.write_all(buf).and_then(|()| writer.sync_data()) {
             // The tail may hold part of this write: start a fresh segment next time, and
             // cut this one back to its last complete record.
-            inner.writer = None;
-            if let Some(last) = inner.segments.back() {
+            self.writer = None;
+            if let Some(last) = self.segments.back() {
                 let _ = OpenOptions::new()
                     .write(true)
                     .open(segment_path(&self.dir, last.id))
                     .and_then(|f| f.set_len(last.size));
             }
-            return Err(e.into());
+            return Err(e);
         }
-        inner.segments.back_mut().expect("segment exists").size += size;
-        self.messages
-            .fetch_add(messages.len() as u64, Ordering::AcqRel);
-        self.bytes.fetch_add(size, Ordering::AcqRel);
-        drop(inner);
-        self.appended.notify_one();
+        self.segments.back_mut().expect("segment exists").size += buf.len() as u64;
         Ok(())
     }
 
     /// Reads up to `max` messages from the cursor on, in order.
-    pub fn read(&self, max: usize) -> Result<ReadBatch, SpoolError> {
-        let (mut position, segments): (Position, Vec<(u64, u64)>) = {
-            let inner = self.lock();
-            let segments = inner
-                .segments
-                .iter()
-                .filter(|s| s.id >= inner.cursor.segment)
-                .map(|s| (s.id, s.size))
-                .collect();
-            (inner.cursor, segments)
-        };
+    pub fn read(&mut self, max: usize) -> Result<ReadBatch, SpoolError> {
+        let mut position = self.cursor;
         let mut batch = ReadBatch::default();
-        for (id, size) in segments {
+        for segment in &self.segments {
+            let (id, size) = (segment.id, segment.size);
+            if id < position.segment {
+                continue;
+            }
             if batch.messages.len() >= max {
                 break;
             }
@@ -271,53 +369,393 @@ impl Spool {
             file.seek(SeekFrom::Start(position.offset))?;
             let mut reader = io::BufReader::new(file.take(size - position.offset));
             while batch.messages.len() < max && position.offset < size {
-                let (message, len) = read_record(&mut reader)?;
+                let (message, record) = read_record(&mut reader)?;
+                let len = record.len() as u64;
                 position.offset += len;
                 batch.messages.push(message);
                 batch.ends.push((position, len));
+                batch.records.push(record);
             }
         }
         Ok(batch)
     }
 
-    /// Marks the first `n` messages of `batch` as published.
-    pub fn commit(&self, batch: &ReadBatch, n: usize) -> Result<(), SpoolError> {
-        let Some((end, bytes)) = batch.end_of(n) else {
+    /// Marks the first `n` messages of `batch` as published (and, with `n = 0`, retries
+    /// writing a cursor whose last write failed).
+    ///
+    /// The cursor in memory moves even when its file cannot be written, so the drainer never
+    /// publishes the same messages again in this run; the file is written again at the next
+    /// commit, and until then no segment is deleted.
+    pub fn commit(&mut self, batch: &ReadBatch, n: usize) -> Result<(), SpoolError> {
+        if let Some((end, bytes)) = batch.end_of(n) {
+            self.advance(end, n as u64, bytes);
+        }
+        self.persist_cursor()
+    }
+
+    fn advance(&mut self, end: Position, n: u64, bytes: u64) {
+        if end <= self.cursor {
+            return;
+        }
+        self.cursor = end;
+        self.cursor_dirty = true;
+        self.stats.messages.fetch_sub(n, Ordering::SeqCst);
+        self.stats.bytes.fetch_sub(bytes, Ordering::SeqCst);
+    }
+
+    fn persist_cursor(&mut self) -> Result<(), SpoolError> {
+        if !self.cursor_dirty {
             return Ok(());
-        };
-        let mut inner = self.lock();
-        write_cursor(&self.dir, end)?;
-        inner.cursor = end;
-        self.messages.fetch_sub(n as u64, Ordering::AcqRel);
-        self.bytes.fetch_sub(bytes, Ordering::AcqRel);
+        }
+        write_cursor(&self.dir, self.cursor)?;
+        self.cursor_dirty = false;
         // Delete segments that are wholly consumed; the active one only when it is drained.
-        while let Some(&Segment { id, size }) = inner.segments.front() {
-            let consumed = id < inner.cursor.segment
-                || (id == inner.cursor.segment && inner.cursor.offset >= size);
+        while let Some(&Segment { id, size }) = self.segments.front() {
+            let consumed = id < self.cursor.segment
+                || (id == self.cursor.segment && self.cursor.offset >= size);
             if !consumed {
                 break;
             }
-            if inner.segments.len() == 1 {
-                inner.writer = None;
+            if self.segments.len() == 1 {
+                self.writer = None;
             }
-            inner.segments.pop_front();
+            self.segments.pop_front();
             fs::remove_file(segment_path(&self.dir, id))?;
-            if let Some(next) = inner.segments.front() {
-                if inner.cursor.segment < next.id {
-                    inner.cursor = Position {
-                        segment: next.id,
-                        offset: 0,
-                    };
-                }
-            } else {
-                inner.cursor = Position {
-                    segment: inner.next_id,
+            self.cursor = match self.segments.front() {
+                Some(next) if self.cursor.segment < next.id => Position {
+                    segment: next.id,
                     offset: 0,
-                };
-            }
-            write_cursor(&self.dir, inner.cursor)?;
+                },
+                Some(_) => self.cursor,
+                None => Position {
+                    segment: self.next_id,
+                    offset: 0,
+                },
+            };
+            write_cursor(&self.dir, self.cursor)?;
         }
         Ok(())
+    }
+
+    /// Moves message `index` of `batch` (NATS refused it for good) to the quarantine with
+    /// `reason`, durably, and past it the cursor, which must stand just before it.
+    pub fn quarantine(
+        &mut self,
+        batch: &ReadBatch,
+        index: usize,
+        reason: &str,
+    ) -> Result<(), SpoolError> {
+        let (Some(message), Some(record), Some(&(end, len))) = (
+            batch.messages.get(index),
+            batch.records.get(index),
+            batch.ends.get(index),
+        ) else {
+            return Ok(());
+        };
+        let dir = self.dir.join(QUARANTINE);
+        fs::create_dir_all(&dir)?;
+        let at = now_ms();
+        let name = format!("{at:020}-{:010}-{:010}", end.segment, end.offset);
+        let entry = QuarantineEntry {
+            subject: message.subject.clone(),
+            msg_id: message.header("Nats-Msg-Id").unwrap_or("").to_owned(),
+            reason: reason.to_owned(),
+            quarantined_at_ms: at,
+            bytes: len,
+        };
+        write_synced(&dir.join(format!("{name}.rec")), record)?;
+        let json = serde_json::to_vec_pretty(&entry).map_err(io::Error::other)?;
+        write_synced(&dir.join(format!("{name}.json")), &json)?;
+        sync_dir(&dir)?;
+        self.stats.quarantined.fetch_add(1, Ordering::SeqCst);
+        self.advance(end, 1, len);
+        self.persist_cursor()
+    }
+}
+
+fn write_synced(path: &Path, data: &[u8]) -> io::Result<()> {
+    let mut file = File::create(path)?;
+    file.write_all(data)?;
+    file.sync_all()
+}
+
+/// One quarantined message, as described in its `.json` file.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq)]
+pub struct QuarantineEntry {
+    pub subject: String,
+    pub msg_id: String,
+    pub reason: String,
+    pub quarantined_at_ms: u64,
+    /// Size of its record.
+    pub bytes: u64,
+}
+
+fn quarantine_entries(dir: &Path) -> io::Result<Vec<QuarantineEntry>> {
+    let dir = dir.join(QUARANTINE);
+    let mut files: Vec<PathBuf> = match fs::read_dir(&dir) {
+        Ok(entries) => entries
+            .filter_map(|e| e.ok().map(|e| e.path()))
+            .filter(|p| p.extension() == Some("json".as_ref()))
+            .collect(),
+        Err(e) if e.kind() == io::ErrorKind::NotFound => return Ok(Vec::new()),
+        Err(e) => return Err(e),
+    };
+    files.sort();
+    Ok(files
+        .iter()
+        .filter_map(|p| serde_json::from_slice(&fs::read(p).ok()?).ok())
+        .collect())
+}
+
+/// What `cmc-forwarder spool status` shows: read without taking the lock or changing a byte,
+/// so it works beside a running service.
+#[derive(Debug, Clone, Serialize)]
+pub struct SpoolStatus {
+    pub dir: PathBuf,
+    /// A process (service or drain) holds the spool's lock.
+    pub in_use: bool,
+    pub messages: u64,
+    pub bytes: u64,
+    /// Age of the oldest waiting record, in seconds (records of earlier versions carry no
+    /// time; the age is then unknown).
+    pub oldest_age_seconds: Option<f64>,
+    pub quarantined: Vec<QuarantineEntry>,
+}
+
+/// Reads the state of the spool in `dir` (which need not exist).
+pub fn status(dir: &Path) -> Result<SpoolStatus, SpoolError> {
+    let mut status = SpoolStatus {
+        dir: dir.to_owned(),
+        in_use: false,
+        messages: 0,
+        bytes: 0,
+        oldest_age_seconds: None,
+        quarantined: Vec::new(),
+    };
+    if !dir.exists() {
+        return Ok(status);
+    }
+    status.in_use = match File::open(dir.join(LOCK)) {
+        Ok(file) => match file.try_lock_shared() {
+            Ok(()) => false,
+            Err(fs::TryLockError::WouldBlock) => true,
+            Err(fs::TryLockError::Error(e)) => return Err(e.into()),
+        },
+        Err(_) => false,
+    };
+    let ids = segment_ids(dir)?;
+    let cursor = read_cursor(dir)?.unwrap_or(Position {
+        segment: ids.first().copied().unwrap_or(0),
+        offset: 0,
+    });
+    let mut oldest: Option<u64> = None;
+    for id in ids.into_iter().filter(|&id| id >= cursor.segment) {
+        for record in scan_segment(&segment_path(dir, id))?.records {
+            if id > cursor.segment || record.end > cursor.offset {
+                status.messages += 1;
+                status.bytes += record.size;
+                if oldest.is_none() {
+                    oldest = record.at_ms;
+                }
+            }
+        }
+    }
+    status.oldest_age_seconds = oldest.map(|at| now_ms().saturating_sub(at) as f64 / 1000.0);
+    status.quarantined = quarantine_entries(dir)?;
+    Ok(status)
+}
+
+enum Op {
+    Append {
+        records: Box<dyn Records>,
+        reply: oneshot::Sender<Result<(), SpoolError>>,
+    },
+    Read {
+        max: usize,
+        reply: oneshot::Sender<Result<ReadBatch, SpoolError>>,
+    },
+    Commit {
+        batch: Arc<ReadBatch>,
+        n: usize,
+        reply: oneshot::Sender<Result<(), SpoolError>>,
+    },
+    Quarantine {
+        batch: Arc<ReadBatch>,
+        index: usize,
+        reason: String,
+        reply: oneshot::Sender<Result<(), SpoolError>>,
+    },
+}
+
+/// The async side of the writer thread; cheap to clone.
+#[derive(Clone)]
+pub struct SpoolHandle {
+    tx: mpsc::Sender<Op>,
+    stats: Arc<SpoolStats>,
+    /// Wakes the drainer when something is appended.
+    appended: Arc<Notify>,
+}
+
+impl SpoolHandle {
+    /// Starts the writer thread that owns `spool` from now on.
+    pub fn start(spool: Spool) -> io::Result<SpoolHandle> {
+        let (tx, rx) = mpsc::channel();
+        let stats = spool.stats();
+        let appended = Arc::new(Notify::new());
+        let notify = appended.clone();
+        std::thread::Builder::new()
+            .name("cmc-spool".into())
+            .spawn(move || writer_loop(spool, rx, notify))?;
+        Ok(SpoolHandle {
+            tx,
+            stats,
+            appended,
+        })
+    }
+
+    pub fn stats(&self) -> &SpoolStats {
+        &self.stats
+    }
+
+    /// Hands `records` to the writer; from this call on the spool counts as non-empty. The
+    /// answer comes once they are durable (or refused).
+    pub fn begin_append(
+        &self,
+        records: Box<dyn Records>,
+    ) -> oneshot::Receiver<Result<(), SpoolError>> {
+        let (reply, rx) = oneshot::channel();
+        self.stats.queued.fetch_add(1, Ordering::SeqCst);
+        if let Err(mpsc::SendError(op)) = self.tx.send(Op::Append { records, reply }) {
+            self.stats.queued.fetch_sub(1, Ordering::SeqCst);
+            if let Op::Append { reply, .. } = op {
+                let _ = reply.send(Err(SpoolError::Stopped));
+            }
+        }
+        rx
+    }
+
+    /// Waits until something is appended (or a while has passed).
+    pub async fn appended(&self) {
+        self.appended.notified().await
+    }
+
+    pub async fn read(&self, max: usize) -> Result<ReadBatch, SpoolError> {
+        self.call(|reply| Op::Read { max, reply }).await
+    }
+
+    pub async fn commit(&self, batch: Arc<ReadBatch>, n: usize) -> Result<(), SpoolError> {
+        self.call(|reply| Op::Commit { batch, n, reply }).await
+    }
+
+    pub async fn quarantine(
+        &self,
+        batch: Arc<ReadBatch>,
+        index: usize,
+        reason: String,
+    ) -> Result<(), SpoolError> {
+        self.call(|reply| Op::Quarantine {
+            batch,
+            index,
+            reason,
+            reply,
+        })
+        .await
+    }
+
+    async fn call<T>(
+        &self,
+        op: impl FnOnce(oneshot::Sender<Result<T, SpoolError>>) -> Op,
+    ) -> Result<T, SpoolError> {
+        let (reply, rx) = oneshot::channel();
+        self.tx.send(op(reply)).map_err(|_| SpoolError::Stopped)?;
+        rx.await.map_err(|_| SpoolError::Stopped)?
+    }
+}
+
+/// How long the writer waits for more appends when they arrive concurrently.
+const LINGER: Duration = Duration::from_millis(1);
+/// A group this large is written without waiting any longer.
+const GROUP_TARGET: usize = 64;
+
+fn writer_loop(mut spool: Spool, rx: mpsc::Receiver<Op>, appended: Arc<Notify>) {
+    let mut next = None;
+    let mut last_group = 0usize;
+    loop {
+        let op = match next.take() {
+            Some(op) => op,
+            None => match rx.recv() {
+                Ok(op) => op,
+                Err(_) => return,
+            },
+        };
+        match op {
+            Op::Append { records, reply } => {
+                // Group commit: everything that queued up while the last fsync ran goes
+                // into this one write.
+                let mut group = vec![(records, reply)];
+                // When the last group had company, appends are arriving concurrently: wait a
+                // moment for more (as Postgres's commit_delay does), so one fsync covers
+                // them; a lone sender never waits.
+                let linger_until = (last_group > 1).then(|| Instant::now() + LINGER);
+                loop {
+                    let received = match linger_until {
+                        Some(until) if group.len() < GROUP_TARGET => {
+                            let left = until.saturating_duration_since(Instant::now());
+                            rx.recv_timeout(left).map_err(|_| ())
+                        }
+                        _ => rx.try_recv().map_err(|_| ()),
+                    };
+                    match received {
+                        Ok(Op::Append { records, reply }) => group.push((records, reply)),
+                        Ok(other) => {
+                            next = Some(other);
+                            break;
+                        }
+                        Err(()) => break,
+                    }
+                }
+                last_group = group.len();
+                let at = now_ms();
+                let mut encoded = Vec::with_capacity(group.len());
+                let mut replies = Vec::with_capacity(group.len());
+                let mut early = Vec::new();
+                for (records, reply) in group {
+                    let mut buf = Vec::new();
+                    match records.encode(&mut buf, at) {
+                        Ok(n) => {
+                            encoded.push((buf, n));
+                            replies.push(reply);
+                        }
+                        Err(e) => early.push((reply, e)),
+                    }
+                    drop(records);
+                }
+                let answers = spool.append_group(encoded);
+                let done = (answers.len() + early.len()) as u64;
+                for (reply, answer) in replies.into_iter().zip(answers) {
+                    let _ = reply.send(answer);
+                }
+                for (reply, e) in early {
+                    let _ = reply.send(Err(e));
+                }
+                spool.stats.queued.fetch_sub(done, Ordering::SeqCst);
+                appended.notify_one();
+            }
+            Op::Read { max, reply } => {
+                let _ = reply.send(spool.read(max));
+            }
+            Op::Commit { batch, n, reply } => {
+                let _ = reply.send(spool.commit(&batch, n));
+            }
+            Op::Quarantine {
+                batch,
+                index,
+                reason,
+                reply,
+            } => {
+                let _ = reply.send(spool.quarantine(&batch, index, &reason));
+            }
+        }
     }
 }
 
@@ -352,20 +790,29 @@ fn sync_dir(dir: &Path) -> io::Result<()> {
     File::open(dir)?.sync_all()
 }
 
+struct ScannedRecord {
+    end: u64,
+    size: u64,
+    at_ms: Option<u64>,
+}
+
 struct Scan {
     file_len: u64,
     valid_len: u64,
-    /// End offset and size of each complete record.
-    records: Vec<(u64, u64)>,
+    records: Vec<ScannedRecord>,
 }
 
 fn scan_segment(path: &Path) -> io::Result<Scan> {
     let data = fs::read(path)?;
     let mut offset = 0usize;
     let mut records = Vec::new();
-    while let Some(len) = check_record(&data[offset..]) {
+    while let Some((len, at_ms)) = check_record(&data[offset..]) {
         offset += len;
-        records.push((offset as u64, len as u64));
+        records.push(ScannedRecord {
+            end: offset as u64,
+            size: len as u64,
+            at_ms,
+        });
     }
     Ok(Scan {
         file_len: data.len() as u64,
@@ -374,41 +821,78 @@ fn scan_segment(path: &Path) -> io::Result<Scan> {
     })
 }
 
-/// The length of the complete, intact record at the start of `data`, if there is one.
-fn check_record(data: &[u8]) -> Option<usize> {
-    if data.len() < RECORD_HEADER || &data[..4] != MAGIC {
+/// The length and time stamp of the complete, intact record at the start of `data`, if
+/// there is one.
+fn check_record(data: &[u8]) -> Option<(usize, Option<u64>)> {
+    if data.len() < RECORD_HEADER {
         return None;
     }
+    let versioned = match &data[..4] {
+        m if m == MAGIC => true,
+        m if m == MAGIC_V1 => false,
+        _ => return None,
+    };
     let len = u32::from_le_bytes(data[4..8].try_into().ok()?) as usize;
     let crc = u32::from_le_bytes(data[8..12].try_into().ok()?);
     let payload = data.get(RECORD_HEADER..RECORD_HEADER + len)?;
-    (crc32fast::hash(payload) == crc && decode_payload(payload).is_some())
-        .then_some(RECORD_HEADER + len)
+    if crc32fast::hash(payload) != crc {
+        return None;
+    }
+    let (at, _) = decode_payload(payload, versioned)?;
+    Some((RECORD_HEADER + len, at))
 }
 
-fn encode_record(out: &mut Vec<u8>, m: &NatsMessage) -> Result<(), SpoolError> {
+/// Appends the record of one message to `out`, stamped `at_ms`.
+pub fn encode_record<'a>(
+    out: &mut Vec<u8>,
+    subject: &str,
+    headers: impl ExactSizeIterator<Item = (&'a str, &'a str)>,
+    payload: &[u8],
+    at_ms: u64,
+) -> Result<(), SpoolError> {
     let start = out.len();
     out.extend_from_slice(MAGIC);
     out.extend_from_slice(&[0; 8]);
-    put_str16(out, &m.subject)?;
+    out.extend_from_slice(&at_ms.to_le_bytes());
+    put_str16(out, subject)?;
     out.extend_from_slice(
-        &u16::try_from(m.headers.len())
+        &u16::try_from(headers.len())
             .map_err(|_| SpoolError::TooLong)?
             .to_le_bytes(),
     );
-    for (name, value) in &m.headers {
+    for (name, value) in headers {
         put_str16(out, name)?;
         put_str16(out, value)?;
     }
-    let body_len = u32::try_from(m.payload.len()).map_err(|_| SpoolError::TooLong)?;
+    let body_len = u32::try_from(payload.len()).map_err(|_| SpoolError::TooLong)?;
     out.extend_from_slice(&body_len.to_le_bytes());
-    out.extend_from_slice(&m.payload);
-    let payload = &out[start + RECORD_HEADER..];
-    let len = u32::try_from(payload.len()).map_err(|_| SpoolError::TooLong)?;
-    let crc = crc32fast::hash(payload);
+    out.extend_from_slice(payload);
+    let record = &out[start + RECORD_HEADER..];
+    let len = u32::try_from(record.len()).map_err(|_| SpoolError::TooLong)?;
+    let crc = crc32fast::hash(record);
     out[start + 4..start + 8].copy_from_slice(&len.to_le_bytes());
     out[start + 8..start + 12].copy_from_slice(&crc.to_le_bytes());
     Ok(())
+}
+
+/// Appends the record of `m` to `out`.
+pub fn encode_message(out: &mut Vec<u8>, m: &NatsMessage, at_ms: u64) -> Result<(), SpoolError> {
+    encode_record(
+        out,
+        &m.subject,
+        m.headers.iter().map(|(n, v)| (n.as_str(), v.as_str())),
+        &m.payload,
+        at_ms,
+    )
+}
+
+impl Records for Vec<NatsMessage> {
+    fn encode(&self, out: &mut Vec<u8>, at_ms: u64) -> Result<u64, SpoolError> {
+        for m in self {
+            encode_message(out, m, at_ms)?;
+        }
+        Ok(self.len() as u64)
+    }
 }
 
 fn put_str16(out: &mut Vec<u8>, s: &str) -> Result<(), SpoolError> {
@@ -418,23 +902,26 @@ fn put_str16(out: &mut Vec<u8>, s: &str) -> Result<(), SpoolError> {
     Ok(())
 }
 
-fn read_record(reader: &mut impl Read) -> Result<(NatsMessage, u64), SpoolError> {
-    let mut header = [0u8; RECORD_HEADER];
-    reader.read_exact(&mut header)?;
-    let len = u32::from_le_bytes(header[4..8].try_into().expect("4 bytes")) as usize;
-    let mut payload = vec![0u8; len];
-    reader.read_exact(&mut payload)?;
-    let intact = &header[..4] == MAGIC
-        && crc32fast::hash(&payload)
-            == u32::from_le_bytes(header[8..12].try_into().expect("4 bytes"));
+/// Reads one record: the message and the record's bytes as stored.
+fn read_record(reader: &mut impl Read) -> Result<(NatsMessage, Vec<u8>), SpoolError> {
+    let mut record = vec![0u8; RECORD_HEADER];
+    reader.read_exact(&mut record)?;
+    let len = u32::from_le_bytes(record[4..8].try_into().expect("4 bytes")) as usize;
+    record.resize(RECORD_HEADER + len, 0);
+    reader.read_exact(&mut record[RECORD_HEADER..])?;
+    let versioned = &record[..4] == MAGIC;
+    let intact = (versioned || &record[..4] == MAGIC_V1)
+        && crc32fast::hash(&record[RECORD_HEADER..])
+            == u32::from_le_bytes(record[8..12].try_into().expect("4 bytes"));
     let message = intact
-        .then(|| decode_payload(&payload))
+        .then(|| decode_payload(&record[RECORD_HEADER..], versioned))
         .flatten()
+        .map(|(_, m)| m)
         .ok_or_else(|| io::Error::new(io::ErrorKind::InvalidData, "corrupt spool record"))?;
-    Ok((message, (RECORD_HEADER + len) as u64))
+    Ok((message, record))
 }
 
-fn decode_payload(mut p: &[u8]) -> Option<NatsMessage> {
+fn decode_payload(mut p: &[u8], versioned: bool) -> Option<(Option<u64>, NatsMessage)> {
     fn take<'a>(p: &mut &'a [u8], n: usize) -> Option<&'a [u8]> {
         let (head, rest) = (p.get(..n)?, p.get(n..)?);
         *p = rest;
@@ -444,6 +931,11 @@ fn decode_payload(mut p: &[u8]) -> Option<NatsMessage> {
         let len = u16::from_le_bytes(take(p, 2)?.try_into().ok()?) as usize;
         String::from_utf8(take(p, len)?.to_vec()).ok()
     }
+    let at = if versioned {
+        Some(u64::from_le_bytes(take(&mut p, 8)?.try_into().ok()?))
+    } else {
+        None
+    };
     let subject = str16(&mut p)?;
     let count = u16::from_le_bytes(take(&mut p, 2)?.try_into().ok()?);
     let mut headers = Vec::with_capacity(count as usize);
@@ -452,11 +944,14 @@ fn decode_payload(mut p: &[u8]) -> Option<NatsMessage> {
     }
     let body_len = u32::from_le_bytes(take(&mut p, 4)?.try_into().ok()?) as usize;
     let payload = Bytes::copy_from_slice(take(&mut p, body_len)?);
-    p.is_empty().then_some(NatsMessage {
-        subject,
-        headers,
-        payload,
-    })
+    p.is_empty().then_some((
+        at,
+        NatsMessage {
+            subject,
+            headers,
+            payload,
+        },
+    ))
 }
 
 #[cfg(test)]
@@ -474,7 +969,18 @@ mod tests {
         }
     }
 
-    fn drain_all(spool: &Spool) -> Vec<NatsMessage> {
+    fn records(messages: &[NatsMessage]) -> (Vec<u8>, u64) {
+        let mut buf = Vec::new();
+        let n = messages.to_vec().encode(&mut buf, now_ms()).unwrap();
+        (buf, n)
+    }
+
+    fn append(spool: &mut Spool, messages: &[NatsMessage]) -> Result<(), SpoolError> {
+        let (buf, n) = records(messages);
+        spool.append(buf, n)
+    }
+
+    fn drain_all(spool: &mut Spool) -> Vec<NatsMessage> {
         let mut out = Vec::new();
         loop {
             let batch = spool.read(3).unwrap();
@@ -486,99 +992,203 @@ mod tests {
         }
     }
 
+    fn segment_files(dir: &Path) -> Vec<PathBuf> {
+        let mut files: Vec<PathBuf> = fs::read_dir(dir)
+            .unwrap()
+            .map(|e| e.unwrap().path())
+            .filter(|p| p.extension() == Some("seg".as_ref()))
+            .collect();
+        files.sort();
+        files
+    }
+
     #[test]
     fn messages_come_back_in_order_across_restarts() {
         let dir = tempfile::tempdir().unwrap();
         {
-            let spool = Spool::open(dir.path(), 1 << 20).unwrap();
-            spool.append(&[message(0), message(1)]).unwrap();
-            spool.append(&[message(2)]).unwrap();
-            assert_eq!(spool.len(), 3);
+            let mut spool = Spool::open(dir.path(), 1 << 20).unwrap();
+            append(&mut spool, &[message(0), message(1)]).unwrap();
+            append(&mut spool, &[message(2)]).unwrap();
+            assert_eq!(spool.stats().messages(), 3);
             // Publish one, then "crash".
             let batch = spool.read(1).unwrap();
             assert_eq!(batch.messages, [message(0)]);
             spool.commit(&batch, 1).unwrap();
         }
-        let spool = Spool::open(dir.path(), 1 << 20).unwrap();
-        assert_eq!(spool.len(), 2);
-        spool.append(&[message(3)]).unwrap();
-        assert_eq!(drain_all(&spool), [message(1), message(2), message(3)]);
-        assert!(spool.is_empty());
-        assert_eq!(spool.bytes(), 0);
+        let mut spool = Spool::open(dir.path(), 1 << 20).unwrap();
+        assert_eq!(spool.stats().messages(), 2);
+        append(&mut spool, &[message(3)]).unwrap();
+        assert_eq!(drain_all(&mut spool), [message(1), message(2), message(3)]);
+        assert!(spool.stats().is_empty());
+        assert_eq!(spool.stats().bytes(), 0);
         // Consumed segments are deleted.
-        let segments = fs::read_dir(dir.path())
-            .unwrap()
-            .filter(|e| e.as_ref().unwrap().path().extension() == Some("seg".as_ref()))
-            .count();
-        assert_eq!(segments, 0);
+        assert!(segment_files(dir.path()).is_empty());
     }
 
     #[test]
     fn a_torn_last_record_is_dropped_not_misread() {
         let dir = tempfile::tempdir().unwrap();
         {
-            let spool = Spool::open(dir.path(), 1 << 20).unwrap();
-            spool.append(&[message(0), message(1)]).unwrap();
+            let mut spool = Spool::open(dir.path(), 1 << 20).unwrap();
+            append(&mut spool, &[message(0), message(1)]).unwrap();
         }
-        let seg = fs::read_dir(dir.path())
-            .unwrap()
-            .map(|e| e.unwrap().path())
-            .find(|p| p.extension() == Some("seg".as_ref()))
-            .unwrap();
+        let seg = segment_files(dir.path()).remove(0);
         let len = fs::metadata(&seg).unwrap().len();
         // Tear the second record: keep its header and half its payload.
         let file = OpenOptions::new().write(true).open(&seg).unwrap();
         file.set_len(len - 10).unwrap();
 
-        let spool = Spool::open(dir.path(), 1 << 20).unwrap();
-        assert_eq!(spool.len(), 1);
-        assert_eq!(drain_all(&spool), [message(0)]);
+        let mut spool = Spool::open(dir.path(), 1 << 20).unwrap();
+        assert_eq!(spool.stats().messages(), 1);
+        assert_eq!(drain_all(&mut spool), [message(0)]);
     }
 
     #[test]
     fn a_corrupt_record_ends_the_readable_part() {
         let dir = tempfile::tempdir().unwrap();
         {
-            let spool = Spool::open(dir.path(), 1 << 20).unwrap();
-            spool.append(&[message(0), message(1), message(2)]).unwrap();
+            let mut spool = Spool::open(dir.path(), 1 << 20).unwrap();
+            append(&mut spool, &[message(0), message(1), message(2)]).unwrap();
         }
-        let seg = fs::read_dir(dir.path())
-            .unwrap()
-            .map(|e| e.unwrap().path())
-            .find(|p| p.extension() == Some("seg".as_ref()))
-            .unwrap();
+        let seg = segment_files(dir.path()).remove(0);
         let mut data = fs::read(&seg).unwrap();
-        let first_len = check_record(&data).unwrap();
-        data[first_len + RECORD_HEADER + 3] ^= 0xff; // flip a byte in the second payload
+        let (first_len, _) = check_record(&data).unwrap();
+        data[first_len + RECORD_HEADER + 12] ^= 0xff; // flip a byte in the second payload
         fs::write(&seg, &data).unwrap();
 
-        let spool = Spool::open(dir.path(), 1 << 20).unwrap();
-        assert_eq!(drain_all(&spool), [message(0)]);
+        let mut spool = Spool::open(dir.path(), 1 << 20).unwrap();
+        assert_eq!(drain_all(&mut spool), [message(0)]);
+    }
+
+    #[test]
+    fn records_of_the_earlier_format_are_still_read() {
+        let dir = tempfile::tempdir().unwrap();
+        // A v1 record: "CMCS", no time stamp.
+        let (v2, _) = records(&[message(7)]);
+        let mut payload = v2[RECORD_HEADER + 8..].to_vec();
+        let mut v1 = MAGIC_V1.to_vec();
+        v1.extend_from_slice(&(payload.len() as u32).to_le_bytes());
+        v1.extend_from_slice(&crc32fast::hash(&payload).to_le_bytes());
+        v1.append(&mut payload);
+        fs::write(segment_path(dir.path(), 1), &v1).unwrap();
+        let before = status(dir.path()).unwrap();
+        assert_eq!(before.messages, 1);
+        assert_eq!(before.oldest_age_seconds, None);
+        let mut spool = Spool::open(dir.path(), 1 << 20).unwrap();
+        assert_eq!(drain_all(&mut spool), [message(7)]);
     }
 
     #[test]
     fn a_full_spool_refuses_the_whole_batch() {
         let dir = tempfile::tempdir().unwrap();
-        let spool = Spool::open(dir.path(), 200).unwrap();
-        spool.append(&[message(0)]).unwrap();
-        let before = spool.len();
+        let mut spool = Spool::open(dir.path(), 250).unwrap();
+        append(&mut spool, &[message(0)]).unwrap();
+        let before = spool.stats().messages();
         assert!(matches!(
-            spool.append(&[message(1), message(2), message(3)]),
-            Err(SpoolError::Full(200))
+            append(&mut spool, &[message(1), message(2), message(3)]),
+            Err(SpoolError::Full(250))
         ));
-        assert_eq!(spool.len(), before);
+        assert_eq!(spool.stats().messages(), before);
+    }
+
+    #[test]
+    fn a_group_is_one_write_and_a_batch_that_does_not_fit_is_refused_alone() {
+        let dir = tempfile::tempdir().unwrap();
+        let (one, _) = records(&[message(0)]);
+        let mut spool = Spool::open(dir.path(), 3 * one.len() as u64).unwrap();
+        let answers = spool.append_group(vec![
+            records(&[message(0)]),
+            records(&[message(1), message(2), message(3)]),
+            records(&[message(4)]),
+        ]);
+        assert!(answers[0].is_ok());
+        assert!(matches!(answers[1], Err(SpoolError::Full(_))));
+        assert!(answers[2].is_ok());
+        assert_eq!(drain_all(&mut spool), [message(0), message(4)]);
     }
 
     #[test]
     fn partial_commits_keep_the_rest() {
         let dir = tempfile::tempdir().unwrap();
-        let spool = Spool::open(dir.path(), 1 << 20).unwrap();
-        spool
-            .append(&(0..5).map(message).collect::<Vec<_>>())
-            .unwrap();
+        let mut spool = Spool::open(dir.path(), 1 << 20).unwrap();
+        append(&mut spool, &(0..5).map(message).collect::<Vec<_>>()).unwrap();
         let batch = spool.read(5).unwrap();
         spool.commit(&batch, 2).unwrap();
-        assert_eq!(spool.len(), 3);
-        assert_eq!(drain_all(&spool), [message(2), message(3), message(4)]);
+        assert_eq!(spool.stats().messages(), 3);
+        assert_eq!(drain_all(&mut spool), [message(2), message(3), message(4)]);
+    }
+
+    #[test]
+    fn a_quarantined_message_leaves_the_spool_with_its_reason() {
+        let dir = tempfile::tempdir().unwrap();
+        {
+            let mut spool = Spool::open(dir.path(), 1 << 20).unwrap();
+            append(&mut spool, &(0..3).map(message).collect::<Vec<_>>()).unwrap();
+            let batch = spool.read(3).unwrap();
+            spool.commit(&batch, 1).unwrap();
+            spool.quarantine(&batch, 1, "too large").unwrap();
+            assert_eq!(spool.stats().messages(), 1);
+            assert_eq!(spool.stats().quarantined(), 1);
+            let s = status(dir.path()).unwrap();
+            assert!(s.in_use);
+            assert_eq!(s.messages, 1);
+            assert!(s.oldest_age_seconds.is_some());
+            assert_eq!(s.quarantined.len(), 1);
+            assert_eq!(s.quarantined[0].subject, "cmc.deliveries.s1");
+            assert_eq!(s.quarantined[0].msg_id, "id-1");
+            assert_eq!(s.quarantined[0].reason, "too large");
+        }
+        let mut spool = Spool::open(dir.path(), 1 << 20).unwrap();
+        assert_eq!(spool.stats().quarantined(), 1);
+        assert_eq!(drain_all(&mut spool), [message(2)]);
+        drop(spool);
+        assert!(!status(dir.path()).unwrap().in_use);
+        // The quarantined record is kept intact.
+        let rec = fs::read_dir(dir.path().join(QUARANTINE))
+            .unwrap()
+            .map(|e| e.unwrap().path())
+            .find(|p| p.extension() == Some("rec".as_ref()))
+            .unwrap();
+        let (message_back, _) = read_record(&mut &fs::read(rec).unwrap()[..]).unwrap();
+        assert_eq!(message_back, message(1));
+    }
+
+    #[test]
+    fn a_second_opener_is_refused_while_the_first_holds_the_lock() {
+        let dir = tempfile::tempdir().unwrap();
+        let spool = Spool::open(dir.path(), 1 << 20).unwrap();
+        let err = Spool::open(dir.path(), 1 << 20).unwrap_err();
+        assert!(matches!(err, SpoolError::Locked(_)), "{err}");
+        assert!(err.to_string().contains("in use by another process"));
+        drop(spool);
+        Spool::open(dir.path(), 1 << 20).unwrap();
+    }
+
+    #[tokio::test]
+    async fn concurrent_appends_share_fsyncs_through_the_writer() {
+        let dir = tempfile::tempdir().unwrap();
+        let spool = SpoolHandle::start(Spool::open(dir.path(), 1 << 30).unwrap()).unwrap();
+        let pending: Vec<_> = (0..200)
+            .map(|i| spool.begin_append(Box::new(vec![message(i)])))
+            .collect();
+        // Counted as non-empty from the moment they are handed over.
+        assert!(!spool.stats().is_empty());
+        for rx in pending {
+            rx.await.unwrap().unwrap();
+        }
+        assert_eq!(spool.stats().messages(), 200);
+        let batch = spool.read(1000).await.unwrap();
+        let ids: Vec<String> = batch
+            .messages
+            .iter()
+            .map(|m| m.header("Nats-Msg-Id").unwrap().to_owned())
+            .collect();
+        let expected: Vec<String> = (0..200).map(|i| format!("id-{i}")).collect();
+        assert_eq!(
+            ids, expected,
+            "appends are written in the order handed over"
+        );
+        spool.commit(Arc::new(batch), 200).await.unwrap();
+        assert!(spool.stats().is_empty());
     }
 }

@@ -14,13 +14,14 @@ use tokio::sync::{watch, Semaphore};
 use warp::Filter;
 
 use crate::auth::Auth;
-use crate::deliver::{self, Delivery};
+use crate::budget::Budget;
+use crate::deliver::{self, Delivery, DeliveryOptions};
 use crate::metrics;
 use crate::publish::{Publisher, SetupError};
 use crate::routes::{self, admin, inbound};
 use crate::server::{self, ServeOptions};
 use crate::settings::Settings;
-use crate::spool::{Spool, SpoolError};
+use crate::spool::{Spool, SpoolError, SpoolHandle};
 
 /// Why the service could not start.
 #[derive(Debug, Error)]
@@ -49,7 +50,8 @@ pub struct Application {
     listener: TcpListener,
     admin_listener: Option<TcpListener>,
     publisher: Publisher,
-    spool: Option<Arc<Spool>>,
+    spool: Option<SpoolHandle>,
+    delivery_options: DeliveryOptions,
     webhook: Arc<routes::webhook::WebhookState>,
     /// The inbound endpoint and its spool, when `inbound.path` is set.
     inbound: Option<Arc<inbound::InboundState>>,
@@ -96,14 +98,25 @@ impl Application {
                     source,
                 }
             })?;
-            if !spool.is_empty() {
+            let stats = spool.stats();
+            if !stats.is_empty() {
                 tracing::info!(
-                    messages = spool.len(),
-                    bytes = spool.bytes(),
+                    messages = stats.messages(),
+                    bytes = stats.bytes(),
                     "spool holds messages from an earlier run; they are published first"
                 );
             }
-            Some(Arc::new(spool))
+            if stats.quarantined() > 0 {
+                tracing::warn!(
+                    messages = stats.quarantined(),
+                    "the spool's quarantine holds messages NATS refused (cmc-forwarder spool status)"
+                );
+            }
+            let handle = SpoolHandle::start(spool).map_err(|e| StartupError::Spool {
+                dir: dir.clone(),
+                source: e.into(),
+            })?;
+            Some(handle)
         } else {
             None
         };
@@ -117,6 +130,8 @@ impl Application {
         };
         let publish_timeout = settings.nats.publish_timeout;
         let in_flight = Arc::new(Semaphore::new(settings.server.max_in_flight));
+        // One budget for both routes: `server.max_in_flight_bytes` bounds the service's memory.
+        let budget = Budget::new(settings.server.max_in_flight_bytes);
         let inbound = inbound.map(|parts| {
             Arc::new(inbound::InboundState {
                 path: settings.inbound.path.clone(),
@@ -126,9 +141,14 @@ impl Application {
                 spool: parts.spool,
                 work_root: parts.work_root,
                 in_flight: in_flight.clone(),
+                budget: budget.clone(),
                 retry_after: publish_timeout.max(Duration::from_secs(1)),
             })
         });
+        let delivery_options = DeliveryOptions {
+            retry_max_interval: settings.spool.retry_max_interval,
+            ..DeliveryOptions::default()
+        };
         let webhook = Arc::new(routes::webhook::WebhookState {
             path: settings.server.path.clone(),
             max_body_bytes: settings.server.max_body_bytes,
@@ -136,7 +156,9 @@ impl Application {
             dead_letter,
             timezone: settings.cmc.timezone.as_ref().map(|z| z.zone().clone()),
             auth,
-            delivery: Delivery::new(publisher.clone(), spool.clone()),
+            delivery: Delivery::start(Arc::new(publisher.clone()), spool.clone(), delivery_options),
+            budget,
+            max_entries: settings.server.max_entries,
             in_flight,
             retry_after: publish_timeout.max(Duration::from_secs(1)),
         });
@@ -145,6 +167,7 @@ impl Application {
             admin_listener,
             publisher,
             spool,
+            delivery_options,
             webhook,
             inbound,
             serve_options: ServeOptions {
@@ -188,8 +211,9 @@ impl Application {
         let drainer = self.spool.clone().map(|spool| {
             tokio::spawn(deliver::drain(
                 spool,
-                self.publisher.clone(),
+                Arc::new(self.publisher.clone()),
                 stop_rx.clone(),
+                self.delivery_options,
             ))
         });
 
@@ -210,12 +234,17 @@ impl Application {
                 shutting_down: self.shutting_down.clone(),
                 metrics: metrics::install(),
             });
-            tokio::spawn(
-                warp::serve(routes)
-                    .incoming(listener)
-                    .graceful(stopped(admin_stop_rx))
-                    .run(),
-            )
+            // The same accept loop, timeouts and connection cap as the public listener.
+            let options = ServeOptions {
+                tls: None,
+                ..self.serve_options.clone()
+            };
+            tokio::spawn(server::serve(
+                listener,
+                routes,
+                options,
+                stopped(admin_stop_rx),
+            ))
         });
 
         tracing::info!(
@@ -257,8 +286,11 @@ impl Application {
         }
         self.publisher.flush().await;
         if let Some(spool) = &self.spool {
-            if !spool.is_empty() {
-                tracing::info!(messages = spool.len(), "spool kept for the next start");
+            if !spool.stats().is_empty() {
+                tracing::info!(
+                    messages = spool.stats().messages(),
+                    "spool kept for the next start"
+                );
             }
         }
         let _ = admin_stop_tx.send(true);

@@ -10,9 +10,9 @@
 
 use std::collections::HashMap;
 use std::path::Path;
+use std::sync::Arc;
 use std::time::Duration;
 
-use async_nats::header::HeaderName;
 use async_nats::jetstream::object_store::{self, InfoErrorKind, ObjectMetadata, ObjectStore};
 use async_nats::jetstream::stream::StorageType;
 use base64::Engine;
@@ -22,7 +22,8 @@ use tokio::sync::Mutex;
 use super::mail::Mail;
 use super::message::{plan, ObjectToStore, Source, TooLarge};
 use super::subject::InboundSubject;
-use crate::publish::{Outbound, PublishError, Publisher};
+use crate::deliver::publish_run;
+use crate::publish::{NatsMessage, PublishError, Publisher};
 use crate::settings::{Settings, Storage};
 
 /// Why a mail is not (entirely) out.
@@ -59,7 +60,7 @@ pub struct Sent {
 
 /// The object store and the publisher, shared by the route and the inbound drainer.
 pub struct InboundSink {
-    publisher: Publisher,
+    publisher: Arc<Publisher>,
     bucket: String,
     template: InboundSubject,
     create: bool,
@@ -74,7 +75,7 @@ impl InboundSink {
         let template = InboundSubject::parse(&settings.inbound.subject)
             .map_err(|e| format!("inbound.subject: {e}"))?;
         Ok(InboundSink {
-            publisher,
+            publisher: Arc::new(publisher),
             bucket: settings.inbound.bucket.clone(),
             template,
             create: settings.nats.stream.create,
@@ -177,17 +178,16 @@ impl InboundSink {
             }
         }
         let message = planned.message;
-        let mut headers = async_nats::HeaderMap::new();
-        for (name, value) in message.headers {
-            headers.insert(HeaderName::from_static(name), value);
-        }
-        let report = self
-            .publisher
-            .publish(vec![Outbound {
-                subject: message.subject,
-                headers,
-                payload: message.payload.into(),
-            }])
+        let message = vec![NatsMessage {
+            subject: message.subject,
+            headers: message
+                .headers
+                .into_iter()
+                .map(|(name, value)| (name.to_owned(), value))
+                .collect(),
+            payload: message.payload.into(),
+        }];
+        let report = publish_run(&self.publisher, &message, 1)
             .await
             .map_err(|failure| match failure.error {
                 PublishError::TooLarge(o) => SinkError::TooLarge(TooLarge {

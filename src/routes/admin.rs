@@ -2,7 +2,6 @@
 //! (Prometheus text). Kept off the public port so probes and scrapes never mix with webhook
 //! traffic.
 
-use std::convert::Infallible;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 
@@ -15,13 +14,13 @@ use warp::Filter;
 use super::error::json_response;
 use crate::metrics;
 use crate::publish::Publisher;
-use crate::spool::Spool;
+use crate::spool::SpoolHandle;
 
 /// What the admin routes look at.
 #[derive(Clone)]
 pub struct AdminState {
     pub publisher: Publisher,
-    pub spool: Option<Arc<Spool>>,
+    pub spool: Option<SpoolHandle>,
     /// Set as soon as shutdown begins: readiness turns false before the listener closes.
     pub shutting_down: Arc<AtomicBool>,
     pub metrics: PrometheusHandle,
@@ -38,7 +37,9 @@ impl AdminState {
 }
 
 /// The admin routes.
-pub fn routes(state: AdminState) -> impl Filter<Extract = (Response,), Error = Infallible> + Clone {
+pub fn routes(
+    state: AdminState,
+) -> impl Filter<Extract = (Response,), Error = warp::Rejection> + Clone {
     let healthz = warp::path!("healthz")
         .and(warp::get())
         .map(|| json_response(StatusCode::OK, &json!({"status": "ok"})));
@@ -60,7 +61,8 @@ pub fn routes(state: AdminState) -> impl Filter<Extract = (Response,), Error = I
             state.not_ready_reason().is_none(),
         );
         if let Some(spool) = &state.spool {
-            metrics::spool_depth(spool.len(), spool.bytes());
+            metrics::spool_depth(spool.stats().messages(), spool.stats().bytes());
+            metrics::spool_quarantined(spool.stats().quarantined());
         }
         let mut response = Response::new(state.metrics.render().into());
         response.headers_mut().insert(
@@ -69,11 +71,13 @@ pub fn routes(state: AdminState) -> impl Filter<Extract = (Response,), Error = I
         );
         response
     });
-    let not_found = warp::any().map(|| {
-        json_response(
+    // Through `and_then` so the filter's error type is warp's `Rejection`, which the shared
+    // accept loop (`server::serve`) takes; it never rejects.
+    let not_found = warp::any().and_then(|| async {
+        Ok::<_, warp::Rejection>(json_response(
             StatusCode::NOT_FOUND,
             &json!({"result": "error", "error": "not_found", "message": "no such path"}),
-        )
+        ))
     });
     healthz
         .or(readyz)

@@ -21,10 +21,24 @@ pub enum ApiError {
         limit: u64,
     },
     RequestTimeout,
-    BodyUnreadable(String),
+    /// The body could not be read or decompressed; the code follows the media type.
+    BodyUnreadable {
+        json: bool,
+        message: String,
+    },
+    /// A `Content-Encoding` other than gzip, deflate or identity.
+    UnsupportedEncoding(String),
+    /// More entries than `server.max_entries`.
+    TooManyEntries {
+        limit: usize,
+    },
     Payload(PayloadError),
     Auth(AuthError),
     Busy {
+        retry_after: Duration,
+    },
+    /// The in-flight byte budget (`server.max_in_flight_bytes`) cannot take the request now.
+    OverBudget {
         retry_after: Duration,
     },
     Delivery {
@@ -50,7 +64,16 @@ impl ApiError {
             ApiError::MethodNotAllowed => (StatusCode::METHOD_NOT_ALLOWED, "method_not_allowed"),
             ApiError::BodyTooLarge { .. } => (StatusCode::PAYLOAD_TOO_LARGE, "payload_too_large"),
             ApiError::RequestTimeout => (StatusCode::REQUEST_TIMEOUT, "request_timeout"),
-            ApiError::BodyUnreadable(_) => (StatusCode::BAD_REQUEST, "malformed_form"),
+            ApiError::BodyUnreadable { json: true, .. } => {
+                (StatusCode::BAD_REQUEST, "malformed_json")
+            }
+            ApiError::BodyUnreadable { json: false, .. } => {
+                (StatusCode::BAD_REQUEST, "malformed_form")
+            }
+            ApiError::UnsupportedEncoding(_) => {
+                (StatusCode::UNSUPPORTED_MEDIA_TYPE, "unsupported_media_type")
+            }
+            ApiError::TooManyEntries { .. } => (StatusCode::PAYLOAD_TOO_LARGE, "payload_too_large"),
             ApiError::Payload(e) => match e {
                 PayloadError::UnsupportedMediaType(_) => {
                     (StatusCode::UNSUPPORTED_MEDIA_TYPE, "unsupported_media_type")
@@ -63,7 +86,9 @@ impl ApiError {
             },
             ApiError::Auth(AuthError::Forbidden) => (StatusCode::FORBIDDEN, "forbidden"),
             ApiError::Auth(_) => (StatusCode::UNAUTHORIZED, "unauthorized"),
-            ApiError::Busy { .. } => (StatusCode::SERVICE_UNAVAILABLE, "unavailable"),
+            ApiError::Busy { .. } | ApiError::OverBudget { .. } => {
+                (StatusCode::SERVICE_UNAVAILABLE, "unavailable")
+            }
             ApiError::Delivery {
                 error: DeliveryError::TooLarge(_),
                 ..
@@ -82,10 +107,21 @@ impl ApiError {
             ApiError::RequestTimeout => {
                 "the request was not received within server.request_timeout".into()
             }
-            ApiError::BodyUnreadable(m) => format!("the body could not be read: {m}"),
+            ApiError::BodyUnreadable { message, .. } => {
+                format!("the body could not be read: {message}")
+            }
+            ApiError::UnsupportedEncoding(coding) => format!(
+                "unsupported Content-Encoding {coding:?}: send the body as is, gzip or deflate"
+            ),
+            ApiError::TooManyEntries { limit } => {
+                format!("the batch has more than server.max_entries ({limit}) entries")
+            }
             ApiError::Payload(e) => e.to_string(),
             ApiError::Auth(e) => e.to_string(),
             ApiError::Busy { .. } => "too many requests in flight; retry later".into(),
+            ApiError::OverBudget { .. } => {
+                "too many bytes in flight (server.max_in_flight_bytes); retry later".into()
+            }
             ApiError::Delivery { error, .. } => error.to_string(),
         }
     }
@@ -127,7 +163,9 @@ impl ApiError {
                     HeaderValue::from_static("Basic realm=\"cmc-forwarder\""),
                 );
             }
-            ApiError::Busy { retry_after } | ApiError::Delivery { retry_after, .. }
+            ApiError::Busy { retry_after }
+            | ApiError::OverBudget { retry_after }
+            | ApiError::Delivery { retry_after, .. }
                 if status == StatusCode::SERVICE_UNAVAILABLE =>
             {
                 headers.insert(

@@ -20,6 +20,7 @@ use warp::Filter;
 
 use super::error::{json_response, ApiError};
 use crate::auth::Auth;
+use crate::budget::Budget;
 use crate::inbound::mail::{parse_form, parse_json, Mail};
 use crate::inbound::receive::{self, ReceiveError, WorkDir};
 use crate::inbound::spool::{InboundSpool, InboundSpoolError};
@@ -43,6 +44,8 @@ pub struct InboundState {
     pub work_root: PathBuf,
     /// Shared with the event webhook: `server.max_in_flight`.
     pub in_flight: Arc<Semaphore>,
+    /// Shared with the event webhook: `server.max_in_flight_bytes`.
+    pub budget: Budget,
     /// `Retry-After` of 503 answers.
     pub retry_after: Duration,
 }
@@ -93,7 +96,10 @@ impl From<ReceiveError> for Refusal {
     fn from(e: ReceiveError) -> Self {
         match e {
             ReceiveError::Payload(p) => Refusal::Api(ApiError::Payload(p)),
-            ReceiveError::Unreadable(m) => Refusal::Api(ApiError::BodyUnreadable(m)),
+            ReceiveError::Unreadable(message) => Refusal::Api(ApiError::BodyUnreadable {
+                json: false,
+                message,
+            }),
             other => Refusal::Receive(other),
         }
     }
@@ -243,12 +249,17 @@ where
     response
 }
 
-/// The hook where inbound requests will count against `server.max_in_flight_bytes`: what a
-/// request holds in memory is its JSON/form body, or, for multipart, its text parameters
-/// (attachments and large bodies are on disk). The byte budget itself belongs to the event
-/// delivery; until it exists this only reports the figure.
-fn memory_held(bytes: u64) {
-    tracing::debug!(bytes, "inbound request memory");
+/// What an inbound request may hold in memory, reserved from `server.max_in_flight_bytes`
+/// before its body is read: a JSON or form body is read whole (its declared length, or the
+/// cap when none is declared); a multipart body keeps only its text parameters in memory
+/// (file parts and large bodies stream to disk), at most [`receive::MAX_FIELDS_BYTES`] plus
+/// one part's read buffer.
+fn memory_reserved(media: &str, declared: Option<u64>, limit: u64) -> u64 {
+    let whole = declared.unwrap_or(limit).min(limit);
+    match media {
+        "multipart/form-data" => whole.min(receive::MAX_FIELDS_BYTES as u64 + 256 * 1024),
+        _ => whole,
+    }
 }
 
 async fn process<S, B>(
@@ -293,23 +304,37 @@ where
         .unwrap_or("")
         .trim()
         .to_ascii_lowercase();
+    let _memory = state
+        .budget
+        .try_acquire(memory_reserved(&media, declared, limit))
+        .map_err(|_| ApiError::Busy {
+            retry_after: state.retry_after,
+        })?;
 
     let read = async {
         match media.as_str() {
             "multipart/form-data" => {
                 let work = WorkDir::create(&state.work_root).map_err(ReceiveError::Disk)?;
                 let received = receive::multipart(body, content_type, limit, &work).await?;
-                memory_held(received.held_bytes);
                 Ok::<_, Refusal>((received.fields, Some(work)))
             }
             "application/json" => {
-                let bytes = receive::read_all(body, declared, limit).await?;
-                memory_held(bytes.len() as u64);
+                // An unreadable body is reported with the JSON encoding's code.
+                let bytes = receive::read_all(body, declared, limit)
+                    .await
+                    .map_err(|e| match e {
+                        ReceiveError::Unreadable(message) => {
+                            Refusal::Api(ApiError::BodyUnreadable {
+                                json: true,
+                                message,
+                            })
+                        }
+                        other => other.into(),
+                    })?;
                 Ok((parse_json(&bytes)?, None))
             }
             "application/x-www-form-urlencoded" => {
                 let bytes = receive::read_all(body, declared, limit).await?;
-                memory_held(bytes.len() as u64);
                 Ok((parse_form(&bytes)?, None))
             }
             _ => Err(PayloadError::UnsupportedMediaType(format!(

@@ -1,7 +1,15 @@
 //! `POST {server.path}`: the checks of SPEC §3 in their fixed order (path, method, client IP,
 //! Basic credentials, body size, media type, decoding, `api_key`, validation, publishing),
 //! each refusal rendered by [`ApiError`]. Nothing is published unless every check passed.
+//!
+//! Memory is bounded here (SPEC §1 "Limits on one request"): the body is read under
+//! `server.max_body_bytes` (after decompression, for `gzip` and `deflate` bodies); its bytes
+//! are reserved in the in-flight budget before it is decoded; the entries are counted on the
+//! raw `event` text and more than `server.max_entries` is refused before any tree is built;
+//! body, decoded parameters and entry trees are dropped as soon as the outgoing messages
+//! exist, and the budget then holds the batch's outgoing size until it is answered.
 
+use std::io::Read;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
@@ -17,6 +25,7 @@ use warp::Filter;
 
 use super::error::{json_response, ApiError};
 use crate::auth::Auth;
+use crate::budget::{Budget, Reservation};
 use crate::deliver::{Delivery, DeliveryReport};
 use crate::metrics;
 use crate::server::RequestInfo;
@@ -35,6 +44,10 @@ pub struct WebhookState {
     pub timezone: Option<jiff::tz::TimeZone>,
     pub auth: Auth,
     pub delivery: Delivery,
+    /// `server.max_in_flight_bytes`, shared with every route holding request data.
+    pub budget: Budget,
+    /// `server.max_entries`.
+    pub max_entries: usize,
     /// Permits for `server.max_in_flight`; a request that finds none is answered 503 at once.
     pub in_flight: Arc<Semaphore>,
     /// `Retry-After` of 503 answers.
@@ -189,7 +202,27 @@ where
         .map_err(|_| ApiError::Busy {
             retry_after: state.retry_after,
         })?;
-    let read = read_body(headers, body, state.max_body_bytes);
+    let coding = content_coding(headers)?;
+    let content_type = headers
+        .get(header::CONTENT_TYPE)
+        .map(|v| v.to_str().unwrap_or("(not ASCII)"));
+    let json = content_type.is_some_and(|t| {
+        t.split(';')
+            .next()
+            .unwrap_or("")
+            .trim()
+            .eq_ignore_ascii_case("application/json")
+    });
+    // The body and the copy decoding makes of `event` are reserved in the byte budget as the
+    // body arrives (all at once when Content-Length announces it), before either exists in
+    // full; the entry trees are short-lived and bounded by max_entries.
+    let over_budget = |_| ApiError::OverBudget {
+        retry_after: state.retry_after,
+    };
+    let mut reserved = Reservation::default();
+    let read = read_body(headers, body, state.max_body_bytes, json, |n| {
+        reserved.grow_to(&state.budget, 2 * n).map_err(over_budget)
+    });
     let body = match info {
         // The connection's deadline: a client trickling its body cannot hold it longer.
         Some(info) => tokio::time::timeout_at(info.deadline.into(), read)
@@ -197,17 +230,43 @@ where
             .map_err(|_| ApiError::RequestTimeout)??,
         None => read.await?,
     };
-    let content_type = headers
-        .get(header::CONTENT_TYPE)
-        .map(|v| v.to_str().unwrap_or("(not ASCII)"));
+    // The body and the copy decoding makes of `event`, reserved before either exists in
+    // full; the entry trees are short-lived and bounded by max_entries.
+    let over_budget = |_| ApiError::OverBudget {
+        retry_after: state.retry_after,
+    };
+    let mut reserved = state
+        .budget
+        .try_acquire(2 * body.len() as u64)
+        .map_err(over_budget)?;
+    let body = match coding {
+        Coding::Identity => body,
+        compressed => {
+            let plain = decompress(compressed, &body, state.max_body_bytes, json)?;
+            drop(body);
+            reserved = state
+                .budget
+                .try_acquire(2 * plain.len() as u64)
+                .map_err(over_budget)?;
+            plain
+        }
+    };
     let decoded = webhook::decode(content_type, &body).map_err(ApiError::Payload)?;
+    // Decoding copied what it keeps (`event` included): the body is no longer needed.
+    drop(body);
     state.auth.check_api_key(decoded.api_key())?;
+    if let Some(event) = decoded.event_json() {
+        if count_entries(event) > state.max_entries {
+            return Err(ApiError::TooManyEntries {
+                limit: state.max_entries,
+            });
+        }
+    }
     let mode = match state.dead_letter {
         Some(_) => webhook::InvalidEntries::DeadLetter,
         None => webhook::InvalidEntries::Reject,
     };
     let batch = decoded.validate_with(mode).map_err(ApiError::Payload)?;
-    drop(body);
     let render = webhook::Render {
         template: &state.template,
         dead_letter: state.dead_letter.as_ref(),
@@ -217,29 +276,49 @@ where
     let outgoing = batch
         .render(&render, ids.batch_id)
         .map_err(ApiError::Payload)?;
+    drop(batch);
+    drop(decoded);
     metrics::created_unparsed(outgoing.created_unparsed);
     let events = outgoing.messages.len();
+    let invalid = outgoing.invalid;
+    let bytes: usize = outgoing
+        .messages
+        .iter()
+        .map(|m| outgoing.wire_size(m))
+        .sum();
+    // From here on the batch's outgoing size is what this request holds.
+    drop(reserved);
+    let permit = state
+        .budget
+        .try_acquire(bytes as u64)
+        .map_err(over_budget)?;
     let started = Instant::now();
+    // Counted before the batch moves into the pipeline.
+    let counts = metrics::BatchCounts::of(&outgoing);
     let report = state
         .delivery
-        .deliver(&outgoing)
+        .deliver(outgoing, permit)
         .await
         .map_err(|error| ApiError::Delivery {
             error,
             retry_after: state.retry_after,
         })?;
-    metrics::batch_accepted(
-        &outgoing,
-        report.published,
-        report.duplicates,
-        started.elapsed(),
-    );
-    Ok((events, outgoing.invalid, report))
+    counts.accepted(report.published, report.duplicates, started.elapsed());
+    Ok((events, invalid, report))
 }
 
 /// Reads the body up to `limit` bytes, refusing early when `Content-Length` already says it
 /// is larger; a chunked body is counted as it arrives and cut off at the limit.
-async fn read_body<S, B>(headers: &HeaderMap, body: S, limit: u64) -> Result<BytesMut, ApiError>
+///
+/// `reserve(n)` is called before the body grows to `n` bytes, and refuses when the in-flight
+/// budget cannot cover it.
+async fn read_body<S, B>(
+    headers: &HeaderMap,
+    body: S,
+    limit: u64,
+    json: bool,
+    mut reserve: impl FnMut(u64) -> Result<(), ApiError>,
+) -> Result<BytesMut, ApiError>
 where
     S: Stream<Item = Result<B, warp::Error>>,
     B: Buf,
@@ -251,12 +330,26 @@ where
     if declared.is_some_and(|n| n > limit) {
         return Err(ApiError::BodyTooLarge { limit });
     }
-    let mut buf = BytesMut::with_capacity(declared.unwrap_or(8 * 1024).min(limit) as usize);
     let mut body = std::pin::pin!(body);
+    if let Some(n) = declared {
+        if let Err(refused) = reserve(n) {
+            return Err(discard(body.as_mut(), limit, refused).await);
+        }
+    }
+    let mut buf = BytesMut::with_capacity(declared.unwrap_or(8 * 1024).min(limit) as usize);
     while let Some(chunk) = body.next().await {
-        let mut chunk = chunk.map_err(|e| ApiError::BodyUnreadable(e.to_string()))?;
-        if (buf.len() + chunk.remaining()) as u64 > limit {
+        let mut chunk = chunk.map_err(|e| ApiError::BodyUnreadable {
+            json,
+            message: e.to_string(),
+        })?;
+        let grown = (buf.len() + chunk.remaining()) as u64;
+        if grown > limit {
             return Err(ApiError::BodyTooLarge { limit });
+        }
+        if let Err(refused) = reserve(grown) {
+            let read = buf.len() as u64 + chunk.remaining() as u64;
+            drop(buf);
+            return Err(discard(body.as_mut(), limit.saturating_sub(read), refused).await);
         }
         while chunk.has_remaining() {
             let part = chunk.chunk();
@@ -266,4 +359,231 @@ where
         }
     }
     Ok(buf)
+}
+
+/// Reads and drops the rest of a body that is refused (503: the budget cannot hold it), so
+/// the sender sees the answer instead of a broken pipe; keeps nothing, stops past `limit`.
+async fn discard<S, B>(mut body: std::pin::Pin<&mut S>, limit: u64, refused: ApiError) -> ApiError
+where
+    S: Stream<Item = Result<B, warp::Error>>,
+    B: Buf,
+{
+    let mut read = 0u64;
+    while let Some(Ok(chunk)) = body.next().await {
+        read += chunk.remaining() as u64;
+        if read > limit {
+            break;
+        }
+    }
+    refused
+}
+
+/// A `Content-Encoding` the service decodes.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Coding {
+    Identity,
+    Gzip,
+    Deflate,
+}
+
+/// The body's `Content-Encoding`: none, `identity`, `gzip` (or `x-gzip`) or `deflate`; any
+/// other coding, or several, is refused with 415 naming it.
+fn content_coding(headers: &HeaderMap) -> Result<Coding, ApiError> {
+    let mut codings = headers
+        .get_all(header::CONTENT_ENCODING)
+        .iter()
+        .flat_map(|v| v.to_str().unwrap_or("(not ASCII)").split(','))
+        .map(str::trim)
+        .filter(|c| !c.is_empty() && !c.eq_ignore_ascii_case("identity"));
+    let Some(first) = codings.next() else {
+        return Ok(Coding::Identity);
+    };
+    if let Some(second) = codings.next() {
+        return Err(ApiError::UnsupportedEncoding(format!("{first}, {second}")));
+    }
+    if first.eq_ignore_ascii_case("gzip") || first.eq_ignore_ascii_case("x-gzip") {
+        Ok(Coding::Gzip)
+    } else if first.eq_ignore_ascii_case("deflate") {
+        Ok(Coding::Deflate)
+    } else {
+        Err(ApiError::UnsupportedEncoding(
+            first.chars().take(100).collect(),
+        ))
+    }
+}
+
+/// Decompresses `body`, refusing (413) as soon as the output passes `limit`: a
+/// decompression bomb stops at the cap, having cost at most `limit` bytes.
+fn decompress(coding: Coding, body: &[u8], limit: u64, json: bool) -> Result<BytesMut, ApiError> {
+    use flate2::read::{DeflateDecoder, GzDecoder, ZlibDecoder};
+    let reader: Box<dyn Read + '_> = match coding {
+        Coding::Identity => return Ok(BytesMut::from(body)),
+        Coding::Gzip => Box::new(GzDecoder::new(body)),
+        // RFC 9110's "deflate" is the zlib format; some clients send raw deflate, told apart
+        // by the zlib header check (CM = 8, header a multiple of 31).
+        Coding::Deflate
+            if body.len() >= 2
+                && body[0] & 0x0f == 8
+                && (u16::from(body[0]) << 8 | u16::from(body[1])) % 31 == 0 =>
+        {
+            Box::new(ZlibDecoder::new(body))
+        }
+        Coding::Deflate => Box::new(DeflateDecoder::new(body)),
+    };
+    let mut out = Vec::with_capacity((body.len() * 4).min(limit as usize));
+    reader
+        .take(limit + 1)
+        .read_to_end(&mut out)
+        .map_err(|e| ApiError::BodyUnreadable {
+            json,
+            message: format!("cannot decompress the body: {e}"),
+        })?;
+    if out.len() as u64 > limit {
+        return Err(ApiError::BodyTooLarge { limit });
+    }
+    Ok(BytesMut::from(&out[..]))
+}
+
+/// How many entries `event` holds at most: the elements of the arrays that are its members,
+/// counted in one pass over the text (strings skipped whole) without building anything.
+fn count_entries(event: &str) -> usize {
+    let bytes = event.as_bytes();
+    let mut count = 0;
+    let mut depth = 0usize;
+    // Whether the container at depth 2 is an array whose first element is still to come.
+    let mut in_array = false;
+    let mut expect_first = false;
+    let mut i = 0;
+    while i < bytes.len() {
+        let b = bytes[i];
+        match b {
+            b'"' => {
+                if depth == 2 && in_array && expect_first {
+                    count += 1;
+                    expect_first = false;
+                }
+                // Skip the string: to the next unescaped quote.
+                i += 1;
+                while let Some(j) = memchr::memchr2(b'"', b'\\', &bytes[i..]) {
+                    i += j;
+                    if bytes[i] == b'\\' {
+                        i += 2;
+                        continue;
+                    }
+                    break;
+                }
+            }
+            b'{' | b'[' => {
+                if depth == 2 && in_array && expect_first {
+                    count += 1;
+                    expect_first = false;
+                }
+                depth += 1;
+                if depth == 2 {
+                    in_array = b == b'[';
+                    expect_first = in_array;
+                }
+            }
+            b'}' | b']' => {
+                if depth == 2 {
+                    in_array = false;
+                    expect_first = false;
+                }
+                depth = depth.saturating_sub(1);
+            }
+            b',' if depth == 2 && in_array => count += 1,
+            b' ' | b'\t' | b'\n' | b'\r' => {}
+            _ => {
+                if depth == 2 && in_array && expect_first {
+                    count += 1;
+                    expect_first = false;
+                }
+            }
+        }
+        i += 1;
+    }
+    count
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn entries_are_counted_without_parsing() {
+        assert_eq!(count_entries(r#"{"deliveries":[]}"#), 0);
+        assert_eq!(count_entries(r#"{"deliveries":[ ]}"#), 0);
+        assert_eq!(count_entries(r#"{"deliveries":[{"a":1}]}"#), 1);
+        assert_eq!(
+            count_entries(r#"{"deliveries":[{"a":[1,2,3],"b":{"c":","}},{"s":"x\",]"}, 7]}"#),
+            3
+        );
+        assert_eq!(count_entries(r#"{"x":"[1,2]","deliveries":[1,2]}"#), 2);
+        let many: Vec<String> = (0..1000)
+            .map(|i| format!(r#"{{"status":"q","i":{i}}}"#))
+            .collect();
+        assert_eq!(
+            count_entries(&format!(r#"{{"deliveries":[{}]}}"#, many.join(","))),
+            1000
+        );
+    }
+
+    fn headers(coding: &str) -> HeaderMap {
+        let mut h = HeaderMap::new();
+        h.insert(
+            header::CONTENT_ENCODING,
+            HeaderValue::from_str(coding).unwrap(),
+        );
+        h
+    }
+
+    #[test]
+    fn content_codings() {
+        assert_eq!(content_coding(&HeaderMap::new()).unwrap(), Coding::Identity);
+        assert_eq!(
+            content_coding(&headers("identity")).unwrap(),
+            Coding::Identity
+        );
+        assert_eq!(content_coding(&headers("GZIP")).unwrap(), Coding::Gzip);
+        assert_eq!(
+            content_coding(&headers("deflate")).unwrap(),
+            Coding::Deflate
+        );
+        let err = content_coding(&headers("br")).unwrap_err();
+        assert_eq!(err.status().0, StatusCode::UNSUPPORTED_MEDIA_TYPE);
+        assert!(err.into_response().status() == StatusCode::UNSUPPORTED_MEDIA_TYPE);
+        assert!(content_coding(&headers("gzip, gzip")).is_err());
+    }
+
+    #[test]
+    fn a_decompression_bomb_stops_at_the_cap() {
+        use flate2::write::GzEncoder;
+        use std::io::Write;
+        let mut enc = GzEncoder::new(Vec::new(), flate2::Compression::best());
+        enc.write_all(&vec![b'a'; 8 << 20]).unwrap();
+        let bomb = enc.finish().unwrap();
+        assert!(bomb.len() < 64 << 10);
+        let err = decompress(Coding::Gzip, &bomb, 1 << 20, true).unwrap_err();
+        assert!(matches!(err, ApiError::BodyTooLarge { .. }));
+        let ok = decompress(Coding::Gzip, &bomb, 8 << 20, true).unwrap();
+        assert_eq!(ok.len(), 8 << 20);
+        // zlib and raw deflate are both accepted as "deflate".
+        for raw in [false, true] {
+            let data = if raw {
+                let mut e = flate2::write::DeflateEncoder::new(Vec::new(), Default::default());
+                e.write_all(b"{}").unwrap();
+                e.finish().unwrap()
+            } else {
+                let mut e = flate2::write::ZlibEncoder::new(Vec::new(), Default::default());
+                e.write_all(b"{}").unwrap();
+                e.finish().unwrap()
+            };
+            assert_eq!(
+                &decompress(Coding::Deflate, &data, 100, true).unwrap()[..],
+                b"{}"
+            );
+        }
+        let garbage = decompress(Coding::Gzip, b"not gzip", 100, true).unwrap_err();
+        assert_eq!(garbage.status().1, "malformed_json");
+    }
 }

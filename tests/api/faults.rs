@@ -12,20 +12,16 @@
 //! `cargo test --test api faults:: -- --nocapture --test-threads=1` (`scripts/test` does).
 
 use std::collections::{HashMap, HashSet};
-use std::net::TcpListener as StdListener;
-use std::path::{Path, PathBuf};
-use std::process::{Child, Command, ExitStatus, Stdio};
+use std::path::Path;
+use std::process::Command;
 use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use async_nats::jetstream;
-use cmc_forwarder::settings::Settings;
-use cmc_forwarder::spool::Spool;
 use cmc_forwarder::startup::Application;
 use futures_util::StreamExt;
 use serde_json::{json, Value};
-use tokio::sync::oneshot;
 
 use crate::helpers::*;
 
@@ -39,24 +35,10 @@ const PAUSE: Duration = Duration::from_millis(40);
 const RETRY_PAUSE: Duration = Duration::from_millis(150);
 /// A retrying sender gives one batch up after this long (counted, and fails the test).
 const RETRY_BOUND: Duration = Duration::from_secs(30);
-/// Every HTTP request is bounded by this: hitting it means the service hung.
-const CLIENT_TIMEOUT: Duration = Duration::from_secs(10);
 /// Time given to the stream (and the drainer) to hold every event answered `200`.
 const SETTLE: Duration = Duration::from_secs(30);
 const STREAM: &str = "CMC_EVENTS";
 const STATUSES: [&str; 4] = ["queued", "succeeded", "failed", "deferred"];
-
-fn free_port() -> u16 {
-    StdListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port()
-}
-
-fn nats_server_bin() -> String {
-    std::env::var("NATS_SERVER_BIN").unwrap_or_else(|_| "nats-server".into())
-}
 
 // ---------------------------------------------------------------------------------------
 // Load: batches of distinct events, senders that retry or not, and their tally.
@@ -516,345 +498,9 @@ fn assert_answers_consistent(test: &str, tally: &Tally) {
     );
 }
 
-// ---------------------------------------------------------------------------------------
-// Processes: single nats-server on a chosen port, a 3-node cluster, the real binary, and the
-// in-process application when `spawn_app_with` does not fit.
-
-/// A `nats-server` with JetStream on a chosen port, killed (SIGKILL) on drop.
-struct Node {
-    name: String,
-    port: u16,
-    args: Vec<String>,
-    dir: tempfile::TempDir,
-    child: Option<Child>,
-}
-
-impl Node {
-    fn new(name: &str, port: u16, args: Vec<String>) -> Node {
-        Node {
-            name: name.to_owned(),
-            port,
-            args,
-            dir: tempfile::tempdir().unwrap(),
-            child: None,
-        }
-    }
-
-    fn url(&self) -> String {
-        format!("nats://127.0.0.1:{}", self.port)
-    }
-
-    /// Starts it and waits until the client port accepts connections.
-    async fn start(&mut self) {
-        let child = Command::new(nats_server_bin())
-            .args(["-js", "-a", "127.0.0.1", "-p", &self.port.to_string()])
-            .args(["-n", &self.name, "-sd"])
-            .arg(self.dir.path())
-            .args(&self.args)
-            .stdout(Stdio::null())
-            .stderr(Stdio::null())
-            .spawn()
-            .expect("cannot start nats-server (set NATS_SERVER_BIN or use scripts/test)");
-        self.child = Some(child);
-        let deadline = Instant::now() + WAIT;
-        while std::net::TcpStream::connect(("127.0.0.1", self.port)).is_err() {
-            assert!(
-                Instant::now() < deadline,
-                "nats-server {} did not start",
-                self.name
-            );
-            tokio::time::sleep(Duration::from_millis(20)).await;
-        }
-    }
-
-    fn kill(&mut self) {
-        if let Some(mut child) = self.child.take() {
-            let _ = child.kill();
-            let _ = child.wait();
-        }
-    }
-}
-
-impl Drop for Node {
-    fn drop(&mut self) {
-        self.kill();
-    }
-}
-
-/// Three JetStream nodes `n1`..`n3` routed to each other on free loopback ports.
-struct NatsCluster {
-    nodes: Vec<Node>,
-}
-
-impl NatsCluster {
-    async fn start() -> NatsCluster {
-        let ports: Vec<(u16, u16)> = (0..3).map(|_| (free_port(), free_port())).collect();
-        let mut nodes = Vec::new();
-        for (i, (port, cluster_port)) in ports.iter().enumerate() {
-            let routes: Vec<String> = ports
-                .iter()
-                .enumerate()
-                .filter(|(j, _)| *j != i)
-                .map(|(_, (_, c))| format!("nats://127.0.0.1:{c}"))
-                .collect();
-            let args = vec![
-                "--cluster_name".into(),
-                "cmc".into(),
-                "--cluster".into(),
-                format!("nats://127.0.0.1:{cluster_port}"),
-                "--routes".into(),
-                routes.join(","),
-            ];
-            nodes.push(Node::new(&format!("n{}", i + 1), *port, args));
-        }
-        for node in &mut nodes {
-            node.start().await;
-        }
-        NatsCluster { nodes }
-    }
-
-    fn urls(&self) -> Vec<String> {
-        self.nodes.iter().map(Node::url).collect()
-    }
-
-    fn kill(&mut self, name: &str) {
-        self.nodes
-            .iter_mut()
-            .find(|n| n.name == name)
-            .unwrap_or_else(|| panic!("no node {name}"))
-            .kill();
-    }
-}
-
-/// The application run in this process (for when NATS is not there at start-up, where
-/// `spawn_app_with`'s own NATS client cannot connect).
-struct InProc {
-    address: String,
-    admin: String,
-    stop: Option<oneshot::Sender<()>>,
-    task: Option<tokio::task::JoinHandle<()>>,
-}
-
-impl InProc {
-    fn run(app: Application, path: &str) -> InProc {
-        let address = format!("http://127.0.0.1:{}{path}", app.port());
-        let admin = format!("http://127.0.0.1:{}", app.admin_port().unwrap());
-        let (stop, stopped) = oneshot::channel::<()>();
-        let task = tokio::spawn(app.run_until_stopped(async {
-            let _ = stopped.await;
-        }));
-        InProc {
-            address,
-            admin,
-            stop: Some(stop),
-            task: Some(task),
-        }
-    }
-
-    async fn stop(mut self) {
-        if let Some(stop) = self.stop.take() {
-            let _ = stop.send(());
-        }
-        if let Some(task) = self.task.take() {
-            tokio::time::timeout(WAIT, task)
-                .await
-                .expect("the application stopped in time")
-                .unwrap();
-        }
-    }
-}
-
-impl Drop for InProc {
-    fn drop(&mut self) {
-        if let Some(stop) = self.stop.take() {
-            let _ = stop.send(());
-        }
-    }
-}
-
-/// The settings of the in-process tests, as `test_settings` but for any servers.
-fn settings_for(servers: Vec<String>) -> Settings {
-    let mut s = Settings::default();
-    s.server.listen = "127.0.0.1:0".parse().unwrap();
-    s.admin.listen = Some("127.0.0.1:0".parse().unwrap());
-    s.nats.servers = servers;
-    s.nats.publish_timeout = Duration::from_secs(1);
-    s.nats.connect_timeout = Duration::from_secs(1);
-    s.spool.enabled = false;
-    s
-}
-
-/// The status of `GET url` (0 when it cannot be reached).
-async fn status_of(http: &reqwest::Client, url: &str) -> u16 {
-    match http.get(url).send().await {
-        Ok(response) => response.status().as_u16(),
-        Err(_) => 0,
-    }
-}
-
-async fn wait_for_status(http: &reqwest::Client, url: &str, status: u16, within: Duration) {
-    let deadline = Instant::now() + within;
-    loop {
-        let now = status_of(http, url).await;
-        if now == status {
-            return;
-        }
-        assert!(
-            Instant::now() < deadline,
-            "{url} stayed {now}, expected {status}"
-        );
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    }
-}
-
-/// The real `cmc-forwarder` binary, configured through the environment, killed on drop.
-struct Service {
-    child: Child,
-    port: u16,
-    admin_port: u16,
-    log: PathBuf,
-}
-
-/// Grace given to in-flight requests after SIGTERM (`server.shutdown_grace`).
-const GRACE: Duration = Duration::from_secs(5);
-
-impl Service {
-    /// Starts the binary on fresh loopback ports; its stderr is appended to `log`.
-    fn start(nats_url: &str, spool_dir: &Path, log: &Path) -> Service {
-        let (port, admin_port) = (free_port(), free_port());
-        let stderr = std::fs::OpenOptions::new()
-            .create(true)
-            .append(true)
-            .open(log)
-            .unwrap();
-        let mut command = Command::new(env!("CARGO_BIN_EXE_cmc-forwarder"));
-        for (key, _) in std::env::vars_os() {
-            if key.to_string_lossy().starts_with("CMC_FORWARDER") {
-                command.env_remove(key);
-            }
-        }
-        let child = command
-            .env("CMC_FORWARDER__SERVER__LISTEN", format!("127.0.0.1:{port}"))
-            .env(
-                "CMC_FORWARDER__ADMIN__LISTEN",
-                format!("127.0.0.1:{admin_port}"),
-            )
-            .env("CMC_FORWARDER__NATS__SERVERS", nats_url)
-            .env("CMC_FORWARDER__NATS__PUBLISH_TIMEOUT", "1s")
-            .env("CMC_FORWARDER__NATS__CONNECT_TIMEOUT", "2s")
-            .env(
-                "CMC_FORWARDER__SERVER__SHUTDOWN_GRACE",
-                format!("{}s", GRACE.as_secs()),
-            )
-            .env("CMC_FORWARDER__SPOOL__ENABLED", "true")
-            .env("CMC_FORWARDER__SPOOL__DIR", spool_dir)
-            .env("RUST_LOG", "warn")
-            .stdin(Stdio::null())
-            .stdout(Stdio::null())
-            .stderr(stderr)
-            .spawn()
-            .expect("cannot start the cmc-forwarder binary");
-        Service {
-            child,
-            port,
-            admin_port,
-            log: log.to_owned(),
-        }
-    }
-
-    fn webhook_url(&self) -> String {
-        format!("http://127.0.0.1:{}/webhooks/cmc", self.port)
-    }
-
-    fn readyz(&self) -> String {
-        format!("http://127.0.0.1:{}/readyz", self.admin_port)
-    }
-
-    fn log_tail(&self) -> String {
-        let text = std::fs::read_to_string(&self.log).unwrap_or_default();
-        let lines: Vec<&str> = text.lines().collect();
-        lines[lines.len().saturating_sub(20)..].join("\n")
-    }
-
-    /// Waits until `/readyz` answers 200 (the process must not exit meanwhile).
-    async fn wait_ready(&mut self, http: &reqwest::Client) {
-        let deadline = Instant::now() + Duration::from_secs(15);
-        while status_of(http, &self.readyz()).await != 200 {
-            if let Some(status) = self.child.try_wait().unwrap() {
-                panic!(
-                    "the service exited ({status}) before ready:\n{}",
-                    self.log_tail()
-                );
-            }
-            assert!(
-                Instant::now() < deadline,
-                "the service never became ready:\n{}",
-                self.log_tail()
-            );
-            tokio::time::sleep(Duration::from_millis(100)).await;
-        }
-    }
-
-    fn signal(&self, signal: &str) {
-        let status = Command::new("kill")
-            .args([signal, &self.child.id().to_string()])
-            .status()
-            .unwrap();
-        assert!(status.success(), "kill {signal} failed");
-    }
-
-    /// Waits for the process to exit; `None` after `within`.
-    async fn wait_exit(&mut self, within: Duration) -> Option<ExitStatus> {
-        let deadline = Instant::now() + within;
-        loop {
-            if let Some(status) = self.child.try_wait().unwrap() {
-                return Some(status);
-            }
-            if Instant::now() >= deadline {
-                return None;
-            }
-            tokio::time::sleep(Duration::from_millis(20)).await;
-        }
-    }
-
-    /// SIGTERM, then asserts exit status 0 within the grace period and a few seconds.
-    async fn terminate(&mut self) -> Duration {
-        let started = Instant::now();
-        self.signal("-TERM");
-        let status = self.wait_exit(GRACE + Duration::from_secs(4)).await;
-        let status = status.unwrap_or_else(|| {
-            panic!(
-                "no exit within {:?} of SIGTERM:\n{}",
-                GRACE + Duration::from_secs(4),
-                self.log_tail()
-            )
-        });
-        assert!(
-            status.success(),
-            "exit status {status} after SIGTERM:\n{}",
-            self.log_tail()
-        );
-        started.elapsed()
-    }
-}
-
-impl Drop for Service {
-    fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
-    }
-}
-
 /// Messages left in a spool directory no process uses any more.
 fn spool_backlog(dir: &Path) -> u64 {
-    Spool::open(dir, u64::MAX).unwrap().len()
-}
-
-fn http_client() -> reqwest::Client {
-    reqwest::Client::builder()
-        .timeout(CLIENT_TIMEOUT)
-        .build()
-        .unwrap()
+    cmc_forwarder::spool::status(dir).unwrap().messages
 }
 
 // ---------------------------------------------------------------------------------------
@@ -1086,9 +732,9 @@ async fn sigterm_with_nats_down_exits_0_and_the_next_run_drains_the_spool() {
 async fn sigterm_with_nats_frozen_exits_0_and_loses_nothing() {
     let test = "sigterm_nats_frozen";
     let started = Instant::now();
-    let mut nats = Node::new("frozen", free_port(), Vec::new());
-    nats.start().await;
-    let pid = nats.child.as_ref().unwrap().id().to_string();
+    let mut nats = NatsServer::configured("frozen", free_port(), Vec::new());
+    nats.launch().await;
+    let pid = nats.pid().to_string();
     let signal = |signal: &str| {
         assert!(Command::new("kill")
             .args([signal, &pid])
@@ -1330,8 +976,8 @@ async fn nats_unreachable_at_start_up_then_started_spooled_events_land() {
     }
     assert!(spool_segments(spool.path()) > 0, "{test}: nothing spooled");
 
-    let mut nats = Node::new("late", port, Vec::new());
-    nats.start().await;
+    let mut nats = NatsServer::configured("late", port, Vec::new());
+    nats.launch().await;
     let appeared = Instant::now();
     wait_for_status(&http, &readyz, 200, Duration::from_secs(15)).await;
     let ready_after = appeared.elapsed();
@@ -1363,8 +1009,8 @@ async fn nats_unreachable_at_start_up_then_started_spooled_events_land() {
 async fn nats_frozen_under_load_with_spool_loses_and_duplicates_nothing() {
     let test = "nats_frozen_spool";
     let started = Instant::now();
-    let mut nats = Node::new("frozen", free_port(), Vec::new());
-    nats.start().await;
+    let mut nats = NatsServer::configured("frozen", free_port(), Vec::new());
+    nats.launch().await;
     let spool = tempfile::tempdir().unwrap();
     let mut settings = settings_for(vec![nats.url()]);
     settings.spool.enabled = true;
@@ -1374,7 +1020,7 @@ async fn nats_frozen_under_load_with_spool_loses_and_duplicates_nothing() {
         .expect("application builds");
     let app = InProc::run(app, &settings.server.path);
     let js = reader(&[nats.url()]).await;
-    let pid = nats.child.as_ref().unwrap().id().to_string();
+    let pid = nats.pid().to_string();
     let signal = |signal: &str| {
         assert!(Command::new("kill")
             .args([signal, &pid])

@@ -1,9 +1,10 @@
 //! Test harness: a real `nats-server` per test (JetStream, random loopback port, temp dir) and
 //! the real application on port 0, with typed helpers to post and to read the bus.
 
-use std::path::PathBuf;
-use std::process::{Child, Command, Stdio};
-use std::time::Duration;
+use std::net::TcpListener as StdListener;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, ExitStatus, Stdio};
+use std::time::{Duration, Instant};
 
 use async_nats::jetstream;
 use cmc_forwarder::settings::Settings;
@@ -13,11 +14,19 @@ use tokio::sync::oneshot;
 
 /// Every wait in the tests is bounded by this.
 pub const WAIT: Duration = Duration::from_secs(10);
+/// Every HTTP request of the fault and pipeline tests is bounded by this: hitting it means
+/// the service hung.
+pub const CLIENT_TIMEOUT: Duration = Duration::from_secs(10);
 
-/// A `nats-server` child process, killed on drop.
+/// A `nats-server` child process (JetStream, loopback), killed on drop; its data directory
+/// lives as long as it does, so a restart keeps the streams.
 pub struct NatsServer {
     child: Option<Child>,
     pub port: u16,
+    /// Server name (`-n`), for cluster nodes.
+    pub name: Option<String>,
+    /// More command-line arguments (cluster routes, `-c` for a configuration file).
+    pub args: Vec<String>,
     dir: tempfile::TempDir,
 }
 
@@ -29,24 +38,54 @@ impl NatsServer {
     /// Starts a JetStream-enabled server on a port of its own choosing (`-p -1`), so that
     /// parallel tests can never race for a port.
     pub async fn start() -> NatsServer {
-        let mut server = NatsServer {
-            child: None,
-            port: 0,
-            dir: tempfile::tempdir().unwrap(),
-        };
+        let mut server = NatsServer::configured_anonymous(0, Vec::new());
         server.launch().await;
         server
     }
 
-    async fn launch(&mut self) {
+    fn configured_anonymous(port: u16, args: Vec<String>) -> NatsServer {
+        NatsServer {
+            child: None,
+            port,
+            name: None,
+            args,
+            dir: tempfile::tempdir().unwrap(),
+        }
+    }
+
+    /// A server named `name` on `port` with more `args`, not started yet ([`Self::launch`]).
+    pub fn configured(name: &str, port: u16, args: Vec<String>) -> NatsServer {
+        let mut server = NatsServer::configured_anonymous(port, args);
+        server.name = Some(name.to_owned());
+        server
+    }
+
+    /// The data directory (for a configuration file to pass with `-c`).
+    pub fn dir(&self) -> &std::path::Path {
+        self.dir.path()
+    }
+
+    /// The process id, for signals (SIGSTOP, SIGCONT).
+    pub fn pid(&self) -> u32 {
+        self.child.as_ref().expect("nats-server runs").id()
+    }
+
+    /// Starts the server and waits until it is ready (on a port of its choosing the first
+    /// time when none was given, on the same port afterwards).
+    pub async fn launch(&mut self) {
         let port = if self.port == 0 {
             "-1".to_owned()
         } else {
             self.port.to_string()
         };
-        let mut child = Command::new(nats_server_bin())
-            .args(["-js", "-a", "127.0.0.1", "-p", &port, "-sd"])
-            .arg(self.dir.path())
+        let mut command = Command::new(nats_server_bin());
+        command.args(["-js", "-a", "127.0.0.1", "-p", &port, "-sd"]);
+        command.arg(self.dir.path().join("jetstream"));
+        if let Some(name) = &self.name {
+            command.args(["-n", name]);
+        }
+        let mut child = command
+            .args(&self.args)
             .stdout(Stdio::null())
             .stderr(Stdio::piped())
             .spawn()
@@ -94,7 +133,6 @@ impl NatsServer {
     }
 
     /// Starts it again on the same port with the same data.
-    #[allow(dead_code)]
     pub async fn restart(&mut self) {
         self.stop();
         self.launch().await;
@@ -378,4 +416,298 @@ pub fn header(headers: &async_nats::HeaderMap, name: &str) -> String {
 /// The JSON body of a response.
 pub async fn json(response: reqwest::Response) -> serde_json::Value {
     response.json().await.expect("JSON body")
+}
+
+pub fn free_port() -> u16 {
+    StdListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port()
+}
+
+pub fn http_client() -> reqwest::Client {
+    reqwest::Client::builder()
+        .timeout(CLIENT_TIMEOUT)
+        .build()
+        .unwrap()
+}
+
+// ---------------------------------------------------------------------------------------
+// Processes: a 3-node cluster, the real binary, and the in-process application when
+// `spawn_app_with` does not fit.
+
+/// Three JetStream nodes `n1`..`n3` routed to each other on free loopback ports.
+pub struct NatsCluster {
+    pub nodes: Vec<NatsServer>,
+}
+
+impl NatsCluster {
+    pub async fn start() -> NatsCluster {
+        let ports: Vec<(u16, u16)> = (0..3).map(|_| (free_port(), free_port())).collect();
+        let mut nodes = Vec::new();
+        for (i, (port, cluster_port)) in ports.iter().enumerate() {
+            let routes: Vec<String> = ports
+                .iter()
+                .enumerate()
+                .filter(|(j, _)| *j != i)
+                .map(|(_, (_, c))| format!("nats://127.0.0.1:{c}"))
+                .collect();
+            let args = vec![
+                "--cluster_name".into(),
+                "cmc".into(),
+                "--cluster".into(),
+                format!("nats://127.0.0.1:{cluster_port}"),
+                "--routes".into(),
+                routes.join(","),
+            ];
+            nodes.push(NatsServer::configured(&format!("n{}", i + 1), *port, args));
+        }
+        for node in &mut nodes {
+            node.launch().await;
+        }
+        NatsCluster { nodes }
+    }
+
+    pub fn urls(&self) -> Vec<String> {
+        self.nodes.iter().map(NatsServer::url).collect()
+    }
+
+    pub fn kill(&mut self, name: &str) {
+        self.nodes
+            .iter_mut()
+            .find(|n| n.name.as_deref() == Some(name))
+            .unwrap_or_else(|| panic!("no node {name}"))
+            .stop();
+    }
+}
+
+/// The application run in this process (for when NATS is not there at start-up, where
+/// `spawn_app_with`'s own NATS client cannot connect).
+pub struct InProc {
+    pub address: String,
+    pub admin: String,
+    stop: Option<oneshot::Sender<()>>,
+    task: Option<tokio::task::JoinHandle<()>>,
+}
+
+impl InProc {
+    pub fn run(app: Application, path: &str) -> InProc {
+        let address = format!("http://127.0.0.1:{}{path}", app.port());
+        let admin = format!("http://127.0.0.1:{}", app.admin_port().unwrap());
+        let (stop, stopped) = oneshot::channel::<()>();
+        let task = tokio::spawn(app.run_until_stopped(async {
+            let _ = stopped.await;
+        }));
+        InProc {
+            address,
+            admin,
+            stop: Some(stop),
+            task: Some(task),
+        }
+    }
+
+    pub async fn stop(mut self) {
+        if let Some(stop) = self.stop.take() {
+            let _ = stop.send(());
+        }
+        if let Some(task) = self.task.take() {
+            tokio::time::timeout(WAIT, task)
+                .await
+                .expect("the application stopped in time")
+                .unwrap();
+        }
+    }
+}
+
+impl Drop for InProc {
+    fn drop(&mut self) {
+        if let Some(stop) = self.stop.take() {
+            let _ = stop.send(());
+        }
+    }
+}
+
+/// The settings of the in-process tests, as `test_settings` but for any servers.
+pub fn settings_for(servers: Vec<String>) -> Settings {
+    let mut s = Settings::default();
+    s.server.listen = "127.0.0.1:0".parse().unwrap();
+    s.admin.listen = Some("127.0.0.1:0".parse().unwrap());
+    s.nats.servers = servers;
+    s.nats.publish_timeout = Duration::from_secs(1);
+    s.nats.connect_timeout = Duration::from_secs(1);
+    s.spool.enabled = false;
+    s
+}
+
+/// The status of `GET url` (0 when it cannot be reached).
+pub async fn status_of(http: &reqwest::Client, url: &str) -> u16 {
+    match http.get(url).send().await {
+        Ok(response) => response.status().as_u16(),
+        Err(_) => 0,
+    }
+}
+
+pub async fn wait_for_status(http: &reqwest::Client, url: &str, status: u16, within: Duration) {
+    let deadline = Instant::now() + within;
+    loop {
+        let now = status_of(http, url).await;
+        if now == status {
+            return;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "{url} stayed {now}, expected {status}"
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}
+
+/// The real `cmc-forwarder` binary, configured through the environment, killed on drop.
+pub struct Service {
+    pub child: Child,
+    pub port: u16,
+    pub admin_port: u16,
+    log: PathBuf,
+}
+
+/// Grace given to in-flight requests after SIGTERM (`server.shutdown_grace`).
+pub const GRACE: Duration = Duration::from_secs(5);
+
+impl Service {
+    /// Starts the binary on fresh loopback ports; its stderr is appended to `log`.
+    pub fn start(nats_url: &str, spool_dir: &Path, log: &Path) -> Service {
+        Service::start_with(nats_url, spool_dir, log, &[])
+    }
+
+    /// As [`Service::start`], with more `CMC_FORWARDER__…` settings.
+    pub fn start_with(
+        nats_url: &str,
+        spool_dir: &Path,
+        log: &Path,
+        env: &[(&str, &str)],
+    ) -> Service {
+        let (port, admin_port) = (free_port(), free_port());
+        let stderr = std::fs::OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(log)
+            .unwrap();
+        let mut command = Command::new(env!("CARGO_BIN_EXE_cmc-forwarder"));
+        for (key, _) in std::env::vars_os() {
+            if key.to_string_lossy().starts_with("CMC_FORWARDER") {
+                command.env_remove(key);
+            }
+        }
+        let child = command
+            .env("CMC_FORWARDER__SERVER__LISTEN", format!("127.0.0.1:{port}"))
+            .env(
+                "CMC_FORWARDER__ADMIN__LISTEN",
+                format!("127.0.0.1:{admin_port}"),
+            )
+            .env("CMC_FORWARDER__NATS__SERVERS", nats_url)
+            .env("CMC_FORWARDER__NATS__PUBLISH_TIMEOUT", "1s")
+            .env("CMC_FORWARDER__NATS__CONNECT_TIMEOUT", "2s")
+            .env(
+                "CMC_FORWARDER__SERVER__SHUTDOWN_GRACE",
+                format!("{}s", GRACE.as_secs()),
+            )
+            .env("CMC_FORWARDER__SPOOL__ENABLED", "true")
+            .env("CMC_FORWARDER__SPOOL__DIR", spool_dir)
+            .envs(env.iter().map(|(k, v)| (format!("CMC_FORWARDER__{k}"), *v)))
+            .env("RUST_LOG", "warn")
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .stderr(stderr)
+            .spawn()
+            .expect("cannot start the cmc-forwarder binary");
+        Service {
+            child,
+            port,
+            admin_port,
+            log: log.to_owned(),
+        }
+    }
+
+    pub fn webhook_url(&self) -> String {
+        format!("http://127.0.0.1:{}/webhooks/cmc", self.port)
+    }
+
+    pub fn readyz(&self) -> String {
+        format!("http://127.0.0.1:{}/readyz", self.admin_port)
+    }
+
+    pub fn log_tail(&self) -> String {
+        let text = std::fs::read_to_string(&self.log).unwrap_or_default();
+        let lines: Vec<&str> = text.lines().collect();
+        lines[lines.len().saturating_sub(20)..].join("\n")
+    }
+
+    /// Waits until `/readyz` answers 200 (the process must not exit meanwhile).
+    pub async fn wait_ready(&mut self, http: &reqwest::Client) {
+        let deadline = Instant::now() + Duration::from_secs(15);
+        while status_of(http, &self.readyz()).await != 200 {
+            if let Some(status) = self.child.try_wait().unwrap() {
+                panic!(
+                    "the service exited ({status}) before ready:\n{}",
+                    self.log_tail()
+                );
+            }
+            assert!(
+                Instant::now() < deadline,
+                "the service never became ready:\n{}",
+                self.log_tail()
+            );
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+    }
+
+    pub fn signal(&self, signal: &str) {
+        let status = Command::new("kill")
+            .args([signal, &self.child.id().to_string()])
+            .status()
+            .unwrap();
+        assert!(status.success(), "kill {signal} failed");
+    }
+
+    /// Waits for the process to exit; `None` after `within`.
+    pub async fn wait_exit(&mut self, within: Duration) -> Option<ExitStatus> {
+        let deadline = Instant::now() + within;
+        loop {
+            if let Some(status) = self.child.try_wait().unwrap() {
+                return Some(status);
+            }
+            if Instant::now() >= deadline {
+                return None;
+            }
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+    }
+
+    /// SIGTERM, then asserts exit status 0 within the grace period and a few seconds.
+    pub async fn terminate(&mut self) -> Duration {
+        let started = Instant::now();
+        self.signal("-TERM");
+        let status = self.wait_exit(GRACE + Duration::from_secs(4)).await;
+        let status = status.unwrap_or_else(|| {
+            panic!(
+                "no exit within {:?} of SIGTERM:\n{}",
+                GRACE + Duration::from_secs(4),
+                self.log_tail()
+            )
+        });
+        assert!(
+            status.success(),
+            "exit status {status} after SIGTERM:\n{}",
+            self.log_tail()
+        );
+        started.elapsed()
+    }
+}
+
+impl Drop for Service {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
 }

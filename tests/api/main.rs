@@ -1,6 +1,7 @@
 //! Integration tests: the real service on port 0 against real `nats-server` processes.
 //! One test binary keeps link time down; one module per feature.
 
+mod bodies;
 mod conformance;
 mod consumer;
 mod deadletter;
@@ -11,6 +12,7 @@ mod hostile;
 mod http;
 mod inbound;
 mod limits;
+mod pipeline;
 mod props;
 mod secure;
 mod trace;

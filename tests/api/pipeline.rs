@@ -1,0 +1,522 @@
+//! The delivery pipeline's limits against the real binary and real nats-server processes
+//! (issue 10): memory of one large body and of sixteen at once (peak RSS from
+//! `/proc/<pid>/status`), `max_entries`, concurrent large batches, a poison message in the
+//! spool, and `cmc-forwarder spool drain`. Each test prints its figures.
+//!
+//! Run them one at a time (they measure memory and share two cores):
+//! `cargo test --test api pipeline:: -- --nocapture --test-threads=1`.
+
+use std::collections::HashMap;
+use std::path::Path;
+use std::process::{Command, Output};
+use std::time::{Duration, Instant};
+
+use async_nats::jetstream;
+use futures_util::StreamExt;
+use serde_json::{json, Value};
+
+use crate::helpers::*;
+
+const MIB: u64 = 1024 * 1024;
+const STREAM: &str = "CMC_EVENTS";
+
+/// A JSON webhook of `n` deliveries of about `size` bytes each, every one distinct.
+fn body(tag: &str, n: usize, size: usize) -> Vec<u8> {
+    let statuses = ["queued", "succeeded", "failed", "deferred"];
+    let entries: Vec<Value> = (0..n)
+        .map(|i| {
+            let mut entry = json!({
+                "status": statuses[i % 4],
+                "messageId": format!("<{tag}.{i}@mail.example.com>"),
+                "from": "sender@example.com",
+                "to": format!("user{i}@example.net"),
+                "subject": "Your order has shipped",
+                "created": "2026-12-01 12:34:56",
+                "reason": "",
+                "apiData": format!("{tag}-{i}"),
+            });
+            let len = entry.to_string().len();
+            entry["note"] = Value::String("n".repeat(size.saturating_sub(len + 10)));
+            entry
+        })
+        .collect();
+    serde_json::to_vec(&json!({
+        "event_type": "deliveries",
+        "server_composition": "pro",
+        "event": {"deliveries": entries},
+    }))
+    .unwrap()
+}
+
+/// The process's peak resident set (VmHWM) in bytes.
+fn peak_rss(pid: u32) -> u64 {
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap();
+    let line = status
+        .lines()
+        .find(|l| l.starts_with("VmHWM:"))
+        .expect("VmHWM in /proc/<pid>/status");
+    let kib: u64 = line
+        .split_whitespace()
+        .nth(1)
+        .and_then(|n| n.parse().ok())
+        .unwrap();
+    kib * 1024
+}
+
+async fn post(http: &reqwest::Client, url: &str, body: Vec<u8>) -> (u16, Value, Option<String>) {
+    let response = http
+        .post(url)
+        .header("content-type", "application/json")
+        .body(body)
+        .send()
+        .await
+        .expect("answered in time");
+    let status = response.status().as_u16();
+    let retry_after = response
+        .headers()
+        .get("retry-after")
+        .map(|v| v.to_str().unwrap().to_owned());
+    let id = response
+        .headers()
+        .get("x-request-id")
+        .map(|v| v.to_str().unwrap().to_owned());
+    let json: Value = response.json().await.unwrap_or(Value::Null);
+    if status == 503 {
+        assert!(retry_after.is_some(), "503 without Retry-After");
+    }
+    (status, json, id)
+}
+
+fn client(timeout: Duration) -> reqwest::Client {
+    reqwest::Client::builder().timeout(timeout).build().unwrap()
+}
+
+async fn jetstream_of(url: &str) -> jetstream::Context {
+    let client = async_nats::ConnectOptions::new()
+        .retry_on_initial_connect()
+        .reconnect_delay_callback(|_| Duration::from_millis(100))
+        .connect(url)
+        .await
+        .unwrap();
+    jetstream::new(client)
+}
+
+async fn stored_count(js: &jetstream::Context) -> u64 {
+    match js.get_stream(STREAM).await {
+        Ok(mut stream) => stream.info().await.map_or(0, |i| i.state.messages),
+        Err(_) => 0,
+    }
+}
+
+async fn wait_stored(js: &jetstream::Context, n: u64, within: Duration) -> u64 {
+    let deadline = Instant::now() + within;
+    loop {
+        let count = stored_count(js).await;
+        if count >= n || Instant::now() > deadline {
+            return count;
+        }
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+}
+
+/// `(Cmc-Batch-Id, Cmc-Batch-Index, Nats-Msg-Id)` of every stored message, in stream order.
+async fn stored_messages(js: &jetstream::Context) -> Vec<(String, usize, String)> {
+    let stream = js.get_stream(STREAM).await.unwrap();
+    let state = stream.get_info().await.unwrap().state;
+    if state.messages == 0 {
+        return Vec::new();
+    }
+    futures_util::stream::iter(state.first_sequence..=state.last_sequence)
+        .map(|seq| {
+            let stream = &stream;
+            async move { stream.get_raw_message(seq).await.unwrap() }
+        })
+        .buffered(64)
+        .map(|m| {
+            let header = |name: &str| {
+                m.headers
+                    .get(name)
+                    .map(|v| v.as_str().to_owned())
+                    .unwrap_or_default()
+            };
+            (
+                header("Cmc-Batch-Id"),
+                header("Cmc-Batch-Index").parse().unwrap(),
+                header("Nats-Msg-Id"),
+            )
+        })
+        .collect()
+        .await
+}
+
+/// Runs `cmc-forwarder <args>` with the service's environment for `spool_dir` and `nats_url`.
+fn cli(nats_url: &str, spool_dir: &Path, args: &[&str]) -> Output {
+    let mut command = Command::new(env!("CARGO_BIN_EXE_cmc-forwarder"));
+    for (key, _) in std::env::vars_os() {
+        if key.to_string_lossy().starts_with("CMC_FORWARDER") {
+            command.env_remove(key);
+        }
+    }
+    command
+        .args(args)
+        .env("CMC_FORWARDER__NATS__SERVERS", nats_url)
+        .env("CMC_FORWARDER__NATS__CONNECT_TIMEOUT", "2s")
+        .env("CMC_FORWARDER__NATS__PUBLISH_TIMEOUT", "2s")
+        .env("CMC_FORWARDER__SPOOL__DIR", spool_dir)
+        .env("RUST_LOG", "warn")
+        .output()
+        .expect("the binary runs")
+}
+
+fn text(bytes: &[u8]) -> String {
+    String::from_utf8_lossy(bytes).into_owned()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn one_large_body_is_200_within_64_mib_and_a_body_of_tiny_entries_is_413() {
+    let nats = NatsServer::start().await;
+    let spool = tempfile::tempdir().unwrap();
+    let log = spool.path().join("service.log");
+    let mut service = Service::start_with(
+        &nats.url(),
+        &spool.path().join("spool"),
+        &log,
+        &[("NATS__PUBLISH_TIMEOUT", "20s")],
+    );
+    let http = client(Duration::from_secs(60));
+    service.wait_ready(&http).await;
+    let pid = service.child.id();
+    let idle = peak_rss(pid);
+
+    let large = body("large", 10_000, 410);
+    assert!(large.len() as u64 > 39 * MIB / 10 && large.len() as u64 <= 4 * MIB);
+    let started = Instant::now();
+    let (status, answer, _) = post(&http, &service.webhook_url(), large).await;
+    let took = started.elapsed();
+    assert_eq!(status, 200, "{answer}");
+    assert_eq!(
+        answer["published"].as_u64().unwrap() + answer["spooled"].as_u64().unwrap_or(0),
+        10_000
+    );
+    let after_large = peak_rss(pid);
+
+    let tiny: Vec<String> = (0..158_116)
+        .map(|i| format!(r#"{{"status":"q","i":{i}}}"#))
+        .collect();
+    let tiny = format!(
+        r#"{{"event_type":"deliveries","server_composition":"pro","event":{{"deliveries":[{}]}}}}"#,
+        tiny.join(",")
+    );
+    assert!(tiny.len() as u64 <= 4 * MIB);
+    let (status, answer, _) = post(&http, &service.webhook_url(), tiny.into_bytes()).await;
+    assert_eq!(status, 413, "{answer}");
+    assert_eq!(answer["error"], "payload_too_large");
+    let after_tiny = peak_rss(pid);
+    println!(
+        "[one_large_body] 10000 entries, 4 MiB: 200 in {took:?}; peak RSS idle={} MiB after_large={} MiB after_158116_tiny(413)={} MiB",
+        idle / MIB,
+        after_large / MIB,
+        after_tiny / MIB
+    );
+    assert!(
+        after_large <= 64 * MIB,
+        "peak RSS {} MiB",
+        after_large / MIB
+    );
+    assert!(after_tiny <= 64 * MIB, "peak RSS {} MiB", after_tiny / MIB);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sixteen_large_bodies_at_once_get_200_or_503_and_nothing_of_a_refused_one_is_published() {
+    const BUDGET: u64 = 24 * MIB;
+    let nats = NatsServer::start().await;
+    let spool = tempfile::tempdir().unwrap();
+    let log = spool.path().join("service.log");
+    let budget = BUDGET.to_string();
+    let mut service = Service::start_with(
+        &nats.url(),
+        &spool.path().join("spool"),
+        &log,
+        &[
+            ("NATS__PUBLISH_TIMEOUT", "20s"),
+            ("SERVER__MAX_IN_FLIGHT_BYTES", &budget),
+        ],
+    );
+    let http = client(Duration::from_secs(90));
+    service.wait_ready(&http).await;
+    let pid = service.child.id();
+    let bodies: Vec<Vec<u8>> = (0..16)
+        .map(|i| body(&format!("b{i}"), 2000, 2000))
+        .collect();
+    let url = service.webhook_url();
+    let tasks: Vec<_> = bodies
+        .into_iter()
+        .map(|b| {
+            let (http, url) = (http.clone(), url.clone());
+            tokio::spawn(async move { post(&http, &url, b).await })
+        })
+        .collect();
+    let mut accepted = Vec::new();
+    let mut refused = Vec::new();
+    for task in tasks {
+        let (status, answer, id) = task.await.unwrap();
+        match status {
+            200 => accepted.push(id.unwrap()),
+            503 => refused.push(id.unwrap()),
+            other => panic!("status {other}: {answer}"),
+        }
+    }
+    let peak = peak_rss(pid);
+    let js = jetstream_of(&nats.url()).await;
+    let expected = accepted.len() as u64 * 2000;
+    let count = wait_stored(&js, expected, Duration::from_secs(60)).await;
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    let stored = stored_messages(&js).await;
+    let mut per_batch: HashMap<String, usize> = HashMap::new();
+    for (batch, _, _) in &stored {
+        *per_batch.entry(batch.clone()).or_default() += 1;
+    }
+    println!(
+        "[sixteen_large_bodies] max_in_flight_bytes={} MiB: 200={} 503={} stored={count} peak RSS={} MiB",
+        BUDGET / MIB,
+        accepted.len(),
+        refused.len(),
+        peak / MIB
+    );
+    assert!(!accepted.is_empty(), "nothing accepted");
+    for id in &refused {
+        assert!(
+            !per_batch.contains_key(id),
+            "a refused request was published"
+        );
+    }
+    for id in &accepted {
+        assert_eq!(per_batch.get(id), Some(&2000), "batch {id} incomplete");
+    }
+    assert_eq!(stored.len() as u64, expected);
+    assert!(
+        peak <= BUDGET + 64 * MIB,
+        "peak RSS {} MiB over max_in_flight_bytes + 64 MiB",
+        peak / MIB
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn four_batches_of_10000_at_once_are_all_200_and_all_stored() {
+    let nats = NatsServer::start().await;
+    let spool = tempfile::tempdir().unwrap();
+    let log = spool.path().join("service.log");
+    let mut service = Service::start_with(
+        &nats.url(),
+        &spool.path().join("spool"),
+        &log,
+        &[("NATS__PUBLISH_TIMEOUT", "20s")],
+    );
+    let http = client(Duration::from_secs(120));
+    service.wait_ready(&http).await;
+    let url = service.webhook_url();
+    let started = Instant::now();
+    let tasks: Vec<_> = (0..4)
+        .map(|i| {
+            let (http, url) = (http.clone(), url.clone());
+            let b = body(&format!("four{i}"), 10_000, 100);
+            tokio::spawn(async move { post(&http, &url, b).await })
+        })
+        .collect();
+    let mut spooled = 0;
+    for task in tasks {
+        let (status, answer, _) = task.await.unwrap();
+        assert_eq!(status, 200, "{answer}");
+        spooled += answer["spooled"].as_u64().unwrap_or(0);
+    }
+    let took = started.elapsed();
+    let js = jetstream_of(&nats.url()).await;
+    let count = wait_stored(&js, 40_000, Duration::from_secs(60)).await;
+    println!(
+        "[four_10000] 4 x 10000 at once: all 200 in {took:?} (spooled {spooled}), stored={count}"
+    );
+    assert_eq!(count, 40_000);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_poison_message_in_the_spool_is_quarantined_and_the_rest_drains_in_order() {
+    let mut nats = NatsServer::start().await;
+    let spool = tempfile::tempdir().unwrap();
+    let spool_dir = spool.path().join("spool");
+    let log = spool.path().join("service.log");
+    let mut service = Service::start_with(
+        &nats.url(),
+        &spool_dir,
+        &log,
+        &[("SPOOL__RETRY_MAX_INTERVAL", "500ms")],
+    );
+    let http = client(CLIENT_TIMEOUT);
+    service.wait_ready(&http).await;
+    nats.stop();
+
+    // 20 batches of 10 while NATS is down; batch 7 holds one message of ~900 KB.
+    let mut ids = Vec::new();
+    for b in 0..20 {
+        let payload = if b == 7 {
+            body("poison", 1, 900_000)
+        } else {
+            body(&format!("p{b:02}"), 10, 300)
+        };
+        let (status, answer, id) = post(&http, &service.webhook_url(), payload).await;
+        assert_eq!(status, 200, "batch {b}: {answer}");
+        assert_eq!(answer["published"], 0, "batch {b}: {answer}");
+        ids.push(id.unwrap());
+    }
+    let before = cli(&nats.url(), &spool_dir, &["spool", "status", "--json"]);
+    let before: Value = serde_json::from_slice(&before.stdout).unwrap();
+    assert_eq!(before["messages"], 191, "{before}");
+    assert_eq!(before["in_use"], true);
+
+    // NATS comes back with a max_payload the big message no longer fits.
+    let conf = nats.dir().join("small.conf");
+    std::fs::write(&conf, "max_payload: 524288\n").unwrap();
+    nats.args = vec!["-c".into(), conf.display().to_string()];
+    nats.restart().await;
+    let js = jetstream_of(&nats.url()).await;
+    let count = wait_stored(&js, 190, Duration::from_secs(30)).await;
+    assert_eq!(
+        count,
+        190,
+        "the other messages drained:\n{}",
+        service.log_tail()
+    );
+    let deadline = Instant::now() + Duration::from_secs(10);
+    let status = loop {
+        let out = cli(&nats.url(), &spool_dir, &["spool", "status", "--json"]);
+        let status: Value = serde_json::from_slice(&out.stdout).unwrap();
+        if status["messages"] == 0 || Instant::now() > deadline {
+            break status;
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    };
+    assert_eq!(status["messages"], 0, "{status}");
+    let quarantined = status["quarantined"].as_array().unwrap();
+    assert_eq!(quarantined.len(), 1, "{status}");
+    assert_eq!(quarantined[0]["subject"], "cmc.deliveries.queued");
+    assert!(
+        quarantined[0]["reason"]
+            .as_str()
+            .unwrap()
+            .contains("max_payload")
+            || quarantined[0]["reason"]
+                .as_str()
+                .unwrap()
+                .contains("Payload size limit"),
+        "{status}"
+    );
+    let human = text(&cli(&nats.url(), &spool_dir, &["spool", "status"]).stdout);
+    assert!(human.contains("quarantined: 1 messages"), "{human}");
+    let metrics = http
+        .get(format!("http://127.0.0.1:{}/metrics", service.admin_port))
+        .send()
+        .await
+        .unwrap()
+        .text()
+        .await
+        .unwrap();
+    assert!(
+        metrics
+            .lines()
+            .any(|l| l == "cmc_forwarder_spool_quarantined_messages 1"),
+        "metric missing"
+    );
+    // In order: batch by batch, entry by entry.
+    let stored = stored_messages(&js).await;
+    let order: Vec<(usize, usize)> = stored
+        .iter()
+        .map(|(batch, index, _)| (ids.iter().position(|i| i == batch).unwrap(), *index))
+        .collect();
+    let mut sorted = order.clone();
+    sorted.sort();
+    assert_eq!(order, sorted, "stored out of order");
+    assert!(!order.iter().any(|(b, _)| *b == 7), "the poison was stored");
+    // New batches are accepted again, and published directly.
+    let (status, answer, _) = post(&http, &service.webhook_url(), body("after", 10, 300)).await;
+    assert_eq!(
+        (status, answer["published"].as_u64()),
+        (200, Some(10)),
+        "{answer}"
+    );
+    println!(
+        "[poison] spooled=191 drained_in_order={} quarantined=1 reason={:?}",
+        stored.len(),
+        quarantined[0]["reason"]
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn spool_drain_empties_a_stopped_services_spool_exactly_once_and_refuses_a_spool_in_use() {
+    let mut nats = NatsServer::start().await;
+    let spool = tempfile::tempdir().unwrap();
+    let spool_dir = spool.path().join("spool");
+    let log = spool.path().join("service.log");
+    let mut service = Service::start(&nats.url(), &spool_dir, &log);
+    let http = client(CLIENT_TIMEOUT);
+    service.wait_ready(&http).await;
+    nats.stop();
+    let mut ids = Vec::new();
+    for b in 0..12 {
+        let (status, answer, id) = post(
+            &http,
+            &service.webhook_url(),
+            body(&format!("d{b}"), 25, 300),
+        )
+        .await;
+        assert_eq!(status, 200, "{answer}");
+        assert_eq!(answer["spooled"], 25, "{answer}");
+        ids.push(id.unwrap());
+    }
+    // While the service runs on the directory, drain refuses.
+    let refused = cli(&nats.url(), &spool_dir, &["spool", "drain"]);
+    assert!(!refused.status.success());
+    let message = text(&refused.stderr);
+    assert!(message.contains("in use by another process"), "{message}");
+
+    service.terminate().await;
+    nats.restart().await;
+    let started = Instant::now();
+    let drained = cli(&nats.url(), &spool_dir, &["spool", "drain"]);
+    let took = started.elapsed();
+    assert!(
+        drained.status.success(),
+        "drain failed: {}{}",
+        text(&drained.stdout),
+        text(&drained.stderr)
+    );
+    let out = text(&drained.stdout);
+    assert!(out.contains("published 300 messages"), "{out}");
+    let status: Value = serde_json::from_slice(
+        &cli(&nats.url(), &spool_dir, &["spool", "status", "--json"]).stdout,
+    )
+    .unwrap();
+    assert_eq!(status["messages"], 0);
+    assert_eq!(status["in_use"], false);
+    // A second drain finds nothing to do.
+    let again = cli(&nats.url(), &spool_dir, &["spool", "drain"]);
+    assert!(again.status.success());
+    assert!(text(&again.stdout).contains("is empty"));
+    let js = jetstream_of(&nats.url()).await;
+    let stored = stored_messages(&js).await;
+    let mut distinct: Vec<&String> = stored.iter().map(|(_, _, id)| id).collect();
+    distinct.sort();
+    distinct.dedup();
+    println!(
+        "[spool_drain] spooled=300 drained in {took:?}: stored={} distinct={}",
+        stored.len(),
+        distinct.len()
+    );
+    assert_eq!(stored.len(), 300, "exactly once");
+    assert_eq!(distinct.len(), 300);
+    let order: Vec<(usize, usize)> = stored
+        .iter()
+        .map(|(batch, index, _)| (ids.iter().position(|i| i == batch).unwrap(), *index))
+        .collect();
+    let mut sorted = order.clone();
+    sorted.sort();
+    assert_eq!(order, sorted, "drained out of order");
+}
