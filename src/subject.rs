@@ -1,7 +1,8 @@
 //! Subject templates (`nats.subject`) and the escaping that makes any value a safe, injective
 //! NATS subject token.
 //!
-//! Pure: parsed once at start-up, rendered once per outgoing message. Owns the placeholder
+//! Pure: parsed once at start-up, rendered once per outgoing message. Owns the template
+//! grammar shared by every subject template (also `inbound.subject`), the event placeholder
 //! names, the token escaping (also used for `Cmc-*` header values) and the readable names of
 //! CMC's bounce codes. Knows nothing of HTTP or NATS connections.
 
@@ -59,21 +60,124 @@ impl SubjectValues<'_> {
     }
 }
 
+/// One run of a template token: literal text, or a placeholder of the set `P`.
 #[derive(Debug, Clone, PartialEq, Eq)]
-enum Segment {
+enum Segment<P> {
     Literal(String),
-    Value(Placeholder),
+    Value(P),
+}
+
+/// Why a template text was refused, whatever its placeholder set: each template type turns
+/// this into its own error, whose message names the placeholders it knows.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub(crate) enum TemplateRefusal {
+    Empty,
+    EmptyToken(usize),
+    UnknownPlaceholder(String),
+    Unbalanced,
+    BadCharacter(String),
+}
+
+/// The template grammar shared by every subject template of the service (`nats.subject`,
+/// `inbound.subject`, ...): dot-separated non-empty tokens, each a run of literals and
+/// `{placeholder}`s from the set `P`, no wildcards, whitespace or control characters.
+/// Substituted values are always escaped with [`escape_token`].
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub(crate) struct Template<P> {
+    source: String,
+    /// One entry per dot-separated token; each token is a run of segments.
+    tokens: Vec<Vec<Segment<P>>>,
+}
+
+impl<P: Copy + PartialEq> Template<P> {
+    /// Parses `source`, naming placeholders with `lookup` (`None`: unknown placeholder).
+    pub(crate) fn parse(
+        source: &str,
+        lookup: impl Fn(&str) -> Option<P>,
+    ) -> Result<Self, TemplateRefusal> {
+        if source.is_empty() {
+            return Err(TemplateRefusal::Empty);
+        }
+        let mut tokens = Vec::new();
+        for (i, token) in source.split('.').enumerate() {
+            if token.is_empty() {
+                return Err(TemplateRefusal::EmptyToken(i + 1));
+            }
+            tokens.push(parse_token(token, &lookup)?);
+        }
+        Ok(Template {
+            source: source.to_owned(),
+            tokens,
+        })
+    }
+
+    /// Renders the template, each placeholder replaced by the escaped `value` of it; `extra`
+    /// is a capacity hint for the substituted bytes.
+    pub(crate) fn render<'v>(&self, extra: usize, value: impl Fn(P) -> &'v str) -> String {
+        let mut out = String::with_capacity(self.source.len() + extra);
+        for (i, token) in self.tokens.iter().enumerate() {
+            if i > 0 {
+                out.push('.');
+            }
+            for segment in token {
+                match segment {
+                    Segment::Literal(text) => out.push_str(text),
+                    Segment::Value(p) => escape_token_into(value(*p), &mut out),
+                }
+            }
+        }
+        out
+    }
+
+    /// The template with every token that holds a placeholder replaced by `*`: the set of
+    /// subjects the template can produce, as a NATS subject filter.
+    pub(crate) fn as_filter(&self) -> String {
+        self.tokens
+            .iter()
+            .map(|token| {
+                let mut literal = String::new();
+                for segment in token {
+                    match segment {
+                        Segment::Literal(t) => literal.push_str(t),
+                        Segment::Value(_) => return "*".to_owned(),
+                    }
+                }
+                literal
+            })
+            .collect::<Vec<_>>()
+            .join(".")
+    }
+
+    /// Whether every subject this template can produce matches at least one of `filters`.
+    pub(crate) fn is_covered_by<S: AsRef<str>>(&self, filters: &[S]) -> bool {
+        let produced = self.as_filter();
+        filters
+            .iter()
+            .any(|f| filter_contains(f.as_ref(), &produced))
+    }
+
+    pub(crate) fn as_str(&self) -> &str {
+        &self.source
+    }
+
+    pub(crate) fn into_source(self) -> String {
+        self.source
+    }
+
+    /// Whether the template substitutes `placeholder` anywhere.
+    pub(crate) fn uses(&self, placeholder: P) -> bool {
+        self.tokens
+            .iter()
+            .flatten()
+            .any(|s| matches!(s, Segment::Value(p) if *p == placeholder))
+    }
 }
 
 /// A validated subject template such as `cmc.{event_type}.{status}`. Deserialised from its
 /// text (compiled, or refused with the reason) and serialised back to it.
 #[derive(Debug, Clone, PartialEq, Eq, serde::Deserialize, serde::Serialize)]
 #[serde(try_from = "String", into = "String")]
-pub struct SubjectTemplate {
-    source: String,
-    /// One entry per dot-separated token; each token is a run of segments.
-    tokens: Vec<Vec<Segment>>,
-}
+pub struct SubjectTemplate(Template<Placeholder>);
 
 /// Why a template was refused at start-up.
 #[derive(Debug, Error, PartialEq, Eq)]
@@ -90,83 +194,51 @@ pub enum TemplateError {
     BadCharacter(String),
 }
 
+impl From<TemplateRefusal> for TemplateError {
+    fn from(refusal: TemplateRefusal) -> Self {
+        match refusal {
+            TemplateRefusal::Empty => TemplateError::Empty,
+            TemplateRefusal::EmptyToken(i) => TemplateError::EmptyToken(i),
+            TemplateRefusal::UnknownPlaceholder(name) => TemplateError::UnknownPlaceholder(name),
+            TemplateRefusal::Unbalanced => TemplateError::Unbalanced,
+            TemplateRefusal::BadCharacter(token) => TemplateError::BadCharacter(token),
+        }
+    }
+}
+
 impl SubjectTemplate {
     /// Parses and validates a template.
     pub fn parse(source: &str) -> Result<Self, TemplateError> {
-        if source.is_empty() {
-            return Err(TemplateError::Empty);
-        }
-        let mut tokens = Vec::new();
-        for (i, token) in source.split('.').enumerate() {
-            if token.is_empty() {
-                return Err(TemplateError::EmptyToken(i + 1));
-            }
-            tokens.push(parse_token(token)?);
-        }
-        Ok(SubjectTemplate {
-            source: source.to_owned(),
-            tokens,
-        })
+        Ok(SubjectTemplate(Template::parse(
+            source,
+            Placeholder::parse,
+        )?))
     }
 
     /// Renders the subject of one event; every substituted value is escaped with
     /// [`escape_token`], so the result is always a valid subject without wildcards.
     pub fn render(&self, values: &SubjectValues<'_>) -> String {
-        let mut out = String::with_capacity(self.source.len() + 32);
-        for (i, token) in self.tokens.iter().enumerate() {
-            if i > 0 {
-                out.push('.');
-            }
-            for segment in token {
-                match segment {
-                    Segment::Literal(text) => out.push_str(text),
-                    Segment::Value(p) => escape_token_into(values.get(*p), &mut out),
-                }
-            }
-        }
-        out
+        self.0.render(32, |p| values.get(p))
     }
 
     /// The template with every token that holds a placeholder replaced by `*`: the set of
     /// subjects the template can produce, as a NATS subject filter.
     pub fn as_filter(&self) -> String {
-        self.tokens
-            .iter()
-            .map(|token| {
-                if token.iter().any(|s| matches!(s, Segment::Value(_))) {
-                    "*".to_owned()
-                } else {
-                    token
-                        .iter()
-                        .map(|s| match s {
-                            Segment::Literal(t) => t.as_str(),
-                            Segment::Value(_) => unreachable!(),
-                        })
-                        .collect()
-                }
-            })
-            .collect::<Vec<_>>()
-            .join(".")
+        self.0.as_filter()
     }
 
     /// Whether every subject this template can produce matches at least one of `filters`.
     pub fn is_covered_by<S: AsRef<str>>(&self, filters: &[S]) -> bool {
-        let produced = self.as_filter();
-        filters
-            .iter()
-            .any(|f| filter_contains(f.as_ref(), &produced))
+        self.0.is_covered_by(filters)
     }
 
     pub fn as_str(&self) -> &str {
-        &self.source
+        self.0.as_str()
     }
 
     /// Whether the template substitutes `placeholder` anywhere.
     pub fn uses(&self, placeholder: Placeholder) -> bool {
-        self.tokens
-            .iter()
-            .flatten()
-            .any(|s| *s == Segment::Value(placeholder))
+        self.0.uses(placeholder)
     }
 }
 
@@ -179,7 +251,7 @@ impl TryFrom<String> for SubjectTemplate {
 
 impl From<SubjectTemplate> for String {
     fn from(template: SubjectTemplate) -> String {
-        template.source
+        template.0.into_source()
     }
 }
 
@@ -192,32 +264,35 @@ impl std::str::FromStr for SubjectTemplate {
 
 impl fmt::Display for SubjectTemplate {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.write_str(&self.source)
+        f.write_str(self.as_str())
     }
 }
 
-fn parse_token(token: &str) -> Result<Vec<Segment>, TemplateError> {
+fn parse_token<P>(
+    token: &str,
+    lookup: &impl Fn(&str) -> Option<P>,
+) -> Result<Vec<Segment<P>>, TemplateRefusal> {
     let mut segments = Vec::new();
     let mut rest = token;
     while !rest.is_empty() {
         if let Some(after) = rest.strip_prefix('{') {
-            let end = after.find('}').ok_or(TemplateError::Unbalanced)?;
+            let end = after.find('}').ok_or(TemplateRefusal::Unbalanced)?;
             let name = &after[..end];
-            let p = Placeholder::parse(name)
-                .ok_or_else(|| TemplateError::UnknownPlaceholder(name.to_owned()))?;
+            let p =
+                lookup(name).ok_or_else(|| TemplateRefusal::UnknownPlaceholder(name.to_owned()))?;
             segments.push(Segment::Value(p));
             rest = &after[end + 1..];
         } else {
             let end = rest.find('{').unwrap_or(rest.len());
             let literal = &rest[..end];
             if literal.contains('}') {
-                return Err(TemplateError::Unbalanced);
+                return Err(TemplateRefusal::Unbalanced);
             }
             if literal
                 .chars()
                 .any(|c| c == '*' || c == '>' || c.is_whitespace() || c.is_control())
             {
-                return Err(TemplateError::BadCharacter(token.to_owned()));
+                return Err(TemplateRefusal::BadCharacter(token.to_owned()));
             }
             segments.push(Segment::Literal(literal.to_owned()));
             rest = &rest[end..];

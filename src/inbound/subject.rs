@@ -1,14 +1,14 @@
 //! The inbound subject template (`inbound.subject`, default `cmc.inbound.{filter}`).
 //!
-//! Pure. Same rules as the event template of [`crate::subject`] (no empty tokens, no
-//! wildcards or whitespace, known placeholders only), with the inbound placeholders
+//! Pure. Parsed and rendered by the template grammar of [`crate::subject`] (no empty tokens,
+//! no wildcards or whitespace, known placeholders only), with the inbound placeholders
 //! `{filter}` and `{server_composition}`; every substituted value is escaped with
 //! [`crate::subject::escape_token`], so a filter such as `info@smtps.jp` can never add a token
 //! or a wildcard.
 
 use thiserror::Error;
 
-use crate::subject::{escape_token, filter_contains};
+use crate::subject::{Template, TemplateRefusal};
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 enum Placeholder {
@@ -16,18 +16,19 @@ enum Placeholder {
     ServerComposition,
 }
 
-#[derive(Debug, Clone, PartialEq, Eq)]
-enum Segment {
-    Literal(String),
-    Value(Placeholder),
+impl Placeholder {
+    fn parse(name: &str) -> Option<Placeholder> {
+        match name {
+            "filter" => Some(Placeholder::Filter),
+            "server_composition" => Some(Placeholder::ServerComposition),
+            _ => None,
+        }
+    }
 }
 
 /// A validated inbound subject template.
 #[derive(Debug, Clone, PartialEq, Eq)]
-pub struct InboundSubject {
-    source: String,
-    tokens: Vec<Vec<Segment>>,
-}
+pub struct InboundSubject(Template<Placeholder>);
 
 /// Why an inbound template was refused.
 #[derive(Debug, Error, PartialEq, Eq)]
@@ -44,105 +45,46 @@ pub enum InboundSubjectError {
     BadCharacter(String),
 }
 
+impl From<TemplateRefusal> for InboundSubjectError {
+    fn from(refusal: TemplateRefusal) -> Self {
+        match refusal {
+            TemplateRefusal::Empty => InboundSubjectError::Empty,
+            TemplateRefusal::EmptyToken(i) => InboundSubjectError::EmptyToken(i),
+            TemplateRefusal::UnknownPlaceholder(name) => {
+                InboundSubjectError::UnknownPlaceholder(name)
+            }
+            TemplateRefusal::Unbalanced => InboundSubjectError::Unbalanced,
+            TemplateRefusal::BadCharacter(token) => InboundSubjectError::BadCharacter(token),
+        }
+    }
+}
+
 impl InboundSubject {
     pub fn parse(source: &str) -> Result<Self, InboundSubjectError> {
-        if source.is_empty() {
-            return Err(InboundSubjectError::Empty);
-        }
-        let mut tokens = Vec::new();
-        for (i, token) in source.split('.').enumerate() {
-            if token.is_empty() {
-                return Err(InboundSubjectError::EmptyToken(i + 1));
-            }
-            tokens.push(parse_token(token)?);
-        }
-        Ok(InboundSubject {
-            source: source.to_owned(),
-            tokens,
-        })
+        Ok(InboundSubject(Template::parse(source, Placeholder::parse)?))
     }
 
     /// The subject of one mail.
     pub fn render(&self, filter: &str, server_composition: &str) -> String {
-        let mut out = String::with_capacity(self.source.len() + filter.len() * 3);
-        for (i, token) in self.tokens.iter().enumerate() {
-            if i > 0 {
-                out.push('.');
-            }
-            for segment in token {
-                match segment {
-                    Segment::Literal(text) => out.push_str(text),
-                    Segment::Value(Placeholder::Filter) => out.push_str(&escape_token(filter)),
-                    Segment::Value(Placeholder::ServerComposition) => {
-                        out.push_str(&escape_token(server_composition))
-                    }
-                }
-            }
-        }
-        out
+        self.0.render(filter.len() * 3, |p| match p {
+            Placeholder::Filter => filter,
+            Placeholder::ServerComposition => server_composition,
+        })
     }
 
     /// Every subject the template can produce, as a NATS filter (`*` for placeholder tokens).
     pub fn as_filter(&self) -> String {
-        self.tokens
-            .iter()
-            .map(|token| {
-                let mut literal = String::new();
-                for segment in token {
-                    match segment {
-                        Segment::Literal(t) => literal.push_str(t),
-                        Segment::Value(_) => return "*".to_owned(),
-                    }
-                }
-                literal
-            })
-            .collect::<Vec<_>>()
-            .join(".")
+        self.0.as_filter()
     }
 
     /// Whether every subject the template can produce matches one of `filters`.
     pub fn is_covered_by<S: AsRef<str>>(&self, filters: &[S]) -> bool {
-        let produced = self.as_filter();
-        filters
-            .iter()
-            .any(|f| filter_contains(f.as_ref(), &produced))
+        self.0.is_covered_by(filters)
     }
 
     pub fn as_str(&self) -> &str {
-        &self.source
+        self.0.as_str()
     }
-}
-
-fn parse_token(token: &str) -> Result<Vec<Segment>, InboundSubjectError> {
-    let mut segments = Vec::new();
-    let mut rest = token;
-    while !rest.is_empty() {
-        if let Some(after) = rest.strip_prefix('{') {
-            let end = after.find('}').ok_or(InboundSubjectError::Unbalanced)?;
-            let p = match &after[..end] {
-                "filter" => Placeholder::Filter,
-                "server_composition" => Placeholder::ServerComposition,
-                other => return Err(InboundSubjectError::UnknownPlaceholder(other.to_owned())),
-            };
-            segments.push(Segment::Value(p));
-            rest = &after[end + 1..];
-        } else {
-            let end = rest.find('{').unwrap_or(rest.len());
-            let literal = &rest[..end];
-            if literal.contains('}') {
-                return Err(InboundSubjectError::Unbalanced);
-            }
-            if literal
-                .chars()
-                .any(|c| c == '*' || c == '>' || c.is_whitespace() || c.is_control())
-            {
-                return Err(InboundSubjectError::BadCharacter(token.to_owned()));
-            }
-            segments.push(Segment::Literal(literal.to_owned()));
-            rest = &rest[end..];
-        }
-    }
-    Ok(segments)
 }
 
 /// Whether two NATS subject filters can match a common subject (`*` and `>` wildcards on
