@@ -119,15 +119,11 @@ async fn invalid_entries_go_to_the_dead_letter_subject_and_the_rest_as_usual() {
     );
     assert_eq!(app.stream_messages().await.len(), 10);
 
-    let page = app
-        .http
-        .get(format!("{}/metrics", app.admin_address.as_ref().unwrap()))
-        .send()
-        .await
-        .unwrap()
-        .text()
-        .await
-        .unwrap();
+    let page = get_text(
+        &app.http,
+        &format!("{}/metrics", app.admin_address.as_ref().unwrap()),
+    )
+    .await;
     let invalid = page
         .lines()
         .find_map(|l| {

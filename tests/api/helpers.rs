@@ -30,7 +30,8 @@ pub struct NatsServer {
     dir: tempfile::TempDir,
 }
 
-fn nats_server_bin() -> String {
+/// The `nats-server` to run: `NATS_SERVER_BIN`, else the one on PATH.
+pub fn nats_server_bin() -> String {
     std::env::var("NATS_SERVER_BIN").unwrap_or_else(|_| "nats-server".into())
 }
 
@@ -424,6 +425,21 @@ pub fn free_port() -> u16 {
         .local_addr()
         .unwrap()
         .port()
+}
+
+/// The peak resident set (`VmHWM`) of process `pid`, in KiB.
+pub fn vm_hwm_kib(pid: u32) -> u64 {
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap();
+    status
+        .lines()
+        .find_map(|l| l.strip_prefix("VmHWM:"))
+        .and_then(|v| v.trim().trim_end_matches("kB").trim().parse().ok())
+        .expect("VmHWM in /proc/<pid>/status")
+}
+
+/// The body of a `GET url` (an admin page such as `/metrics`), as text.
+pub async fn get_text(http: &reqwest::Client, url: &str) -> String {
+    http.get(url).send().await.unwrap().text().await.unwrap()
 }
 
 pub fn http_client() -> reqwest::Client {

@@ -614,23 +614,6 @@ async fn nats_down_mid_upload_spools_the_whole_mail_and_the_drainer_sends_it_onc
     assert!(queued.is_empty(), "the inbound spool is empty again");
 }
 
-fn free_port() -> u16 {
-    std::net::TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port()
-}
-
-fn vm_hwm_kib(pid: u32) -> u64 {
-    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap();
-    status
-        .lines()
-        .find_map(|l| l.strip_prefix("VmHWM:"))
-        .and_then(|v| v.trim().trim_end_matches("kB").trim().parse().ok())
-        .expect("VmHWM in /proc/<pid>/status")
-}
-
 /// Runs the real binary (`CMC_FORWARDER_BIN`, e.g. a release build, else this build's) and
 /// posts one mail with a 20 MiB attachment; the service's peak RSS must stay under 64 MiB.
 #[tokio::test]

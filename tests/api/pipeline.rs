@@ -48,21 +48,6 @@ fn body(tag: &str, n: usize, size: usize) -> Vec<u8> {
     .unwrap()
 }
 
-/// The process's peak resident set (VmHWM) in bytes.
-fn peak_rss(pid: u32) -> u64 {
-    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap();
-    let line = status
-        .lines()
-        .find(|l| l.starts_with("VmHWM:"))
-        .expect("VmHWM in /proc/<pid>/status");
-    let kib: u64 = line
-        .split_whitespace()
-        .nth(1)
-        .and_then(|n| n.parse().ok())
-        .unwrap();
-    kib * 1024
-}
-
 async fn post(http: &reqwest::Client, url: &str, body: Vec<u8>) -> (u16, Value, Option<String>) {
     let response = http
         .post(url)
@@ -186,7 +171,7 @@ async fn one_large_body_is_200_within_64_mib_and_a_body_of_tiny_entries_is_413()
     let http = client(Duration::from_secs(60));
     service.wait_ready(&http).await;
     let pid = service.child.id();
-    let idle = peak_rss(pid);
+    let idle = vm_hwm_kib(pid) * 1024;
 
     let large = body("large", 10_000, 410);
     assert!(large.len() as u64 > 39 * MIB / 10 && large.len() as u64 <= 4 * MIB);
@@ -198,7 +183,7 @@ async fn one_large_body_is_200_within_64_mib_and_a_body_of_tiny_entries_is_413()
         answer["published"].as_u64().unwrap() + answer["spooled"].as_u64().unwrap_or(0),
         10_000
     );
-    let after_large = peak_rss(pid);
+    let after_large = vm_hwm_kib(pid) * 1024;
 
     let tiny: Vec<String> = (0..158_116)
         .map(|i| format!(r#"{{"status":"q","i":{i}}}"#))
@@ -211,7 +196,7 @@ async fn one_large_body_is_200_within_64_mib_and_a_body_of_tiny_entries_is_413()
     let (status, answer, _) = post(&http, &service.webhook_url(), tiny.into_bytes()).await;
     assert_eq!(status, 413, "{answer}");
     assert_eq!(answer["error"], "payload_too_large");
-    let after_tiny = peak_rss(pid);
+    let after_tiny = vm_hwm_kib(pid) * 1024;
     println!(
         "[one_large_body] 10000 entries, 4 MiB: 200 in {took:?}; peak RSS idle={} MiB after_large={} MiB after_158116_tiny(413)={} MiB",
         idle / MIB,
@@ -266,7 +251,7 @@ async fn sixteen_large_bodies_at_once_get_200_or_503_and_nothing_of_a_refused_on
             other => panic!("status {other}: {answer}"),
         }
     }
-    let peak = peak_rss(pid);
+    let peak = vm_hwm_kib(pid) * 1024;
     let js = jetstream_of(&nats.url()).await;
     let expected = accepted.len() as u64 * 2000;
     let count = wait_stored(&js, expected, Duration::from_secs(60)).await;
@@ -411,14 +396,11 @@ async fn a_poison_message_in_the_spool_is_quarantined_and_the_rest_drains_in_ord
     );
     let human = text(&cli(&nats.url(), &spool_dir, &["spool", "status"]).stdout);
     assert!(human.contains("quarantined: 1 messages"), "{human}");
-    let metrics = http
-        .get(format!("http://127.0.0.1:{}/metrics", service.admin_port))
-        .send()
-        .await
-        .unwrap()
-        .text()
-        .await
-        .unwrap();
+    let metrics = get_text(
+        &http,
+        &format!("http://127.0.0.1:{}/metrics", service.admin_port),
+    )
+    .await;
     assert!(
         metrics
             .lines()

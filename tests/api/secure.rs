@@ -16,21 +16,9 @@ use base64::engine::general_purpose::URL_SAFE_NO_PAD;
 use base64::Engine;
 use serde_json::{json, Value};
 
-use crate::helpers::{fixture, Enc, WAIT};
+use crate::helpers::{fixture, free_port, get_text, nats_server_bin, Enc, WAIT};
 
 const STREAM: &str = "CMC_EVENTS";
-
-fn free_port() -> u16 {
-    std::net::TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port()
-}
-
-fn nats_server_bin() -> String {
-    std::env::var("NATS_SERVER_BIN").unwrap_or_else(|_| "nats-server".into())
-}
 
 /// A `nats-server` run from a configuration file (which may be rewritten and reloaded).
 struct SecureNats {
@@ -235,14 +223,7 @@ impl Forwarder {
 
     async fn metrics(&self) -> String {
         let url = format!("http://127.0.0.1:{}/metrics", self.admin_port);
-        self.http
-            .get(url)
-            .send()
-            .await
-            .unwrap()
-            .text()
-            .await
-            .unwrap()
+        get_text(&self.http, &url).await
     }
 }
 
