@@ -274,18 +274,14 @@ where
     S: Stream<Item = Result<B, warp::Error>> + Send + 'static,
     B: Buf + 'static,
 {
-    if method != Method::POST {
-        return Err(ApiError::MethodNotAllowed.into());
-    }
-    state.auth.check_client(info.map(|i| i.peer), headers)?;
-    state.auth.check_basic(headers)?;
-    let _permit = state
-        .in_flight
-        .clone()
-        .try_acquire_owned()
-        .map_err(|_| ApiError::Busy {
-            retry_after: state.retry_after,
-        })?;
+    let _permit = super::admit(
+        method,
+        headers,
+        info.as_ref(),
+        &state.auth,
+        &state.in_flight,
+        state.retry_after,
+    )?;
     let limit = state.max_body_bytes;
     let declared = headers
         .get(header::CONTENT_LENGTH)

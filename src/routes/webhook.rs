@@ -190,18 +190,14 @@ where
     if path.as_str() != state.path {
         return Err(ApiError::NotFound);
     }
-    if method != Method::POST {
-        return Err(ApiError::MethodNotAllowed);
-    }
-    state.auth.check_client(info.map(|i| i.peer), headers)?;
-    state.auth.check_basic(headers)?;
-    let _permit = state
-        .in_flight
-        .clone()
-        .try_acquire_owned()
-        .map_err(|_| ApiError::Busy {
-            retry_after: state.retry_after,
-        })?;
+    let _permit = super::admit(
+        method,
+        headers,
+        info.as_ref(),
+        &state.auth,
+        &state.in_flight,
+        state.retry_after,
+    )?;
     let coding = content_coding(headers)?;
     let content_type = headers
         .get(header::CONTENT_TYPE)
