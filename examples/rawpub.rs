@@ -3,10 +3,11 @@
 //!
 //! ```text
 //! rawpub --nats nats://127.0.0.1:4222 --server-pid <nats-server pid> --seconds 10 \
-//!        --headers cmc|id|none --size 420 --inflight 4096 [--core]
+//!        --headers cmc|minimal|id|none --size 420 --inflight 4096 [--core]
 //! ```
 //!
 //! `--headers cmc` sends the forwarder's seven headers (distinct `Nats-Msg-Id` each),
+//! `minimal` the two of `nats.headers = "minimal"` (`Nats-Msg-Id` and `Cmc-Batch-Id`),
 //! `id` only a distinct `Nats-Msg-Id`, `none` nothing. Prints one JSON line: messages/s, and
 //! CPU seconds per 1,000 messages of nats-server and of this publisher.
 
@@ -86,6 +87,9 @@ async fn main() {
         let mut h = HeaderMap::new();
         if headers != "none" {
             h.insert("Nats-Msg-Id", format!("{:064x}", n).as_str());
+        }
+        if headers == "minimal" {
+            h.insert("Cmc-Batch-Id", "0193a0f2-7c1e-7d3a-9b1e-5f2a8c4d9e01");
         }
         if headers == "cmc" {
             h.insert("Content-Type", "application/json");

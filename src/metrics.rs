@@ -346,6 +346,7 @@ mod tests {
             event_type_header: "deliveries".into(),
             server_composition_header: "pro".into(),
             traceparent: String::new(),
+            shape: crate::webhook::HeaderShape::Full,
             messages,
             created_unparsed: 0,
             invalid: 0,
@@ -393,6 +394,7 @@ mod tests {
             event_type_header: "deliveries".into(),
             server_composition_header: "pro".into(),
             traceparent: String::new(),
+            shape: crate::webhook::HeaderShape::Full,
             messages: vec![
                 message(0, None),
                 message(1, Some("status is missing")),

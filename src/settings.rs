@@ -156,6 +156,19 @@ pub enum Mode {
     Core,
 }
 
+/// Which headers each message carries (`nats.headers`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Deserialize, Serialize)]
+#[serde(rename_all = "lowercase")]
+pub enum HeaderShape {
+    /// Every header of SPEC §2.
+    #[default]
+    Full,
+    /// Only `Nats-Msg-Id` (JetStream de-duplication) and `Cmc-Batch-Id` (correlation with
+    /// the request), plus `Cmc-Error` on dead letters: the rest is in the subject and the
+    /// body, and nats-server spends noticeably less per message on two headers than on seven.
+    Minimal,
+}
+
 /// The NATS connection and subject.
 #[derive(Debug, Clone, PartialEq, Deserialize, Serialize)]
 #[serde(deny_unknown_fields, default)]
@@ -167,6 +180,8 @@ pub struct NatsSettings {
     /// Subject template; placeholders `{event_type}`, `{status}`, `{status_name}`,
     /// `{server_composition}`. Compiled when the configuration is loaded.
     pub subject: SubjectTemplate,
+    /// `full` (SPEC §2) or `minimal` (`Nats-Msg-Id` and `Cmc-Batch-Id` only).
+    pub headers: HeaderShape,
     /// Time a batch may take to be acknowledged before the request answers 503.
     #[serde(with = "humantime_serde")]
     pub publish_timeout: Duration,
@@ -210,6 +225,7 @@ impl Default for NatsSettings {
             mode: Mode::Jetstream,
             subject: SubjectTemplate::parse("cmc.{event_type}.{status}")
                 .expect("the default template is valid"),
+            headers: HeaderShape::Full,
             publish_timeout: Duration::from_secs(5),
             connect_timeout: Duration::from_secs(5),
             name: "cmc-forwarder".into(),

@@ -155,6 +155,7 @@ impl Application {
             template: settings.nats.subject.clone(),
             dead_letter,
             timezone: settings.cmc.timezone.as_ref().map(|z| z.zone().clone()),
+            header_shape: settings.nats.headers,
             auth,
             delivery: Delivery::start(Arc::new(publisher.clone()), spool.clone(), delivery_options),
             budget,

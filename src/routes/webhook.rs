@@ -42,6 +42,8 @@ pub struct WebhookState {
     pub dead_letter: Option<SubjectTemplate>,
     /// `cmc.timezone`: adds `created_at` to bodies when set.
     pub timezone: Option<jiff::tz::TimeZone>,
+    /// `nats.headers`.
+    pub header_shape: webhook::HeaderShape,
     pub auth: Auth,
     pub delivery: Delivery,
     /// `server.max_in_flight_bytes`, shared with every route holding request data.
@@ -268,6 +270,7 @@ where
         dead_letter: state.dead_letter.as_ref(),
         zone: state.timezone.as_ref(),
         traceparent: ids.traceparent,
+        shape: state.header_shape,
     };
     let outgoing = batch
         .render(&render, ids.batch_id)

@@ -42,6 +42,7 @@ fn defaults_match_the_spec() {
     assert_eq!(s.server.max_entries, 10000);
     assert_eq!(s.nats.servers, ["nats://127.0.0.1:4222"]);
     assert_eq!(s.nats.mode, Mode::Jetstream);
+    assert_eq!(s.nats.headers, HeaderShape::Full);
     assert_eq!(s.nats.subject.as_str(), "cmc.{event_type}.{status}");
     assert_eq!(s.nats.publish_timeout, Duration::from_secs(5));
     assert_eq!(s.nats.jetstream_domain, None);
@@ -76,6 +77,7 @@ fn environment_overrides_file_values_including_lists_and_nesting() {
             "nats://a:4222, nats://b:4222,",
         ),
         ("CMC_FORWARDER__NATS__MODE", "core"),
+        ("CMC_FORWARDER__NATS__HEADERS", "minimal"),
         ("CMC_FORWARDER__SERVER__MAX_BODY_BYTES", "1000"),
         ("CMC_FORWARDER__NATS__PUBLISH_TIMEOUT", "500ms"),
         ("CMC_FORWARDER__AUTH__API_KEY", "12345"),
@@ -88,6 +90,7 @@ fn environment_overrides_file_values_including_lists_and_nesting() {
     assert_eq!(s.nats.stream.name, "OTHER");
     assert_eq!(s.nats.servers, ["nats://a:4222", "nats://b:4222"]);
     assert_eq!(s.nats.mode, Mode::Core);
+    assert_eq!(s.nats.headers, HeaderShape::Minimal);
     assert_eq!(s.server.max_body_bytes, 1000);
     assert_eq!(s.nats.publish_timeout, Duration::from_millis(500));
     assert_eq!(s.auth.api_key.expose(), "12345");
@@ -192,6 +195,7 @@ fn unknown_keys_are_refused_by_name() {
 fn invalid_values_name_the_key() {
     for (toml, key) in [
         ("[nats]\nmode = \"fast\"", "nats.mode"),
+        ("[nats]\nheaders = \"some\"", "nats.headers"),
         (
             "[nats]\npublish_timeout = \"5 parsecs\"",
             "nats.publish_timeout",

@@ -22,5 +22,5 @@ mod validate;
 
 pub use decode::{decode, Decoded, Encoding};
 pub use error::PayloadError;
-pub use outgoing::{HeaderValue, Headers, Outgoing, OutgoingBatch, Render};
+pub use outgoing::{HeaderShape, HeaderValue, Headers, Outgoing, OutgoingBatch, Render};
 pub use validate::{Batch, Entry, EventType, InvalidEntries, InvalidEntry, Status};

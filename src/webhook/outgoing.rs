@@ -12,6 +12,7 @@ use super::json::{
 };
 use super::validate::InvalidEntry;
 use super::{Batch, PayloadError};
+pub use crate::settings::HeaderShape;
 use crate::subject::{
     bounce_status_name, header_value, SubjectTemplate, SubjectValues, MAX_SUBJECT_BYTES,
 };
@@ -54,6 +55,8 @@ pub struct OutgoingBatch {
     /// `traceparent`, the same for every message of the batch (built once per request);
     /// empty: not sent.
     pub traceparent: String,
+    /// `nats.headers`: which headers every message of the batch carries.
+    pub shape: HeaderShape,
     /// In entry order, dead letters at their entry's position.
     pub messages: Vec<Outgoing>,
     /// Entries whose `created` could not be read as a time in the configured zone (so their
@@ -103,12 +106,22 @@ impl<'a> IntoIterator for Headers<'a> {
 
 impl OutgoingBatch {
     /// The headers of `message`, in the order they are sent.
+    ///
+    /// In the minimal shape only `Nats-Msg-Id` and `Cmc-Batch-Id` are sent, and `Cmc-Error`
+    /// on a dead letter: the reason an entry is invalid is in no subject or body field.
     pub fn headers<'a>(&'a self, message: &'a Outgoing) -> Headers<'a> {
         let mut h = Headers {
             items: [("", HeaderValue::Str("")); MAX_HEADERS],
             len: 0,
         };
         h.push("Nats-Msg-Id", HeaderValue::Str(&message.msg_id));
+        if self.shape == HeaderShape::Minimal {
+            h.push("Cmc-Batch-Id", HeaderValue::Str(&self.batch_id));
+            if let Some(error) = &message.error {
+                h.push("Cmc-Error", HeaderValue::Str(error));
+            }
+            return h;
+        }
         h.push("Content-Type", HeaderValue::Str("application/json"));
         h.push("Cmc-Event-Type", HeaderValue::Str(&self.event_type_header));
         match &message.error {
@@ -194,6 +207,8 @@ pub struct Render<'a> {
     pub zone: Option<&'a TimeZone>,
     /// The batch's `traceparent` header value; empty: none.
     pub traceparent: &'a str,
+    /// `nats.headers`.
+    pub shape: HeaderShape,
 }
 
 impl<'a> Render<'a> {
@@ -204,6 +219,7 @@ impl<'a> Render<'a> {
             dead_letter: None,
             zone: None,
             traceparent: "",
+            shape: HeaderShape::Full,
         }
     }
 }
@@ -378,6 +394,7 @@ impl Batch<'_> {
             event_type_header: header_value(event_type),
             server_composition_header: header_value(sc),
             traceparent: how.traceparent.to_owned(),
+            shape: how.shape,
             messages,
             created_unparsed,
             invalid,
@@ -691,6 +708,69 @@ mod tests {
                 .collect();
             format!("NATS/1.0\r\n{block}\r\n").len() + dead.payload.len()
         });
+    }
+
+    #[test]
+    fn the_minimal_shape_keeps_the_id_and_batch_id_and_a_dead_letters_error() {
+        use crate::webhook::InvalidEntries;
+        let body = r#"{"event_type":"deliveries","server_composition":"pro","event":{"deliveries":[
+            {"status":"queued"},{"to":"a@b"}]}}"#;
+        let decoded = decode(Some("application/json"), body.as_bytes()).unwrap();
+        let batch = decoded.validate_with(InvalidEntries::DeadLetter).unwrap();
+        let (t, dl) = (
+            template(),
+            SubjectTemplate::parse("cmc.invalid.{event_type}").unwrap(),
+        );
+        let full = Render {
+            dead_letter: Some(&dl),
+            traceparent: "00-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-01",
+            ..Render::new(&t)
+        };
+        let minimal = Render {
+            shape: HeaderShape::Minimal,
+            ..full
+        };
+        let (f, m) = (
+            batch.render(&full, "b-1").unwrap(),
+            batch.render(&minimal, "b-1").unwrap(),
+        );
+        // Same messages, subjects and bodies: only the headers differ.
+        assert_eq!(f.messages, m.messages);
+        let pairs = |out: &OutgoingBatch, i: usize| -> Vec<(String, String)> {
+            out.headers(&out.messages[i])
+                .iter()
+                .map(|(n, v)| (n.to_string(), v.to_string()))
+                .collect()
+        };
+        let id = |i: usize| f.messages[i].msg_id.clone();
+        assert_eq!(
+            pairs(&m, 0),
+            [
+                ("Nats-Msg-Id".to_owned(), id(0)),
+                ("Cmc-Batch-Id".to_owned(), "b-1".to_owned())
+            ]
+        );
+        assert_eq!(
+            pairs(&m, 1),
+            [
+                ("Nats-Msg-Id".to_owned(), id(1)),
+                ("Cmc-Batch-Id".to_owned(), "b-1".to_owned()),
+                ("Cmc-Error".to_owned(), "status is missing".to_owned())
+            ]
+        );
+        assert_eq!(pairs(&f, 0).len(), 8);
+        // The size checked against max_payload follows the shape.
+        let block = |out: &OutgoingBatch, i: usize| -> usize {
+            let lines: String = pairs(out, i)
+                .iter()
+                .map(|(n, v)| format!("{n}: {v}\r\n"))
+                .collect();
+            format!("NATS/1.0\r\n{lines}\r\n").len() + out.messages[i].payload.len()
+        };
+        for i in 0..2 {
+            assert_eq!(m.wire_size(&m.messages[i]), block(&m, i));
+            assert!(m.wire_size(&m.messages[i]) < f.wire_size(&f.messages[i]));
+        }
     }
 
     #[test]

@@ -15,4 +15,5 @@ mod limits;
 mod pipeline;
 mod props;
 mod secure;
+mod shape;
 mod trace;
