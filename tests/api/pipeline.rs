@@ -591,8 +591,8 @@ async fn spool_drain_sends_a_stopped_services_inbound_mail_objects_then_one_mess
     assert_eq!(status["inbound"]["bytes"], 0, "{status}");
     assert_eq!(status["messages"], 0, "{status}");
     let js = jetstream_of(&nats.url()).await;
-    let stored = stored_messages(&js).await;
-    assert_eq!(stored.len(), 1, "exactly one message");
+    let stored = stored_count(&js).await;
+    assert_eq!(stored, 1, "exactly one message");
     let objects = js
         .get_stream("OBJ_CMC_INBOUND")
         .await
@@ -603,7 +603,7 @@ async fn spool_drain_sends_a_stopped_services_inbound_mail_objects_then_one_mess
         .state;
     let again = cli(&nats.url(), &spool_dir, &["spool", "drain"]);
     assert!(text(&again.stdout).contains("is empty"));
-    assert_eq!(stored_messages(&js).await.len(), 1, "and still one");
+    assert_eq!(stored_count(&js).await, 1, "and still one");
     let message = js
         .get_stream(STREAM)
         .await
@@ -616,7 +616,7 @@ async fn spool_drain_sends_a_stopped_services_inbound_mail_objects_then_one_mess
     println!(
         "[inbound_drain] attachments listed={listed} object-stream messages={} stored messages={}",
         objects.messages,
-        stored.len()
+        stored
     );
     assert_eq!(listed, 2, "{sent}");
     // Each object is one chunk and one metadata message at least.
