@@ -527,4 +527,44 @@ mod tests {
         ));
         assert!(spool.is_empty());
     }
+
+    #[test]
+    fn spool_max_bytes_bounds_the_event_and_the_inbound_spool_together() {
+        let root = tempfile::tempdir().unwrap();
+        let mut events = crate::spool::Spool::open(root.path(), 4096).unwrap();
+        // 3000 encoded bytes of events: a mail of about 1,500 bytes no longer fits.
+        assert!(events.append_group(vec![(record_of(3000), 1)])[0].is_ok());
+        let inbound = InboundSpool::open(root.path(), 4096, events.stats()).unwrap();
+        let mail = parse_json(include_bytes!("../../fixtures/inbound/json.json"))
+            .unwrap()
+            .validate()
+            .unwrap();
+        let size = serde_json::to_vec(&mail).unwrap().len() as u64;
+        assert!(size > 1100 && size < 4096, "{size}");
+        let work = WorkDir::create(inbound.work_root()).unwrap();
+        assert!(matches!(
+            inbound.append(work, &mail, "b"),
+            Err(InboundSpoolError::Full)
+        ));
+        assert_eq!(events.stats().inbound_bytes(), 0);
+        // Alone it fits, and then the events count it: a second event record is refused.
+        let root = tempfile::tempdir().unwrap();
+        let mut events = crate::spool::Spool::open(root.path(), 4096).unwrap();
+        let inbound = InboundSpool::open(root.path(), 4096, events.stats()).unwrap();
+        let work = WorkDir::create(inbound.work_root()).unwrap();
+        inbound.append(work, &mail, "b").unwrap();
+        assert_eq!(events.stats().inbound_bytes(), size + 1);
+        let left = 4096 - size - 1;
+        assert!(events.append_group(vec![(record_of(left + 1), 1)])[0].is_err());
+        assert!(events.append_group(vec![(record_of(left), 1)])[0].is_ok());
+        // Sent: its bytes are free again.
+        let (path, _) = inbound.oldest().unwrap().unwrap();
+        inbound.remove(&path).unwrap();
+        assert_eq!(events.stats().inbound_bytes(), 0);
+    }
+
+    /// Raw bytes of `len` standing for encoded records (only their size counts here).
+    fn record_of(len: u64) -> Vec<u8> {
+        vec![0u8; len as usize]
+    }
 }

@@ -615,8 +615,7 @@ async fn spool_drain_sends_a_stopped_services_inbound_mail_objects_then_one_mess
     let listed = sent["attachments"].as_array().unwrap().len();
     println!(
         "[inbound_drain] attachments listed={listed} object-stream messages={} stored messages={}",
-        objects.messages,
-        stored
+        objects.messages, stored
     );
     assert_eq!(listed, 2, "{sent}");
     // Each object is one chunk and one metadata message at least.
