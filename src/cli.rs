@@ -1,13 +1,17 @@
 //! The command line (SPEC §5): running the service, `check-config`, and the spool commands
 //! (`spool status`, `spool drain`), which work on a spool directory without starting the
-//! service.
+//! service. Both spools of `spool.dir` are covered: the event spool and the inbound one
+//! (`<spool.dir>/inbound/`).
 
 use std::fmt::Write as _;
 use std::path::PathBuf;
 
 use clap::{Parser, Subcommand};
+use serde::Serialize;
 
 use crate::deliver::{self, DeliveryOptions};
+use crate::inbound::spool::{self as inbound_spool, InboundSpool, InboundStatus};
+use crate::inbound::store::InboundSink;
 use crate::publish::Publisher;
 use crate::settings::Settings;
 use crate::spool::{self, Spool, SpoolHandle};
@@ -50,15 +54,30 @@ pub enum SpoolCommand {
 /// Attempts in a row without progress after which `spool drain` gives up.
 const DRAIN_ATTEMPTS: u32 = 6;
 
+/// `spool status --json`: the event spool's fields at the top level, the inbound spool's
+/// under `inbound`.
+#[derive(Debug, Serialize)]
+struct Status {
+    #[serde(flatten)]
+    events: spool::SpoolStatus,
+    inbound: InboundStatus,
+}
+
 /// `cmc-forwarder spool status`: the text (or JSON) to print.
 pub fn spool_status(settings: &Settings, json: bool) -> Result<String, String> {
-    let status = spool::status(&settings.spool.dir).map_err(|e| {
+    let cannot = |e: &dyn std::fmt::Display| {
         format!(
             "cannot read the spool in {}: {e}",
             settings.spool.dir.display()
         )
-    })?;
+    };
+    let status = spool::status(&settings.spool.dir).map_err(|e| cannot(&e))?;
+    let inbound = inbound_spool::status(&settings.spool.dir).map_err(|e| cannot(&e))?;
     if json {
+        let status = Status {
+            events: status,
+            inbound,
+        };
         return serde_json::to_string_pretty(&status)
             .map(|mut s| {
                 s.push('\n');
@@ -95,6 +114,27 @@ pub fn spool_status(settings: &Settings, json: bool) -> Result<String, String> {
             entry.subject, entry.msg_id, entry.reason
         );
     }
+    let oldest = match inbound.oldest_age_seconds {
+        Some(age) => format!(", oldest {age:.1} s old"),
+        None => String::new(),
+    };
+    let _ = writeln!(
+        out,
+        "inbound waiting: {} mails, {} bytes{oldest}",
+        inbound.mails, inbound.bytes
+    );
+    let _ = writeln!(
+        out,
+        "inbound quarantined: {} mails",
+        inbound.quarantined.len()
+    );
+    for entry in &inbound.quarantined {
+        let _ = writeln!(
+            out,
+            "  {:?} (filter {}, inbound/quarantine/{}): {}",
+            entry.subject, entry.filter, entry.id, entry.reason
+        );
+    }
     Ok(out)
 }
 
@@ -105,8 +145,13 @@ pub async fn spool_drain(settings: &Settings) -> Result<String, String> {
         spool::SpoolError::Locked(_) => format!("refusing to drain: {e}"),
         e => format!("cannot open the spool in {}: {e}", dir.display()),
     })?;
+    // Opened under the event spool's lock, so never while a service uses the directory.
+    let inbound = InboundSpool::open(dir, settings.spool.max_bytes, spool.stats())
+        .map(std::sync::Arc::new)
+        .map_err(|e| format!("cannot open the inbound spool in {}: {e}", dir.display()))?;
     let waiting = spool.stats().messages();
-    if waiting == 0 {
+    let mails = inbound.len();
+    if waiting == 0 && mails == 0 {
         return Ok(format!("the spool in {} is empty\n", dir.display()));
     }
     let spool = SpoolHandle::start(spool).map_err(|e| e.to_string())?;
@@ -115,7 +160,7 @@ pub async fn spool_drain(settings: &Settings) -> Result<String, String> {
         .map_err(|e| e.to_string())?;
     if !publisher.is_connected() {
         return Err(format!(
-            "cannot connect to NATS ({}) within nats.connect_timeout; {waiting} messages stay in the spool",
+            "cannot connect to NATS ({}) within nats.connect_timeout; {waiting} messages and {mails} inbound mails stay in the spool",
             settings.nats.servers.join(", ")
         ));
     }
@@ -127,13 +172,36 @@ pub async fn spool_drain(settings: &Settings) -> Result<String, String> {
     let publisher = std::sync::Arc::new(publisher);
     let summary = deliver::drain_to_empty(&spool, &publisher, options, DRAIN_ATTEMPTS)
         .await
-        .map_err(|e| e.to_string())?;
+        .map_err(|e| {
+            if mails > 0 {
+                format!("{e}; the {mails} inbound mails were not tried")
+            } else {
+                e.to_string()
+            }
+        })?;
     publisher.flush().await;
+    // Then the mails, with the service drainer's own step (objects, then the message).
+    let sink = InboundSink::new(settings, (*publisher).clone())?;
+    let sent = inbound_spool::drain_to_empty(
+        &inbound,
+        &sink,
+        DRAIN_ATTEMPTS,
+        settings.spool.retry_max_interval,
+    )
+    .await?;
     let mut out = format!(
-        "published {} messages from {}; the spool is empty\n",
+        "published {} messages and {} inbound mails from {}; the spool is empty\n",
         summary.published,
+        sent.published,
         dir.display()
     );
+    if sent.quarantined > 0 {
+        let _ = writeln!(
+            out,
+            "{} inbound mails refused by NATS were moved to the quarantine (see spool status)",
+            sent.quarantined
+        );
+    }
     if summary.quarantined > 0 {
         let _ = writeln!(
             out,

@@ -108,6 +108,9 @@ pub struct SpoolStats {
     queued: AtomicU64,
     /// Messages in the quarantine.
     quarantined: AtomicU64,
+    /// Bytes of the inbound spool (`<spool.dir>/inbound/`): `spool.max_bytes` bounds both
+    /// spools together, so each side checks the other's bytes before it appends.
+    inbound_bytes: AtomicU64,
 }
 
 impl SpoolStats {
@@ -129,6 +132,30 @@ impl SpoolStats {
     /// Messages moved to the quarantine (in the directory, this run's and earlier ones).
     pub fn quarantined(&self) -> u64 {
         self.quarantined.load(Ordering::SeqCst)
+    }
+
+    /// Bytes held by the inbound spool of the same directory.
+    pub fn inbound_bytes(&self) -> u64 {
+        self.inbound_bytes.load(Ordering::SeqCst)
+    }
+
+    /// Reserves `bytes` for the inbound spool if the two spools together stay within
+    /// `max_bytes`; false (nothing reserved) otherwise.
+    pub fn reserve_inbound(&self, bytes: u64, max_bytes: u64) -> bool {
+        self.inbound_bytes
+            .fetch_update(Ordering::SeqCst, Ordering::SeqCst, |held| {
+                (self.bytes() + held + bytes <= max_bytes).then_some(held + bytes)
+            })
+            .is_ok()
+    }
+
+    /// Returns bytes the inbound spool no longer holds.
+    pub fn release_inbound(&self, bytes: u64) {
+        let _ = self
+            .inbound_bytes
+            .fetch_update(Ordering::SeqCst, Ordering::SeqCst, |held| {
+                Some(held.saturating_sub(bytes))
+            });
     }
 }
 
@@ -281,7 +308,8 @@ impl Spool {
         let mut accepted = Vec::with_capacity(group.len());
         for (records, n) in group {
             let len = records.len() as u64;
-            if self.stats.bytes() + size + len > self.max_bytes {
+            // The inbound spool's bytes count too: `spool.max_bytes` bounds the directory.
+            if self.stats.bytes() + self.stats.inbound_bytes() + size + len > self.max_bytes {
                 answers.push(Some(Err(SpoolError::Full(self.max_bytes))));
                 continue;
             }
@@ -615,6 +643,11 @@ impl SpoolHandle {
 
     pub fn stats(&self) -> &SpoolStats {
         &self.stats
+    }
+
+    /// The counts, shared (the inbound spool of the same directory adds its bytes to them).
+    pub fn shared_stats(&self) -> Arc<SpoolStats> {
+        self.stats.clone()
     }
 
     /// Hands `records` to the writer; from this call on the spool counts as non-empty. The

@@ -121,7 +121,13 @@ impl Application {
             None
         };
 
-        let inbound = crate::inbound::setup(settings, &publisher).await?;
+        // After the event spool: the inbound spool lives under its directory lock.
+        let inbound = crate::inbound::setup(
+            settings,
+            &publisher,
+            spool.as_ref().map(SpoolHandle::shared_stats),
+        )
+        .await?;
 
         let listener = bind(settings.server.listen, "server.listen").await?;
         let admin_listener = match settings.admin.listen {

@@ -35,6 +35,7 @@ use thiserror::Error;
 
 use crate::publish::Publisher;
 use crate::settings::{Mode, Settings};
+use crate::spool::SpoolStats;
 use spool::InboundSpool;
 use store::InboundSink;
 
@@ -63,9 +64,13 @@ pub struct InboundParts {
 /// when NATS is reachable, else in the background. Creation refused is a configuration error,
 /// like an unusable events stream; a bucket that is merely missing (`nats.stream.create =
 /// false`) leaves events unaffected, and inbound mails wait for it (503 or spool).
+///
+/// `event_spool` is the counts of the event spool, opened (and so locked) on the same
+/// `spool.dir` before: the inbound spool shares its lock and its `spool.max_bytes`.
 pub async fn setup(
     settings: &Settings,
     publisher: &Publisher,
+    event_spool: Option<Arc<SpoolStats>>,
 ) -> Result<Option<InboundParts>, SetupError> {
     if settings.inbound.path.is_empty() {
         return Ok(None);
@@ -95,13 +100,15 @@ pub async fn setup(
         });
     }
     let (spool, work_root) = if settings.spool.enabled {
-        let spool =
-            InboundSpool::open(&settings.spool.dir, settings.spool.max_bytes).map_err(|e| {
-                SetupError::Spool {
-                    dir: settings.spool.dir.join("inbound"),
-                    message: e.to_string(),
-                }
-            })?;
+        let spool_error = |message: String| SetupError::Spool {
+            dir: settings.spool.dir.join("inbound"),
+            message,
+        };
+        let shared = event_spool.ok_or_else(|| {
+            spool_error("the event spool of the same directory is not open (its lock)".into())
+        })?;
+        let spool = InboundSpool::open(&settings.spool.dir, settings.spool.max_bytes, shared)
+            .map_err(|e| spool_error(e.to_string()))?;
         if !spool.is_empty() {
             tracing::info!(
                 mails = spool.len(),

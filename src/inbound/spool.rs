@@ -9,13 +9,22 @@
 //! then removes it; a crash in between repeats the same objects (skipped, same digest) and the
 //! same `Nats-Msg-Id` (dropped by JetStream), so each mail is on the bus exactly once.
 //! Temporary failures back off exponentially (capped), permanent ones move the mail to
-//! `quarantine/` with the reason. Independent of the event spool.
+//! `quarantine/` with the reason.
+//!
+//! It shares two things with the event spool of the same `spool.dir`: the directory lock
+//! (an [`InboundSpool`] can only be opened with the counts of a [`crate::spool::Spool`] that
+//! holds it, so a second process never touches a spool in use) and `spool.max_bytes`, which
+//! bounds both spools together. [`status`] reads it without the lock, for `spool status`;
+//! [`drain_to_empty`] empties it for `spool drain`, with the same step as the service's
+//! drainer.
 
 use std::fs;
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
-use std::time::Duration;
+use std::time::{Duration, SystemTime};
+
+use serde::Serialize;
 
 use thiserror::Error;
 use tokio::sync::{watch, Notify};
@@ -23,6 +32,7 @@ use tokio::sync::{watch, Notify};
 use super::mail::Mail;
 use super::receive::WorkDir;
 use super::store::InboundSink;
+use crate::spool::SpoolStats;
 
 const MAIL_FILE: &str = "mail.json";
 /// The request id the mail arrived with, kept so its message carries the same `Cmc-Batch-Id`.
@@ -51,7 +61,9 @@ pub struct InboundSpool {
     max_bytes: u64,
     next: AtomicU64,
     mails: AtomicU64,
-    bytes: AtomicU64,
+    /// The event spool's counts: this spool's bytes are kept there
+    /// ([`SpoolStats::inbound_bytes`]) so each spool sees what the other holds.
+    shared: Arc<SpoolStats>,
     appended: Notify,
 }
 
@@ -84,8 +96,14 @@ fn sync_dir(dir: &Path) -> std::io::Result<()> {
 
 impl InboundSpool {
     /// Opens `<spool_dir>/inbound/`, removing the work directories of requests a previous run
-    /// did not finish (they were never answered 200).
-    pub fn open(spool_dir: &Path, max_bytes: u64) -> Result<InboundSpool, InboundSpoolError> {
+    /// did not finish (they were never answered 200). `shared` is the counts of the event
+    /// spool opened on the same `spool_dir`: holding it means this process holds the
+    /// directory's lock, so nothing here can belong to another running process.
+    pub fn open(
+        spool_dir: &Path,
+        max_bytes: u64,
+        shared: Arc<SpoolStats>,
+    ) -> Result<InboundSpool, InboundSpoolError> {
         let dir = spool_dir.join("inbound");
         let tmp = dir.join("tmp");
         let quarantine = dir.join("quarantine");
@@ -97,9 +115,11 @@ impl InboundSpool {
         let queued = entries(&dir)?;
         let next = queued.last().map_or(1, |(n, _)| n + 1);
         let bytes = queued.iter().map(|(_, p)| dir_bytes(p)).sum();
+        // Already on disk: counted whatever the limit (it only refuses new mails).
+        shared.reserve_inbound(bytes, u64::MAX);
         Ok(InboundSpool {
             mails: AtomicU64::new(queued.len() as u64),
-            bytes: AtomicU64::new(bytes),
+            shared,
             next: AtomicU64::new(next),
             dir,
             tmp,
@@ -130,33 +150,46 @@ impl InboundSpool {
         mail: &Mail,
         batch_id: &str,
     ) -> Result<(), InboundSpoolError> {
-        let size = mail.file_bytes();
-        if self.bytes.load(Ordering::Acquire) + size > self.max_bytes {
-            return Err(InboundSpoolError::Full);
-        }
         let path = work.path().to_owned();
         let record = serde_json::to_vec(mail)
             .map_err(|e| InboundSpoolError::Corrupt(path.clone(), e.to_string()))?;
+        // What the mail's directory will hold, reserved against both spools together.
+        let size = mail.file_bytes() + record.len() as u64 + batch_id.len() as u64;
+        if !self.shared.reserve_inbound(size, self.max_bytes) {
+            return Err(InboundSpoolError::Full);
+        }
+        let written = self.write(work, &path, &record, batch_id);
+        if written.is_err() {
+            self.shared.release_inbound(size);
+        }
+        written
+    }
+
+    fn write(
+        &self,
+        work: WorkDir,
+        path: &Path,
+        record: &[u8],
+        batch_id: &str,
+    ) -> Result<(), InboundSpoolError> {
         let mut file = fs::File::create(path.join(MAIL_FILE))?;
-        std::io::Write::write_all(&mut file, &record)?;
+        std::io::Write::write_all(&mut file, record)?;
         file.sync_all()?;
         fs::write(path.join(BATCH_FILE), batch_id)?;
-        for entry in fs::read_dir(&path)? {
+        for entry in fs::read_dir(path)? {
             let entry = entry?;
             if entry.file_name() != MAIL_FILE {
                 fs::File::open(entry.path())?.sync_all()?;
             }
         }
-        sync_dir(&path)?;
+        sync_dir(path)?;
         let n = self.next.fetch_add(1, Ordering::AcqRel);
         let target = self.dir.join(format!("{n:020}"));
-        fs::rename(&path, &target)?;
+        fs::rename(path, &target)?;
         // Renamed: the work directory must no longer be removed on drop.
         let _ = work.into_path();
         sync_dir(&self.dir)?;
         sync_dir(&self.tmp)?;
-        self.bytes
-            .fetch_add(size + record.len() as u64, Ordering::AcqRel);
         self.mails.fetch_add(1, Ordering::AcqRel);
         self.appended.notify_one();
         Ok(())
@@ -174,11 +207,7 @@ impl InboundSpool {
     }
 
     fn forget(&self, path: &Path) {
-        let size = dir_bytes(path);
-        self.bytes.fetch_sub(
-            size.min(self.bytes.load(Ordering::Acquire)),
-            Ordering::AcqRel,
-        );
+        self.shared.release_inbound(dir_bytes(path));
         self.mails.fetch_sub(1, Ordering::AcqRel);
     }
 
@@ -202,6 +231,77 @@ impl InboundSpool {
     }
 }
 
+/// What one step of a drainer did.
+#[derive(Debug)]
+pub enum Step {
+    /// Nothing is queued.
+    Empty,
+    /// The oldest mail was published and removed.
+    Sent,
+    /// The oldest mail was moved to the quarantine (its reason).
+    Quarantined(String),
+    /// A temporary failure; the mail stays first in the queue.
+    Retry(String),
+}
+
+/// One step of every drainer (the service's and `spool drain`): stores the objects and
+/// publishes the message of the oldest mail, then removes it; quarantines it when NATS
+/// refuses it for good.
+pub async fn step(spool: &Arc<InboundSpool>, sink: &InboundSink) -> Step {
+    let next = {
+        let spool = spool.clone();
+        tokio::task::spawn_blocking(move || spool.oldest()).await
+    };
+    let done = |r: Result<(), String>, ok: Step| match r {
+        Ok(()) => ok,
+        Err(e) => Step::Retry(e),
+    };
+    match next {
+        Ok(Ok(None)) => Step::Empty,
+        Ok(Ok(Some((path, Err(reason))))) => {
+            tracing::error!(dir = %path.display(), %reason, "inbound spool record unreadable; quarantined");
+            let r = finish(spool, path, Some(reason.clone())).await;
+            done(r, Step::Quarantined(reason))
+        }
+        Ok(Ok(Some((path, Ok(mail))))) => {
+            let batch_id = fs::read_to_string(path.join(BATCH_FILE)).unwrap_or_else(|_| {
+                let n = path.file_name().and_then(|n| n.to_str()).unwrap_or("");
+                format!("spool-{n}")
+            });
+            match sink.deliver(&mail, &path, &batch_id).await {
+                Ok(sent) => {
+                    tracing::info!(
+                        batch_id = %batch_id,
+                        attachments = mail.attachments.len(),
+                        uploaded = sent.uploaded,
+                        duplicate = sent.duplicate,
+                        "spooled inbound mail published"
+                    );
+                    crate::metrics::inbound_mail("drained");
+                    crate::metrics::inbound_attachments(
+                        "uploaded",
+                        sent.uploaded,
+                        sent.uploaded_bytes,
+                    );
+                    done(finish(spool, path, None).await, Step::Sent)
+                }
+                Err(e) if e.is_temporary() => {
+                    tracing::debug!(error = %e, "inbound spool: NATS not ready; retrying");
+                    Step::Retry(e.to_string())
+                }
+                Err(e) => {
+                    tracing::error!(batch_id = %batch_id, error = %e, "spooled inbound mail refused by NATS; quarantined");
+                    let reason = e.to_string();
+                    let r = finish(spool, path, Some(reason.clone())).await;
+                    done(r, Step::Quarantined(reason))
+                }
+            }
+        }
+        Ok(Err(e)) => Step::Retry(e.to_string()),
+        Err(e) => Step::Retry(e.to_string()),
+    }
+}
+
 /// Sends the spooled mails in order until `stop` turns true; never spins.
 pub async fn drain(
     spool: Arc<InboundSpool>,
@@ -213,62 +313,17 @@ pub async fn drain(
         if *stop.borrow() {
             return;
         }
-        let next = {
-            let spool = spool.clone();
-            tokio::task::spawn_blocking(move || spool.oldest()).await
-        };
-        let outcome = match next {
-            Ok(Ok(None)) => {
+        match step(&spool, &sink).await {
+            Step::Empty => {
                 tokio::select! {
                     () = spool.appended.notified() => {}
                     // A periodic look, in case a notification raced with the emptiness check.
                     () = tokio::time::sleep(Duration::from_secs(1)) => {}
                     _ = stop.wait_for(|s| *s) => return,
                 }
-                continue;
             }
-            Ok(Ok(Some((path, Err(reason))))) => {
-                tracing::error!(dir = %path.display(), %reason, "inbound spool record unreadable; quarantined");
-                finish(&spool, path, Some(reason)).await
-            }
-            Ok(Ok(Some((path, Ok(mail))))) => {
-                let batch_id = fs::read_to_string(path.join(BATCH_FILE)).unwrap_or_else(|_| {
-                    let n = path.file_name().and_then(|n| n.to_str()).unwrap_or("");
-                    format!("spool-{n}")
-                });
-                match sink.deliver(&mail, &path, &batch_id).await {
-                    Ok(sent) => {
-                        tracing::info!(
-                            batch_id = %batch_id,
-                            attachments = mail.attachments.len(),
-                            uploaded = sent.uploaded,
-                            duplicate = sent.duplicate,
-                            "spooled inbound mail published"
-                        );
-                        crate::metrics::inbound_mail("drained");
-                        crate::metrics::inbound_attachments(
-                            "uploaded",
-                            sent.uploaded,
-                            sent.uploaded_bytes,
-                        );
-                        finish(&spool, path, None).await
-                    }
-                    Err(e) if e.is_temporary() => {
-                        tracing::debug!(error = %e, "inbound spool: NATS not ready; retrying");
-                        Err(e.to_string())
-                    }
-                    Err(e) => {
-                        tracing::error!(batch_id = %batch_id, error = %e, "spooled inbound mail refused by NATS; quarantined");
-                        finish(&spool, path, Some(e.to_string())).await
-                    }
-                }
-            }
-            Ok(Err(e)) => Err(e.to_string()),
-            Err(e) => Err(e.to_string()),
-        };
-        match outcome {
-            Ok(()) => backoff = Duration::from_millis(100),
-            Err(_) => {
+            Step::Sent | Step::Quarantined(_) => backoff = Duration::from_millis(100),
+            Step::Retry(_) => {
                 tokio::select! {
                     () = tokio::time::sleep(backoff) => {}
                     _ = stop.wait_for(|s| *s) => return,
@@ -277,6 +332,107 @@ pub async fn drain(
             }
         }
     }
+}
+
+/// What [`drain_to_empty`] did.
+#[derive(Debug, Default, Clone, Copy, PartialEq, Eq)]
+pub struct DrainSummary {
+    pub published: u64,
+    pub quarantined: u64,
+}
+
+/// Sends every spooled mail, in order, until the queue is empty (`spool drain`). Gives up
+/// after `attempts` failures in a row without progress, with the last reason; the mails not
+/// sent stay queued.
+pub async fn drain_to_empty(
+    spool: &Arc<InboundSpool>,
+    sink: &InboundSink,
+    attempts: u32,
+    retry_max: Duration,
+) -> Result<DrainSummary, String> {
+    let mut summary = DrainSummary::default();
+    let mut failures = 0;
+    let mut backoff = Duration::from_millis(100);
+    loop {
+        match step(spool, sink).await {
+            Step::Empty => return Ok(summary),
+            Step::Sent => summary.published += 1,
+            Step::Quarantined(_) => summary.quarantined += 1,
+            Step::Retry(reason) => {
+                failures += 1;
+                if failures >= attempts {
+                    return Err(format!(
+                        "{} inbound mails stay in the spool: {reason}",
+                        spool.len()
+                    ));
+                }
+                tokio::time::sleep(backoff).await;
+                backoff = (backoff * 2).min(retry_max);
+                continue;
+            }
+        }
+        failures = 0;
+        backoff = Duration::from_millis(100);
+    }
+}
+
+/// One quarantined mail, for `spool status`.
+#[derive(Debug, Clone, Serialize, PartialEq, Eq)]
+pub struct InboundQuarantineEntry {
+    /// The mail's directory name (its arrival number).
+    pub id: String,
+    /// The mail's `Subject` (empty when its record is unreadable).
+    pub subject: String,
+    pub filter: String,
+    pub reason: String,
+}
+
+/// What `spool status` shows of the inbound spool: read without the lock, changing nothing.
+#[derive(Debug, Clone, Default, Serialize)]
+pub struct InboundStatus {
+    pub mails: u64,
+    pub bytes: u64,
+    /// Age in seconds of the oldest waiting mail (from its record's modification time).
+    pub oldest_age_seconds: Option<f64>,
+    pub quarantined: Vec<InboundQuarantineEntry>,
+}
+
+/// Reads the inbound spool of `spool_dir` (which need not exist).
+pub fn status(spool_dir: &Path) -> Result<InboundStatus, InboundSpoolError> {
+    let dir = spool_dir.join("inbound");
+    let mut status = InboundStatus::default();
+    if !dir.exists() {
+        return Ok(status);
+    }
+    let queued = entries(&dir)?;
+    status.mails = queued.len() as u64;
+    status.bytes = queued.iter().map(|(_, p)| dir_bytes(p)).sum();
+    status.oldest_age_seconds = queued.first().and_then(|(_, p)| {
+        let modified = fs::metadata(p.join(MAIL_FILE)).ok()?.modified().ok()?;
+        let age = SystemTime::now()
+            .duration_since(modified)
+            .unwrap_or_default();
+        Some(age.as_secs_f64())
+    });
+    let quarantine = dir.join("quarantine");
+    if quarantine.exists() {
+        for (_, path) in entries(&quarantine)? {
+            let mail = fs::read(path.join(MAIL_FILE))
+                .ok()
+                .and_then(|b| serde_json::from_slice::<Mail>(&b).ok());
+            status.quarantined.push(InboundQuarantineEntry {
+                id: path
+                    .file_name()
+                    .and_then(|n| n.to_str())
+                    .unwrap_or_default()
+                    .to_owned(),
+                subject: mail.as_ref().map(|m| m.subject.clone()).unwrap_or_default(),
+                filter: mail.map(|m| m.filter).unwrap_or_default(),
+                reason: fs::read_to_string(path.join("reason.txt")).unwrap_or_default(),
+            });
+        }
+    }
+    Ok(status)
 }
 
 async fn finish(
@@ -305,7 +461,7 @@ mod tests {
     #[test]
     fn mails_are_kept_in_order_across_a_reopen_and_unfinished_work_is_removed() {
         let root = tempfile::tempdir().unwrap();
-        let spool = InboundSpool::open(root.path(), 1 << 30).unwrap();
+        let spool = InboundSpool::open(root.path(), 1 << 30, Arc::default()).unwrap();
         let mail = parse_json(include_bytes!("../../fixtures/inbound/json.json"))
             .unwrap()
             .validate()
@@ -321,7 +477,7 @@ mod tests {
         assert_eq!(spool.len(), 2);
         drop(spool);
 
-        let spool = InboundSpool::open(root.path(), 1 << 30).unwrap();
+        let spool = InboundSpool::open(root.path(), 1 << 30, Arc::default()).unwrap();
         assert!(!abandoned.exists());
         assert_eq!(spool.len(), 2);
         let (path, first) = spool.oldest().unwrap().unwrap();
@@ -349,7 +505,7 @@ mod tests {
     #[test]
     fn a_full_spool_refuses() {
         let root = tempfile::tempdir().unwrap();
-        let spool = InboundSpool::open(root.path(), 10).unwrap();
+        let spool = InboundSpool::open(root.path(), 10, Arc::default()).unwrap();
         let mut mail = parse_json(include_bytes!("../../fixtures/inbound/json.json"))
             .unwrap()
             .validate()
@@ -370,5 +526,45 @@ mod tests {
             Err(InboundSpoolError::Full)
         ));
         assert!(spool.is_empty());
+    }
+
+    #[test]
+    fn spool_max_bytes_bounds_the_event_and_the_inbound_spool_together() {
+        let root = tempfile::tempdir().unwrap();
+        let mut events = crate::spool::Spool::open(root.path(), 4096).unwrap();
+        // 3000 encoded bytes of events: a mail of about 1,500 bytes no longer fits.
+        assert!(events.append_group(vec![(record_of(3000), 1)])[0].is_ok());
+        let inbound = InboundSpool::open(root.path(), 4096, events.stats()).unwrap();
+        let mail = parse_json(include_bytes!("../../fixtures/inbound/json.json"))
+            .unwrap()
+            .validate()
+            .unwrap();
+        let size = serde_json::to_vec(&mail).unwrap().len() as u64;
+        assert!(size > 1100 && size < 4096, "{size}");
+        let work = WorkDir::create(inbound.work_root()).unwrap();
+        assert!(matches!(
+            inbound.append(work, &mail, "b"),
+            Err(InboundSpoolError::Full)
+        ));
+        assert_eq!(events.stats().inbound_bytes(), 0);
+        // Alone it fits, and then the events count it: a second event record is refused.
+        let root = tempfile::tempdir().unwrap();
+        let mut events = crate::spool::Spool::open(root.path(), 4096).unwrap();
+        let inbound = InboundSpool::open(root.path(), 4096, events.stats()).unwrap();
+        let work = WorkDir::create(inbound.work_root()).unwrap();
+        inbound.append(work, &mail, "b").unwrap();
+        assert_eq!(events.stats().inbound_bytes(), size + 1);
+        let left = 4096 - size - 1;
+        assert!(events.append_group(vec![(record_of(left + 1), 1)])[0].is_err());
+        assert!(events.append_group(vec![(record_of(left), 1)])[0].is_ok());
+        // Sent: its bytes are free again.
+        let (path, _) = inbound.oldest().unwrap().unwrap();
+        inbound.remove(&path).unwrap();
+        assert_eq!(events.stats().inbound_bytes(), 0);
+    }
+
+    /// Raw bytes of `len` standing for encoded records (only their size counts here).
+    fn record_of(len: u64) -> Vec<u8> {
+        vec![0u8; len as usize]
     }
 }

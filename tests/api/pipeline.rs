@@ -502,3 +502,104 @@ async fn spool_drain_empties_a_stopped_services_spool_exactly_once_and_refuses_a
     sorted.sort();
     assert_eq!(order, sorted, "drained out of order");
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn spool_drain_sends_a_stopped_services_inbound_mail_objects_then_one_message() {
+    // Arrange: a mail with two attachments spooled by the real service while NATS is down.
+    let mut nats = NatsServer::start().await;
+    let spool = tempfile::tempdir().unwrap();
+    let spool_dir = spool.path().join("spool");
+    let log = spool.path().join("service.log");
+    let mut service = Service::start(&nats.url(), &spool_dir, &log);
+    let http = client(CLIENT_TIMEOUT);
+    service.wait_ready(&http).await;
+    nats.stop();
+    let body = std::fs::read(
+        std::path::PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("fixtures/inbound/multipart.txt"),
+    )
+    .unwrap();
+    let response = http
+        .post(format!(
+            "http://127.0.0.1:{}/webhooks/cmc/inbound",
+            service.port
+        ))
+        .header(
+            "content-type",
+            "multipart/form-data; boundary=----CMCInboundBoundary7MA4YWxkTrZu0gW",
+        )
+        .body(body)
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(response.status(), 200);
+    let answer: Value = response.json().await.unwrap();
+    assert_eq!(answer["spooled"], 1, "{answer}");
+
+    // While the service runs on the directory, drain refuses and the mail stays.
+    let refused = cli(&nats.url(), &spool_dir, &["spool", "drain"]);
+    assert!(!refused.status.success());
+    assert!(text(&refused.stderr).contains("in use by another process"));
+    let status: Value = serde_json::from_slice(
+        &cli(&nats.url(), &spool_dir, &["spool", "status", "--json"]).stdout,
+    )
+    .unwrap();
+    assert_eq!(status["inbound"]["mails"], 1, "{status}");
+    assert!(
+        status["inbound"]["bytes"].as_u64().unwrap() > 1000,
+        "{status}"
+    );
+    assert!(status["inbound"]["oldest_age_seconds"].as_f64().is_some());
+    let shown = text(&cli(&nats.url(), &spool_dir, &["spool", "status"]).stdout);
+    assert!(shown.contains("inbound waiting: 1 mails"), "{shown}");
+
+    // Act
+    service.terminate().await;
+    nats.restart().await;
+    let drained = cli(&nats.url(), &spool_dir, &["spool", "drain"]);
+
+    // Assert: both objects, then exactly one message; the status shows zero.
+    let out = text(&drained.stdout);
+    assert!(
+        drained.status.success(),
+        "drain failed: {out}{}",
+        text(&drained.stderr)
+    );
+    assert!(out.contains("and 1 inbound mails"), "{out}");
+    let status: Value = serde_json::from_slice(
+        &cli(&nats.url(), &spool_dir, &["spool", "status", "--json"]).stdout,
+    )
+    .unwrap();
+    assert_eq!(status["inbound"]["mails"], 0, "{status}");
+    assert_eq!(status["inbound"]["bytes"], 0, "{status}");
+    assert_eq!(status["messages"], 0, "{status}");
+    let js = jetstream_of(&nats.url()).await;
+    let stored = stored_count(&js).await;
+    assert_eq!(stored, 1, "exactly one message");
+    let objects = js
+        .get_stream("OBJ_CMC_INBOUND")
+        .await
+        .unwrap()
+        .get_info()
+        .await
+        .unwrap()
+        .state;
+    let again = cli(&nats.url(), &spool_dir, &["spool", "drain"]);
+    assert!(text(&again.stdout).contains("is empty"));
+    assert_eq!(stored_count(&js).await, 1, "and still one");
+    let message = js
+        .get_stream(STREAM)
+        .await
+        .unwrap()
+        .get_raw_message(1)
+        .await
+        .unwrap();
+    let sent: Value = serde_json::from_slice(&message.payload).unwrap();
+    let listed = sent["attachments"].as_array().unwrap().len();
+    println!(
+        "[inbound_drain] attachments listed={listed} object-stream messages={} stored messages={}",
+        objects.messages, stored
+    );
+    assert_eq!(listed, 2, "{sent}");
+    // Each object is one chunk and one metadata message at least.
+    assert!(objects.messages >= 4, "{objects:?}");
+}
