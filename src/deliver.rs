@@ -25,8 +25,9 @@
 use std::sync::Arc;
 use std::time::Duration;
 
-use futures_util::stream::FuturesOrdered;
-use futures_util::{FutureExt, StreamExt};
+use std::collections::VecDeque;
+
+use futures_util::FutureExt;
 use thiserror::Error;
 use tokio::sync::{mpsc, oneshot, watch};
 
@@ -323,8 +324,9 @@ pub trait Source: Sync {
     fn is_empty(&self) -> bool {
         self.len() == 0
     }
-    /// Message `i`, as handed to the client.
-    fn outbound(&self, i: usize) -> Outbound;
+    /// The messages as handed to the client: `builder()(i)` is message `i`. Made once per
+    /// publication, so that what all messages share is prepared once.
+    fn builder(&self) -> impl FnMut(usize) -> Outbound + Send + '_;
 }
 
 impl Source for OutgoingBatch {
@@ -332,8 +334,8 @@ impl Source for OutgoingBatch {
         self.messages.len()
     }
 
-    fn outbound(&self, i: usize) -> Outbound {
-        Outbound::from_message(self, &self.messages[i])
+    fn builder(&self) -> impl FnMut(usize) -> Outbound + Send + '_ {
+        Outbound::builder(self)
     }
 }
 
@@ -342,8 +344,8 @@ impl Source for Vec<NatsMessage> {
         <[NatsMessage]>::len(self)
     }
 
-    fn outbound(&self, i: usize) -> Outbound {
-        self[i].to_outbound()
+    fn builder(&self) -> impl FnMut(usize) -> Outbound + Send + '_ {
+        |i| self[i].to_outbound()
     }
 }
 
@@ -388,12 +390,23 @@ pub async fn publish_run<P: Publish, S: Source + ?Sized>(
     let mut done = Progress::default();
     // (position, error) of the first failure.
     let mut failed: Option<(usize, PublishError)> = None;
+    let mut build = messages.builder();
+    // The subjects this run sent to (a batch has a handful), to tell its denials from those
+    // of other batches.
+    let mut subjects: Vec<String> = Vec::new();
     let work = async {
-        let mut acks = FuturesOrdered::new();
+        // One watch over denials for the whole run, not one per message.
+        let mut mark = publisher.denial_mark();
+        let denial = publisher.next_denial(mark);
+        tokio::pin!(denial);
+        // Acknowledgements in send order: the acknowledged prefix is what they tell, and a
+        // stream acknowledges in that order anyway.
+        let mut acks: VecDeque<P::Pending> = VecDeque::with_capacity(window.min(n));
         let mut next = 0;
         loop {
             // Take every acknowledgement that is already there before sending more.
-            while let Some(Some(ack)) = acks.next().now_or_never() {
+            while let Some(ack) = acks.front_mut().and_then(|ack| ack.now_or_never()) {
+                acks.pop_front();
                 match ack {
                     Ok(ack) => count(&mut done, ack),
                     Err(error) => {
@@ -403,7 +416,11 @@ pub async fn publish_run<P: Publish, S: Source + ?Sized>(
                 }
             }
             if next < n && acks.len() < window && failed.is_none() {
-                match publisher.send(messages.outbound(next), next).await {
+                let message = build(next);
+                if !subjects.contains(&message.subject) {
+                    subjects.push(message.subject.clone());
+                }
+                match publisher.send(message, next).await {
                     Ok(ack) => {
                         acks.push_back(ack);
                         next += 1;
@@ -414,13 +431,36 @@ pub async fn publish_run<P: Publish, S: Source + ?Sized>(
                 }
                 continue;
             }
-            match acks.next().await {
-                Some(Ok(ack)) => count(&mut done, ack),
-                Some(Err(error)) => {
+            let Some(front) = acks.front_mut() else {
+                break;
+            };
+            let event = tokio::select! {
+                biased;
+                ack = front => Ok(ack),
+                denied = &mut denial => Err(denied),
+            };
+            match event {
+                Ok(Ok(ack)) => {
+                    acks.pop_front();
+                    count(&mut done, ack);
+                }
+                Ok(Err(error)) => {
                     failed = Some((done.acked, error));
                     return;
                 }
-                None => break,
+                Err((subject, _)) if subjects.contains(&subject) => {
+                    failed = Some((
+                        done.acked,
+                        PublishError::Refused(format!(
+                            "permission denied: this NATS user may not publish to {subject:?}"
+                        )),
+                    ));
+                    return;
+                }
+                Err((_, seen)) => {
+                    mark = seen;
+                    denial.set(publisher.next_denial(mark));
+                }
             }
         }
         if failed.is_none() {
@@ -847,6 +887,33 @@ mod tests {
         // The spool is not blocked: the next batch goes straight through.
         rig.fake.set_default(Step::Ack);
         assert_eq!(rig.deliver(batch("b", 3)).await.unwrap().published, 3);
+    }
+
+    #[tokio::test]
+    async fn a_denied_subject_fails_its_batch_at_once_without_spooling() {
+        let rig = rig(true, 4);
+        rig.fake.script([Step::Ack, Step::Ack, Step::Deny]);
+        let started = Instant::now();
+        let err = rig.deliver(batch("a", 6)).await.unwrap_err();
+        assert!(err.to_string().contains("permission denied"), "{err}");
+        // Answered by the denial, not by the publish timeout.
+        assert!(started.elapsed() < TIMEOUT / 2, "{:?}", started.elapsed());
+        assert!(rig.spool.as_ref().unwrap().stats().is_empty());
+    }
+
+    #[tokio::test]
+    async fn a_denial_of_another_subject_leaves_a_batch_alone() {
+        let rig = rig(true, 4);
+        rig.fake
+            .set_default(Step::AckAfter(Duration::from_millis(20)));
+        let fake = rig.fake.clone();
+        let other = tokio::spawn(async move {
+            tokio::time::sleep(Duration::from_millis(10)).await;
+            fake.record_denial("cmc.someone.else");
+        });
+        let report = rig.deliver(batch("a", 6)).await.unwrap();
+        other.await.unwrap();
+        assert_eq!((report.published, report.spooled), (6, 0));
     }
 
     #[tokio::test]

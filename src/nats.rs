@@ -10,7 +10,7 @@
 //! file is picked up without a restart.
 
 use std::path::{Path, PathBuf};
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
@@ -46,8 +46,11 @@ const DENIALS_KEPT: usize = 64;
 pub struct Health {
     /// Why the last connection attempt failed; cleared once connected.
     last_error: Mutex<Option<String>>,
-    /// Subjects the server refused to let us publish to, and when.
-    denied: Mutex<Vec<(String, Instant)>>,
+    /// Subjects the server refused to let us publish to, each with its mark (the count of
+    /// denials up to and including it).
+    denied: Mutex<Vec<(String, u64)>>,
+    /// How many denials were recorded in all.
+    denials: AtomicU64,
     /// Ticks whenever a denial is recorded, to wake publishers waiting for acks.
     denied_tick: tokio::sync::Notify,
     /// Set while a TLS diagnosis runs, so a reconnect loop starts at most one at a time.
@@ -98,30 +101,31 @@ impl Health {
 
     fn deny(&self, subject: String) {
         let mut denied = self.denied.lock().unwrap_or_else(|e| e.into_inner());
+        let mark = self.denials.fetch_add(1, Ordering::AcqRel) + 1;
         if denied.len() >= DENIALS_KEPT {
             denied.remove(0);
         }
-        denied.push((subject, Instant::now()));
+        denied.push((subject, mark));
         drop(denied);
         self.denied_tick.notify_waiters();
     }
 
-    /// The first of `subjects` the server refused since `since`.
-    pub fn denied_since(&self, subjects: &[String], since: Instant) -> Option<String> {
-        let denied = self.denied.lock().ok()?;
-        denied
-            .iter()
-            .filter(|(_, at)| *at >= since)
-            .find(|(subject, _)| subjects.contains(subject))
-            .map(|(subject, _)| subject.clone())
+    /// How many publish denials have been recorded: a mark to wait for later ones.
+    pub fn denial_mark(&self) -> u64 {
+        self.denials.load(Ordering::Acquire)
     }
 
-    /// Resolves with the first of `subjects` the server refuses after `since`.
-    pub async fn wait_denied(&self, subjects: &[String], since: Instant) -> String {
+    /// Resolves with the first denial recorded after `mark`: its subject and its own mark.
+    pub async fn next_denial(&self, mark: u64) -> (String, u64) {
         loop {
+            // Created before the list is read, so a denial recorded in between still wakes it.
             let tick = self.denied_tick.notified();
-            if let Some(subject) = self.denied_since(subjects, since) {
-                return subject;
+            let found = {
+                let denied = self.denied.lock().unwrap_or_else(|e| e.into_inner());
+                denied.iter().find(|(_, at)| *at > mark).cloned()
+            };
+            if let Some(found) = found {
+                return found;
             }
             tick.await;
         }

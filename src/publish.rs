@@ -11,6 +11,7 @@ use std::future::{Future, IntoFuture};
 use std::pin::Pin;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
+use std::task::{Context, Poll};
 use std::time::Duration;
 
 use async_nats::connection::State;
@@ -32,7 +33,8 @@ pub struct Ack {
     pub duplicate: bool,
 }
 
-/// The future of one message's acknowledgement.
+/// The future of one message's acknowledgement, boxed (the in-memory fake's).
+#[cfg(test)]
 pub type AckFuture = Pin<Box<dyn Future<Output = Result<Ack, PublishError>> + Send>>;
 
 /// The network seam: what delivery needs from NATS, and nothing more.
@@ -40,6 +42,8 @@ pub type AckFuture = Pin<Box<dyn Future<Output = Result<Ack, PublishError>> + Se
 /// Messages are put on the connection in the order of the `send` calls; their
 /// acknowledgements may be awaited concurrently and in any order.
 pub trait Publish: Clone + Send + Sync + 'static {
+    /// The future of one message's acknowledgement.
+    type Pending: Future<Output = Result<Ack, PublishError>> + Send + Unpin;
     /// The largest message (headers and payload) the server takes.
     fn max_payload(&self) -> usize;
     /// Whether publishing can succeed now (connected, stream usable).
@@ -54,9 +58,14 @@ pub trait Publish: Clone + Send + Sync + 'static {
         &self,
         message: Outbound,
         index: usize,
-    ) -> impl Future<Output = Result<AckFuture, PublishError>> + Send;
+    ) -> impl Future<Output = Result<Self::Pending, PublishError>> + Send;
     /// Resolves once everything sent so far has reached the server (core mode's flush).
     fn settle(&self) -> impl Future<Output = Result<(), PublishError>> + Send;
+    /// A mark of the publish denials seen so far (the server answers a message it does not
+    /// let this user publish with an error, never with an acknowledgement).
+    fn denial_mark(&self) -> u64;
+    /// Resolves with the subject of the first denial after `mark`, and that denial's mark.
+    fn next_denial(&self, mark: u64) -> impl Future<Output = (String, u64)> + Send;
 }
 
 /// Why a batch is not (entirely) on the bus.
@@ -114,6 +123,65 @@ impl PublishError {
                 | PublishError::NoStream(_)
                 | PublishError::Connection(_)
         )
+    }
+}
+
+/// What a client error means for delivery.
+fn map_error(
+    kind: PublishErrorKind,
+    index: usize,
+    message: String,
+    timeout: Duration,
+    max_payload: usize,
+) -> PublishError {
+    match kind {
+        PublishErrorKind::TimedOut => PublishError::Timeout(timeout),
+        PublishErrorKind::MaxPayloadExceeded => PublishError::TooLarge(Oversized {
+            index,
+            size: None,
+            max: max_payload,
+        }),
+        PublishErrorKind::BrokenPipe => PublishError::NotConnected,
+        // "No responders": no stream is serving the subject right now, as during a
+        // leader election or while a stream is being restored. Worth waiting for.
+        PublishErrorKind::StreamNotFound => PublishError::NoStream(message),
+        _ => PublishError::Refused(message),
+    }
+}
+
+/// The acknowledgement of one message [`Publisher`] sent: JetStream's PubAck, or nothing to
+/// wait for (core mode). A plain struct around the client's own future, so a message costs
+/// no allocation beyond the client's.
+pub struct NatsAck(Option<JetStreamAck>);
+
+struct JetStreamAck {
+    ack: <jetstream::context::PublishAckFuture as IntoFuture>::IntoFuture,
+    index: usize,
+    timeout: Duration,
+    max_payload: usize,
+}
+
+impl Future for NatsAck {
+    type Output = Result<Ack, PublishError>;
+
+    fn poll(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Self::Output> {
+        let Some(js) = &mut self.get_mut().0 else {
+            return Poll::Ready(Ok(Ack::default()));
+        };
+        js.ack.as_mut().poll(cx).map(|ack| {
+            ack.map(|ack| Ack {
+                duplicate: ack.duplicate,
+            })
+            .map_err(|e| {
+                map_error(
+                    e.kind(),
+                    js.index,
+                    e.to_string(),
+                    js.timeout,
+                    js.max_payload,
+                )
+            })
+        })
     }
 }
 
@@ -234,22 +302,6 @@ impl Publisher {
         self.client.max_payload()
     }
 
-    fn map_error(&self, kind: PublishErrorKind, index: usize, message: String) -> PublishError {
-        match kind {
-            PublishErrorKind::TimedOut => PublishError::Timeout(self.timeout),
-            PublishErrorKind::MaxPayloadExceeded => PublishError::TooLarge(Oversized {
-                index,
-                size: None,
-                max: self.max_payload(),
-            }),
-            PublishErrorKind::BrokenPipe => PublishError::NotConnected,
-            // "No responders": no stream is serving the subject right now, as during a
-            // leader election or while a stream is being restored. Worth waiting for.
-            PublishErrorKind::StreamNotFound => PublishError::NoStream(message),
-            _ => PublishError::Refused(message),
-        }
-    }
-
     /// Flushes what the connection still buffers (at shutdown), within `publish_timeout`.
     ///
     /// Bounded because async-nats completes a flush only once the buffer is written to a
@@ -273,6 +325,8 @@ impl Publisher {
 /// Implemented on a shared publisher so each message's acknowledgement future holds one
 /// reference count rather than a copy of the client and the JetStream context.
 impl Publish for Arc<Publisher> {
+    type Pending = NatsAck;
+
     fn max_payload(&self) -> usize {
         self.client.max_payload()
     }
@@ -289,35 +343,23 @@ impl Publish for Arc<Publisher> {
         self.jetstream.is_some()
     }
 
-    async fn send(&self, message: Outbound, index: usize) -> Result<AckFuture, PublishError> {
+    async fn send(&self, message: Outbound, index: usize) -> Result<NatsAck, PublishError> {
         match &self.jetstream {
             Some(js) => {
-                // The server answers a denied publish with an error event, never with an
-                // ack: each acknowledgement also watches for a denial of its subject.
-                let since = std::time::Instant::now();
-                let subject = message.subject.clone();
+                let max_payload = self.client.max_payload();
                 let ack = js
                     .publish_with_headers(message.subject, message.headers, message.payload)
                     .await
-                    .map_err(|e| self.map_error(e.kind(), index, e.to_string()))?
+                    .map_err(|e| {
+                        map_error(e.kind(), index, e.to_string(), self.timeout, max_payload)
+                    })?
                     .into_future();
-                let publisher = Arc::clone(self);
-                Ok(Box::pin(async move {
-                    let subjects = [subject];
-                    tokio::select! {
-                        biased;
-                        ack = ack => ack
-                            .map(|ack| Ack {
-                                duplicate: ack.duplicate,
-                            })
-                            .map_err(|e| publisher.map_error(e.kind(), index, e.to_string())),
-                        subject = publisher.health.wait_denied(&subjects, since) => {
-                            Err(PublishError::Refused(format!(
-                                "permission denied: this NATS user may not publish to {subject:?}"
-                            )))
-                        }
-                    }
-                }))
+                Ok(NatsAck(Some(JetStreamAck {
+                    ack,
+                    index,
+                    timeout: self.timeout,
+                    max_payload,
+                })))
             }
             None => {
                 if !self.is_connected() {
@@ -334,9 +376,17 @@ impl Publish for Arc<Publisher> {
                     .publish_with_headers(message.subject, message.headers, message.payload)
                     .await
                     .map_err(|e| PublishError::Connection(e.to_string()))?;
-                Ok(Box::pin(std::future::ready(Ok(Ack::default()))))
+                Ok(NatsAck(None))
             }
         }
+    }
+
+    fn denial_mark(&self) -> u64 {
+        self.health.denial_mark()
+    }
+
+    async fn next_denial(&self, mark: u64) -> (String, u64) {
+        self.health.next_denial(mark).await
     }
 
     async fn settle(&self) -> Result<(), PublishError> {
@@ -386,6 +436,49 @@ impl Outbound {
             subject: m.subject.clone(),
             headers,
             payload: m.payload.clone(),
+        }
+    }
+
+    /// Builds the messages of `batch` in order, preparing once what they share: the header
+    /// map of the first message, with the headers that vary from message to message
+    /// ([`OutgoingBatch::varying_header`]) left empty, is cloned for each message and the
+    /// varying ones set. A clone hashes nothing and never grows its table; a map built header
+    /// by header hashed each name up to three times as it grew.
+    pub fn builder(batch: &OutgoingBatch) -> impl FnMut(usize) -> Outbound + Send + '_ {
+        let mut template: Option<HeaderMap> = None;
+        move |i| {
+            let m = &batch.messages[i];
+            if m.is_dead_letter() {
+                // Rare, and with a header of its own (`Cmc-Error`): built whole.
+                return Outbound::from_message(batch, m);
+            }
+            let template = template.get_or_insert_with(|| {
+                let mut headers = HeaderMap::new();
+                for (name, value) in batch.headers(m) {
+                    let value = match value {
+                        _ if OutgoingBatch::varying_header(name) => String::new(),
+                        HeaderValue::Str(s) => s.to_owned(),
+                        HeaderValue::Index(i) => i.to_string(),
+                    };
+                    headers.insert(HeaderName::from_static(name), value);
+                }
+                headers
+            });
+            let mut headers = template.clone();
+            for (name, value) in batch.headers(m) {
+                if OutgoingBatch::varying_header(name) {
+                    let value = match value {
+                        HeaderValue::Str(s) => s.to_owned(),
+                        HeaderValue::Index(i) => i.to_string(),
+                    };
+                    headers.insert(HeaderName::from_static(name), value);
+                }
+            }
+            Outbound {
+                subject: m.subject.clone(),
+                headers,
+                payload: m.payload.clone(),
+            }
         }
     }
 
@@ -441,6 +534,73 @@ impl NatsMessage {
     }
 }
 
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::subject::SubjectTemplate;
+    use crate::webhook::{decode, InvalidEntries, Render};
+
+    fn sorted(headers: &HeaderMap) -> Vec<(String, Vec<String>)> {
+        let mut all: Vec<(String, Vec<String>)> = headers
+            .iter()
+            .map(|(name, values)| {
+                let name: &str = name.as_ref();
+                let values = values.iter().map(|v| v.as_str().to_owned()).collect();
+                (name.to_owned(), values)
+            })
+            .collect();
+        all.sort();
+        all
+    }
+
+    /// The per-batch template gives every message exactly the headers it would get built
+    /// whole: several statuses, indexes of several widths, dead letters in between, both
+    /// shapes.
+    #[test]
+    fn the_builder_gives_each_message_its_own_headers() {
+        let entries: Vec<String> = (0..120)
+            .map(|i| match i % 7 {
+                3 => r#""not an object""#.to_owned(),
+                k => format!(r#"{{"status":"s{k}","n":{i}}}"#),
+            })
+            .collect();
+        let body = format!(
+            r#"{{"event_type":"deliveries","server_composition":"pro","event":{{"deliveries":[{}]}}}}"#,
+            entries.join(",")
+        );
+        let decoded = decode(Some("application/json"), body.as_bytes()).unwrap();
+        let batch = decoded.validate_with(InvalidEntries::DeadLetter).unwrap();
+        let template = SubjectTemplate::parse("cmc.{event_type}.{status}").unwrap();
+        let dead = SubjectTemplate::parse("cmc.invalid.{event_type}").unwrap();
+        for shape in [
+            crate::webhook::HeaderShape::Full,
+            crate::webhook::HeaderShape::Minimal,
+        ] {
+            let how = Render {
+                dead_letter: Some(&dead),
+                traceparent: "00-0af7651916cd43dd8448eb211c80319c-b7ad6b7169203331-01",
+                shape,
+                ..Render::new(&template)
+            };
+            let out = batch.render(&how, "batch-1").unwrap();
+            assert!(out.invalid > 0);
+            let mut build = Outbound::builder(&out);
+            for (i, m) in out.messages.iter().enumerate() {
+                let built = build(i);
+                let whole = Outbound::from_message(&out, m);
+                assert_eq!(
+                    sorted(&built.headers),
+                    sorted(&whole.headers),
+                    "message {i}"
+                );
+                assert_eq!(built.subject, whole.subject);
+                assert_eq!(built.payload, whole.payload);
+                assert_eq!(built.wire_size(), out.wire_size(m));
+            }
+        }
+    }
+}
+
 /// An in-memory [`Publish`] whose behaviour a test scripts message by message, with
 /// JetStream's de-duplication by `Nats-Msg-Id`.
 #[cfg(test)]
@@ -467,6 +627,8 @@ pub(crate) mod fake {
         Disconnect,
         /// The send fails with a temporary error; readiness is unchanged.
         Fail,
+        /// The server denies the subject: never acknowledged, a denial recorded.
+        Deny,
     }
 
     #[derive(Debug)]
@@ -484,27 +646,33 @@ pub(crate) mod fake {
         outstanding: usize,
         max_outstanding: usize,
         send_times: Vec<std::time::Instant>,
+        /// Denied subjects with their marks.
+        denials: Vec<(String, u64)>,
     }
 
     #[derive(Debug, Clone)]
-    pub struct FakePublisher(Arc<Mutex<State>>);
+    pub struct FakePublisher(Arc<Mutex<State>>, Arc<tokio::sync::Notify>);
 
     impl FakePublisher {
         pub fn new(timeout: Duration) -> FakePublisher {
-            FakePublisher(Arc::new(Mutex::new(State {
-                script: VecDeque::new(),
-                default: Step::Ack,
-                ready: true,
-                max_payload: 1 << 20,
-                timeout,
-                stored: Vec::new(),
-                ids: HashSet::new(),
-                duplicates: 0,
-                sent: 0,
-                outstanding: 0,
-                max_outstanding: 0,
-                send_times: Vec::new(),
-            })))
+            FakePublisher(
+                Arc::new(Mutex::new(State {
+                    script: VecDeque::new(),
+                    default: Step::Ack,
+                    ready: true,
+                    max_payload: 1 << 20,
+                    timeout,
+                    stored: Vec::new(),
+                    ids: HashSet::new(),
+                    duplicates: 0,
+                    sent: 0,
+                    outstanding: 0,
+                    max_outstanding: 0,
+                    send_times: Vec::new(),
+                    denials: Vec::new(),
+                })),
+                Arc::default(),
+            )
         }
 
         fn state(&self) -> std::sync::MutexGuard<'_, State> {
@@ -522,6 +690,16 @@ pub(crate) mod fake {
 
         pub fn set_ready(&self, ready: bool) {
             self.state().ready = ready;
+        }
+
+        /// Records a denial of `subject`, as if another batch had been refused.
+        pub fn record_denial(&self, subject: &str) {
+            {
+                let mut s = self.state();
+                let mark = s.denials.len() as u64 + 1;
+                s.denials.push((subject.to_owned(), mark));
+            }
+            self.1.notify_waiters();
         }
 
         pub fn set_max_payload(&self, max: usize) {
@@ -569,6 +747,8 @@ pub(crate) mod fake {
     }
 
     impl Publish for FakePublisher {
+        type Pending = AckFuture;
+
         fn max_payload(&self) -> usize {
             self.state().max_payload
         }
@@ -586,6 +766,7 @@ pub(crate) mod fake {
         }
 
         async fn send(&self, message: Outbound, index: usize) -> Result<AckFuture, PublishError> {
+            let subject = message.subject.clone();
             let id = header(&message, "Nats-Msg-Id");
             let label = format!(
                 "{}:{}",
@@ -618,6 +799,8 @@ pub(crate) mod fake {
                     Ok(Box::pin(async move { Ok(Ack { duplicate }) }))
                 }
                 Step::AckAfter(delay) => {
+                    // Due from the send, as a server's answer is, however late it is polled.
+                    let due = tokio::time::Instant::now() + delay;
                     let this = self.clone();
                     {
                         let mut s = self.state();
@@ -625,7 +808,7 @@ pub(crate) mod fake {
                         s.max_outstanding = s.max_outstanding.max(s.outstanding);
                     }
                     Ok(Box::pin(async move {
-                        tokio::time::sleep(delay).await;
+                        tokio::time::sleep_until(due).await;
                         this.state().outstanding -= 1;
                         let duplicate = this.store(id, label);
                         Ok(Ack { duplicate })
@@ -640,11 +823,35 @@ pub(crate) mod fake {
                     Err(PublishError::NotConnected)
                 }
                 Step::Fail => Err(PublishError::Connection("connection reset (fake)".into())),
+                Step::Deny => {
+                    self.record_denial(&subject);
+                    Ok(Box::pin(std::future::pending()))
+                }
             }
         }
 
         async fn settle(&self) -> Result<(), PublishError> {
             Ok(())
+        }
+
+        fn denial_mark(&self) -> u64 {
+            self.state().denials.len() as u64
+        }
+
+        async fn next_denial(&self, mark: u64) -> (String, u64) {
+            loop {
+                let tick = self.1.notified();
+                let found = self
+                    .state()
+                    .denials
+                    .iter()
+                    .find(|(_, at)| *at > mark)
+                    .cloned();
+                if let Some(found) = found {
+                    return found;
+                }
+                tick.await;
+            }
         }
     }
 }

@@ -28,10 +28,6 @@ pub enum ApiError {
     },
     /// A `Content-Encoding` other than gzip, deflate or identity.
     UnsupportedEncoding(String),
-    /// More entries than `server.max_entries`.
-    TooManyEntries {
-        limit: usize,
-    },
     Payload(PayloadError),
     Auth(AuthError),
     Busy {
@@ -73,7 +69,6 @@ impl ApiError {
             ApiError::UnsupportedEncoding(_) => {
                 (StatusCode::UNSUPPORTED_MEDIA_TYPE, "unsupported_media_type")
             }
-            ApiError::TooManyEntries { .. } => (StatusCode::PAYLOAD_TOO_LARGE, "payload_too_large"),
             ApiError::Payload(e) => match e {
                 PayloadError::UnsupportedMediaType(_) => {
                     (StatusCode::UNSUPPORTED_MEDIA_TYPE, "unsupported_media_type")
@@ -82,6 +77,9 @@ impl ApiError {
                 PayloadError::MalformedForm(_) => (StatusCode::BAD_REQUEST, "malformed_form"),
                 PayloadError::Invalid { .. } => {
                     (StatusCode::UNPROCESSABLE_ENTITY, "invalid_payload")
+                }
+                PayloadError::TooManyEntries { .. } => {
+                    (StatusCode::PAYLOAD_TOO_LARGE, "payload_too_large")
                 }
             },
             ApiError::Auth(AuthError::Forbidden) => (StatusCode::FORBIDDEN, "forbidden"),
@@ -113,9 +111,6 @@ impl ApiError {
             ApiError::UnsupportedEncoding(coding) => format!(
                 "unsupported Content-Encoding {coding:?}: send the body as is, gzip or deflate"
             ),
-            ApiError::TooManyEntries { limit } => {
-                format!("the batch has more than server.max_entries ({limit}) entries")
-            }
             ApiError::Payload(e) => e.to_string(),
             ApiError::Auth(e) => e.to_string(),
             ApiError::Busy { .. } => "too many requests in flight; retry later".into(),

@@ -62,11 +62,6 @@ pub struct Decoded {
 }
 
 impl Decoded {
-    /// The `event` parameter's JSON text, when given (for cheap checks before validation).
-    pub fn event_json(&self) -> Option<&str> {
-        self.event.as_deref().map(RawValue::get)
-    }
-
     /// The `api_key` parameter, when it was sent as text.
     pub fn api_key(&self) -> Option<&str> {
         match &self.api_key {

@@ -22,6 +22,9 @@ pub enum PayloadError {
         message: String,
         index: Option<usize>,
     },
+    /// The arrays of `event` hold more elements than `server.max_entries`.
+    #[error("the batch has more than server.max_entries ({limit}) entries")]
+    TooManyEntries { limit: usize },
 }
 
 impl PayloadError {

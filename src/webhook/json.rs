@@ -37,36 +37,75 @@ pub enum Json<'a> {
 /// body of nested brackets could exhaust the stack, and a high one multiplies the work.
 pub const MAX_DEPTH: usize = 32;
 
-/// The deepest bracket nesting in a JSON text that `serde_json` has already validated, found
-/// in one linear pass (brackets inside strings do not count). Lets a request nested too deep
-/// be refused in time proportional to its size.
-pub fn max_nesting(text: &str) -> usize {
-    let bytes = text.as_bytes();
-    let (mut depth, mut deepest, mut i) = (0usize, 0usize, 0usize);
-    while i < bytes.len() {
-        match bytes[i] {
-            b'"' => {
-                // Jump through the string: only a quote or a backslash can end or escape it.
-                i += 1;
-                while let Some(at) = memchr::memchr2(b'"', b'\\', &bytes[i..]) {
-                    i += at;
-                    if bytes[i] == b'\\' {
-                        i += 2;
-                    } else {
-                        break;
+/// What one linear pass over a JSON text that `serde_json` has already validated tells
+/// before anything is built from it: how deep its brackets nest (brackets inside strings do
+/// not count) and, for an object, how many elements the arrays that are its members hold.
+/// Lets a request nested too deep or holding too many entries be refused in time
+/// proportional to its size, in one pass rather than one per limit.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub struct Shape {
+    pub max_nesting: usize,
+    pub member_array_elements: usize,
+}
+
+impl Shape {
+    pub fn of(text: &str) -> Shape {
+        let bytes = text.as_bytes();
+        let (mut depth, mut deepest, mut i) = (0usize, 0usize, 0usize);
+        let mut elements = 0usize;
+        // Whether the container at depth 2 is an array, and whether its first element is
+        // still to come.
+        let (mut in_array, mut expect_first) = (false, false);
+        while i < bytes.len() {
+            let b = bytes[i];
+            match b {
+                b' ' | b'\t' | b'\n' | b'\r' | b':' => {}
+                b',' => elements += usize::from(depth == 2 && in_array),
+                b']' | b'}' => {
+                    if depth == 2 {
+                        in_array = false;
+                        expect_first = false;
+                    }
+                    depth = depth.saturating_sub(1);
+                }
+                _ => {
+                    if expect_first && depth == 2 {
+                        elements += 1;
+                        expect_first = false;
+                    }
+                    match b {
+                        b'"' => {
+                            // Jump through the string: only a quote or a backslash can end or
+                            // escape it.
+                            i += 1;
+                            while let Some(at) = memchr::memchr2(b'"', b'\\', &bytes[i..]) {
+                                i += at;
+                                if bytes[i] == b'\\' {
+                                    i += 2;
+                                } else {
+                                    break;
+                                }
+                            }
+                        }
+                        b'[' | b'{' => {
+                            depth += 1;
+                            deepest = deepest.max(depth);
+                            if depth == 2 {
+                                in_array = b == b'[';
+                                expect_first = in_array;
+                            }
+                        }
+                        _ => {}
                     }
                 }
             }
-            b'[' | b'{' => {
-                depth += 1;
-                deepest = deepest.max(depth);
-            }
-            b']' | b'}' => depth = depth.saturating_sub(1),
-            _ => {}
+            i += 1;
         }
-        i += 1;
+        Shape {
+            max_nesting: deepest,
+            member_array_elements: elements,
+        }
     }
-    deepest
 }
 
 impl<'a> Json<'a> {
@@ -474,9 +513,31 @@ mod tests {
 
     #[test]
     fn nesting_is_measured_outside_strings() {
-        assert_eq!(max_nesting(r#"{"a":[1,{"b":[]}]}"#), 4);
-        assert_eq!(max_nesting(r#"{"a":"[[[[\"{{"}"#), 1);
-        assert_eq!(max_nesting("1"), 0);
+        let depth = |text| Shape::of(text).max_nesting;
+        assert_eq!(depth(r#"{"a":[1,{"b":[]}]}"#), 4);
+        assert_eq!(depth(r#"{"a":"[[[[\"{{"}"#), 1);
+        assert_eq!(depth("1"), 0);
+    }
+
+    #[test]
+    fn member_array_elements_are_counted_without_parsing() {
+        let count = |text: &str| Shape::of(text).member_array_elements;
+        assert_eq!(count(r#"{"deliveries":[]}"#), 0);
+        assert_eq!(count(r#"{"deliveries":[ ]}"#), 0);
+        assert_eq!(count(r#"{"deliveries":[{"a":1}]}"#), 1);
+        assert_eq!(
+            count(r#"{"deliveries":[{"a":[1,2,3],"b":{"c":","}},{"s":"x\",]"}, 7]}"#),
+            3
+        );
+        assert_eq!(count(r#"{"x":"[1,2]","deliveries":[1,2]}"#), 2);
+        assert_eq!(count(r#"{"a":[1],"b":{"c":[1,2]},"d":[ "x" , null ]}"#), 3);
+        let many: Vec<String> = (0..1000)
+            .map(|i| format!(r#"{{"status":"q","i":{i}}}"#))
+            .collect();
+        assert_eq!(
+            count(&format!(r#"{{"deliveries":[{}]}}"#, many.join(","))),
+            1000
+        );
     }
 
     #[test]

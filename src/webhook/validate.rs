@@ -151,6 +151,16 @@ impl Decoded {
     /// well-formed as a whole keeps its invalid entries in [`Batch::invalid`] instead of being
     /// refused; problems of the request itself are refused in both modes.
     pub fn validate_with(&self, mode: InvalidEntries) -> Result<Batch<'_>, PayloadError> {
+        self.validate_within(mode, usize::MAX)
+    }
+
+    /// [`Decoded::validate_with`], refusing an `event` whose member arrays hold more than
+    /// `max_entries` elements (`server.max_entries`) before any entry is built.
+    pub fn validate_within(
+        &self,
+        mode: InvalidEntries,
+        max_entries: usize,
+    ) -> Result<Batch<'_>, PayloadError> {
         let event_type = EventType::parse(required_text("event_type", &self.event_type)?)?;
         let server_composition = required_text("server_composition", &self.server_composition)?;
         if server_composition.is_empty() {
@@ -172,8 +182,13 @@ impl Decoded {
         // One pass over `event`: the array under the event_type key is read straight into
         // entries; other members are skipped; duplicate keys are refused.
         let name = event_type.as_str();
+        // One linear pass tells both limits before anything is built.
+        let shape = json::Shape::of(event.get());
+        if shape.member_array_elements > max_entries {
+            return Err(PayloadError::TooManyEntries { limit: max_entries });
+        }
         // `event` > array > entry > fields: three levels above an entry field's own nesting.
-        let deepest = json::max_nesting(event.get());
+        let deepest = shape.max_nesting;
         if deepest > json::MAX_DEPTH + 3 {
             return Err(PayloadError::MalformedJson(format!(
                 "event is nested {deepest} levels deep; entry fields may nest at most {} levels",
