@@ -3,10 +3,13 @@
 //!
 //! ```text
 //! rawpub --nats nats://127.0.0.1:4222 --server-pid <nats-server pid> --seconds 10 \
-//!        --headers cmc|minimal|id|none --size 420 --inflight 4096 [--core]
+//!        --headers cmc|minimal|id|none --size 420 --inflight 4096 [--core] [--batch 100]
 //! ```
 //!
-//! `--headers cmc` sends the forwarder's seven headers (distinct `Nats-Msg-Id` each),
+//! `--batch N` sends N messages, awaits all their acks, and repeats, printing the p50/p99 of
+//! a batch's round trip: what one connection of the forwarder could reach at best.
+//!
+//! `--headers cmc` sends the forwarder's eight headers (distinct `Nats-Msg-Id` each),
 //! `minimal` the two of `nats.headers = "minimal"` (`Nats-Msg-Id` and `Cmc-Batch-Id`),
 //! `id` only a distinct `Nats-Msg-Id`, `none` nothing. Prints one JSON line: messages/s, and
 //! CPU seconds per 1,000 messages of nats-server and of this publisher.
@@ -44,6 +47,10 @@ async fn main() {
         false,
     );
     let mut memory = false;
+    // With --batch N: N messages sent, then all their acks awaited, one batch at a time; the
+    // latency of each batch is recorded (the floor under the forwarder's one-connection
+    // latency, without HTTP).
+    let mut batch = 0usize;
     let mut it = std::env::args().skip(1);
     while let Some(flag) = it.next() {
         if flag == "--core" || flag == "--memory" {
@@ -59,6 +66,7 @@ async fn main() {
             "--headers" => headers = value,
             "--size" => size = value.parse().expect("--size"),
             "--inflight" => inflight = value.parse().expect("--inflight"),
+            "--batch" => batch = value.parse().expect("--batch"),
             other => panic!("unknown flag {other}"),
         }
     }
@@ -98,6 +106,10 @@ async fn main() {
             h.insert("Cmc-Server-Composition", "pro");
             h.insert("Cmc-Batch-Id", "0193a0f2-7c1e-7d3a-9b1e-5f2a8c4d9e01");
             h.insert("Cmc-Batch-Index", (n % 100).to_string().as_str());
+            h.insert(
+                "traceparent",
+                "00-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-01",
+            );
         }
         h
     };
@@ -106,7 +118,25 @@ async fn main() {
     let end = start + Duration::from_secs(seconds);
     let mut sent = 0u64;
     let mut pending = VecDeque::new();
-    while Instant::now() < end {
+    let mut latencies_us: Vec<u64> = Vec::new();
+    while batch > 0 && Instant::now() < end {
+        let began = Instant::now();
+        let mut acks = Vec::with_capacity(batch);
+        for _ in 0..batch {
+            let subject = subjects[(sent % 4) as usize].clone();
+            let ack = js
+                .publish_with_headers(subject, make_headers(sent), payload.clone())
+                .await
+                .expect("publish");
+            acks.push(ack);
+            sent += 1;
+        }
+        for ack in acks {
+            ack.await.expect("ack");
+        }
+        latencies_us.push(began.elapsed().as_micros() as u64);
+    }
+    while batch == 0 && Instant::now() < end {
         let subject = subjects[(sent % 4) as usize].clone();
         if core {
             client
@@ -138,6 +168,17 @@ async fn main() {
         per_k(cpu_seconds(&server_pid) - server0),
         per_k(cpu_seconds("self") - own0),
     );
+    if !latencies_us.is_empty() {
+        latencies_us.sort_unstable();
+        let at = |p: f64| latencies_us[((latencies_us.len() - 1) as f64 * p).round() as usize];
+        println!(
+            "{{\"batch\":{batch},\"batches\":{},\"p50_ms\":{:.2},\"p99_ms\":{:.2},\"p999_ms\":{:.2}}}",
+            latencies_us.len(),
+            at(0.5) as f64 / 1000.0,
+            at(0.99) as f64 / 1000.0,
+            at(0.999) as f64 / 1000.0,
+        );
+    }
     let mut stored = js.get_stream(&name).await.expect("stream");
     let stored = stored.info().await.expect("info").state.messages;
     println!("{{\"sent\":{sent},\"stored\":{stored}}}");

@@ -8,8 +8,8 @@
 //! - while the spool holds anything, or anything is on its way into it, the batch is appended
 //!   behind it: the decision and the hand-over to the spool writer happen in that one task, so
 //!   no later batch can overtake a spooled one;
-//! - otherwise the batch is published directly (in a task of its own, so batches progress
-//!   side by side); what NATS cannot take in time (a temporary failure) goes back to the actor
+//! - otherwise the batch is published directly (in a task of its own, started by the
+//!   request on its worker thread, so batches progress side by side); what NATS cannot take in time (a temporary failure) goes back to the actor
 //!   and is appended to the spool, and a permanent refusal is answered without spooling
 //!   (`413` for an oversized message, else `503`), so it can never block the spool.
 //!
@@ -26,6 +26,8 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use std::collections::VecDeque;
+use std::future::Future;
+use std::pin::Pin;
 
 use futures_util::FutureExt;
 use thiserror::Error;
@@ -37,6 +39,8 @@ use crate::publish::{NatsMessage, Outbound, Oversized, Publish, PublishError};
 use crate::spool::{encode_record, Records, SpoolError, SpoolHandle};
 use crate::webhook::OutgoingBatch;
 
+/// Messages of a batch built ahead and sent back to back.
+const SEND_CHUNK: usize = 128;
 /// Messages read from the spool per drain step.
 const DRAIN_BATCH: usize = 512;
 /// First pause after a failure; it doubles up to `spool.retry_max_interval`.
@@ -80,13 +84,22 @@ impl Default for DeliveryOptions {
     }
 }
 
-type Reply = oneshot::Sender<Result<DeliveryReport, DeliveryError>>;
+type Outcome = Result<DeliveryReport, DeliveryError>;
+type Reply = oneshot::Sender<Outcome>;
+
+/// What the actor decided for a batch.
+enum Verdict {
+    /// Answered at once (refused).
+    Done(Outcome),
+    /// The publication (or the wait for the spool) the caller runs to get its answer.
+    Await(Pin<Box<dyn Future<Output = Outcome> + Send>>),
+}
 
 enum Command {
     Deliver {
         batch: OutgoingBatch,
         permit: Permit,
-        reply: Reply,
+        reply: oneshot::Sender<Verdict>,
     },
     /// A direct publication failed temporarily: spool what was not acknowledged.
     SpoolRest {
@@ -123,8 +136,7 @@ impl Delivery {
         batch: OutgoingBatch,
         permit: Permit,
     ) -> Result<DeliveryReport, DeliveryError> {
-        let (reply, answer) = oneshot::channel();
-        let stopped = || DeliveryError::Unavailable("the service is stopping".into());
+        let (reply, verdict) = oneshot::channel();
         self.tx
             .send(Command::Deliver {
                 batch,
@@ -133,7 +145,13 @@ impl Delivery {
             })
             .await
             .map_err(|_| stopped())?;
-        answer.await.map_err(|_| stopped())?
+        match verdict.await.map_err(|_| stopped())? {
+            Verdict::Done(outcome) => outcome,
+            // A task of its own, so a request that goes away does not cut its batch short;
+            // started here rather than in the actor, so publications land on the worker
+            // threads their requests run on instead of all queueing on the actor's.
+            Verdict::Await(work) => tokio::spawn(work).await.unwrap_or_else(|_| Err(stopped())),
+        }
     }
 }
 
@@ -153,25 +171,27 @@ async fn actor<P: Publish>(
             } => {
                 // All-or-nothing: refuse an oversized entry before anything is sent or spooled.
                 if let Some(oversized) = oversized(&batch, publisher.max_payload()) {
-                    let _ = reply.send(Err(DeliveryError::TooLarge(oversized)));
+                    let _ = reply.send(Verdict::Done(Err(DeliveryError::TooLarge(oversized))));
                     continue;
                 }
-                match &spool {
+                let work: Pin<Box<dyn Future<Output = Outcome> + Send>> = match &spool {
                     Some(spool) if !spool.stats().is_empty() => {
-                        spool_rest(spool, batch, Progress::default(), permit, reply);
+                        let (written, answer) = oneshot::channel();
+                        spool_rest(spool, batch, Progress::default(), permit, written);
+                        Box::pin(async move { answer.await.unwrap_or_else(|_| Err(stopped())) })
                     }
                     _ => {
                         let Some(back) = back.upgrade() else { return };
-                        tokio::spawn(direct(
+                        Box::pin(direct(
                             publisher.clone(),
                             batch,
                             permit,
-                            reply,
                             spool.is_some().then_some(back),
                             options.window,
-                        ));
+                        ))
                     }
-                }
+                };
+                let _ = reply.send(Verdict::Await(work));
             }
             Command::SpoolRest {
                 batch,
@@ -209,38 +229,35 @@ async fn direct<P: Publish>(
     publisher: P,
     batch: OutgoingBatch,
     permit: Permit,
-    reply: Reply,
     back: Option<mpsc::Sender<Command>>,
     window: usize,
-) {
+) -> Outcome {
     let failure = match publish_run(&publisher, &batch, window).await {
         Ok(done) => {
-            let _ = reply.send(Ok(DeliveryReport {
+            return Ok(DeliveryReport {
                 published: done.acked,
                 duplicates: done.duplicates,
                 spooled: 0,
-            }));
-            return;
+            });
         }
         Err(failure) => failure,
     };
-    let answer = match failure.error {
+    match failure.error {
         PublishError::TooLarge(oversized) => Err(DeliveryError::TooLarge(oversized)),
         error if error.is_temporary() => match back {
             Some(back) => {
                 tracing::warn!(%error, acked = failure.done.acked, "NATS did not take the batch; spooling the rest");
+                let (reply, answer) = oneshot::channel();
                 let command = Command::SpoolRest {
                     batch,
                     done: failure.done,
                     permit,
                     reply,
                 };
-                if let Err(mpsc::error::SendError(Command::SpoolRest { reply, .. })) =
-                    back.send(command).await
-                {
-                    let _ = reply.send(Err(unpublished()));
+                if back.send(command).await.is_err() {
+                    return Err(unpublished());
                 }
-                return;
+                answer.await.unwrap_or_else(|_| Err(unpublished()))
             }
             None => Err(DeliveryError::Unavailable(format!(
                 "the batch could not be published, nothing is lost by retrying: {error}"
@@ -252,8 +269,11 @@ async fn direct<P: Publish>(
                 "NATS refused the batch: {error}"
             )))
         }
-    };
-    let _ = reply.send(answer);
+    }
+}
+
+fn stopped() -> DeliveryError {
+    DeliveryError::Unavailable("the service is stopping".into())
 }
 
 /// Hands the unacknowledged rest of `batch` to the spool writer (in the actor, so in arrival
@@ -402,6 +422,7 @@ pub async fn publish_run<P: Publish, S: Source + ?Sized>(
         // Acknowledgements in send order: the acknowledged prefix is what they tell, and a
         // stream acknowledges in that order anyway.
         let mut acks: VecDeque<P::Pending> = VecDeque::with_capacity(window.min(n));
+        let mut chunk = Vec::with_capacity(SEND_CHUNK.min(n));
         let mut next = 0;
         loop {
             // Take every acknowledgement that is already there before sending more.
@@ -416,18 +437,27 @@ pub async fn publish_run<P: Publish, S: Source + ?Sized>(
                 }
             }
             if next < n && acks.len() < window && failed.is_none() {
-                let message = build(next);
-                if !subjects.contains(&message.subject) {
-                    subjects.push(message.subject.clone());
-                }
-                match publisher.send(message, next).await {
-                    Ok(ack) => {
-                        acks.push_back(ack);
-                        next += 1;
+                // Built before any of them is sent, so that they reach the client's
+                // connection task back to back and leave in few socket writes: building
+                // each between two sends let that task write (and wake) once per handful.
+                let end = n.min(next + (window - acks.len())).min(next + SEND_CHUNK);
+                chunk.extend((next..end).map(&mut build));
+                for message in chunk.drain(..) {
+                    if !subjects.contains(&message.subject) {
+                        subjects.push(message.subject.clone());
                     }
-                    // Stop sending, but collect the acknowledgements of what went before,
-                    // so the acknowledged prefix reaches the failed message.
-                    Err(error) => failed = Some((next, error)),
+                    match publisher.send(message, next).await {
+                        Ok(ack) => {
+                            acks.push_back(ack);
+                            next += 1;
+                        }
+                        // Stop sending, but collect the acknowledgements of what went before,
+                        // so the acknowledged prefix reaches the failed message.
+                        Err(error) => {
+                            failed = Some((next, error));
+                            break;
+                        }
+                    }
                 }
                 continue;
             }

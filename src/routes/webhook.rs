@@ -5,9 +5,10 @@
 //! Memory is bounded here (SPEC §1 "Limits on one request"): the body is read under
 //! `server.max_body_bytes` (after decompression, for `gzip` and `deflate` bodies); its bytes
 //! are reserved in the in-flight budget before it is decoded; the entries are counted on the
-//! raw `event` text and more than `server.max_entries` is refused before any tree is built;
-//! body, decoded parameters and entry trees are dropped as soon as the outgoing messages
-//! exist, and the budget then holds the batch's outgoing size until it is answered.
+//! raw `event` text (by validation, in its nesting pass) and more than `server.max_entries` is
+//! refused before any tree is built; body, decoded parameters and entry trees are dropped as
+//! soon as the outgoing messages exist, and the budget then holds the batch's outgoing size
+//! until it is answered.
 
 use std::io::Read;
 use std::sync::Arc;
