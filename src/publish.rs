@@ -24,7 +24,7 @@ use thiserror::Error;
 use crate::nats::Health;
 pub use crate::nats::SetupError;
 use crate::settings::NatsSettings;
-use crate::webhook::{HeaderValue, Outgoing, OutgoingBatch};
+use crate::webhook::{Outgoing, OutgoingBatch};
 
 /// The acknowledgement of one message.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
@@ -426,11 +426,7 @@ impl Outbound {
     pub fn from_message(batch: &OutgoingBatch, m: &Outgoing) -> Outbound {
         let mut headers = HeaderMap::new();
         for (name, value) in batch.headers(m) {
-            let value = match value {
-                HeaderValue::Str(s) => s.to_owned(),
-                HeaderValue::Index(i) => i.to_string(),
-            };
-            headers.insert(HeaderName::from_static(name), value);
+            headers.insert(HeaderName::from_static(name), value.to_owned_string());
         }
         Outbound {
             subject: m.subject.clone(),
@@ -455,10 +451,10 @@ impl Outbound {
             let template = template.get_or_insert_with(|| {
                 let mut headers = HeaderMap::new();
                 for (name, value) in batch.headers(m) {
-                    let value = match value {
-                        _ if OutgoingBatch::varying_header(name) => String::new(),
-                        HeaderValue::Str(s) => s.to_owned(),
-                        HeaderValue::Index(i) => i.to_string(),
+                    let value = if OutgoingBatch::varying_header(name) {
+                        String::new()
+                    } else {
+                        value.to_owned_string()
                     };
                     headers.insert(HeaderName::from_static(name), value);
                 }
@@ -467,11 +463,7 @@ impl Outbound {
             let mut headers = template.clone();
             for (name, value) in batch.headers(m) {
                 if OutgoingBatch::varying_header(name) {
-                    let value = match value {
-                        HeaderValue::Str(s) => s.to_owned(),
-                        HeaderValue::Index(i) => i.to_string(),
-                    };
-                    headers.insert(HeaderName::from_static(name), value);
+                    headers.insert(HeaderName::from_static(name), value.to_owned_string());
                 }
             }
             Outbound {

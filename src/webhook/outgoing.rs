@@ -189,6 +189,14 @@ impl HeaderValue<'_> {
             HeaderValue::Index(i) => decimal_digits(*i),
         }
     }
+
+    /// The value as an owned string (what the NATS client's header map takes).
+    pub fn to_owned_string(self) -> String {
+        match self {
+            HeaderValue::Str(s) => s.to_owned(),
+            HeaderValue::Index(i) => i.to_string(),
+        }
+    }
 }
 
 impl std::fmt::Display for HeaderValue<'_> {
