@@ -732,7 +732,7 @@ async fn sigterm_with_nats_down_exits_0_and_the_next_run_drains_the_spool() {
 async fn sigterm_with_nats_frozen_exits_0_and_loses_nothing() {
     let test = "sigterm_nats_frozen";
     let started = Instant::now();
-    let mut nats = NatsServer::configured("frozen", free_port(), Vec::new());
+    let mut nats = NatsServer::configured("frozen", 0, Vec::new());
     nats.launch().await;
     let pid = nats.pid().to_string();
     let signal = |signal: &str| {
@@ -1009,7 +1009,7 @@ async fn nats_unreachable_at_start_up_then_started_spooled_events_land() {
 async fn nats_frozen_under_load_with_spool_loses_and_duplicates_nothing() {
     let test = "nats_frozen_spool";
     let started = Instant::now();
-    let mut nats = NatsServer::configured("frozen", free_port(), Vec::new());
+    let mut nats = NatsServer::configured("frozen", 0, Vec::new());
     nats.launch().await;
     let spool = tempfile::tempdir().unwrap();
     let mut settings = settings_for(vec![nats.url()]);

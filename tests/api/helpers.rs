@@ -72,8 +72,17 @@ impl NatsServer {
     }
 
     /// Starts the server and waits until it is ready (on a port of its choosing the first
-    /// time when none was given, on the same port afterwards).
+    /// time when none was given, on the same port afterwards). Panics with the server's own
+    /// log when it does not come up.
     pub async fn launch(&mut self) {
+        if let Err(log) = self.try_launch() {
+            panic!("nats-server did not become ready; its log:\n{log}");
+        }
+    }
+
+    /// [`Self::launch`], returning the server's log instead of panicking when it exits or
+    /// is not ready within [`WAIT`] (a port taken in the meantime, say).
+    pub fn try_launch(&mut self) -> Result<(), String> {
         let port = if self.port == 0 {
             "-1".to_owned()
         } else {
@@ -92,14 +101,23 @@ impl NatsServer {
             .spawn()
             .expect("cannot start nats-server: run the tests through scripts/test, or put nats-server on PATH");
         // Read the log until the server says where it listens and that it is ready; keep
-        // draining it afterwards so the server never blocks on a full pipe.
+        // draining it afterwards so the server never blocks on a full pipe. Until then the
+        // lines are kept, to show why a server did not come up.
         let stderr = child.stderr.take().unwrap();
         let (tx, rx) = std::sync::mpsc::channel();
+        let log = std::sync::Arc::new(std::sync::Mutex::new(String::new()));
+        let kept = log.clone();
         std::thread::spawn(move || {
             use std::io::BufRead;
             let mut listening = None;
+            let mut ready = false;
             for line in std::io::BufReader::new(stderr).lines() {
                 let Ok(line) = line else { break };
+                if !ready {
+                    let mut kept = kept.lock().unwrap();
+                    kept.push_str(&line);
+                    kept.push('\n');
+                }
                 if let Some(addr) = line.split("Listening for client connections on ").nth(1) {
                     listening = addr
                         .trim()
@@ -108,17 +126,24 @@ impl NatsServer {
                         .and_then(|p| p.parse::<u16>().ok());
                 }
                 if line.contains("Server is ready") {
+                    ready = true;
                     let _ = tx.send(listening);
                 }
             }
         });
-        self.child = Some(child);
-        let port = rx
-            .recv_timeout(WAIT)
-            .ok()
-            .flatten()
-            .expect("nats-server did not become ready");
-        self.port = port;
+        match rx.recv_timeout(WAIT).ok().flatten() {
+            Some(port) => {
+                self.child = Some(child);
+                self.port = port;
+                Ok(())
+            }
+            None => {
+                let _ = child.kill();
+                let status = child.wait().ok();
+                let log = log.lock().unwrap().clone();
+                Err(format!("{log}(exit: {status:?})"))
+            }
+        }
     }
 
     pub fn url(&self) -> String {
@@ -460,6 +485,22 @@ pub struct NatsCluster {
 
 impl NatsCluster {
     pub async fn start() -> NatsCluster {
+        // The six ports are chosen before any node binds them, so another process can take
+        // one in between: then the cluster is started again on fresh ports.
+        let mut failures = Vec::new();
+        for _ in 0..3 {
+            match NatsCluster::try_start() {
+                Ok(cluster) => return cluster,
+                Err(log) => failures.push(log),
+            }
+        }
+        panic!(
+            "the cluster did not come up in 3 tries:\n{}",
+            failures.join("\n---\n")
+        );
+    }
+
+    fn try_start() -> Result<NatsCluster, String> {
         let ports: Vec<(u16, u16)> = (0..3).map(|_| (free_port(), free_port())).collect();
         let mut nodes = Vec::new();
         for (i, (port, cluster_port)) in ports.iter().enumerate() {
@@ -480,9 +521,9 @@ impl NatsCluster {
             nodes.push(NatsServer::configured(&format!("n{}", i + 1), *port, args));
         }
         for node in &mut nodes {
-            node.launch().await;
+            node.try_launch()?;
         }
-        NatsCluster { nodes }
+        Ok(NatsCluster { nodes })
     }
 
     pub fn urls(&self) -> Vec<String> {
