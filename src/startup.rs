@@ -135,20 +135,22 @@ impl Application {
             None => None,
         };
         let publish_timeout = settings.nats.publish_timeout;
-        let in_flight = Arc::new(Semaphore::new(settings.server.max_in_flight));
+        let gate = routes::Gate {
+            auth,
+            in_flight: Arc::new(Semaphore::new(settings.server.max_in_flight)),
+            retry_after: publish_timeout.max(Duration::from_secs(1)),
+        };
         // One budget for both routes: `server.max_in_flight_bytes` bounds the service's memory.
         let budget = Budget::new(settings.server.max_in_flight_bytes);
         let inbound = inbound.map(|parts| {
             Arc::new(inbound::InboundState {
                 path: settings.inbound.path.clone(),
                 max_body_bytes: settings.inbound.max_body_bytes,
-                auth: auth.clone(),
+                gate: gate.clone(),
                 sink: parts.sink,
                 spool: parts.spool,
                 work_root: parts.work_root,
-                in_flight: in_flight.clone(),
                 budget: budget.clone(),
-                retry_after: publish_timeout.max(Duration::from_secs(1)),
             })
         });
         let delivery_options = DeliveryOptions {
@@ -162,12 +164,10 @@ impl Application {
             dead_letter,
             timezone: settings.cmc.timezone.as_ref().map(|z| z.zone().clone()),
             header_shape: settings.nats.headers,
-            auth,
+            gate,
             delivery: Delivery::start(Arc::new(publisher.clone()), spool.clone(), delivery_options),
             budget,
             max_entries: settings.server.max_entries,
-            in_flight,
-            retry_after: publish_timeout.max(Duration::from_secs(1)),
         });
         Ok(Application {
             listener,

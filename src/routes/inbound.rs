@@ -11,7 +11,6 @@ use std::time::{Duration, Instant};
 use bytes::Buf;
 use futures_util::Stream;
 use serde::Serialize;
-use tokio::sync::Semaphore;
 use tracing::Instrument;
 use warp::filters::path::FullPath;
 use warp::http::{header, HeaderMap, HeaderValue, Method, StatusCode};
@@ -19,7 +18,6 @@ use warp::reply::Response;
 use warp::Filter;
 
 use super::error::{json_response, ApiError};
-use crate::auth::Auth;
 use crate::budget::Budget;
 use crate::inbound::mail::{parse_form, parse_json, Mail};
 use crate::inbound::receive::{self, ReceiveError, WorkDir};
@@ -35,19 +33,16 @@ pub struct InboundState {
     pub path: String,
     /// `inbound.max_body_bytes`.
     pub max_body_bytes: u64,
-    pub auth: Auth,
+    /// Shared with the event webhook: auth, `server.max_in_flight`, `Retry-After`.
+    pub gate: super::Gate,
     pub sink: Arc<InboundSink>,
     /// The inbound spool, when `spool.enabled`.
     pub spool: Option<Arc<InboundSpool>>,
     /// Where requests write their file parts: the spool's work area when the spool is on
     /// (spooling is then a rename), else a directory under the system's temporary one.
     pub work_root: PathBuf,
-    /// Shared with the event webhook: `server.max_in_flight`.
-    pub in_flight: Arc<Semaphore>,
     /// Shared with the event webhook: `server.max_in_flight_bytes`.
     pub budget: Budget,
-    /// `Retry-After` of 503 answers.
-    pub retry_after: Duration,
 }
 
 #[derive(Serialize)]
@@ -203,7 +198,7 @@ where
         .await;
     let _entered = span.enter();
     let elapsed_ms = started.elapsed().as_secs_f64() * 1000.0;
-    let mut response = match result {
+    let response = match result {
         Ok(ok) => {
             metrics::request(200);
             tracing::info!(
@@ -228,25 +223,12 @@ where
         }
         Err(refusal) => {
             let (status, code) = refusal.status();
-            metrics::request(status.as_u16());
             metrics::inbound_mail("rejected");
-            if status.is_server_error() {
-                tracing::warn!(status = status.as_u16(), error = code, reason = ?refusal, elapsed_ms, "inbound mail refused");
-            } else {
-                tracing::info!(
-                    status = status.as_u16(),
-                    error = code,
-                    elapsed_ms,
-                    "inbound mail refused"
-                );
-            }
-            refusal.into_response(state.retry_after)
+            super::record_refusal("inbound mail", status, code, &refusal, elapsed_ms);
+            refusal.into_response(state.gate.retry_after)
         }
     };
-    if let Ok(value) = HeaderValue::from_str(&batch_id) {
-        response.headers_mut().insert("x-request-id", value);
-    }
-    response
+    super::with_request_id(response, &batch_id)
 }
 
 /// What an inbound request may hold in memory, reserved from `server.max_in_flight_bytes`
@@ -274,14 +256,7 @@ where
     S: Stream<Item = Result<B, warp::Error>> + Send + 'static,
     B: Buf + 'static,
 {
-    let _permit = super::admit(
-        method,
-        headers,
-        info.as_ref(),
-        &state.auth,
-        &state.in_flight,
-        state.retry_after,
-    )?;
+    let _permit = state.gate.admit(method, headers, info.as_ref())?;
     let limit = state.max_body_bytes;
     let declared = headers
         .get(header::CONTENT_LENGTH)
@@ -304,7 +279,7 @@ where
         .budget
         .try_acquire(memory_reserved(&media, declared, limit))
         .map_err(|_| ApiError::Busy {
-            retry_after: state.retry_after,
+            retry_after: state.gate.retry_after,
         })?;
 
     let read = async {
@@ -346,7 +321,7 @@ where
             .map_err(|_| ApiError::RequestTimeout)??,
         None => read.await?,
     };
-    state.auth.check_api_key(fields.api_key().as_deref())?;
+    state.gate.auth.check_api_key(fields.api_key().as_deref())?;
     let mail = fields.validate()?;
     let attachments = mail.attachments.len();
 

@@ -12,20 +12,18 @@
 
 use std::io::Read;
 use std::sync::Arc;
-use std::time::{Duration, Instant};
+use std::time::Instant;
 
 use bytes::{Buf, BytesMut};
 use futures_util::{Stream, StreamExt};
 use serde::Serialize;
-use tokio::sync::Semaphore;
 use tracing::Instrument;
 use warp::filters::path::FullPath;
-use warp::http::{header, HeaderMap, HeaderValue, Method, StatusCode};
+use warp::http::{header, HeaderMap, Method, StatusCode};
 use warp::reply::Response;
 use warp::Filter;
 
 use super::error::{json_response, ApiError};
-use crate::auth::Auth;
 use crate::budget::{Budget, Reservation};
 use crate::deliver::{Delivery, DeliveryReport};
 use crate::metrics;
@@ -45,16 +43,13 @@ pub struct WebhookState {
     pub timezone: Option<jiff::tz::TimeZone>,
     /// `nats.headers`.
     pub header_shape: webhook::HeaderShape,
-    pub auth: Auth,
+    /// Auth, `server.max_in_flight` and `Retry-After`, shared with the inbound route.
+    pub gate: super::Gate,
     pub delivery: Delivery,
     /// `server.max_in_flight_bytes`, shared with every route holding request data.
     pub budget: Budget,
     /// `server.max_entries`.
     pub max_entries: usize,
-    /// Permits for `server.max_in_flight`; a request that finds none is answered 503 at once.
-    pub in_flight: Arc<Semaphore>,
-    /// `Retry-After` of 503 answers.
-    pub retry_after: Duration,
 }
 
 #[derive(Serialize)]
@@ -124,7 +119,7 @@ where
         .await;
     let _entered = span.enter();
     let elapsed_ms = started.elapsed().as_secs_f64() * 1000.0;
-    let mut response = match result {
+    let response = match result {
         Ok((events, invalid, report)) => {
             metrics::request(200);
             tracing::info!(
@@ -150,24 +145,11 @@ where
         }
         Err(error) => {
             let (status, code) = error.status();
-            metrics::request(status.as_u16());
-            if status.is_server_error() {
-                tracing::warn!(status = status.as_u16(), error = code, reason = ?error, elapsed_ms, "request refused");
-            } else {
-                tracing::info!(
-                    status = status.as_u16(),
-                    error = code,
-                    elapsed_ms,
-                    "request refused"
-                );
-            }
+            super::record_refusal("request", status, code, &error, elapsed_ms);
             error.into_response()
         }
     };
-    if let Ok(value) = HeaderValue::from_str(&batch_id) {
-        response.headers_mut().insert("x-request-id", value);
-    }
-    response
+    super::with_request_id(response, &batch_id)
 }
 
 /// What identifies one request on the bus: `Cmc-Batch-Id` and the batch's `traceparent`.
@@ -193,14 +175,7 @@ where
     if path.as_str() != state.path {
         return Err(ApiError::NotFound);
     }
-    let _permit = super::admit(
-        method,
-        headers,
-        info.as_ref(),
-        &state.auth,
-        &state.in_flight,
-        state.retry_after,
-    )?;
+    let _permit = state.gate.admit(method, headers, info.as_ref())?;
     let coding = content_coding(headers)?;
     let content_type = headers
         .get(header::CONTENT_TYPE)
@@ -216,7 +191,7 @@ where
     // body arrives (all at once when Content-Length announces it), before either exists in
     // full; the entry trees are short-lived and bounded by max_entries.
     let over_budget = |_| ApiError::OverBudget {
-        retry_after: state.retry_after,
+        retry_after: state.gate.retry_after,
     };
     let mut reserved = Reservation::default();
     let read = read_body(headers, body, state.max_body_bytes, json, |n| {
@@ -232,7 +207,7 @@ where
     // The body and the copy decoding makes of `event`, reserved before either exists in
     // full; the entry trees are short-lived and bounded by max_entries.
     let over_budget = |_| ApiError::OverBudget {
-        retry_after: state.retry_after,
+        retry_after: state.gate.retry_after,
     };
     let mut reserved = state
         .budget
@@ -253,7 +228,7 @@ where
     let decoded = webhook::decode(content_type, &body).map_err(ApiError::Payload)?;
     // Decoding copied what it keeps (`event` included): the body is no longer needed.
     drop(body);
-    state.auth.check_api_key(decoded.api_key())?;
+    state.gate.auth.check_api_key(decoded.api_key())?;
     let mode = match state.dead_letter {
         Some(_) => webhook::InvalidEntries::DeadLetter,
         None => webhook::InvalidEntries::Reject,
@@ -296,7 +271,7 @@ where
         .await
         .map_err(|error| ApiError::Delivery {
             error,
-            retry_after: state.retry_after,
+            retry_after: state.gate.retry_after,
         })?;
     counts.accepted(report.published, report.duplicates, started.elapsed());
     Ok((events, invalid, report))
@@ -442,6 +417,7 @@ fn decompress(coding: Coding, body: &[u8], limit: u64, json: bool) -> Result<Byt
 #[cfg(test)]
 mod tests {
     use super::*;
+    use warp::http::HeaderValue;
 
     fn headers(coding: &str) -> HeaderMap {
         let mut h = HeaderMap::new();

@@ -43,11 +43,7 @@ async fn invalid_entries_go_to_the_dead_letter_subject_and_the_rest_as_usual() {
     let (body, entries) = ten_with_two_invalid();
 
     let response = app.post("application/json", body.to_string()).await;
-    assert_eq!(response.status(), 200);
-    let batch_id = response.headers()["x-request-id"]
-        .to_str()
-        .unwrap()
-        .to_owned();
+    let batch_id = request_id_of_200(&response);
     // published + spooled is still the number of entries; `invalid` says how many were bad.
     assert_eq!(
         json(response).await,

@@ -440,6 +440,15 @@ pub fn header(headers: &async_nats::HeaderMap, name: &str) -> String {
 }
 
 /// The JSON body of a response.
+/// The `X-Request-Id` (the batch id) of a response that must be `200`.
+pub fn request_id_of_200(response: &reqwest::Response) -> String {
+    assert_eq!(response.status(), 200);
+    response.headers()["x-request-id"]
+        .to_str()
+        .unwrap()
+        .to_owned()
+}
+
 pub async fn json(response: reqwest::Response) -> serde_json::Value {
     response.json().await.expect("JSON body")
 }

@@ -574,11 +574,7 @@ async fn nats_down_mid_upload_spools_the_whole_mail_and_the_drainer_sends_it_onc
     let response = request.await.unwrap().unwrap();
 
     // Assert: spooled whole, then drained after NATS is back.
-    assert_eq!(response.status(), 200);
-    let request_id = response.headers()["x-request-id"]
-        .to_str()
-        .unwrap()
-        .to_owned();
+    let request_id = request_id_of_200(&response);
     assert_eq!(
         json(response).await,
         serde_json::json!({"result": "ok", "published": 0, "attachments": 3, "spooled": 1})

@@ -157,19 +157,47 @@ fn text(bytes: &[u8]) -> String {
     String::from_utf8_lossy(bytes).into_owned()
 }
 
+/// What the large-body tests run against: a nats-server and the real binary, ready, its
+/// spool and log in a temporary directory, `nats.publish_timeout` 20 s (a 10,000-entry batch
+/// on two shared cores takes seconds), and a client whose requests may take `timeout`.
+struct Large {
+    nats: NatsServer,
+    service: Service,
+    http: reqwest::Client,
+    _spool: tempfile::TempDir,
+}
+
+impl Large {
+    async fn start(env: &[(&str, &str)], timeout: Duration) -> Large {
+        let nats = NatsServer::start().await;
+        let spool = tempfile::tempdir().unwrap();
+        let mut env = env.to_vec();
+        env.push(("NATS__PUBLISH_TIMEOUT", "20s"));
+        let mut service = Service::start_with(
+            &nats.url(),
+            &spool.path().join("spool"),
+            &spool.path().join("service.log"),
+            &env,
+        );
+        let http = client(timeout);
+        service.wait_ready(&http).await;
+        Large {
+            nats,
+            service,
+            http,
+            _spool: spool,
+        }
+    }
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn one_large_body_is_200_within_64_mib_and_a_body_of_tiny_entries_is_413() {
-    let nats = NatsServer::start().await;
-    let spool = tempfile::tempdir().unwrap();
-    let log = spool.path().join("service.log");
-    let mut service = Service::start_with(
-        &nats.url(),
-        &spool.path().join("spool"),
-        &log,
-        &[("NATS__PUBLISH_TIMEOUT", "20s")],
-    );
-    let http = client(Duration::from_secs(60));
-    service.wait_ready(&http).await;
+    let Large {
+        nats: _nats,
+        service,
+        http,
+        _spool,
+    } = Large::start(&[], Duration::from_secs(60)).await;
     let pid = service.child.id();
     let idle = vm_hwm_kib(pid) * 1024;
 
@@ -214,21 +242,17 @@ async fn one_large_body_is_200_within_64_mib_and_a_body_of_tiny_entries_is_413()
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn sixteen_large_bodies_at_once_get_200_or_503_and_nothing_of_a_refused_one_is_published() {
     const BUDGET: u64 = 24 * MIB;
-    let nats = NatsServer::start().await;
-    let spool = tempfile::tempdir().unwrap();
-    let log = spool.path().join("service.log");
     let budget = BUDGET.to_string();
-    let mut service = Service::start_with(
-        &nats.url(),
-        &spool.path().join("spool"),
-        &log,
-        &[
-            ("NATS__PUBLISH_TIMEOUT", "20s"),
-            ("SERVER__MAX_IN_FLIGHT_BYTES", &budget),
-        ],
-    );
-    let http = client(Duration::from_secs(90));
-    service.wait_ready(&http).await;
+    let Large {
+        nats,
+        service,
+        http,
+        _spool,
+    } = Large::start(
+        &[("SERVER__MAX_IN_FLIGHT_BYTES", &budget)],
+        Duration::from_secs(90),
+    )
+    .await;
     let pid = service.child.id();
     let bodies: Vec<Vec<u8>> = (0..16)
         .map(|i| body(&format!("b{i}"), 2000, 2000))
@@ -288,17 +312,12 @@ async fn sixteen_large_bodies_at_once_get_200_or_503_and_nothing_of_a_refused_on
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn four_batches_of_10000_at_once_are_all_200_and_all_stored() {
-    let nats = NatsServer::start().await;
-    let spool = tempfile::tempdir().unwrap();
-    let log = spool.path().join("service.log");
-    let mut service = Service::start_with(
-        &nats.url(),
-        &spool.path().join("spool"),
-        &log,
-        &[("NATS__PUBLISH_TIMEOUT", "20s")],
-    );
-    let http = client(Duration::from_secs(120));
-    service.wait_ready(&http).await;
+    let Large {
+        nats,
+        service,
+        http,
+        _spool,
+    } = Large::start(&[], Duration::from_secs(120)).await;
     let url = service.webhook_url();
     let started = Instant::now();
     let tasks: Vec<_> = (0..4)

@@ -45,11 +45,7 @@ async fn stored_with(
         ]},
     });
     let response = app.post("application/json", body.to_string()).await;
-    assert_eq!(response.status(), 200);
-    let batch_id = response.headers()["x-request-id"]
-        .to_str()
-        .unwrap()
-        .to_owned();
+    let batch_id = request_id_of_200(&response);
     let stored = app
         .stream_messages()
         .await

@@ -184,11 +184,7 @@ async fn request_spans_reach_an_otlp_receiver() {
         .send()
         .await
         .unwrap();
-    assert_eq!(response.status(), 200);
-    let batch_id = response.headers()["x-request-id"]
-        .to_str()
-        .unwrap()
-        .to_owned();
+    let batch_id = request_id_of_200(&response);
     let message = receive(&mut sub, 1).await.remove(0);
     let (trace, span, _) = fields(&header(message.headers.as_ref().unwrap(), "traceparent"));
     assert_eq!(trace, PARENT_TRACE);
