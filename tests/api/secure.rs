@@ -14,6 +14,7 @@ use std::time::{Duration, Instant};
 use async_nats::jetstream;
 use base64::engine::general_purpose::URL_SAFE_NO_PAD;
 use base64::Engine;
+use futures_util::StreamExt;
 use serde_json::{json, Value};
 
 use crate::helpers::{fixture, free_port, get_text, nats_server_bin, Enc, WAIT};
@@ -842,6 +843,22 @@ async fn jetstream_domain_through_a_leaf_node() {
 
 #[tokio::test]
 async fn permission_denied_on_one_subject_is_503_and_not_spooled() {
+    permission_denied_on_one_subject("jetstream").await;
+}
+
+/// Core NATS acknowledges nothing and async-nats's flush ends when the socket has taken the
+/// bytes: the server's denial arrives after the `200` (what `200` means in core mode). It is
+/// still logged and counted, and the denied event never reaches the bus.
+#[tokio::test]
+async fn in_core_mode_a_denied_publish_is_logged_and_counted_after_its_200() {
+    permission_denied_on_one_subject("core").await;
+}
+
+/// A user allowed `cmc.>` but denied `cmc.bounces.>`, in `nats.mode` `mode`. In `jetstream`
+/// mode a batch for the denied subject is `503` on the server's refusal (not after the publish
+/// timeout) and never spooled; in `core` mode it is `200`. Either way the denial is logged and
+/// counted, and the next allowed batch goes straight out and is the first event on the bus.
+async fn permission_denied_on_one_subject(mode: &str) {
     let dir = tempfile::tempdir().unwrap();
     let nats = SecureNats::start(
         dir.path(),
@@ -855,39 +872,41 @@ async fn permission_denied_on_one_subject_is_503_and_not_spooled() {
     )
     .await;
     let url = format!("nats://127.0.0.1:{}", nats.port);
+    let watcher = observer(
+        async_nats::ConnectOptions::with_user_and_password("obs".into(), "obs".into()),
+        &url,
+    )
+    .await;
+    let mut on_the_bus = watcher.subscribe("cmc.>").await.unwrap();
+    watcher.flush().await.unwrap();
     let mut forwarder = Forwarder::start(
         dir.path(),
-        &format!("servers = [\"{url}\"]\nusername = \"fwd\"\npassword = \"pw\""),
+        &format!("servers = [\"{url}\"]\nusername = \"fwd\"\npassword = \"pw\"\nmode = \"{mode}\""),
         "[spool]\nenabled = true\ndir = \"spool\"\n",
     );
     forwarder.wait_ready().await;
-    let js = jetstream::new(
-        observer(
-            async_nats::ConnectOptions::with_user_and_password("obs".into(), "obs".into()),
-            &url,
-        )
-        .await,
-    );
-    assert_forwards(&forwarder, &js).await;
 
     let started = Instant::now();
     let (status, body) = forwarder.post("bounces-user-unknown", "", None).await;
-    assert_eq!(status, 503, "{body}");
-    assert_eq!(body["error"], "unavailable", "{body}");
-    assert!(
-        body["message"]
-            .as_str()
-            .unwrap()
-            .contains("permission denied"),
-        "{body}"
-    );
+    if mode == "core" {
+        assert_eq!(status, 200, "{body}");
+    } else {
+        assert_eq!(status, 503, "{body}");
+        assert_eq!(body["error"], "unavailable", "{body}");
+        assert!(
+            body["message"]
+                .as_str()
+                .unwrap()
+                .contains("permission denied"),
+            "{body}"
+        );
+        assert!(
+            started.elapsed() < Duration::from_secs(2),
+            "{:?}",
+            started.elapsed()
+        );
+    }
     assert!(body.get("spooled").is_none(), "{body}");
-    // Answered on the server's refusal, not after the publish timeout.
-    assert!(
-        started.elapsed() < Duration::from_secs(2),
-        "{:?}",
-        started.elapsed()
-    );
     forwarder.wait_log("NATS denied publishing").await;
     let metrics = forwarder.metrics().await;
     assert!(
@@ -897,8 +916,16 @@ async fn permission_denied_on_one_subject_is_503_and_not_spooled() {
     // Nothing waits in the spool: the next allowed batch is published directly.
     let (status, body) = forwarder.post("deliveries-succeeded", "", None).await;
     assert_eq!(status, 200, "{body}");
+    assert_eq!(body["published"], 1, "{body}");
     assert!(body.get("spooled").is_none(), "{body}");
-    assert_eq!(stored(&js).await, 2);
+    let message = tokio::time::timeout(WAIT, on_the_bus.next())
+        .await
+        .expect("the allowed event reaches the bus")
+        .unwrap();
+    assert_eq!(message.subject.as_str(), "cmc.deliveries.succeeded");
+    if mode == "jetstream" {
+        assert_eq!(stored(&jetstream::new(watcher)).await, 1);
+    }
 }
 
 #[tokio::test]
