@@ -12,7 +12,7 @@
 //! `cargo test --test api faults:: -- --nocapture --test-threads=1` (`scripts/test` does).
 
 use std::collections::{HashMap, HashSet};
-use std::path::Path;
+use std::path::{Path, PathBuf};
 use std::process::Command;
 use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::sync::Arc;
@@ -669,12 +669,13 @@ async fn sigterm_under_load_exits_0_and_loses_nothing() {
     let test = "sigterm";
     let started = Instant::now();
     let nats = NatsServer::start().await;
-    let spool = tempfile::tempdir().unwrap();
-    let logs = tempfile::tempdir().unwrap();
-    let log = logs.path().join("service.log");
-    let http = http_client();
-    let mut service = Service::start(&nats.url(), spool.path(), &log);
-    service.wait_ready(&http).await;
+    let Binary {
+        spool,
+        _logs,
+        log,
+        http,
+        mut service,
+    } = Binary::start(&nats.url()).await;
     let js = reader(&[nats.url()]).await;
 
     let senders = Senders::start(&service.webhook_url(), test, 6, Retry::Never);
@@ -697,12 +698,13 @@ async fn sigterm_with_nats_down_exits_0_and_the_next_run_drains_the_spool() {
     let test = "sigterm_nats_down";
     let started = Instant::now();
     let mut nats = NatsServer::start().await;
-    let spool = tempfile::tempdir().unwrap();
-    let logs = tempfile::tempdir().unwrap();
-    let log = logs.path().join("service.log");
-    let http = http_client();
-    let mut service = Service::start(&nats.url(), spool.path(), &log);
-    service.wait_ready(&http).await;
+    let Binary {
+        spool,
+        _logs,
+        log,
+        http,
+        mut service,
+    } = Binary::start(&nats.url()).await;
     let js = reader(&[nats.url()]).await;
 
     let senders = Senders::start(&service.webhook_url(), test, 4, Retry::Never);
@@ -742,12 +744,13 @@ async fn sigterm_with_nats_frozen_exits_0_and_loses_nothing() {
             .unwrap()
             .success());
     };
-    let spool = tempfile::tempdir().unwrap();
-    let logs = tempfile::tempdir().unwrap();
-    let log = logs.path().join("service.log");
-    let http = http_client();
-    let mut service = Service::start(&nats.url(), spool.path(), &log);
-    service.wait_ready(&http).await;
+    let Binary {
+        spool,
+        _logs,
+        log,
+        http,
+        mut service,
+    } = Binary::start(&nats.url()).await;
 
     let senders = Senders::start(&service.webhook_url(), test, 6, Retry::Never);
     assert!(senders.load.wait_for_oks(30, WAIT).await, "no load");
@@ -761,6 +764,33 @@ async fn sigterm_with_nats_frozen_exits_0_and_loses_nothing() {
     let run = SigtermRun::after_exit(test, tally, exit_after, spool.path(), started);
     run.next_run_drains(&nats.url(), &js, spool.path(), &log, &http, true)
         .await;
+}
+
+/// The real binary against a NATS server, its spool and log in temporary directories, ready.
+struct Binary {
+    spool: tempfile::TempDir,
+    _logs: tempfile::TempDir,
+    log: PathBuf,
+    http: reqwest::Client,
+    service: Service,
+}
+
+impl Binary {
+    async fn start(nats_url: &str) -> Binary {
+        let spool = tempfile::tempdir().unwrap();
+        let logs = tempfile::tempdir().unwrap();
+        let log = logs.path().join("service.log");
+        let http = http_client();
+        let mut service = Service::start(nats_url, spool.path(), &log);
+        service.wait_ready(&http).await;
+        Binary {
+            spool,
+            _logs: logs,
+            log,
+            http,
+            service,
+        }
+    }
 }
 
 /// After a disruption: the load must get a 200 again, then every event answered 200 must be
@@ -879,12 +909,13 @@ async fn sigkill_with_a_full_spool_then_restart_publishes_it_exactly_once() {
     let test = "sigkill_spool";
     let started = Instant::now();
     let mut nats = NatsServer::start().await;
-    let spool = tempfile::tempdir().unwrap();
-    let logs = tempfile::tempdir().unwrap();
-    let log = logs.path().join("service.log");
-    let http = http_client();
-    let mut service = Service::start(&nats.url(), spool.path(), &log);
-    service.wait_ready(&http).await;
+    let Binary {
+        spool,
+        _logs,
+        log,
+        http,
+        mut service,
+    } = Binary::start(&nats.url()).await;
     let js = reader(&[nats.url()]).await;
 
     let load = Load::default();

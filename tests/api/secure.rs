@@ -376,74 +376,85 @@ async fn tls_with_a_private_ca_verifies_the_host_name() {
     );
 }
 
+/// A private CA with a server certificate for `localhost` and a client certificate, and a
+/// nats-server that requires and verifies a client certificate signed by that CA.
+struct MutualTls {
+    ca: PathBuf,
+    client_cert: PathBuf,
+    client_key: PathBuf,
+    url: String,
+    _nats: SecureNats,
+}
+
+impl MutualTls {
+    async fn start(dir: &Path) -> MutualTls {
+        let pki = Pki::new(dir, "private");
+        let (cert, key) = pki.issue("server", &["localhost"], false);
+        let (client_cert, client_key) = pki.issue("forwarder", &["forwarder"], true);
+        let ca = pki.path("private-ca.pem");
+        let nats = SecureNats::start(
+            dir,
+            "nats",
+            &format!(
+                "jetstream {{ store_dir: STORE_DIR }}\n\
+                 tls {{ cert_file: {cert:?}, key_file: {key:?}, ca_file: {ca:?}, verify: true }}\n"
+            ),
+        )
+        .await;
+        MutualTls {
+            ca,
+            client_cert,
+            client_key,
+            url: format!("tls://localhost:{}", nats.port),
+            _nats: nats,
+        }
+    }
+
+    /// The forwarder's `[nats]` settings: the client certificate, trusting `ca`.
+    fn nats_toml(&self, ca: &Path) -> String {
+        format!(
+            "servers = [\"{}\"]\ntls_ca_file = {}\ntls_cert_file = {}\ntls_key_file = {}",
+            self.url,
+            toml_path(ca),
+            toml_path(&self.client_cert),
+            toml_path(&self.client_key)
+        )
+    }
+
+    /// A JetStream reader with the client certificate.
+    async fn reader(&self) -> jetstream::Context {
+        let client = observer(
+            async_nats::ConnectOptions::new()
+                .add_root_certificates(self.ca.clone())
+                .add_client_certificate(self.client_cert.clone(), self.client_key.clone())
+                .require_tls(true),
+            &self.url,
+        )
+        .await;
+        jetstream::new(client)
+    }
+}
+
 #[tokio::test]
 async fn mutual_tls_with_a_client_certificate() {
     let dir = tempfile::tempdir().unwrap();
-    let pki = Pki::new(dir.path(), "private");
-    let (cert, key) = pki.issue("server", &["localhost"], false);
-    let (client_cert, client_key) = pki.issue("forwarder", &["forwarder"], true);
-    let ca = pki.path("private-ca.pem");
-    let nats = SecureNats::start(
-        dir.path(),
-        "nats",
-        &format!(
-            "jetstream {{ store_dir: STORE_DIR }}\n\
-             tls {{ cert_file: {cert:?}, key_file: {key:?}, ca_file: {ca:?}, verify: true }}\n"
-        ),
-    )
-    .await;
-    let url = format!("tls://localhost:{}", nats.port);
-    let mut forwarder = Forwarder::start(
-        dir.path(),
-        &format!(
-            "servers = [\"{url}\"]\ntls_ca_file = {}\ntls_cert_file = {}\ntls_key_file = {}",
-            toml_path(&ca),
-            toml_path(&client_cert),
-            toml_path(&client_key)
-        ),
-        "",
-    );
+    let tls = MutualTls::start(dir.path()).await;
+    let mut forwarder = Forwarder::start(dir.path(), &tls.nats_toml(&tls.ca), "");
     forwarder.wait_ready().await;
-    let client = observer(
-        async_nats::ConnectOptions::new()
-            .add_root_certificates(ca.clone())
-            .add_client_certificate(client_cert, client_key)
-            .require_tls(true),
-        &url,
-    )
-    .await;
-    assert_forwards(&forwarder, &jetstream::new(client)).await;
+    assert_forwards(&forwarder, &tls.reader().await).await;
 }
 
 #[tokio::test]
 async fn untrusted_ca_and_missing_client_certificate_are_named_and_recover() {
     let dir = tempfile::tempdir().unwrap();
-    let pki = Pki::new(dir.path(), "private");
+    let tls = MutualTls::start(dir.path()).await;
     let stranger = Pki::new(dir.path(), "stranger");
-    let (cert, key) = pki.issue("server", &["localhost"], false);
-    let (client_cert, client_key) = pki.issue("forwarder", &["forwarder"], true);
-    let ca = pki.path("private-ca.pem");
-    let nats = SecureNats::start(
-        dir.path(),
-        "nats",
-        &format!(
-            "jetstream {{ store_dir: STORE_DIR }}\n\
-             tls {{ cert_file: {cert:?}, key_file: {key:?}, ca_file: {ca:?}, verify: true }}\n"
-        ),
-    )
-    .await;
-    let url = format!("tls://localhost:{}", nats.port);
 
     // An untrusted CA: the log and readyz name it.
     let untrusted = tempfile::tempdir().unwrap();
     let mut forwarder = Forwarder::start(
         untrusted.path(),
-        &format!(
-            "servers = [\"{url}\"]\ntls_ca_file = {}\ntls_cert_file = {}\ntls_key_file = {}",
-            toml_path(&stranger.path("stranger-ca.pem")),
-            toml_path(&client_cert),
-            toml_path(&client_key)
-        ),
+        &tls.nats_toml(&stranger.path("stranger-ca.pem")),
         "",
     );
     forwarder
@@ -457,24 +468,20 @@ async fn untrusted_ca_and_missing_client_certificate_are_named_and_recover() {
     let (status, body) = forwarder.post("deliveries-queued", "", None).await;
     assert_eq!(status, 503, "{body}");
     // Fixed in place (the CA file now holds the right CA): recovers without a restart.
-    std::fs::copy(&ca, stranger.path("stranger-ca.pem")).unwrap();
+    std::fs::copy(&tls.ca, stranger.path("stranger-ca.pem")).unwrap();
     forwarder.wait_ready().await;
-    let client = observer(
-        async_nats::ConnectOptions::new()
-            .add_root_certificates(ca.clone())
-            .add_client_certificate(client_cert.clone(), client_key.clone())
-            .require_tls(true),
-        &url,
-    )
-    .await;
-    assert_forwards(&forwarder, &jetstream::new(client)).await;
+    assert_forwards(&forwarder, &tls.reader().await).await;
     drop(forwarder);
 
     // A missing client certificate: named too.
     let missing = tempfile::tempdir().unwrap();
     let mut forwarder = Forwarder::start(
         missing.path(),
-        &format!("servers = [\"{url}\"]\ntls_ca_file = {}", toml_path(&ca)),
+        &format!(
+            "servers = [\"{}\"]\ntls_ca_file = {}",
+            tls.url,
+            toml_path(&tls.ca)
+        ),
         "",
     );
     forwarder
