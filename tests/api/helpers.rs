@@ -35,6 +35,15 @@ pub fn nats_server_bin() -> String {
     std::env::var("NATS_SERVER_BIN").unwrap_or_else(|_| "nats-server".into())
 }
 
+/// The forwarder binary the process tests run: `CMC_FORWARDER_BIN` (a release build, to
+/// measure its memory), else this build's.
+pub fn forwarder_bin() -> String {
+    std::env::var("CMC_FORWARDER_BIN")
+        .ok()
+        .filter(|bin| !bin.is_empty())
+        .unwrap_or_else(|| env!("CARGO_BIN_EXE_cmc-forwarder").to_owned())
+}
+
 impl NatsServer {
     /// Starts a JetStream-enabled server on a port of its own choosing (`-p -1`), so that
     /// parallel tests can never race for a port.
@@ -659,7 +668,7 @@ impl Service {
             .append(true)
             .open(log)
             .unwrap();
-        let mut command = Command::new(env!("CARGO_BIN_EXE_cmc-forwarder"));
+        let mut command = Command::new(forwarder_bin());
         for (key, _) in std::env::vars_os() {
             if key.to_string_lossy().starts_with("CMC_FORWARDER") {
                 command.env_remove(key);

@@ -618,8 +618,7 @@ async fn a_20_mib_attachment_is_stored_and_the_service_peak_rss_stays_under_64_m
     let nats = NatsServer::start().await;
     let spool = tempfile::tempdir().unwrap();
     let port = free_port();
-    let binary = std::env::var("CMC_FORWARDER_BIN")
-        .unwrap_or_else(|_| env!("CARGO_BIN_EXE_cmc-forwarder").to_owned());
+    let binary = forwarder_bin();
     let mut command = Command::new(&binary);
     for (key, _) in std::env::vars_os() {
         if key.to_string_lossy().starts_with("CMC_FORWARDER") {

@@ -4,7 +4,8 @@
 //! spool, and `cmc-forwarder spool drain`. Each test prints its figures.
 //!
 //! Run them one at a time (they measure memory and share two cores):
-//! `cargo test --test api pipeline:: -- --nocapture --test-threads=1`.
+//! `cargo test --test api pipeline:: -- --nocapture --test-threads=1`. They run this build's
+//! binary; `CMC_FORWARDER_BIN=target/release/cmc-forwarder` measures a release build.
 
 use std::collections::HashMap;
 use std::path::Path;
@@ -136,7 +137,7 @@ async fn stored_messages(js: &jetstream::Context) -> Vec<(String, usize, String)
 
 /// Runs `cmc-forwarder <args>` with the service's environment for `spool_dir` and `nats_url`.
 fn cli(nats_url: &str, spool_dir: &Path, args: &[&str]) -> Output {
-    let mut command = Command::new(env!("CARGO_BIN_EXE_cmc-forwarder"));
+    let mut command = Command::new(forwarder_bin());
     for (key, _) in std::env::vars_os() {
         if key.to_string_lossy().starts_with("CMC_FORWARDER") {
             command.env_remove(key);

@@ -17,7 +17,7 @@ use base64::Engine;
 use futures_util::StreamExt;
 use serde_json::{json, Value};
 
-use crate::helpers::{fixture, free_port, get_text, nats_server_bin, Enc, WAIT};
+use crate::helpers::{fixture, forwarder_bin, free_port, get_text, nats_server_bin, Enc, WAIT};
 
 const STREAM: &str = "CMC_EVENTS";
 
@@ -125,7 +125,7 @@ impl Forwarder {
         .unwrap();
         let log = dir.join("forwarder.log");
         let stderr = std::fs::File::create(&log).unwrap();
-        let mut command = Command::new(env!("CARGO_BIN_EXE_cmc-forwarder"));
+        let mut command = Command::new(forwarder_bin());
         command.env_clear().envs(env.iter().copied());
         let child = command
             .arg("--config")
@@ -1002,7 +1002,7 @@ async fn check_config_output_round_trips() {
     )
     .unwrap();
     let check = |path: &Path, env: &[(&str, &str)]| {
-        Command::new(env!("CARGO_BIN_EXE_cmc-forwarder"))
+        Command::new(forwarder_bin())
             .env_clear()
             .envs(env.iter().copied())
             .arg("check-config")

@@ -145,7 +145,7 @@ async fn request_spans_reach_an_otlp_receiver() {
     let (port, admin_port) = (free_port(), free_port());
     let dir = tempfile::tempdir().unwrap();
     let log = dir.path().join("service.log");
-    let mut command = Command::new(env!("CARGO_BIN_EXE_cmc-forwarder"));
+    let mut command = Command::new(forwarder_bin());
     for (key, _) in std::env::vars_os() {
         if key.to_string_lossy().starts_with("CMC_FORWARDER") {
             command.env_remove(key);
