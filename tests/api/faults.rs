@@ -669,24 +669,17 @@ async fn sigterm_under_load_exits_0_and_loses_nothing() {
     let test = "sigterm";
     let started = Instant::now();
     let nats = NatsServer::start().await;
-    let Binary {
-        spool,
-        _logs,
-        log,
-        http,
-        mut service,
-    } = Binary::start(&nats.url()).await;
+    let mut bin = Binary::start(&nats.url()).await;
     let js = reader(&[nats.url()]).await;
 
-    let senders = Senders::start(&service.webhook_url(), test, 6, Retry::Never);
+    let senders = Senders::start(&bin.service.webhook_url(), test, 6, Retry::Never);
     assert!(senders.load.wait_for_oks(60, WAIT).await, "no load");
-    let (exit_after, tally) = stop_under_load(&mut service, senders).await;
+    let (exit_after, tally) = stop_under_load(&mut bin.service, senders).await;
 
     // What the first run spooled at shutdown (if anything) is published by the next run.
     assert!(tally.ok > 0);
-    let run = SigtermRun::after_exit(test, tally, exit_after, spool.path(), started);
-    run.next_run_drains(&nats.url(), &js, spool.path(), &log, &http, false)
-        .await;
+    let run = SigtermRun::after_exit(test, tally, exit_after, bin.spool.path(), started);
+    run.next_run_drains(&nats.url(), &js, &bin, false).await;
 }
 
 // ---------------------------------------------------------------------------------------
@@ -698,16 +691,10 @@ async fn sigterm_with_nats_down_exits_0_and_the_next_run_drains_the_spool() {
     let test = "sigterm_nats_down";
     let started = Instant::now();
     let mut nats = NatsServer::start().await;
-    let Binary {
-        spool,
-        _logs,
-        log,
-        http,
-        mut service,
-    } = Binary::start(&nats.url()).await;
+    let mut bin = Binary::start(&nats.url()).await;
     let js = reader(&[nats.url()]).await;
 
-    let senders = Senders::start(&service.webhook_url(), test, 4, Retry::Never);
+    let senders = Senders::start(&bin.service.webhook_url(), test, 4, Retry::Never);
     assert!(senders.load.wait_for_oks(20, WAIT).await, "no load");
     nats.stop();
     // Some batches are spooled while NATS is down, then the service is told to stop.
@@ -715,12 +702,11 @@ async fn sigterm_with_nats_down_exits_0_and_the_next_run_drains_the_spool() {
         senders.load.wait_for_oks(20, WAIT).await,
         "no 200 with NATS down"
     );
-    let (exit_after, tally) = stop_under_load(&mut service, senders).await;
+    let (exit_after, tally) = stop_under_load(&mut bin.service, senders).await;
 
     nats.restart().await;
-    let run = SigtermRun::after_exit(test, tally, exit_after, spool.path(), started);
-    run.next_run_drains(&nats.url(), &js, spool.path(), &log, &http, true)
-        .await;
+    let run = SigtermRun::after_exit(test, tally, exit_after, bin.spool.path(), started);
+    run.next_run_drains(&nats.url(), &js, &bin, true).await;
 }
 
 // ---------------------------------------------------------------------------------------
@@ -744,26 +730,19 @@ async fn sigterm_with_nats_frozen_exits_0_and_loses_nothing() {
             .unwrap()
             .success());
     };
-    let Binary {
-        spool,
-        _logs,
-        log,
-        http,
-        mut service,
-    } = Binary::start(&nats.url()).await;
+    let mut bin = Binary::start(&nats.url()).await;
 
-    let senders = Senders::start(&service.webhook_url(), test, 6, Retry::Never);
+    let senders = Senders::start(&bin.service.webhook_url(), test, 6, Retry::Never);
     assert!(senders.load.wait_for_oks(30, WAIT).await, "no load");
     signal("-STOP");
     // Let requests pile up waiting for acks, then stop the service under them.
     tokio::time::sleep(Duration::from_millis(400)).await;
-    let (exit_after, tally) = stop_under_load(&mut service, senders).await;
+    let (exit_after, tally) = stop_under_load(&mut bin.service, senders).await;
 
     signal("-CONT");
     let js = reader(&[nats.url()]).await;
-    let run = SigtermRun::after_exit(test, tally, exit_after, spool.path(), started);
-    run.next_run_drains(&nats.url(), &js, spool.path(), &log, &http, true)
-        .await;
+    let run = SigtermRun::after_exit(test, tally, exit_after, bin.spool.path(), started);
+    run.next_run_drains(&nats.url(), &js, &bin, true).await;
 }
 
 /// The real binary against a NATS server, its spool and log in temporary directories, ready.
@@ -855,18 +834,17 @@ impl<'a> SigtermRun<'a> {
     }
 
     /// The second half of those tests: with NATS back, a new run of the service on the same
-    /// spool publishes what the first one left (`must_have_spooled`: the first run cannot
+    /// spool as the `first` publishes what the first one left (`must_have_spooled`: the first run cannot
     /// have ended with an empty spool). Every answered event must then be stored exactly
     /// once, nothing failed before the signal, and the spool ends empty.
     async fn next_run_drains(
         self,
         nats_url: &str,
         js: &jetstream::Context,
-        spool: &Path,
-        log: &Path,
-        http: &reqwest::Client,
+        first: &Binary,
         must_have_spooled: bool,
     ) {
+        let spool = first.spool.path();
         let SigtermRun {
             test,
             tally,
@@ -878,8 +856,8 @@ impl<'a> SigtermRun<'a> {
             assert!(backlog > 0, "{test}: nothing was spooled");
         }
         if backlog > 0 {
-            let mut again = Service::start(nats_url, spool, log);
-            again.wait_ready(http).await;
+            let mut again = Service::start(nats_url, spool, &first.log);
+            again.wait_ready(&first.http).await;
             settle(js, &tally.answered, Some(spool)).await;
             again.terminate().await;
         }
@@ -909,59 +887,53 @@ async fn sigkill_with_a_full_spool_then_restart_publishes_it_exactly_once() {
     let test = "sigkill_spool";
     let started = Instant::now();
     let mut nats = NatsServer::start().await;
-    let Binary {
-        spool,
-        _logs,
-        log,
-        http,
-        mut service,
-    } = Binary::start(&nats.url()).await;
+    let mut bin = Binary::start(&nats.url()).await;
     let js = reader(&[nats.url()]).await;
 
     let load = Load::default();
     let mut tally = Tally::default();
-    let url = service.webhook_url();
+    let url = bin.service.webhook_url();
     // Before the fault: published directly.
     for n in 0..3 {
         let (body, keys) = tally.next_batch(test, n);
-        assert!(tally.post(&http, &url, &body, &keys, &load).await);
+        assert!(tally.post(&bin.http, &url, &body, &keys, &load).await);
     }
     nats.stop();
-    wait_for_status(&http, &service.readyz(), 503, WAIT).await;
+    wait_for_status(&bin.http, &bin.service.readyz(), 503, WAIT).await;
     // NATS down: every batch answered 200 from the spool.
     for n in 3..33 {
         let (body, keys) = tally.next_batch(test, n);
         assert!(
-            tally.post(&http, &url, &body, &keys, &load).await,
+            tally.post(&bin.http, &url, &body, &keys, &load).await,
             "{test}: not 200 with NATS down"
         );
     }
-    let on_disk: u64 = std::fs::read_dir(spool.path())
+    let on_disk: u64 = std::fs::read_dir(bin.spool.path())
         .unwrap()
         .filter_map(|e| e.ok())
         .filter(|e| e.path().extension() == Some("seg".as_ref()))
         .map(|e| e.metadata().unwrap().len())
         .sum();
     assert!(on_disk > 0, "{test}: nothing in the spool");
-    service.signal("-KILL");
-    let status = service
+    bin.service.signal("-KILL");
+    let status = bin
+        .service
         .wait_exit(WAIT)
         .await
         .expect("SIGKILL ends the process");
     assert!(!status.success());
-    drop(service);
 
     nats.restart().await;
-    let mut service = Service::start(&nats.url(), spool.path(), &log);
-    service.wait_ready(&http).await;
+    bin.service = Service::start(&nats.url(), bin.spool.path(), &bin.log);
+    bin.service.wait_ready(&bin.http).await;
     // New batches go behind the spooled ones.
-    let url = service.webhook_url();
+    let url = bin.service.webhook_url();
     for n in 33..36 {
         let (body, keys) = tally.next_batch(test, n);
-        assert!(tally.post(&http, &url, &body, &keys, &load).await);
+        assert!(tally.post(&bin.http, &url, &body, &keys, &load).await);
     }
-    let stored = settle(&js, &tally.answered, Some(spool.path())).await;
-    let exit_after = service.terminate().await;
+    let stored = settle(&js, &tally.answered, Some(bin.spool.path())).await;
+    let exit_after = bin.service.terminate().await;
     verdict(
         test,
         &tally,
@@ -972,7 +944,11 @@ async fn sigkill_with_a_full_spool_then_restart_publishes_it_exactly_once() {
         ),
     );
     assert_eq!(tally.answered.len(), tally.sent);
-    assert_eq!(spool_backlog(spool.path()), 0, "{test}: spool not drained");
+    assert_eq!(
+        spool_backlog(bin.spool.path()),
+        0,
+        "{test}: spool not drained"
+    );
 }
 
 // ---------------------------------------------------------------------------------------
