@@ -55,7 +55,7 @@ impl Gate {
 
 /// Counts and logs a refused request (`what`: "request", "inbound mail"). A refusal of the
 /// service's own making (5xx) is a warning with its reason; a sender's mistake is information,
-/// by its error code only, so that a hostile sender cannot fill the log with its input.
+/// by its error code only, so that what a sender posted is not echoed into the log.
 pub fn record_refusal(
     what: &str,
     status: StatusCode,
