@@ -204,23 +204,15 @@ where
             .map_err(|_| ApiError::RequestTimeout)??,
         None => read.await?,
     };
-    // The body and the copy decoding makes of `event`, reserved before either exists in
-    // full; the entry trees are short-lived and bounded by max_entries.
-    let over_budget = |_| ApiError::OverBudget {
-        retry_after: state.gate.retry_after,
-    };
-    let mut reserved = state
-        .budget
-        .try_acquire(2 * body.len() as u64)
-        .map_err(over_budget)?;
+    // `reserved` covers twice the body as read (one reservation, grown as it arrived); a
+    // compressed body's reservation grows to twice its plain text.
     let body = match coding {
         Coding::Identity => body,
         compressed => {
             let plain = decompress(compressed, &body, state.max_body_bytes, json)?;
             drop(body);
-            reserved = state
-                .budget
-                .try_acquire(2 * plain.len() as u64)
+            reserved
+                .grow_to(&state.budget, 2 * plain.len() as u64)
                 .map_err(over_budget)?;
             plain
         }

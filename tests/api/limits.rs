@@ -214,3 +214,86 @@ async fn native_tls_serves_https_with_tls_1_2_and_1_3() {
         .await;
     assert!(plain.map(|r| !r.status().is_success()).unwrap_or(true));
 }
+
+/// A JSON webhook of deliveries whose encoded size is close to, and at most, `size` bytes.
+fn body_of_about(tag: &str, size: usize) -> Vec<u8> {
+    let entries: Vec<serde_json::Value> = (0..100)
+        .map(|i| {
+            serde_json::json!({
+                "status": "queued",
+                "messageId": format!("<{tag}.{i}@mail.example.com>"),
+                "from": "sender@example.com",
+                "to": format!("user{i}@example.net"),
+                "created": "2026-12-01 12:34:56",
+                "apiData": format!("{tag}-{i}"),
+                "note": "n".repeat(size / 100 - 250),
+            })
+        })
+        .collect();
+    let body = serde_json::to_vec(&serde_json::json!({
+        "event_type": "deliveries",
+        "server_composition": "pro",
+        "event": {"deliveries": entries},
+    }))
+    .unwrap();
+    assert!(
+        body.len() <= size && body.len() > size * 9 / 10,
+        "{}",
+        body.len()
+    );
+    body
+}
+
+/// Opens a request that announces a body of `length` bytes and sends one byte of it, so the
+/// service reserves twice `length` in its byte budget and holds it.
+async fn hold_budget(app: &TestApp, length: u64) -> TcpStream {
+    let mut stream = connect(app).await;
+    let head = format!(
+        "POST /webhooks/cmc HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\nContent-Length: {length}\r\n\r\n{{"
+    );
+    stream.write_all(head.as_bytes()).await.unwrap();
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    stream
+}
+
+/// README "Limits": a request counts as twice its body while the body is read and decoded,
+/// then as its outgoing size. With a budget of 4 × b and one request holding 2 × b while its
+/// body arrives, a complete body of b fits; once a second slow request holds the other 2 × b,
+/// the same body is refused with 503 and `Retry-After`.
+#[tokio::test]
+async fn the_byte_budget_counts_each_body_twice_while_it_is_read_and_decoded() {
+    const B: u64 = 1024 * 1024;
+    let nats = NatsServer::start().await;
+    let mut settings = test_settings(&nats);
+    // 64 KiB of slack for the rounding to whole KiB; less than any body here.
+    settings.server.max_in_flight_bytes = 4 * B + 64 * 1024;
+    settings.server.max_body_bytes = 2 * B;
+    let app = spawn_app_with(settings).await;
+
+    let first = hold_budget(&app, B).await;
+    let fits = app
+        .post("application/json", body_of_about("fits", B as usize))
+        .await;
+    assert_eq!(
+        fits.status(),
+        200,
+        "2 × b held, 2 × b free: {}",
+        fits.text().await.unwrap()
+    );
+
+    let second = hold_budget(&app, B).await;
+    let refused = app
+        .post("application/json", body_of_about("refused", B as usize))
+        .await;
+    assert_eq!(refused.status(), 503);
+    assert!(refused.headers().get("retry-after").is_some());
+    assert_eq!(json(refused).await["error"], "unavailable");
+
+    drop((first, second));
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    let after = app
+        .post("application/json", body_of_about("after", B as usize))
+        .await;
+    assert_eq!(after.status(), 200);
+    assert_eq!(app.stream_messages().await.len(), 200);
+}
