@@ -10,7 +10,7 @@ use serde::{Deserialize, Serialize};
 use serde_json::value::RawValue;
 
 use crate::webhook::json::{Json, Members};
-use crate::webhook::PayloadError;
+use crate::webhook::{form_component, PayloadError};
 
 /// A file already written to the mail's working directory, with its digest.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
@@ -159,8 +159,9 @@ pub fn parse_json(body: &[u8]) -> Result<FieldSet, PayloadError> {
     })
 }
 
-/// Parses an `application/x-www-form-urlencoded` body (`+` is a space, UTF-8 percent
-/// encoding); a repeated field is refused.
+/// Parses an `application/x-www-form-urlencoded` body with the event webhook's strict decoder
+/// (`+` is a space, `%XX` a byte, the result UTF-8; a broken escape is refused, never passed
+/// on altered); a repeated field is refused.
 pub fn parse_form(body: &[u8]) -> Result<FieldSet, PayloadError> {
     let mut set = FieldSet::default();
     for pair in body.split(|b| *b == b'&').filter(|p| !p.is_empty()) {
@@ -168,21 +169,11 @@ pub fn parse_form(body: &[u8]) -> Result<FieldSet, PayloadError> {
             Some(at) => (&pair[..at], &pair[at + 1..]),
             None => (pair, &b""[..]),
         };
-        let name = form_decode(name)?;
-        let value = form_decode(value)?;
+        let name = form_component(name, None)?;
+        let value = form_component(value, Some(&name))?;
         set.push(name, Field::Text(value))?;
     }
     Ok(set)
-}
-
-fn form_decode(raw: &[u8]) -> Result<String, PayloadError> {
-    let spaced: Vec<u8> = raw
-        .iter()
-        .map(|b| if *b == b'+' { b' ' } else { *b })
-        .collect();
-    let bytes: Vec<u8> = percent_encoding::percent_decode(&spaced).collect();
-    String::from_utf8(bytes)
-        .map_err(|_| PayloadError::MalformedForm("a form field is not UTF-8".into()))
 }
 
 fn invalid(message: impl Into<String>) -> PayloadError {
@@ -570,6 +561,26 @@ mod tests {
         assert_eq!(mail.server_composition, "本番");
         assert_eq!(mail.filter, "a@b.jp");
         assert_eq!(mail.extra, [("x-extra".to_owned(), "\"1 2\"".to_owned())]);
+    }
+
+    /// The event webhook's strict decoder: a broken escape or bytes that are not UTF-8 are a
+    /// malformed body naming the field, never passed on altered.
+    #[test]
+    fn form_bodies_with_broken_escapes_or_bad_utf8_are_malformed() {
+        for body in [
+            &b"server_composition=sandbox&filter=%zz"[..],
+            b"filter=a%4",
+            b"filter=%+1",
+            b"filter=%FF",
+            b"fil%zzter=a",
+        ] {
+            match parse_form(body) {
+                Err(PayloadError::MalformedForm(message)) => {
+                    assert!(message.contains("form field"), "{message}")
+                }
+                other => panic!("{}: {other:?}", String::from_utf8_lossy(body)),
+            }
+        }
     }
 
     #[test]

@@ -196,7 +196,7 @@ fn decode_form(body: &[u8]) -> Result<Decoded, PayloadError> {
 /// Decodes one form component strictly: `+` is a space, `%XX` a byte, and the result must be
 /// UTF-8. Lenient decoders (such as the `form_urlencoded` crate's) replace broken escapes and
 /// invalid UTF-8 silently; a webhook must refuse them instead of publishing altered data.
-fn form_component(raw: &[u8], field: Option<&str>) -> Result<String, PayloadError> {
+pub fn form_component(raw: &[u8], field: Option<&str>) -> Result<String, PayloadError> {
     let what = || match field {
         Some(name) => format!("the value of form field {:?}", truncate(name, 100)),
         None => "a form field name".to_owned(),

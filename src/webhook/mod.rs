@@ -20,7 +20,7 @@ pub mod json;
 mod outgoing;
 mod validate;
 
-pub use decode::{decode, Decoded, Encoding};
+pub use decode::{decode, form_component, Decoded, Encoding};
 pub use error::PayloadError;
 pub use outgoing::{HeaderShape, HeaderValue, Headers, Outgoing, OutgoingBatch, Render};
 pub use validate::{Batch, Entry, EventType, InvalidEntries, InvalidEntry, Status};
