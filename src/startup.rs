@@ -230,6 +230,7 @@ impl Application {
                 spool,
                 state.sink.clone(),
                 stop_rx.clone(),
+                self.delivery_options.retry_max_interval,
             )))
         });
 

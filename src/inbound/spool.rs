@@ -32,13 +32,12 @@ use tokio::sync::{watch, Notify};
 use super::mail::Mail;
 use super::receive::WorkDir;
 use super::store::InboundSink;
+use crate::deliver::Backoff;
 use crate::spool::SpoolStats;
 
 const MAIL_FILE: &str = "mail.json";
 /// The request id the mail arrived with, kept so its message carries the same `Cmc-Batch-Id`.
 const BATCH_FILE: &str = "batch_id";
-/// Longest pause between two attempts of the drainer.
-pub const RETRY_MAX: Duration = Duration::from_secs(5);
 
 #[derive(Debug, Error)]
 pub enum InboundSpoolError {
@@ -61,6 +60,10 @@ pub struct InboundSpool {
     max_bytes: u64,
     next: AtomicU64,
     mails: AtomicU64,
+    /// Mails a request has decided to spool and whose append has not ended yet. They count as
+    /// queued (as the event spool counts the appends handed to its writer), so a mail that
+    /// arrives meanwhile goes behind them instead of overtaking them.
+    appending: AtomicU64,
     /// The event spool's counts: this spool's bytes are kept there
     /// ([`SpoolStats::inbound_bytes`]) so each spool sees what the other holds.
     shared: Arc<SpoolStats>,
@@ -119,6 +122,7 @@ impl InboundSpool {
         shared.reserve_inbound(bytes, u64::MAX);
         Ok(InboundSpool {
             mails: AtomicU64::new(queued.len() as u64),
+            appending: AtomicU64::new(0),
             shared,
             next: AtomicU64::new(next),
             dir,
@@ -134,8 +138,17 @@ impl InboundSpool {
         &self.tmp
     }
 
+    /// Nothing is queued, and no append is under way.
     pub fn is_empty(&self) -> bool {
-        self.mails.load(Ordering::Acquire) == 0
+        // `appending` first: an append adds to `mails` before it leaves `appending`.
+        self.appending.load(Ordering::Acquire) == 0 && self.mails.load(Ordering::Acquire) == 0
+    }
+
+    /// Counts a mail as queued from now until the returned guard is dropped: take it the moment
+    /// a request decides to spool, hold it over [`InboundSpool::append`].
+    pub fn begin_append(self: &Arc<Self>) -> Appending {
+        self.appending.fetch_add(1, Ordering::AcqRel);
+        Appending(self.clone())
     }
 
     pub fn len(&self) -> u64 {
@@ -231,6 +244,15 @@ impl InboundSpool {
     }
 }
 
+/// A mail on its way into the queue ([`InboundSpool::begin_append`]).
+pub struct Appending(Arc<InboundSpool>);
+
+impl Drop for Appending {
+    fn drop(&mut self) {
+        self.0.appending.fetch_sub(1, Ordering::AcqRel);
+    }
+}
+
 /// What one step of a drainer did.
 #[derive(Debug)]
 pub enum Step {
@@ -307,8 +329,10 @@ pub async fn drain(
     spool: Arc<InboundSpool>,
     sink: Arc<InboundSink>,
     mut stop: watch::Receiver<bool>,
+    retry_max_interval: Duration,
 ) {
-    let mut backoff = Duration::from_millis(100);
+    // The event drainer's back-off, capped by the same setting.
+    let mut backoff = Backoff::new(retry_max_interval);
     loop {
         if *stop.borrow() {
             return;
@@ -322,13 +346,12 @@ pub async fn drain(
                     _ = stop.wait_for(|s| *s) => return,
                 }
             }
-            Step::Sent | Step::Quarantined(_) => backoff = Duration::from_millis(100),
+            Step::Sent | Step::Quarantined(_) => backoff.reset(),
             Step::Retry(_) => {
                 tokio::select! {
-                    () = tokio::time::sleep(backoff) => {}
+                    () = tokio::time::sleep(backoff.next_pause()) => {}
                     _ = stop.wait_for(|s| *s) => return,
                 }
-                backoff = (backoff * 2).min(RETRY_MAX);
             }
         }
     }
@@ -352,7 +375,7 @@ pub async fn drain_to_empty(
 ) -> Result<DrainSummary, String> {
     let mut summary = DrainSummary::default();
     let mut failures = 0;
-    let mut backoff = Duration::from_millis(100);
+    let mut backoff = Backoff::new(retry_max);
     loop {
         match step(spool, sink).await {
             Step::Empty => return Ok(summary),
@@ -366,13 +389,12 @@ pub async fn drain_to_empty(
                         spool.len()
                     ));
                 }
-                tokio::time::sleep(backoff).await;
-                backoff = (backoff * 2).min(retry_max);
+                tokio::time::sleep(backoff.next_pause()).await;
                 continue;
             }
         }
         failures = 0;
-        backoff = Duration::from_millis(100);
+        backoff.reset();
     }
 }
 
@@ -457,6 +479,30 @@ async fn finish(
 mod tests {
     use super::*;
     use crate::inbound::mail::parse_json;
+
+    /// A mail counts as queued from the moment a request decides to spool it, so a later mail
+    /// cannot pass it while its files are being synced.
+    #[test]
+    fn a_mail_being_appended_counts_as_queued() {
+        let root = tempfile::tempdir().unwrap();
+        let spool = Arc::new(InboundSpool::open(root.path(), 1 << 30, Arc::default()).unwrap());
+        let mail = parse_json(include_bytes!("../../fixtures/inbound/json.json"))
+            .unwrap()
+            .validate()
+            .unwrap();
+
+        let given_up = spool.begin_append();
+        assert!(!spool.is_empty(), "an append under way is queued");
+        drop(given_up);
+        assert!(spool.is_empty(), "an append given up leaves nothing");
+
+        let appending = spool.begin_append();
+        let work = WorkDir::create(spool.work_root()).unwrap();
+        spool.append(work, &mail, "b").unwrap();
+        drop(appending);
+        assert!(!spool.is_empty());
+        assert_eq!(spool.len(), 1);
+    }
 
     #[test]
     fn mails_are_kept_in_order_across_a_reopen_and_unfinished_work_is_removed() {

@@ -21,7 +21,7 @@ use super::error::{json_response, ApiError};
 use crate::budget::Budget;
 use crate::inbound::mail::{parse_form, parse_json, Mail};
 use crate::inbound::receive::{self, ReceiveError, WorkDir};
-use crate::inbound::spool::{InboundSpool, InboundSpoolError};
+use crate::inbound::spool::{Appending, InboundSpool, InboundSpoolError};
 use crate::inbound::store::{InboundSink, SinkError};
 use crate::metrics;
 use crate::server::RequestInfo;
@@ -365,7 +365,10 @@ where
             "the spool is not enabled".into(),
         )));
     };
-    spool_mail(spool, work, mail, batch_id.to_owned()).await?;
+    // Queued from this moment, before any await: a mail arriving while this one's files
+    // are synced goes behind it.
+    let appending = spool.begin_append();
+    spool_mail(spool, appending, work, mail, batch_id.to_owned()).await?;
     Ok(Accepted {
         attachments,
         published: 0,
@@ -376,6 +379,7 @@ where
 
 async fn spool_mail(
     spool: Arc<InboundSpool>,
+    appending: Appending,
     work: Option<WorkDir>,
     mail: Mail,
     batch_id: String,
@@ -387,7 +391,9 @@ async fn spool_mail(
             Some(w) => w,
             None => WorkDir::create(spool.work_root())?,
         };
-        spool.append(work, &mail, &batch_id)
+        let appended = spool.append(work, &mail, &batch_id);
+        drop(appending);
+        appended
     })
     .await
     .map_err(|e| Refusal::Spool(InboundSpoolError::Io(std::io::Error::other(e.to_string()))))?

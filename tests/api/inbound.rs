@@ -797,3 +797,46 @@ async fn the_derived_form_and_rfc2231_fixtures_are_the_same_mails() {
     assert_eq!(body(2), body(3));
     assert_eq!(app.stream_messages().await.len(), 2);
 }
+
+/// The inbound drainer backs off as the event drainer does, up to `spool.retry_max_interval`:
+/// with 200 ms, a mail spooled while NATS was down for 7 s is sent soon after NATS is back
+/// (a drainer capped at 5 s instead would sleep until about 11 s).
+#[tokio::test]
+async fn the_inbound_drainer_retries_at_spool_retry_max_interval() {
+    // Arrange: NATS down, one mail spooled.
+    let mut nats = NatsServer::start().await;
+    let spool = tempfile::tempdir().unwrap();
+    let mut settings = test_settings(&nats);
+    settings.spool.enabled = true;
+    settings.spool.dir = spool.path().to_owned();
+    settings.spool.retry_max_interval = Duration::from_millis(200);
+    let app = spawn_app_with(settings).await;
+    nats.stop();
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    let response = post_inbound(&app, "application/json", inbound_fixture("json.json")).await;
+    assert_eq!(json(response).await["spooled"], 1);
+
+    // Act: NATS comes back once a 5 s cap would have been reached.
+    tokio::time::sleep(Duration::from_secs(7)).await;
+    nats.restart().await;
+    let back = Instant::now();
+
+    // Assert
+    let deadline = back + Duration::from_secs(10);
+    loop {
+        let stored = match app.jetstream().get_stream("CMC_EVENTS").await {
+            Ok(_) => app.stream_messages().await.len(),
+            Err(_) => 0,
+        };
+        if stored == 1 || Instant::now() > deadline {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    let took = back.elapsed();
+    assert_eq!(app.stream_messages().await.len(), 1);
+    assert!(
+        took < Duration::from_millis(2500),
+        "sent {took:?} after NATS was back"
+    );
+}
