@@ -181,7 +181,7 @@ pub async fn spool_drain(settings: &Settings) -> Result<String, String> {
         })?;
     publisher.flush().await;
     // Then the mails, with the service drainer's own step (objects, then the message).
-    let sink = InboundSink::new(settings, (*publisher).clone())?;
+    let sink = InboundSink::new(settings, (*publisher).clone());
     let sent = inbound_spool::drain_to_empty(
         &inbound,
         &sink,

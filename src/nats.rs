@@ -179,12 +179,12 @@ pub async fn ensure_stream(
 ) -> Result<(), SetupError> {
     let s = &settings.stream;
     let err = |message: String| SetupError::Stream {
-        name: s.name.clone(),
+        name: s.name.to_string(),
         message,
     };
     if s.create {
         let config = stream::Config {
-            name: s.name.clone(),
+            name: s.name.to_string(),
             subjects: s.subjects.clone(),
             storage: match s.storage {
                 Storage::File => stream::StorageType::File,

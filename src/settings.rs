@@ -20,8 +20,11 @@ use ipnet::IpNet;
 use serde::{Deserialize, Deserializer, Serialize, Serializer};
 use thiserror::Error;
 
-use crate::subject::{Placeholder, SubjectTemplate};
-use crate::webhook::InvalidEntries;
+use crate::subject::{filters_overlap, InboundSubject, Placeholder, SubjectTemplate};
+use crate::webhook::{HeaderShape, InvalidEntries};
+
+mod names;
+pub use names::{BucketName, EndpointPath, JetStreamDomain, StreamName};
 
 /// The environment prefix; `CMC_FORWARDER__NATS__MODE=core` sets `nats.mode`.
 pub const ENV_PREFIX: &str = "CMC_FORWARDER";
@@ -156,19 +159,6 @@ pub enum Mode {
     Core,
 }
 
-/// Which headers each message carries (`nats.headers`).
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Deserialize, Serialize)]
-#[serde(rename_all = "lowercase")]
-pub enum HeaderShape {
-    /// Every header of SPEC §2.
-    #[default]
-    Full,
-    /// Only `Nats-Msg-Id` (JetStream de-duplication) and `Cmc-Batch-Id` (correlation with
-    /// the request), plus `Cmc-Error` on dead letters: the rest is in the subject and the
-    /// body, and nats-server spends noticeably less per message on two headers than on seven.
-    Minimal,
-}
-
 /// The NATS connection and subject.
 #[derive(Debug, Clone, PartialEq, Deserialize, Serialize)]
 #[serde(deny_unknown_fields, default)]
@@ -213,7 +203,7 @@ pub struct NatsSettings {
     /// JetStream domain whose API serves the stream (`$JS.<domain>.API`), e.g. the hub's
     /// domain when the forwarder is connected to a leaf node; unset uses the local JetStream.
     #[serde(skip_serializing_if = "Option::is_none")]
-    pub jetstream_domain: Option<String>,
+    pub jetstream_domain: Option<JetStreamDomain>,
     /// `[nats.stream]`: the stream (jetstream mode).
     pub stream: StreamSettings,
 }
@@ -259,7 +249,7 @@ pub enum Storage {
 #[serde(deny_unknown_fields, default)]
 pub struct StreamSettings {
     /// The stream's name (no whitespace, `.`, `*`, `>`, `/` or `\`).
-    pub name: String,
+    pub name: StreamName,
     /// Create or update the stream at start-up; when false it must already exist.
     pub create: bool,
     /// The stream's subjects; every subject the template can produce must fall under one.
@@ -279,7 +269,7 @@ pub struct StreamSettings {
 impl Default for StreamSettings {
     fn default() -> Self {
         StreamSettings {
-            name: "CMC_EVENTS".into(),
+            name: StreamName::try_from("CMC_EVENTS").expect("a valid name"),
             create: true,
             subjects: vec!["cmc.>".into()],
             storage: Storage::File,
@@ -343,22 +333,24 @@ impl Default for ValidationSettings {
 #[serde(deny_unknown_fields, default)]
 pub struct InboundSettings {
     /// Path of the inbound endpoint; `""` disables it.
-    pub path: String,
-    /// Subject template of inbound mail (placeholder `{filter}`).
-    pub subject: String,
+    pub path: EndpointPath,
+    /// Subject template of inbound mail (placeholders `{filter}`, `{server_composition}`).
+    /// Compiled when the configuration is loaded.
+    pub subject: InboundSubject,
     /// Largest accepted inbound body, in bytes.
     pub max_body_bytes: u64,
-    /// JetStream object store bucket for attachments.
-    pub bucket: String,
+    /// JetStream object store bucket for attachments (`[A-Za-z0-9_-]+`).
+    pub bucket: BucketName,
 }
 
 impl Default for InboundSettings {
     fn default() -> Self {
         InboundSettings {
-            path: "/webhooks/cmc/inbound".into(),
-            subject: "cmc.inbound.{filter}".into(),
+            path: EndpointPath::try_from("/webhooks/cmc/inbound").expect("a valid path"),
+            subject: InboundSubject::parse("cmc.inbound.{filter}")
+                .expect("the default template is valid"),
             max_body_bytes: 32 * 1024 * 1024,
-            bucket: "CMC_INBOUND".into(),
+            bucket: BucketName::try_from("CMC_INBOUND").expect("a valid name"),
         }
     }
 }
@@ -747,31 +739,8 @@ impl Settings {
         if nats.username.is_empty() && nats.password.is_set() {
             return Err(invalid("nats.password", "is set without nats.username"));
         }
-        if let Some(domain) = &nats.jetstream_domain {
-            if domain.is_empty()
-                || domain
-                    .chars()
-                    .any(|c| c.is_whitespace() || matches!(c, '.' | '*' | '>'))
-            {
-                return Err(invalid(
-                    "nats.jetstream_domain",
-                    format!("{domain:?} is not a valid JetStream domain"),
-                ));
-            }
-        }
         if nats.mode == Mode::Jetstream {
             let stream = &nats.stream;
-            if stream.name.is_empty()
-                || stream
-                    .name
-                    .chars()
-                    .any(|c| c.is_whitespace() || matches!(c, '.' | '*' | '>' | '/' | '\\'))
-            {
-                return Err(invalid(
-                    "nats.stream.name",
-                    format!("{:?} is not a valid stream name", stream.name),
-                ));
-            }
             if stream.replicas == 0 || stream.replicas > 5 {
                 return Err(invalid("nats.stream.replicas", "must be between 1 and 5"));
             }
@@ -836,7 +805,46 @@ impl Settings {
                 format!("{endpoint:?} must be an http:// URL of an OTLP/HTTP collector, or empty"),
             ));
         }
-        crate::inbound::check_settings(self).map_err(|(key, message)| invalid(key, message))?;
+        self.check_inbound()
+    }
+
+    /// The rules of `[inbound]` that span several keys: a path of its own, and in `jetstream`
+    /// mode a subject covered by the events stream, which must leave the object store's
+    /// subjects alone. Nothing is checked when the endpoint is off.
+    fn check_inbound(&self) -> Result<(), SettingsError> {
+        let inbound = &self.inbound;
+        if inbound.path.is_empty() {
+            return Ok(());
+        }
+        if *inbound.path == *self.server.path {
+            return Err(invalid("inbound.path", "must differ from server.path"));
+        }
+        if inbound.max_body_bytes == 0 {
+            return Err(invalid("inbound.max_body_bytes", "must be greater than 0"));
+        }
+        if self.nats.mode != Mode::Jetstream {
+            return Ok(());
+        }
+        let subjects = &self.nats.stream.subjects;
+        let template = &inbound.subject;
+        if !template.is_covered_by(subjects) {
+            return Err(invalid(
+                "inbound.subject",
+                format!(
+                    "subjects of the template {:?} (i.e. {}) do not all fall under nats.stream.subjects {:?}",
+                    template.as_str(),
+                    template.as_filter(),
+                    subjects
+                ),
+            ));
+        }
+        let objects = format!("$O.{}.>", inbound.bucket);
+        if let Some(s) = subjects.iter().find(|s| filters_overlap(s, &objects)) {
+            return Err(invalid(
+                "nats.stream.subjects",
+                format!("{s:?} overlaps the object store's subjects {objects:?} (inbound.bucket)"),
+            ));
+        }
         Ok(())
     }
 

@@ -144,7 +144,7 @@ impl Application {
         let budget = Budget::new(settings.server.max_in_flight_bytes);
         let inbound = inbound.map(|parts| {
             Arc::new(inbound::InboundState {
-                path: settings.inbound.path.clone(),
+                path: settings.inbound.path.to_string(),
                 max_body_bytes: settings.inbound.max_body_bytes,
                 gate: gate.clone(),
                 sink: parts.sink,

@@ -13,8 +13,8 @@ use sha2::{Digest, Sha256};
 use thiserror::Error;
 
 use super::mail::{Body, Mail};
-use super::subject::InboundSubject;
 use crate::subject::header_value;
+use crate::subject::InboundSubject;
 use crate::webhook::json::{write_canonical, write_compact, Json, Members};
 
 /// Bodies larger than this are always stored as objects (NATS's default `max_payload`).

@@ -8,7 +8,7 @@
 //! - [`filename`]: RFC 2047 / RFC 2231 filename decoding;
 //! - [`message`]: which bodies become objects, and the message's subject, body, headers and
 //!   `Nats-Msg-Id`;
-//! - [`subject`]: the `inbound.subject` template.
+//! - the `inbound.subject` template is [`crate::subject::InboundSubject`].
 //!
 //! I/O modules:
 //! - [`receive`]: a multipart body streamed part by part (multer); file parts go to disk while
@@ -22,10 +22,9 @@ pub mod message;
 pub mod receive;
 pub mod spool;
 pub mod store;
-pub mod subject;
 
+pub use crate::subject::InboundSubject;
 pub use mail::{FieldSet, Mail};
-pub use subject::InboundSubject;
 
 use std::path::PathBuf;
 use std::sync::Arc;
@@ -34,7 +33,7 @@ use std::time::Duration;
 use thiserror::Error;
 
 use crate::publish::Publisher;
-use crate::settings::{Mode, Settings};
+use crate::settings::Settings;
 use crate::spool::SpoolStats;
 use spool::InboundSpool;
 use store::InboundSink;
@@ -42,8 +41,6 @@ use store::InboundSink;
 /// Why the inbound endpoint could not be set up at start-up.
 #[derive(Debug, Error)]
 pub enum SetupError {
-    #[error("invalid configuration: {0}")]
-    Settings(String),
     #[error("inbound object store {bucket} (stream OBJ_{bucket}): {message}")]
     Bucket { bucket: String, message: String },
     #[error("cannot open the inbound spool in {dir}: {message}")]
@@ -75,14 +72,13 @@ pub async fn setup(
     if settings.inbound.path.is_empty() {
         return Ok(None);
     }
-    let sink =
-        Arc::new(InboundSink::new(settings, publisher.clone()).map_err(SetupError::Settings)?);
+    let sink = Arc::new(InboundSink::new(settings, publisher.clone()));
     if publisher.is_connected() {
         match sink.ensure_bucket().await {
             Ok(_) => {}
             Err(e) if settings.nats.stream.create => {
                 return Err(SetupError::Bucket {
-                    bucket: settings.inbound.bucket.clone(),
+                    bucket: settings.inbound.bucket.to_string(),
                     message: e.to_string(),
                 })
             }
@@ -130,98 +126,4 @@ pub async fn setup(
         spool,
         work_root,
     }))
-}
-
-/// The checks of the `[inbound]` section that serde cannot do: path, template (covered by
-/// the events stream in `jetstream` mode), bucket name, and a stream that leaves the object
-/// store's subjects alone. Returns the key at fault and why.
-pub fn check_settings(settings: &Settings) -> Result<(), (&'static str, String)> {
-    let inbound = &settings.inbound;
-    if inbound.path.is_empty() {
-        return Ok(());
-    }
-    if !inbound.path.starts_with('/') {
-        return Err((
-            "inbound.path",
-            "must start with '/' (or be \"\" to disable)".into(),
-        ));
-    }
-    if inbound.path == settings.server.path {
-        return Err(("inbound.path", "must differ from server.path".into()));
-    }
-    if inbound.max_body_bytes == 0 {
-        return Err(("inbound.max_body_bytes", "must be greater than 0".into()));
-    }
-    if inbound.bucket.is_empty()
-        || !inbound
-            .bucket
-            .bytes()
-            .all(|b| b.is_ascii_alphanumeric() || b == b'_' || b == b'-')
-    {
-        return Err((
-            "inbound.bucket",
-            format!(
-                "{:?} is not a valid bucket name ([A-Za-z0-9_-]+)",
-                inbound.bucket
-            ),
-        ));
-    }
-    let template =
-        InboundSubject::parse(&inbound.subject).map_err(|e| ("inbound.subject", e.to_string()))?;
-    if settings.nats.mode == Mode::Jetstream {
-        let subjects = &settings.nats.stream.subjects;
-        if !template.is_covered_by(subjects) {
-            return Err((
-                "inbound.subject",
-                format!(
-                    "subjects of the template {:?} (i.e. {}) do not all fall under nats.stream.subjects {:?}",
-                    template.as_str(),
-                    template.as_filter(),
-                    subjects
-                ),
-            ));
-        }
-        let objects = format!("$O.{}.>", inbound.bucket);
-        if let Some(s) = subjects
-            .iter()
-            .find(|s| subject::filters_overlap(s, &objects))
-        {
-            return Err((
-                "nats.stream.subjects",
-                format!("{s:?} overlaps the object store's subjects {objects:?} (inbound.bucket)"),
-            ));
-        }
-    }
-    Ok(())
-}
-
-#[cfg(test)]
-mod tests {
-    use crate::settings::Settings;
-
-    #[test]
-    fn inbound_defaults_and_checks() {
-        let s = Settings::from_toml("").unwrap();
-        assert_eq!(s.inbound.path, "/webhooks/cmc/inbound");
-        assert_eq!(s.inbound.subject, "cmc.inbound.{filter}");
-        assert_eq!(s.inbound.max_body_bytes, 33554432);
-        assert_eq!(s.inbound.bucket, "CMC_INBOUND");
-        for (toml, key) in [
-            ("[inbound]\nsubject = \"mail.{filter}\"", "inbound.subject"),
-            ("[inbound]\nsubject = \"cmc.{status}\"", "inbound.subject"),
-            ("[inbound]\npath = \"inbound\"", "inbound.path"),
-            ("[inbound]\npath = \"/webhooks/cmc\"", "inbound.path"),
-            ("[inbound]\nbucket = \"a.b\"", "inbound.bucket"),
-            ("[nats.stream]\nsubjects = [\">\"]", "nats.stream.subjects"),
-        ] {
-            let err = Settings::from_toml(toml).unwrap_err().to_string();
-            assert!(err.contains(key), "{toml}: {err}");
-        }
-        // Disabled: nothing else is checked; core mode needs no covering stream.
-        assert!(Settings::from_toml("[inbound]\npath = \"\"\nsubject = \"x.{nope}\"").is_ok());
-        assert!(Settings::from_toml(
-            "[nats]\nmode = \"core\"\n[inbound]\nsubject = \"mail.{filter}\""
-        )
-        .is_ok());
-    }
 }

@@ -21,10 +21,10 @@ use tokio::sync::Mutex;
 
 use super::mail::Mail;
 use super::message::{plan, ObjectToStore, Source, TooLarge};
-use super::subject::InboundSubject;
 use crate::deliver::publish_run;
 use crate::publish::{NatsMessage, PublishError, Publisher};
 use crate::settings::{Settings, Storage};
+use crate::subject::InboundSubject;
 
 /// Why a mail is not (entirely) out.
 #[derive(Debug, Error)]
@@ -71,13 +71,11 @@ pub struct InboundSink {
 }
 
 impl InboundSink {
-    pub fn new(settings: &Settings, publisher: Publisher) -> Result<InboundSink, String> {
-        let template = InboundSubject::parse(&settings.inbound.subject)
-            .map_err(|e| format!("inbound.subject: {e}"))?;
-        Ok(InboundSink {
+    pub fn new(settings: &Settings, publisher: Publisher) -> InboundSink {
+        InboundSink {
             publisher: Arc::new(publisher),
-            bucket: settings.inbound.bucket.clone(),
-            template,
+            bucket: settings.inbound.bucket.to_string(),
+            template: settings.inbound.subject.clone(),
             create: settings.nats.stream.create,
             storage: match settings.nats.stream.storage {
                 Storage::File => StorageType::File,
@@ -85,7 +83,7 @@ impl InboundSink {
             },
             replicas: settings.nats.stream.replicas,
             store: Mutex::new(None),
-        })
+        }
     }
 
     pub fn bucket(&self) -> &str {

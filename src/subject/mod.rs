@@ -2,13 +2,17 @@
 //! NATS subject token.
 //!
 //! Pure: parsed once at start-up, rendered once per outgoing message. Owns the template
-//! grammar shared by every subject template (also `inbound.subject`), the event placeholder
+//! grammar and its one error type, shared by every subject template (the inbound one is in
+//! [`inbound`]), the event placeholder
 //! names, the token escaping (also used for `Cmc-*` header values) and the readable names of
 //! CMC's bounce codes. Knows nothing of HTTP or NATS connections.
 
 use std::fmt;
 
 use thiserror::Error;
+
+mod inbound;
+pub use inbound::{filters_overlap, InboundSubject};
 
 /// The longest `status` accepted, in bytes (SPEC §1). Escaped, one byte can take three, so a
 /// status alone stays far below what one NATS protocol line may hold.
@@ -34,6 +38,8 @@ impl Placeholder {
         ("status_name", Placeholder::StatusName),
         ("server_composition", Placeholder::ServerComposition),
     ];
+
+    const KNOWN: &'static str = "{event_type}, {status}, {status_name}, {server_composition}";
 
     fn parse(name: &str) -> Option<Placeholder> {
         Self::ALL.iter().find(|(n, _)| *n == name).map(|(_, p)| *p)
@@ -67,17 +73,6 @@ enum Segment<P> {
     Value(P),
 }
 
-/// Why a template text was refused, whatever its placeholder set: each template type turns
-/// this into its own error, whose message names the placeholders it knows.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub(crate) enum TemplateRefusal {
-    Empty,
-    EmptyToken(usize),
-    UnknownPlaceholder(String),
-    Unbalanced,
-    BadCharacter(String),
-}
-
 /// The template grammar shared by every subject template of the service (`nats.subject`,
 /// `inbound.subject`, ...): dot-separated non-empty tokens, each a run of literals and
 /// `{placeholder}`s from the set `P`, no wildcards, whitespace or control characters.
@@ -90,20 +85,22 @@ pub(crate) struct Template<P> {
 }
 
 impl<P: Copy + PartialEq> Template<P> {
-    /// Parses `source`, naming placeholders with `lookup` (`None`: unknown placeholder).
+    /// Parses `source`, naming placeholders with `lookup` (`None`: unknown placeholder);
+    /// `known` lists the placeholders for the error message.
     pub(crate) fn parse(
         source: &str,
         lookup: impl Fn(&str) -> Option<P>,
-    ) -> Result<Self, TemplateRefusal> {
+        known: &'static str,
+    ) -> Result<Self, TemplateError> {
         if source.is_empty() {
-            return Err(TemplateRefusal::Empty);
+            return Err(TemplateError::Empty);
         }
         let mut tokens = Vec::new();
         for (i, token) in source.split('.').enumerate() {
             if token.is_empty() {
-                return Err(TemplateRefusal::EmptyToken(i + 1));
+                return Err(TemplateError::EmptyToken(i + 1));
             }
-            tokens.push(parse_token(token, &lookup)?);
+            tokens.push(parse_token(token, &lookup, known)?);
         }
         Ok(Template {
             source: source.to_owned(),
@@ -179,31 +176,20 @@ impl<P: Copy + PartialEq> Template<P> {
 #[serde(try_from = "String", into = "String")]
 pub struct SubjectTemplate(Template<Placeholder>);
 
-/// Why a template was refused at start-up.
+/// Why a subject template (`nats.subject`, `inbound.subject`, ...) was refused at start-up.
 #[derive(Debug, Error, PartialEq, Eq)]
 pub enum TemplateError {
     #[error("the subject template is empty")]
     Empty,
     #[error("token {0} of the subject template is empty (two dots in a row, or a leading or trailing dot)")]
     EmptyToken(usize),
-    #[error("unknown placeholder `{{{0}}}` (known: {{event_type}}, {{status}}, {{status_name}}, {{server_composition}})")]
-    UnknownPlaceholder(String),
+    /// The placeholder's name, and the ones the template knows.
+    #[error("unknown placeholder `{{{name}}}` (known: {known})")]
+    UnknownPlaceholder { name: String, known: &'static str },
     #[error("unbalanced `{{` or `}}` in the subject template")]
     Unbalanced,
     #[error("the subject template may not contain wildcards (`*`, `>`) or whitespace: {0:?}")]
     BadCharacter(String),
-}
-
-impl From<TemplateRefusal> for TemplateError {
-    fn from(refusal: TemplateRefusal) -> Self {
-        match refusal {
-            TemplateRefusal::Empty => TemplateError::Empty,
-            TemplateRefusal::EmptyToken(i) => TemplateError::EmptyToken(i),
-            TemplateRefusal::UnknownPlaceholder(name) => TemplateError::UnknownPlaceholder(name),
-            TemplateRefusal::Unbalanced => TemplateError::Unbalanced,
-            TemplateRefusal::BadCharacter(token) => TemplateError::BadCharacter(token),
-        }
-    }
 }
 
 impl SubjectTemplate {
@@ -212,6 +198,7 @@ impl SubjectTemplate {
         Ok(SubjectTemplate(Template::parse(
             source,
             Placeholder::parse,
+            Placeholder::KNOWN,
         )?))
     }
 
@@ -271,28 +258,31 @@ impl fmt::Display for SubjectTemplate {
 fn parse_token<P>(
     token: &str,
     lookup: &impl Fn(&str) -> Option<P>,
-) -> Result<Vec<Segment<P>>, TemplateRefusal> {
+    known: &'static str,
+) -> Result<Vec<Segment<P>>, TemplateError> {
     let mut segments = Vec::new();
     let mut rest = token;
     while !rest.is_empty() {
         if let Some(after) = rest.strip_prefix('{') {
-            let end = after.find('}').ok_or(TemplateRefusal::Unbalanced)?;
+            let end = after.find('}').ok_or(TemplateError::Unbalanced)?;
             let name = &after[..end];
-            let p =
-                lookup(name).ok_or_else(|| TemplateRefusal::UnknownPlaceholder(name.to_owned()))?;
+            let p = lookup(name).ok_or_else(|| TemplateError::UnknownPlaceholder {
+                name: name.to_owned(),
+                known,
+            })?;
             segments.push(Segment::Value(p));
             rest = &after[end + 1..];
         } else {
             let end = rest.find('{').unwrap_or(rest.len());
             let literal = &rest[..end];
             if literal.contains('}') {
-                return Err(TemplateRefusal::Unbalanced);
+                return Err(TemplateError::Unbalanced);
             }
             if literal
                 .chars()
                 .any(|c| c == '*' || c == '>' || c.is_whitespace() || c.is_control())
             {
-                return Err(TemplateRefusal::BadCharacter(token.to_owned()));
+                return Err(TemplateError::BadCharacter(token.to_owned()));
             }
             segments.push(Segment::Literal(literal.to_owned()));
             rest = &rest[end..];
@@ -420,7 +410,10 @@ mod tests {
         assert_eq!(SubjectTemplate::parse("cmc..x"), Err(EmptyToken(2)));
         assert_eq!(
             SubjectTemplate::parse("cmc.{x}"),
-            Err(UnknownPlaceholder("x".into()))
+            Err(UnknownPlaceholder {
+                name: "x".into(),
+                known: Placeholder::KNOWN
+            })
         );
         assert_eq!(SubjectTemplate::parse("cmc.{status"), Err(Unbalanced));
         assert_eq!(SubjectTemplate::parse("cmc.status}"), Err(Unbalanced));

@@ -1,14 +1,14 @@
 //! The inbound subject template (`inbound.subject`, default `cmc.inbound.{filter}`).
 //!
-//! Pure. Parsed and rendered by the template grammar of [`crate::subject`] (no empty tokens,
+//! Pure. Parsed and rendered by the template grammar of the [parent module](super) (no empty tokens,
 //! no wildcards or whitespace, known placeholders only), with the inbound placeholders
 //! `{filter}` and `{server_composition}`; every substituted value is escaped with
-//! [`crate::subject::escape_token`], so a filter such as `info@smtps.jp` can never add a token
+//! [`super::escape_token`], so a filter such as `info@smtps.jp` can never add a token
 //! or a wildcard.
 
-use thiserror::Error;
+use std::fmt;
 
-use crate::subject::{Template, TemplateRefusal};
+use super::{Template, TemplateError};
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 enum Placeholder {
@@ -17,6 +17,8 @@ enum Placeholder {
 }
 
 impl Placeholder {
+    const KNOWN: &'static str = "{filter}, {server_composition}";
+
     fn parse(name: &str) -> Option<Placeholder> {
         match name {
             "filter" => Some(Placeholder::Filter),
@@ -26,42 +28,19 @@ impl Placeholder {
     }
 }
 
-/// A validated inbound subject template.
-#[derive(Debug, Clone, PartialEq, Eq)]
+/// A validated inbound subject template, deserialised from its text (compiled, or refused with
+/// the reason) and serialised back to it.
+#[derive(Debug, Clone, PartialEq, Eq, serde::Deserialize, serde::Serialize)]
+#[serde(try_from = "String", into = "String")]
 pub struct InboundSubject(Template<Placeholder>);
 
-/// Why an inbound template was refused.
-#[derive(Debug, Error, PartialEq, Eq)]
-pub enum InboundSubjectError {
-    #[error("the subject template is empty")]
-    Empty,
-    #[error("token {0} of the subject template is empty")]
-    EmptyToken(usize),
-    #[error("unknown placeholder `{{{0}}}` (known: {{filter}}, {{server_composition}})")]
-    UnknownPlaceholder(String),
-    #[error("unbalanced `{{` or `}}` in the subject template")]
-    Unbalanced,
-    #[error("the subject template may not contain wildcards (`*`, `>`) or whitespace: {0:?}")]
-    BadCharacter(String),
-}
-
-impl From<TemplateRefusal> for InboundSubjectError {
-    fn from(refusal: TemplateRefusal) -> Self {
-        match refusal {
-            TemplateRefusal::Empty => InboundSubjectError::Empty,
-            TemplateRefusal::EmptyToken(i) => InboundSubjectError::EmptyToken(i),
-            TemplateRefusal::UnknownPlaceholder(name) => {
-                InboundSubjectError::UnknownPlaceholder(name)
-            }
-            TemplateRefusal::Unbalanced => InboundSubjectError::Unbalanced,
-            TemplateRefusal::BadCharacter(token) => InboundSubjectError::BadCharacter(token),
-        }
-    }
-}
-
 impl InboundSubject {
-    pub fn parse(source: &str) -> Result<Self, InboundSubjectError> {
-        Ok(InboundSubject(Template::parse(source, Placeholder::parse)?))
+    pub fn parse(source: &str) -> Result<Self, TemplateError> {
+        Ok(InboundSubject(Template::parse(
+            source,
+            Placeholder::parse,
+            Placeholder::KNOWN,
+        )?))
     }
 
     /// The subject of one mail.
@@ -84,6 +63,25 @@ impl InboundSubject {
 
     pub fn as_str(&self) -> &str {
         self.0.as_str()
+    }
+}
+
+impl TryFrom<String> for InboundSubject {
+    type Error = TemplateError;
+    fn try_from(source: String) -> Result<Self, TemplateError> {
+        InboundSubject::parse(&source)
+    }
+}
+
+impl From<InboundSubject> for String {
+    fn from(template: InboundSubject) -> String {
+        template.0.into_source()
+    }
+}
+
+impl fmt::Display for InboundSubject {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(self.as_str())
     }
 }
 
@@ -124,14 +122,17 @@ mod tests {
         assert_eq!(t.render("f", "本番"), "mail.%E6%9C%AC%E7%95%AA.in-f");
         assert_eq!(t.as_filter(), "mail.*.*");
         for (bad, err) in [
-            ("", InboundSubjectError::Empty),
-            ("cmc..x", InboundSubjectError::EmptyToken(2)),
+            ("", TemplateError::Empty),
+            ("cmc..x", TemplateError::EmptyToken(2)),
             (
                 "cmc.{status}",
-                InboundSubjectError::UnknownPlaceholder("status".into()),
+                TemplateError::UnknownPlaceholder {
+                    name: "status".into(),
+                    known: Placeholder::KNOWN,
+                },
             ),
-            ("cmc.{filter", InboundSubjectError::Unbalanced),
-            ("cmc.>", InboundSubjectError::BadCharacter(">".into())),
+            ("cmc.{filter", TemplateError::Unbalanced),
+            ("cmc.>", TemplateError::BadCharacter(">".into())),
         ] {
             assert_eq!(InboundSubject::parse(bad).unwrap_err(), err, "{bad}");
         }
