@@ -9,17 +9,24 @@ use warp::reply::Response;
 
 use crate::auth::AuthError;
 use crate::deliver::DeliveryError;
+use crate::inbound::receive::ReceiveError;
+use crate::inbound::spool::InboundSpoolError;
+use crate::inbound::store::SinkError;
 use crate::publish::Oversized;
 use crate::webhook::PayloadError;
 
-/// Everything the webhook route can refuse a request for.
+/// Everything either public route (events, inbound mail) can refuse a request for.
 #[derive(Debug)]
 pub enum ApiError {
     NotFound,
     MethodNotAllowed,
+    /// The body is over `key` (`server.max_body_bytes`, `inbound.max_body_bytes`).
     BodyTooLarge {
+        key: &'static str,
         limit: u64,
     },
+    /// An inbound multipart field is over its own limit.
+    FieldTooLarge(String),
     RequestTimeout,
     /// The body could not be read or decompressed; the code follows the media type.
     BodyUnreadable {
@@ -41,6 +48,38 @@ pub enum ApiError {
         error: DeliveryError,
         retry_after: Duration,
     },
+    /// An inbound mail's files could not be kept on disk.
+    Disk {
+        error: std::io::Error,
+        retry_after: Duration,
+    },
+    /// NATS cannot take an inbound mail (its objects or its message).
+    Sink {
+        error: SinkError,
+        retry_after: Duration,
+    },
+    /// An inbound mail NATS could not take in time could not be spooled either.
+    Spool {
+        error: InboundSpoolError,
+        retry_after: Duration,
+    },
+}
+
+impl ApiError {
+    /// An inbound body's reading error, with the code of its media type (`json`) where the
+    /// body was unreadable.
+    pub fn receiving(error: ReceiveError, json: bool, retry_after: Duration) -> ApiError {
+        match error {
+            ReceiveError::Payload(e) => ApiError::Payload(e),
+            ReceiveError::BodyTooLarge { limit } => ApiError::BodyTooLarge {
+                key: "inbound.max_body_bytes",
+                limit,
+            },
+            ReceiveError::FieldTooLarge(message) => ApiError::FieldTooLarge(message),
+            ReceiveError::Unreadable(message) => ApiError::BodyUnreadable { json, message },
+            ReceiveError::Disk(error) => ApiError::Disk { error, retry_after },
+        }
+    }
 }
 
 #[derive(Serialize)]
@@ -58,7 +97,12 @@ impl ApiError {
         match self {
             ApiError::NotFound => (StatusCode::NOT_FOUND, "not_found"),
             ApiError::MethodNotAllowed => (StatusCode::METHOD_NOT_ALLOWED, "method_not_allowed"),
-            ApiError::BodyTooLarge { .. } => (StatusCode::PAYLOAD_TOO_LARGE, "payload_too_large"),
+            ApiError::BodyTooLarge { .. }
+            | ApiError::FieldTooLarge(_)
+            | ApiError::Sink {
+                error: SinkError::TooLarge(_),
+                ..
+            } => (StatusCode::PAYLOAD_TOO_LARGE, "payload_too_large"),
             ApiError::RequestTimeout => (StatusCode::REQUEST_TIMEOUT, "request_timeout"),
             ApiError::BodyUnreadable { json: true, .. } => {
                 (StatusCode::BAD_REQUEST, "malformed_json")
@@ -91,7 +135,10 @@ impl ApiError {
                 error: DeliveryError::TooLarge(_),
                 ..
             } => (StatusCode::PAYLOAD_TOO_LARGE, "payload_too_large"),
-            ApiError::Delivery { .. } => (StatusCode::SERVICE_UNAVAILABLE, "unavailable"),
+            ApiError::Delivery { .. }
+            | ApiError::Disk { .. }
+            | ApiError::Sink { .. }
+            | ApiError::Spool { .. } => (StatusCode::SERVICE_UNAVAILABLE, "unavailable"),
         }
     }
 
@@ -99,9 +146,10 @@ impl ApiError {
         match self {
             ApiError::NotFound => "no such path".into(),
             ApiError::MethodNotAllowed => "only POST is accepted on this path".into(),
-            ApiError::BodyTooLarge { limit } => {
-                format!("the body is larger than server.max_body_bytes ({limit} bytes)")
+            ApiError::BodyTooLarge { key, limit } => {
+                format!("the body is larger than {key} ({limit} bytes)")
             }
+            ApiError::FieldTooLarge(message) => message.clone(),
             ApiError::RequestTimeout => {
                 "the request was not received within server.request_timeout".into()
             }
@@ -118,6 +166,13 @@ impl ApiError {
                 "too many bytes in flight (server.max_in_flight_bytes); retry later".into()
             }
             ApiError::Delivery { error, .. } => error.to_string(),
+            ApiError::Disk { error, .. } => format!("cannot keep the attachments on disk: {error}"),
+            ApiError::Sink {
+                error: SinkError::TooLarge(e),
+                ..
+            } => e.to_string(),
+            ApiError::Sink { error, .. } => format!("NATS cannot take the mail: {error}"),
+            ApiError::Spool { error, .. } => format!("the mail could not be spooled: {error}"),
         }
     }
 
@@ -148,8 +203,13 @@ impl ApiError {
             ApiError::MethodNotAllowed => {
                 headers.insert(header::ALLOW, HeaderValue::from_static("POST"));
             }
-            ApiError::RequestTimeout | ApiError::BodyTooLarge { .. } => {
-                // The rest of the body is not read: the connection cannot be reused.
+            ApiError::RequestTimeout
+            | ApiError::BodyTooLarge { .. }
+            | ApiError::FieldTooLarge(_)
+            | ApiError::Sink { .. }
+                if status != StatusCode::SERVICE_UNAVAILABLE =>
+            {
+                // The rest of the body may be unread: the connection cannot be reused.
                 headers.insert(header::CONNECTION, HeaderValue::from_static("close"));
             }
             ApiError::Auth(e) if e.challenges_basic() => {
@@ -161,6 +221,9 @@ impl ApiError {
             ApiError::Busy { retry_after }
             | ApiError::OverBudget { retry_after }
             | ApiError::Delivery { retry_after, .. }
+            | ApiError::Disk { retry_after, .. }
+            | ApiError::Sink { retry_after, .. }
+            | ApiError::Spool { retry_after, .. }
                 if status == StatusCode::SERVICE_UNAVAILABLE =>
             {
                 headers.insert(
@@ -189,5 +252,57 @@ pub fn json_response<T: Serialize>(status: StatusCode, body: &T) -> Response {
 impl From<AuthError> for ApiError {
     fn from(e: AuthError) -> Self {
         ApiError::Auth(e)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn header(response: &Response, name: header::HeaderName) -> Option<&str> {
+        response.headers().get(name).map(|v| v.to_str().unwrap())
+    }
+
+    /// Both routes render through here: the inbound refusals get the same codes, the
+    /// `Retry-After` of every 503 and the `Connection: close` of a body left unread.
+    #[test]
+    fn inbound_refusals_render_like_the_event_routes() {
+        let retry_after = Duration::from_secs(5);
+        let too_large =
+            ApiError::receiving(ReceiveError::BodyTooLarge { limit: 10 }, false, retry_after);
+        assert!(too_large
+            .message()
+            .contains("inbound.max_body_bytes (10 bytes)"));
+        let response = too_large.into_response();
+        assert_eq!(response.status(), StatusCode::PAYLOAD_TOO_LARGE);
+        assert_eq!(header(&response, header::CONNECTION), Some("close"));
+
+        let unreadable =
+            ApiError::receiving(ReceiveError::Unreadable("cut".into()), true, retry_after);
+        assert_eq!(
+            unreadable.status(),
+            (StatusCode::BAD_REQUEST, "malformed_json")
+        );
+
+        for error in [
+            ApiError::receiving(
+                ReceiveError::Disk(std::io::Error::other("full")),
+                false,
+                retry_after,
+            ),
+            ApiError::Sink {
+                error: SinkError::Temporary("no connection".into()),
+                retry_after,
+            },
+            ApiError::Spool {
+                error: InboundSpoolError::Full,
+                retry_after,
+            },
+        ] {
+            let response = error.into_response();
+            assert_eq!(response.status(), StatusCode::SERVICE_UNAVAILABLE);
+            assert_eq!(header(&response, header::RETRY_AFTER), Some("5"));
+            assert_eq!(header(&response, header::CONNECTION), None);
+        }
     }
 }

@@ -6,21 +6,21 @@
 
 use std::path::PathBuf;
 use std::sync::Arc;
-use std::time::{Duration, Instant};
+use std::time::Instant;
 
 use bytes::Buf;
 use futures_util::Stream;
 use serde::Serialize;
 use tracing::Instrument;
 use warp::filters::path::FullPath;
-use warp::http::{header, HeaderMap, HeaderValue, Method, StatusCode};
+use warp::http::{header, HeaderMap, Method, StatusCode};
 use warp::reply::Response;
 use warp::Filter;
 
 use super::error::{json_response, ApiError};
 use crate::budget::Budget;
 use crate::inbound::mail::{parse_form, parse_json, Mail};
-use crate::inbound::receive::{self, ReceiveError, WorkDir};
+use crate::inbound::receive::{self, WorkDir};
 use crate::inbound::spool::{Appending, InboundSpool, InboundSpoolError};
 use crate::inbound::store::{InboundSink, SinkError};
 use crate::metrics;
@@ -58,93 +58,6 @@ struct OkBody {
 
 fn is_zero(n: &usize) -> bool {
     *n == 0
-}
-
-/// Everything the inbound route can refuse a request for, beyond [`ApiError`].
-#[derive(Debug)]
-enum Refusal {
-    Api(ApiError),
-    Receive(ReceiveError),
-    Sink(SinkError),
-    Spool(InboundSpoolError),
-}
-
-impl From<ApiError> for Refusal {
-    fn from(e: ApiError) -> Self {
-        Refusal::Api(e)
-    }
-}
-
-impl From<crate::auth::AuthError> for Refusal {
-    fn from(e: crate::auth::AuthError) -> Self {
-        Refusal::Api(ApiError::Auth(e))
-    }
-}
-
-impl From<PayloadError> for Refusal {
-    fn from(e: PayloadError) -> Self {
-        Refusal::Api(ApiError::Payload(e))
-    }
-}
-
-impl From<ReceiveError> for Refusal {
-    fn from(e: ReceiveError) -> Self {
-        match e {
-            ReceiveError::Payload(p) => Refusal::Api(ApiError::Payload(p)),
-            ReceiveError::Unreadable(message) => Refusal::Api(ApiError::BodyUnreadable {
-                json: false,
-                message,
-            }),
-            other => Refusal::Receive(other),
-        }
-    }
-}
-
-impl Refusal {
-    fn status(&self) -> (StatusCode, &'static str) {
-        match self {
-            Refusal::Api(e) => e.status(),
-            Refusal::Receive(
-                ReceiveError::BodyTooLarge { .. } | ReceiveError::FieldTooLarge(_),
-            )
-            | Refusal::Sink(SinkError::TooLarge(_)) => {
-                (StatusCode::PAYLOAD_TOO_LARGE, "payload_too_large")
-            }
-            Refusal::Receive(_) | Refusal::Sink(_) | Refusal::Spool(_) => {
-                (StatusCode::SERVICE_UNAVAILABLE, "unavailable")
-            }
-        }
-    }
-
-    fn into_response(self, retry_after: Duration) -> Response {
-        let (status, code) = self.status();
-        let message = match self {
-            Refusal::Api(e) => return e.into_response(),
-            Refusal::Receive(ReceiveError::Disk(e)) => {
-                format!("cannot keep the attachments on disk: {e}")
-            }
-            Refusal::Receive(e) => e.to_string(),
-            Refusal::Sink(SinkError::TooLarge(e)) => e.to_string(),
-            Refusal::Sink(e) => format!("NATS cannot take the mail: {e}"),
-            Refusal::Spool(e) => format!("the mail could not be spooled: {e}"),
-        };
-        let mut response = json_response(
-            status,
-            &serde_json::json!({"result": "error", "error": code, "message": message}),
-        );
-        let headers = response.headers_mut();
-        if status == StatusCode::SERVICE_UNAVAILABLE {
-            headers.insert(
-                header::RETRY_AFTER,
-                HeaderValue::from(retry_after.as_secs().max(1)),
-            );
-        }
-        if status == StatusCode::PAYLOAD_TOO_LARGE {
-            // The rest of the body may be unread: the connection cannot be reused.
-            headers.insert(header::CONNECTION, HeaderValue::from_static("close"));
-        }
-        response
-    }
 }
 
 /// The inbound route: it rejects (so the event webhook answers) every other path.
@@ -221,11 +134,11 @@ where
                 },
             )
         }
-        Err(refusal) => {
-            let (status, code) = refusal.status();
+        Err(error) => {
+            let (status, code) = error.status();
             metrics::inbound_mail("rejected");
-            super::record_refusal("inbound mail", status, code, &refusal, elapsed_ms);
-            refusal.into_response(state.gate.retry_after)
+            super::record_refusal("inbound mail", status, code, &error, elapsed_ms);
+            error.into_response()
         }
     };
     super::with_request_id(response, &batch_id)
@@ -251,7 +164,7 @@ async fn process<S, B>(
     body: S,
     state: &InboundState,
     batch_id: &str,
-) -> Result<Accepted, Refusal>
+) -> Result<Accepted, ApiError>
 where
     S: Stream<Item = Result<B, warp::Error>> + Send + 'static,
     B: Buf + 'static,
@@ -263,7 +176,10 @@ where
         .and_then(|v| v.to_str().ok())
         .and_then(|v| v.parse::<u64>().ok());
     if declared.is_some_and(|n| n > limit) {
-        return Err(Refusal::Receive(ReceiveError::BodyTooLarge { limit }));
+        return Err(ApiError::BodyTooLarge {
+            key: "inbound.max_body_bytes",
+            limit,
+        });
     }
     let content_type = headers
         .get(header::CONTENT_TYPE)
@@ -278,40 +194,38 @@ where
     let _memory = state
         .budget
         .try_acquire(memory_reserved(&media, declared, limit))
-        .map_err(|_| ApiError::Busy {
+        .map_err(|_| ApiError::OverBudget {
             retry_after: state.gate.retry_after,
         })?;
 
+    let retry_after = state.gate.retry_after;
+    // An unreadable body is reported with its encoding's code (JSON's, else the form's).
+    let receiving = |json| move |e| ApiError::receiving(e, json, retry_after);
     let read = async {
         match media.as_str() {
             "multipart/form-data" => {
-                let work = WorkDir::create(&state.work_root).map_err(ReceiveError::Disk)?;
-                let received = receive::multipart(body, content_type, limit, &work).await?;
-                Ok::<_, Refusal>((received.fields, Some(work)))
+                let work = WorkDir::create(&state.work_root)
+                    .map_err(|error| ApiError::Disk { error, retry_after })?;
+                let received = receive::multipart(body, content_type, limit, &work)
+                    .await
+                    .map_err(receiving(false))?;
+                Ok::<_, ApiError>((received.fields, Some(work)))
             }
             "application/json" => {
-                // An unreadable body is reported with the JSON encoding's code.
                 let bytes = receive::read_all(body, declared, limit)
                     .await
-                    .map_err(|e| match e {
-                        ReceiveError::Unreadable(message) => {
-                            Refusal::Api(ApiError::BodyUnreadable {
-                                json: true,
-                                message,
-                            })
-                        }
-                        other => other.into(),
-                    })?;
-                Ok((parse_json(&bytes)?, None))
+                    .map_err(receiving(true))?;
+                Ok((parse_json(&bytes).map_err(ApiError::Payload)?, None))
             }
             "application/x-www-form-urlencoded" => {
-                let bytes = receive::read_all(body, declared, limit).await?;
-                Ok((parse_form(&bytes)?, None))
+                let bytes = receive::read_all(body, declared, limit)
+                    .await
+                    .map_err(receiving(false))?;
+                Ok((parse_form(&bytes).map_err(ApiError::Payload)?, None))
             }
-            _ => Err(PayloadError::UnsupportedMediaType(format!(
+            _ => Err(ApiError::Payload(PayloadError::UnsupportedMediaType(format!(
                 "Content-Type {content_type:?} is not application/json, multipart/form-data or application/x-www-form-urlencoded"
-            ))
-            .into()),
+            )))),
         }
     };
     let (fields, work) = match info {
@@ -322,7 +236,7 @@ where
         None => read.await?,
     };
     state.gate.auth.check_api_key(fields.api_key().as_deref())?;
-    let mail = fields.validate()?;
+    let mail = fields.validate().map_err(ApiError::Payload)?;
     let attachments = mail.attachments.len();
 
     // Behind a non-empty spool, so mails keep their order.
@@ -356,19 +270,25 @@ where
                 if !e.is_temporary() {
                     tracing::error!(error = %e, "NATS refused the mail");
                 }
-                return Err(Refusal::Sink(e));
+                return Err(ApiError::Sink {
+                    error: e,
+                    retry_after,
+                });
             }
         }
     }
     let Some(spool) = state.spool.clone() else {
-        return Err(Refusal::Sink(SinkError::Temporary(
-            "the spool is not enabled".into(),
-        )));
+        return Err(ApiError::Sink {
+            error: SinkError::Temporary("the spool is not enabled".into()),
+            retry_after,
+        });
     };
     // Queued from this moment, before any await: a mail arriving while this one's files
     // are synced goes behind it.
     let appending = spool.begin_append();
-    spool_mail(spool, appending, work, mail, batch_id.to_owned()).await?;
+    spool_mail(spool, appending, work, mail, batch_id.to_owned())
+        .await
+        .map_err(|error| ApiError::Spool { error, retry_after })?;
     Ok(Accepted {
         attachments,
         published: 0,
@@ -383,7 +303,7 @@ async fn spool_mail(
     work: Option<WorkDir>,
     mail: Mail,
     batch_id: String,
-) -> Result<(), Refusal> {
+) -> Result<(), InboundSpoolError> {
     let files = mail.file_bytes();
     let count = mail.attachments.len();
     tokio::task::spawn_blocking(move || {
@@ -396,8 +316,7 @@ async fn spool_mail(
         appended
     })
     .await
-    .map_err(|e| Refusal::Spool(InboundSpoolError::Io(std::io::Error::other(e.to_string()))))?
-    .map_err(Refusal::Spool)?;
+    .map_err(|e| InboundSpoolError::Io(std::io::Error::other(e.to_string())))??;
     metrics::inbound_mail("spooled");
     metrics::inbound_attachments("spooled", count, files);
     Ok(())

@@ -290,7 +290,10 @@ where
         .and_then(|v| v.to_str().ok())
         .and_then(|v| v.parse::<u64>().ok());
     if declared.is_some_and(|n| n > limit) {
-        return Err(ApiError::BodyTooLarge { limit });
+        return Err(ApiError::BodyTooLarge {
+            key: "server.max_body_bytes",
+            limit,
+        });
     }
     let mut body = std::pin::pin!(body);
     if let Some(n) = declared {
@@ -306,7 +309,10 @@ where
         })?;
         let grown = (buf.len() + chunk.remaining()) as u64;
         if grown > limit {
-            return Err(ApiError::BodyTooLarge { limit });
+            return Err(ApiError::BodyTooLarge {
+                key: "server.max_body_bytes",
+                limit,
+            });
         }
         if let Err(refused) = reserve(grown) {
             let read = buf.len() as u64 + chunk.remaining() as u64;
@@ -401,7 +407,10 @@ fn decompress(coding: Coding, body: &[u8], limit: u64, json: bool) -> Result<Byt
             message: format!("cannot decompress the body: {e}"),
         })?;
     if out.len() as u64 > limit {
-        return Err(ApiError::BodyTooLarge { limit });
+        return Err(ApiError::BodyTooLarge {
+            key: "server.max_body_bytes",
+            limit,
+        });
     }
     Ok(BytesMut::from(&out[..]))
 }
