@@ -25,7 +25,7 @@
 //! store, then one message), or the inbound spool ([`inbound::spool`]) when NATS cannot take
 //! the mail in time.
 //!
-//! Around them: [`nats`] (the connection, its health and the stream), [`server`] (the public accept loop: connection cap, timeouts, TLS),
+//! Around them: [`wire`] (the message as it goes on the wire, and its size), [`nats`] (the connection, its health and the stream), [`server`] (the public accept loop: connection cap, timeouts, TLS),
 //! [`settings`] (TOML + environment, checked types), [`startup`] (build, serve,
 //! drain), [`shutdown`] (signals), [`telemetry`] (logging, optional OTLP span export, the
 //! request's trace context), [`trace_context`] (pure W3C `traceparent` rules), [`metrics`] (names and the
@@ -51,3 +51,4 @@ pub mod subject;
 pub mod telemetry;
 pub mod trace_context;
 pub mod webhook;
+pub mod wire;

@@ -25,6 +25,7 @@ use crate::nats::Health;
 pub use crate::nats::SetupError;
 use crate::settings::NatsSettings;
 use crate::webhook::{Outgoing, OutgoingBatch};
+pub use crate::wire::NatsMessage;
 
 /// The acknowledgement of one message.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
@@ -400,15 +401,6 @@ impl Publish for Arc<Publisher> {
     }
 }
 
-/// One message to publish (and, when NATS cannot take it, to spool): subject, headers and
-/// body exactly as they go on the wire.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub struct NatsMessage {
-    pub subject: String,
-    pub headers: Vec<(String, String)>,
-    pub payload: Bytes,
-}
-
 /// A message as handed to the NATS client, which takes ownership of its parts.
 #[derive(Debug)]
 pub struct Outbound {
@@ -474,19 +466,15 @@ impl Outbound {
         }
     }
 
-    /// The size NATS counts against `max_payload`: serialised headers plus payload.
+    /// The size NATS counts against `max_payload` ([`crate::wire::wire_size`]).
     pub fn wire_size(&self) -> usize {
-        let headers: usize = self
-            .headers
-            .iter()
-            .map(|(name, values)| {
-                values
-                    .iter()
-                    .map(|v| AsRef::<str>::as_ref(name).len() + 2 + v.as_str().len() + 2)
-                    .sum::<usize>()
-            })
-            .sum();
-        "NATS/1.0\r\n".len() + headers + 2 + self.payload.len()
+        crate::wire::wire_size(
+            self.headers.iter().flat_map(|(name, values)| {
+                let name = AsRef::<str>::as_ref(name).len();
+                values.iter().map(move |v| (name, v.as_str().len()))
+            }),
+            self.payload.len(),
+        )
     }
 }
 
@@ -502,14 +490,6 @@ impl NatsMessage {
                 .collect(),
             payload: m.payload.clone(),
         }
-    }
-
-    /// The value of header `name`, if present.
-    pub fn header(&self, name: &str) -> Option<&str> {
-        self.headers
-            .iter()
-            .find(|(n, _)| n.eq_ignore_ascii_case(name))
-            .map(|(_, v)| v.as_str())
     }
 
     /// The message as handed to the client.

@@ -47,7 +47,7 @@ use serde::{Deserialize, Serialize};
 use thiserror::Error;
 use tokio::sync::{oneshot, Notify};
 
-use crate::publish::NatsMessage;
+use crate::wire::NatsMessage;
 
 const MAGIC_V1: &[u8; 4] = b"CMCS";
 const MAGIC: &[u8; 4] = b"CMC2";

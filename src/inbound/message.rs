@@ -54,16 +54,11 @@ pub struct OutgoingMail {
 impl OutgoingMail {
     /// Bytes the server counts against `max_payload`: body plus the header block.
     pub fn wire_size(&self) -> usize {
-        self.payload.len() + header_block_size(&self.headers)
+        crate::wire::wire_size(
+            self.headers.iter().map(|(n, v)| (n.len(), v.len())),
+            self.payload.len(),
+        )
     }
-}
-
-fn header_block_size(headers: &[(&'static str, String)]) -> usize {
-    // "NATS/1.0\r\n", "name: value\r\n" per header, the closing "\r\n".
-    12 + headers
-        .iter()
-        .map(|(n, v)| n.len() + v.len() + 4)
-        .sum::<usize>()
 }
 
 /// Everything that goes out for one mail, in order: the objects, then the message.

@@ -162,12 +162,12 @@ impl OutgoingBatch {
     /// The size NATS counts against `max_payload` for `message`: the serialised header block
     /// (`NATS/1.0\r\n`, `Name: value\r\n` each, `\r\n`) plus the payload.
     pub fn wire_size(&self, message: &Outgoing) -> usize {
-        let headers: usize = self
-            .headers(message)
-            .iter()
-            .map(|(name, value)| name.len() + 2 + value.len() + 2)
-            .sum();
-        "NATS/1.0\r\n".len() + headers + 2 + message.payload.len()
+        crate::wire::wire_size(
+            self.headers(message)
+                .iter()
+                .map(|(name, value)| (name.len(), value.len())),
+            message.payload.len(),
+        )
     }
 }
 
