@@ -300,8 +300,8 @@ def plot(scrapes, output, outage):
     fig, axes = plt.subplots(5, 3, figsize=(18, 19))
     fig.suptitle(
         "cmc-forwarder — panels of deploy/monitoring/dashboard.json, rendered with matplotlib "
-        "from real /metrics scrapes (120 s of traffic, NATS stopped at 45-70 s; API key rotated by "
-        "SIGHUP: second key at 15 s, senders switch at 30 s, a refused file at 90 s, old key removed at 100 s)",
+        "from real /metrics scrapes (120 s of traffic, NATS stopped at 45-70 s)\nAPI key rotated by "
+        "SIGHUP: second key at 15 s, senders switch at 30 s, a refused file at 90 s, old key removed at 100 s",
         fontsize=12,
     )
     panels = axes.flatten()
@@ -362,7 +362,7 @@ def plot(scrapes, output, outage):
     )
     panels[13].axis("off")
     panels[14].axis("off")
-    fig.tight_layout(rect=(0, 0, 1, 0.96))
+    fig.tight_layout(rect=(0, 0, 1, 0.955))
     os.makedirs(os.path.dirname(output) or ".", exist_ok=True)
     fig.savefig(output, dpi=80)
 

@@ -154,3 +154,40 @@ pub fn with_request_id(mut response: Response, batch_id: &str) -> Response {
     }
     response
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn settings(api_key: &str, max_in_flight: usize) -> Settings {
+        Settings::from_toml(&format!(
+            "[auth]\napi_key = {api_key:?}\n[server]\nmax_in_flight = {max_in_flight}"
+        ))
+        .unwrap()
+    }
+
+    fn admit(gate: &Gate) -> Result<Admitted, ApiError> {
+        gate.admit(&Method::POST, &HeaderMap::new(), None)
+    }
+
+    #[test]
+    fn a_replaced_policy_applies_from_the_next_admission_on() {
+        let gate = Gate::new(&settings("a", 1), Duration::from_secs(1));
+        let first = admit(&gate).unwrap();
+        assert!(matches!(admit(&gate), Err(ApiError::Busy { .. })));
+        gate.replace(&settings("b", 1));
+        // The request admitted before keeps its policy; the limit, unchanged, still counts it.
+        assert_eq!(first.policy.auth.check_api_key(Some("a")), Ok(Some(0)));
+        assert!(matches!(admit(&gate), Err(ApiError::Busy { .. })));
+        drop(first);
+        let second = admit(&gate).unwrap();
+        assert!(second.policy.auth.check_api_key(Some("a")).is_err());
+        assert_eq!(second.policy.auth.check_api_key(Some("b")), Ok(Some(0)));
+        // A new limit starts a count of its own; the request admitted before holds the old.
+        gate.replace(&settings("b", 2));
+        let third = admit(&gate).unwrap();
+        let fourth = admit(&gate).unwrap();
+        assert!(matches!(admit(&gate), Err(ApiError::Busy { .. })));
+        drop((second, third, fourth));
+    }
+}
