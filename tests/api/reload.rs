@@ -390,3 +390,76 @@ async fn the_log_level_changes_on_sighup() {
     let accepted = log.lines().filter(|l| l.contains("batch accepted")).count();
     assert_eq!(accepted, 1, "{log}");
 }
+
+/// A request admitted before a reload finishes under the settings it started with: its body
+/// still arriving when the key is replaced, its old key is accepted; the next request with it
+/// is refused.
+#[tokio::test]
+async fn a_request_in_flight_finishes_under_the_settings_it_started_with() {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let app = Reloading::start(r#"api_key = "key-A""#, "info").await;
+    let body = serde_json::json!({
+        "event_type": "deliveries",
+        "server_composition": "pro",
+        "api_key": "key-A",
+        "event": {"deliveries": [{"status": "queued"}]},
+    })
+    .to_string();
+    let (first, rest) = body.split_at(body.len() / 2);
+    let mut stream = tokio::net::TcpStream::connect(("127.0.0.1", app.service.port))
+        .await
+        .unwrap();
+    let head = format!(
+        "POST /webhooks/cmc HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\nContent-Length: {}\r\nConnection: close\r\n\r\n",
+        body.len()
+    );
+    stream.write_all(head.as_bytes()).await.unwrap();
+    stream.write_all(first.as_bytes()).await.unwrap();
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    app.reload(r#"api_key = "key-B""#, "info", "ok").await;
+    stream.write_all(rest.as_bytes()).await.unwrap();
+    let mut answer = String::new();
+    tokio::time::timeout(WAIT, stream.read_to_string(&mut answer))
+        .await
+        .unwrap()
+        .unwrap();
+    assert!(answer.starts_with("HTTP/1.1 200"), "{answer}");
+    assert_eq!(app.post("key-A").await, 401);
+    assert_eq!(app.post("key-B").await, 200);
+}
+
+/// `check-config` tells how many API keys and Basic users are accepted, never what they are.
+#[tokio::test]
+async fn check_config_counts_keys_and_users() {
+    let output = std::process::Command::new(forwarder_bin())
+        .arg("check-config")
+        .env_clear()
+        .env("CMC_FORWARDER__AUTH__API_KEY__0", "secret-key-0")
+        .env("CMC_FORWARDER__AUTH__API_KEY__1", "secret-key-1")
+        .env("CMC_FORWARDER__AUTH__BASIC_CREDENTIALS__0__USERNAME", "cmc")
+        .env(
+            "CMC_FORWARDER__AUTH__BASIC_CREDENTIALS__0__PASSWORD",
+            "secret-pw",
+        )
+        .output()
+        .unwrap();
+    let (printed, said) = (
+        String::from_utf8(output.stdout).unwrap(),
+        String::from_utf8(output.stderr).unwrap(),
+    );
+    assert!(output.status.success(), "{said}");
+    assert!(
+        said.contains("configuration is valid (2 API keys accepted, 1 HTTP Basic user accepted)"),
+        "{said}"
+    );
+    assert!(
+        printed.contains(r#"api_key = ["[redacted]", "[redacted]"]"#),
+        "{printed}"
+    );
+    for secret in ["secret-key-0", "secret-key-1", "secret-pw"] {
+        assert!(
+            !printed.contains(secret) && !said.contains(secret),
+            "{secret} shown"
+        );
+    }
+}
