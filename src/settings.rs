@@ -835,7 +835,11 @@ impl Settings {
             let list = numbered.into_values().map(|(_, value)| value).collect();
             insert(&mut table, &keys, toml::Value::Array(list)).map_err(|m| invalid(&key, m))?;
         }
-        if !file_sets_servers && !env.contains_key(&format!("{prefix}NATS__SERVERS")) {
+        let env_sets_servers = env.keys().any(|var| {
+            var.strip_prefix(&format!("{prefix}NATS__SERVERS"))
+                .is_some_and(|rest| rest.is_empty() || rest.starts_with("__"))
+        });
+        if !file_sets_servers && !env_sets_servers {
             if let Some(urls) = env.get(NATS_URL).filter(|u| !u.trim().is_empty()) {
                 insert(&mut table, &["nats", "servers"], list(urls))
                     .map_err(|m| env_error(NATS_URL, m))?;

@@ -493,6 +493,16 @@ fn lists_of_secrets_are_set_from_the_environment_item_by_item() {
         .map(|u| (u.username.as_str(), u.password.expose()))
         .collect();
     assert_eq!(users, [("u0", "p,0"), ("u1", "p1")]);
+    // Any list key takes the numbered form.
+    let s = from_env(&[
+        ("CMC_FORWARDER__NATS__SERVERS__0", "nats://a:4222"),
+        ("CMC_FORWARDER__NATS__SERVERS__1", "nats://b:4222"),
+        ("CMC_FORWARDER__AUTH__ALLOWED_IPS__0", "10.0.0.0/8"),
+        (NATS_URL, "nats://not-this:4222"),
+    ])
+    .unwrap();
+    assert_eq!(s.nats.servers, ["nats://a:4222", "nats://b:4222"]);
+    assert_eq!(s.auth.allowed_ips, ["10.0.0.0/8".parse::<IpNet>().unwrap()]);
 
     // Mistakes name the variable.
     for (pairs, var, says) in [
