@@ -1,5 +1,8 @@
 """The panels of deploy/monitoring/dashboard.json, computed from real scrapes and drawn with
-matplotlib. Run through scripts/render-dashboard, which provides the arguments:
+matplotlib. The run also rotates the API key the way README "Rotate the CMC key" says (a
+second key and a reload, the senders switch, a refused file, the old key removed and a
+reload), so the reload and per-key panels show something. Run through scripts/render-dashboard,
+which provides the arguments:
 
     render_dashboard.py BINARY NATS_SERVER OUTPUT.png
 """
@@ -8,6 +11,7 @@ import json
 import os
 import random
 import re
+import signal
 import socket
 import subprocess
 import sys
@@ -91,14 +95,18 @@ class Nats:
         self.proc.wait()
 
 
-def traffic(url, stop, rng):
+def traffic(url, stop, rng, sender):
     """Webhook batches until `stop` is set: mostly valid, some retried, some with invalid
-    entries, a few malformed."""
+    entries, a few malformed; each with the API key `sender["key"]` holds when it is sent."""
     sent = []
+
+    def keyed(document):
+        return json.dumps(dict(document, api_key=sender["key"])).encode()
+
     while not stop.is_set():
         kind = rng.random()
         if kind < 0.08 and sent:
-            body = rng.choice(sent)  # a retry: stored once, counted as duplicates
+            body = keyed(rng.choice(sent))  # a retry: stored once, counted as duplicates
         elif kind < 0.11:
             body = b'{"event_type":"deliveries"'  # malformed: 400
         else:
@@ -115,17 +123,31 @@ def traffic(url, stop, rng):
                             "messageId": f"<{rng.randrange(10**12)}@example.com>",
                         }
                     )
-            body = json.dumps(
-                {"event_type": "deliveries", "server_composition": "pro", "event": {"deliveries": entries}}
-            ).encode()
+            document = {"event_type": "deliveries", "server_composition": "pro", "event": {"deliveries": entries}}
+            body = keyed(document)
             if rng.random() < 0.2:
                 bounces = [{"status": str(rng.choice([1, 2, 2, 3, 5, 99])), "to": "b@example.com", "n": rng.random()}]
-                http("POST", url, json.dumps(
+                http("POST", url, keyed(
                     {"event_type": "bounces", "server_composition": "pro", "event": {"bounces": bounces}}
-                ).encode())
-            sent.append(body)
+                ))
+            sent.append(document)
         http("POST", url, body)
         time.sleep(rng.uniform(0.02, 0.12))
+
+
+def config(auth):
+    """The configuration file: `[auth]` only (everything else comes from the environment)."""
+    return f"[auth]\n{auth}\n"
+
+
+# The key rotation (README "Rotate the CMC key"), at these seconds of the run: the file's
+# [auth] before the reload, or what changes.
+ROTATION = [
+    (15, "reload", 'api_key = ["key-old", "key-new"]'),
+    (30, "switch", None),
+    (90, "reload", 'api_key = "key-new"\nbasic_username = "half-set"'),  # refused: no password
+    (100, "reload", 'api_key = "key-new"'),
+]
 
 
 def main():
@@ -147,13 +169,24 @@ def main():
             "RUST_LOG": "error",
         }
     )
-    service = subprocess.Popen([binary], env=env, stdout=subprocess.DEVNULL)
+    config_file = os.path.join(work.name, "config.toml")
+
+    def write_config(auth):
+        with open(config_file + ".next", "w", encoding="utf-8") as f:
+            f.write(config(auth))
+        os.replace(config_file + ".next", config_file)
+
+    write_config('api_key = "key-old"')
+    sender = {"key": "key-old"}
+    service = subprocess.Popen([binary, "--config", config_file], env=env, stdout=subprocess.DEVNULL)
     metrics_url = f"http://127.0.0.1:{admin}/metrics"
     wait_for(lambda: http("GET", f"http://127.0.0.1:{admin}/readyz")[0] == 200)
 
     stop = threading.Event()
     senders = [
-        threading.Thread(target=traffic, args=(f"http://127.0.0.1:{port}/webhooks/cmc", stop, random.Random(s)))
+        threading.Thread(
+            target=traffic, args=(f"http://127.0.0.1:{port}/webhooks/cmc", stop, random.Random(s), sender)
+        )
         for s in range(3)
     ]
     for t in senders:
@@ -162,8 +195,16 @@ def main():
     start = time.monotonic()
     duration, outage = 120, (45, 70)
     nats_down = False
+    rotation = list(ROTATION)
     while time.monotonic() - start < duration:
         now = time.monotonic() - start
+        while rotation and now >= rotation[0][0]:
+            _, step, auth = rotation.pop(0)
+            if step == "switch":
+                sender["key"] = "key-new"
+            else:
+                write_config(auth)
+                service.send_signal(signal.SIGHUP)
         if outage[0] <= now < outage[1] and not nats_down:
             nats.stop()
             nats_down = True
@@ -211,6 +252,13 @@ def rate_by(scrapes, name, by, **match):
     return result
 
 
+def increase_by(scrapes, name, label):
+    """sum by (`label`) (increase(name[WINDOW])) at each scrape: rate_by times the window."""
+    return {
+        k: [(t, v * WINDOW) for t, v in points] for k, points in rate_by(scrapes, name, [label]).items()
+    }
+
+
 def gauge(scrapes, name):
     return [(t, sum(v for (n, _), v in s.items() if n == name)) for t, s in scrapes]
 
@@ -249,10 +297,11 @@ def quantile(scrapes, name, q):
 
 
 def plot(scrapes, output, outage):
-    fig, axes = plt.subplots(4, 3, figsize=(18, 15))
+    fig, axes = plt.subplots(5, 3, figsize=(18, 19))
     fig.suptitle(
         "cmc-forwarder — panels of deploy/monitoring/dashboard.json, rendered with matplotlib "
-        "from real /metrics scrapes (120 s of traffic, NATS stopped at 45-70 s)",
+        "from real /metrics scrapes (120 s of traffic, NATS stopped at 45-70 s)\nAPI key rotated by "
+        "SIGHUP: second key at 15 s, senders switch at 30 s, a refused file at 90 s, old key removed at 100 s",
         fontsize=12,
     )
     panels = axes.flatten()
@@ -299,8 +348,21 @@ def plot(scrapes, output, outage):
             "ready": gauge(scrapes, "cmc_forwarder_ready"),
         },
     )
-    panels[11].axis("off")
-    fig.tight_layout(rect=(0, 0, 1, 0.96))
+    draw(
+        panels[11],
+        "Configuration reloads",
+        increase_by(scrapes, "cmc_forwarder_config_reloads_total", "result"),
+        "reloads",
+    )
+    draw(
+        panels[12],
+        "Requests by API key",
+        {f"key {k}": v for k, v in rate_by(scrapes, "cmc_forwarder_api_key_requests_total", ["key"]).items()},
+        "req/s",
+    )
+    panels[13].axis("off")
+    panels[14].axis("off")
+    fig.tight_layout(rect=(0, 0, 1, 0.955))
     os.makedirs(os.path.dirname(output) or ".", exist_ok=True)
     fig.savefig(output, dpi=80)
 

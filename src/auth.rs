@@ -2,13 +2,15 @@
 //! HTTP Basic credentials and the `api_key` body parameter.
 //!
 //! Pure checks over values the route hands in; secrets are compared in constant time and
-//! never appear in an error or a log line.
+//! never appear in an error or a log line. Several keys and several Basic users may be
+//! accepted at once (a rotation): a value is compared with every one of them, whichever
+//! matches, so the time taken does not tell which one did.
 
 use std::net::{IpAddr, SocketAddr};
 
 use base64::Engine;
 use ipnet::IpNet;
-use subtle::ConstantTimeEq;
+use subtle::{Choice, ConditionallySelectable, ConstantTimeEq};
 use thiserror::Error;
 use warp::http::{header, HeaderMap};
 
@@ -47,9 +49,12 @@ impl AuthError {
 /// The checks configured in `[auth]`.
 #[derive(Debug, Clone, Default)]
 pub struct Auth {
-    api_key: Option<Secret>,
-    /// Expected `Authorization` header value (`Basic base64(user:password)`).
-    basic: Option<Secret>,
+    /// Accepted `api_key` values in their configured order (a match's position is the label
+    /// of the per-key request counter); empty: no key is required.
+    api_keys: Vec<Secret>,
+    /// Accepted `Authorization` credentials (`base64(user:password)`), one per Basic user;
+    /// empty: Basic is not required.
+    basic: Vec<Secret>,
     allowed: Vec<IpNet>,
     trusted_proxies: Vec<IpNet>,
 }
@@ -57,16 +62,30 @@ pub struct Auth {
 impl Auth {
     /// The checks of `[auth]`, whose networks the loader has already parsed.
     pub fn from_settings(s: &AuthSettings) -> Auth {
-        let basic = (!s.basic_username.is_empty()).then(|| {
-            let pair = format!("{}:{}", s.basic_username, s.basic_password.expose());
-            Secret::new(base64::engine::general_purpose::STANDARD.encode(pair))
-        });
+        let basic = s
+            .basic_users()
+            .iter()
+            .map(|user| {
+                let pair = format!("{}:{}", user.username, user.password.expose());
+                Secret::new(base64::engine::general_purpose::STANDARD.encode(pair))
+            })
+            .collect();
         Auth {
-            api_key: s.api_key.is_set().then(|| s.api_key.clone()),
+            api_keys: s.api_key.keys().to_vec(),
             basic,
             allowed: s.allowed_ips.clone(),
             trusted_proxies: s.trusted_proxies.clone(),
         }
+    }
+
+    /// How many `api_key` values are accepted.
+    pub fn api_keys(&self) -> usize {
+        self.api_keys.len()
+    }
+
+    /// How many HTTP Basic users are accepted.
+    pub fn basic_users(&self) -> usize {
+        self.basic.len()
     }
 
     /// The client's address: the peer, or, when the peer is a trusted proxy, the right-most
@@ -114,11 +133,11 @@ impl Auth {
         }
     }
 
-    /// HTTP Basic, when configured.
+    /// HTTP Basic, when configured: the credentials of any accepted user.
     pub fn check_basic(&self, headers: &HeaderMap) -> Result<(), AuthError> {
-        let Some(expected) = &self.basic else {
+        if self.basic.is_empty() {
             return Ok(());
-        };
+        }
         let given = headers
             .get(header::AUTHORIZATION)
             .ok_or(AuthError::MissingBasic)?
@@ -128,31 +147,44 @@ impl Auth {
             Some(scheme) if scheme.eq_ignore_ascii_case(b"basic ") => given[6..].trim_ascii(),
             _ => return Err(AuthError::MissingBasic),
         };
-        if bool::from(credentials.ct_eq(expected.expose().as_bytes())) {
-            Ok(())
-        } else {
-            Err(AuthError::WrongBasic)
+        match matching(credentials, &self.basic) {
+            Some(_) => Ok(()),
+            None => Err(AuthError::WrongBasic),
         }
     }
 
-    /// The request's `api_key` parameter, when one is configured.
-    pub fn check_api_key(&self, given: Option<&str>) -> Result<(), AuthError> {
-        let Some(expected) = &self.api_key else {
-            return Ok(());
-        };
-        let basic = self.basic.is_some();
+    /// The request's `api_key` parameter, when keys are configured: the position of the key
+    /// it matches (`None` when no key is required).
+    pub fn check_api_key(&self, given: Option<&str>) -> Result<Option<usize>, AuthError> {
+        if self.api_keys.is_empty() {
+            return Ok(None);
+        }
+        let basic = !self.basic.is_empty();
         let given = given.ok_or(AuthError::MissingApiKey { basic })?;
-        if bool::from(given.as_bytes().ct_eq(expected.expose().as_bytes())) {
-            Ok(())
-        } else {
-            Err(AuthError::WrongApiKey { basic })
+        match matching(given.as_bytes(), &self.api_keys) {
+            Some(position) => Ok(Some(position)),
+            None => Err(AuthError::WrongApiKey { basic }),
         }
     }
+}
+
+/// The position of the first of `accepted` equal to `given`, comparing with every one in
+/// constant time (only the lengths may show), so no early exit tells which one matched.
+fn matching(given: &[u8], accepted: &[Secret]) -> Option<usize> {
+    let mut found = Choice::from(0);
+    let mut position = 0u32;
+    for (i, secret) in accepted.iter().enumerate() {
+        let equal = given.ct_eq(secret.expose().as_bytes());
+        position.conditional_assign(&(i as u32), equal & !found);
+        found |= equal;
+    }
+    bool::from(found).then_some(position as usize)
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::settings::{ApiKeys, BasicCredential};
 
     fn auth(toml_auth: AuthSettings) -> Auth {
         Auth::from_settings(&toml_auth)
@@ -166,12 +198,12 @@ mod tests {
 
     #[test]
     fn api_key_is_checked_only_when_configured() {
-        assert_eq!(Auth::default().check_api_key(None), Ok(()));
+        assert_eq!(Auth::default().check_api_key(None), Ok(None));
         let a = auth(AuthSettings {
-            api_key: Secret::new("k"),
+            api_key: Secret::new("k").into(),
             ..Default::default()
         });
-        assert_eq!(a.check_api_key(Some("k")), Ok(()));
+        assert_eq!(a.check_api_key(Some("k")), Ok(Some(0)));
         assert_eq!(
             a.check_api_key(Some("K")),
             Err(AuthError::WrongApiKey { basic: false })
@@ -203,6 +235,91 @@ mod tests {
         assert_eq!(a.check_basic(&h), Err(AuthError::WrongBasic));
         h.insert(header::AUTHORIZATION, "Bearer Y21jOnB3".parse().unwrap());
         assert_eq!(a.check_basic(&h), Err(AuthError::MissingBasic));
+    }
+
+    #[test]
+    fn any_of_several_keys_is_accepted_and_named_by_its_position() {
+        let a = auth(AuthSettings {
+            api_key: ApiKeys::new([Secret::new("old"), Secret::new("new")]),
+            ..Default::default()
+        });
+        assert_eq!(a.api_keys(), 2);
+        assert_eq!(a.check_api_key(Some("old")), Ok(Some(0)));
+        assert_eq!(a.check_api_key(Some("new")), Ok(Some(1)));
+        for wrong in ["", "ol", "oldnew", "NEW", "new "] {
+            assert_eq!(
+                a.check_api_key(Some(wrong)),
+                Err(AuthError::WrongApiKey { basic: false }),
+                "{wrong:?}"
+            );
+        }
+        assert_eq!(
+            a.check_api_key(None),
+            Err(AuthError::MissingApiKey { basic: false })
+        );
+        // The same key twice is named by its first position.
+        let twice = auth(AuthSettings {
+            api_key: ApiKeys::new([Secret::new("k"), Secret::new("k")]),
+            ..Default::default()
+        });
+        assert_eq!(twice.check_api_key(Some("k")), Ok(Some(0)));
+    }
+
+    #[test]
+    fn every_basic_user_is_accepted_and_no_other() {
+        let a = auth(AuthSettings {
+            basic_username: "cmc".into(),
+            basic_password: Secret::new("pw"),
+            basic_credentials: vec![
+                BasicCredential {
+                    username: "second".into(),
+                    password: Secret::new("pw2"),
+                },
+                // A password rotation: one user, two passwords.
+                BasicCredential {
+                    username: "second".into(),
+                    password: Secret::new("pw3"),
+                },
+            ],
+            ..Default::default()
+        });
+        assert_eq!(a.basic_users(), 3);
+        let with = |user: &str, password: &str| {
+            let mut h = HeaderMap::new();
+            let value =
+                base64::engine::general_purpose::STANDARD.encode(format!("{user}:{password}"));
+            h.insert(
+                header::AUTHORIZATION,
+                format!("Basic {value}").parse().unwrap(),
+            );
+            a.check_basic(&h)
+        };
+        assert_eq!(with("cmc", "pw"), Ok(()));
+        assert_eq!(with("second", "pw2"), Ok(()));
+        assert_eq!(with("second", "pw3"), Ok(()));
+        assert_eq!(with("second", "pw"), Err(AuthError::WrongBasic));
+        assert_eq!(with("third", "pw2"), Err(AuthError::WrongBasic));
+        assert_eq!(
+            a.check_basic(&HeaderMap::new()),
+            Err(AuthError::MissingBasic)
+        );
+        // Basic users alone (no basic_username) also turn Basic on.
+        let only_list = auth(AuthSettings {
+            basic_credentials: vec![BasicCredential {
+                username: "u".into(),
+                password: Secret::new("p"),
+            }],
+            ..Default::default()
+        });
+        assert_eq!(
+            only_list.check_basic(&HeaderMap::new()),
+            Err(AuthError::MissingBasic)
+        );
+        assert_eq!(
+            only_list.check_api_key(None),
+            Ok(None),
+            "no key configured, none required"
+        );
     }
 
     #[test]

@@ -27,7 +27,8 @@
 //!
 //! Around them: [`wire`] (the message as it goes on the wire, and its size), [`nats`] (the connection, its health and the stream), [`server`] (the public accept loop: connection cap, timeouts, TLS),
 //! [`settings`] (TOML + environment, checked types), [`startup`] (build, serve,
-//! drain), [`shutdown`] (signals), [`telemetry`] (logging, optional OTLP span export, the
+//! drain), [`reload`] (the configuration read again on SIGHUP, live settings swapped in),
+//! [`shutdown`] (signals), [`telemetry`] (logging, optional OTLP span export, the
 //! request's trace context), [`trace_context`] (pure W3C `traceparent` rules), [`metrics`] (names and the
 //! Prometheus exposition), [`cli`] (command line), and the admin listener in
 //! [`routes::admin`].
@@ -41,6 +42,7 @@ pub mod inbound;
 pub mod metrics;
 pub mod nats;
 pub mod publish;
+pub mod reload;
 pub mod routes;
 pub mod server;
 pub mod settings;

@@ -1,5 +1,6 @@
 //! Entry point: parse the command line, load settings (failing before anything binds), then
-//! either print them (`check-config`) or run the service until SIGTERM/SIGINT.
+//! either print them (`check-config`) or run the service until SIGTERM/SIGINT, reloading its
+//! configuration on SIGHUP.
 
 #![forbid(unsafe_code)]
 
@@ -47,7 +48,7 @@ use clap::Parser;
 use cmc_forwarder::cli::{self, Cli, Command, SpoolCommand};
 use cmc_forwarder::settings::Settings;
 use cmc_forwarder::startup::Application;
-use cmc_forwarder::{shutdown, telemetry};
+use cmc_forwarder::{reload, shutdown, telemetry};
 
 fn main() -> ExitCode {
     // Before anything else (the runtime's threads included): this may replace the process.
@@ -68,7 +69,10 @@ async fn run() -> ExitCode {
     match cli.command {
         Some(Command::CheckConfig) => {
             print!("{}", settings.to_redacted_toml());
-            eprintln!("cmc-forwarder: configuration is valid");
+            eprintln!(
+                "cmc-forwarder: configuration is valid ({})",
+                settings.auth.summary()
+            );
             return ExitCode::SUCCESS;
         }
         Some(Command::Spool { command }) => {
@@ -101,8 +105,10 @@ async fn run() -> ExitCode {
         }
     };
     tracing::info!(version = env!("CARGO_PKG_VERSION"), "starting");
+    let hangups = shutdown::Hangups::listen();
     match Application::build(&settings).await {
         Ok(app) => {
+            tokio::spawn(reload::on_hangup(hangups, app.reloader(cli.config.clone())));
             app.run_until_stopped(shutdown::signal()).await;
             ExitCode::SUCCESS
         }

@@ -30,6 +30,11 @@ pub const PUBLISH_DENIED: &str = "cmc_forwarder_nats_publish_denied_total";
 pub const INBOUND_MAILS: &str = "cmc_forwarder_inbound_mails_total";
 pub const INBOUND_ATTACHMENTS: &str = "cmc_forwarder_inbound_attachments_total";
 pub const INBOUND_ATTACHMENT_BYTES: &str = "cmc_forwarder_inbound_attachment_bytes_total";
+pub const CONFIG_RELOADS: &str = "cmc_forwarder_config_reloads_total";
+pub const API_KEY_REQUESTS: &str = "cmc_forwarder_api_key_requests_total";
+
+/// The outcomes of a configuration reload, the values of [`CONFIG_RELOADS`]' `result` label.
+pub const RELOAD_RESULTS: [&str; 3] = ["ok", "error", "restart_needed"];
 
 static HANDLE: OnceLock<PrometheusHandle> = OnceLock::new();
 
@@ -67,6 +72,9 @@ pub fn install() -> PrometheusHandle {
             counter!(DUPLICATES).absolute(0);
             for event_type in ["deliveries", "bounces", "blocks", "other"] {
                 counter!(INVALID_ENTRIES, "event_type" => event_type).absolute(0);
+            }
+            for result in RELOAD_RESULTS {
+                counter!(CONFIG_RELOADS, "result" => result).absolute(0);
             }
             handle
         })
@@ -132,6 +140,14 @@ fn describe() {
         "Inbound attachment objects, by outcome (uploaded, already_stored, spooled)"
     );
     metrics::describe_counter!(
+        CONFIG_RELOADS,
+        "Configuration reloads (SIGHUP), by result: ok, error (nothing changed), restart_needed (applied but for settings that need a restart)"
+    );
+    metrics::describe_counter!(
+        API_KEY_REQUESTS,
+        "Requests whose api_key matched, by the key's position in auth.api_key (0, 1, …)"
+    );
+    metrics::describe_counter!(
         INBOUND_ATTACHMENT_BYTES,
         "Bytes of inbound attachment objects, by outcome (uploaded, already_stored, spooled)"
     );
@@ -140,6 +156,20 @@ fn describe() {
 /// The server refused a publish: this user may not publish to the subject.
 pub fn publish_denied() {
     counter!(PUBLISH_DENIED).increment(1);
+}
+
+/// A request's `api_key` matched the key at this position of `auth.api_key` (`None`: no key
+/// is required, nothing to count). The label is the position, bounded by the configuration,
+/// never the key.
+pub fn api_key_request(position: Option<usize>) {
+    if let Some(position) = position {
+        counter!(API_KEY_REQUESTS, "key" => position.to_string()).increment(1);
+    }
+}
+
+/// A configuration reload ended with `result`, one of [`RELOAD_RESULTS`].
+pub fn config_reload(result: &'static str) {
+    counter!(CONFIG_RELOADS, "result" => result).increment(1);
 }
 
 pub fn request(status: u16) {

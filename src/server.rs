@@ -8,7 +8,9 @@
 //! - the body must arrive by the same deadline: each request carries a [`RequestInfo`] whose
 //!   `deadline` the webhook route enforces while reading (answering 408);
 //! - on shutdown, no new connections are accepted and open ones are closed gracefully once
-//!   their current request is answered.
+//!   their current request is answered;
+//! - `server.request_timeout` can change while serving (a configuration reload): each
+//!   connection keeps the value in force when it was accepted.
 //!
 //! Owns sockets and TLS; knows nothing of webhooks (the warp filter is passed in).
 
@@ -16,6 +18,7 @@ use std::convert::Infallible;
 use std::future::Future;
 use std::net::SocketAddr;
 use std::path::Path;
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
@@ -42,10 +45,33 @@ pub struct RequestInfo {
     pub deadline: Instant,
 }
 
+/// `server.request_timeout`, shared between the listeners and the configuration reload.
+#[derive(Debug, Clone)]
+pub struct RequestTimeout(Arc<AtomicU64>);
+
+impl RequestTimeout {
+    pub fn new(timeout: Duration) -> RequestTimeout {
+        RequestTimeout(Arc::new(AtomicU64::new(nanos(timeout))))
+    }
+
+    /// The timeout connections accepted from now on get.
+    pub fn get(&self) -> Duration {
+        Duration::from_nanos(self.0.load(Ordering::Relaxed))
+    }
+
+    pub fn set(&self, timeout: Duration) {
+        self.0.store(nanos(timeout), Ordering::Relaxed);
+    }
+}
+
+fn nanos(d: Duration) -> u64 {
+    u64::try_from(d.as_nanos()).unwrap_or(u64::MAX)
+}
+
 /// Limits of the public listener.
 #[derive(Clone)]
 pub struct ServeOptions {
-    pub request_timeout: Duration,
+    pub request_timeout: RequestTimeout,
     pub max_connections: usize,
     pub tls: Option<TlsAcceptor>,
 }
@@ -116,17 +142,18 @@ pub async fn serve<F, R>(
         let stop = stop_rx.clone();
         connections.spawn(async move {
             let started = Instant::now();
+            let timeout = options.request_timeout.get();
             match &options.tls {
-                None => serve_connection(stream, peer, started, service, &options, stop).await,
+                None => serve_connection(stream, peer, started, service, timeout, stop).await,
                 Some(acceptor) => {
                     let handshake = tokio::time::timeout_at(
-                        (started + options.request_timeout).into(),
+                        (started + timeout).into(),
                         acceptor.accept(stream),
                     )
                     .await;
                     match handshake {
                         Ok(Ok(tls)) => {
-                            serve_connection(tls, peer, started, service, &options, stop).await
+                            serve_connection(tls, peer, started, service, timeout, stop).await
                         }
                         Ok(Err(e)) => tracing::debug!(%peer, error = %e, "TLS handshake failed"),
                         Err(_) => tracing::debug!(%peer, "TLS handshake timed out"),
@@ -148,7 +175,7 @@ async fn serve_connection<IO, S>(
     peer: SocketAddr,
     started: Instant,
     service: S,
-    options: &ServeOptions,
+    timeout: Duration,
     mut stop: watch::Receiver<bool>,
 ) where
     IO: AsyncRead + AsyncWrite + Unpin + Send + 'static,
@@ -160,7 +187,6 @@ async fn serve_connection<IO, S>(
 {
     // When the previous response was finished: the start of the next request's allowance.
     let idle_since = Arc::new(Mutex::new(started));
-    let timeout = options.request_timeout;
     let hyper_service =
         hyper::service::service_fn(move |mut request: warp::http::Request<Incoming>| {
             let since = *idle_since.lock().unwrap_or_else(|e| e.into_inner());

@@ -134,18 +134,115 @@ impl Default for AdminSettings {
 #[derive(Debug, Clone, Default, PartialEq, Deserialize, Serialize)]
 #[serde(deny_unknown_fields, default)]
 pub struct AuthSettings {
-    /// When non-empty, the request's `api_key` parameter must match.
-    pub api_key: Secret,
+    /// When any is set, the request's `api_key` parameter must match one of them: a string,
+    /// or a list during a key rotation.
+    pub api_key: ApiKeys,
     /// When non-empty, HTTP Basic authentication is required (with `basic_password`).
     pub basic_username: String,
     /// The HTTP Basic password (with `basic_username`).
     pub basic_password: Secret,
+    /// More HTTP Basic users, each accepted beside `basic_username` (a password rotation
+    /// lists one user twice).
+    pub basic_credentials: Vec<BasicCredential>,
     /// Client networks allowed to post (CIDRs or single addresses); empty allows all.
     #[serde(with = "networks")]
     pub allowed_ips: Vec<IpNet>,
     /// Proxies (CIDRs or single addresses) whose `X-Forwarded-For` is believed.
     #[serde(with = "networks")]
     pub trusted_proxies: Vec<IpNet>,
+}
+
+impl AuthSettings {
+    /// How many API keys and Basic users are accepted, never what they are (`check-config`).
+    pub fn summary(&self) -> String {
+        let plural = |n: usize, what: &str| format!("{n} {what}{}", if n == 1 { "" } else { "s" });
+        format!(
+            "{} accepted, {} accepted",
+            plural(self.api_key.keys().len(), "API key"),
+            plural(self.basic_users().len(), "HTTP Basic user")
+        )
+    }
+
+    /// Every accepted HTTP Basic user: `basic_username` first when set, then
+    /// `basic_credentials` in their order.
+    pub fn basic_users(&self) -> Vec<BasicCredential> {
+        let single = (!self.basic_username.is_empty()).then(|| BasicCredential {
+            username: self.basic_username.clone(),
+            password: self.basic_password.clone(),
+        });
+        single
+            .into_iter()
+            .chain(self.basic_credentials.iter().cloned())
+            .collect()
+    }
+}
+
+/// One accepted HTTP Basic user of `auth.basic_credentials`.
+#[derive(Debug, Clone, Default, PartialEq, Deserialize, Serialize)]
+#[serde(deny_unknown_fields)]
+pub struct BasicCredential {
+    pub username: String,
+    pub password: Secret,
+}
+
+/// `auth.api_key`: the accepted keys, in their configured order (a key's position is its
+/// metric label). Written as one string (`""` for none) or a list of strings; printed the
+/// same way, every key redacted, so the printed form tells how many there are and nothing
+/// more.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct ApiKeys(Vec<Secret>);
+
+impl ApiKeys {
+    /// The keys, in order.
+    pub fn new(keys: impl IntoIterator<Item = Secret>) -> ApiKeys {
+        ApiKeys(keys.into_iter().collect())
+    }
+
+    /// The keys, in order; empty when no key is required.
+    pub fn keys(&self) -> &[Secret] {
+        &self.0
+    }
+}
+
+impl From<Secret> for ApiKeys {
+    fn from(key: Secret) -> ApiKeys {
+        ApiKeys(if key.is_set() { vec![key] } else { Vec::new() })
+    }
+}
+
+impl Serialize for ApiKeys {
+    fn serialize<S: Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
+        match self.0.as_slice() {
+            [] => s.serialize_str(""),
+            [one] => one.serialize(s),
+            many => s.collect_seq(many),
+        }
+    }
+}
+
+impl<'de> Deserialize<'de> for ApiKeys {
+    fn deserialize<D: Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        use serde::de::Error;
+        match toml::Value::deserialize(d)? {
+            value @ toml::Value::String(_) => Secret::deserialize(value)
+                .map(ApiKeys::from)
+                .map_err(|e| D::Error::custom(e.message().trim())),
+            value @ toml::Value::Array(_) => {
+                let keys = Vec::<Secret>::deserialize(value)
+                    .map_err(|e| D::Error::custom(e.message().trim()))?;
+                match keys.iter().position(|k| !k.is_set()) {
+                    Some(i) => Err(D::Error::custom(format!(
+                        "key {i} of the list is empty (a list holds only keys that are set)"
+                    ))),
+                    None => Ok(ApiKeys(keys)),
+                }
+            }
+            other => Err(D::Error::custom(format!(
+                "must be a string or a list of strings, not {}",
+                other.type_str()
+            ))),
+        }
+    }
 }
 
 /// How messages are delivered.
@@ -648,6 +745,9 @@ impl Settings {
             .map_err(|e| SettingsError::Parse(format!("cannot describe the defaults: {e}")))?;
         // Which variable set which key, to name it in errors.
         let mut origins: Vec<(String, String)> = Vec::new();
+        // Lists set item by item: key -> (its path, position -> (variable, item)).
+        type Numbered = BTreeMap<usize, (String, toml::Value)>;
+        let mut items: BTreeMap<String, (Vec<String>, Numbered)> = BTreeMap::new();
         let prefix = format!("{ENV_PREFIX}__");
         for (var, value) in env {
             let Some(rest) = var.strip_prefix(&prefix) else {
@@ -661,12 +761,77 @@ impl Settings {
                 ));
             }
             let keys: Vec<&str> = path.iter().map(String::as_str).collect();
+            // A numbered segment sets one item of a list, so that no value is ever split
+            // (secrets may hold commas): …__API_KEY__0, …__BASIC_CREDENTIALS__1__USERNAME.
+            if let Some(at) = (1..keys.len()).find(|&i| is_index(keys[i])) {
+                let (list, index, rest) = (&keys[..at], keys[at], &keys[at + 1..]);
+                let index: usize = index
+                    .parse()
+                    .map_err(|_| env_error(var, format!("{index} is not a list position")))?;
+                let item = items
+                    .entry(list.join("."))
+                    .or_insert_with(|| {
+                        (
+                            list.iter().map(|k| k.to_string()).collect(),
+                            BTreeMap::new(),
+                        )
+                    })
+                    .1
+                    .entry(index)
+                    .or_insert_with(|| (var.clone(), toml::Value::Table(toml::Table::new())));
+                let text = toml::Value::String(value.clone());
+                match (&mut item.1, rest.is_empty()) {
+                    (toml::Value::Table(t), true) if t.is_empty() => item.1 = text,
+                    (toml::Value::Table(t), false) => {
+                        insert(t, rest, text).map_err(|m| env_error(var, m))?
+                    }
+                    _ => {
+                        return Err(env_error(
+                            var,
+                            format!("sets item {index} of {} a second way", list.join(".")),
+                        ))
+                    }
+                }
+                let mut key = format!("{}[{index}]", list.join("."));
+                for k in rest {
+                    key.push('.');
+                    key.push_str(k);
+                }
+                origins.push((key, var.clone()));
+                continue;
+            }
             let typed =
                 typed_env_value(lookup(&schema, &keys), value).map_err(|m| env_error(var, m))?;
             insert(&mut table, &keys, typed).map_err(|m| env_error(var, m))?;
             origins.push((path.join("."), var.clone()));
         }
-        if !file_sets_servers && !env.contains_key(&format!("{prefix}NATS__SERVERS")) {
+        for (key, (path, numbered)) in items {
+            if let Some((_, var)) = origins.iter().find(|(k, _)| *k == key) {
+                return Err(env_error(
+                    var,
+                    format!("sets {key}, which numbered variables ({key} item 0, …) set too"),
+                ));
+            }
+            if let Some((expected, (var, _))) = numbered
+                .iter()
+                .enumerate()
+                .find(|(i, (index, _))| i != *index)
+                .map(|(i, (_, item))| (i, item))
+            {
+                return Err(env_error(
+                    var,
+                    format!("the items of {key} are numbered from 0 without gaps, and {expected} is missing"),
+                ));
+            }
+            let keys: Vec<&str> = path.iter().map(String::as_str).collect();
+            let list = numbered.into_values().map(|(_, value)| value).collect();
+            insert(&mut table, &keys, toml::Value::Array(list)).map_err(|m| invalid(&key, m))?;
+        }
+        let env_sets_servers = env.keys().any(|var| {
+            var.strip_prefix(&format!("{prefix}NATS__SERVERS"))
+                .is_some_and(|rest| rest.is_empty() || rest.starts_with("__"))
+        });
+        if !file_sets_servers && !env_sets_servers {
             if let Some(urls) = env.get(NATS_URL).filter(|u| !u.trim().is_empty()) {
                 insert(&mut table, &["nats", "servers"], list(urls))
                     .map_err(|m| env_error(NATS_URL, m))?;
@@ -677,7 +842,13 @@ impl Settings {
             .map_err(|e| {
                 let key = e.path().to_string();
                 let message = e.inner().message().trim().to_owned();
-                match origins.iter().find(|(k, _)| *k == key) {
+                // An item set from the environment is named by its variable, even when
+                // the error is the item's (a field missing) rather than one field's.
+                let under = |k: &str| {
+                    k.strip_prefix(key.as_str())
+                        .is_some_and(|rest| key.ends_with(']') && rest.starts_with('.'))
+                };
+                match origins.iter().find(|(k, _)| *k == key || under(k)) {
                     Some((_, var)) => env_error(var, format!("{key}: {message}")),
                     None => invalid(&key, message),
                 }
@@ -786,6 +957,20 @@ impl Settings {
                 "basic_username and basic_password must be set together",
             ));
         }
+        for (i, user) in self.auth.basic_credentials.iter().enumerate() {
+            if user.username.is_empty() {
+                return Err(invalid(
+                    &format!("auth.basic_credentials[{i}].username"),
+                    "must be set",
+                ));
+            }
+            if !user.password.is_set() {
+                return Err(invalid(
+                    &format!("auth.basic_credentials[{i}].password"),
+                    "must be set",
+                ));
+            }
+        }
         if self.spool.enabled && self.spool.max_bytes == 0 {
             return Err(invalid("spool.max_bytes", "must be greater than 0"));
         }
@@ -892,6 +1077,11 @@ fn insert(table: &mut toml::Table, keys: &[&str], value: toml::Value) -> Result<
     }
     table.insert(last.to_string(), value);
     Ok(())
+}
+
+/// Whether an environment path segment is a list position (`0`, `1`, …).
+fn is_index(segment: &str) -> bool {
+    !segment.is_empty() && segment.bytes().all(|b| b.is_ascii_digit())
 }
 
 fn list(text: &str) -> toml::Value {

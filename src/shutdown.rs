@@ -1,4 +1,37 @@
-//! The stop signal: the first SIGTERM or SIGINT (Ctrl-C) ends the wait.
+//! The process's signals: the first SIGTERM or SIGINT (Ctrl-C) ends the wait ([`signal`]);
+//! each SIGHUP asks for a configuration reload ([`Hangups`]).
+
+/// SIGHUP, caught from the moment [`Hangups::listen`] is called: by default it would end the
+/// process, so it is caught before anything slow (connecting NATS) begins.
+pub struct Hangups {
+    #[cfg(unix)]
+    signal: Option<tokio::signal::unix::Signal>,
+}
+
+impl Hangups {
+    /// Starts catching SIGHUP (on a platform without it, none ever arrives).
+    pub fn listen() -> Hangups {
+        #[cfg(unix)]
+        {
+            use tokio::signal::unix::{signal, SignalKind};
+            let signal = signal(SignalKind::hangup())
+                .map_err(|e| tracing::error!(error = %e, "cannot listen for SIGHUP"))
+                .ok();
+            Hangups { signal }
+        }
+        #[cfg(not(unix))]
+        Hangups {}
+    }
+
+    /// Waits for the next SIGHUP; false when none can come.
+    pub async fn next(&mut self) -> bool {
+        #[cfg(unix)]
+        if let Some(signal) = &mut self.signal {
+            return signal.recv().await.is_some();
+        }
+        false
+    }
+}
 
 /// Resolves when the process is asked to stop.
 pub async fn signal() {

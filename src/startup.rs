@@ -1,6 +1,7 @@
 //! The application: [`Application::build`] connects NATS, prepares the stream and binds the
 //! listeners (port 0 allowed); [`Application::run_until_stopped`] serves until the shutdown
-//! future resolves, then drains in-flight requests and flushes NATS.
+//! future resolves, then drains in-flight requests and flushes NATS;
+//! [`Application::reloader`] hands out what a configuration reload replaces.
 
 use std::future::Future;
 use std::net::SocketAddr;
@@ -10,16 +11,16 @@ use std::time::Duration;
 
 use thiserror::Error;
 use tokio::net::TcpListener;
-use tokio::sync::{watch, Semaphore};
+use tokio::sync::watch;
 use warp::Filter;
 
-use crate::auth::Auth;
 use crate::budget::Budget;
 use crate::deliver::{self, Delivery, DeliveryOptions};
 use crate::metrics;
 use crate::publish::{Publisher, SetupError};
+use crate::reload::Reloader;
 use crate::routes::{self, admin, inbound};
-use crate::server::{self, ServeOptions};
+use crate::server::{self, RequestTimeout, ServeOptions};
 use crate::settings::Settings;
 use crate::spool::{Spool, SpoolError, SpoolHandle};
 
@@ -60,13 +61,16 @@ pub struct Application {
     shutting_down: Arc<AtomicBool>,
     /// Time in-flight requests get after the stop signal.
     grace: Duration,
+    /// The settings it was built with, the base of a configuration reload.
+    settings: Settings,
+    /// The routes' auth and request limits, which a reload replaces.
+    gate: routes::Gate,
 }
 
 impl Application {
     /// Builds the service from settings the loader has already checked.
     pub async fn build(settings: &Settings) -> Result<Application, StartupError> {
         metrics::install();
-        let auth = Auth::from_settings(&settings.auth);
         let tls = match (
             &settings.server.tls_cert_file,
             &settings.server.tls_key_file,
@@ -135,17 +139,12 @@ impl Application {
             None => None,
         };
         let publish_timeout = settings.nats.publish_timeout;
-        let gate = routes::Gate {
-            auth,
-            in_flight: Arc::new(Semaphore::new(settings.server.max_in_flight)),
-            retry_after: publish_timeout.max(Duration::from_secs(1)),
-        };
+        let gate = routes::Gate::new(settings, publish_timeout.max(Duration::from_secs(1)));
         // One budget for both routes: `server.max_in_flight_bytes` bounds the service's memory.
         let budget = Budget::new(settings.server.max_in_flight_bytes);
         let inbound = inbound.map(|parts| {
             Arc::new(inbound::InboundState {
                 path: settings.inbound.path.to_string(),
-                max_body_bytes: settings.inbound.max_body_bytes,
                 gate: gate.clone(),
                 sink: parts.sink,
                 spool: parts.spool,
@@ -159,15 +158,13 @@ impl Application {
         };
         let webhook = Arc::new(routes::webhook::WebhookState {
             path: settings.server.path.clone(),
-            max_body_bytes: settings.server.max_body_bytes,
             template: settings.nats.subject.clone(),
             dead_letter,
             timezone: settings.cmc.timezone.as_ref().map(|z| z.zone().clone()),
             header_shape: settings.nats.headers,
-            gate,
+            gate: gate.clone(),
             delivery: Delivery::start(Arc::new(publisher.clone()), spool.clone(), delivery_options),
             budget,
-            max_entries: settings.server.max_entries,
         });
         Ok(Application {
             listener,
@@ -178,13 +175,26 @@ impl Application {
             webhook,
             inbound,
             serve_options: ServeOptions {
-                request_timeout: settings.server.request_timeout,
+                request_timeout: RequestTimeout::new(settings.server.request_timeout),
                 max_connections: settings.server.max_connections,
                 tls,
             },
             shutting_down: Arc::new(AtomicBool::new(false)),
             grace: settings.server.shutdown_grace,
+            settings: settings.clone(),
+            gate,
         })
+    }
+
+    /// What reloads this application's configuration from `file` (and the environment):
+    /// its routes' auth and limits, its request timeout, the log level.
+    pub fn reloader(&self, file: Option<std::path::PathBuf>) -> Reloader {
+        Reloader::new(
+            file,
+            self.settings.clone(),
+            self.gate.clone(),
+            self.serve_options.request_timeout.clone(),
+        )
     }
 
     /// The webhook listener's port.

@@ -3,11 +3,17 @@
 //! exported over OTLP/HTTP (protobuf) to `<endpoint>/v1/traces`. Request bodies and secrets
 //! are never logged anywhere in the crate, nor put on a span.
 //!
+//! The level filter belongs to the log output alone (a per-layer filter), so export does not
+//! depend on how verbose the log is; it can be replaced while the service runs
+//! ([`set_log_level`], for a configuration reload). With neither the log nor an exporter
+//! wanting a span, its callsite stays disabled and costs nothing.
+//!
 //! Also owns the trace context of a request ([`request_trace`]): the W3C `traceparent` every
 //! message of its batch carries. With export on, it is the exported span's own id, so a
 //! consumer's spans hang under the forwarder's span in the trace viewer.
 
 use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::OnceLock;
 use std::time::Duration;
 
 use opentelemetry::trace::{
@@ -20,13 +26,17 @@ use thiserror::Error;
 use tracing_opentelemetry::OpenTelemetrySpanExt;
 use tracing_subscriber::layer::SubscriberExt;
 use tracing_subscriber::util::SubscriberInitExt;
-use tracing_subscriber::{EnvFilter, Layer, Registry};
+use tracing_subscriber::{reload, EnvFilter, Layer, Registry};
 
-use crate::settings::{LogFormat, LogSettings, TelemetrySettings};
+use crate::settings::{LogFilter, LogFormat, LogSettings, TelemetrySettings};
 use crate::trace_context::TraceParent;
 
 /// Set once spans are exported: only then does a request's span id come from the exporter.
 static EXPORTING: AtomicBool = AtomicBool::new(false);
+
+/// Replaces the log output's filter: set once the subscriber is installed, and only when
+/// `log.level` chose the filter (`RUST_LOG`, when set, stays in force).
+static LOG_FILTER: OnceLock<reload::Handle<EnvFilter, Registry>> = OnceLock::new();
 
 /// Why span export could not be set up.
 #[derive(Debug, Error)]
@@ -112,8 +122,10 @@ fn build_provider(url: &str) -> Result<SdkTracerProvider, TelemetryError> {
 
 /// Installs the subscriber; false when one was already installed.
 fn install(settings: &LogSettings, provider: Option<&SdkTracerProvider>) -> bool {
-    let filter = EnvFilter::try_from_default_env()
-        .unwrap_or_else(|_| EnvFilter::new(settings.level.as_str()));
+    let from_env = EnvFilter::try_from_default_env().ok();
+    let from_settings = from_env.is_none();
+    let filter = from_env.unwrap_or_else(|| EnvFilter::new(settings.level.as_str()));
+    let (filter, handle) = reload::Layer::new(filter);
     let fmt: Box<dyn Layer<Registry> + Send + Sync> = match settings.format {
         LogFormat::Text => tracing_subscriber::fmt::layer()
             .with_writer(std::io::stderr)
@@ -126,17 +138,48 @@ fn install(settings: &LogSettings, provider: Option<&SdkTracerProvider>) -> bool
             .with_writer(std::io::stderr)
             .boxed(),
     };
+    // Each output filters for itself: the log by its level, the exporter by its own fixed
+    // level (request spans are `info`), so neither silences the other.
     let otel = provider.map(|p| {
         tracing_opentelemetry::layer()
             .with_tracer(p.tracer(env!("CARGO_PKG_NAME")))
             .with_filter(tracing_subscriber::filter::LevelFilter::INFO)
     });
-    tracing_subscriber::registry()
-        .with(fmt)
+    let installed = tracing_subscriber::registry()
+        .with(fmt.with_filter(filter))
         .with(otel)
-        .with(filter)
         .try_init()
-        .is_ok()
+        .is_ok();
+    if installed && from_settings {
+        let _ = LOG_FILTER.set(handle);
+    }
+    installed
+}
+
+/// What [`set_log_level`] did.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum LevelChange {
+    /// The log output now filters by the new level.
+    Applied,
+    /// `RUST_LOG` chose the filter at start-up; it stays in force.
+    OverriddenByEnv,
+    /// This process installed no subscriber of its own (an embedding test, say).
+    NotInstalled,
+}
+
+/// Makes `level` the log output's filter from the next event on (a configuration reload).
+pub fn set_log_level(level: &LogFilter) -> LevelChange {
+    let Some(handle) = LOG_FILTER.get() else {
+        return if EnvFilter::try_from_default_env().is_ok() {
+            LevelChange::OverriddenByEnv
+        } else {
+            LevelChange::NotInstalled
+        };
+    };
+    match handle.reload(EnvFilter::new(level.as_str())) {
+        Ok(()) => LevelChange::Applied,
+        Err(_) => LevelChange::NotInstalled,
+    }
 }
 
 /// The trace context of a request whose `traceparent` headers are `headers`, for the request

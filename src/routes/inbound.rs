@@ -31,9 +31,8 @@ use crate::webhook::PayloadError;
 pub struct InboundState {
     /// `inbound.path`.
     pub path: String,
-    /// `inbound.max_body_bytes`.
-    pub max_body_bytes: u64,
-    /// Shared with the event webhook: auth, `server.max_in_flight`, `Retry-After`.
+    /// Shared with the event webhook: auth, the request limits (`inbound.max_body_bytes`
+    /// among them), `server.max_in_flight`, `Retry-After`.
     pub gate: super::Gate,
     pub sink: Arc<InboundSink>,
     /// The inbound spool, when `spool.enabled`.
@@ -169,8 +168,9 @@ where
     S: Stream<Item = Result<B, warp::Error>> + Send + 'static,
     B: Buf + 'static,
 {
-    let _permit = state.gate.admit(method, headers, info.as_ref())?;
-    let limit = state.max_body_bytes;
+    let admitted = state.gate.admit(method, headers, info.as_ref())?;
+    let policy = &admitted.policy;
+    let limit = policy.inbound_max_body_bytes;
     let declared = headers
         .get(header::CONTENT_LENGTH)
         .and_then(|v| v.to_str().ok())
@@ -235,7 +235,7 @@ where
             .map_err(|_| ApiError::RequestTimeout)??,
         None => read.await?,
     };
-    state.gate.auth.check_api_key(fields.api_key().as_deref())?;
+    metrics::api_key_request(policy.auth.check_api_key(fields.api_key().as_deref())?);
     let mail = fields.validate().map_err(ApiError::Payload)?;
     let attachments = mail.attachments.len();
 

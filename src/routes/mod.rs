@@ -1,6 +1,7 @@
 //! HTTP routes: the public webhooks (events and inbound mail) and the admin endpoints, as warp
 //! filters. The error rendering shared by all lives in [`error`]; the checks both public routes
-//! run first, in SPEC §3's order, live in [`Gate`]; how both count and log a refusal, in
+//! run first, in SPEC §3's order, live in [`Gate`], which also holds the settings a
+//! configuration reload replaces ([`RequestPolicy`]); how both count and log a refusal, in
 //! [`record_refusal`].
 
 pub mod admin;
@@ -11,45 +12,114 @@ pub mod webhook;
 use std::sync::Arc;
 use std::time::Duration;
 
+use arc_swap::ArcSwap;
 use tokio::sync::{OwnedSemaphorePermit, Semaphore};
 use warp::http::{HeaderMap, HeaderValue, Method, StatusCode};
 use warp::reply::Response;
 
 use crate::auth::Auth;
 use crate::server::RequestInfo;
+use crate::settings::Settings;
 use error::ApiError;
+
+/// The settings a public request runs under that a configuration reload may replace:
+/// `[auth]` and the request limits. A request takes them once, when it is admitted, and keeps
+/// them to its answer, so a reload never changes the rules in the middle of one.
+pub struct RequestPolicy {
+    pub auth: Auth,
+    /// Permits for `server.max_in_flight`. A reload that changes the limit brings a new
+    /// semaphore: requests admitted before it hold the old one's permits until answered.
+    in_flight: Arc<Semaphore>,
+    /// `server.max_in_flight`: the size `in_flight` was made with.
+    max_in_flight: usize,
+    /// `server.max_body_bytes`.
+    pub max_body_bytes: u64,
+    /// `server.max_entries`.
+    pub max_entries: usize,
+    /// `inbound.max_body_bytes`.
+    pub inbound_max_body_bytes: u64,
+}
+
+impl RequestPolicy {
+    /// The policy of `settings`, taking over `previous`'s in-flight count when the limit is
+    /// unchanged.
+    fn new(settings: &Settings, previous: Option<&RequestPolicy>) -> RequestPolicy {
+        let limit = settings.server.max_in_flight;
+        let in_flight = match previous {
+            Some(p) if p.max_in_flight == limit => p.in_flight.clone(),
+            _ => Arc::new(Semaphore::new(limit)),
+        };
+        RequestPolicy {
+            auth: Auth::from_settings(&settings.auth),
+            in_flight,
+            max_in_flight: limit,
+            max_body_bytes: settings.server.max_body_bytes,
+            max_entries: settings.server.max_entries,
+            inbound_max_body_bytes: settings.inbound.max_body_bytes,
+        }
+    }
+}
 
 /// The checks every public webhook runs before it reads a byte of the body, in SPEC §3's
 /// order: method, client IP, Basic credentials, then a slot of `server.max_in_flight` (held
 /// until the request is answered; none free is `503` at once). One gate is shared by both
-/// routes, built once at start-up.
+/// routes, built once at start-up; its [`RequestPolicy`] is swapped whole by a reload.
 #[derive(Clone)]
 pub struct Gate {
-    pub auth: Auth,
-    /// Permits for `server.max_in_flight`.
-    pub in_flight: Arc<Semaphore>,
+    policy: Arc<ArcSwap<RequestPolicy>>,
     /// `Retry-After` of 503 answers.
     pub retry_after: Duration,
 }
 
+/// An admitted request: the policy it runs under and its `server.max_in_flight` slot.
+pub struct Admitted {
+    pub policy: Arc<RequestPolicy>,
+    _slot: OwnedSemaphorePermit,
+}
+
 impl Gate {
+    pub fn new(settings: &Settings, retry_after: Duration) -> Gate {
+        Gate {
+            policy: Arc::new(ArcSwap::from_pointee(RequestPolicy::new(settings, None))),
+            retry_after,
+        }
+    }
+
+    /// The policy requests admitted from now on run under.
+    pub fn policy(&self) -> Arc<RequestPolicy> {
+        self.policy.load_full()
+    }
+
+    /// Makes `settings`' policy the one of every request admitted from now on.
+    pub fn replace(&self, settings: &Settings) {
+        let previous = self.policy.load();
+        self.policy
+            .store(Arc::new(RequestPolicy::new(settings, Some(&previous))));
+    }
+
     pub fn admit(
         &self,
         method: &Method,
         headers: &HeaderMap,
         info: Option<&RequestInfo>,
-    ) -> Result<OwnedSemaphorePermit, ApiError> {
+    ) -> Result<Admitted, ApiError> {
         if method != Method::POST {
             return Err(ApiError::MethodNotAllowed);
         }
-        self.auth.check_client(info.map(|i| i.peer), headers)?;
-        self.auth.check_basic(headers)?;
-        self.in_flight
+        let policy = self.policy();
+        policy.auth.check_client(info.map(|i| i.peer), headers)?;
+        policy.auth.check_basic(headers)?;
+        let slot = policy
+            .in_flight
             .clone()
             .try_acquire_owned()
             .map_err(|_| ApiError::Busy {
                 retry_after: self.retry_after,
-            })
+            })?;
+        Ok(Admitted {
+            policy,
+            _slot: slot,
+        })
     }
 }
 
@@ -83,4 +153,41 @@ pub fn with_request_id(mut response: Response, batch_id: &str) -> Response {
         response.headers_mut().insert("x-request-id", value);
     }
     response
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn settings(api_key: &str, max_in_flight: usize) -> Settings {
+        Settings::from_toml(&format!(
+            "[auth]\napi_key = {api_key:?}\n[server]\nmax_in_flight = {max_in_flight}"
+        ))
+        .unwrap()
+    }
+
+    fn admit(gate: &Gate) -> Result<Admitted, ApiError> {
+        gate.admit(&Method::POST, &HeaderMap::new(), None)
+    }
+
+    #[test]
+    fn a_replaced_policy_applies_from_the_next_admission_on() {
+        let gate = Gate::new(&settings("a", 1), Duration::from_secs(1));
+        let first = admit(&gate).unwrap();
+        assert!(matches!(admit(&gate), Err(ApiError::Busy { .. })));
+        gate.replace(&settings("b", 1));
+        // The request admitted before keeps its policy; the limit, unchanged, still counts it.
+        assert_eq!(first.policy.auth.check_api_key(Some("a")), Ok(Some(0)));
+        assert!(matches!(admit(&gate), Err(ApiError::Busy { .. })));
+        drop(first);
+        let second = admit(&gate).unwrap();
+        assert!(second.policy.auth.check_api_key(Some("a")).is_err());
+        assert_eq!(second.policy.auth.check_api_key(Some("b")), Ok(Some(0)));
+        // A new limit starts a count of its own; the request admitted before holds the old.
+        gate.replace(&settings("b", 2));
+        let third = admit(&gate).unwrap();
+        let fourth = admit(&gate).unwrap();
+        assert!(matches!(admit(&gate), Err(ApiError::Busy { .. })));
+        drop((second, third, fourth));
+    }
 }

@@ -35,7 +35,6 @@ use crate::{telemetry, webhook};
 pub struct WebhookState {
     /// The only path that accepts webhooks.
     pub path: String,
-    pub max_body_bytes: u64,
     pub template: SubjectTemplate,
     /// `validation.dead_letter_subject` in dead-letter mode; `None`: all-or-nothing.
     pub dead_letter: Option<SubjectTemplate>,
@@ -43,13 +42,12 @@ pub struct WebhookState {
     pub timezone: Option<jiff::tz::TimeZone>,
     /// `nats.headers`.
     pub header_shape: webhook::HeaderShape,
-    /// Auth, `server.max_in_flight` and `Retry-After`, shared with the inbound route.
+    /// Auth, the request limits, `server.max_in_flight` and `Retry-After`, shared with the
+    /// inbound route.
     pub gate: super::Gate,
     pub delivery: Delivery,
     /// `server.max_in_flight_bytes`, shared with every route holding request data.
     pub budget: Budget,
-    /// `server.max_entries`.
-    pub max_entries: usize,
 }
 
 #[derive(Serialize)]
@@ -175,7 +173,8 @@ where
     if path.as_str() != state.path {
         return Err(ApiError::NotFound);
     }
-    let _permit = state.gate.admit(method, headers, info.as_ref())?;
+    let admitted = state.gate.admit(method, headers, info.as_ref())?;
+    let policy = &admitted.policy;
     let coding = content_coding(headers)?;
     let content_type = headers
         .get(header::CONTENT_TYPE)
@@ -194,7 +193,7 @@ where
         retry_after: state.gate.retry_after,
     };
     let mut reserved = Reservation::default();
-    let read = read_body(headers, body, state.max_body_bytes, json, |n| {
+    let read = read_body(headers, body, policy.max_body_bytes, json, |n| {
         reserved.grow_to(&state.budget, 2 * n).map_err(over_budget)
     });
     let body = match info {
@@ -209,7 +208,7 @@ where
     let body = match coding {
         Coding::Identity => body,
         compressed => {
-            let plain = decompress(compressed, &body, state.max_body_bytes, json)?;
+            let plain = decompress(compressed, &body, policy.max_body_bytes, json)?;
             drop(body);
             reserved
                 .grow_to(&state.budget, 2 * plain.len() as u64)
@@ -220,13 +219,13 @@ where
     let decoded = webhook::decode(content_type, &body).map_err(ApiError::Payload)?;
     // Decoding copied what it keeps (`event` included): the body is no longer needed.
     drop(body);
-    state.gate.auth.check_api_key(decoded.api_key())?;
+    metrics::api_key_request(policy.auth.check_api_key(decoded.api_key())?);
     let mode = match state.dead_letter {
         Some(_) => webhook::InvalidEntries::DeadLetter,
         None => webhook::InvalidEntries::Reject,
     };
     let batch = decoded
-        .validate_within(mode, state.max_entries)
+        .validate_within(mode, policy.max_entries)
         .map_err(ApiError::Payload)?;
     let render = webhook::Render {
         template: &state.template,

@@ -93,7 +93,7 @@ fn environment_overrides_file_values_including_lists_and_nesting() {
     assert_eq!(s.nats.headers, HeaderShape::Minimal);
     assert_eq!(s.server.max_body_bytes, 1000);
     assert_eq!(s.nats.publish_timeout, Duration::from_millis(500));
-    assert_eq!(s.auth.api_key.expose(), "12345");
+    assert_eq!(s.auth.api_key.keys()[0].expose(), "12345");
     assert_eq!(
         s.auth.allowed_ips,
         [
@@ -125,7 +125,7 @@ fn string_keys_get_the_environment_text_exactly() {
             ("CMC_FORWARDER__NATS__NAME", value),
         ])
         .unwrap();
-        assert_eq!(s.auth.api_key.expose(), value);
+        assert_eq!(s.auth.api_key.keys()[0].expose(), value);
         assert_eq!(s.auth.basic_username, value);
         assert_eq!(s.auth.basic_password.expose(), value);
         assert_eq!(s.nats.password.expose(), value);
@@ -260,7 +260,7 @@ fn secrets_are_redacted_everywhere() {
         assert!(!shown.contains(secret), "{secret} leaked");
     }
     assert!(shown.contains(REDACTED));
-    assert_eq!(s.auth.api_key.expose(), "k-123");
+    assert_eq!(s.auth.api_key.keys()[0].expose(), "k-123");
 }
 
 #[test]
@@ -389,4 +389,219 @@ fn inbound_defaults_and_checks() {
         Settings::from_toml("[nats]\nmode = \"core\"\n[inbound]\nsubject = \"mail.{filter}\"")
             .is_ok()
     );
+}
+
+#[test]
+fn api_key_is_one_string_or_a_list() {
+    let keys = |s: &Settings| -> Vec<String> {
+        s.auth
+            .api_key
+            .keys()
+            .iter()
+            .map(|k| k.expose().to_owned())
+            .collect()
+    };
+    let one = Settings::from_toml("[auth]\napi_key = \"a,b\"").unwrap();
+    assert_eq!(keys(&one), ["a,b"], "one string is one key, commas and all");
+    let two = Settings::from_toml("[auth]\napi_key = [\"old\", \"new\"]").unwrap();
+    assert_eq!(keys(&two), ["old", "new"]);
+    for none in ["api_key = \"\"", "api_key = []", ""] {
+        let s = Settings::from_toml(&format!("[auth]\n{none}")).unwrap();
+        assert!(keys(&s).is_empty(), "{none}");
+    }
+    for (bad, says) in [
+        ("api_key = 5", "must be a string or a list of strings"),
+        ("api_key = [\"a\", \"\"]", "key 1 of the list is empty"),
+        ("api_key = [\"a\", 5]", "auth.api_key"),
+        ("api_key = [\"a\", \"[redacted]\"]", "placeholder"),
+    ] {
+        let err = Settings::from_toml(&format!("[auth]\n{bad}"))
+            .unwrap_err()
+            .to_string();
+        assert!(
+            err.contains("auth.api_key") && err.contains(says),
+            "{bad}: {err}"
+        );
+    }
+}
+
+#[test]
+fn several_basic_users_beside_the_single_one() {
+    let s = Settings::from_toml(
+        r#"
+[auth]
+basic_username = "cmc"
+basic_password = "pw"
+basic_credentials = [
+  { username = "second", password = "pw2" },
+  { username = "third", password = "pw3" },
+]
+"#,
+    )
+    .unwrap();
+    let users: Vec<(String, String)> = s
+        .auth
+        .basic_users()
+        .iter()
+        .map(|u| (u.username.clone(), u.password.expose().to_owned()))
+        .collect();
+    assert_eq!(
+        users,
+        [
+            ("cmc".to_owned(), "pw".to_owned()),
+            ("second".into(), "pw2".into()),
+            ("third".into(), "pw3".into())
+        ]
+    );
+    for (bad, key) in [
+        (
+            "basic_credentials = [{ username = \"\", password = \"p\" }]",
+            "auth.basic_credentials[0].username",
+        ),
+        (
+            "basic_credentials = [{ username = \"u\", password = \"p\" }, { username = \"v\" }]",
+            "auth.basic_credentials[1]",
+        ),
+        (
+            "basic_credentials = [{ username = \"u\", password = \"p\", role = \"x\" }]",
+            "auth.basic_credentials[0]",
+        ),
+    ] {
+        let err = Settings::from_toml(&format!("[auth]\n{bad}"))
+            .unwrap_err()
+            .to_string();
+        assert!(err.contains(key), "{bad}: {err}");
+    }
+}
+
+#[test]
+fn lists_of_secrets_are_set_from_the_environment_item_by_item() {
+    // One key as before, its text exactly (commas included).
+    let s = from_env(&[("CMC_FORWARDER__AUTH__API_KEY", "a,b")]).unwrap();
+    assert_eq!(s.auth.api_key.keys().len(), 1);
+    assert_eq!(s.auth.api_key.keys()[0].expose(), "a,b");
+    // Numbered items, in their numeric order (10 after 9), over the file's value.
+    let mut vars: Vec<(String, String)> = (0..11)
+        .map(|i| {
+            (
+                format!("CMC_FORWARDER__AUTH__API_KEY__{i}"),
+                format!("k{i}"),
+            )
+        })
+        .collect();
+    vars.push((
+        "CMC_FORWARDER__AUTH__BASIC_CREDENTIALS__0__USERNAME".into(),
+        "u0".into(),
+    ));
+    vars.push((
+        "CMC_FORWARDER__AUTH__BASIC_CREDENTIALS__0__PASSWORD".into(),
+        "p,0".into(),
+    ));
+    vars.push((
+        "CMC_FORWARDER__AUTH__BASIC_CREDENTIALS__1__USERNAME".into(),
+        "u1".into(),
+    ));
+    vars.push((
+        "CMC_FORWARDER__AUTH__BASIC_CREDENTIALS__1__PASSWORD".into(),
+        "p1".into(),
+    ));
+    let file = std::env::temp_dir().join(format!("cmc-env-lists-{}.toml", std::process::id()));
+    std::fs::write(&file, "[auth]\napi_key = \"from-the-file\"\n").unwrap();
+    let s = Settings::load(
+        Some(&file),
+        Some(vars.iter().cloned().collect::<HashMap<_, _>>()),
+    )
+    .unwrap();
+    std::fs::remove_file(&file).unwrap();
+    let keys: Vec<&str> = s.auth.api_key.keys().iter().map(|k| k.expose()).collect();
+    assert_eq!(
+        keys,
+        ["k0", "k1", "k2", "k3", "k4", "k5", "k6", "k7", "k8", "k9", "k10"]
+    );
+    let users: Vec<(&str, &str)> = s
+        .auth
+        .basic_credentials
+        .iter()
+        .map(|u| (u.username.as_str(), u.password.expose()))
+        .collect();
+    assert_eq!(users, [("u0", "p,0"), ("u1", "p1")]);
+    // Any list key takes the numbered form.
+    let s = from_env(&[
+        ("CMC_FORWARDER__NATS__SERVERS__0", "nats://a:4222"),
+        ("CMC_FORWARDER__NATS__SERVERS__1", "nats://b:4222"),
+        ("CMC_FORWARDER__AUTH__ALLOWED_IPS__0", "10.0.0.0/8"),
+        (NATS_URL, "nats://not-this:4222"),
+    ])
+    .unwrap();
+    assert_eq!(s.nats.servers, ["nats://a:4222", "nats://b:4222"]);
+    assert_eq!(s.auth.allowed_ips, ["10.0.0.0/8".parse::<IpNet>().unwrap()]);
+
+    // Mistakes name the variable.
+    for (pairs, var, says) in [
+        (
+            vec![
+                ("CMC_FORWARDER__AUTH__API_KEY__0", "a"),
+                ("CMC_FORWARDER__AUTH__API_KEY__2", "c"),
+            ],
+            "CMC_FORWARDER__AUTH__API_KEY__2",
+            "1 is missing",
+        ),
+        (
+            vec![
+                ("CMC_FORWARDER__AUTH__API_KEY", "a"),
+                ("CMC_FORWARDER__AUTH__API_KEY__0", "b"),
+            ],
+            "CMC_FORWARDER__AUTH__API_KEY",
+            "numbered variables",
+        ),
+        (
+            vec![("CMC_FORWARDER__AUTH__BASIC_CREDENTIALS__0__USERNAME", "u")],
+            "CMC_FORWARDER__AUTH__BASIC_CREDENTIALS__0__USERNAME",
+            "password",
+        ),
+    ] {
+        let err = from_env(&pairs).unwrap_err().to_string();
+        assert!(err.contains(var) && err.contains(says), "{pairs:?}: {err}");
+    }
+}
+
+#[test]
+fn check_config_shows_how_many_keys_and_users_never_their_values() {
+    let s = from_env(&[
+        ("CMC_FORWARDER__AUTH__API_KEY__0", "key-zero"),
+        ("CMC_FORWARDER__AUTH__API_KEY__1", "key-one"),
+        ("CMC_FORWARDER__AUTH__BASIC_USERNAME", "cmc"),
+        ("CMC_FORWARDER__AUTH__BASIC_PASSWORD", "pass-zero"),
+        (
+            "CMC_FORWARDER__AUTH__BASIC_CREDENTIALS__0__USERNAME",
+            "other",
+        ),
+        (
+            "CMC_FORWARDER__AUTH__BASIC_CREDENTIALS__0__PASSWORD",
+            "pass-one",
+        ),
+    ])
+    .unwrap();
+    assert_eq!(
+        s.auth.summary(),
+        "2 API keys accepted, 2 HTTP Basic users accepted"
+    );
+    let printed = format!("{}\n{:?}", s.to_redacted_toml(), s);
+    for secret in ["key-zero", "key-one", "pass-zero", "pass-one"] {
+        assert!(!printed.contains(secret), "{secret} leaked:\n{printed}");
+    }
+    assert!(
+        printed.contains(r#"api_key = ["[redacted]", "[redacted]"]"#),
+        "{printed}"
+    );
+    assert_eq!(
+        Settings::default().auth.summary(),
+        "0 API keys accepted, 0 HTTP Basic users accepted"
+    );
+    let one = Settings::from_toml("[auth]\napi_key = \"k\"").unwrap();
+    assert_eq!(
+        one.auth.summary(),
+        "1 API key accepted, 0 HTTP Basic users accepted"
+    );
+    assert!(one.to_redacted_toml().contains("api_key = \"[redacted]\""));
 }

@@ -704,6 +704,45 @@ impl Service {
         }
     }
 
+    /// Starts the binary with `--config file`, which must name `port` and `admin_port` as its
+    /// listeners; nothing comes from the environment but `env` (no `RUST_LOG`: the file's
+    /// `log.level` decides). Its stderr is appended to `log`.
+    pub fn start_with_config(
+        config: &Path,
+        port: u16,
+        admin_port: u16,
+        log: &Path,
+        env: &[(&str, &str)],
+    ) -> Service {
+        let stderr = std::fs::OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(log)
+            .unwrap();
+        let mut command = Command::new(forwarder_bin());
+        for (key, _) in std::env::vars_os() {
+            if key.to_string_lossy().starts_with("CMC_FORWARDER") {
+                command.env_remove(key);
+            }
+        }
+        let child = command
+            .arg("--config")
+            .arg(config)
+            .env_remove("RUST_LOG")
+            .envs(env.iter().copied())
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .stderr(stderr)
+            .spawn()
+            .expect("cannot start the cmc-forwarder binary");
+        Service {
+            child,
+            port,
+            admin_port,
+            log: log.to_owned(),
+        }
+    }
+
     pub fn webhook_url(&self) -> String {
         format!("http://127.0.0.1:{}/webhooks/cmc", self.port)
     }

@@ -812,7 +812,7 @@ async fn body_size_methods_and_paths() {
 async fn wrong_credentials_are_unauthorized_in_both_encodings() {
     let nats = NatsServer::start().await;
     let mut settings = test_settings(&nats);
-    settings.auth.api_key = cmc_forwarder::settings::Secret::new("s3cret");
+    settings.auth.api_key = cmc_forwarder::settings::Secret::new("s3cret").into();
     settings.auth.basic_username = "cmc".into();
     settings.auth.basic_password = cmc_forwarder::settings::Secret::new("pw");
     let cap = 64 * 1024;
@@ -914,7 +914,7 @@ async fn clients_outside_the_allow_list_cannot_spoof_their_way_in() {
 async fn an_entry_field_named_api_key_is_forwarded_the_top_level_one_never() {
     let nats = NatsServer::start().await;
     let mut settings = test_settings(&nats);
-    settings.auth.api_key = cmc_forwarder::settings::Secret::new("s3cret");
+    settings.auth.api_key = cmc_forwarder::settings::Secret::new("s3cret").into();
     let app = spawn_app_with(settings).await;
     let mut sub = app.subscribe(">").await;
     let entries =

@@ -155,7 +155,7 @@ async fn an_entry_over_max_payload_answers_413_with_its_index() {
 async fn api_key_and_basic_credentials_are_enforced() {
     let nats = NatsServer::start().await;
     let mut settings = test_settings(&nats);
-    settings.auth.api_key = cmc_forwarder::settings::Secret::new("s3cret");
+    settings.auth.api_key = cmc_forwarder::settings::Secret::new("s3cret").into();
     settings.auth.basic_username = "cmc".into();
     settings.auth.basic_password = cmc_forwarder::settings::Secret::new("pw");
     let app = spawn_app_with(settings).await;

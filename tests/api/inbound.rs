@@ -482,7 +482,7 @@ async fn every_bad_input_gets_its_status_and_code_and_nothing_is_stored() {
 async fn a_wrong_api_key_or_missing_basic_credentials_get_401_and_store_nothing() {
     let nats = NatsServer::start().await;
     let mut settings = test_settings(&nats);
-    settings.auth.api_key = cmc_forwarder::settings::Secret::new("k-123");
+    settings.auth.api_key = cmc_forwarder::settings::Secret::new("k-123").into();
     settings.auth.basic_username = "cmc".into();
     settings.auth.basic_password = cmc_forwarder::settings::Secret::new("p-456");
     let app = spawn_app_with(settings).await;

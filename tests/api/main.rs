@@ -14,6 +14,7 @@ mod inbound;
 mod limits;
 mod pipeline;
 mod props;
+mod reload;
 mod secure;
 mod shape;
 mod trace;

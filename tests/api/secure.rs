@@ -1049,5 +1049,5 @@ async fn check_config_output_round_trips() {
     let again = Settings::load(Some(&printed_path), env(&secrets)).unwrap();
     let first = Settings::load(Some(&original), env(&[])).unwrap();
     assert_eq!(again, first);
-    assert_eq!(again.auth.api_key.expose(), "007123");
+    assert_eq!(again.auth.api_key.keys()[0].expose(), "007123");
 }

@@ -140,6 +140,19 @@ fn contains(haystack: &[u8], needle: &[u8]) -> bool {
 
 #[tokio::test]
 async fn request_spans_reach_an_otlp_receiver() {
+    spans_reach_an_otlp_receiver(&[("RUST_LOG", "info")]).await;
+}
+
+/// Export does not depend on how verbose the log is: with `log.level = "warn"` no request
+/// is logged, and its span is exported all the same.
+#[tokio::test]
+async fn request_spans_are_exported_whatever_the_log_level() {
+    spans_reach_an_otlp_receiver(&[("CMC_FORWARDER__LOG__LEVEL", "warn")]).await;
+}
+
+/// Starts the binary exporting to a fake collector (with `env` added), posts one traced
+/// request, and waits for its span to arrive.
+async fn spans_reach_an_otlp_receiver(env: &[(&str, &str)]) {
     let nats = NatsServer::start().await;
     let (otlp_port, received) = otlp_receiver().await;
     let (port, admin_port) = (free_port(), free_port());
@@ -152,6 +165,7 @@ async fn request_spans_reach_an_otlp_receiver() {
         }
     }
     let mut child = command
+        .env_remove("RUST_LOG")
         .env("CMC_FORWARDER__SERVER__LISTEN", format!("127.0.0.1:{port}"))
         .env(
             "CMC_FORWARDER__ADMIN__LISTEN",
@@ -163,7 +177,7 @@ async fn request_spans_reach_an_otlp_receiver() {
             "CMC_FORWARDER__TELEMETRY__OTLP_ENDPOINT",
             format!("http://127.0.0.1:{otlp_port}"),
         )
-        .env("RUST_LOG", "info")
+        .envs(env.iter().copied())
         .stdin(Stdio::null())
         .stdout(Stdio::null())
         .stderr(std::fs::File::create(&log).unwrap())
