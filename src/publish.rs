@@ -16,7 +16,7 @@ use std::time::Duration;
 
 use async_nats::connection::State;
 use async_nats::header::HeaderName;
-use async_nats::jetstream::{self, context::PublishErrorKind};
+use async_nats::jetstream::{self, context::PublishErrorKind, ErrorCode};
 use async_nats::{Client, HeaderMap};
 use bytes::Bytes;
 use thiserror::Error;
@@ -81,6 +81,10 @@ pub enum PublishError {
     NoStream(String),
     #[error("NATS connection failed: {0}")]
     Connection(String),
+    /// JetStream answered, but could not store the message now (insufficient resources, a
+    /// stream at its limits with `discard: new`, no leader, …): waiting can fix it.
+    #[error("JetStream could not store the message now: {0}")]
+    NotStored(String),
     #[error("NATS refused the batch: {0}")]
     Refused(String),
 }
@@ -122,19 +126,20 @@ impl PublishError {
                 | PublishError::Timeout(_)
                 | PublishError::NoStream(_)
                 | PublishError::Connection(_)
+                | PublishError::NotStored(_)
         )
     }
 }
 
 /// What a client error means for delivery.
-fn map_error(
-    kind: PublishErrorKind,
+pub(crate) fn map_error(
+    error: &jetstream::context::PublishError,
     index: usize,
-    message: String,
     timeout: Duration,
     max_payload: usize,
 ) -> PublishError {
-    match kind {
+    let message = error.to_string();
+    match error.kind() {
         PublishErrorKind::TimedOut => PublishError::Timeout(timeout),
         PublishErrorKind::MaxPayloadExceeded => PublishError::TooLarge(Oversized {
             index,
@@ -145,8 +150,22 @@ fn map_error(
         // "No responders": no stream is serving the subject right now, as during a
         // leader election or while a stream is being restored. Worth waiting for.
         PublishErrorKind::StreamNotFound => PublishError::NoStream(message),
-        _ => PublishError::Refused(message),
+        // An API error in the PubAck, by its JetStream error code: only what can never be
+        // stored for this message is a refusal (quarantined, or answered without spooling).
+        // A permission denied on the subject never comes as a PubAck: the server answers it
+        // with `-ERR`, which `next_denial` watches.
+        _ => match api_error_code(error) {
+            Some(ErrorCode::STREAM_MESSAGE_EXCEEDS_MAXIMUM) => PublishError::Refused(message),
+            _ => PublishError::NotStored(message),
+        },
     }
+}
+
+/// The JetStream error code of a PubAck that carried an API error.
+fn api_error_code(error: &jetstream::context::PublishError) -> Option<ErrorCode> {
+    std::error::Error::source(error)?
+        .downcast_ref::<jetstream::Error>()
+        .map(jetstream::Error::error_code)
 }
 
 /// The acknowledgement of one message [`Publisher`] sent: JetStream's PubAck, or nothing to
@@ -172,15 +191,7 @@ impl Future for NatsAck {
             ack.map(|ack| Ack {
                 duplicate: ack.duplicate,
             })
-            .map_err(|e| {
-                map_error(
-                    e.kind(),
-                    js.index,
-                    e.to_string(),
-                    js.timeout,
-                    js.max_payload,
-                )
-            })
+            .map_err(|e| map_error(&e, js.index, js.timeout, js.max_payload))
         })
     }
 }
@@ -350,9 +361,7 @@ impl Publish for Arc<Publisher> {
                 let ack = js
                     .publish_with_headers(message.subject, message.headers, message.payload)
                     .await
-                    .map_err(|e| {
-                        map_error(e.kind(), index, e.to_string(), self.timeout, max_payload)
-                    })?
+                    .map_err(|e| map_error(&e, index, self.timeout, max_payload))?
                     .into_future();
                 Ok(NatsAck(Some(JetStreamAck {
                     ack,
@@ -545,6 +554,34 @@ mod tests {
         all
     }
 
+    fn pub_ack_error(code: u64) -> PublishError {
+        let api: jetstream::Error = serde_json::from_value(serde_json::json!({
+            "code": 503, "err_code": code, "description": "from the server"
+        }))
+        .unwrap();
+        let error = jetstream::context::PublishError::with_source(PublishErrorKind::Other, api);
+        map_error(&error, 3, Duration::from_secs(1), 1024)
+    }
+
+    /// Only what can never be stored is permanent; resources and limits are waited for.
+    #[test]
+    fn pub_ack_api_errors_are_classified_by_their_jetstream_code() {
+        for code in [10023, 10028, 10047, 10077, 10008, 10002, 10999] {
+            let error = pub_ack_error(code);
+            assert!(error.is_temporary(), "{code}: {error}");
+            assert!(error.to_string().contains(&code.to_string()), "{error}");
+        }
+        let error = pub_ack_error(10054);
+        assert!(error.is_permanent(), "{error}");
+        assert!(matches!(error, PublishError::Refused(_)), "{error:?}");
+        // Not an API error at all (the ack could not be parsed): not a refusal either.
+        let other = jetstream::context::PublishError::with_source(
+            PublishErrorKind::Other,
+            std::io::Error::other("garbled"),
+        );
+        assert!(map_error(&other, 0, Duration::from_secs(1), 1024).is_temporary());
+    }
+
     /// The per-batch template gives every message exactly the headers it would get built
     /// whole: several statuses, indexes of several widths, dead letters in between, both
     /// shapes.
@@ -621,6 +658,9 @@ pub(crate) mod fake {
         Fail,
         /// The server denies the subject: never acknowledged, a denial recorded.
         Deny,
+        /// JetStream answers with an API error of this code (e.g. 10047, storage resources
+        /// exceeded), classified as the real publisher classifies it.
+        Api(u64),
     }
 
     #[derive(Debug)]
@@ -640,6 +680,8 @@ pub(crate) mod fake {
         send_times: Vec<std::time::Instant>,
         /// Denied subjects with their marks.
         denials: Vec<(String, u64)>,
+        /// `core` mode: no acknowledgements to wait for, no de-duplication.
+        core: bool,
     }
 
     #[derive(Debug, Clone)]
@@ -662,6 +704,7 @@ pub(crate) mod fake {
                     max_outstanding: 0,
                     send_times: Vec::new(),
                     denials: Vec::new(),
+                    core: false,
                 })),
                 Arc::default(),
             )
@@ -694,6 +737,12 @@ pub(crate) mod fake {
             self.1.notify_waiters();
         }
 
+        /// Behaves as `core` mode does: every send is stored, nothing is de-duplicated, and
+        /// nothing is confirmed before the final flush.
+        pub fn set_core(&self, core: bool) {
+            self.state().core = core;
+        }
+
         pub fn set_max_payload(&self, max: usize) {
             self.state().max_payload = max;
         }
@@ -721,7 +770,7 @@ pub(crate) mod fake {
         /// Stores the message (once per id); whether it was a duplicate.
         fn store(&self, id: String, label: String) -> bool {
             let mut s = self.state();
-            if s.ids.insert(id) {
+            if s.ids.insert(id) || s.core {
                 s.stored.push(label);
                 false
             } else {
@@ -754,7 +803,7 @@ pub(crate) mod fake {
         }
 
         fn confirms_each(&self) -> bool {
-            true
+            !self.state().core
         }
 
         async fn send(&self, message: Outbound, index: usize) -> Result<AckFuture, PublishError> {
@@ -818,6 +867,20 @@ pub(crate) mod fake {
                 Step::Deny => {
                     self.record_denial(&subject);
                     Ok(Box::pin(std::future::pending()))
+                }
+                Step::Api(code) => {
+                    let api: async_nats::jetstream::Error = serde_json::from_value(
+                        serde_json::json!({"code": 503, "err_code": code, "description": "scripted"}),
+                    )
+                    .expect("an API error");
+                    let error = async_nats::jetstream::context::PublishError::with_source(
+                        async_nats::jetstream::context::PublishErrorKind::Other,
+                        api,
+                    );
+                    let (timeout, max) = (self.timeout(), self.max_payload());
+                    Ok(Box::pin(async move {
+                        Err(super::map_error(&error, index, timeout, max))
+                    }))
                 }
             }
         }
