@@ -70,6 +70,8 @@ pub enum SpoolError {
     Locked(PathBuf),
     #[error("the spool writer has stopped")]
     Stopped,
+    #[error("no quarantined message is named {0:?} (see `cmc-forwarder spool status`)")]
+    NotQuarantined(String),
 }
 
 /// A position in the spool: segment id and byte offset.
@@ -664,6 +666,75 @@ impl Spool {
             .fetch_add(record.len() as u64, Ordering::SeqCst);
         self.advance(end, 1, len);
         self.persist_cursor()
+    }
+}
+
+/// What [`Spool::requeue`] did.
+#[derive(Debug, Default, Clone, PartialEq, Eq)]
+pub struct Requeued {
+    /// The entries put back at the end of the spool.
+    pub requeued: Vec<String>,
+    /// Entries that are not a readable message (unreadable bytes kept as evidence), left in
+    /// the quarantine.
+    pub unreadable: Vec<String>,
+}
+
+impl Spool {
+    /// Puts quarantined messages back at the end of the spool (`spool requeue`): all of them
+    /// (`names` empty) or the named entries, in their quarantine order. Each is appended
+    /// durably first and removed from the quarantine after, so a crash in between leaves it
+    /// in both (published twice at worst, and de-duplicated by its `Nats-Msg-Id` within the
+    /// stream's window), never in neither. The quarantine already counts in
+    /// `spool.max_bytes`, so moving a message back never makes the spool full.
+    pub fn requeue(&mut self, names: &[String]) -> Result<Requeued, SpoolError> {
+        let entries = quarantine_entries(&self.dir)?;
+        if let Some(unknown) = names
+            .iter()
+            .find(|name| !entries.iter().any(|e| &e.name == *name))
+        {
+            return Err(SpoolError::NotQuarantined(unknown.clone()));
+        }
+        let qdir = self.dir.join(QUARANTINE);
+        let mut done = Requeued::default();
+        let mut buf = Vec::new();
+        let mut picked = Vec::new();
+        for entry in entries
+            .into_iter()
+            .filter(|e| names.is_empty() || names.contains(&e.name))
+        {
+            let record = fs::read(qdir.join(format!("{}.rec", entry.name)))?;
+            match check_record(&record) {
+                Some((len, _)) if len == record.len() => {
+                    buf.extend_from_slice(&record);
+                    picked.push(entry);
+                }
+                _ => done.unreadable.push(entry.name),
+            }
+        }
+        if picked.is_empty() {
+            return Ok(done);
+        }
+        self.write_durably(&buf)?;
+        self.stats
+            .messages
+            .fetch_add(picked.len() as u64, Ordering::SeqCst);
+        self.stats
+            .bytes
+            .fetch_add(buf.len() as u64, Ordering::SeqCst);
+        for entry in picked {
+            // The description first: an entry without one is not listed any more.
+            fs::remove_file(qdir.join(format!("{}.json", entry.name)))?;
+            fs::remove_file(qdir.join(format!("{}.rec", entry.name)))?;
+            self.stats.quarantined.fetch_sub(1, Ordering::SeqCst);
+            let _ = self.stats.quarantined_bytes.fetch_update(
+                Ordering::SeqCst,
+                Ordering::SeqCst,
+                |held| Some(held.saturating_sub(entry.bytes)),
+            );
+            done.requeued.push(entry.name);
+        }
+        sync_dir(&qdir)?;
+        Ok(done)
     }
 }
 
@@ -1556,6 +1627,55 @@ mod tests {
         let rec = fs::read(rec).unwrap();
         let (message_back, _) = read_record(&mut &rec[..], rec.len() as u64).unwrap();
         assert_eq!(message_back, message(1));
+    }
+
+    #[test]
+    fn a_requeued_message_goes_back_to_the_end_of_the_spool_and_leaves_the_quarantine() {
+        let dir = tempfile::tempdir().unwrap();
+        let mut spool = Spool::open(dir.path(), 1 << 20).unwrap();
+        append(&mut spool, &(0..3).map(message).collect::<Vec<_>>()).unwrap();
+        let batch = spool.read(3).unwrap();
+        spool.commit(&batch, 1).unwrap();
+        spool.quarantine(&batch, 1, "refused").unwrap();
+        let name = status(dir.path()).unwrap().quarantined[0].name.clone();
+        assert!(matches!(
+            spool.requeue(&["nope".into()]),
+            Err(SpoolError::NotQuarantined(_))
+        ));
+        let done = spool.requeue(std::slice::from_ref(&name)).unwrap();
+        assert_eq!(done.requeued, [name]);
+        assert_eq!(spool.stats().quarantined(), 0);
+        assert_eq!(spool.stats().quarantined_bytes(), 0);
+        assert_eq!(spool.stats().messages(), 2);
+        assert_eq!(drain_all(&mut spool), [message(2), message(1)]);
+        assert!(status(dir.path()).unwrap().quarantined.is_empty());
+        assert_eq!(spool.requeue(&[]).unwrap(), Requeued::default());
+    }
+
+    #[test]
+    fn the_quarantine_counts_in_max_bytes() {
+        let dir = tempfile::tempdir().unwrap();
+        let (one, _) = records(&[message(0)]);
+        let mut spool = Spool::open(dir.path(), 2 * one.len() as u64).unwrap();
+        append(&mut spool, &[message(0)]).unwrap();
+        let batch = spool.read(1).unwrap();
+        spool.quarantine(&batch, 0, "refused").unwrap();
+        assert_eq!(spool.stats().messages(), 0);
+        append(&mut spool, &[message(1)]).unwrap();
+        // One record waits, one is quarantined: the directory holds max_bytes.
+        assert!(matches!(
+            append(&mut spool, &[message(2)]),
+            Err(SpoolError::Full(_))
+        ));
+        drop(spool);
+        // Counted again after a restart.
+        let mut spool = Spool::open(dir.path(), 2 * one.len() as u64).unwrap();
+        assert!(matches!(
+            append(&mut spool, &[message(2)]),
+            Err(SpoolError::Full(_))
+        ));
+        // And by the inbound spool of the same directory.
+        assert!(!spool.stats().reserve_inbound(1, 2 * one.len() as u64));
     }
 
     #[test]

@@ -623,3 +623,100 @@ async fn spool_drain_sends_a_stopped_services_inbound_mail_objects_then_one_mess
     // Each object is one chunk and one metadata message at least.
     assert!(objects.messages >= 4, "{objects:?}");
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn spool_requeue_puts_a_quarantined_message_back_and_it_is_published_once() {
+    // Arrange: a message quarantined because NATS came back with a smaller max_payload.
+    let mut nats = NatsServer::start().await;
+    let spool = tempfile::tempdir().unwrap();
+    let spool_dir = spool.path().join("spool");
+    let log = spool.path().join("service.log");
+    let mut service = Service::start_with(
+        &nats.url(),
+        &spool_dir,
+        &log,
+        &[("SPOOL__RETRY_MAX_INTERVAL", "500ms")],
+    );
+    let http = client(CLIENT_TIMEOUT);
+    service.wait_ready(&http).await;
+    nats.stop();
+    let (status, answer, _) = post(&http, &service.webhook_url(), body("small", 3, 300)).await;
+    assert_eq!(status, 200, "{answer}");
+    let (status, answer, poison) =
+        post(&http, &service.webhook_url(), body("poison", 1, 900_000)).await;
+    assert_eq!(status, 200, "{answer}");
+    let poison = poison.unwrap();
+    let (args, default_args) = (nats.args.clone(), nats.args.clone());
+    let conf = nats.dir().join("small.conf");
+    std::fs::write(&conf, "max_payload: 524288\n").unwrap();
+    nats.args = [args, vec!["-c".into(), conf.display().to_string()]].concat();
+    nats.restart().await;
+    let js = jetstream_of(&nats.url()).await;
+    assert_eq!(wait_stored(&js, 3, Duration::from_secs(30)).await, 3);
+    let deadline = Instant::now() + Duration::from_secs(10);
+    let name = loop {
+        let out = cli(&nats.url(), &spool_dir, &["spool", "status", "--json"]);
+        let status: Value = serde_json::from_slice(&out.stdout).unwrap();
+        if let Some(entry) = status["quarantined"].as_array().and_then(|q| q.first()) {
+            break entry["name"].as_str().unwrap_or_default().to_owned();
+        }
+        assert!(Instant::now() < deadline, "nothing quarantined: {status}");
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    };
+    service.terminate().await;
+    nats.args = default_args;
+    nats.restart().await;
+
+    // Act: put it back, then drain.
+    let unknown = cli(
+        &nats.url(),
+        &spool_dir,
+        &["spool", "requeue", "no-such-entry"],
+    );
+    assert!(!unknown.status.success());
+    assert!(
+        text(&unknown.stderr).contains("no-such-entry"),
+        "{}",
+        text(&unknown.stderr)
+    );
+    let requeued = cli(&nats.url(), &spool_dir, &["spool", "requeue", &name]);
+    assert!(
+        requeued.status.success(),
+        "{}{}",
+        text(&requeued.stdout),
+        text(&requeued.stderr)
+    );
+    assert!(
+        text(&requeued.stdout).contains("requeued 1"),
+        "{}",
+        text(&requeued.stdout)
+    );
+    let status: Value = serde_json::from_slice(
+        &cli(&nats.url(), &spool_dir, &["spool", "status", "--json"]).stdout,
+    )
+    .unwrap();
+    assert_eq!(status["messages"], 1, "{status}");
+    assert_eq!(
+        status["quarantined"].as_array().unwrap().len(),
+        0,
+        "{status}"
+    );
+    let drained = cli(&nats.url(), &spool_dir, &["spool", "drain"]);
+    assert!(drained.status.success(), "{}", text(&drained.stderr));
+    // Nothing left to requeue.
+    let again = cli(&nats.url(), &spool_dir, &["spool", "requeue", "--all"]);
+    assert!(again.status.success(), "{}", text(&again.stderr));
+    assert!(
+        text(&again.stdout).contains("requeued 0"),
+        "{}",
+        text(&again.stdout)
+    );
+
+    // Assert: published once, after the others.
+    let stored = stored_messages(&js).await;
+    let batches: Vec<&str> = stored.iter().map(|(batch, _, _)| batch.as_str()).collect();
+    assert_eq!(batches.len(), 4, "{batches:?}");
+    assert_eq!(batches.iter().filter(|b| **b == poison).count(), 1);
+    assert_eq!(batches[3], poison);
+    println!("[requeue] quarantined={name} requeued and stored once");
+}
