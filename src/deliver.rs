@@ -534,6 +534,7 @@ pub async fn publish_run<P: Publish, S: Source + ?Sized>(
     match failed {
         None => Ok(done),
         Some((at, error)) => {
+            publisher.failed(&error);
             if !confirms_each {
                 // Nothing sent is known to be on the server before a flush succeeded.
                 done = Progress::default();

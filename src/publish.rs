@@ -66,6 +66,9 @@ pub trait Publish: Clone + Send + Sync + 'static {
     fn denial_mark(&self) -> u64;
     /// Resolves with the subject of the first denial after `mark`, and that denial's mark.
     fn next_denial(&self, mark: u64) -> impl Future<Output = (String, u64)> + Send;
+    /// Told of every failed publication, so the publisher can act on what it says about the
+    /// server (a stream that stopped answering is set up again).
+    fn failed(&self, _error: &PublishError) {}
 }
 
 /// Why a batch is not (entirely) on the bus.
@@ -205,6 +208,10 @@ pub struct Publisher {
     /// Set once the stream has been created or found (always true in core mode): readiness
     /// needs it, because publishing to a missing stream can only fail.
     stream_ready: Arc<AtomicBool>,
+    /// Why the stream is not usable (the last set-up error), for `/readyz`.
+    stream_problem: Arc<std::sync::Mutex<Option<String>>>,
+    /// A background task is setting the stream up: one at a time.
+    recovering: Arc<AtomicBool>,
     settings: Arc<NatsSettings>,
     /// `validation.dead_letter_subject` in dead-letter mode: an existing stream must cover it
     /// too.
@@ -221,6 +228,8 @@ impl Publisher {
         let jetstream = crate::nats::jetstream(&client, settings);
         Ok(Publisher {
             stream_ready: Arc::new(AtomicBool::new(jetstream.is_none())),
+            stream_problem: Arc::default(),
+            recovering: Arc::default(),
             client,
             jetstream,
             timeout: settings.publish_timeout,
@@ -254,7 +263,17 @@ impl Publisher {
                 None => "NATS is not connected".into(),
             })
         } else if !self.stream_ready.load(Ordering::Acquire) {
-            Some("the JetStream stream is not usable yet".into())
+            let problem = self.stream_problem.lock().expect("not poisoned").clone();
+            Some(match problem {
+                Some(problem) => format!(
+                    "the JetStream stream {} is not usable: {problem}",
+                    self.settings.stream.name
+                ),
+                None => format!(
+                    "the JetStream stream {} is not usable yet",
+                    self.settings.stream.name
+                ),
+            })
         } else {
             None
         }
@@ -266,21 +285,28 @@ impl Publisher {
         let Some(js) = &self.jetstream else {
             return Ok(());
         };
-        crate::nats::ensure_stream(js, &self.settings, self.dead_letter.as_deref()).await?;
+        let ensured =
+            crate::nats::ensure_stream(js, &self.settings, self.dead_letter.as_deref()).await;
+        *self.stream_problem.lock().expect("not poisoned") =
+            ensured.as_ref().err().map(|e| e.to_string());
+        ensured?;
         self.stream_ready.store(true, Ordering::Release);
         Ok(())
     }
 
     /// Keeps trying [`Publisher::ensure_stream`] until it succeeds (used when NATS was not
-    /// reachable at start-up).
+    /// reachable at start-up, and when the stream stopped answering). One at a time.
     pub async fn ensure_stream_in_background(self) {
+        if self.recovering.swap(true, Ordering::AcqRel) {
+            return;
+        }
         let mut logged = false;
         loop {
             if self.is_connected() {
                 match self.ensure_stream().await {
                     Ok(()) => {
                         tracing::info!(stream = %self.settings.stream.name, "stream ready");
-                        return;
+                        break;
                     }
                     Err(e) if !logged => {
                         tracing::error!(error = %e, "stream not usable yet; retrying");
@@ -291,6 +317,21 @@ impl Publisher {
             }
             tokio::time::sleep(Duration::from_millis(500)).await;
         }
+        self.recovering.store(false, Ordering::Release);
+    }
+
+    /// A publication found no stream answering its subject: the stream was deleted (or is
+    /// electing a leader). Marks it unusable, so `/readyz` says so and batches go to the spool
+    /// (or get `503`) instead of failing one by one, and sets it up again in the background:
+    /// created anew with `nats.stream.create = true`, waited for otherwise.
+    fn stream_lost(&self, reason: &str) {
+        if self.jetstream.is_none() || !self.stream_ready.swap(false, Ordering::AcqRel) {
+            return;
+        }
+        tracing::error!(stream = %self.settings.stream.name, %reason, "the stream stopped answering; setting it up again");
+        *self.stream_problem.lock().expect("not poisoned") =
+            Some(format!("no stream answers its subjects ({reason})"));
+        tokio::spawn(self.clone().ensure_stream_in_background());
     }
 
     /// A JetStream context on the shared connection whatever `nats.mode`: the inbound
@@ -396,6 +437,12 @@ impl Publish for Arc<Publisher> {
 
     async fn next_denial(&self, mark: u64) -> (String, u64) {
         self.health.next_denial(mark).await
+    }
+
+    fn failed(&self, error: &PublishError) {
+        if let PublishError::NoStream(reason) = error {
+            self.stream_lost(reason);
+        }
     }
 
     async fn settle(&self) -> Result<(), PublishError> {

@@ -170,7 +170,13 @@ impl InboundSink {
         let store = self.ensure_bucket().await?;
         let mut sent = Sent::default();
         for object in &planned.objects {
-            if self.put(&store, object, dir).await? {
+            let put = self.put(&store, object, dir).await;
+            if put.is_err() {
+                // The bucket may be gone (deleted while the service runs): find it, or
+                // create it again (`nats.stream.create`), on the next attempt.
+                *self.store.lock().await = None;
+            }
+            if put? {
                 sent.uploaded += 1;
                 sent.uploaded_bytes += object.size;
             } else {

@@ -720,3 +720,98 @@ async fn spool_requeue_puts_a_quarantined_message_back_and_it_is_published_once(
     assert_eq!(batches[3], poison);
     println!("[requeue] quarantined={name} requeued and stored once");
 }
+
+/// The stream deleted while the service runs (an operator's mistake, a restore gone wrong):
+/// with `nats.stream.create = true` it is created again and the spool drains into it.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_stream_deleted_while_the_service_runs_is_created_again_and_the_spool_drains() {
+    // Arrange
+    let nats = NatsServer::start().await;
+    let spool = tempfile::tempdir().unwrap();
+    let spool_dir = spool.path().join("spool");
+    let log = spool.path().join("service.log");
+    let mut service = Service::start(&nats.url(), &spool_dir, &log);
+    let http = client(CLIENT_TIMEOUT);
+    service.wait_ready(&http).await;
+    let js = jetstream_of(&nats.url()).await;
+    let (status, answer, _) = post(&http, &service.webhook_url(), body("before", 5, 100)).await;
+    assert_eq!(
+        (status, answer["published"].as_u64()),
+        (200, Some(5)),
+        "{answer}"
+    );
+
+    // Act
+    js.delete_stream(STREAM).await.unwrap();
+    let (status, answer, _) = post(&http, &service.webhook_url(), body("after", 5, 100)).await;
+    assert_eq!(status, 200, "{answer}");
+
+    // Assert: the stream is back, with the batch answered 200 while it was gone.
+    let count = wait_stored(&js, 5, Duration::from_secs(15)).await;
+    assert_eq!(
+        count,
+        5,
+        "the stream was not created again:\n{}",
+        service.log_tail()
+    );
+    let (status, answer, _) = post(&http, &service.webhook_url(), body("later", 3, 100)).await;
+    assert_eq!(
+        (status, answer["published"].as_u64()),
+        (200, Some(3)),
+        "{answer}"
+    );
+    service.terminate().await;
+}
+
+/// With `nats.stream.create = false` the service must not create it: `/readyz` says which
+/// stream is missing, and the spool drains once an operator has created it again.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_stream_deleted_while_the_service_runs_with_create_false_is_named_by_readyz() {
+    // Arrange: the stream made by an operator.
+    let nats = NatsServer::start().await;
+    let js = jetstream_of(&nats.url()).await;
+    let config = jetstream::stream::Config {
+        name: STREAM.into(),
+        subjects: vec!["cmc.>".into()],
+        ..Default::default()
+    };
+    js.create_stream(config.clone()).await.unwrap();
+    let spool = tempfile::tempdir().unwrap();
+    let spool_dir = spool.path().join("spool");
+    let log = spool.path().join("service.log");
+    let mut service = Service::start_with(
+        &nats.url(),
+        &spool_dir,
+        &log,
+        &[("NATS__STREAM__CREATE", "false")],
+    );
+    let http = client(CLIENT_TIMEOUT);
+    service.wait_ready(&http).await;
+
+    // Act
+    js.delete_stream(STREAM).await.unwrap();
+    let (status, answer, _) = post(&http, &service.webhook_url(), body("gone", 4, 100)).await;
+    assert_eq!(status, 200, "{answer}");
+
+    // Assert: not ready, naming the stream; nothing created behind the operator's back.
+    let deadline = Instant::now() + Duration::from_secs(10);
+    let readyz = loop {
+        let response = http.get(service.readyz()).send().await.unwrap();
+        let status = response.status().as_u16();
+        let text = response.text().await.unwrap();
+        if status == 503 || Instant::now() > deadline {
+            break (status, text);
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    };
+    assert_eq!(readyz.0, 503, "{}", readyz.1);
+    assert!(readyz.1.contains(STREAM), "{}", readyz.1);
+    assert!(
+        js.get_stream(STREAM).await.is_err(),
+        "created although create = false"
+    );
+    js.create_stream(config).await.unwrap();
+    assert_eq!(wait_stored(&js, 4, Duration::from_secs(15)).await, 4);
+    wait_for_status(&http, &service.readyz(), 200, Duration::from_secs(10)).await;
+    service.terminate().await;
+}
