@@ -797,3 +797,60 @@ async fn the_derived_form_and_rfc2231_fixtures_are_the_same_mails() {
     assert_eq!(body(2), body(3));
     assert_eq!(app.stream_messages().await.len(), 2);
 }
+
+/// An upload that stalls after some chunks (a slow or frozen NATS, a reader that stops):
+/// nothing of it may stay in the bucket, or every retry adds another partial copy.
+#[tokio::test]
+async fn a_failed_object_upload_leaves_no_chunks_in_the_bucket() {
+    // Arrange
+    let nats = NatsServer::start().await;
+    let client = async_nats::connect(nats.url()).await.unwrap();
+    let js = async_nats::jetstream::new(client);
+    let store = js
+        .create_object_store(async_nats::jetstream::object_store::Config {
+            bucket: "PARTIAL".into(),
+            ..Default::default()
+        })
+        .await
+        .unwrap();
+    // Three chunks' worth of data, then nothing more, ever.
+    let head = std::io::Cursor::new(vec![7u8; 3 * 128 * 1024]);
+    let mut reader = head.chain(Stalled);
+    let meta = async_nats::jetstream::object_store::ObjectMetadata {
+        name: "a".repeat(64),
+        ..Default::default()
+    };
+
+    // Act
+    let result = cmc_forwarder::inbound::store::put_object(
+        &js,
+        &store,
+        "PARTIAL",
+        meta,
+        &mut reader,
+        Duration::from_secs(1),
+    )
+    .await;
+
+    // Assert
+    assert!(result.is_err(), "the upload cannot have completed");
+    let mut stream = js.get_stream("OBJ_PARTIAL").await.unwrap();
+    let messages = stream.info().await.unwrap().state.messages;
+    assert_eq!(
+        messages, 0,
+        "chunks of the failed upload are left in the bucket"
+    );
+}
+
+/// A reader that never yields another byte.
+struct Stalled;
+
+impl tokio::io::AsyncRead for Stalled {
+    fn poll_read(
+        self: std::pin::Pin<&mut Self>,
+        _: &mut std::task::Context<'_>,
+        _: &mut tokio::io::ReadBuf<'_>,
+    ) -> std::task::Poll<std::io::Result<()>> {
+        std::task::Poll::Pending
+    }
+}
