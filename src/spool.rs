@@ -23,16 +23,26 @@
 //!   published twice (e.g. after a crash between publish and cursor update) is stored once
 //!   by JetStream.
 //! - `cursor` holds `<segment id> <byte offset>`: the first record not yet acknowledged.
-//!   It is replaced atomically (write, fsync, rename) after each acknowledged run.
+//!   It is replaced atomically (write, fsync, rename) after each acknowledged run; a write
+//!   that fails (a full disk) is retried, by the drainer, until it succeeds.
 //! - A new segment is started at every start-up and after 64 MiB. Consumed segments are
-//!   deleted.
+//!   deleted. A segment id is never used twice, not even the id of a deleted segment the
+//!   cursor still names (a crash between the delete and the cursor's next write): a cursor
+//!   whose segment is gone stands for the start of the next one.
 //! - `quarantine/` holds the messages NATS refused permanently: `<name>.rec` (the record as it
-//!   was in the segment) and `<name>.json` (subject, message id, reason, time).
+//!   was in the segment) and `<name>.json` (subject, message id, reason, time, size), and,
+//!   named `unreadable-<segment>-<offset>`, the bytes of damaged records. Its bytes count in
+//!   `spool.max_bytes`; [`Spool::requeue`] puts messages back at the end of the spool.
 //!
 //! A crash can tear the last record of the segment being written: at start-up every segment
 //! is scanned, and a record with a short header, a length past the end of the file or a wrong
-//! CRC ends the readable part of that segment; the file is truncated there (the request that
-//! wrote it was never answered `200`, so nothing promised is lost).
+//! CRC, with no intact record after it, is a torn tail; the file is truncated there (the
+//! request that wrote it was never answered `200`, so nothing promised is lost). When an
+//! intact record (magic, length, CRC, decodable) does follow, the bytes in between are damage
+//! in the middle of the segment: they are copied to the quarantine and skipped, and the
+//! records after them, answered `200`, are published. A write that fails halfway is cut back
+//! at once; if that fails too, nothing more is appended until it succeeds, so the complete
+//! records of a group answered `503` can never be published after a restart.
 
 use std::collections::VecDeque;
 use std::fs::{self, File, OpenOptions};
