@@ -854,3 +854,49 @@ impl tokio::io::AsyncRead for Stalled {
         std::task::Poll::Pending
     }
 }
+
+/// The bucket deleted while the service runs: the next upload fails, the mail is spooled, and
+/// the bucket is created again (`nats.stream.create = true`) for the drainer to send it.
+#[tokio::test]
+async fn a_bucket_deleted_while_the_service_runs_is_created_again_and_the_mail_delivered() {
+    // Arrange
+    let nats = NatsServer::start().await;
+    let spool = tempfile::tempdir().unwrap();
+    let mut settings = test_settings(&nats);
+    settings.spool.enabled = true;
+    settings.spool.dir = spool.path().to_owned();
+    let app = spawn_app_with(settings).await;
+    let first = mail_with(&[
+        ("attachments", None, None, b"1"),
+        ("attachment1", Some("a.bin"), None, b"the first attachment"),
+    ]);
+    let response = post_inbound(&app, &multipart_type("XyZ"), first).await;
+    assert_eq!(response.status().as_u16(), 200);
+
+    // Act
+    app.jetstream()
+        .delete_object_store(&app.settings.inbound.bucket)
+        .await
+        .unwrap();
+    let file = b"the second attachment, sent after the bucket was deleted".to_vec();
+    let second = mail_with(&[
+        ("attachments", None, None, b"1"),
+        ("attachment1", Some("b.bin"), None, &file),
+    ]);
+    let response = post_inbound(&app, &multipart_type("XyZ"), second).await;
+    assert_eq!(response.status().as_u16(), 200);
+
+    // Assert: both messages on the stream, the second one's object in the new bucket.
+    let deadline = Instant::now() + Duration::from_secs(15);
+    while app.stream_messages().await.len() < 2 && Instant::now() < deadline {
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+    assert_eq!(
+        app.stream_messages().await.len(),
+        2,
+        "the second mail was not delivered"
+    );
+    let store = bucket(&app).await;
+    let (bytes, _) = object_bytes(&store, &sha(&file)).await;
+    assert_eq!(bytes, file);
+}
