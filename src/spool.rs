@@ -287,7 +287,7 @@ impl Spool {
         fs::create_dir_all(dir)?;
         let lock = lock_dir(dir)?;
         let ids = segment_ids(dir)?;
-        let cursor = effective_cursor(dir, &ids)?;
+        let mut cursor = effective_cursor(dir, &ids)?;
         let mut segments = VecDeque::new();
         let (mut messages, mut bytes) = (0u64, 0u64);
         for id in ids {
@@ -297,6 +297,14 @@ impl Spool {
                 continue;
             }
             let scan = scan_segment(&path)?;
+            if id == cursor.segment && !on_boundary(cursor, &scan.records) {
+                tracing::warn!(
+                    segment = %path.display(),
+                    offset = cursor.offset,
+                    "the spool cursor is not at a record boundary (left by an earlier version after a crash); reading the segment from its start"
+                );
+                cursor.offset = 0;
+            }
             if scan.valid_len < scan.file_len {
                 tracing::warn!(
                     segment = %path.display(),
@@ -829,8 +837,13 @@ pub fn status(dir: &Path) -> Result<SpoolStatus, SpoolError> {
     let ids = segment_ids(dir)?;
     let cursor = effective_cursor(dir, &ids)?;
     let mut oldest: Option<u64> = None;
+    let mut cursor = cursor;
     for id in ids.into_iter().filter(|&id| id >= cursor.segment) {
-        for record in scan_segment(&segment_path(dir, id))?.records {
+        let records = scan_segment(&segment_path(dir, id))?.records;
+        if id == cursor.segment && !on_boundary(cursor, &records) {
+            cursor.offset = 0;
+        }
+        for record in records {
             if id > cursor.segment || record.end > cursor.offset {
                 status.messages += 1;
                 status.bytes += record.size;
@@ -1057,6 +1070,13 @@ fn effective_cursor(dir: &Path, ids: &[u64]) -> Result<Position, SpoolError> {
         Some(stale) => first(stale.segment + 1),
         None => first(0),
     })
+}
+
+/// Whether `cursor` (in the segment of `records`) stands where a record starts. It always
+/// does, except for the cursor an earlier version could leave: one naming a segment that was
+/// deleted and then created again under the same id, at an offset of the old segment.
+fn on_boundary(cursor: Position, records: &[ScannedRecord]) -> bool {
+    cursor.offset == 0 || records.iter().any(|r| r.end == cursor.offset)
 }
 
 fn read_cursor(dir: &Path) -> Result<Option<Position>, SpoolError> {
@@ -1445,6 +1465,32 @@ mod tests {
         let mut spool = Spool::open(dir.path(), 1 << 20).unwrap();
         append(&mut spool, &[message(10)]).unwrap();
         assert_eq!(drain_all(&mut spool), [message(10)]);
+    }
+
+    /// What an earlier version could leave after that crash: the segment created again under
+    /// the cursor's id, the cursor at an offset of the old one (past its end, or mid-record).
+    #[test]
+    fn a_cursor_off_a_record_boundary_reads_its_segment_from_the_start() {
+        for stale in [9_999u64, 5] {
+            let dir = tempfile::tempdir().unwrap();
+            {
+                let mut spool = Spool::open(dir.path(), 1 << 20).unwrap();
+                append(&mut spool, &[message(0), message(1)]).unwrap();
+            }
+            let id = segment_ids(dir.path()).unwrap()[0];
+            write_cursor(
+                dir.path(),
+                Position {
+                    segment: id,
+                    offset: stale,
+                },
+            )
+            .unwrap();
+            assert_eq!(status(dir.path()).unwrap().messages, 2, "offset {stale}");
+            let mut spool = Spool::open(dir.path(), 1 << 20).unwrap();
+            assert_eq!(spool.stats().messages(), 2, "offset {stale}");
+            assert_eq!(drain_all(&mut spool), [message(0), message(1)]);
+        }
     }
 
     #[test]
