@@ -36,7 +36,7 @@ use tokio::sync::{mpsc, oneshot, watch};
 use crate::budget::Permit;
 use crate::metrics;
 use crate::publish::{NatsMessage, Outbound, Oversized, Publish, PublishError};
-use crate::spool::{encode_record, Records, SpoolError, SpoolHandle};
+use crate::spool::{encode_record, ReadBatch, Records, SpoolError, SpoolHandle};
 use crate::webhook::OutgoingBatch;
 
 /// Messages of a batch built ahead and sent back to back.
@@ -600,8 +600,25 @@ pub enum Step {
     Failed(String),
 }
 
-/// Publishes the spool in order: one step of at most [`DRAIN_BATCH`] messages.
-pub async fn drain_step<P: Publish>(spool: &SpoolHandle, publisher: &P, window: usize) -> Step {
+/// A message NATS refused for good that the disk could not take into the quarantine yet: the
+/// next step retries the quarantine, not the publication (the cursor stands just before it).
+pub struct Refused {
+    batch: Arc<ReadBatch>,
+    at: usize,
+    reason: String,
+}
+
+/// Publishes the spool in order: one step of at most [`DRAIN_BATCH`] messages. `refused` is
+/// the drainer's own: a quarantine that failed is retried from there first.
+pub async fn drain_step<P: Publish>(
+    spool: &SpoolHandle,
+    publisher: &P,
+    window: usize,
+    refused: &mut Option<Refused>,
+) -> Step {
+    if let Some(pending) = refused.take() {
+        return set_aside(spool, pending, 0, refused).await;
+    }
     if spool.stats().messages() == 0 {
         if !spool.stats().cursor_pending() {
             return Step::Empty;
@@ -654,25 +671,50 @@ pub async fn drain_step<P: Publish>(spool: &SpoolHandle, publisher: &P, window: 
         ),
         error => error.to_string(),
     };
-    let message = &batch.messages[failure.at];
+    let pending = Refused {
+        batch,
+        at: failure.at,
+        reason,
+    };
+    set_aside(spool, pending, done.acked, refused).await
+}
+
+/// Moves a refused message to the quarantine; when the disk cannot take it, keeps it in
+/// `refused` for the next step.
+async fn set_aside(
+    spool: &SpoolHandle,
+    pending: Refused,
+    published: usize,
+    refused: &mut Option<Refused>,
+) -> Step {
+    let message = &pending.batch.messages[pending.at];
     let (subject, msg_id) = (
         message.subject.clone(),
         message.header("Nats-Msg-Id").unwrap_or("").to_owned(),
     );
+    let reason = pending.reason.clone();
     match spool
-        .quarantine(batch.clone(), failure.at, reason.clone())
+        .quarantine(pending.batch.clone(), pending.at, reason.clone())
         .await
     {
         Ok(()) => {
             tracing::error!(%subject, %msg_id, %reason, "NATS refuses a spooled message for good; moved to the quarantine");
             metrics::spool_quarantined(spool.stats().quarantined());
             Step::Progressed {
-                published: done.acked,
+                published,
                 quarantined: 1,
             }
         }
         Err(e) => {
             tracing::error!(error = %e, "cannot move a refused message to the quarantine");
+            *refused = Some(pending);
+            if published > 0 {
+                // What was published is recorded; the quarantine is retried next.
+                return Step::Progressed {
+                    published,
+                    quarantined: 0,
+                };
+            }
             Step::Failed(format!("cannot quarantine a refused message: {e}"))
         }
     }
@@ -687,13 +729,14 @@ pub async fn drain<P: Publish>(
 ) {
     let mut backoff = Backoff::new(options.retry_max_interval);
     let mut failures = 0u32;
+    let mut refused = None;
     metrics::spool_quarantined(spool.stats().quarantined());
     loop {
         if *stop.borrow() {
             return;
         }
         metrics::spool_depth(spool.stats().messages(), spool.stats().bytes());
-        let pause = match drain_step(&spool, &publisher, options.window).await {
+        let pause = match drain_step(&spool, &publisher, options.window, &mut refused).await {
             Step::Empty => {
                 backoff.reset();
                 tokio::select! {
@@ -755,8 +798,9 @@ pub async fn drain_to_empty<P: Publish>(
     let mut summary = DrainSummary::default();
     let mut backoff = Backoff::new(options.retry_max_interval);
     let mut failures = 0;
+    let mut refused = None;
     loop {
-        let step = drain_step(spool, publisher, options.window).await;
+        let step = drain_step(spool, publisher, options.window, &mut refused).await;
         let reason = match &step {
             Step::NotReady => "NATS is not connected, or the stream is not usable".to_owned(),
             Step::Failed(reason) => reason.clone(),
@@ -1237,6 +1281,34 @@ mod tests {
             );
             tokio::time::sleep(Duration::from_millis(20)).await;
         }
+    }
+
+    /// A quarantine the disk cannot take yet: the disk operation is retried, not the
+    /// publication of the refused message (sent again, it is refused again, or, in `core`
+    /// mode, can even be delivered twice).
+    #[tokio::test]
+    async fn a_quarantine_a_full_disk_refused_is_retried_without_publishing_again() {
+        let dir = tempfile::tempdir().unwrap();
+        let mut spool = Spool::open(dir.path(), 1 << 30).unwrap();
+        spool.inject(crate::spool::Fault::QuarantineDescription, 2);
+        let rig = rig_on(dir, Some(spool), 4, TIMEOUT);
+        rig.fake.set_ready(false);
+        rig.deliver(batch("a", 1)).await.unwrap();
+        rig.deliver(batch_with("big", 1, 5000)).await.unwrap();
+        rig.deliver(batch("c", 1)).await.unwrap();
+        rig.fake.set_max_payload(2000);
+        rig.fake.set_ready(true);
+        let before = rig.fake.sent();
+        let _stop = rig.start_drain();
+        rig.wait_drained().await;
+        assert_eq!(rig.fake.stored(), ["a:0", "c:0"]);
+        assert_eq!(rig.spool.as_ref().unwrap().stats().quarantined(), 1);
+        // a:0, big:0 once, c:0.
+        assert_eq!(
+            rig.fake.sent() - before,
+            3,
+            "the refused message was sent again"
+        );
     }
 
     #[tokio::test]
