@@ -815,3 +815,100 @@ async fn a_stream_deleted_while_the_service_runs_with_create_false_is_named_by_r
     wait_for_status(&http, &service.readyz(), 200, Duration::from_secs(10)).await;
     service.terminate().await;
 }
+
+/// A stream at its limits with `discard: new` refuses with an API error that waiting can fix:
+/// the batch's rest is spooled (`200`), never answered as refused, never quarantined, and the
+/// spool drains once the operator raises the limit.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_stream_at_its_limits_with_discard_new_is_waited_for_not_refused() {
+    // Arrange: the operator's stream holds at most 2 messages.
+    let nats = NatsServer::start().await;
+    let js = jetstream_of(&nats.url()).await;
+    let mut config = jetstream::stream::Config {
+        name: STREAM.into(),
+        subjects: vec!["cmc.>".into()],
+        max_messages: 2,
+        discard: jetstream::stream::DiscardPolicy::New,
+        ..Default::default()
+    };
+    js.create_stream(config.clone()).await.unwrap();
+    let spool = tempfile::tempdir().unwrap();
+    let spool_dir = spool.path().join("spool");
+    let log = spool.path().join("service.log");
+    let mut service = Service::start_with(
+        &nats.url(),
+        &spool_dir,
+        &log,
+        &[
+            ("NATS__STREAM__CREATE", "false"),
+            ("SPOOL__RETRY_MAX_INTERVAL", "300ms"),
+        ],
+    );
+    let http = client(CLIENT_TIMEOUT);
+    service.wait_ready(&http).await;
+
+    // Act
+    let (status, answer, _) = post(&http, &service.webhook_url(), body("full", 4, 100)).await;
+
+    // Assert
+    assert_eq!(status, 200, "{answer}\n{}", service.log_tail());
+    assert_eq!(answer["spooled"], 2, "{answer}");
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    let out = cli(&nats.url(), &spool_dir, &["spool", "status", "--json"]);
+    let status: Value = serde_json::from_slice(&out.stdout).unwrap();
+    assert_eq!(
+        status["quarantined"].as_array().unwrap().len(),
+        0,
+        "{status}"
+    );
+    assert_eq!(status["messages"], 2, "{status}");
+    config.max_messages = -1;
+    js.update_stream(config).await.unwrap();
+    assert_eq!(wait_stored(&js, 4, Duration::from_secs(10)).await, 4);
+    service.terminate().await;
+}
+
+/// A message over the stream's own `max_msg_size` can never be stored: refused at once
+/// (`503`, nothing spooled), unlike a stream at its limits.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_message_over_the_streams_max_msg_size_is_refused_not_spooled() {
+    // Arrange
+    let nats = NatsServer::start().await;
+    let js = jetstream_of(&nats.url()).await;
+    js.create_stream(jetstream::stream::Config {
+        name: STREAM.into(),
+        subjects: vec!["cmc.>".into()],
+        max_message_size: 2000,
+        ..Default::default()
+    })
+    .await
+    .unwrap();
+    let spool = tempfile::tempdir().unwrap();
+    let spool_dir = spool.path().join("spool");
+    let log = spool.path().join("service.log");
+    let mut service = Service::start_with(
+        &nats.url(),
+        &spool_dir,
+        &log,
+        &[("NATS__STREAM__CREATE", "false")],
+    );
+    let http = client(CLIENT_TIMEOUT);
+    service.wait_ready(&http).await;
+
+    // Act
+    let (status, answer, _) = post(&http, &service.webhook_url(), body("big", 1, 5000)).await;
+
+    // Assert
+    assert_eq!(status, 503, "{answer}");
+    assert!(
+        answer["message"]
+            .as_str()
+            .unwrap_or_default()
+            .contains("10054"),
+        "{answer}"
+    );
+    let out = cli(&nats.url(), &spool_dir, &["spool", "status", "--json"]);
+    let status: Value = serde_json::from_slice(&out.stdout).unwrap();
+    assert_eq!(status["messages"], 0, "{status}");
+    service.terminate().await;
+}
