@@ -41,8 +41,10 @@
 //! intact record (magic, length, CRC, decodable) does follow, the bytes in between are damage
 //! in the middle of the segment: they are copied to the quarantine and skipped, and the
 //! records after them, answered `200`, are published. A write that fails halfway is cut back
-//! at once; if that fails too, nothing more is appended until it succeeds, so the complete
-//! records of a group answered `503` can never be published after a restart.
+//! at once; if that fails too, nothing more is appended until it succeeds, and the drainer
+//! never reads past a segment's last good record, so the complete records of a group answered
+//! `503` are not published (only a process that ends before the cut succeeds leaves them for
+//! the next start to find).
 
 use std::collections::VecDeque;
 use std::fs::{self, File, OpenOptions};
