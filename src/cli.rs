@@ -1,6 +1,6 @@
 //! The command line (SPEC §5): running the service, `check-config`, and the spool commands
-//! (`spool status`, `spool drain`), which work on a spool directory without starting the
-//! service. Both spools of `spool.dir` are covered: the event spool and the inbound one
+//! (`spool status`, `spool drain`, `spool requeue`), which work on a spool directory without
+//! starting the service. Both spools of `spool.dir` are covered: the event spool and the inbound one
 //! (`<spool.dir>/inbound/`).
 
 use std::fmt::Write as _;
@@ -49,6 +49,16 @@ pub enum SpoolCommand {
     /// Publish everything in the spool to the configured NATS (same ids, same order), wait
     /// for every acknowledgement, and exit 0 once the spool is empty.
     Drain,
+    /// Put quarantined messages back at the end of the spool (names as `spool status` lists
+    /// them), to be published by the next start or `spool drain`.
+    Requeue {
+        /// Quarantine entries to put back.
+        #[arg(required_unless_present = "all", conflicts_with = "all")]
+        names: Vec<String>,
+        /// Put back every quarantined message.
+        #[arg(long)]
+        all: bool,
+    },
 }
 
 /// Attempts in a row without progress after which `spool drain` gives up.
@@ -110,8 +120,8 @@ pub fn spool_status(settings: &Settings, json: bool) -> Result<String, String> {
     for entry in &status.quarantined {
         let _ = writeln!(
             out,
-            "  {} (Nats-Msg-Id {}): {}",
-            entry.subject, entry.msg_id, entry.reason
+            "  {}: {} (Nats-Msg-Id {}): {}",
+            entry.name, entry.subject, entry.msg_id, entry.reason
         );
     }
     let oldest = match inbound.oldest_age_seconds {
@@ -207,6 +217,29 @@ pub async fn spool_drain(settings: &Settings) -> Result<String, String> {
             out,
             "{} messages refused by NATS were moved to the quarantine (see spool status)",
             summary.quarantined
+        );
+    }
+    Ok(out)
+}
+
+/// `cmc-forwarder spool requeue`: puts quarantined messages (`names`, or all of them) back at
+/// the end of the spool. Needs the spool's lock, so never runs beside the service.
+pub fn spool_requeue(settings: &Settings, names: &[String]) -> Result<String, String> {
+    let dir = &settings.spool.dir;
+    let mut spool = Spool::open(dir, settings.spool.max_bytes).map_err(|e| match e {
+        spool::SpoolError::Locked(_) => format!("refusing to requeue: {e}"),
+        e => format!("cannot open the spool in {}: {e}", dir.display()),
+    })?;
+    let done = spool.requeue(names).map_err(|e| e.to_string())?;
+    let mut out = format!(
+        "requeued {} messages into {}; the next start (or spool drain) publishes them\n",
+        done.requeued.len(),
+        dir.display()
+    );
+    for name in &done.unreadable {
+        let _ = writeln!(
+            out,
+            "{name} is not a readable message (unreadable bytes kept as evidence); left in the quarantine"
         );
     }
     Ok(out)

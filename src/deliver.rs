@@ -36,7 +36,7 @@ use tokio::sync::{mpsc, oneshot, watch};
 use crate::budget::Permit;
 use crate::metrics;
 use crate::publish::{NatsMessage, Outbound, Oversized, Publish, PublishError};
-use crate::spool::{encode_record, Records, SpoolError, SpoolHandle};
+use crate::spool::{encode_record, ReadBatch, Records, SpoolError, SpoolHandle};
 use crate::webhook::OutgoingBatch;
 
 /// Messages of a batch built ahead and sent back to back.
@@ -415,6 +415,11 @@ pub async fn publish_run<P: Publish, S: Source + ?Sized>(
     // The subjects this run sent to (a batch has a handful), to tell its denials from those
     // of other batches.
     let mut subjects: Vec<String> = Vec::new();
+    // Each sent message's subject (its place in `subjects`), to pin a denial on its message.
+    let mut sent_subjects: Vec<usize> = Vec::with_capacity(n);
+    // A denial pinned on message `k`: the messages before it are still acknowledged first.
+    let mut denied: Option<(usize, PublishError)> = None;
+    let confirms_each = publisher.confirms_each();
     let work = async {
         // One watch over denials for the whole run, not one per message.
         let mut mark = publisher.denial_mark();
@@ -426,6 +431,12 @@ pub async fn publish_run<P: Publish, S: Source + ?Sized>(
         let mut chunk = Vec::with_capacity(SEND_CHUNK.min(n));
         let mut next = 0;
         loop {
+            if let Some((k, _)) = &denied {
+                if done.acked >= *k || acks.is_empty() {
+                    failed = denied.take();
+                    return;
+                }
+            }
             // Take every acknowledgement that is already there before sending more.
             while let Some(ack) = acks.front_mut().and_then(|ack| ack.now_or_never()) {
                 acks.pop_front();
@@ -437,16 +448,21 @@ pub async fn publish_run<P: Publish, S: Source + ?Sized>(
                     }
                 }
             }
-            if next < n && acks.len() < window && failed.is_none() {
+            if next < n && acks.len() < window && failed.is_none() && denied.is_none() {
                 // Built before any of them is sent, so that they reach the client's
                 // connection task back to back and leave in few socket writes: building
                 // each between two sends let that task write (and wake) once per handful.
                 let end = n.min(next + (window - acks.len())).min(next + SEND_CHUNK);
                 chunk.extend((next..end).map(&mut build));
                 for message in chunk.drain(..) {
-                    if !subjects.contains(&message.subject) {
-                        subjects.push(message.subject.clone());
-                    }
+                    let place = match subjects.iter().position(|s| *s == message.subject) {
+                        Some(place) => place,
+                        None => {
+                            subjects.push(message.subject.clone());
+                            subjects.len() - 1
+                        }
+                    };
+                    sent_subjects.push(place);
                     match publisher.send(message, next).await {
                         Ok(ack) => {
                             acks.push_back(ack);
@@ -479,16 +495,28 @@ pub async fn publish_run<P: Publish, S: Source + ?Sized>(
                     failed = Some((done.acked, error));
                     return;
                 }
-                Err((subject, _)) if subjects.contains(&subject) => {
-                    failed = Some((
-                        done.acked,
-                        PublishError::Refused(format!(
-                            "permission denied: this NATS user may not publish to {subject:?}"
-                        )),
-                    ));
-                    return;
-                }
-                Err((_, seen)) => {
+                Err((subject, seen)) => {
+                    // The first message of that subject not yet known to be stored: the one
+                    // before it may still be acknowledged (and must not be quarantined), the
+                    // denied one must not be counted as delivered.
+                    let unconfirmed = if confirms_each { done.acked } else { 0 };
+                    let pinned = subjects
+                        .iter()
+                        .position(|s| *s == subject)
+                        .and_then(|place| {
+                            (unconfirmed..sent_subjects.len()).find(|&i| sent_subjects[i] == place)
+                        });
+                    // (None: another batch's denial.)
+                    if let Some(k) = pinned {
+                        if denied.as_ref().is_none_or(|(first, _)| k < *first) {
+                            denied = Some((
+                                k,
+                                PublishError::Refused(format!(
+                                    "permission denied: this NATS user may not publish to {subject:?}"
+                                )),
+                            ));
+                        }
+                    }
                     mark = seen;
                     denial.set(publisher.next_denial(mark));
                 }
@@ -506,9 +534,18 @@ pub async fn publish_run<P: Publish, S: Source + ?Sized>(
     match failed {
         None => Ok(done),
         Some((at, error)) => {
-            if !publisher.confirms_each() {
+            publisher.failed(&error);
+            if !confirms_each {
                 // Nothing sent is known to be on the server before a flush succeeded.
                 done = Progress::default();
+                // Before a permanent failure, messages 0..at were put on the connection: a
+                // flush confirms them, so they are not published again (core mode has no
+                // de-duplication) and the failed message can be set aside.
+                if error.is_permanent() && at > 0 {
+                    if let Ok(Ok(())) = tokio::time::timeout(timeout, publisher.settle()).await {
+                        done.acked = at;
+                    }
+                }
             }
             Err(Failure { error, done, at })
         }
@@ -563,10 +600,38 @@ pub enum Step {
     Failed(String),
 }
 
-/// Publishes the spool in order: one step of at most [`DRAIN_BATCH`] messages.
-pub async fn drain_step<P: Publish>(spool: &SpoolHandle, publisher: &P, window: usize) -> Step {
+/// A message NATS refused for good that the disk could not take into the quarantine yet: the
+/// next step retries the quarantine, not the publication (the cursor stands just before it).
+pub struct Refused {
+    batch: Arc<ReadBatch>,
+    at: usize,
+    reason: String,
+}
+
+/// Publishes the spool in order: one step of at most [`DRAIN_BATCH`] messages. `refused` is
+/// the drainer's own: a quarantine that failed is retried from there first.
+pub async fn drain_step<P: Publish>(
+    spool: &SpoolHandle,
+    publisher: &P,
+    window: usize,
+    refused: &mut Option<Refused>,
+) -> Step {
+    if let Some(pending) = refused.take() {
+        return set_aside(spool, pending, 0, refused).await;
+    }
     if spool.stats().messages() == 0 {
-        return Step::Empty;
+        if !spool.stats().cursor_pending() {
+            return Step::Empty;
+        }
+        // Everything is published but the cursor file is behind (a full disk): write it
+        // now, or a restart would publish it all again, long after the dedup window.
+        return match spool.commit(Arc::new(Default::default()), 0).await {
+            Ok(()) => Step::Progressed {
+                published: 0,
+                quarantined: 0,
+            },
+            Err(e) => Step::Failed(format!("cannot record spool progress: {e}")),
+        };
     }
     if !publisher.is_ready() {
         return Step::NotReady;
@@ -606,25 +671,50 @@ pub async fn drain_step<P: Publish>(spool: &SpoolHandle, publisher: &P, window: 
         ),
         error => error.to_string(),
     };
-    let message = &batch.messages[failure.at];
+    let pending = Refused {
+        batch,
+        at: failure.at,
+        reason,
+    };
+    set_aside(spool, pending, done.acked, refused).await
+}
+
+/// Moves a refused message to the quarantine; when the disk cannot take it, keeps it in
+/// `refused` for the next step.
+async fn set_aside(
+    spool: &SpoolHandle,
+    pending: Refused,
+    published: usize,
+    refused: &mut Option<Refused>,
+) -> Step {
+    let message = &pending.batch.messages[pending.at];
     let (subject, msg_id) = (
         message.subject.clone(),
         message.header("Nats-Msg-Id").unwrap_or("").to_owned(),
     );
+    let reason = pending.reason.clone();
     match spool
-        .quarantine(batch.clone(), failure.at, reason.clone())
+        .quarantine(pending.batch.clone(), pending.at, reason.clone())
         .await
     {
         Ok(()) => {
             tracing::error!(%subject, %msg_id, %reason, "NATS refuses a spooled message for good; moved to the quarantine");
             metrics::spool_quarantined(spool.stats().quarantined());
             Step::Progressed {
-                published: done.acked,
+                published,
                 quarantined: 1,
             }
         }
         Err(e) => {
             tracing::error!(error = %e, "cannot move a refused message to the quarantine");
+            *refused = Some(pending);
+            if published > 0 {
+                // What was published is recorded; the quarantine is retried next.
+                return Step::Progressed {
+                    published,
+                    quarantined: 0,
+                };
+            }
             Step::Failed(format!("cannot quarantine a refused message: {e}"))
         }
     }
@@ -639,13 +729,14 @@ pub async fn drain<P: Publish>(
 ) {
     let mut backoff = Backoff::new(options.retry_max_interval);
     let mut failures = 0u32;
+    let mut refused = None;
     metrics::spool_quarantined(spool.stats().quarantined());
     loop {
         if *stop.borrow() {
             return;
         }
         metrics::spool_depth(spool.stats().messages(), spool.stats().bytes());
-        let pause = match drain_step(&spool, &publisher, options.window).await {
+        let pause = match drain_step(&spool, &publisher, options.window, &mut refused).await {
             Step::Empty => {
                 backoff.reset();
                 tokio::select! {
@@ -707,8 +798,9 @@ pub async fn drain_to_empty<P: Publish>(
     let mut summary = DrainSummary::default();
     let mut backoff = Backoff::new(options.retry_max_interval);
     let mut failures = 0;
+    let mut refused = None;
     loop {
-        let step = drain_step(spool, publisher, options.window).await;
+        let step = drain_step(spool, publisher, options.window, &mut refused).await;
         let reason = match &step {
             Step::NotReady => "NATS is not connected, or the stream is not usable".to_owned(),
             Step::Failed(reason) => reason.clone(),
@@ -782,6 +874,26 @@ mod tests {
             .unwrap()
     }
 
+    /// A batch with one entry per status, in order (so one subject per status).
+    fn batch_of_statuses(tag: &str, statuses: &[&str]) -> OutgoingBatch {
+        let entries: Vec<String> = statuses
+            .iter()
+            .enumerate()
+            .map(|(i, status)| format!(r#"{{"status":"{status}","tag":"{tag}","i":{i}}}"#))
+            .collect();
+        let body = format!(
+            r#"{{"event_type":"deliveries","server_composition":"sc","event":{{"deliveries":[{}]}}}}"#,
+            entries.join(",")
+        );
+        let decoded = crate::webhook::decode(Some("application/json"), body.as_bytes()).unwrap();
+        let template = SubjectTemplate::parse("cmc.{event_type}.{status}").unwrap();
+        decoded
+            .validate()
+            .unwrap()
+            .to_outgoing(&template, tag)
+            .unwrap()
+    }
+
     fn labels(tag: &str, n: usize) -> Vec<String> {
         (0..n).map(|i| format!("{tag}:{i}")).collect()
     }
@@ -804,9 +916,19 @@ mod tests {
 
     fn rig_with(spool: bool, window: usize, timeout: Duration) -> Rig {
         let dir = tempfile::tempdir().unwrap();
+        let opened = spool.then(|| Spool::open(dir.path(), 1 << 30).unwrap());
+        rig_on(dir, opened, window, timeout)
+    }
+
+    /// A rig on a spool a test prepared (with scripted storage failures, say).
+    fn rig_on(
+        dir: tempfile::TempDir,
+        spool: Option<Spool>,
+        window: usize,
+        timeout: Duration,
+    ) -> Rig {
         let fake = FakePublisher::new(timeout);
-        let spool =
-            spool.then(|| SpoolHandle::start(Spool::open(dir.path(), 1 << 30).unwrap()).unwrap());
+        let spool = spool.map(|spool| SpoolHandle::start(spool).unwrap());
         let options = DeliveryOptions {
             window,
             retry_max_interval: Duration::from_millis(400),
@@ -1043,6 +1165,150 @@ mod tests {
         let stored = rig.fake.stored();
         assert_eq!(stored, ["a:0", "a:2", "a:3"]);
         assert_eq!(rig.spool.as_ref().unwrap().stats().quarantined(), 1);
+    }
+
+    /// Insufficient resources, a stream at its limits with `discard: new`: waiting can fix
+    /// them, so the drain waits; it never empties the spool into the quarantine.
+    #[tokio::test]
+    async fn a_stream_out_of_resources_is_waited_for_never_quarantined() {
+        let rig = rig(true, 4);
+        rig.fake.set_ready(false);
+        rig.deliver(batch("a", 4)).await.unwrap();
+        rig.fake.set_ready(true);
+        // Storage resources exceeded, insufficient resources, store failed (maximum
+        // messages exceeded), memory resources exceeded.
+        rig.fake.script([
+            Step::Api(10047),
+            Step::Api(10023),
+            Step::Api(10077),
+            Step::Api(10028),
+        ]);
+        let _stop = rig.start_drain();
+        rig.wait_drained().await;
+        assert_eq!(rig.fake.stored(), labels("a", 4));
+        assert_eq!(rig.spool.as_ref().unwrap().stats().quarantined(), 0);
+    }
+
+    /// A message over the stream's own maximum message size can never be stored: it is
+    /// quarantined and the drain goes on.
+    #[tokio::test]
+    async fn a_message_over_the_streams_maximum_size_is_quarantined() {
+        let rig = rig(true, 4);
+        rig.fake.set_ready(false);
+        rig.deliver(batch("a", 3)).await.unwrap();
+        rig.fake.set_ready(true);
+        rig.fake.script([Step::Ack, Step::Api(10054)]);
+        let _stop = rig.start_drain();
+        rig.wait_drained().await;
+        assert_eq!(rig.fake.stored(), ["a:0", "a:2"]);
+        assert_eq!(rig.spool.as_ref().unwrap().stats().quarantined(), 1);
+    }
+
+    /// In `core` mode nothing is de-duplicated: a permanent failure must not make the drain
+    /// publish the messages before it again and again.
+    #[tokio::test]
+    async fn in_core_mode_a_permanent_failure_is_quarantined_and_nothing_is_sent_twice() {
+        let rig = rig(true, 4);
+        rig.fake.set_core(true);
+        rig.fake.set_ready(false);
+        rig.deliver(batch("a", 2)).await.unwrap();
+        rig.deliver(batch_with("big", 1, 5000)).await.unwrap();
+        rig.deliver(batch("c", 2)).await.unwrap();
+        rig.fake.set_max_payload(2000);
+        rig.fake.set_ready(true);
+        let _stop = rig.start_drain();
+        rig.wait_drained().await;
+        assert_eq!(rig.fake.stored(), ["a:0", "a:1", "c:0", "c:1"]);
+        assert_eq!(rig.spool.as_ref().unwrap().stats().quarantined(), 1);
+    }
+
+    /// A denial names a subject, not a message: it belongs to the first unacknowledged
+    /// message of that subject, not to the oldest one waiting for its acknowledgement.
+    #[tokio::test]
+    async fn a_denial_is_pinned_on_the_message_of_the_denied_subject() {
+        let rig = rig(true, 4);
+        rig.fake.set_ready(false);
+        rig.deliver(batch_of_statuses(
+            "a",
+            &["queued", "denied", "queued", "queued"],
+        ))
+        .await
+        .unwrap();
+        rig.fake.set_ready(true);
+        // The first message's acknowledgement is slow; the second is denied meanwhile.
+        rig.fake
+            .script([Step::AckAfter(Duration::from_millis(50)), Step::Deny]);
+        let _stop = rig.start_drain();
+        rig.wait_drained().await;
+        // (The fake stores a late-acknowledged message when its ack comes.)
+        let mut stored = rig.fake.stored();
+        stored.sort();
+        assert_eq!(stored, ["a:0", "a:2", "a:3"]);
+        let status = crate::spool::status(rig._dir.path()).unwrap();
+        let quarantined: Vec<&str> = status
+            .quarantined
+            .iter()
+            .map(|e| e.subject.as_str())
+            .collect();
+        assert_eq!(quarantined, ["cmc.deliveries.denied"]);
+    }
+
+    /// A full disk while the cursor is written: the drain writes it again once it can, even
+    /// when nothing is left to publish, so a restart does not replay what was published.
+    #[tokio::test]
+    async fn a_cursor_a_full_disk_kept_from_being_written_is_written_later() {
+        let dir = tempfile::tempdir().unwrap();
+        let mut spool = Spool::open(dir.path(), 1 << 30).unwrap();
+        spool.inject(crate::spool::Fault::CursorWrite, 1);
+        let path = dir.path().to_owned();
+        let rig = rig_on(dir, Some(spool), 4, TIMEOUT);
+        rig.fake.set_ready(false);
+        rig.deliver(batch("a", 3)).await.unwrap();
+        rig.fake.set_ready(true);
+        let _stop = rig.start_drain();
+        rig.wait_drained().await;
+        assert_eq!(rig.fake.stored(), labels("a", 3));
+        let until = Instant::now() + Duration::from_secs(3);
+        loop {
+            let status = crate::spool::status(&path).unwrap();
+            if status.messages == 0 {
+                break;
+            }
+            assert!(
+                Instant::now() < until,
+                "the cursor file still says {} messages wait: a restart would publish them again",
+                status.messages
+            );
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+    }
+
+    /// A quarantine the disk cannot take yet: the disk operation is retried, not the
+    /// publication of the refused message (sent again, it is refused again, or, in `core`
+    /// mode, can even be delivered twice).
+    #[tokio::test]
+    async fn a_quarantine_a_full_disk_refused_is_retried_without_publishing_again() {
+        let dir = tempfile::tempdir().unwrap();
+        let mut spool = Spool::open(dir.path(), 1 << 30).unwrap();
+        spool.inject(crate::spool::Fault::QuarantineDescription, 2);
+        let rig = rig_on(dir, Some(spool), 4, TIMEOUT);
+        rig.fake.set_ready(false);
+        rig.deliver(batch("a", 1)).await.unwrap();
+        rig.deliver(batch_with("big", 1, 5000)).await.unwrap();
+        rig.deliver(batch("c", 1)).await.unwrap();
+        rig.fake.set_max_payload(2000);
+        rig.fake.set_ready(true);
+        let before = rig.fake.sent();
+        let _stop = rig.start_drain();
+        rig.wait_drained().await;
+        assert_eq!(rig.fake.stored(), ["a:0", "c:0"]);
+        assert_eq!(rig.spool.as_ref().unwrap().stats().quarantined(), 1);
+        // a:0, big:0 once, c:0.
+        assert_eq!(
+            rig.fake.sent() - before,
+            3,
+            "the refused message was sent again"
+        );
     }
 
     #[tokio::test]

@@ -82,6 +82,7 @@ async fn run() -> ExitCode {
                     telemetry::init(&settings.log);
                     cli::spool_drain(&settings).await
                 }
+                SpoolCommand::Requeue { names, all: _ } => cli::spool_requeue(&settings, &names),
             };
             return match result {
                 Ok(text) => {

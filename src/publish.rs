@@ -16,7 +16,7 @@ use std::time::Duration;
 
 use async_nats::connection::State;
 use async_nats::header::HeaderName;
-use async_nats::jetstream::{self, context::PublishErrorKind};
+use async_nats::jetstream::{self, context::PublishErrorKind, ErrorCode};
 use async_nats::{Client, HeaderMap};
 use bytes::Bytes;
 use thiserror::Error;
@@ -67,6 +67,9 @@ pub trait Publish: Clone + Send + Sync + 'static {
     fn denial_mark(&self) -> u64;
     /// Resolves with the subject of the first denial after `mark`, and that denial's mark.
     fn next_denial(&self, mark: u64) -> impl Future<Output = (String, u64)> + Send;
+    /// Told of every failed publication, so the publisher can act on what it says about the
+    /// server (a stream that stopped answering is set up again).
+    fn failed(&self, _error: &PublishError) {}
 }
 
 /// Why a batch is not (entirely) on the bus.
@@ -82,6 +85,10 @@ pub enum PublishError {
     NoStream(String),
     #[error("NATS connection failed: {0}")]
     Connection(String),
+    /// JetStream answered, but could not store the message now (insufficient resources, a
+    /// stream at its limits with `discard: new`, no leader, …): waiting can fix it.
+    #[error("JetStream could not store the message now: {0}")]
+    NotStored(String),
     #[error("NATS refused the batch: {0}")]
     Refused(String),
 }
@@ -123,19 +130,20 @@ impl PublishError {
                 | PublishError::Timeout(_)
                 | PublishError::NoStream(_)
                 | PublishError::Connection(_)
+                | PublishError::NotStored(_)
         )
     }
 }
 
 /// What a client error means for delivery.
-fn map_error(
-    kind: PublishErrorKind,
+pub(crate) fn map_error(
+    error: &jetstream::context::PublishError,
     index: usize,
-    message: String,
     timeout: Duration,
     max_payload: usize,
 ) -> PublishError {
-    match kind {
+    let message = error.to_string();
+    match error.kind() {
         PublishErrorKind::TimedOut => PublishError::Timeout(timeout),
         PublishErrorKind::MaxPayloadExceeded => PublishError::TooLarge(Oversized {
             index,
@@ -146,8 +154,22 @@ fn map_error(
         // "No responders": no stream is serving the subject right now, as during a
         // leader election or while a stream is being restored. Worth waiting for.
         PublishErrorKind::StreamNotFound => PublishError::NoStream(message),
-        _ => PublishError::Refused(message),
+        // An API error in the PubAck, by its JetStream error code: only what can never be
+        // stored for this message is a refusal (quarantined, or answered without spooling).
+        // A permission denied on the subject never comes as a PubAck: the server answers it
+        // with `-ERR`, which `next_denial` watches.
+        _ => match api_error_code(error) {
+            Some(ErrorCode::STREAM_MESSAGE_EXCEEDS_MAXIMUM) => PublishError::Refused(message),
+            _ => PublishError::NotStored(message),
+        },
     }
+}
+
+/// The JetStream error code of a PubAck that carried an API error.
+fn api_error_code(error: &jetstream::context::PublishError) -> Option<ErrorCode> {
+    std::error::Error::source(error)?
+        .downcast_ref::<jetstream::Error>()
+        .map(jetstream::Error::error_code)
 }
 
 /// The acknowledgement of one message [`Publisher`] sent: JetStream's PubAck, or nothing to
@@ -173,15 +195,7 @@ impl Future for NatsAck {
             ack.map(|ack| Ack {
                 duplicate: ack.duplicate,
             })
-            .map_err(|e| {
-                map_error(
-                    e.kind(),
-                    js.index,
-                    e.to_string(),
-                    js.timeout,
-                    js.max_payload,
-                )
-            })
+            .map_err(|e| map_error(&e, js.index, js.timeout, js.max_payload))
         })
     }
 }
@@ -195,6 +209,10 @@ pub struct Publisher {
     /// Set once the stream has been created or found (always true in core mode): readiness
     /// needs it, because publishing to a missing stream can only fail.
     stream_ready: Arc<AtomicBool>,
+    /// Why the stream is not usable (the last set-up error), for `/readyz`.
+    stream_problem: Arc<std::sync::Mutex<Option<String>>>,
+    /// A background task is setting the stream up: one at a time.
+    recovering: Arc<AtomicBool>,
     settings: Arc<NatsSettings>,
     /// `validation.dead_letter_subject` in dead-letter mode: an existing stream must cover it
     /// too.
@@ -211,6 +229,8 @@ impl Publisher {
         let jetstream = crate::nats::jetstream(&client, settings);
         Ok(Publisher {
             stream_ready: Arc::new(AtomicBool::new(jetstream.is_none())),
+            stream_problem: Arc::default(),
+            recovering: Arc::default(),
             client,
             jetstream,
             timeout: settings.publish_timeout,
@@ -244,7 +264,17 @@ impl Publisher {
                 None => "NATS is not connected".into(),
             })
         } else if !self.stream_ready.load(Ordering::Acquire) {
-            Some("the JetStream stream is not usable yet".into())
+            let problem = self.stream_problem.lock().expect("not poisoned").clone();
+            Some(match problem {
+                Some(problem) => format!(
+                    "the JetStream stream {} is not usable: {problem}",
+                    self.settings.stream.name
+                ),
+                None => format!(
+                    "the JetStream stream {} is not usable yet",
+                    self.settings.stream.name
+                ),
+            })
         } else {
             None
         }
@@ -256,21 +286,28 @@ impl Publisher {
         let Some(js) = &self.jetstream else {
             return Ok(());
         };
-        crate::nats::ensure_stream(js, &self.settings, self.dead_letter.as_deref()).await?;
+        let ensured =
+            crate::nats::ensure_stream(js, &self.settings, self.dead_letter.as_deref()).await;
+        *self.stream_problem.lock().expect("not poisoned") =
+            ensured.as_ref().err().map(|e| e.to_string());
+        ensured?;
         self.stream_ready.store(true, Ordering::Release);
         Ok(())
     }
 
     /// Keeps trying [`Publisher::ensure_stream`] until it succeeds (used when NATS was not
-    /// reachable at start-up).
+    /// reachable at start-up, and when the stream stopped answering). One at a time.
     pub async fn ensure_stream_in_background(self) {
+        if self.recovering.swap(true, Ordering::AcqRel) {
+            return;
+        }
         let mut logged = false;
         loop {
             if self.is_connected() {
                 match self.ensure_stream().await {
                     Ok(()) => {
                         tracing::info!(stream = %self.settings.stream.name, "stream ready");
-                        return;
+                        break;
                     }
                     Err(e) if !logged => {
                         tracing::error!(error = %e, "stream not usable yet; retrying");
@@ -281,6 +318,21 @@ impl Publisher {
             }
             tokio::time::sleep(Duration::from_millis(500)).await;
         }
+        self.recovering.store(false, Ordering::Release);
+    }
+
+    /// A publication found no stream answering its subject: the stream was deleted (or is
+    /// electing a leader). Marks it unusable, so `/readyz` says so and batches go to the spool
+    /// (or get `503`) instead of failing one by one, and sets it up again in the background:
+    /// created anew with `nats.stream.create = true`, waited for otherwise.
+    fn stream_lost(&self, reason: &str) {
+        if self.jetstream.is_none() || !self.stream_ready.swap(false, Ordering::AcqRel) {
+            return;
+        }
+        tracing::error!(stream = %self.settings.stream.name, %reason, "the stream stopped answering; setting it up again");
+        *self.stream_problem.lock().expect("not poisoned") =
+            Some(format!("no stream answers its subjects ({reason})"));
+        tokio::spawn(self.clone().ensure_stream_in_background());
     }
 
     /// A JetStream context on the shared connection whatever `nats.mode`: the inbound
@@ -351,9 +403,7 @@ impl Publish for Arc<Publisher> {
                 let ack = js
                     .publish_with_headers(message.subject, message.headers, message.payload)
                     .await
-                    .map_err(|e| {
-                        map_error(e.kind(), index, e.to_string(), self.timeout, max_payload)
-                    })?
+                    .map_err(|e| map_error(&e, index, self.timeout, max_payload))?
                     .into_future();
                 Ok(NatsAck(Some(JetStreamAck {
                     ack,
@@ -388,6 +438,12 @@ impl Publish for Arc<Publisher> {
 
     async fn next_denial(&self, mark: u64) -> (String, u64) {
         self.health.next_denial(mark).await
+    }
+
+    fn failed(&self, error: &PublishError) {
+        if let PublishError::NoStream(reason) = error {
+            self.stream_lost(reason);
+        }
     }
 
     async fn settle(&self) -> Result<(), PublishError> {
@@ -525,6 +581,34 @@ mod tests {
         all
     }
 
+    fn pub_ack_error(code: u64) -> PublishError {
+        let api: jetstream::Error = serde_json::from_value(serde_json::json!({
+            "code": 503, "err_code": code, "description": "from the server"
+        }))
+        .unwrap();
+        let error = jetstream::context::PublishError::with_source(PublishErrorKind::Other, api);
+        map_error(&error, 3, Duration::from_secs(1), 1024)
+    }
+
+    /// Only what can never be stored is permanent; resources and limits are waited for.
+    #[test]
+    fn pub_ack_api_errors_are_classified_by_their_jetstream_code() {
+        for code in [10023, 10028, 10047, 10077, 10008, 10002, 10999] {
+            let error = pub_ack_error(code);
+            assert!(error.is_temporary(), "{code}: {error}");
+            assert!(error.to_string().contains(&code.to_string()), "{error}");
+        }
+        let error = pub_ack_error(10054);
+        assert!(error.is_permanent(), "{error}");
+        assert!(matches!(error, PublishError::Refused(_)), "{error:?}");
+        // Not an API error at all (the ack could not be parsed): not a refusal either.
+        let other = jetstream::context::PublishError::with_source(
+            PublishErrorKind::Other,
+            std::io::Error::other("garbled"),
+        );
+        assert!(map_error(&other, 0, Duration::from_secs(1), 1024).is_temporary());
+    }
+
     /// The per-batch template gives every message exactly the headers it would get built
     /// whole: several statuses, indexes of several widths, dead letters in between, both
     /// shapes.
@@ -601,6 +685,9 @@ pub(crate) mod fake {
         Fail,
         /// The server denies the subject: never acknowledged, a denial recorded.
         Deny,
+        /// JetStream answers with an API error of this code (e.g. 10047, storage resources
+        /// exceeded), classified as the real publisher classifies it.
+        Api(u64),
     }
 
     #[derive(Debug)]
@@ -620,6 +707,8 @@ pub(crate) mod fake {
         send_times: Vec<std::time::Instant>,
         /// Denied subjects with their marks.
         denials: Vec<(String, u64)>,
+        /// `core` mode: no acknowledgements to wait for, no de-duplication.
+        core: bool,
     }
 
     #[derive(Debug, Clone)]
@@ -642,6 +731,7 @@ pub(crate) mod fake {
                     max_outstanding: 0,
                     send_times: Vec::new(),
                     denials: Vec::new(),
+                    core: false,
                 })),
                 Arc::default(),
             )
@@ -674,6 +764,12 @@ pub(crate) mod fake {
             self.1.notify_waiters();
         }
 
+        /// Behaves as `core` mode does: every send is stored, nothing is de-duplicated, and
+        /// nothing is confirmed before the final flush.
+        pub fn set_core(&self, core: bool) {
+            self.state().core = core;
+        }
+
         pub fn set_max_payload(&self, max: usize) {
             self.state().max_payload = max;
         }
@@ -701,7 +797,7 @@ pub(crate) mod fake {
         /// Stores the message (once per id); whether it was a duplicate.
         fn store(&self, id: String, label: String) -> bool {
             let mut s = self.state();
-            if s.ids.insert(id) {
+            if s.ids.insert(id) || s.core {
                 s.stored.push(label);
                 false
             } else {
@@ -734,7 +830,7 @@ pub(crate) mod fake {
         }
 
         fn confirms_each(&self) -> bool {
-            true
+            !self.state().core
         }
 
         async fn send(&self, message: Outbound, index: usize) -> Result<AckFuture, PublishError> {
@@ -798,6 +894,20 @@ pub(crate) mod fake {
                 Step::Deny => {
                     self.record_denial(&subject);
                     Ok(Box::pin(std::future::pending()))
+                }
+                Step::Api(code) => {
+                    let api: async_nats::jetstream::Error = serde_json::from_value(
+                        serde_json::json!({"code": 503, "err_code": code, "description": "scripted"}),
+                    )
+                    .expect("an API error");
+                    let error = async_nats::jetstream::context::PublishError::with_source(
+                        async_nats::jetstream::context::PublishErrorKind::Other,
+                        api,
+                    );
+                    let (timeout, max) = (self.timeout(), self.max_payload());
+                    Ok(Box::pin(async move {
+                        Err(super::map_error(&error, index, timeout, max))
+                    }))
                 }
             }
         }

@@ -23,16 +23,28 @@
 //!   published twice (e.g. after a crash between publish and cursor update) is stored once
 //!   by JetStream.
 //! - `cursor` holds `<segment id> <byte offset>`: the first record not yet acknowledged.
-//!   It is replaced atomically (write, fsync, rename) after each acknowledged run.
+//!   It is replaced atomically (write, fsync, rename) after each acknowledged run; a write
+//!   that fails (a full disk) is retried, by the drainer, until it succeeds.
 //! - A new segment is started at every start-up and after 64 MiB. Consumed segments are
-//!   deleted.
+//!   deleted. A segment id is never used twice, not even the id of a deleted segment the
+//!   cursor still names (a crash between the delete and the cursor's next write): a cursor
+//!   whose segment is gone stands for the start of the next one.
 //! - `quarantine/` holds the messages NATS refused permanently: `<name>.rec` (the record as it
-//!   was in the segment) and `<name>.json` (subject, message id, reason, time).
+//!   was in the segment) and `<name>.json` (subject, message id, reason, time, size), and,
+//!   named `unreadable-<segment>-<offset>`, the bytes of damaged records. Its bytes count in
+//!   `spool.max_bytes`; [`Spool::requeue`] puts messages back at the end of the spool.
 //!
 //! A crash can tear the last record of the segment being written: at start-up every segment
 //! is scanned, and a record with a short header, a length past the end of the file or a wrong
-//! CRC ends the readable part of that segment; the file is truncated there (the request that
-//! wrote it was never answered `200`, so nothing promised is lost).
+//! CRC, with no intact record after it, is a torn tail; the file is truncated there (the
+//! request that wrote it was never answered `200`, so nothing promised is lost). When an
+//! intact record (magic, length, CRC, decodable) does follow, the bytes in between are damage
+//! in the middle of the segment: they are copied to the quarantine and skipped, and the
+//! records after them, answered `200`, are published. A write that fails halfway is cut back
+//! at once; if that fails too, nothing more is appended until it succeeds, and the drainer
+//! never reads past a segment's last good record, so the complete records of a group answered
+//! `503` are not published (only a process that ends before the cut succeeds leaves them for
+//! the next start to find).
 
 use std::collections::VecDeque;
 use std::fs::{self, File, OpenOptions};
@@ -70,6 +82,8 @@ pub enum SpoolError {
     Locked(PathBuf),
     #[error("the spool writer has stopped")]
     Stopped,
+    #[error("no quarantined message is named {0:?} (see `cmc-forwarder spool status`)")]
+    NotQuarantined(String),
 }
 
 /// A position in the spool: segment id and byte offset.
@@ -106,8 +120,13 @@ pub struct SpoolStats {
     /// Appends handed to the writer and not yet finished: while any is pending, the spool
     /// counts as non-empty, so a later batch can never overtake one on its way to the disk.
     queued: AtomicU64,
-    /// Messages in the quarantine.
+    /// Messages in the quarantine, and the bytes of their records (`spool.max_bytes` counts
+    /// them: they are on the same disk until requeued or removed).
     quarantined: AtomicU64,
+    quarantined_bytes: AtomicU64,
+    /// The cursor file is behind the cursor in memory (its last write failed): messages no
+    /// longer count, but the file must still be written, or a restart replays them.
+    cursor_pending: std::sync::atomic::AtomicBool,
     /// Bytes of the inbound spool (`<spool.dir>/inbound/`): `spool.max_bytes` bounds both
     /// spools together, so each side checks the other's bytes before it appends.
     inbound_bytes: AtomicU64,
@@ -134,6 +153,16 @@ impl SpoolStats {
         self.quarantined.load(Ordering::SeqCst)
     }
 
+    /// Bytes held by the quarantine.
+    pub fn quarantined_bytes(&self) -> u64 {
+        self.quarantined_bytes.load(Ordering::SeqCst)
+    }
+
+    /// Whether the cursor file still has to be written (its last write failed).
+    pub fn cursor_pending(&self) -> bool {
+        self.cursor_pending.load(Ordering::SeqCst)
+    }
+
     /// Bytes held by the inbound spool of the same directory.
     pub fn inbound_bytes(&self) -> u64 {
         self.inbound_bytes.load(Ordering::SeqCst)
@@ -144,7 +173,9 @@ impl SpoolStats {
     pub fn reserve_inbound(&self, bytes: u64, max_bytes: u64) -> bool {
         self.inbound_bytes
             .fetch_update(Ordering::SeqCst, Ordering::SeqCst, |held| {
-                (self.bytes() + held + bytes <= max_bytes).then_some(held + bytes)
+                let others = self.bytes() + self.quarantined_bytes();
+                (others.saturating_add(held).saturating_add(bytes) <= max_bytes)
+                    .then_some(held + bytes)
             })
             .is_ok()
     }
@@ -170,6 +201,9 @@ struct Segment {
     id: u64,
     /// Bytes known to hold complete, synced records.
     size: u64,
+    /// Unreadable stretches `(start, end)` found at start-up between readable records: read
+    /// past, their bytes in the quarantine.
+    gaps: Vec<(u64, u64)>,
 }
 
 /// The spool of one directory, owned by one process (and, in it, by the writer thread).
@@ -184,9 +218,33 @@ pub struct Spool {
     cursor: Position,
     /// The cursor in memory is ahead of the file (its last write failed).
     cursor_dirty: bool,
+    /// A segment to cut back to its last complete record `(id, size)`: a failed write left
+    /// part of a refused group after it, and cutting it off failed too. Nothing is appended
+    /// until it is done, or those records, answered `503`, would be published after a restart.
+    pending_cut: Option<(u64, u64)>,
     stats: Arc<SpoolStats>,
     /// Held for the life of the spool: the exclusive lock on `<dir>/lock`.
     _lock: File,
+    /// File operations a test makes fail (how many times each).
+    #[cfg(test)]
+    faults: std::collections::HashMap<Fault, u32>,
+}
+
+/// A point in the spool's file operations where a test can script a failure: a full disk,
+/// or (dropping the spool right after) a crash between two operations.
+#[cfg(test)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub(crate) enum Fault {
+    /// Writing the cursor file fails (ENOSPC).
+    CursorWrite,
+    /// Right after a consumed segment is deleted, before the cursor moves past it.
+    AfterSegmentRemoved,
+    /// Appending writes the first half of its buffer, then fails (ENOSPC).
+    PartialWrite,
+    /// Cutting a segment back to its last complete record fails.
+    Truncate,
+    /// Writing a quarantined message's description fails (ENOSPC).
+    QuarantineDescription,
 }
 
 fn segment_path(dir: &Path, id: u64) -> PathBuf {
@@ -231,10 +289,7 @@ impl Spool {
         fs::create_dir_all(dir)?;
         let lock = lock_dir(dir)?;
         let ids = segment_ids(dir)?;
-        let cursor = read_cursor(dir)?.unwrap_or(Position {
-            segment: ids.first().copied().unwrap_or(0),
-            offset: 0,
-        });
+        let mut cursor = effective_cursor(dir, &ids)?;
         let mut segments = VecDeque::new();
         let (mut messages, mut bytes) = (0u64, 0u64);
         for id in ids {
@@ -244,6 +299,14 @@ impl Spool {
                 continue;
             }
             let scan = scan_segment(&path)?;
+            if id == cursor.segment && !on_boundary(cursor, &scan.records) {
+                tracing::warn!(
+                    segment = %path.display(),
+                    offset = cursor.offset,
+                    "the spool cursor is not at a record boundary (left by an earlier version after a crash); reading the segment from its start"
+                );
+                cursor.offset = 0;
+            }
             if scan.valid_len < scan.file_len {
                 tracing::warn!(
                     segment = %path.display(),
@@ -251,10 +314,14 @@ impl Spool {
                     dropped = scan.file_len - scan.valid_len,
                     "spool segment ends with a torn or corrupt record; truncating it"
                 );
-                OpenOptions::new()
-                    .write(true)
-                    .open(&path)?
-                    .set_len(scan.valid_len)?;
+                let file = OpenOptions::new().write(true).open(&path)?;
+                file.set_len(scan.valid_len)?;
+                file.sync_all()?;
+            }
+            for &(start, end) in &scan.gaps {
+                if id > cursor.segment || start >= cursor.offset {
+                    quarantine_unreadable(dir, &path, id, start, end)?;
+                }
             }
             for record in scan.records {
                 if id > cursor.segment || record.end > cursor.offset {
@@ -265,15 +332,26 @@ impl Spool {
             segments.push_back(Segment {
                 id,
                 size: scan.valid_len,
+                gaps: scan.gaps,
             });
         }
-        let next_id = segments.back().map_or(cursor.segment.max(1), |s| s.id + 1);
+        // Never the cursor's own segment again: a cursor can outlive its segment (a crash
+        // between deleting the segment and moving the cursor on), and a new segment of that
+        // id would be read from the stale offset, i.e. from the middle of a record.
+        let next_id = segments
+            .back()
+            .map_or(1, |s| s.id + 1)
+            .max(cursor.segment + 1);
         let stats = Arc::new(SpoolStats::default());
         stats.messages.store(messages, Ordering::SeqCst);
         stats.bytes.store(bytes, Ordering::SeqCst);
+        let quarantined = quarantine_entries(dir)?;
         stats
             .quarantined
-            .store(quarantine_entries(dir)?.len() as u64, Ordering::SeqCst);
+            .store(quarantined.len() as u64, Ordering::SeqCst);
+        stats
+            .quarantined_bytes
+            .store(quarantined.iter().map(|e| e.bytes).sum(), Ordering::SeqCst);
         Ok(Spool {
             dir: dir.to_owned(),
             max_bytes,
@@ -282,9 +360,32 @@ impl Spool {
             next_id,
             cursor,
             cursor_dirty: false,
+            pending_cut: None,
             stats,
             _lock: lock,
+            #[cfg(test)]
+            faults: Default::default(),
         })
+    }
+
+    #[cfg(test)]
+    fn fail_at(&mut self, fault: Fault) -> io::Result<()> {
+        match self.faults.get_mut(&fault) {
+            Some(left) if *left > 0 => {
+                *left -= 1;
+                Err(io::Error::new(
+                    io::ErrorKind::StorageFull,
+                    format!("no space left on device (scripted at {fault:?})"),
+                ))
+            }
+            _ => Ok(()),
+        }
+    }
+
+    /// Makes the next `times` passes through `fault` fail.
+    #[cfg(test)]
+    pub(crate) fn inject(&mut self, fault: Fault, times: u32) {
+        self.faults.insert(fault, times);
     }
 
     /// The counts, shared.
@@ -309,7 +410,10 @@ impl Spool {
         for (records, n) in group {
             let len = records.len() as u64;
             // The inbound spool's bytes count too: `spool.max_bytes` bounds the directory.
-            if self.stats.bytes() + self.stats.inbound_bytes() + size + len > self.max_bytes {
+            // So does the quarantine: it stays on the same disk until requeued or removed.
+            let held =
+                self.stats.bytes() + self.stats.inbound_bytes() + self.stats.quarantined_bytes();
+            if held + size + len > self.max_bytes {
                 answers.push(Some(Err(SpoolError::Full(self.max_bytes))));
                 continue;
             }
@@ -340,6 +444,7 @@ impl Spool {
     }
 
     fn write_durably(&mut self, buf: &[u8]) -> io::Result<()> {
+        self.cut_back()?;
         let needs_new = match (&self.writer, self.segments.back()) {
             (Some(_), Some(last)) => last.size >= SEGMENT_MAX,
             _ => true,
@@ -353,22 +458,57 @@ impl Spool {
                 .open(segment_path(&self.dir, id))?;
             sync_dir(&self.dir)?;
             self.writer = Some(file);
-            self.segments.push_back(Segment { id, size: 0 });
+            self.segments.push_back(Segment {
+                id,
+                size: 0,
+                gaps: Vec::new(),
+            });
         }
+        #[cfg(test)]
+        let partial = self.fail_at(Fault::PartialWrite);
         let writer = self.writer.as_mut().expect("writer opened above");
-        if let Err(e) = writer.write_all(buf).and_then(|()| writer.sync_data()) {
+        #[cfg(test)]
+        let written = match partial {
+            Ok(()) => writer.write_all(buf).and_then(|()| writer.sync_data()),
+            Err(e) => writer.write_all(&buf[..buf.len() / 2]).and(Err(e)),
+        };
+        #[cfg(not(test))]
+        let written = writer.write_all(buf).and_then(|()| writer.sync_data());
+        if let Err(e) = written {
             // The tail may hold part of this write: start a fresh segment next time, and
             // cut this one back to its last complete record.
             self.writer = None;
-            if let Some(last) = self.segments.back() {
-                let _ = OpenOptions::new()
-                    .write(true)
-                    .open(segment_path(&self.dir, last.id))
-                    .and_then(|f| f.set_len(last.size));
+            self.pending_cut = self.segments.back().map(|last| (last.id, last.size));
+            if let Err(cut) = self.cut_back() {
+                tracing::error!(error = %cut, "cannot cut a failed write off the spool; appends are refused until it is done");
             }
             return Err(e);
         }
         self.segments.back_mut().expect("segment exists").size += buf.len() as u64;
+        Ok(())
+    }
+
+    /// Cuts the segment a failed write left a partial group in back to its last complete
+    /// record, if that is still to do.
+    fn cut_back(&mut self) -> io::Result<()> {
+        let Some((id, size)) = self.pending_cut else {
+            return Ok(());
+        };
+        #[cfg(test)]
+        self.fail_at(Fault::Truncate)?;
+        match OpenOptions::new()
+            .write(true)
+            .open(segment_path(&self.dir, id))
+        {
+            Ok(file) => {
+                file.set_len(size)?;
+                file.sync_all()?;
+            }
+            // Consumed and deleted meanwhile: nothing left to cut.
+            Err(e) if e.kind() == io::ErrorKind::NotFound => {}
+            Err(e) => return Err(e),
+        }
+        self.pending_cut = None;
         Ok(())
     }
 
@@ -378,6 +518,7 @@ impl Spool {
         let mut batch = ReadBatch::default();
         for segment in &self.segments {
             let (id, size) = (segment.id, segment.size);
+            let gap_at = |offset: u64| segment.gaps.iter().find(|(start, _)| *start == offset);
             if id < position.segment {
                 continue;
             }
@@ -397,7 +538,12 @@ impl Spool {
             file.seek(SeekFrom::Start(position.offset))?;
             let mut reader = io::BufReader::new(file.take(size - position.offset));
             while batch.messages.len() < max && position.offset < size {
-                let (message, record) = read_record(&mut reader)?;
+                if let Some(&(start, end)) = gap_at(position.offset) {
+                    io::copy(&mut (&mut reader).take(end - start), &mut io::sink())?;
+                    position.offset = end;
+                    continue;
+                }
+                let (message, record) = read_record(&mut reader, size - position.offset)?;
                 let len = record.len() as u64;
                 position.offset += len;
                 batch.messages.push(message);
@@ -426,19 +572,34 @@ impl Spool {
             return;
         }
         self.cursor = end;
-        self.cursor_dirty = true;
+        self.mark_cursor_dirty();
         self.stats.messages.fetch_sub(n, Ordering::SeqCst);
         self.stats.bytes.fetch_sub(bytes, Ordering::SeqCst);
+    }
+
+    fn mark_cursor_dirty(&mut self) {
+        self.cursor_dirty = true;
+        self.stats.cursor_pending.store(true, Ordering::SeqCst);
+    }
+
+    /// Writes the cursor file; until that succeeds the cursor stays marked as pending, so the
+    /// drainer tries again even once nothing is left to publish.
+    fn write_cursor_file(&mut self) -> Result<(), SpoolError> {
+        #[cfg(test)]
+        self.fail_at(Fault::CursorWrite)?;
+        write_cursor(&self.dir, self.cursor)?;
+        self.cursor_dirty = false;
+        self.stats.cursor_pending.store(false, Ordering::SeqCst);
+        Ok(())
     }
 
     fn persist_cursor(&mut self) -> Result<(), SpoolError> {
         if !self.cursor_dirty {
             return Ok(());
         }
-        write_cursor(&self.dir, self.cursor)?;
-        self.cursor_dirty = false;
+        self.write_cursor_file()?;
         // Delete segments that are wholly consumed; the active one only when it is drained.
-        while let Some(&Segment { id, size }) = self.segments.front() {
+        while let Some(&Segment { id, size, .. }) = self.segments.front() {
             let consumed = id < self.cursor.segment
                 || (id == self.cursor.segment && self.cursor.offset >= size);
             if !consumed {
@@ -449,7 +610,11 @@ impl Spool {
             }
             self.segments.pop_front();
             fs::remove_file(segment_path(&self.dir, id))?;
-            self.cursor = match self.segments.front() {
+            // A crash here leaves a cursor naming a deleted segment: harmless, since a
+            // segment id is never used twice (see `open`).
+            #[cfg(test)]
+            self.fail_at(Fault::AfterSegmentRemoved)?;
+            let next = match self.segments.front() {
                 Some(next) if self.cursor.segment < next.id => Position {
                     segment: next.id,
                     offset: 0,
@@ -460,7 +625,11 @@ impl Spool {
                     offset: 0,
                 },
             };
-            write_cursor(&self.dir, self.cursor)?;
+            if next != self.cursor {
+                self.cursor = next;
+                self.mark_cursor_dirty();
+                self.write_cursor_file()?;
+            }
         }
         Ok(())
     }
@@ -485,19 +654,107 @@ impl Spool {
         let at = now_ms();
         let name = format!("{at:020}-{:010}-{:010}", end.segment, end.offset);
         let entry = QuarantineEntry {
+            name: name.clone(),
             subject: message.subject.clone(),
             msg_id: message.header("Nats-Msg-Id").unwrap_or("").to_owned(),
             reason: reason.to_owned(),
             quarantined_at_ms: at,
             bytes: len,
         };
-        write_synced(&dir.join(format!("{name}.rec")), record)?;
-        let json = serde_json::to_vec_pretty(&entry).map_err(io::Error::other)?;
-        write_synced(&dir.join(format!("{name}.json")), &json)?;
-        sync_dir(&dir)?;
+        let (rec, json_path) = (
+            dir.join(format!("{name}.rec")),
+            dir.join(format!("{name}.json")),
+        );
+        let written = (|| {
+            write_synced(&rec, record)?;
+            #[cfg(test)]
+            self.fail_at(Fault::QuarantineDescription)?;
+            let json = serde_json::to_vec_pretty(&entry).map_err(io::Error::other)?;
+            write_synced(&json_path, &json)?;
+            sync_dir(&dir)
+        })();
+        if let Err(e) = written {
+            // A full disk: leave nothing half-written (each attempt would add a file, and
+            // fill the disk further); the message stays in the spool and is tried again.
+            let _ = fs::remove_file(&json_path);
+            let _ = fs::remove_file(&rec);
+            return Err(e.into());
+        }
         self.stats.quarantined.fetch_add(1, Ordering::SeqCst);
+        self.stats
+            .quarantined_bytes
+            .fetch_add(record.len() as u64, Ordering::SeqCst);
         self.advance(end, 1, len);
         self.persist_cursor()
+    }
+}
+
+/// What [`Spool::requeue`] did.
+#[derive(Debug, Default, Clone, PartialEq, Eq)]
+pub struct Requeued {
+    /// The entries put back at the end of the spool.
+    pub requeued: Vec<String>,
+    /// Entries that are not a readable message (unreadable bytes kept as evidence), left in
+    /// the quarantine.
+    pub unreadable: Vec<String>,
+}
+
+impl Spool {
+    /// Puts quarantined messages back at the end of the spool (`spool requeue`): all of them
+    /// (`names` empty) or the named entries, in their quarantine order. Each is appended
+    /// durably first and removed from the quarantine after, so a crash in between leaves it
+    /// in both (published twice at worst, and de-duplicated by its `Nats-Msg-Id` within the
+    /// stream's window), never in neither. The quarantine already counts in
+    /// `spool.max_bytes`, so moving a message back never makes the spool full.
+    pub fn requeue(&mut self, names: &[String]) -> Result<Requeued, SpoolError> {
+        let entries = quarantine_entries(&self.dir)?;
+        if let Some(unknown) = names
+            .iter()
+            .find(|name| !entries.iter().any(|e| &e.name == *name))
+        {
+            return Err(SpoolError::NotQuarantined(unknown.clone()));
+        }
+        let qdir = self.dir.join(QUARANTINE);
+        let mut done = Requeued::default();
+        let mut buf = Vec::new();
+        let mut picked = Vec::new();
+        for entry in entries
+            .into_iter()
+            .filter(|e| names.is_empty() || names.contains(&e.name))
+        {
+            let record = fs::read(qdir.join(format!("{}.rec", entry.name)))?;
+            match check_record(&record) {
+                Some((len, _)) if len == record.len() => {
+                    buf.extend_from_slice(&record);
+                    picked.push(entry);
+                }
+                _ => done.unreadable.push(entry.name),
+            }
+        }
+        if picked.is_empty() {
+            return Ok(done);
+        }
+        self.write_durably(&buf)?;
+        self.stats
+            .messages
+            .fetch_add(picked.len() as u64, Ordering::SeqCst);
+        self.stats
+            .bytes
+            .fetch_add(buf.len() as u64, Ordering::SeqCst);
+        for entry in picked {
+            // The description first: an entry without one is not listed any more.
+            fs::remove_file(qdir.join(format!("{}.json", entry.name)))?;
+            fs::remove_file(qdir.join(format!("{}.rec", entry.name)))?;
+            self.stats.quarantined.fetch_sub(1, Ordering::SeqCst);
+            let _ = self.stats.quarantined_bytes.fetch_update(
+                Ordering::SeqCst,
+                Ordering::SeqCst,
+                |held| Some(held.saturating_sub(entry.bytes)),
+            );
+            done.requeued.push(entry.name);
+        }
+        sync_dir(&qdir)?;
+        Ok(done)
     }
 }
 
@@ -510,6 +767,10 @@ fn write_synced(path: &Path, data: &[u8]) -> io::Result<()> {
 /// One quarantined message, as described in its `.json` file.
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq)]
 pub struct QuarantineEntry {
+    /// The entry's name in `quarantine/` (its files are `<name>.rec` and `<name>.json`), as
+    /// `spool requeue` takes it.
+    #[serde(default)]
+    pub name: String,
     pub subject: String,
     pub msg_id: String,
     pub reason: String,
@@ -531,7 +792,11 @@ fn quarantine_entries(dir: &Path) -> io::Result<Vec<QuarantineEntry>> {
     files.sort();
     Ok(files
         .iter()
-        .filter_map(|p| serde_json::from_slice(&fs::read(p).ok()?).ok())
+        .filter_map(|p| {
+            let mut entry: QuarantineEntry = serde_json::from_slice(&fs::read(p).ok()?).ok()?;
+            entry.name = p.file_stem()?.to_str()?.to_owned();
+            Some(entry)
+        })
         .collect())
 }
 
@@ -572,13 +837,15 @@ pub fn status(dir: &Path) -> Result<SpoolStatus, SpoolError> {
         Err(_) => false,
     };
     let ids = segment_ids(dir)?;
-    let cursor = read_cursor(dir)?.unwrap_or(Position {
-        segment: ids.first().copied().unwrap_or(0),
-        offset: 0,
-    });
+    let cursor = effective_cursor(dir, &ids)?;
     let mut oldest: Option<u64> = None;
+    let mut cursor = cursor;
     for id in ids.into_iter().filter(|&id| id >= cursor.segment) {
-        for record in scan_segment(&segment_path(dir, id))?.records {
+        let records = scan_segment(&segment_path(dir, id))?.records;
+        if id == cursor.segment && !on_boundary(cursor, &records) {
+            cursor.offset = 0;
+        }
+        for record in records {
             if id > cursor.segment || record.end > cursor.offset {
                 status.messages += 1;
                 status.bytes += record.size;
@@ -792,6 +1059,28 @@ fn writer_loop(mut spool: Spool, rx: mpsc::Receiver<Op>, appended: Arc<Notify>) 
     }
 }
 
+/// Where reading starts: the cursor file's position, or, when its segment no longer exists
+/// (deleted once consumed, the cursor not yet moved past it), the start of the first segment
+/// after it.
+fn effective_cursor(dir: &Path, ids: &[u64]) -> Result<Position, SpoolError> {
+    let first = |from: u64| Position {
+        segment: ids.iter().copied().find(|&id| id >= from).unwrap_or(from),
+        offset: 0,
+    };
+    Ok(match read_cursor(dir)? {
+        Some(cursor) if ids.contains(&cursor.segment) => cursor,
+        Some(stale) => first(stale.segment + 1),
+        None => first(0),
+    })
+}
+
+/// Whether `cursor` (in the segment of `records`) stands where a record starts. It always
+/// does, except for the cursor an earlier version could leave: one naming a segment that was
+/// deleted and then created again under the same id, at an offset of the old segment.
+fn on_boundary(cursor: Position, records: &[ScannedRecord]) -> bool {
+    cursor.offset == 0 || records.iter().any(|r| r.end == cursor.offset)
+}
+
 fn read_cursor(dir: &Path) -> Result<Option<Position>, SpoolError> {
     match fs::read_to_string(dir.join(CURSOR)) {
         Ok(text) => {
@@ -831,27 +1120,91 @@ struct ScannedRecord {
 
 struct Scan {
     file_len: u64,
+    /// The end of the last intact record: what follows is a torn tail.
     valid_len: u64,
     records: Vec<ScannedRecord>,
+    /// Unreadable stretches followed by intact records (damage, not a torn tail).
+    gaps: Vec<(u64, u64)>,
 }
 
+/// Reads a segment's records. A record that cannot be read ends the readable part only when
+/// no intact record (magic, length, CRC, decodable payload) follows it: that is the torn tail
+/// of an interrupted write. Otherwise the bytes up to the next intact record are a gap, and
+/// the records after it are read as usual.
 fn scan_segment(path: &Path) -> io::Result<Scan> {
     let data = fs::read(path)?;
     let mut offset = 0usize;
     let mut records = Vec::new();
-    while let Some((len, at_ms)) = check_record(&data[offset..]) {
-        offset += len;
-        records.push(ScannedRecord {
-            end: offset as u64,
-            size: len as u64,
-            at_ms,
+    let mut gaps = Vec::new();
+    loop {
+        if let Some((len, at_ms)) = check_record(&data[offset..]) {
+            offset += len;
+            records.push(ScannedRecord {
+                end: offset as u64,
+                size: len as u64,
+                at_ms,
+            });
+            continue;
+        }
+        let next = (offset + 1..data.len().saturating_sub(RECORD_HEADER - 1)).find(|&at| {
+            let magic = &data[at..at + 4];
+            (magic == MAGIC || magic == MAGIC_V1) && check_record(&data[at..]).is_some()
         });
+        match next {
+            Some(next) => {
+                gaps.push((offset as u64, next as u64));
+                offset = next;
+            }
+            None => break,
+        }
     }
     Ok(Scan {
         file_len: data.len() as u64,
         valid_len: offset as u64,
         records,
+        gaps,
     })
+}
+
+/// Copies the unreadable bytes `start..end` of segment `id` to the quarantine, once (named
+/// by their place, so a restart does not copy them again).
+fn quarantine_unreadable(
+    dir: &Path,
+    segment: &Path,
+    id: u64,
+    start: u64,
+    end: u64,
+) -> io::Result<()> {
+    let qdir = dir.join(QUARANTINE);
+    let name = format!("unreadable-{id:020}-{start:020}");
+    let json_path = qdir.join(format!("{name}.json"));
+    if json_path.exists() {
+        return Ok(());
+    }
+    tracing::error!(
+        segment = %segment.display(),
+        start,
+        end,
+        "spool segment holds unreadable bytes between intact records; they are quarantined and the records after them kept"
+    );
+    fs::create_dir_all(&qdir)?;
+    let data = fs::read(segment)?;
+    let bytes = data.get(start as usize..end as usize).unwrap_or_default();
+    let entry = QuarantineEntry {
+        name: name.clone(),
+        subject: String::new(),
+        msg_id: String::new(),
+        reason: format!(
+            "unreadable bytes in {} at offsets {start}..{end} (a damaged record: its message cannot be recovered)",
+            segment.display()
+        ),
+        quarantined_at_ms: now_ms(),
+        bytes: bytes.len() as u64,
+    };
+    let json = serde_json::to_vec_pretty(&entry).map_err(io::Error::other)?;
+    write_synced(&qdir.join(format!("{name}.rec")), bytes)?;
+    write_synced(&json_path, &json)?;
+    sync_dir(&qdir)
 }
 
 /// The length and time stamp of the complete, intact record at the start of `data`, if
@@ -936,10 +1289,21 @@ fn put_str16(out: &mut Vec<u8>, s: &str) -> Result<(), SpoolError> {
 }
 
 /// Reads one record: the message and the record's bytes as stored.
-fn read_record(reader: &mut impl Read) -> Result<(NatsMessage, Vec<u8>), SpoolError> {
+///
+/// `limit` is how many bytes the record can span (what is left of its segment): the header's
+/// magic and length are checked against it before anything is allocated, so a position in the
+/// middle of a record, or a damaged header, is an error, never a read of up to 4 GiB.
+fn read_record(reader: &mut impl Read, limit: u64) -> Result<(NatsMessage, Vec<u8>), SpoolError> {
+    let unreadable = |why: &str| io::Error::new(io::ErrorKind::InvalidData, why.to_owned());
     let mut record = vec![0u8; RECORD_HEADER];
     reader.read_exact(&mut record)?;
+    if &record[..4] != MAGIC && &record[..4] != MAGIC_V1 {
+        return Err(unreadable("not the start of a spool record").into());
+    }
     let len = u32::from_le_bytes(record[4..8].try_into().expect("4 bytes")) as usize;
+    if (RECORD_HEADER + len) as u64 > limit {
+        return Err(unreadable("spool record longer than its segment").into());
+    }
     record.resize(RECORD_HEADER + len, 0);
     reader.read_exact(&mut record[RECORD_HEADER..])?;
     let versioned = &record[..4] == MAGIC;
@@ -1076,12 +1440,133 @@ mod tests {
         assert_eq!(drain_all(&mut spool), [message(0)]);
     }
 
+    /// The state a crash between deleting the last consumed segment and moving the cursor past
+    /// it leaves: a cursor naming a segment that no longer exists, at an offset inside it.
     #[test]
-    fn a_corrupt_record_ends_the_readable_part() {
+    fn a_crash_between_deleting_the_last_segment_and_moving_the_cursor_loses_nothing() {
         let dir = tempfile::tempdir().unwrap();
         {
             let mut spool = Spool::open(dir.path(), 1 << 20).unwrap();
             append(&mut spool, &[message(0), message(1), message(2)]).unwrap();
+            spool.inject(Fault::AfterSegmentRemoved, 1);
+            let batch = spool.read(10).unwrap();
+            assert!(spool.commit(&batch, 3).is_err());
+            assert!(segment_files(dir.path()).is_empty());
+        } // The process dies here.
+        let mut spool = Spool::open(dir.path(), 1 << 20).unwrap();
+        assert_eq!(spool.stats().messages(), 0);
+        // Fewer bytes than the stale offset, then more: each must be read from its start.
+        append(&mut spool, &[message(3)]).unwrap();
+        assert_eq!(drain_all(&mut spool), [message(3)]);
+        append(&mut spool, &(4..10).map(message).collect::<Vec<_>>()).unwrap();
+        assert_eq!(
+            drain_all(&mut spool),
+            (4..10).map(message).collect::<Vec<_>>()
+        );
+        drop(spool);
+        let mut spool = Spool::open(dir.path(), 1 << 20).unwrap();
+        append(&mut spool, &[message(10)]).unwrap();
+        assert_eq!(drain_all(&mut spool), [message(10)]);
+    }
+
+    /// What an earlier version could leave after that crash: the segment created again under
+    /// the cursor's id, the cursor at an offset of the old one (past its end, or mid-record).
+    #[test]
+    fn a_cursor_off_a_record_boundary_reads_its_segment_from_the_start() {
+        for stale in [9_999u64, 5] {
+            let dir = tempfile::tempdir().unwrap();
+            {
+                let mut spool = Spool::open(dir.path(), 1 << 20).unwrap();
+                append(&mut spool, &[message(0), message(1)]).unwrap();
+            }
+            let id = segment_ids(dir.path()).unwrap()[0];
+            write_cursor(
+                dir.path(),
+                Position {
+                    segment: id,
+                    offset: stale,
+                },
+            )
+            .unwrap();
+            assert_eq!(status(dir.path()).unwrap().messages, 2, "offset {stale}");
+            let mut spool = Spool::open(dir.path(), 1 << 20).unwrap();
+            assert_eq!(spool.stats().messages(), 2, "offset {stale}");
+            assert_eq!(drain_all(&mut spool), [message(0), message(1)]);
+        }
+    }
+
+    #[test]
+    fn a_record_header_is_checked_before_its_length_is_trusted() {
+        // Not a record (wrong magic) claiming 4 GiB: refused as unreadable, nothing allocated
+        // or read past the header.
+        let mut bogus = b"XXXX".to_vec();
+        bogus.extend_from_slice(&u32::MAX.to_le_bytes());
+        bogus.extend_from_slice(&[0; 4]);
+        bogus.extend_from_slice(&[7; 64]);
+        let err = match read_record(&mut &bogus[..], bogus.len() as u64) {
+            Err(SpoolError::Io(e)) => e,
+            other => panic!("expected an I/O error, got {other:?}"),
+        };
+        assert_eq!(err.kind(), io::ErrorKind::InvalidData, "{err}");
+        // A record whose length runs past the end of its segment is refused the same way.
+        let (mut data, _) = records(&[message(0)]);
+        data[4..8].copy_from_slice(&(1u32 << 20).to_le_bytes());
+        let err = match read_record(&mut &data[..], data.len() as u64) {
+            Err(SpoolError::Io(e)) => e,
+            other => panic!("expected an I/O error, got {other:?}"),
+        };
+        assert_eq!(err.kind(), io::ErrorKind::InvalidData, "{err}");
+    }
+
+    /// A write that fails halfway (ENOSPC) with a truncation that fails too: the complete
+    /// records of the refused write must never be published, even after a restart.
+    #[test]
+    fn records_of_a_refused_write_never_come_back_when_cutting_them_off_failed() {
+        let dir = tempfile::tempdir().unwrap();
+        {
+            let mut spool = Spool::open(dir.path(), 1 << 20).unwrap();
+            append(&mut spool, &[message(0)]).unwrap();
+            spool.inject(Fault::PartialWrite, 1);
+            spool.inject(Fault::Truncate, 1);
+            // Four records, half of them written whole: answered 503.
+            assert!(append(&mut spool, &(1..5).map(message).collect::<Vec<_>>()).is_err());
+            append(&mut spool, &[message(5)]).unwrap();
+            assert_eq!(spool.stats().messages(), 2);
+        }
+        let mut spool = Spool::open(dir.path(), 1 << 20).unwrap();
+        assert_eq!(drain_all(&mut spool), [message(0), message(5)]);
+    }
+
+    /// A full disk while the cursor is written: the cursor is written once there is room, and
+    /// the quarantine leaves nothing half-written behind.
+    #[test]
+    fn a_quarantine_that_fails_on_a_full_disk_leaves_no_partial_files() {
+        let dir = tempfile::tempdir().unwrap();
+        let mut spool = Spool::open(dir.path(), 1 << 20).unwrap();
+        append(&mut spool, &(0..3).map(message).collect::<Vec<_>>()).unwrap();
+        let batch = spool.read(3).unwrap();
+        spool.inject(Fault::QuarantineDescription, 1);
+        assert!(spool.quarantine(&batch, 0, "refused").is_err());
+        assert_eq!(spool.stats().quarantined(), 0);
+        std::thread::sleep(Duration::from_millis(5));
+        spool.quarantine(&batch, 0, "refused").unwrap();
+        let files: Vec<_> = fs::read_dir(dir.path().join(QUARANTINE))
+            .unwrap()
+            .map(|e| e.unwrap().file_name())
+            .collect();
+        assert_eq!(files.len(), 2, "{files:?}");
+        assert_eq!(status(dir.path()).unwrap().quarantined.len(), 1);
+        assert_eq!(drain_all(&mut spool), [message(1), message(2)]);
+    }
+
+    /// Damage in the middle of a segment (not a torn tail): the records after it were
+    /// answered `200` and are still published; the unreadable bytes go to the quarantine.
+    #[test]
+    fn a_corrupt_record_mid_segment_is_quarantined_and_the_records_after_it_are_kept() {
+        let dir = tempfile::tempdir().unwrap();
+        {
+            let mut spool = Spool::open(dir.path(), 1 << 20).unwrap();
+            append(&mut spool, &(0..4).map(message).collect::<Vec<_>>()).unwrap();
         }
         let seg = segment_files(dir.path()).remove(0);
         let mut data = fs::read(&seg).unwrap();
@@ -1089,8 +1574,23 @@ mod tests {
         data[first_len + RECORD_HEADER + 12] ^= 0xff; // flip a byte in the second payload
         fs::write(&seg, &data).unwrap();
 
+        let before = status(dir.path()).unwrap();
+        assert_eq!(before.messages, 3, "status counts what will be published");
         let mut spool = Spool::open(dir.path(), 1 << 20).unwrap();
-        assert_eq!(drain_all(&mut spool), [message(0)]);
+        assert_eq!(spool.stats().messages(), 3);
+        assert_eq!(spool.stats().quarantined(), 1);
+        assert_eq!(drain_all(&mut spool), [message(0), message(2), message(3)]);
+        let s = status(dir.path()).unwrap();
+        assert_eq!(s.quarantined.len(), 1);
+        assert!(
+            s.quarantined[0].reason.contains("unreadable"),
+            "{:?}",
+            s.quarantined[0]
+        );
+        drop(spool);
+        // Quarantined once, not again at every start.
+        let spool = Spool::open(dir.path(), 1 << 20).unwrap();
+        assert_eq!(spool.stats().quarantined(), 1);
     }
 
     #[test]
@@ -1182,8 +1682,58 @@ mod tests {
             .map(|e| e.unwrap().path())
             .find(|p| p.extension() == Some("rec".as_ref()))
             .unwrap();
-        let (message_back, _) = read_record(&mut &fs::read(rec).unwrap()[..]).unwrap();
+        let rec = fs::read(rec).unwrap();
+        let (message_back, _) = read_record(&mut &rec[..], rec.len() as u64).unwrap();
         assert_eq!(message_back, message(1));
+    }
+
+    #[test]
+    fn a_requeued_message_goes_back_to_the_end_of_the_spool_and_leaves_the_quarantine() {
+        let dir = tempfile::tempdir().unwrap();
+        let mut spool = Spool::open(dir.path(), 1 << 20).unwrap();
+        append(&mut spool, &(0..3).map(message).collect::<Vec<_>>()).unwrap();
+        let batch = spool.read(3).unwrap();
+        spool.commit(&batch, 1).unwrap();
+        spool.quarantine(&batch, 1, "refused").unwrap();
+        let name = status(dir.path()).unwrap().quarantined[0].name.clone();
+        assert!(matches!(
+            spool.requeue(&["nope".into()]),
+            Err(SpoolError::NotQuarantined(_))
+        ));
+        let done = spool.requeue(std::slice::from_ref(&name)).unwrap();
+        assert_eq!(done.requeued, [name]);
+        assert_eq!(spool.stats().quarantined(), 0);
+        assert_eq!(spool.stats().quarantined_bytes(), 0);
+        assert_eq!(spool.stats().messages(), 2);
+        assert_eq!(drain_all(&mut spool), [message(2), message(1)]);
+        assert!(status(dir.path()).unwrap().quarantined.is_empty());
+        assert_eq!(spool.requeue(&[]).unwrap(), Requeued::default());
+    }
+
+    #[test]
+    fn the_quarantine_counts_in_max_bytes() {
+        let dir = tempfile::tempdir().unwrap();
+        let (one, _) = records(&[message(0)]);
+        let mut spool = Spool::open(dir.path(), 2 * one.len() as u64).unwrap();
+        append(&mut spool, &[message(0)]).unwrap();
+        let batch = spool.read(1).unwrap();
+        spool.quarantine(&batch, 0, "refused").unwrap();
+        assert_eq!(spool.stats().messages(), 0);
+        append(&mut spool, &[message(1)]).unwrap();
+        // One record waits, one is quarantined: the directory holds max_bytes.
+        assert!(matches!(
+            append(&mut spool, &[message(2)]),
+            Err(SpoolError::Full(_))
+        ));
+        drop(spool);
+        // Counted again after a restart.
+        let mut spool = Spool::open(dir.path(), 2 * one.len() as u64).unwrap();
+        assert!(matches!(
+            append(&mut spool, &[message(2)]),
+            Err(SpoolError::Full(_))
+        ));
+        // And by the inbound spool of the same directory.
+        assert!(!spool.stats().reserve_inbound(1, 2 * one.len() as u64));
     }
 
     #[test]

@@ -116,7 +116,10 @@ impl InboundSpool {
         fs::create_dir_all(&tmp)?;
         fs::create_dir_all(&quarantine)?;
         let queued = entries(&dir)?;
-        let next = queued.last().map_or(1, |(n, _)| n + 1);
+        // After the quarantined mails' numbers too: a new mail must never take the name of
+        // one in the quarantine, or moving it there would fail every time.
+        let quarantined = entries(&quarantine)?.last().map_or(0, |(n, _)| *n);
+        let next = queued.last().map_or(1, |(n, _)| n + 1).max(quarantined + 1);
         let bytes = queued.iter().map(|(_, p)| dir_bytes(p)).sum();
         // Already on disk: counted whatever the limit (it only refuses new mails).
         shared.reserve_inbound(bytes, u64::MAX);
@@ -219,27 +222,39 @@ impl InboundSpool {
         Ok(Some((path, mail)))
     }
 
-    fn forget(&self, path: &Path) {
-        self.shared.release_inbound(dir_bytes(path));
-        self.mails.fetch_sub(1, Ordering::AcqRel);
+    /// Stops counting a mail that has left the queue (`bytes` its directory held): only once
+    /// it has left, so a failed attempt, retried, never counts it out twice.
+    fn forget(&self, bytes: u64) {
+        self.shared.release_inbound(bytes);
+        let _ = self
+            .mails
+            .fetch_update(Ordering::AcqRel, Ordering::Acquire, |n| n.checked_sub(1));
     }
 
     /// Removes a delivered mail.
     fn remove(&self, path: &Path) -> Result<(), InboundSpoolError> {
-        self.forget(path);
+        let bytes = dir_bytes(path);
         fs::remove_dir_all(path)?;
+        self.forget(bytes);
         sync_dir(&self.dir)?;
         Ok(())
     }
 
     /// Moves a mail NATS refused for good aside, with the reason.
     fn quarantine(&self, path: &Path, reason: &str) -> Result<(), InboundSpoolError> {
-        self.forget(path);
+        let bytes = dir_bytes(path);
         let name = path.file_name().unwrap_or_default();
-        let target = self.quarantine.join(name);
+        let mut target = self.quarantine.join(name);
+        if target.exists() {
+            // Left by an earlier version, which could reuse a quarantined mail's number.
+            let n = self.next.fetch_add(1, Ordering::AcqRel);
+            target = self.quarantine.join(format!("{n:020}"));
+        }
         fs::rename(path, &target)?;
+        self.forget(bytes);
         fs::write(target.join("reason.txt"), reason)?;
         sync_dir(&self.dir)?;
+        sync_dir(&self.quarantine)?;
         Ok(())
     }
 }
@@ -546,6 +561,62 @@ mod tests {
             .unwrap(),
             "refused"
         );
+    }
+
+    fn queue(spool: &InboundSpool, subject: &str) {
+        let mut mail = parse_json(include_bytes!("../../fixtures/inbound/json.json"))
+            .unwrap()
+            .validate()
+            .unwrap();
+        mail.subject = subject.into();
+        let work = WorkDir::create(spool.work_root()).unwrap();
+        spool.append(work, &mail, subject).unwrap();
+    }
+
+    /// Arrival numbers restart after the highest queued mail: a quarantined mail's number
+    /// must never be given to a new mail, or quarantining that one fails, again and again.
+    #[test]
+    fn a_quarantined_mail_keeps_its_name_and_a_later_one_gets_its_own() {
+        let root = tempfile::tempdir().unwrap();
+        let spool = InboundSpool::open(root.path(), 1 << 30, Arc::default()).unwrap();
+        queue(&spool, "first");
+        let (path, _) = spool.oldest().unwrap().unwrap();
+        spool.quarantine(&path, "refused").unwrap();
+        drop(spool);
+
+        let spool = InboundSpool::open(root.path(), 1 << 30, Arc::default()).unwrap();
+        queue(&spool, "second");
+        let (path, _) = spool.oldest().unwrap().unwrap();
+        spool.quarantine(&path, "refused too").unwrap();
+        assert!(spool.is_empty());
+        let s = status(root.path()).unwrap();
+        let subjects: Vec<&str> = s.quarantined.iter().map(|q| q.subject.as_str()).collect();
+        assert_eq!(subjects, ["first", "second"]);
+    }
+
+    /// A quarantine that fails leaves the mail counted, and its bytes reserved, once.
+    #[test]
+    fn a_failed_quarantine_counts_the_mail_still_queued() {
+        let root = tempfile::tempdir().unwrap();
+        let shared = Arc::new(SpoolStats::default());
+        let spool = InboundSpool::open(root.path(), 1 << 30, shared.clone()).unwrap();
+        queue(&spool, "first");
+        let held = shared.inbound_bytes();
+        let (path, _) = spool.oldest().unwrap().unwrap();
+        // The quarantine cannot take it (a file where its directory should be).
+        let quarantine = root.path().join("inbound/quarantine");
+        fs::remove_dir(&quarantine).unwrap();
+        fs::write(&quarantine, b"").unwrap();
+        for _ in 0..2 {
+            assert!(spool.quarantine(&path, "refused").is_err());
+            assert_eq!(spool.len(), 1);
+            assert_eq!(shared.inbound_bytes(), held);
+        }
+        fs::remove_file(&quarantine).unwrap();
+        fs::create_dir(&quarantine).unwrap();
+        spool.quarantine(&path, "refused").unwrap();
+        assert_eq!(spool.len(), 0);
+        assert_eq!(shared.inbound_bytes(), 0);
     }
 
     #[test]

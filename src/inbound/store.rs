@@ -168,7 +168,13 @@ impl InboundSink {
         let store = self.ensure_bucket().await?;
         let mut sent = Sent::default();
         for object in &planned.objects {
-            if self.put(&store, object, dir).await? {
+            let put = self.put(&store, object, dir).await;
+            if put.is_err() {
+                // The bucket may be gone (deleted while the service runs): find it, or
+                // create it again (`nats.stream.create`), on the next attempt.
+                *self.store.lock().await = None;
+            }
+            if put? {
                 sent.uploaded += 1;
                 sent.uploaded_bytes += object.size;
             } else {
@@ -245,29 +251,21 @@ impl InboundSink {
         };
         // Each 128 KiB chunk is acknowledged within `timeout` by the client; the whole upload
         // gets that per chunk, plus one for the metadata.
-        let chunks = object.size.div_ceil(128 * 1024) as u32;
+        let chunks = object.size.div_ceil(CHUNK as u64) as u32;
         let bound = timeout * (chunks + 2);
-        let upload = async {
-            match object.source {
-                Source::File(name) => {
-                    let mut file = tokio::fs::File::open(dir.join(name))
-                        .await
-                        .map_err(|e| SinkError::Refused(format!("attachment file {name}: {e}")))?;
-                    store.put(meta, &mut file).await
-                }
-                Source::Memory(bytes) => {
-                    let mut reader = bytes;
-                    store.put(meta, &mut reader).await
-                }
+        let js = self.publisher.jetstream_context();
+        let info = match object.source {
+            Source::File(name) => {
+                let mut file = tokio::fs::File::open(dir.join(name))
+                    .await
+                    .map_err(|e| SinkError::Refused(format!("attachment file {name}: {e}")))?;
+                put_object(&js, store, &self.bucket, meta, &mut file, bound).await
             }
-            .map_err(|e| SinkError::Temporary(format!("object {}: {e}", object.name)))
-        };
-        let info = tokio::time::timeout(bound, upload).await.map_err(|_| {
-            SinkError::Temporary(format!(
-                "object {}: upload not done within {bound:?}",
-                object.name
-            ))
-        })??;
+            Source::Memory(bytes) => {
+                let mut reader = bytes;
+                put_object(&js, store, &self.bucket, meta, &mut reader, bound).await
+            }
+        }?;
         if info.digest.as_deref() != Some(digest.as_str()) {
             // The file changed under us: never reference an object whose content differs.
             return Err(SinkError::Refused(format!(
@@ -277,4 +275,147 @@ impl InboundSink {
         }
         Ok(true)
     }
+}
+
+/// The object store's chunk size (the client's default).
+const CHUNK: usize = 128 * 1024;
+
+/// Puts one object into `bucket` from `data`, within `bound`, in the object store's own
+/// format: its chunks on `$O.<bucket>.C.<nuid>`, then its description on
+/// `$O.<bucket>.M.<name in base64url>`, rolling up the one before.
+///
+/// Not the client's `put`, for one reason: here the nuid is known, so when the upload fails
+/// or runs out of time its chunks are purged. The client's `put` leaves them in the bucket,
+/// and each retry of a large attachment against a slow NATS added another partial copy.
+pub async fn put_object(
+    js: &async_nats::jetstream::Context,
+    store: &ObjectStore,
+    bucket: &str,
+    meta: ObjectMetadata,
+    data: &mut (impl tokio::io::AsyncRead + Unpin),
+    bound: Duration,
+) -> Result<object_store::ObjectInfo, SinkError> {
+    let name = meta.name.clone();
+    let nuid = uuid::Uuid::new_v4().simple().to_string();
+    let chunks = format!("$O.{bucket}.C.{nuid}");
+    let upload = upload(js, store, bucket, meta, data, &chunks, &nuid);
+    let failure = match tokio::time::timeout(bound, upload).await {
+        Ok(Ok(info)) => return Ok(info),
+        Ok(Err(e)) => e,
+        Err(_) => format!("upload not done within {bound:?}"),
+    };
+    if let Err(e) = purge(js, bucket, &chunks, bound).await {
+        tracing::warn!(object = %name, subject = %chunks, error = %e, "cannot purge the chunks of a failed upload; they stay in the bucket until purged");
+    }
+    Err(SinkError::Temporary(format!("object {name}: {failure}")))
+}
+
+/// Purges the messages of `subject` from the bucket's stream, within `bound`.
+async fn purge(
+    js: &async_nats::jetstream::Context,
+    bucket: &str,
+    subject: &str,
+    bound: Duration,
+) -> Result<(), String> {
+    let purge = async {
+        let stream = js
+            .get_stream(format!("OBJ_{bucket}"))
+            .await
+            .map_err(|e| e.to_string())?;
+        stream
+            .purge()
+            .filter(subject)
+            .await
+            .map(|_| ())
+            .map_err(|e| e.to_string())
+    };
+    tokio::time::timeout(bound, purge)
+        .await
+        .map_err(|_| format!("no answer within {bound:?}"))?
+}
+
+async fn upload(
+    js: &async_nats::jetstream::Context,
+    store: &ObjectStore,
+    bucket: &str,
+    meta: ObjectMetadata,
+    data: &mut (impl tokio::io::AsyncRead + Unpin),
+    chunk_subject: &str,
+    nuid: &str,
+) -> Result<object_store::ObjectInfo, String> {
+    use sha2::Digest;
+    use tokio::io::AsyncReadExt;
+    let previous = store.info(&meta.name).await.ok();
+    let mut digest = sha2::Sha256::new();
+    let (mut size, mut chunks) = (0usize, 0usize);
+    let mut buf = bytes::BytesMut::with_capacity(CHUNK);
+    let mut end = false;
+    while !end {
+        while buf.len() < CHUNK {
+            let room = (CHUNK - buf.len()) as u64;
+            let n = (&mut *data)
+                .take(room)
+                .read_buf(&mut buf)
+                .await
+                .map_err(|e| format!("reading the attachment: {e}"))?;
+            if n == 0 {
+                end = true;
+                break;
+            }
+        }
+        if buf.is_empty() {
+            break;
+        }
+        let payload = buf.split().freeze();
+        digest.update(&payload);
+        size += payload.len();
+        chunks += 1;
+        js.publish(chunk_subject.to_owned(), payload)
+            .await
+            .map_err(|e| format!("chunk {chunks}: {e}"))?
+            .await
+            .map_err(|e| format!("chunk {chunks}: {e}"))?;
+    }
+    let info = object_store::ObjectInfo {
+        name: meta.name.clone(),
+        description: meta.description,
+        metadata: meta.metadata,
+        headers: None,
+        options: Some(object_store::ObjectOptions {
+            link: None,
+            max_chunk_size: Some(CHUNK),
+        }),
+        bucket: bucket.to_owned(),
+        nuid: nuid.to_owned(),
+        size,
+        chunks,
+        modified: None,
+        digest: Some(format!(
+            "SHA-256={}",
+            base64::engine::general_purpose::URL_SAFE.encode(digest.finalize())
+        )),
+        deleted: false,
+    };
+    let mut description = serde_json::to_value(&info).map_err(|e| e.to_string())?;
+    description["mtime"] = jiff::Timestamp::now().to_string().into();
+    let mut headers = async_nats::HeaderMap::new();
+    headers.insert(async_nats::header::NATS_ROLLUP, "sub");
+    let subject = format!(
+        "$O.{bucket}.M.{}",
+        base64::engine::general_purpose::URL_SAFE.encode(&meta.name)
+    );
+    let description = serde_json::to_vec(&description).map_err(|e| e.to_string())?;
+    js.publish_with_headers(subject, headers, description.into())
+        .await
+        .map_err(|e| format!("description: {e}"))?
+        .await
+        .map_err(|e| format!("description: {e}"))?;
+    // A replaced version's chunks are no longer referenced.
+    if let Some(old) = previous.filter(|old| !old.deleted && old.nuid != nuid) {
+        let old_chunks = format!("$O.{bucket}.C.{}", old.nuid);
+        if let Err(e) = purge(js, bucket, &old_chunks, Duration::from_secs(5)).await {
+            tracing::warn!(subject = %old_chunks, error = %e, "cannot purge the chunks of a replaced object");
+        }
+    }
+    Ok(info)
 }

@@ -798,6 +798,109 @@ async fn the_derived_form_and_rfc2231_fixtures_are_the_same_mails() {
     assert_eq!(app.stream_messages().await.len(), 2);
 }
 
+/// An upload that stalls after some chunks (a slow or frozen NATS, a reader that stops):
+/// nothing of it may stay in the bucket, or every retry adds another partial copy.
+#[tokio::test]
+async fn a_failed_object_upload_leaves_no_chunks_in_the_bucket() {
+    // Arrange
+    let nats = NatsServer::start().await;
+    let client = async_nats::connect(nats.url()).await.unwrap();
+    let js = async_nats::jetstream::new(client);
+    let store = js
+        .create_object_store(async_nats::jetstream::object_store::Config {
+            bucket: "PARTIAL".into(),
+            ..Default::default()
+        })
+        .await
+        .unwrap();
+    // Three chunks' worth of data, then nothing more, ever.
+    let head = std::io::Cursor::new(vec![7u8; 3 * 128 * 1024]);
+    let mut reader = head.chain(Stalled);
+    let meta = async_nats::jetstream::object_store::ObjectMetadata {
+        name: "a".repeat(64),
+        ..Default::default()
+    };
+
+    // Act
+    let result = cmc_forwarder::inbound::store::put_object(
+        &js,
+        &store,
+        "PARTIAL",
+        meta,
+        &mut reader,
+        Duration::from_secs(1),
+    )
+    .await;
+
+    // Assert
+    assert!(result.is_err(), "the upload cannot have completed");
+    let mut stream = js.get_stream("OBJ_PARTIAL").await.unwrap();
+    let messages = stream.info().await.unwrap().state.messages;
+    assert_eq!(
+        messages, 0,
+        "chunks of the failed upload are left in the bucket"
+    );
+}
+
+/// A reader that never yields another byte.
+struct Stalled;
+
+impl tokio::io::AsyncRead for Stalled {
+    fn poll_read(
+        self: std::pin::Pin<&mut Self>,
+        _: &mut std::task::Context<'_>,
+        _: &mut tokio::io::ReadBuf<'_>,
+    ) -> std::task::Poll<std::io::Result<()>> {
+        std::task::Poll::Pending
+    }
+}
+
+/// The bucket deleted while the service runs: the next upload fails, the mail is spooled, and
+/// the bucket is created again (`nats.stream.create = true`) for the drainer to send it.
+#[tokio::test]
+async fn a_bucket_deleted_while_the_service_runs_is_created_again_and_the_mail_delivered() {
+    // Arrange
+    let nats = NatsServer::start().await;
+    let spool = tempfile::tempdir().unwrap();
+    let mut settings = test_settings(&nats);
+    settings.spool.enabled = true;
+    settings.spool.dir = spool.path().to_owned();
+    let app = spawn_app_with(settings).await;
+    let first = mail_with(&[
+        ("attachments", None, None, b"1"),
+        ("attachment1", Some("a.bin"), None, b"the first attachment"),
+    ]);
+    let response = post_inbound(&app, &multipart_type("XyZ"), first).await;
+    assert_eq!(response.status().as_u16(), 200);
+
+    // Act
+    app.jetstream()
+        .delete_object_store(&app.settings.inbound.bucket)
+        .await
+        .unwrap();
+    let file = b"the second attachment, sent after the bucket was deleted".to_vec();
+    let second = mail_with(&[
+        ("attachments", None, None, b"1"),
+        ("attachment1", Some("b.bin"), None, &file),
+    ]);
+    let response = post_inbound(&app, &multipart_type("XyZ"), second).await;
+    assert_eq!(response.status().as_u16(), 200);
+
+    // Assert: both messages on the stream, the second one's object in the new bucket.
+    let deadline = Instant::now() + Duration::from_secs(15);
+    while app.stream_messages().await.len() < 2 && Instant::now() < deadline {
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+    assert_eq!(
+        app.stream_messages().await.len(),
+        2,
+        "the second mail was not delivered"
+    );
+    let store = bucket(&app).await;
+    let (bytes, _) = object_bytes(&store, &sha(&file)).await;
+    assert_eq!(bytes, file);
+}
+
 /// The inbound drainer backs off as the event drainer does, up to `spool.retry_max_interval`:
 /// with 200 ms, a mail spooled while NATS was down for 7 s is sent soon after NATS is back
 /// (a drainer capped at 5 s instead would sleep until about 11 s).

@@ -623,3 +623,292 @@ async fn spool_drain_sends_a_stopped_services_inbound_mail_objects_then_one_mess
     // Each object is one chunk and one metadata message at least.
     assert!(objects.messages >= 4, "{objects:?}");
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn spool_requeue_puts_a_quarantined_message_back_and_it_is_published_once() {
+    // Arrange: a message quarantined because NATS came back with a smaller max_payload.
+    let mut nats = NatsServer::start().await;
+    let spool = tempfile::tempdir().unwrap();
+    let spool_dir = spool.path().join("spool");
+    let log = spool.path().join("service.log");
+    let mut service = Service::start_with(
+        &nats.url(),
+        &spool_dir,
+        &log,
+        &[("SPOOL__RETRY_MAX_INTERVAL", "500ms")],
+    );
+    let http = client(CLIENT_TIMEOUT);
+    service.wait_ready(&http).await;
+    nats.stop();
+    let (status, answer, _) = post(&http, &service.webhook_url(), body("small", 3, 300)).await;
+    assert_eq!(status, 200, "{answer}");
+    let (status, answer, poison) =
+        post(&http, &service.webhook_url(), body("poison", 1, 900_000)).await;
+    assert_eq!(status, 200, "{answer}");
+    let poison = poison.unwrap();
+    let (args, default_args) = (nats.args.clone(), nats.args.clone());
+    let conf = nats.dir().join("small.conf");
+    std::fs::write(&conf, "max_payload: 524288\n").unwrap();
+    nats.args = [args, vec!["-c".into(), conf.display().to_string()]].concat();
+    nats.restart().await;
+    let js = jetstream_of(&nats.url()).await;
+    assert_eq!(wait_stored(&js, 3, Duration::from_secs(30)).await, 3);
+    let deadline = Instant::now() + Duration::from_secs(10);
+    let name = loop {
+        let out = cli(&nats.url(), &spool_dir, &["spool", "status", "--json"]);
+        let status: Value = serde_json::from_slice(&out.stdout).unwrap();
+        if let Some(entry) = status["quarantined"].as_array().and_then(|q| q.first()) {
+            break entry["name"].as_str().unwrap_or_default().to_owned();
+        }
+        assert!(Instant::now() < deadline, "nothing quarantined: {status}");
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    };
+    service.terminate().await;
+    nats.args = default_args;
+    nats.restart().await;
+
+    // Act: put it back, then drain.
+    let unknown = cli(
+        &nats.url(),
+        &spool_dir,
+        &["spool", "requeue", "no-such-entry"],
+    );
+    assert!(!unknown.status.success());
+    assert!(
+        text(&unknown.stderr).contains("no-such-entry"),
+        "{}",
+        text(&unknown.stderr)
+    );
+    let requeued = cli(&nats.url(), &spool_dir, &["spool", "requeue", &name]);
+    assert!(
+        requeued.status.success(),
+        "{}{}",
+        text(&requeued.stdout),
+        text(&requeued.stderr)
+    );
+    assert!(
+        text(&requeued.stdout).contains("requeued 1"),
+        "{}",
+        text(&requeued.stdout)
+    );
+    let status: Value = serde_json::from_slice(
+        &cli(&nats.url(), &spool_dir, &["spool", "status", "--json"]).stdout,
+    )
+    .unwrap();
+    assert_eq!(status["messages"], 1, "{status}");
+    assert_eq!(
+        status["quarantined"].as_array().unwrap().len(),
+        0,
+        "{status}"
+    );
+    let drained = cli(&nats.url(), &spool_dir, &["spool", "drain"]);
+    assert!(drained.status.success(), "{}", text(&drained.stderr));
+    // Nothing left to requeue.
+    let again = cli(&nats.url(), &spool_dir, &["spool", "requeue", "--all"]);
+    assert!(again.status.success(), "{}", text(&again.stderr));
+    assert!(
+        text(&again.stdout).contains("requeued 0"),
+        "{}",
+        text(&again.stdout)
+    );
+
+    // Assert: published once, after the others.
+    let stored = stored_messages(&js).await;
+    let batches: Vec<&str> = stored.iter().map(|(batch, _, _)| batch.as_str()).collect();
+    assert_eq!(batches.len(), 4, "{batches:?}");
+    assert_eq!(batches.iter().filter(|b| **b == poison).count(), 1);
+    assert_eq!(batches[3], poison);
+    println!("[requeue] quarantined={name} requeued and stored once");
+}
+
+/// The stream deleted while the service runs (an operator's mistake, a restore gone wrong):
+/// with `nats.stream.create = true` it is created again and the spool drains into it.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_stream_deleted_while_the_service_runs_is_created_again_and_the_spool_drains() {
+    // Arrange
+    let nats = NatsServer::start().await;
+    let spool = tempfile::tempdir().unwrap();
+    let spool_dir = spool.path().join("spool");
+    let log = spool.path().join("service.log");
+    let mut service = Service::start(&nats.url(), &spool_dir, &log);
+    let http = client(CLIENT_TIMEOUT);
+    service.wait_ready(&http).await;
+    let js = jetstream_of(&nats.url()).await;
+    let (status, answer, _) = post(&http, &service.webhook_url(), body("before", 5, 100)).await;
+    assert_eq!(
+        (status, answer["published"].as_u64()),
+        (200, Some(5)),
+        "{answer}"
+    );
+
+    // Act
+    js.delete_stream(STREAM).await.unwrap();
+    let (status, answer, _) = post(&http, &service.webhook_url(), body("after", 5, 100)).await;
+    assert_eq!(status, 200, "{answer}");
+
+    // Assert: the stream is back, with the batch answered 200 while it was gone.
+    let count = wait_stored(&js, 5, Duration::from_secs(15)).await;
+    assert_eq!(
+        count,
+        5,
+        "the stream was not created again:\n{}",
+        service.log_tail()
+    );
+    let (status, answer, _) = post(&http, &service.webhook_url(), body("later", 3, 100)).await;
+    assert_eq!(
+        (status, answer["published"].as_u64()),
+        (200, Some(3)),
+        "{answer}"
+    );
+    service.terminate().await;
+}
+
+/// With `nats.stream.create = false` the service must not create it: `/readyz` says which
+/// stream is missing, and the spool drains once an operator has created it again.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_stream_deleted_while_the_service_runs_with_create_false_is_named_by_readyz() {
+    // Arrange: the stream made by an operator.
+    let nats = NatsServer::start().await;
+    let js = jetstream_of(&nats.url()).await;
+    let config = jetstream::stream::Config {
+        name: STREAM.into(),
+        subjects: vec!["cmc.>".into()],
+        ..Default::default()
+    };
+    js.create_stream(config.clone()).await.unwrap();
+    let spool = tempfile::tempdir().unwrap();
+    let spool_dir = spool.path().join("spool");
+    let log = spool.path().join("service.log");
+    let mut service = Service::start_with(
+        &nats.url(),
+        &spool_dir,
+        &log,
+        &[("NATS__STREAM__CREATE", "false")],
+    );
+    let http = client(CLIENT_TIMEOUT);
+    service.wait_ready(&http).await;
+
+    // Act
+    js.delete_stream(STREAM).await.unwrap();
+    let (status, answer, _) = post(&http, &service.webhook_url(), body("gone", 4, 100)).await;
+    assert_eq!(status, 200, "{answer}");
+
+    // Assert: not ready, naming the stream; nothing created behind the operator's back.
+    let deadline = Instant::now() + Duration::from_secs(10);
+    let readyz = loop {
+        let response = http.get(service.readyz()).send().await.unwrap();
+        let status = response.status().as_u16();
+        let text = response.text().await.unwrap();
+        if status == 503 || Instant::now() > deadline {
+            break (status, text);
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    };
+    assert_eq!(readyz.0, 503, "{}", readyz.1);
+    assert!(readyz.1.contains(STREAM), "{}", readyz.1);
+    assert!(
+        js.get_stream(STREAM).await.is_err(),
+        "created although create = false"
+    );
+    js.create_stream(config).await.unwrap();
+    assert_eq!(wait_stored(&js, 4, Duration::from_secs(15)).await, 4);
+    wait_for_status(&http, &service.readyz(), 200, Duration::from_secs(10)).await;
+    service.terminate().await;
+}
+
+/// A stream at its limits with `discard: new` refuses with an API error that waiting can fix:
+/// the batch's rest is spooled (`200`), never answered as refused, never quarantined, and the
+/// spool drains once the operator raises the limit.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_stream_at_its_limits_with_discard_new_is_waited_for_not_refused() {
+    // Arrange: the operator's stream holds at most 2 messages.
+    let nats = NatsServer::start().await;
+    let js = jetstream_of(&nats.url()).await;
+    let mut config = jetstream::stream::Config {
+        name: STREAM.into(),
+        subjects: vec!["cmc.>".into()],
+        max_messages: 2,
+        discard: jetstream::stream::DiscardPolicy::New,
+        ..Default::default()
+    };
+    js.create_stream(config.clone()).await.unwrap();
+    let spool = tempfile::tempdir().unwrap();
+    let spool_dir = spool.path().join("spool");
+    let log = spool.path().join("service.log");
+    let mut service = Service::start_with(
+        &nats.url(),
+        &spool_dir,
+        &log,
+        &[
+            ("NATS__STREAM__CREATE", "false"),
+            ("SPOOL__RETRY_MAX_INTERVAL", "300ms"),
+        ],
+    );
+    let http = client(CLIENT_TIMEOUT);
+    service.wait_ready(&http).await;
+
+    // Act
+    let (status, answer, _) = post(&http, &service.webhook_url(), body("full", 4, 100)).await;
+
+    // Assert
+    assert_eq!(status, 200, "{answer}\n{}", service.log_tail());
+    assert_eq!(answer["spooled"], 2, "{answer}");
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    let out = cli(&nats.url(), &spool_dir, &["spool", "status", "--json"]);
+    let status: Value = serde_json::from_slice(&out.stdout).unwrap();
+    assert_eq!(
+        status["quarantined"].as_array().unwrap().len(),
+        0,
+        "{status}"
+    );
+    assert_eq!(status["messages"], 2, "{status}");
+    config.max_messages = -1;
+    js.update_stream(config).await.unwrap();
+    assert_eq!(wait_stored(&js, 4, Duration::from_secs(10)).await, 4);
+    service.terminate().await;
+}
+
+/// A message over the stream's own `max_msg_size` can never be stored: refused at once
+/// (`503`, nothing spooled), unlike a stream at its limits.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_message_over_the_streams_max_msg_size_is_refused_not_spooled() {
+    // Arrange
+    let nats = NatsServer::start().await;
+    let js = jetstream_of(&nats.url()).await;
+    js.create_stream(jetstream::stream::Config {
+        name: STREAM.into(),
+        subjects: vec!["cmc.>".into()],
+        max_message_size: 2000,
+        ..Default::default()
+    })
+    .await
+    .unwrap();
+    let spool = tempfile::tempdir().unwrap();
+    let spool_dir = spool.path().join("spool");
+    let log = spool.path().join("service.log");
+    let mut service = Service::start_with(
+        &nats.url(),
+        &spool_dir,
+        &log,
+        &[("NATS__STREAM__CREATE", "false")],
+    );
+    let http = client(CLIENT_TIMEOUT);
+    service.wait_ready(&http).await;
+
+    // Act
+    let (status, answer, _) = post(&http, &service.webhook_url(), body("big", 1, 5000)).await;
+
+    // Assert
+    assert_eq!(status, 503, "{answer}");
+    assert!(
+        answer["message"]
+            .as_str()
+            .unwrap_or_default()
+            .contains("10054"),
+        "{answer}"
+    );
+    let out = cli(&nats.url(), &spool_dir, &["spool", "status", "--json"]);
+    let status: Value = serde_json::from_slice(&out.stdout).unwrap();
+    assert_eq!(status["messages"], 0, "{status}");
+    service.terminate().await;
+}
