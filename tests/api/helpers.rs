@@ -649,87 +649,130 @@ pub struct Service {
 /// Grace given to in-flight requests after SIGTERM (`server.shutdown_grace`).
 pub const GRACE: Duration = Duration::from_secs(5);
 
-impl Service {
-    /// Starts the binary on fresh loopback ports; its stderr is appended to `log`.
-    pub fn start(nats_url: &str, spool_dir: &Path, log: &Path) -> Service {
-        Service::start_with(nats_url, spool_dir, log, &[])
-    }
-
-    /// As [`Service::start`], with more `CMC_FORWARDER__…` settings.
-    pub fn start_with(
-        nats_url: &str,
-        spool_dir: &Path,
-        log: &Path,
-        env: &[(&str, &str)],
-    ) -> Service {
-        let (port, admin_port) = (free_port(), free_port());
-        let stderr = std::fs::OpenOptions::new()
-            .create(true)
-            .append(true)
-            .open(log)
-            .unwrap();
-        let mut command = Command::new(forwarder_bin());
-        for (key, _) in std::env::vars_os() {
-            if key.to_string_lossy().starts_with("CMC_FORWARDER") {
-                command.env_remove(key);
-            }
+/// The binary as a command with none of the test run's own `CMC_FORWARDER*` variables, so
+/// what a test sets is all the process sees: the base of [`Launch`], and of the one-shot
+/// commands (`check-config`, `spool status|drain|requeue`).
+pub fn forwarder_command() -> Command {
+    let mut command = Command::new(forwarder_bin());
+    for (key, _) in std::env::vars_os() {
+        if key.to_string_lossy().starts_with("CMC_FORWARDER") {
+            command.env_remove(key);
         }
-        let child = command
+    }
+    command
+}
+
+/// How every process test starts the real binary: one builder, so each process gets a clean
+/// environment ([`forwarder_command`]), loopback ports of its own, and its stderr in a log.
+///
+/// [`Launch::service`] configures it through the environment, with the tests' defaults;
+/// [`Launch::config_file`] through `--config`, the file naming the ports.
+pub struct Launch {
+    command: Command,
+    port: u16,
+    admin_port: u16,
+    log: PathBuf,
+}
+
+impl Launch {
+    /// Settings from the environment: fresh listen and admin ports, NATS timeouts of 1 s and
+    /// 2 s, `shutdown_grace` [`GRACE`], the spool on, `RUST_LOG=warn`.
+    pub fn service(log: &Path) -> Launch {
+        let (port, admin_port) = (free_port(), free_port());
+        let mut launch = Launch::with_ports(forwarder_command(), port, admin_port, log);
+        launch
+            .command
+            .env("RUST_LOG", "warn")
             .env("CMC_FORWARDER__SERVER__LISTEN", format!("127.0.0.1:{port}"))
             .env(
                 "CMC_FORWARDER__ADMIN__LISTEN",
                 format!("127.0.0.1:{admin_port}"),
             )
-            .env("CMC_FORWARDER__NATS__SERVERS", nats_url)
             .env("CMC_FORWARDER__NATS__PUBLISH_TIMEOUT", "1s")
             .env("CMC_FORWARDER__NATS__CONNECT_TIMEOUT", "2s")
             .env(
                 "CMC_FORWARDER__SERVER__SHUTDOWN_GRACE",
                 format!("{}s", GRACE.as_secs()),
             )
-            .env("CMC_FORWARDER__SPOOL__ENABLED", "true")
-            .env("CMC_FORWARDER__SPOOL__DIR", spool_dir)
-            .envs(env.iter().map(|(k, v)| (format!("CMC_FORWARDER__{k}"), *v)))
-            .env("RUST_LOG", "warn")
-            .stdin(Stdio::null())
-            .stdout(Stdio::null())
-            .stderr(stderr)
-            .spawn()
-            .expect("cannot start the cmc-forwarder binary");
-        Service {
-            child,
+            .env("CMC_FORWARDER__SPOOL__ENABLED", "true");
+        launch
+    }
+
+    /// `--config file`, which must name `port` and `admin_port` as its listeners; nothing else
+    /// from the environment (no `RUST_LOG`: the file's `log.level` decides).
+    pub fn config_file(config: &Path, port: u16, admin_port: u16, log: &Path) -> Launch {
+        let mut command = forwarder_command();
+        command.arg("--config").arg(config).env_remove("RUST_LOG");
+        Launch::with_ports(command, port, admin_port, log)
+    }
+
+    fn with_ports(command: Command, port: u16, admin_port: u16, log: &Path) -> Launch {
+        Launch {
+            command,
             port,
             admin_port,
             log: log.to_owned(),
         }
     }
 
-    /// Starts the binary with `--config file`, which must name `port` and `admin_port` as its
-    /// listeners; nothing comes from the environment but `env` (no `RUST_LOG`: the file's
-    /// `log.level` decides). Its stderr is appended to `log`.
-    pub fn start_with_config(
-        config: &Path,
-        port: u16,
-        admin_port: u16,
-        log: &Path,
-        env: &[(&str, &str)],
-    ) -> Service {
+    /// `nats.servers`.
+    pub fn nats(self, url: &str) -> Launch {
+        self.setting("NATS__SERVERS", url)
+    }
+
+    /// `spool.dir`.
+    pub fn spool(self, dir: &Path) -> Launch {
+        self.setting("SPOOL__DIR", dir.to_str().expect("a UTF-8 path"))
+    }
+
+    /// A setting by its environment name without the prefix (`NATS__PUBLISH_TIMEOUT`).
+    pub fn setting(self, key: &str, value: &str) -> Launch {
+        self.env(&format!("CMC_FORWARDER__{key}"), value)
+    }
+
+    /// Settings as [`Launch::setting`] takes them.
+    pub fn settings(self, pairs: &[(&str, &str)]) -> Launch {
+        pairs.iter().fold(self, |l, (k, v)| l.setting(k, v))
+    }
+
+    /// Any environment variable, as is.
+    pub fn env(mut self, key: &str, value: &str) -> Launch {
+        self.command.env(key, value);
+        self
+    }
+
+    /// Variables as [`Launch::env`] takes them.
+    pub fn envs(self, pairs: &[(&str, &str)]) -> Launch {
+        pairs.iter().fold(self, |l, (k, v)| l.env(k, v))
+    }
+
+    /// Removes a variable the launch set (e.g. `RUST_LOG`, so `log.level` decides).
+    pub fn env_remove(mut self, key: &str) -> Launch {
+        self.command.env_remove(key);
+        self
+    }
+
+    /// An empty environment before the variables set after it.
+    pub fn env_clear(mut self) -> Launch {
+        self.command.env_clear();
+        self
+    }
+
+    /// The process's working directory.
+    pub fn current_dir(mut self, dir: &Path) -> Launch {
+        self.command.current_dir(dir);
+        self
+    }
+
+    /// Spawns the process, its stderr appended to the log.
+    pub fn start(mut self) -> Service {
         let stderr = std::fs::OpenOptions::new()
             .create(true)
             .append(true)
-            .open(log)
+            .open(&self.log)
             .unwrap();
-        let mut command = Command::new(forwarder_bin());
-        for (key, _) in std::env::vars_os() {
-            if key.to_string_lossy().starts_with("CMC_FORWARDER") {
-                command.env_remove(key);
-            }
-        }
-        let child = command
-            .arg("--config")
-            .arg(config)
-            .env_remove("RUST_LOG")
-            .envs(env.iter().copied())
+        let child = self
+            .command
             .stdin(Stdio::null())
             .stdout(Stdio::null())
             .stderr(stderr)
@@ -737,10 +780,23 @@ impl Service {
             .expect("cannot start the cmc-forwarder binary");
         Service {
             child,
-            port,
-            admin_port,
-            log: log.to_owned(),
+            port: self.port,
+            admin_port: self.admin_port,
+            log: self.log,
         }
+    }
+}
+
+impl Service {
+    /// The usual process under test: [`Launch::service`] against `nats_url` with its spool in
+    /// `spool_dir`.
+    pub fn start(nats_url: &str, spool_dir: &Path, log: &Path) -> Service {
+        Launch::service(log).nats(nats_url).spool(spool_dir).start()
+    }
+
+    /// The log's text so far.
+    pub fn log(&self) -> String {
+        std::fs::read_to_string(&self.log).unwrap_or_default()
     }
 
     pub fn webhook_url(&self) -> String {

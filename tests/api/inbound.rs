@@ -3,7 +3,6 @@
 //! mid-upload, and the service's memory while it takes a 20 MiB attachment.
 
 use std::path::PathBuf;
-use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
 use async_nats::jetstream::object_store::ObjectStore;
@@ -617,34 +616,23 @@ async fn a_20_mib_attachment_is_stored_and_the_service_peak_rss_stays_under_64_m
     // Arrange
     let nats = NatsServer::start().await;
     let spool = tempfile::tempdir().unwrap();
-    let port = free_port();
     let binary = forwarder_bin();
-    let mut command = Command::new(&binary);
-    for (key, _) in std::env::vars_os() {
-        if key.to_string_lossy().starts_with("CMC_FORWARDER") {
-            command.env_remove(key);
-        }
-    }
-    let mut child = command
-        .env("CMC_FORWARDER__SERVER__LISTEN", format!("127.0.0.1:{port}"))
-        .env("CMC_FORWARDER__ADMIN__LISTEN", "")
-        .env("CMC_FORWARDER__NATS__SERVERS", nats.url())
-        .env("CMC_FORWARDER__SPOOL__DIR", spool.path())
-        .env("RUST_LOG", "warn")
-        .stdin(Stdio::null())
-        .stdout(Stdio::null())
-        .spawn()
-        .expect("cannot start the cmc-forwarder binary");
+    let dir = tempfile::tempdir().unwrap();
+    let service = Launch::service(&dir.path().join("service.log"))
+        .nats(&nats.url())
+        .spool(spool.path())
+        .start();
     let http = reqwest::Client::builder()
         .timeout(Duration::from_secs(60))
         .build()
         .unwrap();
-    let url = format!("http://127.0.0.1:{port}/webhooks/cmc/inbound");
+    let url = format!("http://127.0.0.1:{}/webhooks/cmc/inbound", service.port);
     let deadline = Instant::now() + Duration::from_secs(15);
     while http.get(&url).send().await.is_err() {
         assert!(Instant::now() < deadline, "the service did not start");
         tokio::time::sleep(Duration::from_millis(100)).await;
     }
+    let child = &service.child;
     let before = vm_hwm_kib(child.id());
     let attachment: Vec<u8> = (0..20 * 1024 * 1024u32)
         .map(|i| (i.wrapping_mul(2_654_435_761) >> 24) as u8)
@@ -672,8 +660,7 @@ async fn a_20_mib_attachment_is_stored_and_the_service_peak_rss_stays_under_64_m
     let status = response.status();
     let answer: serde_json::Value = response.json().await.unwrap();
     let peak = vm_hwm_kib(child.id());
-    let _ = child.kill();
-    let _ = child.wait();
+    drop(service);
     println!(
         "inbound 20 MiB attachment: service VmHWM {before} KiB before, {peak} KiB peak ({binary})"
     );

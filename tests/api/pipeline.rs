@@ -9,7 +9,7 @@
 
 use std::collections::HashMap;
 use std::path::Path;
-use std::process::{Command, Output};
+use std::process::Output;
 use std::time::{Duration, Instant};
 
 use async_nats::jetstream;
@@ -137,13 +137,7 @@ async fn stored_messages(js: &jetstream::Context) -> Vec<(String, usize, String)
 
 /// Runs `cmc-forwarder <args>` with the service's environment for `spool_dir` and `nats_url`.
 fn cli(nats_url: &str, spool_dir: &Path, args: &[&str]) -> Output {
-    let mut command = Command::new(forwarder_bin());
-    for (key, _) in std::env::vars_os() {
-        if key.to_string_lossy().starts_with("CMC_FORWARDER") {
-            command.env_remove(key);
-        }
-    }
-    command
+    forwarder_command()
         .args(args)
         .env("CMC_FORWARDER__NATS__SERVERS", nats_url)
         .env("CMC_FORWARDER__NATS__CONNECT_TIMEOUT", "2s")
@@ -174,12 +168,11 @@ impl Large {
         let spool = tempfile::tempdir().unwrap();
         let mut env = env.to_vec();
         env.push(("NATS__PUBLISH_TIMEOUT", "20s"));
-        let mut service = Service::start_with(
-            &nats.url(),
-            &spool.path().join("spool"),
-            &spool.path().join("service.log"),
-            &env,
-        );
+        let mut service = Launch::service(&spool.path().join("service.log"))
+            .nats(&nats.url())
+            .spool(&spool.path().join("spool"))
+            .settings(&env)
+            .start();
         let http = client(timeout);
         service.wait_ready(&http).await;
         Large {
@@ -349,12 +342,11 @@ async fn a_poison_message_in_the_spool_is_quarantined_and_the_rest_drains_in_ord
     let spool = tempfile::tempdir().unwrap();
     let spool_dir = spool.path().join("spool");
     let log = spool.path().join("service.log");
-    let mut service = Service::start_with(
-        &nats.url(),
-        &spool_dir,
-        &log,
-        &[("SPOOL__RETRY_MAX_INTERVAL", "500ms")],
-    );
+    let mut service = Launch::service(&log)
+        .nats(&nats.url())
+        .spool(&spool_dir)
+        .settings(&[("SPOOL__RETRY_MAX_INTERVAL", "500ms")])
+        .start();
     let http = client(CLIENT_TIMEOUT);
     service.wait_ready(&http).await;
     nats.stop();
@@ -631,12 +623,11 @@ async fn spool_requeue_puts_a_quarantined_message_back_and_it_is_published_once(
     let spool = tempfile::tempdir().unwrap();
     let spool_dir = spool.path().join("spool");
     let log = spool.path().join("service.log");
-    let mut service = Service::start_with(
-        &nats.url(),
-        &spool_dir,
-        &log,
-        &[("SPOOL__RETRY_MAX_INTERVAL", "500ms")],
-    );
+    let mut service = Launch::service(&log)
+        .nats(&nats.url())
+        .spool(&spool_dir)
+        .settings(&[("SPOOL__RETRY_MAX_INTERVAL", "500ms")])
+        .start();
     let http = client(CLIENT_TIMEOUT);
     service.wait_ready(&http).await;
     nats.stop();
@@ -779,12 +770,11 @@ async fn a_stream_deleted_while_the_service_runs_with_create_false_is_named_by_r
     let spool = tempfile::tempdir().unwrap();
     let spool_dir = spool.path().join("spool");
     let log = spool.path().join("service.log");
-    let mut service = Service::start_with(
-        &nats.url(),
-        &spool_dir,
-        &log,
-        &[("NATS__STREAM__CREATE", "false")],
-    );
+    let mut service = Launch::service(&log)
+        .nats(&nats.url())
+        .spool(&spool_dir)
+        .settings(&[("NATS__STREAM__CREATE", "false")])
+        .start();
     let http = client(CLIENT_TIMEOUT);
     service.wait_ready(&http).await;
 
@@ -835,15 +825,14 @@ async fn a_stream_at_its_limits_with_discard_new_is_waited_for_not_refused() {
     let spool = tempfile::tempdir().unwrap();
     let spool_dir = spool.path().join("spool");
     let log = spool.path().join("service.log");
-    let mut service = Service::start_with(
-        &nats.url(),
-        &spool_dir,
-        &log,
-        &[
+    let mut service = Launch::service(&log)
+        .nats(&nats.url())
+        .spool(&spool_dir)
+        .settings(&[
             ("NATS__STREAM__CREATE", "false"),
             ("SPOOL__RETRY_MAX_INTERVAL", "300ms"),
-        ],
-    );
+        ])
+        .start();
     let http = client(CLIENT_TIMEOUT);
     service.wait_ready(&http).await;
 
@@ -886,12 +875,11 @@ async fn a_message_over_the_streams_max_msg_size_is_refused_not_spooled() {
     let spool = tempfile::tempdir().unwrap();
     let spool_dir = spool.path().join("spool");
     let log = spool.path().join("service.log");
-    let mut service = Service::start_with(
-        &nats.url(),
-        &spool_dir,
-        &log,
-        &[("NATS__STREAM__CREATE", "false")],
-    );
+    let mut service = Launch::service(&log)
+        .nats(&nats.url())
+        .spool(&spool_dir)
+        .settings(&[("NATS__STREAM__CREATE", "false")])
+        .start();
     let http = client(CLIENT_TIMEOUT);
     service.wait_ready(&http).await;
 

@@ -35,7 +35,7 @@ impl Reloading {
         let (port, admin_port) = (free_port(), free_port());
         let nats_url = nats.url();
         std::fs::write(&config, file(port, admin_port, &nats_url, auth, level)).unwrap();
-        let mut service = Service::start_with_config(&config, port, admin_port, &log, &[]);
+        let mut service = Launch::config_file(&config, port, admin_port, &log).start();
         let http = http_client();
         service.wait_ready(&http).await;
         Reloading {
@@ -431,7 +431,7 @@ async fn a_request_in_flight_finishes_under_the_settings_it_started_with() {
 /// `check-config` tells how many API keys and Basic users are accepted, never what they are.
 #[tokio::test]
 async fn check_config_counts_keys_and_users() {
-    let output = std::process::Command::new(forwarder_bin())
+    let output = forwarder_command()
         .arg("check-config")
         .env_clear()
         .env("CMC_FORWARDER__AUTH__API_KEY__0", "secret-key-0")

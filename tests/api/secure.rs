@@ -17,7 +17,9 @@ use base64::Engine;
 use futures_util::StreamExt;
 use serde_json::{json, Value};
 
-use crate::helpers::{fixture, forwarder_bin, free_port, get_text, nats_server_bin, Enc, WAIT};
+use crate::helpers::{
+    fixture, forwarder_command, free_port, get_text, nats_server_bin, Enc, Launch, Service, WAIT,
+};
 
 const STREAM: &str = "CMC_EVENTS";
 
@@ -94,12 +96,10 @@ impl Drop for SecureNats {
     }
 }
 
-/// The real `cmc-forwarder` binary with a TOML file, on fresh loopback ports.
+/// The real `cmc-forwarder` binary with a TOML file ([`Launch::config_file`]), on fresh
+/// loopback ports.
 struct Forwarder {
-    child: Child,
-    port: u16,
-    admin_port: u16,
-    log: PathBuf,
+    service: Service,
     http: reqwest::Client,
 }
 
@@ -124,41 +124,33 @@ impl Forwarder {
         )
         .unwrap();
         let log = dir.join("forwarder.log");
-        let stderr = std::fs::File::create(&log).unwrap();
-        let mut command = Command::new(forwarder_bin());
-        command.env_clear().envs(env.iter().copied());
-        let child = command
-            .arg("--config")
-            .arg(&conf)
-            .current_dir(dir)
+        // A fresh log: a second forwarder in the same directory must not read the first's.
+        let _ = std::fs::remove_file(&log);
+        let service = Launch::config_file(&conf, port, admin_port, &log)
+            .env_clear()
+            .envs(env)
             .env("RUST_LOG", "info")
-            .stdin(Stdio::null())
-            .stdout(Stdio::null())
-            .stderr(stderr)
-            .spawn()
-            .expect("cannot start the cmc-forwarder binary");
+            .current_dir(dir)
+            .start();
         Forwarder {
-            child,
-            port,
-            admin_port,
-            log,
+            service,
             http: reqwest::Client::builder().timeout(WAIT).build().unwrap(),
         }
     }
 
     fn log(&self) -> String {
-        std::fs::read_to_string(&self.log).unwrap_or_default()
+        self.service.log()
     }
 
     /// Panics when the process has exited: a failure must never become a crash loop.
     fn assert_alive(&mut self) {
-        if let Some(status) = self.child.try_wait().unwrap() {
+        if let Some(status) = self.service.child.try_wait().unwrap() {
             panic!("the forwarder exited ({status}):\n{}", self.log());
         }
     }
 
     async fn readyz(&self) -> Option<(u16, Value)> {
-        let url = format!("http://127.0.0.1:{}/readyz", self.admin_port);
+        let url = format!("http://127.0.0.1:{}/readyz", self.service.admin_port);
         let response = self.http.get(url).send().await.ok()?;
         let status = response.status().as_u16();
         Some((status, response.json().await.unwrap_or(Value::Null)))
@@ -211,7 +203,10 @@ impl Forwarder {
         let body = String::from_utf8(fixture(name, Enc::Form)).unwrap() + query;
         let mut request = self
             .http
-            .post(format!("http://127.0.0.1:{}/webhooks/cmc", self.port))
+            .post(format!(
+                "http://127.0.0.1:{}/webhooks/cmc",
+                self.service.port
+            ))
             .header("content-type", Enc::Form.content_type())
             .body(body);
         if let Some((user, password)) = basic {
@@ -223,15 +218,8 @@ impl Forwarder {
     }
 
     async fn metrics(&self) -> String {
-        let url = format!("http://127.0.0.1:{}/metrics", self.admin_port);
+        let url = format!("http://127.0.0.1:{}/metrics", self.service.admin_port);
         get_text(&self.http, &url).await
-    }
-}
-
-impl Drop for Forwarder {
-    fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
     }
 }
 
@@ -1002,7 +990,7 @@ async fn check_config_output_round_trips() {
     )
     .unwrap();
     let check = |path: &Path, env: &[(&str, &str)]| {
-        Command::new(forwarder_bin())
+        forwarder_command()
             .env_clear()
             .envs(env.iter().copied())
             .arg("check-config")

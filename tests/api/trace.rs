@@ -3,8 +3,6 @@
 //! span reaches an OTLP/HTTP receiver (a real HTTP server started by the test).
 
 use std::convert::Infallible;
-use std::path::Path;
-use std::process::{Command, Stdio};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
@@ -155,36 +153,21 @@ async fn request_spans_are_exported_whatever_the_log_level() {
 async fn spans_reach_an_otlp_receiver(env: &[(&str, &str)]) {
     let nats = NatsServer::start().await;
     let (otlp_port, received) = otlp_receiver().await;
-    let (port, admin_port) = (free_port(), free_port());
     let dir = tempfile::tempdir().unwrap();
     let log = dir.path().join("service.log");
-    let mut command = Command::new(forwarder_bin());
-    for (key, _) in std::env::vars_os() {
-        if key.to_string_lossy().starts_with("CMC_FORWARDER") {
-            command.env_remove(key);
-        }
-    }
-    let mut child = command
+    let mut service = Launch::service(&log)
         .env_remove("RUST_LOG")
-        .env("CMC_FORWARDER__SERVER__LISTEN", format!("127.0.0.1:{port}"))
-        .env(
-            "CMC_FORWARDER__ADMIN__LISTEN",
-            format!("127.0.0.1:{admin_port}"),
+        .nats(&nats.url())
+        .setting("SPOOL__ENABLED", "false")
+        .setting(
+            "TELEMETRY__OTLP_ENDPOINT",
+            &format!("http://127.0.0.1:{otlp_port}"),
         )
-        .env("CMC_FORWARDER__NATS__SERVERS", nats.url())
-        .env("CMC_FORWARDER__SPOOL__ENABLED", "false")
-        .env(
-            "CMC_FORWARDER__TELEMETRY__OTLP_ENDPOINT",
-            format!("http://127.0.0.1:{otlp_port}"),
-        )
-        .envs(env.iter().copied())
-        .stdin(Stdio::null())
-        .stdout(Stdio::null())
-        .stderr(std::fs::File::create(&log).unwrap())
-        .spawn()
-        .expect("cannot start the cmc-forwarder binary");
+        .envs(env)
+        .start();
     let http = reqwest::Client::builder().timeout(WAIT).build().unwrap();
-    wait_ready(&http, admin_port, &mut child, &log).await;
+    service.wait_ready(&http).await;
+    let port = service.port;
 
     let nats_client = async_nats::connect(nats.url()).await.unwrap();
     let mut sub = nats_client.subscribe("cmc.>").await.unwrap();
@@ -227,37 +210,8 @@ async fn spans_reach_an_otlp_receiver(env: &[(&str, &str)]) {
             Instant::now() < deadline,
             "no span of batch {batch_id} reached the receiver ({} posts); log:\n{}",
             received.lock().unwrap().len(),
-            std::fs::read_to_string(&log).unwrap_or_default()
+            service.log()
         );
-        tokio::time::sleep(Duration::from_millis(100)).await;
-    }
-    let _ = child.kill();
-    let _ = child.wait();
-}
-
-async fn wait_ready(
-    http: &reqwest::Client,
-    admin_port: u16,
-    child: &mut std::process::Child,
-    log: &Path,
-) {
-    let deadline = Instant::now() + Duration::from_secs(15);
-    loop {
-        let ready = http
-            .get(format!("http://127.0.0.1:{admin_port}/readyz"))
-            .send()
-            .await
-            .is_ok_and(|r| r.status() == 200);
-        if ready {
-            return;
-        }
-        if let Some(status) = child.try_wait().unwrap() {
-            panic!(
-                "the service exited ({status}):\n{}",
-                std::fs::read_to_string(log).unwrap_or_default()
-            );
-        }
-        assert!(Instant::now() < deadline, "the service never became ready");
         tokio::time::sleep(Duration::from_millis(100)).await;
     }
 }
