@@ -12,6 +12,7 @@ mod hostile;
 mod http;
 mod inbound;
 mod limits;
+mod metric_names;
 mod pipeline;
 mod props;
 mod reload;
