@@ -198,7 +198,9 @@ pub fn request_trace<'h>(
     let ids = random_ids();
     match parent {
         Some(parent) => parent.child(ids[16..].try_into().expect("8 bytes")),
-        None => TraceParent::root(ids),
+        // Spans are not exported here (else the exporter's own ids were returned above): a new
+        // trace says it is not sampled (SPEC §2).
+        None => TraceParent::root(ids, false),
     }
 }
 

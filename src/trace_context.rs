@@ -65,8 +65,10 @@ impl TraceParent {
         }
     }
 
-    /// A new, sampled trace made of the random bytes `ids` (trace id, then span id).
-    pub fn root(ids: [u8; 24]) -> TraceParent {
+    /// A new trace made of the random bytes `ids` (trace id, then span id), marked sampled
+    /// only when `sampled` (SPEC §2: when the service exports spans; W3C lets a caller that
+    /// records nothing say so, and a sampled mark makes consumers and nats-server do more).
+    pub fn root(ids: [u8; 24], sampled: bool) -> TraceParent {
         let mut trace_id = [0u8; 16];
         trace_id.copy_from_slice(&ids[..16]);
         if trace_id == [0; 16] {
@@ -77,7 +79,7 @@ impl TraceParent {
         TraceParent {
             trace_id,
             span_id: nonzero_span(span_id),
-            flags: SAMPLED,
+            flags: if sampled { SAMPLED } else { 0 },
         }
     }
 
@@ -92,16 +94,18 @@ impl TraceParent {
     }
 
     /// The span of a request whose `traceparent` headers are `headers`: a child of its parent
-    /// (see [`TraceParent::parent_of`]), else the root of a new trace; `ids` are random bytes.
+    /// (see [`TraceParent::parent_of`]; its flags kept), else the root of a new trace, sampled
+    /// when `sampled`; `ids` are random bytes.
     pub fn for_request<'h>(
         headers: impl IntoIterator<Item = &'h [u8]>,
         ids: [u8; 24],
+        sampled: bool,
     ) -> TraceParent {
         let mut span_id = [0u8; 8];
         span_id.copy_from_slice(&ids[16..]);
         match TraceParent::parent_of(headers) {
             Some(parent) => parent.child(span_id),
-            None => TraceParent::root(ids),
+            None => TraceParent::root(ids, sampled),
         }
     }
 
@@ -187,29 +191,35 @@ mod tests {
     #[test]
     fn a_request_span_continues_a_valid_parent_and_starts_a_trace_otherwise() {
         let ids: [u8; 24] = std::array::from_fn(|i| i as u8 + 1);
-        let child = TraceParent::for_request([VALID.as_bytes()], ids);
+        let child = TraceParent::for_request([VALID.as_bytes()], ids, false);
         assert_eq!(child.trace_id_hex(), "4bf92f3577b34da6a3ce929d0e0e4736");
         assert_eq!(child.span_id, ids[16..]);
         assert_eq!(child.flags, 1);
         let unsampled = VALID.replace("-01", "-00");
         assert_eq!(
-            TraceParent::for_request([unsampled.as_bytes()], ids).flags,
-            0
+            TraceParent::for_request([unsampled.as_bytes()], ids, true).flags,
+            0,
+            "a parent's flags are kept, whatever a new trace would be"
         );
 
-        let root = TraceParent::root(ids);
+        let root = TraceParent::root(ids, true);
         assert_eq!(root.trace_id, ids[..16]);
         assert_eq!(root.flags, SAMPLED);
+        assert_eq!(TraceParent::root(ids, false).flags, 0);
+        assert!(TraceParent::root(ids, false).to_string().ends_with("-00"));
         let none: [&[u8]; 0] = [];
-        assert_eq!(TraceParent::for_request(none, ids), root);
-        assert_eq!(TraceParent::for_request([b"garbage".as_slice()], ids), root);
+        assert_eq!(TraceParent::for_request(none, ids, true), root);
+        assert_eq!(
+            TraceParent::for_request([b"garbage".as_slice()], ids, true),
+            root
+        );
         // Two traceparent headers are as good as none.
         assert_eq!(
-            TraceParent::for_request([VALID.as_bytes(), VALID.as_bytes()], ids),
+            TraceParent::for_request([VALID.as_bytes(), VALID.as_bytes()], ids, true),
             root
         );
         // All-zero random bytes still make valid ids.
-        let zero = TraceParent::root([0; 24]);
+        let zero = TraceParent::root([0; 24], true);
         assert!(TraceParent::parse(&zero.to_string()).is_some());
     }
 
@@ -217,9 +227,9 @@ mod tests {
         #[test]
         fn every_built_value_parses_back(ids in any::<[u8; 24]>(), parent in any::<bool>()) {
             let built = if parent {
-                TraceParent::for_request([VALID.as_bytes()], ids)
+                TraceParent::for_request([VALID.as_bytes()], ids, false)
             } else {
-                TraceParent::root(ids)
+                TraceParent::root(ids, ids[0] % 2 == 0)
             };
             let text = built.to_string();
             prop_assert_eq!(text.len(), 55);
