@@ -8,7 +8,7 @@
 //! binary; `CMC_FORWARDER_BIN=target/release/cmc-forwarder` measures a release build.
 
 use std::collections::HashMap;
-use std::path::Path;
+use std::path::{Path, PathBuf};
 use std::process::Output;
 use std::time::{Duration, Instant};
 
@@ -184,6 +184,36 @@ impl Large {
     }
 }
 
+/// A nats-server's service: the real binary against it with its spool and log in a temporary
+/// directory, ready, and a client bounded by [`CLIENT_TIMEOUT`].
+struct Spooled {
+    service: Service,
+    http: reqwest::Client,
+    spool_dir: PathBuf,
+    /// Holds the spool and the log.
+    dir: tempfile::TempDir,
+}
+
+impl Spooled {
+    async fn start(nats: &NatsServer, settings: &[(&str, &str)]) -> Spooled {
+        let dir = tempfile::tempdir().unwrap();
+        let (spool_dir, log) = (dir.path().join("spool"), dir.path().join("service.log"));
+        let mut service = Launch::service(&log)
+            .nats(&nats.url())
+            .spool(&spool_dir)
+            .settings(settings)
+            .start();
+        let http = client(CLIENT_TIMEOUT);
+        service.wait_ready(&http).await;
+        Spooled {
+            service,
+            http,
+            spool_dir,
+            dir,
+        }
+    }
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn one_large_body_is_200_within_64_mib_and_a_body_of_tiny_entries_is_413() {
     let Large {
@@ -339,16 +369,12 @@ async fn four_batches_of_10000_at_once_are_all_200_and_all_stored() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_poison_message_in_the_spool_is_quarantined_and_the_rest_drains_in_order() {
     let mut nats = NatsServer::start().await;
-    let spool = tempfile::tempdir().unwrap();
-    let spool_dir = spool.path().join("spool");
-    let log = spool.path().join("service.log");
-    let mut service = Launch::service(&log)
-        .nats(&nats.url())
-        .spool(&spool_dir)
-        .settings(&[("SPOOL__RETRY_MAX_INTERVAL", "500ms")])
-        .start();
-    let http = client(CLIENT_TIMEOUT);
-    service.wait_ready(&http).await;
+    let Spooled {
+        service,
+        http,
+        spool_dir,
+        dir: _dir,
+    } = Spooled::start(&nats, &[("SPOOL__RETRY_MAX_INTERVAL", "500ms")]).await;
     nats.stop();
 
     // 20 batches of 10 while NATS is down; batch 7 holds one message of ~900 KB.
@@ -446,12 +472,12 @@ async fn a_poison_message_in_the_spool_is_quarantined_and_the_rest_drains_in_ord
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn spool_drain_empties_a_stopped_services_spool_exactly_once_and_refuses_a_spool_in_use() {
     let mut nats = NatsServer::start().await;
-    let spool = tempfile::tempdir().unwrap();
-    let spool_dir = spool.path().join("spool");
-    let log = spool.path().join("service.log");
-    let mut service = Service::start(&nats.url(), &spool_dir, &log);
-    let http = client(CLIENT_TIMEOUT);
-    service.wait_ready(&http).await;
+    let Spooled {
+        mut service,
+        http,
+        spool_dir,
+        dir: _dir,
+    } = Spooled::start(&nats, &[]).await;
     nats.stop();
     let mut ids = Vec::new();
     for b in 0..12 {
@@ -519,12 +545,12 @@ async fn spool_drain_empties_a_stopped_services_spool_exactly_once_and_refuses_a
 async fn spool_drain_sends_a_stopped_services_inbound_mail_objects_then_one_message() {
     // Arrange: a mail with two attachments spooled by the real service while NATS is down.
     let mut nats = NatsServer::start().await;
-    let spool = tempfile::tempdir().unwrap();
-    let spool_dir = spool.path().join("spool");
-    let log = spool.path().join("service.log");
-    let mut service = Service::start(&nats.url(), &spool_dir, &log);
-    let http = client(CLIENT_TIMEOUT);
-    service.wait_ready(&http).await;
+    let Spooled {
+        mut service,
+        http,
+        spool_dir,
+        dir: _dir,
+    } = Spooled::start(&nats, &[]).await;
     nats.stop();
     let body = std::fs::read(
         std::path::PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("fixtures/inbound/multipart.txt"),
@@ -620,16 +646,12 @@ async fn spool_drain_sends_a_stopped_services_inbound_mail_objects_then_one_mess
 async fn spool_requeue_puts_a_quarantined_message_back_and_it_is_published_once() {
     // Arrange: a message quarantined because NATS came back with a smaller max_payload.
     let mut nats = NatsServer::start().await;
-    let spool = tempfile::tempdir().unwrap();
-    let spool_dir = spool.path().join("spool");
-    let log = spool.path().join("service.log");
-    let mut service = Launch::service(&log)
-        .nats(&nats.url())
-        .spool(&spool_dir)
-        .settings(&[("SPOOL__RETRY_MAX_INTERVAL", "500ms")])
-        .start();
-    let http = client(CLIENT_TIMEOUT);
-    service.wait_ready(&http).await;
+    let Spooled {
+        mut service,
+        http,
+        spool_dir,
+        dir: _dir,
+    } = Spooled::start(&nats, &[("SPOOL__RETRY_MAX_INTERVAL", "500ms")]).await;
     nats.stop();
     let (status, answer, _) = post(&http, &service.webhook_url(), body("small", 3, 300)).await;
     assert_eq!(status, 200, "{answer}");
@@ -718,12 +740,12 @@ async fn spool_requeue_puts_a_quarantined_message_back_and_it_is_published_once(
 async fn a_stream_deleted_while_the_service_runs_is_created_again_and_the_spool_drains() {
     // Arrange
     let nats = NatsServer::start().await;
-    let spool = tempfile::tempdir().unwrap();
-    let spool_dir = spool.path().join("spool");
-    let log = spool.path().join("service.log");
-    let mut service = Service::start(&nats.url(), &spool_dir, &log);
-    let http = client(CLIENT_TIMEOUT);
-    service.wait_ready(&http).await;
+    let Spooled {
+        mut service,
+        http,
+        spool_dir: _,
+        dir: _dir,
+    } = Spooled::start(&nats, &[]).await;
     let js = jetstream_of(&nats.url()).await;
     let (status, answer, _) = post(&http, &service.webhook_url(), body("before", 5, 100)).await;
     assert_eq!(
@@ -767,16 +789,12 @@ async fn a_stream_deleted_while_the_service_runs_with_create_false_is_named_by_r
         ..Default::default()
     };
     js.create_stream(config.clone()).await.unwrap();
-    let spool = tempfile::tempdir().unwrap();
-    let spool_dir = spool.path().join("spool");
-    let log = spool.path().join("service.log");
-    let mut service = Launch::service(&log)
-        .nats(&nats.url())
-        .spool(&spool_dir)
-        .settings(&[("NATS__STREAM__CREATE", "false")])
-        .start();
-    let http = client(CLIENT_TIMEOUT);
-    service.wait_ready(&http).await;
+    let Spooled {
+        mut service,
+        http,
+        spool_dir: _,
+        dir: _dir,
+    } = Spooled::start(&nats, &[("NATS__STREAM__CREATE", "false")]).await;
 
     // Act
     js.delete_stream(STREAM).await.unwrap();
@@ -822,19 +840,19 @@ async fn a_stream_at_its_limits_with_discard_new_is_waited_for_not_refused() {
         ..Default::default()
     };
     js.create_stream(config.clone()).await.unwrap();
-    let spool = tempfile::tempdir().unwrap();
-    let spool_dir = spool.path().join("spool");
-    let log = spool.path().join("service.log");
-    let mut service = Launch::service(&log)
-        .nats(&nats.url())
-        .spool(&spool_dir)
-        .settings(&[
+    let Spooled {
+        mut service,
+        http,
+        spool_dir,
+        dir: _dir,
+    } = Spooled::start(
+        &nats,
+        &[
             ("NATS__STREAM__CREATE", "false"),
             ("SPOOL__RETRY_MAX_INTERVAL", "300ms"),
-        ])
-        .start();
-    let http = client(CLIENT_TIMEOUT);
-    service.wait_ready(&http).await;
+        ],
+    )
+    .await;
 
     // Act
     let (status, answer, _) = post(&http, &service.webhook_url(), body("full", 4, 100)).await;
@@ -872,16 +890,12 @@ async fn a_message_over_the_streams_max_msg_size_is_refused_not_spooled() {
     })
     .await
     .unwrap();
-    let spool = tempfile::tempdir().unwrap();
-    let spool_dir = spool.path().join("spool");
-    let log = spool.path().join("service.log");
-    let mut service = Launch::service(&log)
-        .nats(&nats.url())
-        .spool(&spool_dir)
-        .settings(&[("NATS__STREAM__CREATE", "false")])
-        .start();
-    let http = client(CLIENT_TIMEOUT);
-    service.wait_ready(&http).await;
+    let Spooled {
+        mut service,
+        http,
+        spool_dir,
+        dir: _dir,
+    } = Spooled::start(&nats, &[("NATS__STREAM__CREATE", "false")]).await;
 
     // Act
     let (status, answer, _) = post(&http, &service.webhook_url(), body("big", 1, 5000)).await;
