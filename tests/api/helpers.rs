@@ -172,6 +172,60 @@ impl NatsServer {
         self.stop();
         self.launch().await;
     }
+
+    /// Sends `signal` (`-STOP`, `-CONT`, `-KILL`, ...) to the running server.
+    pub fn signal(&self, signal: &str) {
+        let status = Command::new("kill")
+            .args([signal, &self.pid().to_string()])
+            .status()
+            .unwrap();
+        assert!(status.success(), "kill {signal} nats-server failed");
+    }
+
+    /// The server's store as a power cut now would leave it if this were its last sync: copied
+    /// while the process is paused (SIGSTOP), so the copy is one moment of everything it had
+    /// written, then resumed. nats-server syncs lazily (every 2 minutes by default), so after
+    /// a real power cut its store is such a copy from some earlier moment.
+    pub fn last_sync(&self) -> LastSync {
+        let copy = tempfile::tempdir().unwrap();
+        self.signal("-STOP");
+        let store = self.dir.path().join("jetstream");
+        let copied = !store.exists() || copy_dir(&store, &copy.path().join("jetstream"));
+        self.signal("-CONT");
+        assert!(copied, "cannot copy the store of nats-server");
+        LastSync { copy }
+    }
+
+    /// A power cut: the server killed, its store put back to `sync` (what it had synced, all
+    /// it wrote since lost), and started again on the same port.
+    pub async fn lose_power(&mut self, sync: &LastSync) {
+        self.stop();
+        let store = self.dir.path().join("jetstream");
+        if store.exists() {
+            std::fs::remove_dir_all(&store).unwrap();
+        }
+        let synced = sync.copy.path().join("jetstream");
+        if synced.exists() {
+            assert!(copy_dir(&synced, &store), "cannot restore the store");
+        }
+        self.launch().await;
+    }
+}
+
+/// A copy of a nats-server's store: what it had synced at the moment
+/// [`NatsServer::last_sync`] was called.
+pub struct LastSync {
+    copy: tempfile::TempDir,
+}
+
+/// `cp -a from to`: a directory tree with its files as they are.
+fn copy_dir(from: &Path, to: &Path) -> bool {
+    Command::new("cp")
+        .arg("-a")
+        .arg(from)
+        .arg(to)
+        .status()
+        .is_ok_and(|s| s.success())
 }
 
 impl Drop for NatsServer {

@@ -14,6 +14,7 @@ mod inbound;
 mod limits;
 mod metric_names;
 mod pipeline;
+mod power;
 mod props;
 mod reload;
 mod secure;
