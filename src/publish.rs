@@ -23,9 +23,12 @@ use thiserror::Error;
 
 use crate::nats::Health;
 pub use crate::nats::SetupError;
+use crate::objects::{self, ObjectFailure};
+pub use crate::objects::{BucketSpec, ObjectMeta, StoredObject};
 use crate::settings::NatsSettings;
 use crate::webhook::{Outgoing, OutgoingBatch};
 pub use crate::wire::NatsMessage;
+use tokio::io::AsyncRead;
 
 /// The acknowledgement of one message.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
@@ -70,6 +73,34 @@ pub trait Publish: Clone + Send + Sync + 'static {
     /// Told of every failed publication, so the publisher can act on what it says about the
     /// server (a stream that stopped answering is set up again).
     fn failed(&self, _error: &PublishError) {}
+
+    /// Whether the connection is up, whatever the stream's state (the inbound path stores
+    /// objects, which need no stream of events).
+    fn is_connected(&self) -> bool {
+        self.is_ready()
+    }
+    /// A usable handle on an object store bucket.
+    type Bucket: Clone + Send + Sync + 'static;
+    /// Creates or finds the bucket (see [`BucketSpec`]), within [`Publish::timeout`].
+    fn open_bucket(
+        &self,
+        spec: &BucketSpec,
+    ) -> impl Future<Output = Result<Self::Bucket, PublishError>> + Send;
+    /// What `bucket` holds under `name` (none when nothing), within [`Publish::timeout`].
+    fn object_info(
+        &self,
+        bucket: &Self::Bucket,
+        name: &str,
+    ) -> impl Future<Output = Result<Option<StoredObject>, PublishError>> + Send;
+    /// Puts one object from `data` into `bucket`, all of it within `bound`; what was stored.
+    /// A failed upload leaves nothing of itself in the bucket.
+    fn put_object<R: AsyncRead + Unpin + Send>(
+        &self,
+        bucket: &Self::Bucket,
+        meta: ObjectMeta,
+        data: &mut R,
+        bound: Duration,
+    ) -> impl Future<Output = Result<StoredObject, PublishError>> + Send;
 }
 
 /// Why a batch is not (entirely) on the bus.
@@ -91,6 +122,9 @@ pub enum PublishError {
     NotStored(String),
     #[error("NATS refused the batch: {0}")]
     Refused(String),
+    /// The object store did not take an object (or its bucket is not usable) now.
+    #[error("object store: {0}")]
+    Object(String),
 }
 
 /// One entry's message is larger than the server's `max_payload`: a permanent refusal (413).
@@ -131,6 +165,7 @@ impl PublishError {
                 | PublishError::NoStream(_)
                 | PublishError::Connection(_)
                 | PublishError::NotStored(_)
+                | PublishError::Object(_)
         )
     }
 }
@@ -162,6 +197,14 @@ pub(crate) fn map_error(
             Some(ErrorCode::STREAM_MESSAGE_EXCEEDS_MAXIMUM) => PublishError::Refused(message),
             _ => PublishError::NotStored(message),
         },
+    }
+}
+
+/// What an object call's failure means for delivery: waiting can fix it.
+fn object_error(failure: ObjectFailure) -> PublishError {
+    match failure {
+        ObjectFailure::Timeout(bound) => PublishError::Timeout(bound),
+        ObjectFailure::Failed(message) => PublishError::Object(message),
     }
 }
 
@@ -446,6 +489,43 @@ impl Publish for Arc<Publisher> {
         }
     }
 
+    fn is_connected(&self) -> bool {
+        Publisher::is_connected(self)
+    }
+
+    type Bucket = objects::Bucket;
+
+    async fn open_bucket(&self, spec: &BucketSpec) -> Result<objects::Bucket, PublishError> {
+        if !Publisher::is_connected(self) {
+            return Err(PublishError::NotConnected);
+        }
+        objects::open_bucket(&self.jetstream_context(), spec, self.timeout)
+            .await
+            .map_err(object_error)
+    }
+
+    async fn object_info(
+        &self,
+        bucket: &objects::Bucket,
+        name: &str,
+    ) -> Result<Option<StoredObject>, PublishError> {
+        objects::info(bucket, name, self.timeout)
+            .await
+            .map_err(object_error)
+    }
+
+    async fn put_object<R: AsyncRead + Unpin + Send>(
+        &self,
+        bucket: &objects::Bucket,
+        meta: ObjectMeta,
+        data: &mut R,
+        bound: Duration,
+    ) -> Result<StoredObject, PublishError> {
+        objects::put(&self.jetstream_context(), bucket, meta, data, bound)
+            .await
+            .map_err(object_error)
+    }
+
     async fn settle(&self) -> Result<(), PublishError> {
         if self.jetstream.is_some() {
             return Ok(());
@@ -665,8 +745,12 @@ pub(crate) mod fake {
     use std::sync::{Arc, Mutex};
     use std::time::Duration;
 
-    use super::{Ack, AckFuture, Oversized, Publish, PublishError};
-    use crate::publish::Outbound;
+    use std::collections::HashMap;
+
+    use tokio::io::{AsyncRead, AsyncReadExt};
+
+    use super::{Ack, AckFuture, BucketSpec, ObjectMeta, Oversized, Publish, PublishError};
+    use super::{Outbound, StoredObject};
 
     /// What happens to one sent message.
     #[derive(Debug, Clone, Copy)]
@@ -709,6 +793,15 @@ pub(crate) mod fake {
         denials: Vec<(String, u64)>,
         /// `core` mode: no acknowledgements to wait for, no de-duplication.
         core: bool,
+        /// How the next object uploads behave (`Ack`, `AckAfter`, `Hang`, `Refuse`,
+        /// `Disconnect`, `Fail`), then `object_default`.
+        object_script: VecDeque<Step>,
+        object_default: Step,
+        /// The bucket's objects by name, and the names uploaded, in order.
+        objects: HashMap<String, StoredObject>,
+        uploads: Vec<String>,
+        /// The bucket cannot be opened (missing, `nats.stream.create = false`).
+        bucket_missing: bool,
     }
 
     #[derive(Debug, Clone)]
@@ -732,6 +825,11 @@ pub(crate) mod fake {
                     send_times: Vec::new(),
                     denials: Vec::new(),
                     core: false,
+                    object_script: VecDeque::new(),
+                    object_default: Step::Ack,
+                    objects: HashMap::new(),
+                    uploads: Vec::new(),
+                    bucket_missing: false,
                 })),
                 Arc::default(),
             )
@@ -776,6 +874,31 @@ pub(crate) mod fake {
 
         pub fn stored(&self) -> Vec<String> {
             self.state().stored.clone()
+        }
+
+        /// The next object uploads behave as `steps`, then as the default.
+        pub fn script_objects(&self, steps: impl IntoIterator<Item = Step>) {
+            self.state().object_script.extend(steps);
+        }
+
+        pub fn set_object_default(&self, step: Step) {
+            self.state().object_default = step;
+        }
+
+        pub fn set_bucket_missing(&self, missing: bool) {
+            self.state().bucket_missing = missing;
+        }
+
+        /// The names of the objects uploaded (stored or not yet), in order.
+        pub fn uploads(&self) -> Vec<String> {
+            self.state().uploads.clone()
+        }
+
+        /// The names of the objects the bucket holds.
+        pub fn objects(&self) -> Vec<String> {
+            let mut names: Vec<String> = self.state().objects.keys().cloned().collect();
+            names.sort();
+            names
         }
 
         pub fn duplicates(&self) -> usize {
@@ -914,6 +1037,83 @@ pub(crate) mod fake {
 
         async fn settle(&self) -> Result<(), PublishError> {
             Ok(())
+        }
+
+        type Bucket = String;
+
+        async fn open_bucket(&self, spec: &BucketSpec) -> Result<String, PublishError> {
+            let s = self.state();
+            if !s.ready {
+                return Err(PublishError::NotConnected);
+            }
+            if s.bucket_missing {
+                return Err(PublishError::Object(format!(
+                    "object store {} not usable: not found (fake)",
+                    spec.name
+                )));
+            }
+            Ok(spec.name.clone())
+        }
+
+        async fn object_info(
+            &self,
+            _bucket: &String,
+            name: &str,
+        ) -> Result<Option<StoredObject>, PublishError> {
+            let s = self.state();
+            if !s.ready {
+                return Err(PublishError::NotConnected);
+            }
+            Ok(s.objects.get(name).cloned())
+        }
+
+        async fn put_object<R: AsyncRead + Unpin + Send>(
+            &self,
+            _bucket: &String,
+            meta: ObjectMeta,
+            data: &mut R,
+            bound: std::time::Duration,
+        ) -> Result<StoredObject, PublishError> {
+            let step = {
+                let mut s = self.state();
+                if !s.ready {
+                    return Err(PublishError::NotConnected);
+                }
+                s.uploads.push(meta.name.clone());
+                let default = s.object_default;
+                s.object_script.pop_front().unwrap_or(default)
+            };
+            let delay = match step {
+                Step::Ack => Duration::ZERO,
+                Step::AckAfter(delay) => delay,
+                Step::Hang => bound,
+                Step::Disconnect => {
+                    self.state().ready = false;
+                    return Err(PublishError::NotConnected);
+                }
+                Step::Fail => return Err(PublishError::Object("connection reset (fake)".into())),
+                Step::Refuse | Step::Deny | Step::Api(_) => {
+                    return Err(PublishError::Object("refused (fake)".into()))
+                }
+            };
+            // Within its bound, as the real upload is; nothing of a failed one stays.
+            if delay >= bound {
+                tokio::time::sleep(bound).await;
+                return Err(PublishError::Timeout(bound));
+            }
+            tokio::time::sleep(delay).await;
+            let mut bytes = Vec::new();
+            data.read_to_end(&mut bytes)
+                .await
+                .map_err(|e| PublishError::Object(e.to_string()))?;
+            use sha2::Digest;
+            let stored = StoredObject {
+                size: bytes.len() as u64,
+                digest: Some(crate::objects::digest_of(&sha2::Sha256::digest(&bytes))),
+                deleted: false,
+            };
+            self.state().objects.insert(meta.name, stored.clone());
+            Ok(stored)
         }
 
         fn denial_mark(&self) -> u64 {
