@@ -20,9 +20,8 @@ use tokio::sync::Mutex;
 
 use super::mail::Mail;
 use super::message::{plan, ObjectToStore, Source, TooLarge};
-use crate::deliver::publish_run;
 use crate::objects::{digest_of, BucketSpec, ObjectMeta, CHUNK};
-use crate::publish::{NatsMessage, Publish, PublishError, Publisher};
+use crate::publish::{publish_run, NatsMessage, Publish, PublishError, Publisher};
 use crate::settings::{Settings, Storage};
 use crate::subject::InboundSubject;
 
