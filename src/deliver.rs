@@ -13,7 +13,7 @@
 //!   and is appended to the spool, and a permanent refusal is answered without spooling
 //!   (`413` for an oversized message, else `503`), so it can never block the spool.
 //!
-//! Publishing ([`publish_run`]) sends a batch in entry order with at most `window` messages
+//! Publishing ([`crate::publish::publish_run`]) sends a batch in entry order with at most `window` messages
 //! unacknowledged and consumes acknowledgements as they arrive, within `publish_timeout`:
 //! any batch completes in time proportional to its size, and a large batch holds no more of
 //! the connection than its window, so concurrent batches share it fairly.
@@ -25,22 +25,18 @@
 use std::sync::Arc;
 use std::time::Duration;
 
-use std::collections::VecDeque;
 use std::future::Future;
 use std::pin::Pin;
 
-use futures_util::FutureExt;
 use thiserror::Error;
 use tokio::sync::{mpsc, oneshot, watch};
 
 use crate::budget::Permit;
 use crate::metrics;
-use crate::publish::{NatsMessage, Outbound, Oversized, Publish, PublishError};
+use crate::publish::{publish_run, Oversized, Progress, Publish, PublishError};
 use crate::spool::{encode_record, ReadBatch, Records, SpoolError, SpoolHandle};
 use crate::webhook::OutgoingBatch;
 
-/// Messages of a batch built ahead and sent back to back.
-const SEND_CHUNK: usize = 128;
 /// Messages read from the spool per drain step.
 const DRAIN_BATCH: usize = 512;
 /// First pause after a failure; it doubles up to `spool.retry_max_interval`.
@@ -337,224 +333,6 @@ impl Records for BatchRest {
         }
         Ok(messages.len() as u64)
     }
-}
-
-/// A sequence of messages that can be published.
-pub trait Source: Sync {
-    fn len(&self) -> usize;
-    fn is_empty(&self) -> bool {
-        self.len() == 0
-    }
-    /// The messages as handed to the client: `builder()(i)` is message `i`. Made once per
-    /// publication, so that what all messages share is prepared once.
-    fn builder(&self) -> impl FnMut(usize) -> Outbound + Send + '_;
-}
-
-impl Source for OutgoingBatch {
-    fn len(&self) -> usize {
-        self.messages.len()
-    }
-
-    fn builder(&self) -> impl FnMut(usize) -> Outbound + Send + '_ {
-        Outbound::builder(self)
-    }
-}
-
-impl Source for Vec<NatsMessage> {
-    fn len(&self) -> usize {
-        <[NatsMessage]>::len(self)
-    }
-
-    fn builder(&self) -> impl FnMut(usize) -> Outbound + Send + '_ {
-        |i| self[i].to_outbound()
-    }
-}
-
-/// How far a publication got: the acknowledged prefix.
-#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
-pub struct Progress {
-    pub acked: usize,
-    pub duplicates: usize,
-}
-
-/// A publication that did not complete.
-#[derive(Debug)]
-pub struct Failure {
-    pub error: PublishError,
-    /// The acknowledged prefix; message `done.acked` is the first not known to be stored.
-    pub done: Progress,
-    /// The message the error is about.
-    pub at: usize,
-}
-
-/// Publishes `messages` in order within the publisher's timeout, at most `window` of them
-/// unacknowledged at a time, consuming acknowledgements as they arrive.
-pub async fn publish_run<P: Publish, S: Source + ?Sized>(
-    publisher: &P,
-    messages: &S,
-    window: usize,
-) -> Result<Progress, Failure> {
-    let n = messages.len();
-    if n == 0 {
-        return Ok(Progress::default());
-    }
-    if !publisher.is_ready() {
-        return Err(Failure {
-            error: PublishError::NotConnected,
-            done: Progress::default(),
-            at: 0,
-        });
-    }
-    let timeout = publisher.timeout();
-    let deadline = tokio::time::Instant::now() + timeout;
-    let window = window.max(1);
-    let mut done = Progress::default();
-    // (position, error) of the first failure.
-    let mut failed: Option<(usize, PublishError)> = None;
-    let mut build = messages.builder();
-    // The subjects this run sent to (a batch has a handful), to tell its denials from those
-    // of other batches.
-    let mut subjects: Vec<String> = Vec::new();
-    // Each sent message's subject (its place in `subjects`), to pin a denial on its message.
-    let mut sent_subjects: Vec<usize> = Vec::with_capacity(n);
-    // A denial pinned on message `k`: the messages before it are still acknowledged first.
-    let mut denied: Option<(usize, PublishError)> = None;
-    let confirms_each = publisher.confirms_each();
-    let work = async {
-        // One watch over denials for the whole run, not one per message.
-        let mut mark = publisher.denial_mark();
-        let denial = publisher.next_denial(mark);
-        tokio::pin!(denial);
-        // Acknowledgements in send order: the acknowledged prefix is what they tell, and a
-        // stream acknowledges in that order anyway.
-        let mut acks: VecDeque<P::Pending> = VecDeque::with_capacity(window.min(n));
-        let mut chunk = Vec::with_capacity(SEND_CHUNK.min(n));
-        let mut next = 0;
-        loop {
-            if let Some((k, _)) = &denied {
-                if done.acked >= *k || acks.is_empty() {
-                    failed = denied.take();
-                    return;
-                }
-            }
-            // Take every acknowledgement that is already there before sending more.
-            while let Some(ack) = acks.front_mut().and_then(|ack| ack.now_or_never()) {
-                acks.pop_front();
-                match ack {
-                    Ok(ack) => count(&mut done, ack),
-                    Err(error) => {
-                        failed = Some((done.acked, error));
-                        return;
-                    }
-                }
-            }
-            if next < n && acks.len() < window && failed.is_none() && denied.is_none() {
-                // Built before any of them is sent, so that they reach the client's
-                // connection task back to back and leave in few socket writes: building
-                // each between two sends let that task write (and wake) once per handful.
-                let end = n.min(next + (window - acks.len())).min(next + SEND_CHUNK);
-                chunk.extend((next..end).map(&mut build));
-                for message in chunk.drain(..) {
-                    let place = match subjects.iter().position(|s| *s == message.subject) {
-                        Some(place) => place,
-                        None => {
-                            subjects.push(message.subject.clone());
-                            subjects.len() - 1
-                        }
-                    };
-                    sent_subjects.push(place);
-                    match publisher.send(message, next).await {
-                        Ok(ack) => {
-                            acks.push_back(ack);
-                            next += 1;
-                        }
-                        // Stop sending, but collect the acknowledgements of what went before,
-                        // so the acknowledged prefix reaches the failed message.
-                        Err(error) => {
-                            failed = Some((next, error));
-                            break;
-                        }
-                    }
-                }
-                continue;
-            }
-            let Some(front) = acks.front_mut() else {
-                break;
-            };
-            let event = tokio::select! {
-                biased;
-                ack = front => Ok(ack),
-                denied = &mut denial => Err(denied),
-            };
-            match event {
-                Ok(Ok(ack)) => {
-                    acks.pop_front();
-                    count(&mut done, ack);
-                }
-                Ok(Err(error)) => {
-                    failed = Some((done.acked, error));
-                    return;
-                }
-                Err((subject, seen)) => {
-                    // The first message of that subject not yet known to be stored: the one
-                    // before it may still be acknowledged (and must not be quarantined), the
-                    // denied one must not be counted as delivered.
-                    let unconfirmed = if confirms_each { done.acked } else { 0 };
-                    let pinned = subjects
-                        .iter()
-                        .position(|s| *s == subject)
-                        .and_then(|place| {
-                            (unconfirmed..sent_subjects.len()).find(|&i| sent_subjects[i] == place)
-                        });
-                    // (None: another batch's denial.)
-                    if let Some(k) = pinned {
-                        if denied.as_ref().is_none_or(|(first, _)| k < *first) {
-                            denied = Some((
-                                k,
-                                PublishError::Refused(format!(
-                                    "permission denied: this NATS user may not publish to {subject:?}"
-                                )),
-                            ));
-                        }
-                    }
-                    mark = seen;
-                    denial.set(publisher.next_denial(mark));
-                }
-            }
-        }
-        if failed.is_none() {
-            if let Err(error) = publisher.settle().await {
-                failed = Some((0, error));
-            }
-        }
-    };
-    if tokio::time::timeout_at(deadline, work).await.is_err() && failed.is_none() {
-        failed = Some((done.acked, PublishError::Timeout(timeout)));
-    }
-    match failed {
-        None => Ok(done),
-        Some((at, error)) => {
-            publisher.failed(&error);
-            if !confirms_each {
-                // Nothing sent is known to be on the server before a flush succeeded.
-                done = Progress::default();
-                // Before a permanent failure, messages 0..at were put on the connection: a
-                // flush confirms them, so they are not published again (core mode has no
-                // de-duplication) and the failed message can be set aside.
-                if error.is_permanent() && at > 0 {
-                    if let Ok(Ok(())) = tokio::time::timeout(timeout, publisher.settle()).await {
-                        done.acked = at;
-                    }
-                }
-            }
-            Err(Failure { error, done, at })
-        }
-    }
-}
-
-fn count(done: &mut Progress, ack: crate::publish::Ack) {
-    done.acked += 1;
-    done.duplicates += usize::from(ack.duplicate);
 }
 
 /// Exponential back-off: 100 ms, doubling, capped.

@@ -22,7 +22,7 @@
 //! Received mail (CMC's Inbound webhook, SPEC §7) takes a parallel path:
 //! [`routes::inbound`] (same checks) → [`inbound`] (multipart streamed to disk, validation,
 //! the message planned by pure code) → [`inbound::store`] (objects into the JetStream object
-//! store, then one message), or the inbound spool ([`inbound::spool`]) when NATS cannot take
+//! store through the [`publish`] seam, whose real side is [`objects`], then one message), or the inbound spool ([`inbound::spool`]) when NATS cannot take
 //! the mail in time.
 //!
 //! Around them: [`wire`] (the message as it goes on the wire, and its size), [`nats`] (the connection, its health and the stream), [`server`] (the public accept loop: connection cap, timeouts, TLS),
@@ -41,6 +41,7 @@ pub mod deliver;
 pub mod inbound;
 pub mod metrics;
 pub mod nats;
+pub mod objects;
 pub mod publish;
 pub mod reload;
 pub mod routes;

@@ -7,6 +7,7 @@
 //! deadline and what a failure means; tests drive it with an in-memory fake instead of a
 //! nats-server.
 
+use std::collections::VecDeque;
 use std::future::{Future, IntoFuture};
 use std::pin::Pin;
 use std::sync::atomic::{AtomicBool, Ordering};
@@ -19,13 +20,17 @@ use async_nats::header::HeaderName;
 use async_nats::jetstream::{self, context::PublishErrorKind, ErrorCode};
 use async_nats::{Client, HeaderMap};
 use bytes::Bytes;
+use futures_util::FutureExt;
 use thiserror::Error;
 
 use crate::nats::Health;
 pub use crate::nats::SetupError;
+use crate::objects::{self, ObjectFailure};
+pub use crate::objects::{BucketSpec, ObjectMeta, StoredObject};
 use crate::settings::NatsSettings;
 use crate::webhook::{Outgoing, OutgoingBatch};
 pub use crate::wire::NatsMessage;
+use tokio::io::AsyncRead;
 
 /// The acknowledgement of one message.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
@@ -70,9 +75,43 @@ pub trait Publish: Clone + Send + Sync + 'static {
     /// Told of every failed publication, so the publisher can act on what it says about the
     /// server (a stream that stopped answering is set up again).
     fn failed(&self, _error: &PublishError) {}
+
+    /// Whether the connection is up, whatever the stream's state (the inbound path stores
+    /// objects, which need no stream of events).
+    fn is_connected(&self) -> bool {
+        self.is_ready()
+    }
+    /// A usable handle on an object store bucket.
+    type Bucket: Clone + Send + Sync + 'static;
+    /// Creates or finds the bucket (see [`BucketSpec`]), within [`Publish::timeout`].
+    fn open_bucket(
+        &self,
+        spec: &BucketSpec,
+    ) -> impl Future<Output = Result<Self::Bucket, PublishError>> + Send;
+    /// What `bucket` holds under `name` (none when nothing), within [`Publish::timeout`].
+    fn object_info(
+        &self,
+        bucket: &Self::Bucket,
+        name: &str,
+    ) -> impl Future<Output = Result<Option<StoredObject>, PublishError>> + Send;
+    /// Puts one object from `data` into `bucket`, all of it within `bound`; what was stored.
+    /// A failed upload leaves nothing of itself in the bucket.
+    fn put_object<R: AsyncRead + Unpin + Send>(
+        &self,
+        bucket: &Self::Bucket,
+        meta: ObjectMeta,
+        data: &mut R,
+        bound: Duration,
+    ) -> impl Future<Output = Result<StoredObject, PublishError>> + Send;
 }
 
-/// Why a batch is not (entirely) on the bus.
+/// The cause of a [`PublishError`]: the client's own error, or the server's answer.
+pub type Cause = Box<dyn std::error::Error + Send + Sync + 'static>;
+
+/// Why a batch is not (entirely) on the bus. The variant is the kind of failure, which
+/// decides what delivery does ([`PublishError::is_temporary`]); the cause is kept as its
+/// `source`. The message repeats the cause's text, so a one-line log still says what NATS
+/// answered.
 #[derive(Debug, Error)]
 pub enum PublishError {
     #[error("NATS is not connected")]
@@ -82,15 +121,26 @@ pub enum PublishError {
     #[error(transparent)]
     TooLarge(Oversized),
     #[error("no JetStream stream answered: {0}")]
-    NoStream(String),
+    NoStream(#[source] Cause),
     #[error("NATS connection failed: {0}")]
-    Connection(String),
+    Connection(#[source] Cause),
     /// JetStream answered, but could not store the message now (insufficient resources, a
     /// stream at its limits with `discard: new`, no leader, …): waiting can fix it.
     #[error("JetStream could not store the message now: {0}")]
-    NotStored(String),
+    NotStored(#[source] Cause),
     #[error("NATS refused the batch: {0}")]
-    Refused(String),
+    Refused(#[source] Cause),
+    /// The object store did not take an object (or its bucket is not usable) now.
+    #[error("object store: {0}")]
+    Object(#[source] Cause),
+}
+
+/// The server's `-ERR` for a message this NATS user may not publish: the cause of a
+/// [`PublishError::Refused`].
+#[derive(Debug, Error)]
+#[error("permission denied: this NATS user may not publish to {subject:?}")]
+pub struct Denied {
+    pub subject: String,
 }
 
 /// One entry's message is larger than the server's `max_payload`: a permanent refusal (413).
@@ -131,18 +181,18 @@ impl PublishError {
                 | PublishError::NoStream(_)
                 | PublishError::Connection(_)
                 | PublishError::NotStored(_)
+                | PublishError::Object(_)
         )
     }
 }
 
 /// What a client error means for delivery.
 pub(crate) fn map_error(
-    error: &jetstream::context::PublishError,
+    error: jetstream::context::PublishError,
     index: usize,
     timeout: Duration,
     max_payload: usize,
 ) -> PublishError {
-    let message = error.to_string();
     match error.kind() {
         PublishErrorKind::TimedOut => PublishError::Timeout(timeout),
         PublishErrorKind::MaxPayloadExceeded => PublishError::TooLarge(Oversized {
@@ -153,15 +203,23 @@ pub(crate) fn map_error(
         PublishErrorKind::BrokenPipe => PublishError::NotConnected,
         // "No responders": no stream is serving the subject right now, as during a
         // leader election or while a stream is being restored. Worth waiting for.
-        PublishErrorKind::StreamNotFound => PublishError::NoStream(message),
+        PublishErrorKind::StreamNotFound => PublishError::NoStream(error.into()),
         // An API error in the PubAck, by its JetStream error code: only what can never be
         // stored for this message is a refusal (quarantined, or answered without spooling).
         // A permission denied on the subject never comes as a PubAck: the server answers it
         // with `-ERR`, which `next_denial` watches.
-        _ => match api_error_code(error) {
-            Some(ErrorCode::STREAM_MESSAGE_EXCEEDS_MAXIMUM) => PublishError::Refused(message),
-            _ => PublishError::NotStored(message),
+        _ => match api_error_code(&error) {
+            Some(ErrorCode::STREAM_MESSAGE_EXCEEDS_MAXIMUM) => PublishError::Refused(error.into()),
+            _ => PublishError::NotStored(error.into()),
         },
+    }
+}
+
+/// What an object call's failure means for delivery: waiting can fix it.
+fn object_error(failure: ObjectFailure) -> PublishError {
+    match failure {
+        ObjectFailure::Timeout(bound) => PublishError::Timeout(bound),
+        ObjectFailure::Failed(message) => PublishError::Object(message.into()),
     }
 }
 
@@ -195,7 +253,7 @@ impl Future for NatsAck {
             ack.map(|ack| Ack {
                 duplicate: ack.duplicate,
             })
-            .map_err(|e| map_error(&e, js.index, js.timeout, js.max_payload))
+            .map_err(|e| map_error(e, js.index, js.timeout, js.max_payload))
         })
     }
 }
@@ -403,7 +461,7 @@ impl Publish for Arc<Publisher> {
                 let ack = js
                     .publish_with_headers(message.subject, message.headers, message.payload)
                     .await
-                    .map_err(|e| map_error(&e, index, self.timeout, max_payload))?
+                    .map_err(|e| map_error(e, index, self.timeout, max_payload))?
                     .into_future();
                 Ok(NatsAck(Some(JetStreamAck {
                     ack,
@@ -426,7 +484,7 @@ impl Publish for Arc<Publisher> {
                 self.client
                     .publish_with_headers(message.subject, message.headers, message.payload)
                     .await
-                    .map_err(|e| PublishError::Connection(e.to_string()))?;
+                    .map_err(|e| PublishError::Connection(e.into()))?;
                 Ok(NatsAck(None))
             }
         }
@@ -442,8 +500,45 @@ impl Publish for Arc<Publisher> {
 
     fn failed(&self, error: &PublishError) {
         if let PublishError::NoStream(reason) = error {
-            self.stream_lost(reason);
+            self.stream_lost(&reason.to_string());
         }
+    }
+
+    fn is_connected(&self) -> bool {
+        Publisher::is_connected(self)
+    }
+
+    type Bucket = objects::Bucket;
+
+    async fn open_bucket(&self, spec: &BucketSpec) -> Result<objects::Bucket, PublishError> {
+        if !Publisher::is_connected(self) {
+            return Err(PublishError::NotConnected);
+        }
+        objects::open_bucket(&self.jetstream_context(), spec, self.timeout)
+            .await
+            .map_err(object_error)
+    }
+
+    async fn object_info(
+        &self,
+        bucket: &objects::Bucket,
+        name: &str,
+    ) -> Result<Option<StoredObject>, PublishError> {
+        objects::info(bucket, name, self.timeout)
+            .await
+            .map_err(object_error)
+    }
+
+    async fn put_object<R: AsyncRead + Unpin + Send>(
+        &self,
+        bucket: &objects::Bucket,
+        meta: ObjectMeta,
+        data: &mut R,
+        bound: Duration,
+    ) -> Result<StoredObject, PublishError> {
+        objects::put(&self.jetstream_context(), bucket, meta, data, bound)
+            .await
+            .map_err(object_error)
     }
 
     async fn settle(&self) -> Result<(), PublishError> {
@@ -453,8 +548,229 @@ impl Publish for Arc<Publisher> {
         self.client
             .flush()
             .await
-            .map_err(|e| PublishError::Connection(e.to_string()))
+            .map_err(|e| PublishError::Connection(e.into()))
     }
+}
+
+/// Messages of a batch built ahead and sent back to back.
+const SEND_CHUNK: usize = 128;
+
+/// A sequence of messages that can be published.
+pub trait Source: Sync {
+    fn len(&self) -> usize;
+    fn is_empty(&self) -> bool {
+        self.len() == 0
+    }
+    /// The messages as handed to the client: `builder()(i)` is message `i`. Made once per
+    /// publication, so that what all messages share is prepared once.
+    fn builder(&self) -> impl FnMut(usize) -> Outbound + Send + '_;
+}
+
+impl Source for OutgoingBatch {
+    fn len(&self) -> usize {
+        self.messages.len()
+    }
+
+    fn builder(&self) -> impl FnMut(usize) -> Outbound + Send + '_ {
+        Outbound::builder(self)
+    }
+}
+
+impl Source for Vec<NatsMessage> {
+    fn len(&self) -> usize {
+        <[NatsMessage]>::len(self)
+    }
+
+    fn builder(&self) -> impl FnMut(usize) -> Outbound + Send + '_ {
+        |i| self[i].to_outbound()
+    }
+}
+
+/// How far a publication got: the acknowledged prefix.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct Progress {
+    pub acked: usize,
+    pub duplicates: usize,
+}
+
+/// A publication that did not complete.
+#[derive(Debug)]
+pub struct Failure {
+    pub error: PublishError,
+    /// The acknowledged prefix; message `done.acked` is the first not known to be stored.
+    pub done: Progress,
+    /// The message the error is about.
+    pub at: usize,
+}
+
+/// Publishes `messages` in order within the publisher's timeout, at most `window` of them
+/// unacknowledged at a time, consuming acknowledgements as they arrive.
+pub async fn publish_run<P: Publish, S: Source + ?Sized>(
+    publisher: &P,
+    messages: &S,
+    window: usize,
+) -> Result<Progress, Failure> {
+    let n = messages.len();
+    if n == 0 {
+        return Ok(Progress::default());
+    }
+    if !publisher.is_ready() {
+        return Err(Failure {
+            error: PublishError::NotConnected,
+            done: Progress::default(),
+            at: 0,
+        });
+    }
+    let timeout = publisher.timeout();
+    let deadline = tokio::time::Instant::now() + timeout;
+    let window = window.max(1);
+    let mut done = Progress::default();
+    // (position, error) of the first failure.
+    let mut failed: Option<(usize, PublishError)> = None;
+    let mut build = messages.builder();
+    // The subjects this run sent to (a batch has a handful), to tell its denials from those
+    // of other batches.
+    let mut subjects: Vec<String> = Vec::new();
+    // Each sent message's subject (its place in `subjects`), to pin a denial on its message.
+    let mut sent_subjects: Vec<usize> = Vec::with_capacity(n);
+    // A denial pinned on message `k`: the messages before it are still acknowledged first.
+    let mut denied: Option<(usize, PublishError)> = None;
+    let confirms_each = publisher.confirms_each();
+    let work = async {
+        // One watch over denials for the whole run, not one per message.
+        let mut mark = publisher.denial_mark();
+        let denial = publisher.next_denial(mark);
+        tokio::pin!(denial);
+        // Acknowledgements in send order: the acknowledged prefix is what they tell, and a
+        // stream acknowledges in that order anyway.
+        let mut acks: VecDeque<P::Pending> = VecDeque::with_capacity(window.min(n));
+        let mut chunk = Vec::with_capacity(SEND_CHUNK.min(n));
+        let mut next = 0;
+        loop {
+            if let Some((k, _)) = &denied {
+                if done.acked >= *k || acks.is_empty() {
+                    failed = denied.take();
+                    return;
+                }
+            }
+            // Take every acknowledgement that is already there before sending more.
+            while let Some(ack) = acks.front_mut().and_then(|ack| ack.now_or_never()) {
+                acks.pop_front();
+                match ack {
+                    Ok(ack) => count(&mut done, ack),
+                    Err(error) => {
+                        failed = Some((done.acked, error));
+                        return;
+                    }
+                }
+            }
+            if next < n && acks.len() < window && failed.is_none() && denied.is_none() {
+                // Built before any of them is sent, so that they reach the client's
+                // connection task back to back and leave in few socket writes: building
+                // each between two sends let that task write (and wake) once per handful.
+                let end = n.min(next + (window - acks.len())).min(next + SEND_CHUNK);
+                chunk.extend((next..end).map(&mut build));
+                for message in chunk.drain(..) {
+                    let place = match subjects.iter().position(|s| *s == message.subject) {
+                        Some(place) => place,
+                        None => {
+                            subjects.push(message.subject.clone());
+                            subjects.len() - 1
+                        }
+                    };
+                    sent_subjects.push(place);
+                    match publisher.send(message, next).await {
+                        Ok(ack) => {
+                            acks.push_back(ack);
+                            next += 1;
+                        }
+                        // Stop sending, but collect the acknowledgements of what went before,
+                        // so the acknowledged prefix reaches the failed message.
+                        Err(error) => {
+                            failed = Some((next, error));
+                            break;
+                        }
+                    }
+                }
+                continue;
+            }
+            let Some(front) = acks.front_mut() else {
+                break;
+            };
+            let event = tokio::select! {
+                biased;
+                ack = front => Ok(ack),
+                denied = &mut denial => Err(denied),
+            };
+            match event {
+                Ok(Ok(ack)) => {
+                    acks.pop_front();
+                    count(&mut done, ack);
+                }
+                Ok(Err(error)) => {
+                    failed = Some((done.acked, error));
+                    return;
+                }
+                Err((subject, seen)) => {
+                    // The first message of that subject not yet known to be stored: the one
+                    // before it may still be acknowledged (and must not be quarantined), the
+                    // denied one must not be counted as delivered.
+                    let unconfirmed = if confirms_each { done.acked } else { 0 };
+                    let pinned = subjects
+                        .iter()
+                        .position(|s| *s == subject)
+                        .and_then(|place| {
+                            (unconfirmed..sent_subjects.len()).find(|&i| sent_subjects[i] == place)
+                        });
+                    // (None: another batch's denial.)
+                    if let Some(k) = pinned {
+                        if denied.as_ref().is_none_or(|(first, _)| k < *first) {
+                            denied = Some((
+                                k,
+                                PublishError::Refused(Box::new(Denied {
+                                    subject: subject.to_string(),
+                                })),
+                            ));
+                        }
+                    }
+                    mark = seen;
+                    denial.set(publisher.next_denial(mark));
+                }
+            }
+        }
+        if failed.is_none() {
+            if let Err(error) = publisher.settle().await {
+                failed = Some((0, error));
+            }
+        }
+    };
+    if tokio::time::timeout_at(deadline, work).await.is_err() && failed.is_none() {
+        failed = Some((done.acked, PublishError::Timeout(timeout)));
+    }
+    match failed {
+        None => Ok(done),
+        Some((at, error)) => {
+            publisher.failed(&error);
+            if !confirms_each {
+                // Nothing sent is known to be on the server before a flush succeeded.
+                done = Progress::default();
+                // Before a permanent failure, messages 0..at were put on the connection: a
+                // flush confirms them, so they are not published again (core mode has no
+                // de-duplication) and the failed message can be set aside.
+                if error.is_permanent() && at > 0 {
+                    if let Ok(Ok(())) = tokio::time::timeout(timeout, publisher.settle()).await {
+                        done.acked = at;
+                    }
+                }
+            }
+            Err(Failure { error, done, at })
+        }
+    }
+}
+
+fn count(done: &mut Progress, ack: Ack) {
+    done.acked += 1;
+    done.duplicates += usize::from(ack.duplicate);
 }
 
 /// A message as handed to the NATS client, which takes ownership of its parts.
@@ -587,7 +903,7 @@ mod tests {
         }))
         .unwrap();
         let error = jetstream::context::PublishError::with_source(PublishErrorKind::Other, api);
-        map_error(&error, 3, Duration::from_secs(1), 1024)
+        map_error(error, 3, Duration::from_secs(1), 1024)
     }
 
     /// Only what can never be stored is permanent; resources and limits are waited for.
@@ -606,7 +922,28 @@ mod tests {
             PublishErrorKind::Other,
             std::io::Error::other("garbled"),
         );
-        assert!(map_error(&other, 0, Duration::from_secs(1), 1024).is_temporary());
+        assert!(map_error(other, 0, Duration::from_secs(1), 1024).is_temporary());
+    }
+
+    /// The client's error stays the cause, not a copy of its text: what JetStream answered
+    /// can be read back from the error chain.
+    #[test]
+    fn a_publish_error_keeps_the_clients_error_as_its_source() {
+        for (code, temporary) in [(10054, false), (10047, true)] {
+            let error = pub_ack_error(code);
+            let source = std::error::Error::source(&error).expect("a source");
+            let client = source
+                .downcast_ref::<jetstream::context::PublishError>()
+                .expect("the client's error");
+            assert_eq!(api_error_code(client).map(|c| c.0), Some(code));
+            assert_eq!(error.is_temporary(), temporary);
+        }
+        let denied = PublishError::Refused(Box::new(Denied {
+            subject: "cmc.x".into(),
+        }));
+        let source = std::error::Error::source(&denied).unwrap();
+        assert_eq!(source.downcast_ref::<Denied>().unwrap().subject, "cmc.x");
+        assert!(denied.to_string().contains("\"cmc.x\""), "{denied}");
     }
 
     /// The per-batch template gives every message exactly the headers it would get built
@@ -665,8 +1002,12 @@ pub(crate) mod fake {
     use std::sync::{Arc, Mutex};
     use std::time::Duration;
 
-    use super::{Ack, AckFuture, Oversized, Publish, PublishError};
-    use crate::publish::Outbound;
+    use std::collections::HashMap;
+
+    use tokio::io::{AsyncRead, AsyncReadExt};
+
+    use super::{Ack, AckFuture, BucketSpec, ObjectMeta, Oversized, Publish, PublishError};
+    use super::{Outbound, StoredObject};
 
     /// What happens to one sent message.
     #[derive(Debug, Clone, Copy)]
@@ -709,6 +1050,15 @@ pub(crate) mod fake {
         denials: Vec<(String, u64)>,
         /// `core` mode: no acknowledgements to wait for, no de-duplication.
         core: bool,
+        /// How the next object uploads behave (`Ack`, `AckAfter`, `Hang`, `Refuse`,
+        /// `Disconnect`, `Fail`), then `object_default`.
+        object_script: VecDeque<Step>,
+        object_default: Step,
+        /// The bucket's objects by name, and the names uploaded, in order.
+        objects: HashMap<String, StoredObject>,
+        uploads: Vec<String>,
+        /// The bucket cannot be opened (missing, `nats.stream.create = false`).
+        bucket_missing: bool,
     }
 
     #[derive(Debug, Clone)]
@@ -732,6 +1082,11 @@ pub(crate) mod fake {
                     send_times: Vec::new(),
                     denials: Vec::new(),
                     core: false,
+                    object_script: VecDeque::new(),
+                    object_default: Step::Ack,
+                    objects: HashMap::new(),
+                    uploads: Vec::new(),
+                    bucket_missing: false,
                 })),
                 Arc::default(),
             )
@@ -776,6 +1131,31 @@ pub(crate) mod fake {
 
         pub fn stored(&self) -> Vec<String> {
             self.state().stored.clone()
+        }
+
+        /// The next object uploads behave as `steps`, then as the default.
+        pub fn script_objects(&self, steps: impl IntoIterator<Item = Step>) {
+            self.state().object_script.extend(steps);
+        }
+
+        pub fn set_object_default(&self, step: Step) {
+            self.state().object_default = step;
+        }
+
+        pub fn set_bucket_missing(&self, missing: bool) {
+            self.state().bucket_missing = missing;
+        }
+
+        /// The names of the objects uploaded (stored or not yet), in order.
+        pub fn uploads(&self) -> Vec<String> {
+            self.state().uploads.clone()
+        }
+
+        /// The names of the objects the bucket holds.
+        pub fn objects(&self) -> Vec<String> {
+            let mut names: Vec<String> = self.state().objects.keys().cloned().collect();
+            names.sort();
+            names
         }
 
         pub fn duplicates(&self) -> usize {
@@ -906,7 +1286,7 @@ pub(crate) mod fake {
                     );
                     let (timeout, max) = (self.timeout(), self.max_payload());
                     Ok(Box::pin(async move {
-                        Err(super::map_error(&error, index, timeout, max))
+                        Err(super::map_error(error, index, timeout, max))
                     }))
                 }
             }
@@ -914,6 +1294,82 @@ pub(crate) mod fake {
 
         async fn settle(&self) -> Result<(), PublishError> {
             Ok(())
+        }
+
+        type Bucket = String;
+
+        async fn open_bucket(&self, spec: &BucketSpec) -> Result<String, PublishError> {
+            let s = self.state();
+            if !s.ready {
+                return Err(PublishError::NotConnected);
+            }
+            if s.bucket_missing {
+                return Err(PublishError::Object(
+                    format!("object store {} not usable: not found (fake)", spec.name).into(),
+                ));
+            }
+            Ok(spec.name.clone())
+        }
+
+        async fn object_info(
+            &self,
+            _bucket: &String,
+            name: &str,
+        ) -> Result<Option<StoredObject>, PublishError> {
+            let s = self.state();
+            if !s.ready {
+                return Err(PublishError::NotConnected);
+            }
+            Ok(s.objects.get(name).cloned())
+        }
+
+        async fn put_object<R: AsyncRead + Unpin + Send>(
+            &self,
+            _bucket: &String,
+            meta: ObjectMeta,
+            data: &mut R,
+            bound: std::time::Duration,
+        ) -> Result<StoredObject, PublishError> {
+            let step = {
+                let mut s = self.state();
+                if !s.ready {
+                    return Err(PublishError::NotConnected);
+                }
+                s.uploads.push(meta.name.clone());
+                let default = s.object_default;
+                s.object_script.pop_front().unwrap_or(default)
+            };
+            let delay = match step {
+                Step::Ack => Duration::ZERO,
+                Step::AckAfter(delay) => delay,
+                Step::Hang => bound,
+                Step::Disconnect => {
+                    self.state().ready = false;
+                    return Err(PublishError::NotConnected);
+                }
+                Step::Fail => return Err(PublishError::Object("connection reset (fake)".into())),
+                Step::Refuse | Step::Deny | Step::Api(_) => {
+                    return Err(PublishError::Object("refused (fake)".into()))
+                }
+            };
+            // Within its bound, as the real upload is; nothing of a failed one stays.
+            if delay >= bound {
+                tokio::time::sleep(bound).await;
+                return Err(PublishError::Timeout(bound));
+            }
+            tokio::time::sleep(delay).await;
+            let mut bytes = Vec::new();
+            data.read_to_end(&mut bytes)
+                .await
+                .map_err(|e| PublishError::Object(e.into()))?;
+            use sha2::Digest;
+            let stored = StoredObject {
+                size: bytes.len() as u64,
+                digest: Some(crate::objects::digest_of(&sha2::Sha256::digest(&bytes))),
+                deleted: false,
+            };
+            self.state().objects.insert(meta.name, stored.clone());
+            Ok(stored)
         }
 
         fn denial_mark(&self) -> u64 {

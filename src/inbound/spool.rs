@@ -33,6 +33,7 @@ use super::mail::Mail;
 use super::receive::WorkDir;
 use super::store::InboundSink;
 use crate::deliver::Backoff;
+use crate::publish::Publish;
 use crate::spool::SpoolStats;
 
 const MAIL_FILE: &str = "mail.json";
@@ -284,7 +285,7 @@ pub enum Step {
 /// One step of every drainer (the service's and `spool drain`): stores the objects and
 /// publishes the message of the oldest mail, then removes it; quarantines it when NATS
 /// refuses it for good.
-pub async fn step(spool: &Arc<InboundSpool>, sink: &InboundSink) -> Step {
+pub async fn step<P: Publish>(spool: &Arc<InboundSpool>, sink: &InboundSink<P>) -> Step {
     let next = {
         let spool = spool.clone();
         tokio::task::spawn_blocking(move || spool.oldest()).await
@@ -340,9 +341,9 @@ pub async fn step(spool: &Arc<InboundSpool>, sink: &InboundSink) -> Step {
 }
 
 /// Sends the spooled mails in order until `stop` turns true; never spins.
-pub async fn drain(
+pub async fn drain<P: Publish>(
     spool: Arc<InboundSpool>,
-    sink: Arc<InboundSink>,
+    sink: Arc<InboundSink<P>>,
     mut stop: watch::Receiver<bool>,
     retry_max_interval: Duration,
 ) {
@@ -382,9 +383,9 @@ pub struct DrainSummary {
 /// Sends every spooled mail, in order, until the queue is empty (`spool drain`). Gives up
 /// after `attempts` failures in a row without progress, with the last reason; the mails not
 /// sent stay queued.
-pub async fn drain_to_empty(
+pub async fn drain_to_empty<P: Publish>(
     spool: &Arc<InboundSpool>,
-    sink: &InboundSink,
+    sink: &InboundSink<P>,
     attempts: u32,
     retry_max: Duration,
 ) -> Result<DrainSummary, String> {

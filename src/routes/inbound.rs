@@ -24,17 +24,18 @@ use crate::inbound::receive::{self, WorkDir};
 use crate::inbound::spool::{Appending, InboundSpool, InboundSpoolError};
 use crate::inbound::store::{InboundSink, SinkError};
 use crate::metrics;
+use crate::publish::{Publish, Publisher};
 use crate::server::RequestInfo;
 use crate::webhook::PayloadError;
 
 /// What the inbound route needs, built once at start-up.
-pub struct InboundState {
+pub struct InboundState<P: Publish = Arc<Publisher>> {
     /// `inbound.path`.
     pub path: String,
     /// Shared with the event webhook: auth, the request limits (`inbound.max_body_bytes`
     /// among them), `server.max_in_flight`, `Retry-After`.
     pub gate: super::Gate,
-    pub sink: Arc<InboundSink>,
+    pub sink: Arc<InboundSink<P>>,
     /// The inbound spool, when `spool.enabled`.
     pub spool: Option<Arc<InboundSpool>>,
     /// Where requests write their file parts: the spool's work area when the spool is on
@@ -60,8 +61,8 @@ fn is_zero(n: &usize) -> bool {
 }
 
 /// The inbound route: it rejects (so the event webhook answers) every other path.
-pub fn routes(
-    state: Arc<InboundState>,
+pub fn routes<P: Publish>(
+    state: Arc<InboundState<P>>,
 ) -> impl Filter<Extract = (Response,), Error = warp::Rejection> + Clone {
     let path = state.path.clone();
     warp::path::full()
@@ -91,12 +92,12 @@ struct Accepted {
     duplicates: usize,
 }
 
-async fn handle<S, B>(
+async fn handle<S, B, P: Publish>(
     method: Method,
     headers: HeaderMap,
     info: Option<RequestInfo>,
     body: S,
-    state: Arc<InboundState>,
+    state: Arc<InboundState<P>>,
 ) -> Response
 where
     S: Stream<Item = Result<B, warp::Error>> + Send + 'static,
@@ -156,12 +157,12 @@ fn memory_reserved(media: &str, declared: Option<u64>, limit: u64) -> u64 {
     }
 }
 
-async fn process<S, B>(
+async fn process<S, B, P: Publish>(
     method: &Method,
     headers: &HeaderMap,
     info: Option<RequestInfo>,
     body: S,
-    state: &InboundState,
+    state: &InboundState<P>,
     batch_id: &str,
 ) -> Result<Accepted, ApiError>
 where
@@ -320,4 +321,254 @@ async fn spool_mail(
     metrics::inbound_mail("spooled");
     metrics::inbound_attachments("spooled", count, files);
     Ok(())
+}
+
+/// The route's decisions with the in-memory publisher: published, spooled, `503`, kept in
+/// order behind the spool, drained, quarantined, backed off. No NATS, no socket.
+#[cfg(test)]
+mod tests {
+    use std::time::Duration;
+
+    use super::*;
+    use crate::inbound::spool::{self, InboundSpool};
+    use crate::publish::fake::{FakePublisher, Step};
+    use crate::settings::Settings;
+
+    const TIMEOUT: Duration = Duration::from_millis(200);
+
+    struct Fixture {
+        fake: FakePublisher,
+        state: Arc<InboundState<FakePublisher>>,
+        root: tempfile::TempDir,
+    }
+
+    /// The route over the fake publisher, with the spool on or off.
+    fn fixture(spooled: bool) -> Fixture {
+        let root = tempfile::tempdir().unwrap();
+        let settings = Settings::default();
+        let fake = FakePublisher::new(TIMEOUT);
+        let sink = Arc::new(InboundSink::with_publisher(&settings, fake.clone()));
+        let spool = spooled
+            .then(|| Arc::new(InboundSpool::open(root.path(), 1 << 30, Arc::default()).unwrap()));
+        let work_root = match &spool {
+            Some(spool) => spool.work_root().to_owned(),
+            None => root.path().join("work"),
+        };
+        std::fs::create_dir_all(&work_root).unwrap();
+        let state = Arc::new(InboundState {
+            path: settings.inbound.path.to_string(),
+            gate: super::super::Gate::new(&settings, Duration::from_secs(3)),
+            sink,
+            spool,
+            work_root,
+            budget: Budget::new(1 << 30),
+        });
+        Fixture { fake, state, root }
+    }
+
+    /// A multipart mail whose one attachment holds `attachment`.
+    fn mail(subject: &str, attachment: &[u8]) -> Vec<u8> {
+        let mut out = Vec::new();
+        let headers = r#"[{"name":"From","value":"a@example.com"}]"#;
+        for (name, filename, data) in [
+            ("server_composition", None, b"sandbox".as_slice()),
+            ("filter", None, b"in@example.com"),
+            ("headers", None, headers.as_bytes()),
+            ("subject", None, subject.as_bytes()),
+            ("attachments", None, b"1"),
+            ("attachment1", Some("a.bin"), attachment),
+        ] {
+            out.extend_from_slice(b"--XyZ\r\nContent-Disposition: form-data; name=\"");
+            out.extend_from_slice(name.as_bytes());
+            out.extend_from_slice(b"\"");
+            if let Some(f) = filename {
+                out.extend_from_slice(format!("; filename=\"{f}\"").as_bytes());
+            }
+            out.extend_from_slice(b"\r\n\r\n");
+            out.extend_from_slice(data);
+            out.extend_from_slice(b"\r\n");
+        }
+        out.extend_from_slice(b"--XyZ--\r\n");
+        out
+    }
+
+    async fn post(
+        state: &InboundState<FakePublisher>,
+        body: Vec<u8>,
+        batch_id: &str,
+    ) -> Result<Accepted, ApiError> {
+        let mut headers = HeaderMap::new();
+        headers.insert(
+            header::CONTENT_TYPE,
+            "multipart/form-data; boundary=XyZ".parse().unwrap(),
+        );
+        let body = futures_util::stream::iter([Ok::<_, warp::Error>(bytes::Bytes::from(body))]);
+        process(&Method::POST, &headers, None, body, state, batch_id).await
+    }
+
+    fn status(result: &Result<Accepted, ApiError>) -> u16 {
+        match result {
+            Ok(_) => 200,
+            Err(e) => e.status().0.as_u16(),
+        }
+    }
+
+    #[tokio::test]
+    async fn a_mail_is_published_after_its_object_and_an_object_held_is_not_uploaded_again() {
+        let f = fixture(true);
+
+        let first = post(&f.state, mail("one", b"the attachment"), "b-1").await;
+        let again = post(&f.state, mail("two", b"the attachment"), "b-2").await;
+
+        let (first, again) = (first.unwrap(), again.unwrap());
+        assert_eq!((first.published, first.spooled), (1, 0));
+        assert_eq!((again.published, again.spooled), (1, 0));
+        assert_eq!(f.fake.stored(), ["b-1:", "b-2:"]);
+        assert_eq!(f.fake.uploads().len(), 1, "the same content is stored once");
+        assert_eq!(f.fake.objects().len(), 1);
+        assert!(f.state.spool.as_ref().unwrap().is_empty());
+    }
+
+    #[tokio::test]
+    async fn a_slow_upload_within_the_timeout_is_published() {
+        let f = fixture(false);
+        f.fake.script_objects([Step::AckAfter(TIMEOUT / 2)]);
+
+        let result = post(&f.state, mail("one", b"data"), "b-1").await;
+
+        assert_eq!(status(&result), 200);
+        assert_eq!(f.fake.stored(), ["b-1:"]);
+    }
+
+    /// Whatever stops the upload (no answer, a lost connection, a failed chunk), the mail is
+    /// spooled whole with the spool on, and its message never goes out before its object.
+    #[tokio::test]
+    async fn an_upload_nats_cannot_take_spools_the_mail_and_sends_no_message() {
+        for step in [Step::Hang, Step::Disconnect, Step::Fail, Step::Refuse] {
+            let f = fixture(true);
+            f.fake.script_objects([step]);
+
+            let result = post(&f.state, mail("one", b"data"), "b-1").await;
+
+            let accepted = result.unwrap_or_else(|e| panic!("{step:?}: {:?}", e.status()));
+            assert_eq!((accepted.published, accepted.spooled), (0, 1), "{step:?}");
+            assert!(
+                f.fake.stored().is_empty(),
+                "{step:?}: a message without its object"
+            );
+            assert_eq!(f.state.spool.as_ref().unwrap().len(), 1, "{step:?}");
+        }
+    }
+
+    #[tokio::test]
+    async fn without_the_spool_nats_unable_to_take_the_mail_is_503_with_retry_after() {
+        for step in [Step::Hang, Step::Disconnect] {
+            let f = fixture(false);
+            f.fake.script_objects([step]);
+
+            let result = post(&f.state, mail("one", b"data"), "b-1").await;
+
+            assert_eq!(status(&result), 503, "{step:?}");
+            let response = result.err().unwrap().into_response();
+            assert_eq!(response.headers()[header::RETRY_AFTER], "3");
+            assert!(f.fake.stored().is_empty());
+        }
+        // A message NATS refuses for good (a denied subject) is answered 503 at once, and
+        // never spooled, where it would only block the mails behind it.
+        let f = fixture(true);
+        f.fake.script([Step::Refuse]);
+        let result = post(&f.state, mail("one", b"data"), "b-1").await;
+        assert_eq!(status(&result), 503);
+        assert!(f.state.spool.as_ref().unwrap().is_empty());
+        assert!(f.fake.stored().is_empty());
+    }
+
+    /// A bucket that cannot be found yet (`nats.stream.create = false`, not made) is waited
+    /// for: the mail is spooled, and sent once the bucket is there.
+    #[tokio::test]
+    async fn a_missing_bucket_is_waited_for() {
+        let f = fixture(true);
+        f.fake.set_bucket_missing(true);
+
+        let accepted = post(&f.state, mail("one", b"data"), "b-1").await.unwrap();
+        let spool = f.state.spool.clone().unwrap();
+        let waiting = spool::drain_to_empty(&spool, &f.state.sink, 2, TIMEOUT).await;
+        f.fake.set_bucket_missing(false);
+        let drained = spool::drain_to_empty(&spool, &f.state.sink, 2, TIMEOUT).await;
+
+        assert_eq!(accepted.spooled, 1);
+        assert!(waiting.is_err(), "sent without its bucket");
+        assert_eq!(drained.unwrap().published, 1);
+        assert_eq!(f.fake.stored(), ["b-1:"]);
+    }
+
+    /// Behind a non-empty spool a mail waits its turn, though NATS could take it now; the
+    /// drainer sends them in arrival order, each message after its object.
+    #[tokio::test]
+    async fn mails_keep_their_order_behind_the_spool() {
+        let f = fixture(true);
+        f.fake.set_ready(false);
+        let first = post(&f.state, mail("one", b"first"), "b-1").await.unwrap();
+        f.fake.set_ready(true);
+
+        let second = post(&f.state, mail("two", b"second"), "b-2").await.unwrap();
+
+        assert_eq!((first.spooled, second.spooled), (1, 1));
+        assert!(f.fake.stored().is_empty(), "the second overtook the first");
+        let spool = f.state.spool.clone().unwrap();
+        let sink = f.state.sink.clone();
+        let summary = spool::drain_to_empty(&spool, &sink, 3, TIMEOUT)
+            .await
+            .unwrap();
+        assert_eq!((summary.published, summary.quarantined), (2, 0));
+        assert_eq!(f.fake.stored(), ["b-1:", "b-2:"]);
+        assert_eq!(f.fake.objects().len(), 2);
+        assert!(spool.is_empty());
+    }
+
+    /// A spooled mail NATS refuses for good is quarantined with its reason, and the mail
+    /// behind it goes out.
+    #[tokio::test]
+    async fn a_spooled_mail_refused_for_good_is_quarantined_and_the_next_one_sent() {
+        let f = fixture(true);
+        f.fake.set_ready(false);
+        post(&f.state, mail("one", b"first"), "b-1").await.unwrap();
+        post(&f.state, mail("two", b"second"), "b-2").await.unwrap();
+        f.fake.set_ready(true);
+        f.fake.script([Step::Refuse]);
+
+        let spool = f.state.spool.clone().unwrap();
+        let summary = spool::drain_to_empty(&spool, &f.state.sink, 3, TIMEOUT)
+            .await
+            .unwrap();
+
+        assert_eq!((summary.published, summary.quarantined), (1, 1));
+        assert_eq!(f.fake.stored(), ["b-2:"]);
+        let status = spool::status(f.root.path()).unwrap();
+        assert_eq!(status.quarantined.len(), 1, "{status:?}");
+        assert!(spool.is_empty());
+    }
+
+    /// The drainer backs off, doubling from 100 ms, capped by `spool.retry_max_interval`.
+    #[tokio::test]
+    async fn the_drainer_backs_off_up_to_the_configured_cap() {
+        let f = fixture(true);
+        f.fake.set_ready(false);
+        post(&f.state, mail("one", b"first"), "b-1").await.unwrap();
+        f.fake.set_ready(true);
+        f.fake.set_object_default(Step::Fail);
+        let spool = f.state.spool.clone().unwrap();
+        let cap = Duration::from_millis(150);
+
+        let started = std::time::Instant::now();
+        let result = spool::drain_to_empty(&spool, &f.state.sink, 5, cap).await;
+        let elapsed = started.elapsed();
+
+        assert!(result.is_err(), "nothing could be sent");
+        assert_eq!(f.fake.uploads().len(), 5, "one upload per attempt");
+        // Pauses 100 + 150 + 150 + 150 ms; uncapped they would be 100 + 200 + 400 + 800.
+        assert!(elapsed >= Duration::from_millis(550), "{elapsed:?}");
+        assert!(elapsed < Duration::from_millis(1400), "{elapsed:?}");
+        assert_eq!(spool.len(), 1);
+    }
 }

@@ -793,31 +793,28 @@ async fn a_failed_object_upload_leaves_no_chunks_in_the_bucket() {
     let nats = NatsServer::start().await;
     let client = async_nats::connect(nats.url()).await.unwrap();
     let js = async_nats::jetstream::new(client);
-    let store = js
-        .create_object_store(async_nats::jetstream::object_store::Config {
-            bucket: "PARTIAL".into(),
-            ..Default::default()
-        })
+    let spec = cmc_forwarder::objects::BucketSpec {
+        name: "PARTIAL".into(),
+        create: true,
+        storage: async_nats::jetstream::stream::StorageType::File,
+        replicas: 1,
+    };
+    let bucket = cmc_forwarder::objects::open_bucket(&js, &spec, Duration::from_secs(5))
         .await
         .unwrap();
     // Three chunks' worth of data, then nothing more, ever.
     let head = std::io::Cursor::new(vec![7u8; 3 * 128 * 1024]);
     let mut reader = head.chain(Stalled);
-    let meta = async_nats::jetstream::object_store::ObjectMetadata {
+    let meta = cmc_forwarder::objects::ObjectMeta {
         name: "a".repeat(64),
-        ..Default::default()
+        filename: "a.bin".into(),
+        content_type: "application/octet-stream".into(),
+        field: "attachment1".into(),
     };
 
     // Act
-    let result = cmc_forwarder::inbound::store::put_object(
-        &js,
-        &store,
-        "PARTIAL",
-        meta,
-        &mut reader,
-        Duration::from_secs(1),
-    )
-    .await;
+    let result =
+        cmc_forwarder::objects::put(&js, &bucket, meta, &mut reader, Duration::from_secs(1)).await;
 
     // Assert
     assert!(result.is_err(), "the upload cannot have completed");
