@@ -403,14 +403,7 @@ impl TestApp {
     /// connection's PUB first. It handles one connection's protocol in order, though, so once
     /// a message published after the SUB comes back, the SUB is in effect.
     pub async fn subscribe(&self, subject: &str) -> async_nats::Subscriber {
-        let sub = self.nats.subscribe(subject.to_owned()).await.unwrap();
-        let probe = self.nats.new_inbox();
-        let mut echo = self.nats.subscribe(probe.clone()).await.unwrap();
-        self.nats.publish(probe, "sync".into()).await.unwrap();
-        tokio::time::timeout(WAIT, echo.next())
-            .await
-            .expect("subscription registered in time");
-        sub
+        subscribe_registered(&self.nats, subject).await
     }
 
     pub fn jetstream(&self) -> jetstream::Context {
@@ -460,6 +453,22 @@ impl Drop for TestApp {
 fn is_control(message: &async_nats::Message) -> bool {
     let subject = message.subject.as_str();
     subject.starts_with("_INBOX.") || subject.starts_with("$JS.")
+}
+
+/// Subscribes `client` to `subject` and makes sure the server has registered it before
+/// returning (see [`TestApp::subscribe`]): `flush` alone only proves the bytes left the client.
+pub async fn subscribe_registered(
+    client: &async_nats::Client,
+    subject: &str,
+) -> async_nats::Subscriber {
+    let sub = client.subscribe(subject.to_owned()).await.unwrap();
+    let probe = client.new_inbox();
+    let mut echo = client.subscribe(probe.clone()).await.unwrap();
+    client.publish(probe, "sync".into()).await.unwrap();
+    tokio::time::timeout(WAIT, echo.next())
+        .await
+        .expect("subscription registered in time");
+    sub
 }
 
 /// Receives exactly `n` event messages, failing after [`WAIT`].

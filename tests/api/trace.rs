@@ -171,8 +171,7 @@ async fn spans_reach_an_otlp_receiver(env: &[(&str, &str)]) {
     let port = service.port;
 
     let nats_client = async_nats::connect(nats.url()).await.unwrap();
-    let mut sub = nats_client.subscribe("cmc.>").await.unwrap();
-    nats_client.flush().await.unwrap();
+    let mut sub = subscribe_registered(&nats_client, "cmc.>").await;
     let parent = format!("00-{PARENT_TRACE}-{PARENT_SPAN}-01");
     let response = http
         .post(format!("http://127.0.0.1:{port}/webhooks/cmc"))
