@@ -131,7 +131,12 @@ fn main() -> ExitCode {
         .enable_all()
         .build()
         .unwrap();
-    let passed = runtime.block_on(campaign(&args));
+    // A panic (a node or forwarder that cannot be started, say) fails the campaign like a
+    // loss would, with the same last lines.
+    let passed = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
+        runtime.block_on(campaign(&args))
+    }))
+    .unwrap_or(false);
     println!(
         "seed {}; replay: scripts/chaos --seed {} --duration {}s --faults {}",
         args.seed,
