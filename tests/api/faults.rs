@@ -1162,3 +1162,47 @@ async fn start_up_without_a_jetstream_quorum_serves_and_sets_the_stream_up_later
     );
     assert_eq!(tally.answered.len(), tally.sent);
 }
+
+// ---------------------------------------------------------------------------------------
+// 9. SIGTERM while start-up still waits for NATS (a server that accepts the connection and
+// never speaks): exit 0, as once serving, not death by the signal (which the fault campaign
+// found when it stopped a forwarder just restarted).
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sigterm_during_start_up_exits_0() {
+    let silent = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let port = silent.local_addr().unwrap().port();
+    let _held = tokio::spawn(async move {
+        let mut kept = Vec::new();
+        while let Ok((stream, _)) = silent.accept().await {
+            kept.push(stream);
+        }
+    });
+    let spool = tempfile::tempdir().unwrap();
+    let logs = tempfile::tempdir().unwrap();
+    let log = logs.path().join("service.log");
+    let mut service = Service::start_with(
+        &format!("nats://127.0.0.1:{port}"),
+        spool.path(),
+        &log,
+        &[("NATS__CONNECT_TIMEOUT", "20s")],
+    );
+    tokio::time::sleep(Duration::from_millis(800)).await;
+    let http = http_client();
+    assert_eq!(
+        status_of(&http, &service.readyz()).await,
+        0,
+        "still starting: not serving yet"
+    );
+    assert!(service.child.try_wait().unwrap().is_none());
+    service.signal("-TERM");
+    let status = service
+        .wait_exit(Duration::from_secs(5))
+        .await
+        .expect("exits soon after SIGTERM");
+    assert!(
+        status.success(),
+        "exit status {status} after SIGTERM during start-up:\n{}",
+        service.log_tail()
+    );
+}
