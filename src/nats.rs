@@ -204,12 +204,11 @@ pub async fn ensure_stream(
         js.create_or_update_stream(config).await.map_err(|e| {
             let message = format!("cannot create or update: {e}");
             match e.kind() {
-                CreateStreamErrorKind::TimedOut | CreateStreamErrorKind::JetStreamUnavailable => {
-                    SetupError::StreamUnanswered {
-                        name: s.name.to_string(),
-                        message,
-                    }
-                }
+                // No responders (JetStream disabled) is a refusal: start-up stops on it.
+                CreateStreamErrorKind::TimedOut => SetupError::StreamUnanswered {
+                    name: s.name.to_string(),
+                    message,
+                },
                 _ => err(message),
             }
         })?;
