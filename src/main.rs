@@ -107,10 +107,20 @@ async fn run() -> ExitCode {
     };
     tracing::info!(version = env!("CARGO_PKG_VERSION"), "starting");
     let hangups = shutdown::Hangups::listen();
-    match Application::build(&settings).await {
+    // Caught before start-up, which can wait for NATS for seconds: a SIGTERM then ends the
+    // process with status 0, as it does once serving, not by the signal's default action.
+    let mut stop = Box::pin(shutdown::listen());
+    let built = tokio::select! {
+        built = Application::build(&settings) => built,
+        () = &mut stop => {
+            tracing::info!("stopped during start-up");
+            return ExitCode::SUCCESS;
+        }
+    };
+    match built {
         Ok(app) => {
             tokio::spawn(reload::on_hangup(hangups, app.reloader(cli.config.clone())));
-            app.run_until_stopped(shutdown::signal()).await;
+            app.run_until_stopped(stop).await;
             ExitCode::SUCCESS
         }
         Err(e) => {

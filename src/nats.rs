@@ -15,6 +15,7 @@ use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use async_nats::connection::State;
+use async_nats::jetstream::context::CreateStreamErrorKind;
 use async_nats::jetstream::{self, stream};
 use async_nats::{AuthError, Client, ConnectOptions, Event, ServerError};
 use rustls_pki_types::pem::PemObject;
@@ -36,6 +37,11 @@ pub enum SetupError {
     Connect(String),
     #[error("stream {name}: {message}")]
     Stream { name: String, message: String },
+    /// JetStream gave no answer to the stream's set-up (a cluster without a meta leader yet,
+    /// regaining its quorum after a restart): a state that passes, unlike a refusal, so
+    /// start-up goes on and sets the stream up in the background.
+    #[error("stream {name}: {message}")]
+    StreamUnanswered { name: String, message: String },
 }
 
 /// How many recent publish denials are remembered.
@@ -195,9 +201,17 @@ pub async fn ensure_stream(
             duplicate_window: s.duplicate_window,
             ..Default::default()
         };
-        js.create_or_update_stream(config)
-            .await
-            .map_err(|e| err(format!("cannot create or update: {e}")))?;
+        js.create_or_update_stream(config).await.map_err(|e| {
+            let message = format!("cannot create or update: {e}");
+            match e.kind() {
+                // No responders (JetStream disabled) is a refusal: start-up stops on it.
+                CreateStreamErrorKind::TimedOut => SetupError::StreamUnanswered {
+                    name: s.name.to_string(),
+                    message,
+                },
+                _ => err(message),
+            }
+        })?;
     } else {
         let mut found = js
             .get_stream(&s.name)

@@ -33,6 +33,28 @@ impl Hangups {
     }
 }
 
+/// [`signal`], with SIGTERM and SIGINT caught from the moment this is called (by default
+/// they end the process): start-up, which can wait seconds for NATS, then stops cleanly too.
+pub fn listen() -> impl std::future::Future<Output = ()> + Send + 'static {
+    #[cfg(unix)]
+    {
+        use tokio::signal::unix::{signal as catch, SignalKind};
+        let terminate = catch(SignalKind::terminate());
+        let interrupt = catch(SignalKind::interrupt());
+        async move {
+            match (terminate, interrupt) {
+                (Ok(mut terminate), Ok(mut interrupt)) => tokio::select! {
+                    _ = terminate.recv() => tracing::info!("SIGTERM received, stopping"),
+                    _ = interrupt.recv() => tracing::info!("SIGINT received, stopping"),
+                },
+                _ => signal().await,
+            }
+        }
+    }
+    #[cfg(not(unix))]
+    signal()
+}
+
 /// Resolves when the process is asked to stop.
 pub async fn signal() {
     let interrupt = async {

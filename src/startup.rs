@@ -86,7 +86,17 @@ impl Application {
             .await?
             .with_dead_letter(dead_letter.clone());
         if publisher.is_connected() {
-            publisher.ensure_stream().await?;
+            match publisher.ensure_stream().await {
+                Ok(()) => {}
+                Err(e @ SetupError::StreamUnanswered { .. }) => {
+                    tracing::warn!(
+                        error = %e,
+                        "JetStream not answering yet; serving anyway and setting the stream up in the background"
+                    );
+                    tokio::spawn(publisher.clone().ensure_stream_in_background());
+                }
+                Err(e) => return Err(e.into()),
+            }
         } else {
             tracing::warn!(
                 servers = ?settings.nats.servers,

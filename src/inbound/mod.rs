@@ -36,7 +36,7 @@ use crate::publish::Publisher;
 use crate::settings::Settings;
 use crate::spool::SpoolStats;
 use spool::InboundSpool;
-use store::InboundSink;
+use store::{InboundSink, SinkError};
 
 /// Why the inbound endpoint could not be set up at start-up.
 #[derive(Debug, Error)]
@@ -73,9 +73,21 @@ pub async fn setup(
         return Ok(None);
     }
     let sink = Arc::new(InboundSink::new(settings, publisher.clone()));
+    let in_background = |sink: Arc<InboundSink>| {
+        tokio::spawn(async move {
+            while sink.ensure_bucket().await.is_err() {
+                tokio::time::sleep(Duration::from_millis(500)).await;
+            }
+            tracing::info!(bucket = %sink.bucket(), "inbound object store ready");
+        })
+    };
     if publisher.is_connected() {
         match sink.ensure_bucket().await {
             Ok(_) => {}
+            Err(e @ SinkError::Unanswered(_)) => {
+                tracing::warn!(error = %e, "JetStream not answering yet; setting the inbound object store up in the background");
+                in_background(sink.clone());
+            }
             Err(e) if settings.nats.stream.create => {
                 return Err(SetupError::Bucket {
                     bucket: settings.inbound.bucket.to_string(),
@@ -87,13 +99,7 @@ pub async fn setup(
             }
         }
     } else {
-        let sink = sink.clone();
-        tokio::spawn(async move {
-            while sink.ensure_bucket().await.is_err() {
-                tokio::time::sleep(Duration::from_millis(500)).await;
-            }
-            tracing::info!(bucket = %sink.bucket(), "inbound object store ready");
-        });
+        in_background(sink.clone());
     }
     let (spool, work_root) = if settings.spool.enabled {
         let spool_error = |message: String| SetupError::Spool {

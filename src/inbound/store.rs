@@ -37,11 +37,15 @@ pub enum SinkError {
     /// NATS refused for good (permissions, no stream for the subject, bucket unusable).
     #[error("{0}")]
     Refused(String),
+    /// JetStream gave no answer in time (a cluster without a meta leader, say): temporary,
+    /// and at start-up no reason to stop, unlike a refusal.
+    #[error("{0}")]
+    Unanswered(String),
 }
 
 impl SinkError {
     pub fn is_temporary(&self) -> bool {
-        matches!(self, SinkError::Temporary(_))
+        matches!(self, SinkError::Temporary(_) | SinkError::Unanswered(_))
     }
 }
 
@@ -107,7 +111,7 @@ impl<P: Publish> InboundSink<P> {
         let store = match self.publisher.open_bucket(&self.bucket).await {
             Ok(store) => store,
             Err(PublishError::Timeout(bound)) => {
-                return Err(SinkError::Temporary(format!(
+                return Err(SinkError::Unanswered(format!(
                     "object store {}: no answer within {bound:?}",
                     self.bucket.name
                 )))

@@ -1056,3 +1056,151 @@ async fn nats_frozen_under_load_with_spool_loses_and_duplicates_nothing() {
     );
     app.stop().await;
 }
+
+// ---------------------------------------------------------------------------------------
+// 8. A cluster without a JetStream quorum at start-up (one node of three up, as after the
+// cluster lost power): the stream's set-up gets no answer. The binary must serve anyway (the
+// spool takes the batches) and set the stream up once the quorum is back, not exit with
+// "cannot start" (which the fault campaign found: forwarders restarted during a cluster's
+// recovery exited 1, again and again).
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn start_up_without_a_jetstream_quorum_serves_and_sets_the_stream_up_later() {
+    let test = "no_quorum_at_start";
+    let started = Instant::now();
+    let ports: Vec<(u16, u16)> = (0..3).map(|_| (free_port(), free_port())).collect();
+    let mut nodes: Vec<NatsServer> = ports
+        .iter()
+        .enumerate()
+        .map(|(i, (port, cluster_port))| {
+            let routes: Vec<String> = ports
+                .iter()
+                .enumerate()
+                .filter(|(j, _)| *j != i)
+                .map(|(_, (_, c))| format!("nats://127.0.0.1:{c}"))
+                .collect();
+            let args = vec![
+                "--cluster_name".into(),
+                "quorum".into(),
+                "--cluster".into(),
+                format!("nats://127.0.0.1:{cluster_port}"),
+                "--routes".into(),
+                routes.join(","),
+            ];
+            NatsServer::configured(&format!("q{}", i + 1), *port, args)
+        })
+        .collect();
+    nodes[0].launch().await;
+    let spool = tempfile::tempdir().unwrap();
+    let logs = tempfile::tempdir().unwrap();
+    let log = logs.path().join("service.log");
+    let http = http_client();
+    let mut service = Launch::service(&log)
+        .nats(&nodes[0].url())
+        .spool(spool.path())
+        .settings(&[("NATS__STREAM__REPLICAS", "3")])
+        .start();
+    // The stream's set-up times out; the service says it goes on, and must still run.
+    let deadline = Instant::now() + Duration::from_secs(40);
+    loop {
+        if let Some(status) = service.child.try_wait().unwrap() {
+            panic!(
+                "{test}: the service exited ({status}) without a JetStream quorum:\n{}",
+                service.log_tail()
+            );
+        }
+        let text = std::fs::read_to_string(&log).unwrap_or_default();
+        if text.contains("JetStream not answering yet") {
+            break;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "{test}: no word on the stream's set-up:\n{}",
+            service.log_tail()
+        );
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+    let deadline = Instant::now() + WAIT;
+    while status_of(&http, &service.readyz()).await != 503 {
+        assert!(
+            Instant::now() < deadline,
+            "{test}: not serving:\n{}",
+            service.log_tail()
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    let load = Load::default();
+    let mut tally = Tally::default();
+    let url = service.webhook_url();
+    for n in 0..5 {
+        let (body, keys) = tally.next_batch(test, n);
+        assert!(
+            tally.post(&http, &url, &body, &keys, &load).await,
+            "{test}: not 200 (spooled) without a quorum"
+        );
+    }
+    assert_eq!(tally.spooled_events, tally.sent, "{test}: not spooled");
+
+    // The quorum comes back: the stream is set up, the spool drains.
+    for node in &mut nodes[1..] {
+        node.launch().await;
+    }
+    wait_for_status(&http, &service.readyz(), 200, Duration::from_secs(60)).await;
+    let urls: Vec<String> = nodes.iter().map(NatsServer::url).collect();
+    let js = reader(&urls).await;
+    let stored = settle(&js, &tally.answered, Some(spool.path())).await;
+    let exit_after = service.terminate().await;
+    verdict(
+        test,
+        &tally,
+        &stored,
+        &format!(
+            " exit_after_sigterm={exit_after:?} wall={:?}",
+            started.elapsed()
+        ),
+    );
+    assert_eq!(tally.answered.len(), tally.sent);
+}
+
+// ---------------------------------------------------------------------------------------
+// 9. SIGTERM while start-up still waits for NATS (a server that accepts the connection and
+// never speaks): exit 0, as once serving, not death by the signal (which the fault campaign
+// found when it stopped a forwarder just restarted).
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sigterm_during_start_up_exits_0() {
+    let silent = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let port = silent.local_addr().unwrap().port();
+    let _held = tokio::spawn(async move {
+        let mut kept = Vec::new();
+        while let Ok((stream, _)) = silent.accept().await {
+            kept.push(stream);
+        }
+    });
+    let spool = tempfile::tempdir().unwrap();
+    let logs = tempfile::tempdir().unwrap();
+    let log = logs.path().join("service.log");
+    let mut service = Launch::service(&log)
+        .nats(&format!("nats://127.0.0.1:{port}"))
+        .spool(spool.path())
+        .settings(&[("NATS__CONNECT_TIMEOUT", "20s")])
+        .start();
+    tokio::time::sleep(Duration::from_millis(800)).await;
+    let http = http_client();
+    assert_eq!(
+        status_of(&http, &service.readyz()).await,
+        0,
+        "still starting: not serving yet"
+    );
+    assert!(service.child.try_wait().unwrap().is_none());
+    service.signal("-TERM");
+    let status = service
+        .wait_exit(Duration::from_secs(5))
+        .await
+        .expect("exits soon after SIGTERM");
+    assert!(
+        status.success(),
+        "exit status {status} after SIGTERM during start-up:\n{}",
+        service.log_tail()
+    );
+}

@@ -854,7 +854,21 @@ impl Service {
     /// The usual process under test: [`Launch::service`] against `nats_url` with its spool in
     /// `spool_dir`.
     pub fn start(nats_url: &str, spool_dir: &Path, log: &Path) -> Service {
-        Launch::service(log).nats(nats_url).spool(spool_dir).start()
+        Service::start_with(nats_url, spool_dir, log, &[])
+    }
+
+    /// [`Service::start`] with more settings, as [`Launch::settings`] takes them.
+    pub fn start_with(
+        nats_url: &str,
+        spool_dir: &Path,
+        log: &Path,
+        settings: &[(&str, &str)],
+    ) -> Service {
+        Launch::service(log)
+            .nats(nats_url)
+            .spool(spool_dir)
+            .settings(settings)
+            .start()
     }
 
     /// The log's text so far.
