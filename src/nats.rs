@@ -16,7 +16,7 @@ use std::time::{Duration, Instant};
 
 use async_nats::connection::State;
 use async_nats::jetstream::context::CreateStreamErrorKind;
-use async_nats::jetstream::{self, stream};
+use async_nats::jetstream::{self, stream, ErrorCode};
 use async_nats::{AuthError, Client, ConnectOptions, Event, ServerError};
 use rustls_pki_types::pem::PemObject;
 use rustls_pki_types::{CertificateDer, PrivateKeyDer, ServerName};
@@ -204,11 +204,21 @@ pub async fn ensure_stream(
         js.create_or_update_stream(config).await.map_err(|e| {
             let message = format!("cannot create or update: {e}");
             match e.kind() {
-                // No responders (JetStream disabled) is a refusal: start-up stops on it.
+                // No responders (JetStream disabled) is a refusal: start-up stops on it. A
+                // timeout, or "JetStream system temporarily unavailable" (10008, a cluster
+                // still electing its meta leader), passes.
                 CreateStreamErrorKind::TimedOut => SetupError::StreamUnanswered {
                     name: s.name.to_string(),
                     message,
                 },
+                CreateStreamErrorKind::JetStream(e)
+                    if e.error_code() == ErrorCode::CLUSTER_NOT_AVAILABLE =>
+                {
+                    SetupError::StreamUnanswered {
+                        name: s.name.to_string(),
+                        message,
+                    }
+                }
                 _ => err(message),
             }
         })?;
