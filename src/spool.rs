@@ -63,6 +63,9 @@ use crate::wire::NatsMessage;
 
 const MAGIC_V1: &[u8; 4] = b"CMCS";
 const MAGIC: &[u8; 4] = b"CMC2";
+/// A mail record: the spooled mail's directory (its `mail.json` and attachment files) under
+/// the spool directory, and the request id it arrived with.
+const MAGIC_MAIL: &[u8; 4] = b"CMCM";
 const RECORD_HEADER: usize = 12;
 const SEGMENT_MAX: u64 = 64 * 1024 * 1024;
 const CURSOR: &str = "cursor";
@@ -93,10 +96,31 @@ pub struct Position {
     offset: u64,
 }
 
-/// Messages read for publishing, with the position after each.
+/// A spooled inbound mail: where its files are, and the request id it arrived with (its
+/// message carries it as `Cmc-Batch-Id`).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct MailRecord {
+    /// The mail's directory, relative to the spool directory (`mail/<n>`).
+    pub dir: String,
+    pub batch_id: String,
+    /// The bytes of its files, counted in `spool.max_bytes`.
+    pub file_bytes: u64,
+}
+
+/// What one record holds: one message of an event batch, or one mail.
+#[derive(Debug, Clone, PartialEq)]
+pub enum Record {
+    Message(NatsMessage),
+    Mail(MailRecord),
+}
+
+/// Records read for publishing, with the position after each: a run of messages, or one
+/// mail (a read stops before a record of the other kind, so each batch is one kind of job).
 #[derive(Debug, Default)]
 pub struct ReadBatch {
     pub messages: Vec<NatsMessage>,
+    /// The mail at the cursor (then `messages` is empty).
+    pub mail: Option<MailRecord>,
     ends: Vec<(Position, u64)>,
     /// Each message's record as it is on disk (kept for the quarantine).
     records: Vec<Vec<u8>>,
@@ -543,7 +567,19 @@ impl Spool {
                     position.offset = end;
                     continue;
                 }
-                let (message, record) = read_record(&mut reader, size - position.offset)?;
+                let (read, record) = read_record(&mut reader, size - position.offset)?;
+                let message = match read {
+                    Record::Message(message) => message,
+                    // A mail goes alone; after messages it waits for the next read.
+                    Record::Mail(_) if !batch.messages.is_empty() => return Ok(batch),
+                    Record::Mail(mail) => {
+                        position.offset += record.len() as u64;
+                        batch.ends.push((position, record.len() as u64));
+                        batch.records.push(record);
+                        batch.mail = Some(mail);
+                        return Ok(batch);
+                    }
+                };
                 let len = record.len() as u64;
                 position.offset += len;
                 batch.messages.push(message);
@@ -1148,7 +1184,8 @@ fn scan_segment(path: &Path) -> io::Result<Scan> {
         }
         let next = (offset + 1..data.len().saturating_sub(RECORD_HEADER - 1)).find(|&at| {
             let magic = &data[at..at + 4];
-            (magic == MAGIC || magic == MAGIC_V1) && check_record(&data[at..]).is_some()
+            (magic == MAGIC || magic == MAGIC_V1 || magic == MAGIC_MAIL)
+                && check_record(&data[at..]).is_some()
         });
         match next {
             Some(next) => {
@@ -1213,18 +1250,14 @@ fn check_record(data: &[u8]) -> Option<(usize, Option<u64>)> {
     if data.len() < RECORD_HEADER {
         return None;
     }
-    let versioned = match &data[..4] {
-        m if m == MAGIC => true,
-        m if m == MAGIC_V1 => false,
-        _ => return None,
-    };
+    let magic: [u8; 4] = data[..4].try_into().ok()?;
     let len = u32::from_le_bytes(data[4..8].try_into().ok()?) as usize;
     let crc = u32::from_le_bytes(data[8..12].try_into().ok()?);
     let payload = data.get(RECORD_HEADER..RECORD_HEADER + len)?;
     if crc32fast::hash(payload) != crc {
         return None;
     }
-    let (at, _) = decode_payload(payload, versioned)?;
+    let (at, _) = decode_any(&magic, payload)?;
     Some((RECORD_HEADER + len, at))
 }
 
@@ -1253,6 +1286,23 @@ pub fn encode_record<'a>(
     let body_len = u32::try_from(payload.len()).map_err(|_| SpoolError::TooLong)?;
     out.extend_from_slice(&body_len.to_le_bytes());
     out.extend_from_slice(payload);
+    let record = &out[start + RECORD_HEADER..];
+    let len = u32::try_from(record.len()).map_err(|_| SpoolError::TooLong)?;
+    let crc = crc32fast::hash(record);
+    out[start + 4..start + 8].copy_from_slice(&len.to_le_bytes());
+    out[start + 8..start + 12].copy_from_slice(&crc.to_le_bytes());
+    Ok(())
+}
+
+/// Appends the record of one spooled mail to `out`, stamped `at_ms`.
+pub fn encode_mail(out: &mut Vec<u8>, mail: &MailRecord, at_ms: u64) -> Result<(), SpoolError> {
+    let start = out.len();
+    out.extend_from_slice(MAGIC_MAIL);
+    out.extend_from_slice(&[0; 8]);
+    out.extend_from_slice(&at_ms.to_le_bytes());
+    put_str16(out, &mail.dir)?;
+    put_str16(out, &mail.batch_id)?;
+    out.extend_from_slice(&mail.file_bytes.to_le_bytes());
     let record = &out[start + RECORD_HEADER..];
     let len = u32::try_from(record.len()).map_err(|_| SpoolError::TooLong)?;
     let crc = crc32fast::hash(record);
@@ -1293,11 +1343,12 @@ fn put_str16(out: &mut Vec<u8>, s: &str) -> Result<(), SpoolError> {
 /// `limit` is how many bytes the record can span (what is left of its segment): the header's
 /// magic and length are checked against it before anything is allocated, so a position in the
 /// middle of a record, or a damaged header, is an error, never a read of up to 4 GiB.
-fn read_record(reader: &mut impl Read, limit: u64) -> Result<(NatsMessage, Vec<u8>), SpoolError> {
+fn read_record(reader: &mut impl Read, limit: u64) -> Result<(Record, Vec<u8>), SpoolError> {
     let unreadable = |why: &str| io::Error::new(io::ErrorKind::InvalidData, why.to_owned());
     let mut record = vec![0u8; RECORD_HEADER];
     reader.read_exact(&mut record)?;
-    if &record[..4] != MAGIC && &record[..4] != MAGIC_V1 {
+    let magic: [u8; 4] = record[..4].try_into().expect("4 bytes");
+    if ![MAGIC, MAGIC_V1, MAGIC_MAIL].contains(&&magic) {
         return Err(unreadable("not the start of a spool record").into());
     }
     let len = u32::from_le_bytes(record[4..8].try_into().expect("4 bytes")) as usize;
@@ -1306,16 +1357,50 @@ fn read_record(reader: &mut impl Read, limit: u64) -> Result<(NatsMessage, Vec<u
     }
     record.resize(RECORD_HEADER + len, 0);
     reader.read_exact(&mut record[RECORD_HEADER..])?;
-    let versioned = &record[..4] == MAGIC;
-    let intact = (versioned || &record[..4] == MAGIC_V1)
-        && crc32fast::hash(&record[RECORD_HEADER..])
-            == u32::from_le_bytes(record[8..12].try_into().expect("4 bytes"));
-    let message = intact
-        .then(|| decode_payload(&record[RECORD_HEADER..], versioned))
+    let intact = crc32fast::hash(&record[RECORD_HEADER..])
+        == u32::from_le_bytes(record[8..12].try_into().expect("4 bytes"));
+    let read = intact
+        .then(|| decode_any(&magic, &record[RECORD_HEADER..]))
         .flatten()
-        .map(|(_, m)| m)
+        .map(|(_, r)| r)
         .ok_or_else(|| io::Error::new(io::ErrorKind::InvalidData, "corrupt spool record"))?;
-    Ok((message, record))
+    Ok((read, record))
+}
+
+/// The time stamp and content of a record's payload, by its magic.
+fn decode_any(magic: &[u8; 4], payload: &[u8]) -> Option<(Option<u64>, Record)> {
+    match magic {
+        m if m == MAGIC => decode_payload(payload, true).map(|(at, m)| (at, Record::Message(m))),
+        m if m == MAGIC_V1 => {
+            decode_payload(payload, false).map(|(at, m)| (at, Record::Message(m)))
+        }
+        m if m == MAGIC_MAIL => decode_mail(payload).map(|(at, m)| (Some(at), Record::Mail(m))),
+        _ => None,
+    }
+}
+
+fn decode_mail(mut p: &[u8]) -> Option<(u64, MailRecord)> {
+    fn take<'a>(p: &mut &'a [u8], n: usize) -> Option<&'a [u8]> {
+        let (head, rest) = (p.get(..n)?, p.get(n..)?);
+        *p = rest;
+        Some(head)
+    }
+    fn str16(p: &mut &[u8]) -> Option<String> {
+        let len = u16::from_le_bytes(take(p, 2)?.try_into().ok()?) as usize;
+        String::from_utf8(take(p, len)?.to_vec()).ok()
+    }
+    let at = u64::from_le_bytes(take(&mut p, 8)?.try_into().ok()?);
+    let dir = str16(&mut p)?;
+    let batch_id = str16(&mut p)?;
+    let file_bytes = u64::from_le_bytes(take(&mut p, 8)?.try_into().ok()?);
+    p.is_empty().then_some((
+        at,
+        MailRecord {
+            dir,
+            batch_id,
+            file_bytes,
+        },
+    ))
 }
 
 fn decode_payload(mut p: &[u8], versioned: bool) -> Option<(Option<u64>, NatsMessage)> {
@@ -1375,6 +1460,40 @@ mod tests {
     fn append(spool: &mut Spool, messages: &[NatsMessage]) -> Result<(), SpoolError> {
         let (buf, n) = records(messages);
         spool.append(buf, n)
+    }
+
+    /// A mail record between two runs of messages: each read is one kind of job, in the
+    /// order appended, and the record survives a reopen (the segment scan knows its kind).
+    #[test]
+    fn a_mail_record_is_read_alone_and_in_its_place() {
+        let dir = tempfile::tempdir().unwrap();
+        let mail = MailRecord {
+            dir: "mail/00000000000000000001".into(),
+            batch_id: "b-1".into(),
+            file_bytes: 1234,
+        };
+        {
+            let mut spool = Spool::open(dir.path(), 1 << 30).unwrap();
+            append(&mut spool, &[message(0), message(1)]).unwrap();
+            let mut buf = Vec::new();
+            encode_mail(&mut buf, &mail, now_ms()).unwrap();
+            spool.append(buf, 1).unwrap();
+            append(&mut spool, &[message(2)]).unwrap();
+        }
+        let mut spool = Spool::open(dir.path(), 1 << 30).unwrap();
+        assert_eq!(spool.stats().messages(), 4);
+
+        let first = spool.read(10).unwrap();
+        assert_eq!(first.messages, [message(0), message(1)]);
+        assert_eq!(first.mail, None, "a read stops before a mail");
+        spool.commit(&first, 2).unwrap();
+        let second = spool.read(10).unwrap();
+        assert!(second.messages.is_empty());
+        assert_eq!(second.mail.as_ref(), Some(&mail));
+        spool.commit(&second, 1).unwrap();
+        let third = spool.read(10).unwrap();
+        assert_eq!(third.messages, [message(2)]);
+        assert_eq!(third.mail, None);
     }
 
     fn drain_all(spool: &mut Spool) -> Vec<NatsMessage> {
@@ -1684,7 +1803,7 @@ mod tests {
             .unwrap();
         let rec = fs::read(rec).unwrap();
         let (message_back, _) = read_record(&mut &rec[..], rec.len() as u64).unwrap();
-        assert_eq!(message_back, message(1));
+        assert_eq!(message_back, Record::Message(message(1)));
     }
 
     #[test]
