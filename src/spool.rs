@@ -66,6 +66,14 @@ const MAGIC: &[u8; 4] = b"CMC2";
 /// A mail record: the spooled mail's directory (its `mail.json` and attachment files) under
 /// the spool directory, and the request id it arrived with.
 const MAGIC_MAIL: &[u8; 4] = b"CMCM";
+/// Where spooled mails' directories are, under the spool directory.
+const MAIL_DIR: &str = "mail";
+/// A mail directory's record of the mail (the inbound queue of earlier versions wrote it).
+const MAIL_FILE: &str = "mail.json";
+/// The request id a mail arrived with, in its directory (earlier versions).
+const BATCH_FILE: &str = "batch_id";
+/// Records read at a time when looking for mail records.
+const DRAIN_SCAN: usize = 4096;
 const RECORD_HEADER: usize = 12;
 const SEGMENT_MAX: u64 = 64 * 1024 * 1024;
 const CURSOR: &str = "cursor";
@@ -390,6 +398,87 @@ impl Spool {
             #[cfg(test)]
             faults: Default::default(),
         })
+    }
+
+    /// Gives every mail directory a record: those of the inbound queue of earlier versions
+    /// (`inbound/<n>/mail.json`, moved to `mail/<n>`, in their order) and any in `mail/` no
+    /// record names (a crash between the rename that made a mail's directory complete and
+    /// the append of its record). Run once at start-up, before the writer thread starts.
+    /// Returns how many records it appended.
+    pub fn adopt_mails(&mut self) -> Result<usize, SpoolError> {
+        let numbered = |dir: &Path| -> io::Result<Vec<(u64, PathBuf)>> {
+            let mut found = Vec::new();
+            if let Ok(entries) = fs::read_dir(dir) {
+                for entry in entries {
+                    let entry = entry?;
+                    let name = entry.file_name();
+                    let Some(n) = name.to_str().and_then(|n| n.parse::<u64>().ok()) else {
+                        continue;
+                    };
+                    if entry.path().join(MAIL_FILE).is_file() {
+                        found.push((n, entry.path()));
+                    }
+                }
+            }
+            found.sort();
+            Ok(found)
+        };
+        let mails = self.dir.join(MAIL_DIR);
+        fs::create_dir_all(&mails)?;
+        let old = numbered(&self.dir.join("inbound"))?;
+        if !old.is_empty() {
+            // After any mail already here, in the old queue's order.
+            let first = numbered(&mails)?.last().map_or(1, |(n, _)| n + 1);
+            for (next, (_, from)) in (first..).zip(old) {
+                fs::rename(&from, mails.join(format!("{next:020}")))?;
+            }
+            sync_dir(&mails)?;
+            sync_dir(&self.dir.join("inbound"))?;
+        }
+        let named = self.unconsumed_mail_dirs()?;
+        let mut records = Vec::new();
+        let mut count = 0;
+        for (n, path) in numbered(&mails)? {
+            let dir = format!("{MAIL_DIR}/{n:020}");
+            if named.contains(&dir) {
+                continue;
+            }
+            let batch_id = fs::read_to_string(path.join(BATCH_FILE))
+                .unwrap_or_else(|_| format!("spool-{n:020}"));
+            let file_bytes = fs::read_dir(&path)?
+                .filter_map(|e| e.ok()?.metadata().ok())
+                .map(|m| m.len())
+                .sum();
+            let record = MailRecord {
+                dir,
+                batch_id,
+                file_bytes,
+            };
+            encode_mail(&mut records, &record, now_ms())?;
+            count += 1;
+        }
+        if count > 0 {
+            self.append(records, count as u64)?;
+        }
+        Ok(count)
+    }
+
+    /// The directories the mail records from the cursor on name.
+    fn unconsumed_mail_dirs(&mut self) -> Result<std::collections::HashSet<String>, SpoolError> {
+        let saved = self.cursor;
+        let mut named = std::collections::HashSet::new();
+        let found = (|| loop {
+            let batch = self.read(DRAIN_SCAN)?;
+            let Some(&(end, _)) = batch.ends.last() else {
+                return Ok(());
+            };
+            if let Some(mail) = batch.mail {
+                named.insert(mail.dir);
+            }
+            self.cursor = end;
+        })();
+        self.cursor = saved;
+        found.map(|()| named)
     }
 
     #[cfg(test)]
@@ -1494,6 +1583,48 @@ mod tests {
         let third = spool.read(10).unwrap();
         assert_eq!(third.messages, [message(2)]);
         assert_eq!(third.mail, None);
+    }
+
+    /// The inbound queue an earlier version left (`inbound/<n>/mail.json`, with its files
+    /// and `batch_id`) becomes mail records of the one spool, in its order, behind the
+    /// event messages already spooled; adopting again adds nothing.
+    #[test]
+    fn an_inbound_queue_of_the_previous_layout_is_adopted_in_order() {
+        let dir = tempfile::tempdir().unwrap();
+        for (n, batch) in [(7u64, "old-7"), (12, "old-12")] {
+            let mail = dir.path().join(format!("inbound/{n:020}"));
+            fs::create_dir_all(&mail).unwrap();
+            fs::write(mail.join(MAIL_FILE), b"{}").unwrap();
+            fs::write(mail.join(BATCH_FILE), batch).unwrap();
+            fs::write(mail.join("part-1"), vec![0u8; 100]).unwrap();
+        }
+        fs::create_dir_all(dir.path().join("inbound/tmp/abandoned")).unwrap();
+        let mut spool = Spool::open(dir.path(), 1 << 30).unwrap();
+        append(&mut spool, &[message(0)]).unwrap();
+
+        assert_eq!(spool.adopt_mails().unwrap(), 2);
+        drop(spool);
+        let mut spool = Spool::open(dir.path(), 1 << 30).unwrap();
+        assert_eq!(spool.adopt_mails().unwrap(), 0, "adopted twice");
+
+        let events = spool.read(10).unwrap();
+        assert_eq!(events.messages, [message(0)]);
+        spool.commit(&events, 1).unwrap();
+        let batch = spool.read(10).unwrap();
+        spool.commit(&batch, 1).unwrap();
+        let first = batch.mail.unwrap();
+        let second = spool.read(10).unwrap().mail.unwrap();
+        assert_eq!(
+            (first.batch_id.as_str(), second.batch_id.as_str()),
+            ("old-7", "old-12")
+        );
+        assert!(dir.path().join(&first.dir).join("part-1").is_file());
+        assert!(first.file_bytes >= 100, "{first:?}");
+        assert!(!dir
+            .path()
+            .join("inbound")
+            .join(format!("{:020}", 7))
+            .exists());
     }
 
     fn drain_all(spool: &mut Spool) -> Vec<NatsMessage> {
