@@ -180,15 +180,25 @@ pub async fn spool_drain(settings: &Settings) -> Result<String, String> {
         ..DeliveryOptions::default()
     };
     let publisher = std::sync::Arc::new(publisher);
-    let summary = deliver::drain_to_empty(&spool, &publisher, options, DRAIN_ATTEMPTS)
-        .await
-        .map_err(|e| {
-            if mails > 0 {
-                format!("{e}; the {mails} inbound mails were not tried")
-            } else {
-                e.to_string()
-            }
-        })?;
+    let spooled_mails = deliver::Mails {
+        sink: std::sync::Arc::new(InboundSink::new(settings, (*publisher).clone())),
+        spool_dir: dir.clone(),
+    };
+    let summary = deliver::drain_to_empty(
+        &spool,
+        &publisher,
+        Some(&spooled_mails),
+        options,
+        DRAIN_ATTEMPTS,
+    )
+    .await
+    .map_err(|e| {
+        if mails > 0 {
+            format!("{e}; the {mails} inbound mails were not tried")
+        } else {
+            e.to_string()
+        }
+    })?;
     publisher.flush().await;
     // Then the mails, with the service drainer's own step (objects, then the message).
     let sink = InboundSink::new(settings, (*publisher).clone());

@@ -72,6 +72,11 @@ const MAIL_DIR: &str = "mail";
 const MAIL_FILE: &str = "mail.json";
 /// The request id a mail arrived with, in its directory (earlier versions).
 const BATCH_FILE: &str = "batch_id";
+/// The directory of spooled mails, under the spool directory.
+pub fn mail_dir(spool_dir: &Path) -> PathBuf {
+    spool_dir.join(MAIL_DIR)
+}
+
 /// Records read at a time when looking for mail records.
 const DRAIN_SCAN: usize = 4096;
 const RECORD_HEADER: usize = 12;
@@ -767,21 +772,34 @@ impl Spool {
         index: usize,
         reason: &str,
     ) -> Result<(), SpoolError> {
-        let (Some(message), Some(record), Some(&(end, len))) = (
-            batch.messages.get(index),
-            batch.records.get(index),
-            batch.ends.get(index),
-        ) else {
+        let (Some(record), Some(&(end, len))) = (batch.records.get(index), batch.ends.get(index))
+        else {
             return Ok(());
+        };
+        // A message: its subject and id; a mail: its directory, moved along.
+        let (subject, msg_id) = match (batch.messages.get(index), &batch.mail) {
+            (Some(message), _) => (
+                message.subject.clone(),
+                message.header("Nats-Msg-Id").unwrap_or("").to_owned(),
+            ),
+            (None, Some(_)) => (String::new(), String::new()),
+            (None, None) => return Ok(()),
         };
         let dir = self.dir.join(QUARANTINE);
         fs::create_dir_all(&dir)?;
         let at = now_ms();
         let name = format!("{at:020}-{:010}-{:010}", end.segment, end.offset);
+        if let Some(mail) = &batch.mail {
+            let from = self.dir.join(&mail.dir);
+            if from.exists() {
+                fs::rename(&from, dir.join(format!("{name}.mail")))?;
+                sync_dir(&dir)?;
+            }
+        }
         let entry = QuarantineEntry {
             name: name.clone(),
-            subject: message.subject.clone(),
-            msg_id: message.header("Nats-Msg-Id").unwrap_or("").to_owned(),
+            subject,
+            msg_id,
             reason: reason.to_owned(),
             quarantined_at_ms: at,
             bytes: len,

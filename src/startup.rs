@@ -226,9 +226,14 @@ impl Application {
         });
 
         let drainer = self.spool.clone().map(|spool| {
+            let mails = self.inbound.as_ref().map(|state| deliver::Mails {
+                sink: state.sink.clone(),
+                spool_dir: self.settings.spool.dir.clone(),
+            });
             tokio::spawn(deliver::drain(
                 spool,
                 Arc::new(self.publisher.clone()),
+                mails,
                 stop_rx.clone(),
                 self.delivery_options,
             ))
