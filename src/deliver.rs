@@ -373,10 +373,11 @@ pub enum Step {
     Empty,
     /// NATS is not ready.
     NotReady,
-    /// Messages left the spool (published or quarantined).
+    /// Records left the spool (published or quarantined); `mails` of them were mails.
     Progressed {
         published: usize,
         quarantined: usize,
+        mails: usize,
     },
     /// Nothing could be done now; retry after a pause.
     Failed(String),
@@ -412,6 +413,7 @@ pub async fn drain_step<P: Publish>(
             Ok(()) => Step::Progressed {
                 published: 0,
                 quarantined: 0,
+                mails: 0,
             },
             Err(e) => Step::Failed(format!("cannot record spool progress: {e}")),
         };
@@ -443,6 +445,7 @@ pub async fn drain_step<P: Publish>(
         return Step::Progressed {
             published: done.acked,
             quarantined: 0,
+            mails: 0,
         };
     };
     if failure.error.is_temporary() || failure.at != done.acked {
@@ -491,6 +494,7 @@ async fn drain_mail<P: Publish>(
             Ok(()) => Step::Progressed {
                 published,
                 quarantined: 0,
+                mails: 1,
             },
             Err(e) => Step::Failed(format!("cannot record spool progress: {e}")),
         }
@@ -527,6 +531,7 @@ async fn drain_mail<P: Publish>(
             Step::Progressed {
                 published: 0,
                 quarantined: 1,
+                mails: 1,
             }
         }
         Err(e) => Step::Failed(format!("cannot quarantine a refused mail: {e}")),
@@ -557,6 +562,7 @@ async fn set_aside(
             Step::Progressed {
                 published,
                 quarantined: 1,
+                mails: 0,
             }
         }
         Err(e) => {
@@ -567,6 +573,7 @@ async fn set_aside(
                 return Step::Progressed {
                     published,
                     quarantined: 0,
+                    mails: 0,
                 };
             }
             Step::Failed(format!("cannot quarantine a refused message: {e}"))
@@ -647,6 +654,9 @@ pub struct DrainError(pub String);
 pub struct DrainSummary {
     pub published: usize,
     pub quarantined: usize,
+    /// Mails sent, and mails quarantined.
+    pub mails: usize,
+    pub mails_quarantined: usize,
 }
 
 /// Drains the spool until it is empty (`cmc-forwarder spool drain`); gives up after
@@ -674,9 +684,15 @@ pub async fn drain_to_empty<P: Publish>(
             Step::Progressed {
                 published,
                 quarantined,
+                mails,
             } => {
-                summary.published += published;
-                summary.quarantined += quarantined;
+                if mails > 0 {
+                    summary.mails += mails - quarantined;
+                    summary.mails_quarantined += quarantined;
+                } else {
+                    summary.published += published;
+                    summary.quarantined += quarantined;
+                }
                 failures = 0;
                 backoff.reset();
             }
@@ -994,7 +1010,8 @@ mod tests {
             .await
             .unwrap();
 
-        assert_eq!((summary.published, summary.quarantined), (4, 0));
+        assert_eq!((summary.published, summary.quarantined), (3, 0));
+        assert_eq!((summary.mails, summary.mails_quarantined), (1, 0));
         assert_eq!(
             fake.stored(),
             [labels("old", 3), vec!["old-mail:".to_owned()]].concat()

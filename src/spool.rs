@@ -109,6 +109,51 @@ pub struct Position {
     offset: u64,
 }
 
+/// One mail to spool: the directory its request wrote its attachment files to, the mail's
+/// record (`mail.json`, the inbound queue's format) and the request id. The writer thread,
+/// in append order, writes both files into the directory, syncs its files, moves it to
+/// `mail/<request id>` and only then appends the record that names it, so a record always
+/// names a complete directory.
+pub struct MailAppend {
+    pub work: PathBuf,
+    pub spool_dir: PathBuf,
+    pub mail_json: Vec<u8>,
+    pub batch_id: String,
+}
+
+impl Records for MailAppend {
+    fn encode(&self, out: &mut Vec<u8>, at_ms: u64) -> Result<u64, SpoolError> {
+        if self.batch_id.is_empty()
+            || !self
+                .batch_id
+                .bytes()
+                .all(|b| b.is_ascii_alphanumeric() || b == b'-')
+        {
+            return Err(SpoolError::TooLong);
+        }
+        write_synced(&self.work.join(MAIL_FILE), &self.mail_json)?;
+        write_synced(&self.work.join(BATCH_FILE), self.batch_id.as_bytes())?;
+        let mut file_bytes = 0;
+        for entry in fs::read_dir(&self.work)? {
+            let file = File::open(entry?.path())?;
+            file.sync_all()?;
+            file_bytes += file.metadata()?.len();
+        }
+        sync_dir(&self.work)?;
+        let mails = self.spool_dir.join(MAIL_DIR);
+        fs::create_dir_all(&mails)?;
+        fs::rename(&self.work, mails.join(&self.batch_id))?;
+        sync_dir(&mails)?;
+        let record = MailRecord {
+            dir: format!("{MAIL_DIR}/{}", self.batch_id),
+            batch_id: self.batch_id.clone(),
+            file_bytes,
+        };
+        encode_mail(out, &record, at_ms)?;
+        Ok(1)
+    }
+}
+
 /// A spooled inbound mail: where its files are, and the request id it arrived with (its
 /// message carries it as `Cmc-Batch-Id`).
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -441,6 +486,16 @@ impl Spool {
             sync_dir(&self.dir.join("inbound"))?;
         }
         let named = self.unconsumed_mail_dirs()?;
+        // A directory moved in whose record was never written (a crash, a failed append):
+        // its request was not answered 200, so nothing promised is lost.
+        for entry in fs::read_dir(&mails)? {
+            let entry = entry?;
+            let name = entry.file_name().to_string_lossy().into_owned();
+            let numbered = name.parse::<u64>().is_ok();
+            if !numbered && !named.contains(&format!("{MAIL_DIR}/{name}")) {
+                fs::remove_dir_all(entry.path())?;
+            }
+        }
         let mut records = Vec::new();
         let mut count = 0;
         for (n, path) in numbered(&mails)? {
@@ -960,18 +1015,26 @@ pub struct SpoolStatus {
 
 /// Reads the state of the spool in `dir` (which need not exist).
 pub fn status(dir: &Path) -> Result<SpoolStatus, SpoolError> {
-    let mut status = SpoolStatus {
-        dir: dir.to_owned(),
-        in_use: false,
-        messages: 0,
-        bytes: 0,
-        oldest_age_seconds: None,
-        quarantined: Vec::new(),
+    full_status(dir).map(|status| status.events)
+}
+
+/// The status of the event messages and of the mails.
+pub fn full_status(dir: &Path) -> Result<FullStatus, SpoolError> {
+    let mut status = FullStatus {
+        events: SpoolStatus {
+            dir: dir.to_owned(),
+            in_use: false,
+            messages: 0,
+            bytes: 0,
+            oldest_age_seconds: None,
+            quarantined: Vec::new(),
+        },
+        mails: MailStatus::default(),
     };
     if !dir.exists() {
         return Ok(status);
     }
-    status.in_use = match File::open(dir.join(LOCK)) {
+    status.events.in_use = match File::open(dir.join(LOCK)) {
         Ok(file) => match file.try_lock_shared() {
             Ok(()) => false,
             Err(fs::TryLockError::WouldBlock) => true,
@@ -981,7 +1044,7 @@ pub fn status(dir: &Path) -> Result<SpoolStatus, SpoolError> {
     };
     let ids = segment_ids(dir)?;
     let cursor = effective_cursor(dir, &ids)?;
-    let mut oldest: Option<u64> = None;
+    let (mut oldest, mut oldest_mail): (Option<u64>, Option<u64>) = (None, None);
     let mut cursor = cursor;
     for id in ids.into_iter().filter(|&id| id >= cursor.segment) {
         let records = scan_segment(&segment_path(dir, id))?.records;
@@ -990,17 +1053,98 @@ pub fn status(dir: &Path) -> Result<SpoolStatus, SpoolError> {
         }
         for record in records {
             if id > cursor.segment || record.end > cursor.offset {
-                status.messages += 1;
-                status.bytes += record.size;
+                if let Some(file_bytes) = record.mail_bytes {
+                    status.mails.mails += 1;
+                    status.mails.bytes += file_bytes + record.size;
+                    if oldest_mail.is_none() {
+                        oldest_mail = record.at_ms;
+                    }
+                    continue;
+                }
+                status.events.messages += 1;
+                status.events.bytes += record.size;
                 if oldest.is_none() {
                     oldest = record.at_ms;
                 }
             }
         }
     }
-    status.oldest_age_seconds = oldest.map(|at| now_ms().saturating_sub(at) as f64 / 1000.0);
-    status.quarantined = quarantine_entries(dir)?;
+    let age = |at: u64| now_ms().saturating_sub(at) as f64 / 1000.0;
+    status.events.oldest_age_seconds = oldest.map(age);
+    status.mails.oldest_age_seconds = oldest_mail.map(age);
+    for entry in quarantine_entries(dir)? {
+        let mail = dir.join(QUARANTINE).join(format!("{}.mail", entry.name));
+        if !mail.is_dir() {
+            status.events.quarantined.push(entry);
+            continue;
+        }
+        let (subject, filter) = mail_fields(&mail);
+        status.mails.quarantined.push(MailQuarantineEntry {
+            id: format!("{}.mail", entry.name),
+            subject,
+            filter,
+            reason: entry.reason,
+        });
+    }
+    // The quarantine of the inbound queue of earlier versions, kept where it was.
+    if let Ok(entries) = fs::read_dir(dir.join("inbound/quarantine")) {
+        let mut old: Vec<PathBuf> = entries.filter_map(|e| Some(e.ok()?.path())).collect();
+        old.sort();
+        for path in old {
+            let (subject, filter) = mail_fields(&path);
+            status.mails.quarantined.push(MailQuarantineEntry {
+                id: format!(
+                    "inbound/quarantine/{}",
+                    path.file_name().unwrap_or_default().to_string_lossy()
+                ),
+                subject,
+                filter,
+                reason: fs::read_to_string(path.join("reason.txt")).unwrap_or_default(),
+            });
+        }
+    }
     Ok(status)
+}
+
+/// A mail directory's `Subject` and `filter` (empty when its record is unreadable).
+fn mail_fields(dir: &Path) -> (String, String) {
+    let mail: serde_json::Value = fs::read(dir.join(MAIL_FILE))
+        .ok()
+        .and_then(|b| serde_json::from_slice(&b).ok())
+        .unwrap_or_default();
+    let field = |name: &str| mail[name].as_str().unwrap_or_default().to_owned();
+    (field("subject"), field("filter"))
+}
+
+/// One quarantined mail, for `spool status`.
+#[derive(Debug, Clone, Serialize, PartialEq, Eq)]
+pub struct MailQuarantineEntry {
+    /// Where it is, under the spool's quarantine.
+    pub id: String,
+    /// The mail's `Subject` (empty when its record is unreadable).
+    pub subject: String,
+    pub filter: String,
+    pub reason: String,
+}
+
+/// What `spool status` shows of the spooled mails.
+#[derive(Debug, Clone, Default, Serialize)]
+pub struct MailStatus {
+    pub mails: u64,
+    /// Their files and records.
+    pub bytes: u64,
+    pub oldest_age_seconds: Option<f64>,
+    pub quarantined: Vec<MailQuarantineEntry>,
+}
+
+/// The spool's status: its event messages at the top level (as before mails joined it),
+/// its mails under `inbound`.
+#[derive(Debug, Clone, Serialize)]
+pub struct FullStatus {
+    #[serde(flatten)]
+    pub events: SpoolStatus,
+    #[serde(rename = "inbound")]
+    pub mails: MailStatus,
 }
 
 enum Op {
@@ -1259,6 +1403,8 @@ struct ScannedRecord {
     end: u64,
     size: u64,
     at_ms: Option<u64>,
+    /// A mail record: the bytes of its files.
+    mail_bytes: Option<u64>,
 }
 
 struct Scan {
@@ -1281,11 +1427,16 @@ fn scan_segment(path: &Path) -> io::Result<Scan> {
     let mut gaps = Vec::new();
     loop {
         if let Some((len, at_ms)) = check_record(&data[offset..]) {
+            let mail_bytes = (&data[offset..offset + 4] == MAGIC_MAIL)
+                .then(|| decode_mail(&data[offset + RECORD_HEADER..offset + len]))
+                .flatten()
+                .map(|(_, mail)| mail.file_bytes);
             offset += len;
             records.push(ScannedRecord {
                 end: offset as u64,
                 size: len as u64,
                 at_ms,
+                mail_bytes,
             });
             continue;
         }

@@ -96,12 +96,19 @@ impl Application {
         }
         let spool = if settings.spool.enabled {
             let dir = &settings.spool.dir;
-            let spool = Spool::open(dir, settings.spool.max_bytes).map_err(|source| {
-                StartupError::Spool {
-                    dir: dir.clone(),
-                    source,
-                }
-            })?;
+            let spool_error = |source| StartupError::Spool {
+                dir: dir.clone(),
+                source,
+            };
+            let mut spool = Spool::open(dir, settings.spool.max_bytes).map_err(spool_error)?;
+            // Mails an earlier version queued apart (`inbound/`) join the one spool.
+            let adopted = spool.adopt_mails().map_err(spool_error)?;
+            if adopted > 0 {
+                tracing::info!(
+                    mails = adopted,
+                    "inbound mails of an earlier run joined the spool"
+                );
+            }
             let stats = spool.stats();
             if !stats.is_empty() {
                 tracing::info!(
@@ -125,13 +132,7 @@ impl Application {
             None
         };
 
-        // After the event spool: the inbound spool lives under its directory lock.
-        let inbound = crate::inbound::setup(
-            settings,
-            &publisher,
-            spool.as_ref().map(SpoolHandle::shared_stats),
-        )
-        .await?;
+        let inbound = crate::inbound::setup(settings, &publisher).await?;
 
         let listener = bind(settings.server.listen, "server.listen").await?;
         let admin_listener = match settings.admin.listen {
@@ -147,7 +148,8 @@ impl Application {
                 path: settings.inbound.path.to_string(),
                 gate: gate.clone(),
                 sink: parts.sink,
-                spool: parts.spool,
+                spool: spool.clone(),
+                spool_dir: settings.spool.dir.clone(),
                 work_root: parts.work_root,
                 budget: budget.clone(),
             })
@@ -239,16 +241,6 @@ impl Application {
             ))
         });
 
-        let inbound_drainer = self.inbound.as_ref().and_then(|state| {
-            let spool = state.spool.clone()?;
-            Some(tokio::spawn(crate::inbound::spool::drain(
-                spool,
-                state.sink.clone(),
-                stop_rx.clone(),
-                self.delivery_options.retry_max_interval,
-            )))
-        });
-
         let (admin_stop_tx, admin_stop_rx) = watch::channel(false);
         let admin = self.admin_listener.map(|listener| {
             let routes = admin::routes(admin::AdminState {
@@ -302,9 +294,6 @@ impl Application {
             }
         }
         if let Some(drainer) = drainer {
-            let _ = drainer.await;
-        }
-        if let Some(drainer) = inbound_drainer {
             let _ = drainer.await;
         }
         self.publisher.flush().await;
