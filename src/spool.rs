@@ -1086,6 +1086,20 @@ pub fn full_status(dir: &Path) -> Result<FullStatus, SpoolError> {
             reason: entry.reason,
         });
     }
+    // The inbound queue of earlier versions, until a start or `spool drain` adopts it.
+    if let Ok(entries) = fs::read_dir(dir.join("inbound")) {
+        for entry in entries.filter_map(Result::ok) {
+            let path = entry.path();
+            let numbered = entry.file_name().to_string_lossy().parse::<u64>().is_ok();
+            if numbered && path.join(MAIL_FILE).is_file() {
+                status.mails.mails += 1;
+                status.mails.bytes += fs::read_dir(&path)?
+                    .filter_map(|e| e.ok()?.metadata().ok())
+                    .map(|m| m.len())
+                    .sum::<u64>();
+            }
+        }
+    }
     // The quarantine of the inbound queue of earlier versions, kept where it was.
     if let Ok(entries) = fs::read_dir(dir.join("inbound/quarantine")) {
         let mut old: Vec<PathBuf> = entries.filter_map(|e| Some(e.ok()?.path())).collect();

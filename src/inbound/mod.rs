@@ -16,7 +16,7 @@
 //! - [`store`]: the object store and the message's publication, in that order;
 //!
 //! Mails NATS cannot take in time go to the one spool ([`crate::spool`], a mail record
-//! naming the mail's directory) and out with its drainer ([`crate::deliver`]).
+//! naming the mail's directory) and out with its drainer (`deliver.rs`).
 
 pub mod filename;
 pub mod mail;
