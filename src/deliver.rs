@@ -518,6 +518,7 @@ async fn drain_mail<P: Publish>(
                 if let Err(e) = std::fs::remove_dir_all(&path) {
                     return Step::Failed(format!("cannot remove a sent mail's directory: {e}"));
                 }
+                spool.stats().release_inbound(record.file_bytes);
                 return committed(1).await;
             }
             Err(e) if e.is_temporary() => return Step::Failed(e.to_string()),

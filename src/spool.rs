@@ -119,6 +119,8 @@ pub struct MailAppend {
     pub spool_dir: PathBuf,
     pub mail_json: Vec<u8>,
     pub batch_id: String,
+    /// The bytes reserved for its files in `spool.max_bytes` (returned once it is sent).
+    pub reserved: u64,
 }
 
 impl Records for MailAppend {
@@ -133,11 +135,8 @@ impl Records for MailAppend {
         }
         write_synced(&self.work.join(MAIL_FILE), &self.mail_json)?;
         write_synced(&self.work.join(BATCH_FILE), self.batch_id.as_bytes())?;
-        let mut file_bytes = 0;
         for entry in fs::read_dir(&self.work)? {
-            let file = File::open(entry?.path())?;
-            file.sync_all()?;
-            file_bytes += file.metadata()?.len();
+            File::open(entry?.path())?.sync_all()?;
         }
         sync_dir(&self.work)?;
         let mails = self.spool_dir.join(MAIL_DIR);
@@ -147,7 +146,7 @@ impl Records for MailAppend {
         let record = MailRecord {
             dir: format!("{MAIL_DIR}/{}", self.batch_id),
             batch_id: self.batch_id.clone(),
-            file_bytes,
+            file_bytes: self.reserved,
         };
         encode_mail(out, &record, at_ms)?;
         Ok(1)
@@ -373,7 +372,7 @@ impl Spool {
         let ids = segment_ids(dir)?;
         let mut cursor = effective_cursor(dir, &ids)?;
         let mut segments = VecDeque::new();
-        let (mut messages, mut bytes) = (0u64, 0u64);
+        let (mut messages, mut bytes, mut mail_bytes) = (0u64, 0u64, 0u64);
         for id in ids {
             let path = segment_path(dir, id);
             if id < cursor.segment {
@@ -409,6 +408,7 @@ impl Spool {
                 if id > cursor.segment || record.end > cursor.offset {
                     messages += 1;
                     bytes += record.size;
+                    mail_bytes += record.mail_bytes.unwrap_or(0);
                 }
             }
             segments.push_back(Segment {
@@ -427,6 +427,8 @@ impl Spool {
         let stats = Arc::new(SpoolStats::default());
         stats.messages.store(messages, Ordering::SeqCst);
         stats.bytes.store(bytes, Ordering::SeqCst);
+        // The files of spooled mails count in `spool.max_bytes` too.
+        stats.inbound_bytes.store(mail_bytes, Ordering::SeqCst);
         let quarantined = quarantine_entries(dir)?;
         stats
             .quarantined
@@ -497,7 +499,7 @@ impl Spool {
             }
         }
         let mut records = Vec::new();
-        let mut count = 0;
+        let (mut count, mut adopted_bytes) = (0, 0u64);
         for (n, path) in numbered(&mails)? {
             let dir = format!("{MAIL_DIR}/{n:020}");
             if named.contains(&dir) {
@@ -509,6 +511,7 @@ impl Spool {
                 .filter_map(|e| e.ok()?.metadata().ok())
                 .map(|m| m.len())
                 .sum();
+            adopted_bytes += file_bytes;
             let record = MailRecord {
                 dir,
                 batch_id,
@@ -519,6 +522,9 @@ impl Spool {
         }
         if count > 0 {
             self.append(records, count as u64)?;
+            self.stats
+                .inbound_bytes
+                .fetch_add(adopted_bytes, Ordering::SeqCst);
         }
         Ok(count)
     }

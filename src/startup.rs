@@ -150,6 +150,7 @@ impl Application {
                 sink: parts.sink,
                 spool: spool.clone(),
                 spool_dir: settings.spool.dir.clone(),
+                spool_max_bytes: settings.spool.max_bytes,
                 work_root: parts.work_root,
                 budget: budget.clone(),
             })

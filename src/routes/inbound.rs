@@ -40,6 +40,8 @@ pub struct InboundState<P: Publish = Arc<Publisher>> {
     /// directory.
     pub spool: Option<SpoolHandle>,
     pub spool_dir: PathBuf,
+    /// `spool.max_bytes`: it bounds the spooled mails' files too.
+    pub spool_max_bytes: u64,
     /// Where requests write their file parts: the spool's work area when the spool is on
     /// (spooling is then a rename), else a directory under the system's temporary one.
     pub work_root: PathBuf,
@@ -300,13 +302,24 @@ where
         spool_dir: state.spool_dir.clone(),
         mail_json: serde_json::to_vec(&mail).expect("a mail serializes"),
         batch_id: batch_id.to_owned(),
+        reserved: mail.file_bytes(),
     };
     let files = mail.file_bytes();
-    spool
+    if !spool.stats().reserve_inbound(files, state.spool_max_bytes) {
+        let _ = std::fs::remove_dir_all(&append.work);
+        return Err(ApiError::Spool {
+            error: SpoolError::Full(state.spool_max_bytes),
+            retry_after,
+        });
+    }
+    let appended = spool
         .begin_append(Box::new(append))
         .await
-        .unwrap_or(Err(SpoolError::Stopped))
-        .map_err(|error| ApiError::Spool { error, retry_after })?;
+        .unwrap_or(Err(SpoolError::Stopped));
+    if let Err(error) = appended {
+        spool.stats().release_inbound(files);
+        return Err(ApiError::Spool { error, retry_after });
+    }
     metrics::inbound_mail("spooled");
     metrics::inbound_attachments("spooled", attachments, files);
     Ok(Accepted {
@@ -351,6 +364,7 @@ mod tests {
             sink,
             spool,
             spool_dir: root.path().to_owned(),
+            spool_max_bytes: 1 << 30,
             work_root,
             budget: Budget::new(1 << 30),
         });

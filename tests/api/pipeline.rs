@@ -584,7 +584,7 @@ async fn a_spool_and_inbound_queue_of_the_previous_layout_still_drain() {
     );
     let js = jetstream_of(&nats.url()).await;
     assert_eq!(stored_count(&js).await, 3);
-    let mut stream = js.get_stream(STREAM).await.unwrap();
+    let stream = js.get_stream(STREAM).await.unwrap();
     let last = stream
         .get_last_raw_message_by_subject("cmc.inbound.>")
         .await;
