@@ -929,7 +929,15 @@ impl Spool {
             let record = fs::read(qdir.join(format!("{}.rec", entry.name)))?;
             match check_record(&record) {
                 Some((len, _)) if len == record.len() => {
-                    buf.extend_from_slice(&record);
+                    match decode_any(MAGIC_MAIL, &record[RECORD_HEADER..]) {
+                        // A mail's directory stays in the quarantine; its record names it
+                        // there (nothing moves, so a crash cannot part the two).
+                        Some((_, Record::Mail(mut mail))) if &record[..4] == MAGIC_MAIL => {
+                            mail.dir = format!("{QUARANTINE}/{}.mail", entry.name);
+                            encode_mail(&mut buf, &mail, now_ms())?;
+                        }
+                        _ => buf.extend_from_slice(&record),
+                    }
                     picked.push(entry);
                 }
                 _ => done.unreadable.push(entry.name),
