@@ -1665,16 +1665,20 @@ fn decode_any(magic: &[u8; 4], payload: &[u8]) -> Option<(Option<u64>, Record)> 
     }
 }
 
+/// The first `n` bytes of `p`, which moves past them.
+fn take<'a>(p: &mut &'a [u8], n: usize) -> Option<&'a [u8]> {
+    let (head, rest) = (p.get(..n)?, p.get(n..)?);
+    *p = rest;
+    Some(head)
+}
+
+/// A string of a record: its length (u16 LE), then its UTF-8 bytes.
+fn str16(p: &mut &[u8]) -> Option<String> {
+    let len = u16::from_le_bytes(take(p, 2)?.try_into().ok()?) as usize;
+    String::from_utf8(take(p, len)?.to_vec()).ok()
+}
+
 fn decode_mail(mut p: &[u8]) -> Option<(u64, MailRecord)> {
-    fn take<'a>(p: &mut &'a [u8], n: usize) -> Option<&'a [u8]> {
-        let (head, rest) = (p.get(..n)?, p.get(n..)?);
-        *p = rest;
-        Some(head)
-    }
-    fn str16(p: &mut &[u8]) -> Option<String> {
-        let len = u16::from_le_bytes(take(p, 2)?.try_into().ok()?) as usize;
-        String::from_utf8(take(p, len)?.to_vec()).ok()
-    }
     let at = u64::from_le_bytes(take(&mut p, 8)?.try_into().ok()?);
     let dir = str16(&mut p)?;
     let batch_id = str16(&mut p)?;
@@ -1690,15 +1694,6 @@ fn decode_mail(mut p: &[u8]) -> Option<(u64, MailRecord)> {
 }
 
 fn decode_payload(mut p: &[u8], versioned: bool) -> Option<(Option<u64>, NatsMessage)> {
-    fn take<'a>(p: &mut &'a [u8], n: usize) -> Option<&'a [u8]> {
-        let (head, rest) = (p.get(..n)?, p.get(n..)?);
-        *p = rest;
-        Some(head)
-    }
-    fn str16(p: &mut &[u8]) -> Option<String> {
-        let len = u16::from_le_bytes(take(p, 2)?.try_into().ok()?) as usize;
-        String::from_utf8(take(p, len)?.to_vec()).ok()
-    }
     let at = if versioned {
         Some(u64::from_le_bytes(take(&mut p, 8)?.try_into().ok()?))
     } else {
