@@ -7,10 +7,8 @@ use std::fmt::Write as _;
 use std::path::PathBuf;
 
 use clap::{Parser, Subcommand};
-use serde::Serialize;
 
 use crate::deliver::{self, DeliveryOptions};
-use crate::inbound::spool::{self as inbound_spool, InboundSpool, InboundStatus};
 use crate::inbound::store::InboundSink;
 use crate::publish::Publisher;
 use crate::settings::Settings;
@@ -64,15 +62,6 @@ pub enum SpoolCommand {
 /// Attempts in a row without progress after which `spool drain` gives up.
 const DRAIN_ATTEMPTS: u32 = 6;
 
-/// `spool status --json`: the event spool's fields at the top level, the inbound spool's
-/// under `inbound`.
-#[derive(Debug, Serialize)]
-struct Status {
-    #[serde(flatten)]
-    events: spool::SpoolStatus,
-    inbound: InboundStatus,
-}
-
 /// `cmc-forwarder spool status`: the text (or JSON) to print.
 pub fn spool_status(settings: &Settings, json: bool) -> Result<String, String> {
     let cannot = |e: &dyn std::fmt::Display| {
@@ -81,20 +70,16 @@ pub fn spool_status(settings: &Settings, json: bool) -> Result<String, String> {
             settings.spool.dir.display()
         )
     };
-    let status = spool::status(&settings.spool.dir).map_err(|e| cannot(&e))?;
-    let inbound = inbound_spool::status(&settings.spool.dir).map_err(|e| cannot(&e))?;
+    let full = spool::full_status(&settings.spool.dir).map_err(|e| cannot(&e))?;
     if json {
-        let status = Status {
-            events: status,
-            inbound,
-        };
-        return serde_json::to_string_pretty(&status)
+        return serde_json::to_string_pretty(&full)
             .map(|mut s| {
                 s.push('\n');
                 s
             })
             .map_err(|e| e.to_string());
     }
+    let (status, inbound) = (full.events, full.mails);
     let mut out = String::new();
     let _ = writeln!(
         out,
@@ -141,7 +126,7 @@ pub fn spool_status(settings: &Settings, json: bool) -> Result<String, String> {
     for entry in &inbound.quarantined {
         let _ = writeln!(
             out,
-            "  {:?} (filter {}, inbound/quarantine/{}): {}",
+            "  {:?} (filter {}, {}): {}",
             entry.subject, entry.filter, entry.id, entry.reason
         );
     }
@@ -156,14 +141,13 @@ pub async fn spool_drain(settings: &Settings) -> Result<String, String> {
         e => format!("cannot open the spool in {}: {e}", dir.display()),
     })?;
     // Opened under the event spool's lock, so never while a service uses the directory.
-    let inbound = InboundSpool::open(dir, settings.spool.max_bytes, spool.stats())
-        .map(std::sync::Arc::new)
-        .map_err(|e| format!("cannot open the inbound spool in {}: {e}", dir.display()))?;
-    let waiting = spool.stats().messages();
-    let mails = inbound.len();
-    if waiting == 0 && mails == 0 {
-        return Ok(format!("the spool in {} is empty\n", dir.display()));
-    }
+    let mut spool = spool;
+    // Mails an earlier version queued apart (`inbound/`) join the spool first.
+    spool
+        .adopt_mails()
+        .map_err(|e| format!("cannot open the spool in {}: {e}", dir.display()))?;
+    let status = spool::full_status(dir).map_err(|e| e.to_string())?;
+    let (waiting, mails) = (status.events.messages, status.mails.mails);
     let spool = SpoolHandle::start(spool).map_err(|e| e.to_string())?;
     let publisher = Publisher::connect(&settings.nats)
         .await
@@ -180,36 +164,32 @@ pub async fn spool_drain(settings: &Settings) -> Result<String, String> {
         ..DeliveryOptions::default()
     };
     let publisher = std::sync::Arc::new(publisher);
-    let summary = deliver::drain_to_empty(&spool, &publisher, options, DRAIN_ATTEMPTS)
-        .await
-        .map_err(|e| {
-            if mails > 0 {
-                format!("{e}; the {mails} inbound mails were not tried")
-            } else {
-                e.to_string()
-            }
-        })?;
-    publisher.flush().await;
-    // Then the mails, with the service drainer's own step (objects, then the message).
-    let sink = InboundSink::new(settings, (*publisher).clone());
-    let sent = inbound_spool::drain_to_empty(
-        &inbound,
-        &sink,
+    let spooled_mails = deliver::Mails {
+        sink: std::sync::Arc::new(InboundSink::new(settings, (*publisher).clone())),
+        spool_dir: dir.clone(),
+    };
+    let summary = deliver::drain_to_empty(
+        &spool,
+        &publisher,
+        Some(&spooled_mails),
+        options,
         DRAIN_ATTEMPTS,
-        settings.spool.retry_max_interval,
     )
-    .await?;
+    .await
+    .map_err(|e| e.to_string())?;
+    publisher.flush().await;
+    let sent = (summary.mails, summary.mails_quarantined);
     let mut out = format!(
         "published {} messages and {} inbound mails from {}; the spool is empty\n",
         summary.published,
-        sent.published,
+        sent.0,
         dir.display()
     );
-    if sent.quarantined > 0 {
+    if sent.1 > 0 {
         let _ = writeln!(
             out,
             "{} inbound mails refused by NATS were moved to the quarantine (see spool status)",
-            sent.quarantined
+            sent.1
         );
     }
     if summary.quarantined > 0 {

@@ -31,7 +31,11 @@ use std::pin::Pin;
 use thiserror::Error;
 use tokio::sync::{mpsc, oneshot, watch};
 
+use std::path::PathBuf;
+
 use crate::budget::Permit;
+use crate::inbound::store::InboundSink;
+use crate::inbound::Mail;
 use crate::metrics;
 use crate::publish::{publish_run, Oversized, Progress, Publish, PublishError};
 use crate::spool::{encode_record, ReadBatch, Records, SpoolError, SpoolHandle};
@@ -369,10 +373,11 @@ pub enum Step {
     Empty,
     /// NATS is not ready.
     NotReady,
-    /// Messages left the spool (published or quarantined).
+    /// Records left the spool (published or quarantined); `mails` of them were mails.
     Progressed {
         published: usize,
         quarantined: usize,
+        mails: usize,
     },
     /// Nothing could be done now; retry after a pause.
     Failed(String),
@@ -391,6 +396,7 @@ pub struct Refused {
 pub async fn drain_step<P: Publish>(
     spool: &SpoolHandle,
     publisher: &P,
+    mails: Option<&Mails<P>>,
     window: usize,
     refused: &mut Option<Refused>,
 ) -> Step {
@@ -407,6 +413,7 @@ pub async fn drain_step<P: Publish>(
             Ok(()) => Step::Progressed {
                 published: 0,
                 quarantined: 0,
+                mails: 0,
             },
             Err(e) => Step::Failed(format!("cannot record spool progress: {e}")),
         };
@@ -415,10 +422,13 @@ pub async fn drain_step<P: Publish>(
         return Step::NotReady;
     }
     let batch = match spool.read(DRAIN_BATCH).await {
-        Ok(batch) if batch.messages.is_empty() => return Step::Empty,
+        Ok(batch) if batch.messages.is_empty() && batch.mail.is_none() => return Step::Empty,
         Ok(batch) => Arc::new(batch),
         Err(e) => return Step::Failed(format!("cannot read the spool: {e}")),
     };
+    if batch.mail.is_some() {
+        return drain_mail(spool, mails, batch).await;
+    }
     let (done, failure) = match publish_run(publisher, &batch.messages, window).await {
         Ok(done) => (done, None),
         Err(failure) => (failure.done, Some(failure)),
@@ -435,6 +445,7 @@ pub async fn drain_step<P: Publish>(
         return Step::Progressed {
             published: done.acked,
             quarantined: 0,
+            mails: 0,
         };
     };
     if failure.error.is_temporary() || failure.at != done.acked {
@@ -455,6 +466,77 @@ pub async fn drain_step<P: Publish>(
         reason,
     };
     set_aside(spool, pending, done.acked, refused).await
+}
+
+/// What the drainer needs for the spool's mail records: the sink their objects and message
+/// go out through, and the spool directory their directories are under.
+pub struct Mails<P: Publish> {
+    pub sink: Arc<InboundSink<P>>,
+    pub spool_dir: PathBuf,
+}
+
+/// Sends the mail at the cursor: its objects, then its message; then removes its directory
+/// and moves the cursor past it. A mail NATS refuses for good goes to the quarantine with its
+/// directory.
+async fn drain_mail<P: Publish>(
+    spool: &SpoolHandle,
+    mails: Option<&Mails<P>>,
+    batch: Arc<ReadBatch>,
+) -> Step {
+    let record = batch.mail.clone().expect("a batch of one mail");
+    let Some(mails) = mails else {
+        return Step::Failed("the spool holds an inbound mail and inbound.path is not set".into());
+    };
+    let path = mails.spool_dir.join(&record.dir);
+    let done = batch.clone();
+    let committed = |published: usize| async move {
+        match spool.commit(done, 1).await {
+            Ok(()) => Step::Progressed {
+                published,
+                quarantined: 0,
+                mails: 1,
+            },
+            Err(e) => Step::Failed(format!("cannot record spool progress: {e}")),
+        }
+    };
+    if !path.exists() {
+        // Sent, and its directory removed, before a crash kept the cursor from moving on.
+        tracing::warn!(dir = %path.display(), batch_id = %record.batch_id, "a spooled mail's directory is gone; it was sent before the last stop");
+        return committed(0).await;
+    }
+    let mail = std::fs::read(path.join("mail.json"))
+        .map_err(|e| e.to_string())
+        .and_then(|b| serde_json::from_slice::<Mail>(&b).map_err(|e| e.to_string()));
+    let refused = match mail {
+        Err(e) => format!("the mail's record is unreadable: {e}"),
+        Ok(mail) => match mails.sink.deliver(&mail, &path, &record.batch_id).await {
+            Ok(sent) => {
+                tracing::info!(batch_id = %record.batch_id, attachments = mail.attachments.len(), uploaded = sent.uploaded, duplicate = sent.duplicate, "spooled inbound mail published");
+                metrics::inbound_mail("drained");
+                metrics::inbound_attachments("uploaded", sent.uploaded, sent.uploaded_bytes);
+                // Its directory first: a crash before the commit then finds it gone (sent).
+                if let Err(e) = std::fs::remove_dir_all(&path) {
+                    return Step::Failed(format!("cannot remove a sent mail's directory: {e}"));
+                }
+                spool.stats().release_inbound(record.file_bytes);
+                return committed(1).await;
+            }
+            Err(e) if e.is_temporary() => return Step::Failed(e.to_string()),
+            Err(e) => e.to_string(),
+        },
+    };
+    tracing::error!(batch_id = %record.batch_id, reason = %refused, "spooled inbound mail refused by NATS; quarantined");
+    match spool.quarantine(batch, 0, refused).await {
+        Ok(()) => {
+            metrics::spool_quarantined(spool.stats().quarantined());
+            Step::Progressed {
+                published: 0,
+                quarantined: 1,
+                mails: 1,
+            }
+        }
+        Err(e) => Step::Failed(format!("cannot quarantine a refused mail: {e}")),
+    }
 }
 
 /// Moves a refused message to the quarantine; when the disk cannot take it, keeps it in
@@ -481,6 +563,7 @@ async fn set_aside(
             Step::Progressed {
                 published,
                 quarantined: 1,
+                mails: 0,
             }
         }
         Err(e) => {
@@ -491,6 +574,7 @@ async fn set_aside(
                 return Step::Progressed {
                     published,
                     quarantined: 0,
+                    mails: 0,
                 };
             }
             Step::Failed(format!("cannot quarantine a refused message: {e}"))
@@ -502,6 +586,7 @@ async fn set_aside(
 pub async fn drain<P: Publish>(
     spool: SpoolHandle,
     publisher: P,
+    mails: Option<Mails<P>>,
     mut stop: watch::Receiver<bool>,
     options: DeliveryOptions,
 ) {
@@ -514,7 +599,14 @@ pub async fn drain<P: Publish>(
             return;
         }
         metrics::spool_depth(spool.stats().messages(), spool.stats().bytes());
-        let pause = match drain_step(&spool, &publisher, options.window, &mut refused).await {
+        let step = drain_step(
+            &spool,
+            &publisher,
+            mails.as_ref(),
+            options.window,
+            &mut refused,
+        );
+        let pause = match step.await {
             Step::Empty => {
                 backoff.reset();
                 tokio::select! {
@@ -563,6 +655,9 @@ pub struct DrainError(pub String);
 pub struct DrainSummary {
     pub published: usize,
     pub quarantined: usize,
+    /// Mails sent, and mails quarantined.
+    pub mails: usize,
+    pub mails_quarantined: usize,
 }
 
 /// Drains the spool until it is empty (`cmc-forwarder spool drain`); gives up after
@@ -570,6 +665,7 @@ pub struct DrainSummary {
 pub async fn drain_to_empty<P: Publish>(
     spool: &SpoolHandle,
     publisher: &P,
+    mails: Option<&Mails<P>>,
     options: DeliveryOptions,
     max_failures: u32,
 ) -> Result<DrainSummary, DrainError> {
@@ -578,7 +674,7 @@ pub async fn drain_to_empty<P: Publish>(
     let mut failures = 0;
     let mut refused = None;
     loop {
-        let step = drain_step(spool, publisher, options.window, &mut refused).await;
+        let step = drain_step(spool, publisher, mails, options.window, &mut refused).await;
         let reason = match &step {
             Step::NotReady => "NATS is not connected, or the stream is not usable".to_owned(),
             Step::Failed(reason) => reason.clone(),
@@ -589,9 +685,15 @@ pub async fn drain_to_empty<P: Publish>(
             Step::Progressed {
                 published,
                 quarantined,
+                mails,
             } => {
-                summary.published += published;
-                summary.quarantined += quarantined;
+                if mails > 0 {
+                    summary.mails += mails - quarantined;
+                    summary.mails_quarantined += quarantined;
+                } else {
+                    summary.published += published;
+                    summary.quarantined += quarantined;
+                }
                 failures = 0;
                 backoff.reset();
             }
@@ -731,6 +833,7 @@ mod tests {
             tokio::spawn(drain(
                 self.spool.clone().unwrap(),
                 self.fake.clone(),
+                None,
                 rx,
                 self.options,
             ));
@@ -860,6 +963,62 @@ mod tests {
         }
         assert_eq!(rig.fake.sent(), 0);
         assert!(rig.spool.as_ref().unwrap().stats().is_empty());
+    }
+
+    /// A spool the previous build left: event segments, and its separate inbound queue
+    /// (`inbound/<n>/mail.json` with `batch_id`). Adopted at start-up, it drains with the one
+    /// drainer: the events as they were, then the mail, objects first; nothing is left.
+    #[tokio::test]
+    async fn a_spool_and_inbound_queue_of_the_previous_layout_drain_with_one_drainer() {
+        let dir = tempfile::tempdir().unwrap();
+        let mut spool = Spool::open(dir.path(), 1 << 30).unwrap();
+        let events = batch("old", 3);
+        let messages: Vec<crate::publish::NatsMessage> = events
+            .messages
+            .iter()
+            .map(|m| crate::publish::NatsMessage::from_message(&events, m))
+            .collect();
+        let mut records = Vec::new();
+        for m in &messages {
+            crate::spool::encode_message(&mut records, m, 0).unwrap();
+        }
+        spool.append(records, 3).unwrap();
+        let queued = dir.path().join("inbound/00000000000000000004");
+        std::fs::create_dir_all(&queued).unwrap();
+        let mail =
+            crate::inbound::mail::parse_json(include_bytes!("../fixtures/inbound/json.json"))
+                .unwrap()
+                .validate()
+                .unwrap();
+        std::fs::write(queued.join("mail.json"), serde_json::to_vec(&mail).unwrap()).unwrap();
+        std::fs::write(queued.join("batch_id"), "old-mail").unwrap();
+        assert_eq!(spool.adopt_mails().unwrap(), 1);
+        let handle = SpoolHandle::start(spool).unwrap();
+        let fake = FakePublisher::new(TIMEOUT);
+        let mails = Mails {
+            sink: Arc::new(InboundSink::with_publisher(
+                &crate::settings::Settings::default(),
+                fake.clone(),
+            )),
+            spool_dir: dir.path().to_owned(),
+        };
+        let options = DeliveryOptions {
+            window: 4,
+            retry_max_interval: Duration::from_millis(400),
+        };
+
+        let summary = drain_to_empty(&handle, &fake, Some(&mails), options, 3)
+            .await
+            .unwrap();
+
+        assert_eq!((summary.published, summary.quarantined), (3, 0));
+        assert_eq!((summary.mails, summary.mails_quarantined), (1, 0));
+        assert_eq!(
+            fake.stored(),
+            [labels("old", 3), vec!["old-mail:".to_owned()]].concat()
+        );
+        assert!(handle.stats().is_empty());
+        assert!(!dir.path().join("mail/00000000000000000001").exists());
     }
 
     #[tokio::test]
@@ -1203,12 +1362,12 @@ mod tests {
         rig.fake.set_ready(false);
         rig.deliver(batch("a", 7)).await.unwrap();
         let spool = rig.spool.clone().unwrap();
-        let err = drain_to_empty(&spool, &rig.fake, rig.options, 2)
+        let err = drain_to_empty(&spool, &rig.fake, None, rig.options, 2)
             .await
             .unwrap_err();
         assert!(err.to_string().contains("7 messages left"), "{err}");
         rig.fake.set_ready(true);
-        let summary = drain_to_empty(&spool, &rig.fake, rig.options, 2)
+        let summary = drain_to_empty(&spool, &rig.fake, None, rig.options, 2)
             .await
             .unwrap();
         assert_eq!(summary.published, 7);

@@ -63,6 +63,22 @@ use crate::wire::NatsMessage;
 
 const MAGIC_V1: &[u8; 4] = b"CMCS";
 const MAGIC: &[u8; 4] = b"CMC2";
+/// A mail record: the spooled mail's directory (its `mail.json` and attachment files) under
+/// the spool directory, and the request id it arrived with.
+const MAGIC_MAIL: &[u8; 4] = b"CMCM";
+/// Where spooled mails' directories are, under the spool directory.
+const MAIL_DIR: &str = "mail";
+/// A mail directory's record of the mail (the inbound queue of earlier versions wrote it).
+const MAIL_FILE: &str = "mail.json";
+/// The request id a mail arrived with, in its directory (earlier versions).
+const BATCH_FILE: &str = "batch_id";
+/// The directory of spooled mails, under the spool directory.
+pub fn mail_dir(spool_dir: &Path) -> PathBuf {
+    spool_dir.join(MAIL_DIR)
+}
+
+/// Records read at a time when looking for mail records.
+const DRAIN_SCAN: usize = 4096;
 const RECORD_HEADER: usize = 12;
 const SEGMENT_MAX: u64 = 64 * 1024 * 1024;
 const CURSOR: &str = "cursor";
@@ -93,10 +109,75 @@ pub struct Position {
     offset: u64,
 }
 
-/// Messages read for publishing, with the position after each.
+/// One mail to spool: the directory its request wrote its attachment files to, the mail's
+/// record (`mail.json`, the inbound queue's format) and the request id. The writer thread,
+/// in append order, writes both files into the directory, syncs its files, moves it to
+/// `mail/<request id>` and only then appends the record that names it, so a record always
+/// names a complete directory.
+pub struct MailAppend {
+    pub work: PathBuf,
+    pub spool_dir: PathBuf,
+    pub mail_json: Vec<u8>,
+    pub batch_id: String,
+    /// The bytes reserved for its files in `spool.max_bytes` (returned once it is sent).
+    pub reserved: u64,
+}
+
+impl Records for MailAppend {
+    fn encode(&self, out: &mut Vec<u8>, at_ms: u64) -> Result<u64, SpoolError> {
+        if self.batch_id.is_empty()
+            || !self
+                .batch_id
+                .bytes()
+                .all(|b| b.is_ascii_alphanumeric() || b == b'-')
+        {
+            return Err(SpoolError::TooLong);
+        }
+        write_synced(&self.work.join(MAIL_FILE), &self.mail_json)?;
+        write_synced(&self.work.join(BATCH_FILE), self.batch_id.as_bytes())?;
+        for entry in fs::read_dir(&self.work)? {
+            File::open(entry?.path())?.sync_all()?;
+        }
+        sync_dir(&self.work)?;
+        let mails = self.spool_dir.join(MAIL_DIR);
+        fs::create_dir_all(&mails)?;
+        fs::rename(&self.work, mails.join(&self.batch_id))?;
+        sync_dir(&mails)?;
+        let record = MailRecord {
+            dir: format!("{MAIL_DIR}/{}", self.batch_id),
+            batch_id: self.batch_id.clone(),
+            file_bytes: self.reserved,
+        };
+        encode_mail(out, &record, at_ms)?;
+        Ok(1)
+    }
+}
+
+/// A spooled inbound mail: where its files are, and the request id it arrived with (its
+/// message carries it as `Cmc-Batch-Id`).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct MailRecord {
+    /// The mail's directory, relative to the spool directory (`mail/<n>`).
+    pub dir: String,
+    pub batch_id: String,
+    /// The bytes of its files, counted in `spool.max_bytes`.
+    pub file_bytes: u64,
+}
+
+/// What one record holds: one message of an event batch, or one mail.
+#[derive(Debug, Clone, PartialEq)]
+pub enum Record {
+    Message(NatsMessage),
+    Mail(MailRecord),
+}
+
+/// Records read for publishing, with the position after each: a run of messages, or one
+/// mail (a read stops before a record of the other kind, so each batch is one kind of job).
 #[derive(Debug, Default)]
 pub struct ReadBatch {
     pub messages: Vec<NatsMessage>,
+    /// The mail at the cursor (then `messages` is empty).
+    pub mail: Option<MailRecord>,
     ends: Vec<(Position, u64)>,
     /// Each message's record as it is on disk (kept for the quarantine).
     records: Vec<Vec<u8>>,
@@ -291,7 +372,7 @@ impl Spool {
         let ids = segment_ids(dir)?;
         let mut cursor = effective_cursor(dir, &ids)?;
         let mut segments = VecDeque::new();
-        let (mut messages, mut bytes) = (0u64, 0u64);
+        let (mut messages, mut bytes, mut mail_bytes) = (0u64, 0u64, 0u64);
         for id in ids {
             let path = segment_path(dir, id);
             if id < cursor.segment {
@@ -327,6 +408,7 @@ impl Spool {
                 if id > cursor.segment || record.end > cursor.offset {
                     messages += 1;
                     bytes += record.size;
+                    mail_bytes += record.mail_bytes.unwrap_or(0);
                 }
             }
             segments.push_back(Segment {
@@ -345,6 +427,8 @@ impl Spool {
         let stats = Arc::new(SpoolStats::default());
         stats.messages.store(messages, Ordering::SeqCst);
         stats.bytes.store(bytes, Ordering::SeqCst);
+        // The files of spooled mails count in `spool.max_bytes` too.
+        stats.inbound_bytes.store(mail_bytes, Ordering::SeqCst);
         let quarantined = quarantine_entries(dir)?;
         stats
             .quarantined
@@ -366,6 +450,101 @@ impl Spool {
             #[cfg(test)]
             faults: Default::default(),
         })
+    }
+
+    /// Gives every mail directory a record: those of the inbound queue of earlier versions
+    /// (`inbound/<n>/mail.json`, moved to `mail/<n>`, in their order) and any in `mail/` no
+    /// record names (a crash between the rename that made a mail's directory complete and
+    /// the append of its record). Run once at start-up, before the writer thread starts.
+    /// Returns how many records it appended.
+    pub fn adopt_mails(&mut self) -> Result<usize, SpoolError> {
+        let numbered = |dir: &Path| -> io::Result<Vec<(u64, PathBuf)>> {
+            let mut found = Vec::new();
+            if let Ok(entries) = fs::read_dir(dir) {
+                for entry in entries {
+                    let entry = entry?;
+                    let name = entry.file_name();
+                    let Some(n) = name.to_str().and_then(|n| n.parse::<u64>().ok()) else {
+                        continue;
+                    };
+                    if entry.path().join(MAIL_FILE).is_file() {
+                        found.push((n, entry.path()));
+                    }
+                }
+            }
+            found.sort();
+            Ok(found)
+        };
+        let mails = self.dir.join(MAIL_DIR);
+        fs::create_dir_all(&mails)?;
+        let old = numbered(&self.dir.join("inbound"))?;
+        if !old.is_empty() {
+            // After any mail already here, in the old queue's order.
+            let first = numbered(&mails)?.last().map_or(1, |(n, _)| n + 1);
+            for (next, (_, from)) in (first..).zip(old) {
+                fs::rename(&from, mails.join(format!("{next:020}")))?;
+            }
+            sync_dir(&mails)?;
+            sync_dir(&self.dir.join("inbound"))?;
+        }
+        let named = self.unconsumed_mail_dirs()?;
+        // A directory moved in whose record was never written (a crash, a failed append):
+        // its request was not answered 200, so nothing promised is lost.
+        for entry in fs::read_dir(&mails)? {
+            let entry = entry?;
+            let name = entry.file_name().to_string_lossy().into_owned();
+            let numbered = name.parse::<u64>().is_ok();
+            if !numbered && !named.contains(&format!("{MAIL_DIR}/{name}")) {
+                fs::remove_dir_all(entry.path())?;
+            }
+        }
+        let mut records = Vec::new();
+        let (mut count, mut adopted_bytes) = (0, 0u64);
+        for (n, path) in numbered(&mails)? {
+            let dir = format!("{MAIL_DIR}/{n:020}");
+            if named.contains(&dir) {
+                continue;
+            }
+            let batch_id = fs::read_to_string(path.join(BATCH_FILE))
+                .unwrap_or_else(|_| format!("spool-{n:020}"));
+            let file_bytes = fs::read_dir(&path)?
+                .filter_map(|e| e.ok()?.metadata().ok())
+                .map(|m| m.len())
+                .sum();
+            adopted_bytes += file_bytes;
+            let record = MailRecord {
+                dir,
+                batch_id,
+                file_bytes,
+            };
+            encode_mail(&mut records, &record, now_ms())?;
+            count += 1;
+        }
+        if count > 0 {
+            self.append(records, count as u64)?;
+            self.stats
+                .inbound_bytes
+                .fetch_add(adopted_bytes, Ordering::SeqCst);
+        }
+        Ok(count)
+    }
+
+    /// The directories the mail records from the cursor on name.
+    fn unconsumed_mail_dirs(&mut self) -> Result<std::collections::HashSet<String>, SpoolError> {
+        let saved = self.cursor;
+        let mut named = std::collections::HashSet::new();
+        let found = (|| loop {
+            let batch = self.read(DRAIN_SCAN)?;
+            let Some(&(end, _)) = batch.ends.last() else {
+                return Ok(());
+            };
+            if let Some(mail) = batch.mail {
+                named.insert(mail.dir);
+            }
+            self.cursor = end;
+        })();
+        self.cursor = saved;
+        found.map(|()| named)
     }
 
     #[cfg(test)]
@@ -543,7 +722,19 @@ impl Spool {
                     position.offset = end;
                     continue;
                 }
-                let (message, record) = read_record(&mut reader, size - position.offset)?;
+                let (read, record) = read_record(&mut reader, size - position.offset)?;
+                let message = match read {
+                    Record::Message(message) => message,
+                    // A mail goes alone; after messages it waits for the next read.
+                    Record::Mail(_) if !batch.messages.is_empty() => return Ok(batch),
+                    Record::Mail(mail) => {
+                        position.offset += record.len() as u64;
+                        batch.ends.push((position, record.len() as u64));
+                        batch.records.push(record);
+                        batch.mail = Some(mail);
+                        return Ok(batch);
+                    }
+                };
                 let len = record.len() as u64;
                 position.offset += len;
                 batch.messages.push(message);
@@ -642,21 +833,34 @@ impl Spool {
         index: usize,
         reason: &str,
     ) -> Result<(), SpoolError> {
-        let (Some(message), Some(record), Some(&(end, len))) = (
-            batch.messages.get(index),
-            batch.records.get(index),
-            batch.ends.get(index),
-        ) else {
+        let (Some(record), Some(&(end, len))) = (batch.records.get(index), batch.ends.get(index))
+        else {
             return Ok(());
+        };
+        // A message: its subject and id; a mail: its directory, moved along.
+        let (subject, msg_id) = match (batch.messages.get(index), &batch.mail) {
+            (Some(message), _) => (
+                message.subject.clone(),
+                message.header("Nats-Msg-Id").unwrap_or("").to_owned(),
+            ),
+            (None, Some(_)) => (String::new(), String::new()),
+            (None, None) => return Ok(()),
         };
         let dir = self.dir.join(QUARANTINE);
         fs::create_dir_all(&dir)?;
         let at = now_ms();
         let name = format!("{at:020}-{:010}-{:010}", end.segment, end.offset);
+        if let Some(mail) = &batch.mail {
+            let from = self.dir.join(&mail.dir);
+            if from.exists() {
+                fs::rename(&from, dir.join(format!("{name}.mail")))?;
+                sync_dir(&dir)?;
+            }
+        }
         let entry = QuarantineEntry {
             name: name.clone(),
-            subject: message.subject.clone(),
-            msg_id: message.header("Nats-Msg-Id").unwrap_or("").to_owned(),
+            subject,
+            msg_id,
             reason: reason.to_owned(),
             quarantined_at_ms: at,
             bytes: len,
@@ -725,7 +929,15 @@ impl Spool {
             let record = fs::read(qdir.join(format!("{}.rec", entry.name)))?;
             match check_record(&record) {
                 Some((len, _)) if len == record.len() => {
-                    buf.extend_from_slice(&record);
+                    match decode_any(MAGIC_MAIL, &record[RECORD_HEADER..]) {
+                        // A mail's directory stays in the quarantine; its record names it
+                        // there (nothing moves, so a crash cannot part the two).
+                        Some((_, Record::Mail(mut mail))) if &record[..4] == MAGIC_MAIL => {
+                            mail.dir = format!("{QUARANTINE}/{}.mail", entry.name);
+                            encode_mail(&mut buf, &mail, now_ms())?;
+                        }
+                        _ => buf.extend_from_slice(&record),
+                    }
                     picked.push(entry);
                 }
                 _ => done.unreadable.push(entry.name),
@@ -817,18 +1029,26 @@ pub struct SpoolStatus {
 
 /// Reads the state of the spool in `dir` (which need not exist).
 pub fn status(dir: &Path) -> Result<SpoolStatus, SpoolError> {
-    let mut status = SpoolStatus {
-        dir: dir.to_owned(),
-        in_use: false,
-        messages: 0,
-        bytes: 0,
-        oldest_age_seconds: None,
-        quarantined: Vec::new(),
+    full_status(dir).map(|status| status.events)
+}
+
+/// The status of the event messages and of the mails.
+pub fn full_status(dir: &Path) -> Result<FullStatus, SpoolError> {
+    let mut status = FullStatus {
+        events: SpoolStatus {
+            dir: dir.to_owned(),
+            in_use: false,
+            messages: 0,
+            bytes: 0,
+            oldest_age_seconds: None,
+            quarantined: Vec::new(),
+        },
+        mails: MailStatus::default(),
     };
     if !dir.exists() {
         return Ok(status);
     }
-    status.in_use = match File::open(dir.join(LOCK)) {
+    status.events.in_use = match File::open(dir.join(LOCK)) {
         Ok(file) => match file.try_lock_shared() {
             Ok(()) => false,
             Err(fs::TryLockError::WouldBlock) => true,
@@ -838,7 +1058,7 @@ pub fn status(dir: &Path) -> Result<SpoolStatus, SpoolError> {
     };
     let ids = segment_ids(dir)?;
     let cursor = effective_cursor(dir, &ids)?;
-    let mut oldest: Option<u64> = None;
+    let (mut oldest, mut oldest_mail): (Option<u64>, Option<u64>) = (None, None);
     let mut cursor = cursor;
     for id in ids.into_iter().filter(|&id| id >= cursor.segment) {
         let records = scan_segment(&segment_path(dir, id))?.records;
@@ -847,17 +1067,112 @@ pub fn status(dir: &Path) -> Result<SpoolStatus, SpoolError> {
         }
         for record in records {
             if id > cursor.segment || record.end > cursor.offset {
-                status.messages += 1;
-                status.bytes += record.size;
+                if let Some(file_bytes) = record.mail_bytes {
+                    status.mails.mails += 1;
+                    status.mails.bytes += file_bytes + record.size;
+                    if oldest_mail.is_none() {
+                        oldest_mail = record.at_ms;
+                    }
+                    continue;
+                }
+                status.events.messages += 1;
+                status.events.bytes += record.size;
                 if oldest.is_none() {
                     oldest = record.at_ms;
                 }
             }
         }
     }
-    status.oldest_age_seconds = oldest.map(|at| now_ms().saturating_sub(at) as f64 / 1000.0);
-    status.quarantined = quarantine_entries(dir)?;
+    let age = |at: u64| now_ms().saturating_sub(at) as f64 / 1000.0;
+    status.events.oldest_age_seconds = oldest.map(age);
+    status.mails.oldest_age_seconds = oldest_mail.map(age);
+    for entry in quarantine_entries(dir)? {
+        let mail = dir.join(QUARANTINE).join(format!("{}.mail", entry.name));
+        if !mail.is_dir() {
+            status.events.quarantined.push(entry);
+            continue;
+        }
+        let (subject, filter) = mail_fields(&mail);
+        status.mails.quarantined.push(MailQuarantineEntry {
+            id: format!("{}.mail", entry.name),
+            subject,
+            filter,
+            reason: entry.reason,
+        });
+    }
+    // The inbound queue of earlier versions, until a start or `spool drain` adopts it.
+    if let Ok(entries) = fs::read_dir(dir.join("inbound")) {
+        for entry in entries.filter_map(Result::ok) {
+            let path = entry.path();
+            let numbered = entry.file_name().to_string_lossy().parse::<u64>().is_ok();
+            if numbered && path.join(MAIL_FILE).is_file() {
+                status.mails.mails += 1;
+                status.mails.bytes += fs::read_dir(&path)?
+                    .filter_map(|e| e.ok()?.metadata().ok())
+                    .map(|m| m.len())
+                    .sum::<u64>();
+            }
+        }
+    }
+    // The quarantine of the inbound queue of earlier versions, kept where it was.
+    if let Ok(entries) = fs::read_dir(dir.join("inbound/quarantine")) {
+        let mut old: Vec<PathBuf> = entries.filter_map(|e| Some(e.ok()?.path())).collect();
+        old.sort();
+        for path in old {
+            let (subject, filter) = mail_fields(&path);
+            status.mails.quarantined.push(MailQuarantineEntry {
+                id: format!(
+                    "inbound/quarantine/{}",
+                    path.file_name().unwrap_or_default().to_string_lossy()
+                ),
+                subject,
+                filter,
+                reason: fs::read_to_string(path.join("reason.txt")).unwrap_or_default(),
+            });
+        }
+    }
     Ok(status)
+}
+
+/// A mail directory's `Subject` and `filter` (empty when its record is unreadable).
+fn mail_fields(dir: &Path) -> (String, String) {
+    let mail: serde_json::Value = fs::read(dir.join(MAIL_FILE))
+        .ok()
+        .and_then(|b| serde_json::from_slice(&b).ok())
+        .unwrap_or_default();
+    let field = |name: &str| mail[name].as_str().unwrap_or_default().to_owned();
+    (field("subject"), field("filter"))
+}
+
+/// One quarantined mail, for `spool status`.
+#[derive(Debug, Clone, Serialize, PartialEq, Eq)]
+pub struct MailQuarantineEntry {
+    /// Where it is, under the spool's quarantine.
+    pub id: String,
+    /// The mail's `Subject` (empty when its record is unreadable).
+    pub subject: String,
+    pub filter: String,
+    pub reason: String,
+}
+
+/// What `spool status` shows of the spooled mails.
+#[derive(Debug, Clone, Default, Serialize)]
+pub struct MailStatus {
+    pub mails: u64,
+    /// Their files and records.
+    pub bytes: u64,
+    pub oldest_age_seconds: Option<f64>,
+    pub quarantined: Vec<MailQuarantineEntry>,
+}
+
+/// The spool's status: its event messages at the top level (as before mails joined it),
+/// its mails under `inbound`.
+#[derive(Debug, Clone, Serialize)]
+pub struct FullStatus {
+    #[serde(flatten)]
+    pub events: SpoolStatus,
+    #[serde(rename = "inbound")]
+    pub mails: MailStatus,
 }
 
 enum Op {
@@ -1116,6 +1431,8 @@ struct ScannedRecord {
     end: u64,
     size: u64,
     at_ms: Option<u64>,
+    /// A mail record: the bytes of its files.
+    mail_bytes: Option<u64>,
 }
 
 struct Scan {
@@ -1138,17 +1455,23 @@ fn scan_segment(path: &Path) -> io::Result<Scan> {
     let mut gaps = Vec::new();
     loop {
         if let Some((len, at_ms)) = check_record(&data[offset..]) {
+            let mail_bytes = (&data[offset..offset + 4] == MAGIC_MAIL)
+                .then(|| decode_mail(&data[offset + RECORD_HEADER..offset + len]))
+                .flatten()
+                .map(|(_, mail)| mail.file_bytes);
             offset += len;
             records.push(ScannedRecord {
                 end: offset as u64,
                 size: len as u64,
                 at_ms,
+                mail_bytes,
             });
             continue;
         }
         let next = (offset + 1..data.len().saturating_sub(RECORD_HEADER - 1)).find(|&at| {
             let magic = &data[at..at + 4];
-            (magic == MAGIC || magic == MAGIC_V1) && check_record(&data[at..]).is_some()
+            (magic == MAGIC || magic == MAGIC_V1 || magic == MAGIC_MAIL)
+                && check_record(&data[at..]).is_some()
         });
         match next {
             Some(next) => {
@@ -1213,18 +1536,14 @@ fn check_record(data: &[u8]) -> Option<(usize, Option<u64>)> {
     if data.len() < RECORD_HEADER {
         return None;
     }
-    let versioned = match &data[..4] {
-        m if m == MAGIC => true,
-        m if m == MAGIC_V1 => false,
-        _ => return None,
-    };
+    let magic: [u8; 4] = data[..4].try_into().ok()?;
     let len = u32::from_le_bytes(data[4..8].try_into().ok()?) as usize;
     let crc = u32::from_le_bytes(data[8..12].try_into().ok()?);
     let payload = data.get(RECORD_HEADER..RECORD_HEADER + len)?;
     if crc32fast::hash(payload) != crc {
         return None;
     }
-    let (at, _) = decode_payload(payload, versioned)?;
+    let (at, _) = decode_any(&magic, payload)?;
     Some((RECORD_HEADER + len, at))
 }
 
@@ -1253,6 +1572,23 @@ pub fn encode_record<'a>(
     let body_len = u32::try_from(payload.len()).map_err(|_| SpoolError::TooLong)?;
     out.extend_from_slice(&body_len.to_le_bytes());
     out.extend_from_slice(payload);
+    let record = &out[start + RECORD_HEADER..];
+    let len = u32::try_from(record.len()).map_err(|_| SpoolError::TooLong)?;
+    let crc = crc32fast::hash(record);
+    out[start + 4..start + 8].copy_from_slice(&len.to_le_bytes());
+    out[start + 8..start + 12].copy_from_slice(&crc.to_le_bytes());
+    Ok(())
+}
+
+/// Appends the record of one spooled mail to `out`, stamped `at_ms`.
+pub fn encode_mail(out: &mut Vec<u8>, mail: &MailRecord, at_ms: u64) -> Result<(), SpoolError> {
+    let start = out.len();
+    out.extend_from_slice(MAGIC_MAIL);
+    out.extend_from_slice(&[0; 8]);
+    out.extend_from_slice(&at_ms.to_le_bytes());
+    put_str16(out, &mail.dir)?;
+    put_str16(out, &mail.batch_id)?;
+    out.extend_from_slice(&mail.file_bytes.to_le_bytes());
     let record = &out[start + RECORD_HEADER..];
     let len = u32::try_from(record.len()).map_err(|_| SpoolError::TooLong)?;
     let crc = crc32fast::hash(record);
@@ -1293,11 +1629,12 @@ fn put_str16(out: &mut Vec<u8>, s: &str) -> Result<(), SpoolError> {
 /// `limit` is how many bytes the record can span (what is left of its segment): the header's
 /// magic and length are checked against it before anything is allocated, so a position in the
 /// middle of a record, or a damaged header, is an error, never a read of up to 4 GiB.
-fn read_record(reader: &mut impl Read, limit: u64) -> Result<(NatsMessage, Vec<u8>), SpoolError> {
+fn read_record(reader: &mut impl Read, limit: u64) -> Result<(Record, Vec<u8>), SpoolError> {
     let unreadable = |why: &str| io::Error::new(io::ErrorKind::InvalidData, why.to_owned());
     let mut record = vec![0u8; RECORD_HEADER];
     reader.read_exact(&mut record)?;
-    if &record[..4] != MAGIC && &record[..4] != MAGIC_V1 {
+    let magic: [u8; 4] = record[..4].try_into().expect("4 bytes");
+    if ![MAGIC, MAGIC_V1, MAGIC_MAIL].contains(&&magic) {
         return Err(unreadable("not the start of a spool record").into());
     }
     let len = u32::from_le_bytes(record[4..8].try_into().expect("4 bytes")) as usize;
@@ -1306,28 +1643,57 @@ fn read_record(reader: &mut impl Read, limit: u64) -> Result<(NatsMessage, Vec<u
     }
     record.resize(RECORD_HEADER + len, 0);
     reader.read_exact(&mut record[RECORD_HEADER..])?;
-    let versioned = &record[..4] == MAGIC;
-    let intact = (versioned || &record[..4] == MAGIC_V1)
-        && crc32fast::hash(&record[RECORD_HEADER..])
-            == u32::from_le_bytes(record[8..12].try_into().expect("4 bytes"));
-    let message = intact
-        .then(|| decode_payload(&record[RECORD_HEADER..], versioned))
+    let intact = crc32fast::hash(&record[RECORD_HEADER..])
+        == u32::from_le_bytes(record[8..12].try_into().expect("4 bytes"));
+    let read = intact
+        .then(|| decode_any(&magic, &record[RECORD_HEADER..]))
         .flatten()
-        .map(|(_, m)| m)
+        .map(|(_, r)| r)
         .ok_or_else(|| io::Error::new(io::ErrorKind::InvalidData, "corrupt spool record"))?;
-    Ok((message, record))
+    Ok((read, record))
+}
+
+/// The time stamp and content of a record's payload, by its magic.
+fn decode_any(magic: &[u8; 4], payload: &[u8]) -> Option<(Option<u64>, Record)> {
+    match magic {
+        m if m == MAGIC => decode_payload(payload, true).map(|(at, m)| (at, Record::Message(m))),
+        m if m == MAGIC_V1 => {
+            decode_payload(payload, false).map(|(at, m)| (at, Record::Message(m)))
+        }
+        m if m == MAGIC_MAIL => decode_mail(payload).map(|(at, m)| (Some(at), Record::Mail(m))),
+        _ => None,
+    }
+}
+
+/// The first `n` bytes of `p`, which moves past them.
+fn take<'a>(p: &mut &'a [u8], n: usize) -> Option<&'a [u8]> {
+    let (head, rest) = (p.get(..n)?, p.get(n..)?);
+    *p = rest;
+    Some(head)
+}
+
+/// A string of a record: its length (u16 LE), then its UTF-8 bytes.
+fn str16(p: &mut &[u8]) -> Option<String> {
+    let len = u16::from_le_bytes(take(p, 2)?.try_into().ok()?) as usize;
+    String::from_utf8(take(p, len)?.to_vec()).ok()
+}
+
+fn decode_mail(mut p: &[u8]) -> Option<(u64, MailRecord)> {
+    let at = u64::from_le_bytes(take(&mut p, 8)?.try_into().ok()?);
+    let dir = str16(&mut p)?;
+    let batch_id = str16(&mut p)?;
+    let file_bytes = u64::from_le_bytes(take(&mut p, 8)?.try_into().ok()?);
+    p.is_empty().then_some((
+        at,
+        MailRecord {
+            dir,
+            batch_id,
+            file_bytes,
+        },
+    ))
 }
 
 fn decode_payload(mut p: &[u8], versioned: bool) -> Option<(Option<u64>, NatsMessage)> {
-    fn take<'a>(p: &mut &'a [u8], n: usize) -> Option<&'a [u8]> {
-        let (head, rest) = (p.get(..n)?, p.get(n..)?);
-        *p = rest;
-        Some(head)
-    }
-    fn str16(p: &mut &[u8]) -> Option<String> {
-        let len = u16::from_le_bytes(take(p, 2)?.try_into().ok()?) as usize;
-        String::from_utf8(take(p, len)?.to_vec()).ok()
-    }
     let at = if versioned {
         Some(u64::from_le_bytes(take(&mut p, 8)?.try_into().ok()?))
     } else {
@@ -1375,6 +1741,82 @@ mod tests {
     fn append(spool: &mut Spool, messages: &[NatsMessage]) -> Result<(), SpoolError> {
         let (buf, n) = records(messages);
         spool.append(buf, n)
+    }
+
+    /// A mail record between two runs of messages: each read is one kind of job, in the
+    /// order appended, and the record survives a reopen (the segment scan knows its kind).
+    #[test]
+    fn a_mail_record_is_read_alone_and_in_its_place() {
+        let dir = tempfile::tempdir().unwrap();
+        let mail = MailRecord {
+            dir: "mail/00000000000000000001".into(),
+            batch_id: "b-1".into(),
+            file_bytes: 1234,
+        };
+        {
+            let mut spool = Spool::open(dir.path(), 1 << 30).unwrap();
+            append(&mut spool, &[message(0), message(1)]).unwrap();
+            let mut buf = Vec::new();
+            encode_mail(&mut buf, &mail, now_ms()).unwrap();
+            spool.append(buf, 1).unwrap();
+            append(&mut spool, &[message(2)]).unwrap();
+        }
+        let mut spool = Spool::open(dir.path(), 1 << 30).unwrap();
+        assert_eq!(spool.stats().messages(), 4);
+
+        let first = spool.read(10).unwrap();
+        assert_eq!(first.messages, [message(0), message(1)]);
+        assert_eq!(first.mail, None, "a read stops before a mail");
+        spool.commit(&first, 2).unwrap();
+        let second = spool.read(10).unwrap();
+        assert!(second.messages.is_empty());
+        assert_eq!(second.mail.as_ref(), Some(&mail));
+        spool.commit(&second, 1).unwrap();
+        let third = spool.read(10).unwrap();
+        assert_eq!(third.messages, [message(2)]);
+        assert_eq!(third.mail, None);
+    }
+
+    /// The inbound queue an earlier version left (`inbound/<n>/mail.json`, with its files
+    /// and `batch_id`) becomes mail records of the one spool, in its order, behind the
+    /// event messages already spooled; adopting again adds nothing.
+    #[test]
+    fn an_inbound_queue_of_the_previous_layout_is_adopted_in_order() {
+        let dir = tempfile::tempdir().unwrap();
+        for (n, batch) in [(7u64, "old-7"), (12, "old-12")] {
+            let mail = dir.path().join(format!("inbound/{n:020}"));
+            fs::create_dir_all(&mail).unwrap();
+            fs::write(mail.join(MAIL_FILE), b"{}").unwrap();
+            fs::write(mail.join(BATCH_FILE), batch).unwrap();
+            fs::write(mail.join("part-1"), vec![0u8; 100]).unwrap();
+        }
+        fs::create_dir_all(dir.path().join("inbound/tmp/abandoned")).unwrap();
+        let mut spool = Spool::open(dir.path(), 1 << 30).unwrap();
+        append(&mut spool, &[message(0)]).unwrap();
+
+        assert_eq!(spool.adopt_mails().unwrap(), 2);
+        drop(spool);
+        let mut spool = Spool::open(dir.path(), 1 << 30).unwrap();
+        assert_eq!(spool.adopt_mails().unwrap(), 0, "adopted twice");
+
+        let events = spool.read(10).unwrap();
+        assert_eq!(events.messages, [message(0)]);
+        spool.commit(&events, 1).unwrap();
+        let batch = spool.read(10).unwrap();
+        spool.commit(&batch, 1).unwrap();
+        let first = batch.mail.unwrap();
+        let second = spool.read(10).unwrap().mail.unwrap();
+        assert_eq!(
+            (first.batch_id.as_str(), second.batch_id.as_str()),
+            ("old-7", "old-12")
+        );
+        assert!(dir.path().join(&first.dir).join("part-1").is_file());
+        assert!(first.file_bytes >= 100, "{first:?}");
+        assert!(!dir
+            .path()
+            .join("inbound")
+            .join(format!("{:020}", 7))
+            .exists());
     }
 
     fn drain_all(spool: &mut Spool) -> Vec<NatsMessage> {
@@ -1684,7 +2126,7 @@ mod tests {
             .unwrap();
         let rec = fs::read(rec).unwrap();
         let (message_back, _) = read_record(&mut &rec[..], rec.len() as u64).unwrap();
-        assert_eq!(message_back, message(1));
+        assert_eq!(message_back, Record::Message(message(1)));
     }
 
     #[test]

@@ -106,12 +106,19 @@ impl Application {
         }
         let spool = if settings.spool.enabled {
             let dir = &settings.spool.dir;
-            let spool = Spool::open(dir, settings.spool.max_bytes).map_err(|source| {
-                StartupError::Spool {
-                    dir: dir.clone(),
-                    source,
-                }
-            })?;
+            let spool_error = |source| StartupError::Spool {
+                dir: dir.clone(),
+                source,
+            };
+            let mut spool = Spool::open(dir, settings.spool.max_bytes).map_err(spool_error)?;
+            // Mails an earlier version queued apart (`inbound/`) join the one spool.
+            let adopted = spool.adopt_mails().map_err(spool_error)?;
+            if adopted > 0 {
+                tracing::info!(
+                    mails = adopted,
+                    "inbound mails of an earlier run joined the spool"
+                );
+            }
             let stats = spool.stats();
             if !stats.is_empty() {
                 tracing::info!(
@@ -135,13 +142,7 @@ impl Application {
             None
         };
 
-        // After the event spool: the inbound spool lives under its directory lock.
-        let inbound = crate::inbound::setup(
-            settings,
-            &publisher,
-            spool.as_ref().map(SpoolHandle::shared_stats),
-        )
-        .await?;
+        let inbound = crate::inbound::setup(settings, &publisher).await?;
 
         let listener = bind(settings.server.listen, "server.listen").await?;
         let admin_listener = match settings.admin.listen {
@@ -157,7 +158,9 @@ impl Application {
                 path: settings.inbound.path.to_string(),
                 gate: gate.clone(),
                 sink: parts.sink,
-                spool: parts.spool,
+                spool: spool.clone(),
+                spool_dir: settings.spool.dir.clone(),
+                spool_max_bytes: settings.spool.max_bytes,
                 work_root: parts.work_root,
                 budget: budget.clone(),
             })
@@ -236,22 +239,17 @@ impl Application {
         });
 
         let drainer = self.spool.clone().map(|spool| {
+            let mails = self.inbound.as_ref().map(|state| deliver::Mails {
+                sink: state.sink.clone(),
+                spool_dir: self.settings.spool.dir.clone(),
+            });
             tokio::spawn(deliver::drain(
                 spool,
                 Arc::new(self.publisher.clone()),
+                mails,
                 stop_rx.clone(),
                 self.delivery_options,
             ))
-        });
-
-        let inbound_drainer = self.inbound.as_ref().and_then(|state| {
-            let spool = state.spool.clone()?;
-            Some(tokio::spawn(crate::inbound::spool::drain(
-                spool,
-                state.sink.clone(),
-                stop_rx.clone(),
-                self.delivery_options.retry_max_interval,
-            )))
         });
 
         let (admin_stop_tx, admin_stop_rx) = watch::channel(false);
@@ -307,9 +305,6 @@ impl Application {
             }
         }
         if let Some(drainer) = drainer {
-            let _ = drainer.await;
-        }
-        if let Some(drainer) = inbound_drainer {
             let _ = drainer.await;
         }
         self.publisher.flush().await;

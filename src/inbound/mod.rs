@@ -14,13 +14,14 @@
 //! - [`receive`]: a multipart body streamed part by part (multer); file parts go to disk while
 //!   their SHA-256 is computed, so an attachment is never held in memory whole;
 //! - [`store`]: the object store and the message's publication, in that order;
-//! - [`spool`]: mails NATS could not take in time, whole, on disk, and their drainer.
+//!
+//! Mails NATS cannot take in time go to the one spool ([`crate::spool`], a mail record
+//! naming the mail's directory) and out with its drainer (`deliver.rs`).
 
 pub mod filename;
 pub mod mail;
 pub mod message;
 pub mod receive;
-pub mod spool;
 pub mod store;
 
 pub use crate::subject::InboundSubject;
@@ -34,8 +35,6 @@ use thiserror::Error;
 
 use crate::publish::Publisher;
 use crate::settings::Settings;
-use crate::spool::SpoolStats;
-use spool::InboundSpool;
 use store::{InboundSink, SinkError};
 
 /// Why the inbound endpoint could not be set up at start-up.
@@ -50,8 +49,6 @@ pub enum SetupError {
 /// What the inbound route and its drainer share, built at start-up.
 pub struct InboundParts {
     pub sink: Arc<InboundSink>,
-    /// With `spool.enabled`.
-    pub spool: Option<Arc<InboundSpool>>,
     /// Where requests write their file parts: the spool's work area (spooling is then a
     /// rename), else a directory under the system's temporary one.
     pub work_root: PathBuf,
@@ -67,7 +64,6 @@ pub struct InboundParts {
 pub async fn setup(
     settings: &Settings,
     publisher: &Publisher,
-    event_spool: Option<Arc<SpoolStats>>,
 ) -> Result<Option<InboundParts>, SetupError> {
     if settings.inbound.path.is_empty() {
         return Ok(None);
@@ -101,35 +97,19 @@ pub async fn setup(
     } else {
         in_background(sink.clone());
     }
-    let (spool, work_root) = if settings.spool.enabled {
-        let spool_error = |message: String| SetupError::Spool {
-            dir: settings.spool.dir.join("inbound"),
-            message,
-        };
-        let shared = event_spool.ok_or_else(|| {
-            spool_error("the event spool of the same directory is not open (its lock)".into())
-        })?;
-        let spool = InboundSpool::open(&settings.spool.dir, settings.spool.max_bytes, shared)
-            .map_err(|e| spool_error(e.to_string()))?;
-        if !spool.is_empty() {
-            tracing::info!(
-                mails = spool.len(),
-                "inbound spool holds mails from an earlier run; they are sent first"
-            );
-        }
-        let root = spool.work_root().to_owned();
-        (Some(Arc::new(spool)), root)
+    // With the spool on, files are written next to it (spooling moves them in); what an
+    // earlier run left there was never answered 200.
+    let root = if settings.spool.enabled {
+        let root = settings.spool.dir.join("mail-tmp");
+        let _ = std::fs::remove_dir_all(&root);
+        root
     } else {
-        let root = std::env::temp_dir().join("cmc-forwarder-inbound");
-        std::fs::create_dir_all(&root).map_err(|e| SetupError::Spool {
-            dir: root.clone(),
-            message: e.to_string(),
-        })?;
-        (None, root)
+        std::env::temp_dir().join("cmc-forwarder-inbound")
     };
-    Ok(Some(InboundParts {
-        sink,
-        spool,
-        work_root,
-    }))
+    std::fs::create_dir_all(&root).map_err(|e| SetupError::Spool {
+        dir: root.clone(),
+        message: e.to_string(),
+    })?;
+    let work_root = root;
+    Ok(Some(InboundParts { sink, work_root }))
 }

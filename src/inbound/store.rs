@@ -116,7 +116,7 @@ impl<P: Publish> InboundSink<P> {
                     self.bucket.name
                 )))
             }
-            Err(e) => return Err(SinkError::Temporary(e.to_string())),
+            Err(e) => return Err(SinkError::Temporary(cause_text(e))),
         };
         *cached = Some(store.clone());
         Ok(store)
@@ -202,7 +202,7 @@ impl<P: Publish> InboundSink<P> {
                 "object {}: no answer within {bound:?}",
                 object.name
             )),
-            e => SinkError::Temporary(e.to_string()),
+            e => SinkError::Temporary(cause_text(e)),
         };
         let held = self
             .publisher
@@ -247,7 +247,7 @@ impl<P: Publish> InboundSink<P> {
                 "object {}: upload not done within {bound:?}",
                 object.name
             )),
-            e => SinkError::Temporary(e.to_string()),
+            e => SinkError::Temporary(cause_text(e)),
         })?;
         if stored.digest.as_deref() != Some(digest.as_str()) {
             // The file changed under us: never reference an object whose content differs.
@@ -257,5 +257,14 @@ impl<P: Publish> InboundSink<P> {
             )));
         }
         Ok(true)
+    }
+}
+
+/// An object call's failure as the mail's reason: the object store's own words (they name
+/// the bucket or the object), else the publish error's.
+fn cause_text(error: PublishError) -> String {
+    match error {
+        PublishError::Object(cause) => cause.to_string(),
+        error => error.to_string(),
     }
 }

@@ -10,7 +10,6 @@ use warp::reply::Response;
 use crate::auth::AuthError;
 use crate::deliver::DeliveryError;
 use crate::inbound::receive::ReceiveError;
-use crate::inbound::spool::InboundSpoolError;
 use crate::inbound::store::SinkError;
 use crate::publish::Oversized;
 use crate::webhook::PayloadError;
@@ -60,7 +59,7 @@ pub enum ApiError {
     },
     /// An inbound mail NATS could not take in time could not be spooled either.
     Spool {
-        error: InboundSpoolError,
+        error: crate::spool::SpoolError,
         retry_after: Duration,
     },
 }
@@ -295,7 +294,7 @@ mod tests {
                 retry_after,
             },
             ApiError::Spool {
-                error: InboundSpoolError::Full,
+                error: crate::spool::SpoolError::Full(1),
                 retry_after,
             },
         ] {

@@ -19,13 +19,13 @@ use warp::Filter;
 
 use super::error::{json_response, ApiError};
 use crate::budget::Budget;
-use crate::inbound::mail::{parse_form, parse_json, Mail};
+use crate::inbound::mail::{parse_form, parse_json};
 use crate::inbound::receive::{self, WorkDir};
-use crate::inbound::spool::{Appending, InboundSpool, InboundSpoolError};
 use crate::inbound::store::{InboundSink, SinkError};
 use crate::metrics;
 use crate::publish::{Publish, Publisher};
 use crate::server::RequestInfo;
+use crate::spool::{MailAppend, SpoolError, SpoolHandle};
 use crate::webhook::PayloadError;
 
 /// What the inbound route needs, built once at start-up.
@@ -36,8 +36,12 @@ pub struct InboundState<P: Publish = Arc<Publisher>> {
     /// among them), `server.max_in_flight`, `Retry-After`.
     pub gate: super::Gate,
     pub sink: Arc<InboundSink<P>>,
-    /// The inbound spool, when `spool.enabled`.
-    pub spool: Option<Arc<InboundSpool>>,
+    /// The spool (the event webhook's, one for both), when `spool.enabled`, and its
+    /// directory.
+    pub spool: Option<SpoolHandle>,
+    pub spool_dir: PathBuf,
+    /// `spool.max_bytes`: it bounds the spooled mails' files too.
+    pub spool_max_bytes: u64,
     /// Where requests write their file parts: the spool's work area when the spool is on
     /// (spooling is then a rename), else a directory under the system's temporary one.
     pub work_root: PathBuf,
@@ -241,7 +245,7 @@ where
     let attachments = mail.attachments.len();
 
     // Behind a non-empty spool, so mails keep their order.
-    let behind_spool = state.spool.as_ref().is_some_and(|s| !s.is_empty());
+    let behind_spool = state.spool.as_ref().is_some_and(|s| !s.stats().is_empty());
     if !behind_spool {
         let dir = work
             .as_ref()
@@ -285,11 +289,39 @@ where
         });
     };
     // Queued from this moment, before any await: a mail arriving while this one's files
-    // are synced goes behind it.
-    let appending = spool.begin_append();
-    spool_mail(spool, appending, work, mail, batch_id.to_owned())
+    // are synced goes behind it (the writer thread moves it in, in append order).
+    let work = match work {
+        Some(work) => work,
+        None => WorkDir::create(&state.work_root).map_err(|e| ApiError::Spool {
+            error: SpoolError::Io(e),
+            retry_after,
+        })?,
+    };
+    let append = MailAppend {
+        work: work.into_path(),
+        spool_dir: state.spool_dir.clone(),
+        mail_json: serde_json::to_vec(&mail).expect("a mail serializes"),
+        batch_id: batch_id.to_owned(),
+        reserved: mail.file_bytes(),
+    };
+    let files = mail.file_bytes();
+    if !spool.stats().reserve_inbound(files, state.spool_max_bytes) {
+        let _ = std::fs::remove_dir_all(&append.work);
+        return Err(ApiError::Spool {
+            error: SpoolError::Full(state.spool_max_bytes),
+            retry_after,
+        });
+    }
+    let appended = spool
+        .begin_append(Box::new(append))
         .await
-        .map_err(|error| ApiError::Spool { error, retry_after })?;
+        .unwrap_or(Err(SpoolError::Stopped));
+    if let Err(error) = appended {
+        spool.stats().release_inbound(files);
+        return Err(ApiError::Spool { error, retry_after });
+    }
+    metrics::inbound_mail("spooled");
+    metrics::inbound_attachments("spooled", attachments, files);
     Ok(Accepted {
         attachments,
         published: 0,
@@ -298,41 +330,15 @@ where
     })
 }
 
-async fn spool_mail(
-    spool: Arc<InboundSpool>,
-    appending: Appending,
-    work: Option<WorkDir>,
-    mail: Mail,
-    batch_id: String,
-) -> Result<(), InboundSpoolError> {
-    let files = mail.file_bytes();
-    let count = mail.attachments.len();
-    tokio::task::spawn_blocking(move || {
-        let work = match work {
-            Some(w) => w,
-            None => WorkDir::create(spool.work_root())?,
-        };
-        let appended = spool.append(work, &mail, &batch_id);
-        drop(appending);
-        appended
-    })
-    .await
-    .map_err(|e| InboundSpoolError::Io(std::io::Error::other(e.to_string())))??;
-    metrics::inbound_mail("spooled");
-    metrics::inbound_attachments("spooled", count, files);
-    Ok(())
-}
-
-/// The route's decisions with the in-memory publisher: published, spooled, `503`, kept in
-/// order behind the spool, drained, quarantined, backed off. No NATS, no socket.
 #[cfg(test)]
 mod tests {
     use std::time::Duration;
 
     use super::*;
-    use crate::inbound::spool::{self, InboundSpool};
+    use crate::deliver::{self, DeliveryOptions, DrainError, DrainSummary, Mails};
     use crate::publish::fake::{FakePublisher, Step};
     use crate::settings::Settings;
+    use crate::spool::{self, Spool};
 
     const TIMEOUT: Duration = Duration::from_millis(200);
 
@@ -349,17 +355,16 @@ mod tests {
         let fake = FakePublisher::new(TIMEOUT);
         let sink = Arc::new(InboundSink::with_publisher(&settings, fake.clone()));
         let spool = spooled
-            .then(|| Arc::new(InboundSpool::open(root.path(), 1 << 30, Arc::default()).unwrap()));
-        let work_root = match &spool {
-            Some(spool) => spool.work_root().to_owned(),
-            None => root.path().join("work"),
-        };
+            .then(|| SpoolHandle::start(Spool::open(root.path(), 1 << 30).unwrap()).unwrap());
+        let work_root = root.path().join("mail-tmp");
         std::fs::create_dir_all(&work_root).unwrap();
         let state = Arc::new(InboundState {
             path: settings.inbound.path.to_string(),
             gate: super::super::Gate::new(&settings, Duration::from_secs(3)),
             sink,
             spool,
+            spool_dir: root.path().to_owned(),
+            spool_max_bytes: 1 << 30,
             work_root,
             budget: Budget::new(1 << 30),
         });
@@ -390,6 +395,20 @@ mod tests {
         }
         out.extend_from_slice(b"--XyZ--\r\n");
         out
+    }
+
+    /// Runs the one drainer (`spool drain`'s loop) over the fixture's spool.
+    async fn drain(f: &Fixture, attempts: u32, cap: Duration) -> Result<DrainSummary, DrainError> {
+        let mails = Mails {
+            sink: f.state.sink.clone(),
+            spool_dir: f.root.path().to_owned(),
+        };
+        let options = DeliveryOptions {
+            window: 4,
+            retry_max_interval: cap,
+        };
+        let spool = f.state.spool.as_ref().unwrap();
+        deliver::drain_to_empty(spool, &f.fake, Some(&mails), options, attempts).await
     }
 
     async fn post(
@@ -426,7 +445,7 @@ mod tests {
         assert_eq!(f.fake.stored(), ["b-1:", "b-2:"]);
         assert_eq!(f.fake.uploads().len(), 1, "the same content is stored once");
         assert_eq!(f.fake.objects().len(), 1);
-        assert!(f.state.spool.as_ref().unwrap().is_empty());
+        assert!(f.state.spool.as_ref().unwrap().stats().is_empty());
     }
 
     #[tokio::test]
@@ -456,7 +475,11 @@ mod tests {
                 f.fake.stored().is_empty(),
                 "{step:?}: a message without its object"
             );
-            assert_eq!(f.state.spool.as_ref().unwrap().len(), 1, "{step:?}");
+            assert_eq!(
+                f.state.spool.as_ref().unwrap().stats().messages(),
+                1,
+                "{step:?}"
+            );
         }
     }
 
@@ -479,7 +502,7 @@ mod tests {
         f.fake.script([Step::Refuse]);
         let result = post(&f.state, mail("one", b"data"), "b-1").await;
         assert_eq!(status(&result), 503);
-        assert!(f.state.spool.as_ref().unwrap().is_empty());
+        assert!(f.state.spool.as_ref().unwrap().stats().is_empty());
         assert!(f.fake.stored().is_empty());
     }
 
@@ -491,14 +514,13 @@ mod tests {
         f.fake.set_bucket_missing(true);
 
         let accepted = post(&f.state, mail("one", b"data"), "b-1").await.unwrap();
-        let spool = f.state.spool.clone().unwrap();
-        let waiting = spool::drain_to_empty(&spool, &f.state.sink, 2, TIMEOUT).await;
+        let waiting = drain(&f, 2, TIMEOUT).await;
         f.fake.set_bucket_missing(false);
-        let drained = spool::drain_to_empty(&spool, &f.state.sink, 2, TIMEOUT).await;
+        let drained = drain(&f, 2, TIMEOUT).await;
 
         assert_eq!(accepted.spooled, 1);
         assert!(waiting.is_err(), "sent without its bucket");
-        assert_eq!(drained.unwrap().published, 1);
+        assert_eq!(drained.unwrap().mails, 1);
         assert_eq!(f.fake.stored(), ["b-1:"]);
     }
 
@@ -516,14 +538,11 @@ mod tests {
         assert_eq!((first.spooled, second.spooled), (1, 1));
         assert!(f.fake.stored().is_empty(), "the second overtook the first");
         let spool = f.state.spool.clone().unwrap();
-        let sink = f.state.sink.clone();
-        let summary = spool::drain_to_empty(&spool, &sink, 3, TIMEOUT)
-            .await
-            .unwrap();
-        assert_eq!((summary.published, summary.quarantined), (2, 0));
+        let summary = drain(&f, 3, TIMEOUT).await.unwrap();
+        assert_eq!((summary.mails, summary.mails_quarantined), (2, 0));
         assert_eq!(f.fake.stored(), ["b-1:", "b-2:"]);
         assert_eq!(f.fake.objects().len(), 2);
-        assert!(spool.is_empty());
+        assert!(spool.stats().is_empty());
     }
 
     /// A spooled mail NATS refuses for good is quarantined with its reason, and the mail
@@ -538,15 +557,14 @@ mod tests {
         f.fake.script([Step::Refuse]);
 
         let spool = f.state.spool.clone().unwrap();
-        let summary = spool::drain_to_empty(&spool, &f.state.sink, 3, TIMEOUT)
-            .await
-            .unwrap();
+        let summary = drain(&f, 3, TIMEOUT).await.unwrap();
 
-        assert_eq!((summary.published, summary.quarantined), (1, 1));
+        assert_eq!((summary.mails, summary.mails_quarantined), (1, 1));
         assert_eq!(f.fake.stored(), ["b-2:"]);
-        let status = spool::status(f.root.path()).unwrap();
-        assert_eq!(status.quarantined.len(), 1, "{status:?}");
-        assert!(spool.is_empty());
+        let status = spool::full_status(f.root.path()).unwrap();
+        assert_eq!(status.mails.quarantined.len(), 1, "{status:?}");
+        assert_eq!(status.mails.quarantined[0].subject, "one");
+        assert!(spool.stats().is_empty());
     }
 
     /// The drainer backs off, doubling from 100 ms, capped by `spool.retry_max_interval`.
@@ -561,7 +579,7 @@ mod tests {
         let cap = Duration::from_millis(150);
 
         let started = std::time::Instant::now();
-        let result = spool::drain_to_empty(&spool, &f.state.sink, 5, cap).await;
+        let result = drain(&f, 5, cap).await;
         let elapsed = started.elapsed();
 
         assert!(result.is_err(), "nothing could be sent");
@@ -569,6 +587,6 @@ mod tests {
         // Pauses 100 + 150 + 150 + 150 ms; uncapped they would be 100 + 200 + 400 + 800.
         assert!(elapsed >= Duration::from_millis(550), "{elapsed:?}");
         assert!(elapsed < Duration::from_millis(1400), "{elapsed:?}");
-        assert_eq!(spool.len(), 1);
+        assert_eq!(spool.stats().messages(), 1);
     }
 }

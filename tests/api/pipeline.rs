@@ -541,6 +541,87 @@ async fn spool_drain_empties_a_stopped_services_spool_exactly_once_and_refuses_a
     assert_eq!(order, sorted, "drained out of order");
 }
 
+/// A spool directory as the previous build left it: event segments, and beside them its own
+/// inbound queue (`inbound/<n>/mail.json` with `batch_id`). `spool status` counts the mail,
+/// and `spool drain` sends everything once: the events, then the mail.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_spool_and_inbound_queue_of_the_previous_layout_still_drain() {
+    // Arrange
+    let nats = NatsServer::start().await;
+    let root = tempfile::tempdir().unwrap();
+    let spool_dir = root.path().join("spool");
+    {
+        let mut spool = cmc_forwarder::spool::Spool::open(&spool_dir, 1 << 30).unwrap();
+        let mut records = Vec::new();
+        for i in 0..2 {
+            let message = cmc_forwarder::wire::NatsMessage {
+                subject: "cmc.deliveries.queued".into(),
+                headers: vec![("Nats-Msg-Id".into(), format!("old-event-{i}"))],
+                payload: format!("{{\"n\":{i}}}").into(),
+            };
+            cmc_forwarder::spool::encode_message(&mut records, &message, 0).unwrap();
+        }
+        spool.append(records, 2).unwrap();
+    }
+    let queued = spool_dir.join("inbound/00000000000000000003");
+    std::fs::create_dir_all(&queued).unwrap();
+    let fixture =
+        std::path::PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("fixtures/inbound/json.json");
+    let mail = cmc_forwarder::inbound::mail::parse_json(&std::fs::read(fixture).unwrap())
+        .unwrap()
+        .validate()
+        .unwrap();
+    std::fs::write(queued.join("mail.json"), serde_json::to_vec(&mail).unwrap()).unwrap();
+    std::fs::write(queued.join("batch_id"), "old-mail").unwrap();
+    let status: Value = serde_json::from_slice(
+        &cli(&nats.url(), &spool_dir, &["spool", "status", "--json"]).stdout,
+    )
+    .unwrap();
+    assert_eq!(
+        (
+            status["messages"].as_u64(),
+            status["inbound"]["mails"].as_u64()
+        ),
+        (Some(2), Some(1)),
+        "{status}"
+    );
+
+    // Act
+    let drained = cli(&nats.url(), &spool_dir, &["spool", "drain"]);
+
+    // Assert
+    let out = text(&drained.stdout);
+    assert!(
+        drained.status.success(),
+        "drain failed: {out}{}",
+        text(&drained.stderr)
+    );
+    assert!(
+        out.contains("published 2 messages and 1 inbound mails"),
+        "{out}"
+    );
+    let js = jetstream_of(&nats.url()).await;
+    assert_eq!(stored_count(&js).await, 3);
+    let stream = js.get_stream(STREAM).await.unwrap();
+    let last = stream
+        .get_last_raw_message_by_subject("cmc.inbound.>")
+        .await;
+    let last = last.map(|m| m.sequence).unwrap_or_default();
+    assert_eq!(last, 3, "the mail after the events");
+    let status: Value = serde_json::from_slice(
+        &cli(&nats.url(), &spool_dir, &["spool", "status", "--json"]).stdout,
+    )
+    .unwrap();
+    assert_eq!(
+        (
+            status["messages"].as_u64(),
+            status["inbound"]["mails"].as_u64()
+        ),
+        (Some(0), Some(0)),
+        "{status}"
+    );
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn spool_drain_sends_a_stopped_services_inbound_mail_objects_then_one_message() {
     // Arrange: a mail with two attachments spooled by the real service while NATS is down.
