@@ -19,11 +19,12 @@
 //!    later by the drainer, which quarantines what NATS refuses for good.
 //! 4. [`routes::error`] renders every refusal as SPEC §3's JSON error body.
 //!
-//! Received mail (CMC's Inbound webhook, SPEC §7) takes a parallel path:
+//! Received mail (CMC's Inbound webhook, SPEC §7) takes a parallel path to the same spool:
 //! [`routes::inbound`] (same checks) → [`inbound`] (multipart streamed to disk, validation,
 //! the message planned by pure code) → [`inbound::store`] (objects into the JetStream object
-//! store through the [`publish`] seam, whose real side is [`objects`], then one message), or the inbound spool ([`inbound::spool`]) when NATS cannot take
-//! the mail in time.
+//! store through the [`publish`] seam, whose real side is [`objects`], then one message), or,
+//! when NATS cannot take the mail in time, a mail record in the [`spool`], sent by the same
+//! drainer as the events.
 //!
 //! Around them: [`wire`] (the message as it goes on the wire, and its size), [`nats`] (the connection, its health and the stream), [`server`] (the public accept loop: connection cap, timeouts, TLS),
 //! [`settings`] (TOML + environment, checked types), [`startup`] (build, serve,
