@@ -1068,28 +1068,7 @@ async fn nats_frozen_under_load_with_spool_loses_and_duplicates_nothing() {
 async fn start_up_without_a_jetstream_quorum_serves_and_sets_the_stream_up_later() {
     let test = "no_quorum_at_start";
     let started = Instant::now();
-    let ports: Vec<(u16, u16)> = (0..3).map(|_| (free_port(), free_port())).collect();
-    let mut nodes: Vec<NatsServer> = ports
-        .iter()
-        .enumerate()
-        .map(|(i, (port, cluster_port))| {
-            let routes: Vec<String> = ports
-                .iter()
-                .enumerate()
-                .filter(|(j, _)| *j != i)
-                .map(|(_, (_, c))| format!("nats://127.0.0.1:{c}"))
-                .collect();
-            let args = vec![
-                "--cluster_name".into(),
-                "quorum".into(),
-                "--cluster".into(),
-                format!("nats://127.0.0.1:{cluster_port}"),
-                "--routes".into(),
-                routes.join(","),
-            ];
-            NatsServer::configured(&format!("q{}", i + 1), *port, args)
-        })
-        .collect();
+    let mut nodes = cluster_nodes("quorum", "q", &[]);
     nodes[0].launch().await;
     let spool = tempfile::tempdir().unwrap();
     let logs = tempfile::tempdir().unwrap();

@@ -582,25 +582,7 @@ impl NatsCluster {
     }
 
     fn try_start() -> Result<NatsCluster, String> {
-        let ports: Vec<(u16, u16)> = (0..3).map(|_| (free_port(), free_port())).collect();
-        let mut nodes = Vec::new();
-        for (i, (port, cluster_port)) in ports.iter().enumerate() {
-            let routes: Vec<String> = ports
-                .iter()
-                .enumerate()
-                .filter(|(j, _)| *j != i)
-                .map(|(_, (_, c))| format!("nats://127.0.0.1:{c}"))
-                .collect();
-            let args = vec![
-                "--cluster_name".into(),
-                "cmc".into(),
-                "--cluster".into(),
-                format!("nats://127.0.0.1:{cluster_port}"),
-                "--routes".into(),
-                routes.join(","),
-            ];
-            nodes.push(NatsServer::configured(&format!("n{}", i + 1), *port, args));
-        }
+        let mut nodes = cluster_nodes("cmc", "n", &[]);
         for node in &mut nodes {
             node.try_launch()?;
         }
@@ -618,6 +600,34 @@ impl NatsCluster {
             .unwrap_or_else(|| panic!("no node {name}"))
             .stop();
     }
+}
+
+/// Three nats-servers configured (not started) as one cluster `cluster_name` on fresh loopback
+/// ports, each routed to the other two, named `<prefix>1` to `<prefix>3`, with `extra` arguments.
+pub fn cluster_nodes(cluster_name: &str, prefix: &str, extra: &[&str]) -> Vec<NatsServer> {
+    let ports: Vec<(u16, u16)> = (0..3).map(|_| (free_port(), free_port())).collect();
+    ports
+        .iter()
+        .enumerate()
+        .map(|(i, (port, cluster_port))| {
+            let routes: Vec<String> = ports
+                .iter()
+                .enumerate()
+                .filter(|(j, _)| *j != i)
+                .map(|(_, (_, c))| format!("nats://127.0.0.1:{c}"))
+                .collect();
+            let mut args = vec![
+                "--cluster_name".into(),
+                cluster_name.to_owned(),
+                "--cluster".into(),
+                format!("nats://127.0.0.1:{cluster_port}"),
+                "--routes".into(),
+                routes.join(","),
+            ];
+            args.extend(extra.iter().map(|a| (*a).to_owned()));
+            NatsServer::configured(&format!("{prefix}{}", i + 1), *port, args)
+        })
+        .collect()
 }
 
 /// The application run in this process (for when NATS is not there at start-up, where

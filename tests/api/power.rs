@@ -13,6 +13,16 @@ async fn stream_count(js: &jetstream::Context, name: &str) -> Option<u64> {
     Some(stream.info().await.ok()?.state.messages)
 }
 
+async fn create_stream(js: &jetstream::Context) {
+    js.create_stream(jetstream::stream::Config {
+        name: "POWER".into(),
+        subjects: vec!["power.>".into()],
+        ..Default::default()
+    })
+    .await
+    .unwrap();
+}
+
 async fn publish_acked(js: &jetstream::Context, from: usize, to: usize) {
     for i in from..to {
         js.publish(format!("power.{i}"), "x".into())
@@ -29,13 +39,7 @@ async fn a_power_cut_loses_every_acknowledged_message_after_the_last_sync() {
     let mut nats = NatsServer::start().await;
     let client = async_nats::connect(nats.url()).await.unwrap();
     let js = jetstream::new(client);
-    js.create_stream(jetstream::stream::Config {
-        name: "POWER".into(),
-        subjects: vec!["power.>".into()],
-        ..Default::default()
-    })
-    .await
-    .unwrap();
+    create_stream(&js).await;
     publish_acked(&js, 0, 10).await;
     let sync = nats.last_sync();
     publish_acked(&js, 10, 20).await;
@@ -56,13 +60,7 @@ async fn a_power_cut_before_the_first_sync_of_a_stream_loses_the_stream() {
     let sync = nats.last_sync();
     let client = async_nats::connect(nats.url()).await.unwrap();
     let js = jetstream::new(client);
-    js.create_stream(jetstream::stream::Config {
-        name: "POWER".into(),
-        subjects: vec!["power.>".into()],
-        ..Default::default()
-    })
-    .await
-    .unwrap();
+    create_stream(&js).await;
     publish_acked(&js, 0, 5).await;
 
     nats.lose_power(&sync).await;
