@@ -29,7 +29,7 @@ use std::time::{Duration, Instant};
 
 use async_nats::jetstream;
 
-use crate::helpers::{free_port, status_of, NatsServer};
+use crate::helpers::{cluster_nodes, status_of, NatsServer};
 use crate::nemesis::{Forwarder, Kind, World};
 
 /// Size of each forwarder's spool volume: room for minutes of spooled load, small enough to
@@ -171,29 +171,14 @@ fn unmount(dir: &Path) {
 /// Three nodes routed to each other on fixed loopback ports, not advertising the cluster to
 /// clients (so the forwarders reach NATS only through their proxies).
 fn start_cluster() -> Vec<NatsServer> {
-    let ports: Vec<(u16, u16)> = (0..3).map(|_| (free_port(), free_port())).collect();
-    let mut nodes = Vec::new();
-    for (i, (port, cluster_port)) in ports.iter().enumerate() {
-        let routes: Vec<String> = ports
-            .iter()
-            .enumerate()
-            .filter(|(j, _)| *j != i)
-            .map(|(_, (_, c))| format!("nats://127.0.0.1:{c}"))
-            .collect();
-        let args = vec![
-            "--cluster_name".into(),
-            "chaos".into(),
-            "--cluster".into(),
-            format!("nats://127.0.0.1:{cluster_port}"),
-            "--routes".into(),
-            routes.join(","),
-            "--no_advertise".into(),
-        ];
-        let mut node = NatsServer::configured(&format!("n{}", i + 1), *port, args);
+    let mut nodes = cluster_nodes("chaos", "n", &["--no_advertise"]);
+    for node in &mut nodes {
         if let Err(log) = node.try_launch() {
-            panic!("n{} did not start:\n{log}", i + 1);
+            panic!(
+                "{} did not start:\n{log}",
+                node.name.as_deref().unwrap_or("a node")
+            );
         }
-        nodes.push(node);
     }
     nodes
 }
