@@ -36,13 +36,15 @@ pub struct Budget {
 #[derive(Debug)]
 pub struct Permit {
     _permit: Option<OwnedSemaphorePermit>,
-    kib: u32,
 }
 
+#[cfg(test)]
 impl Permit {
     /// Bytes this reservation holds (rounded up to whole KiB).
     pub fn bytes(&self) -> u64 {
-        u64::from(self.kib) * KIB
+        self._permit
+            .as_ref()
+            .map_or(0, |p| p.num_permits() as u64 * KIB)
     }
 }
 
@@ -70,6 +72,7 @@ impl Reservation {
     }
 
     /// Bytes reserved.
+    #[cfg(test)]
     pub fn bytes(&self) -> u64 {
         self.bytes
     }
@@ -90,10 +93,7 @@ impl Budget {
     pub fn try_acquire(&self, bytes: u64) -> Result<Permit, Busy> {
         let kib = bytes.div_ceil(KIB);
         if kib == 0 {
-            return Ok(Permit {
-                _permit: None,
-                kib: 0,
-            });
+            return Ok(Permit { _permit: None });
         }
         let busy = || Busy {
             requested: bytes,
@@ -107,7 +107,6 @@ impl Budget {
         match self.permits.clone().try_acquire_many_owned(kib) {
             Ok(permit) => Ok(Permit {
                 _permit: Some(permit),
-                kib,
             }),
             Err(_) => Err(busy()),
         }

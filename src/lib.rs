@@ -34,25 +34,27 @@
 //! Prometheus exposition), [`cli`] (command line), and the admin listener in
 //! [`routes::admin`].
 #![forbid(unsafe_code)]
+// The layout above names the private modules a reader looks for; they are mechanism, not API.
+#![allow(rustdoc::private_intra_doc_links)]
 
-pub mod auth;
-pub mod budget;
+mod auth;
+mod budget;
 pub mod cli;
-pub mod deliver;
+mod deliver;
 pub mod inbound;
-pub mod metrics;
-pub mod nats;
+mod metrics;
+mod nats;
 pub mod objects;
-pub mod publish;
+mod publish;
 pub mod reload;
-pub mod routes;
-pub mod server;
+mod routes;
+mod server;
 pub mod settings;
 pub mod shutdown;
 pub mod spool;
 pub mod startup;
 pub mod subject;
 pub mod telemetry;
-pub mod trace_context;
+mod trace_context;
 pub mod webhook;
 pub mod wire;

@@ -205,12 +205,6 @@ fn status_label(event_type: &str, status: &str) -> &'static str {
         .unwrap_or("other")
 }
 
-/// Counts the events of an accepted batch: the first `published` went to NATS, the rest to
-/// the spool. Dead letters are counted in [`INVALID_ENTRIES`], not as events of a status.
-pub fn batch_accepted(batch: &OutgoingBatch, published: usize, duplicates: usize, took: Duration) {
-    BatchCounts::of(batch).accepted(published, duplicates, took);
-}
-
 /// The metric labels of a batch's events, taken before the batch is handed to delivery
 /// (which keeps it), so the batch itself need not outlive its publication.
 #[derive(Debug, Clone)]
@@ -385,7 +379,7 @@ mod tests {
         let handle = recorder.handle();
         // The first three were published, the last three spooled.
         metrics::with_local_recorder(&recorder, || {
-            batch_accepted(&batch, 3, 1, Duration::from_millis(5))
+            BatchCounts::of(&batch).accepted(3, 1, Duration::from_millis(5))
         });
         let page = handle.render();
         let count = |status: &str, outcome: &str| {
@@ -437,7 +431,7 @@ mod tests {
         let recorder = PrometheusBuilder::new().build_recorder();
         let handle = recorder.handle();
         metrics::with_local_recorder(&recorder, || {
-            batch_accepted(&batch, 4, 0, Duration::from_millis(1))
+            BatchCounts::of(&batch).accepted(4, 0, Duration::from_millis(1))
         });
         let page = handle.render();
         assert!(

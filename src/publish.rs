@@ -558,9 +558,6 @@ const SEND_CHUNK: usize = 128;
 /// A sequence of messages that can be published.
 pub trait Source: Sync {
     fn len(&self) -> usize;
-    fn is_empty(&self) -> bool {
-        self.len() == 0
-    }
     /// The messages as handed to the client: `builder()(i)` is message `i`. Made once per
     /// publication, so that what all messages share is prepared once.
     fn builder(&self) -> impl FnMut(usize) -> Outbound + Send + '_;
