@@ -11,7 +11,7 @@
 //! Run them one at a time (they kill processes and share two cores):
 //! `cargo test --test api faults:: -- --nocapture --test-threads=1` (`scripts/test` does).
 
-use std::collections::{HashMap, HashSet};
+use std::collections::HashMap;
 use std::path::{Path, PathBuf};
 use std::process::Command;
 use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
@@ -20,7 +20,6 @@ use std::time::{Duration, Instant};
 
 use async_nats::jetstream;
 use cmc_forwarder::startup::Application;
-use futures_util::StreamExt;
 use serde_json::{json, Value};
 
 use crate::helpers::*;
@@ -318,16 +317,6 @@ async fn reader(urls: &[String]) -> jetstream::Context {
     jetstream::new(client)
 }
 
-/// What the stream holds.
-#[derive(Debug, Default)]
-struct Stored {
-    messages: usize,
-    /// Distinct `Nats-Msg-Id`s.
-    ids: HashSet<String>,
-    /// Events (by `messageId`) and how many times each is stored.
-    keys: HashMap<String, usize>,
-}
-
 impl Stored {
     /// Messages beyond the first of their `Nats-Msg-Id`, or of their event.
     fn duplicates(&self) -> usize {
@@ -353,40 +342,6 @@ async fn message_count(js: &jetstream::Context) -> Option<u64> {
     Some(info.state.messages)
 }
 
-/// Reads every message of the stream (`None` when the stream cannot be read now).
-async fn read_stream(js: &jetstream::Context) -> Option<Stored> {
-    let stream = tokio::time::timeout(Duration::from_secs(3), js.get_stream(STREAM))
-        .await
-        .ok()?
-        .ok()?;
-    let state = stream.get_info().await.ok()?.state;
-    let mut stored = Stored::default();
-    if state.messages == 0 {
-        return Some(stored);
-    }
-    let reads = futures_util::stream::iter(state.first_sequence..=state.last_sequence)
-        .map(|seq| {
-            let stream = &stream;
-            async move {
-                tokio::time::timeout(Duration::from_secs(5), stream.get_raw_message(seq)).await
-            }
-        })
-        .buffered(16)
-        .collect::<Vec<_>>()
-        .await;
-    for read in reads {
-        let message = read.ok()?.ok()?;
-        stored.messages += 1;
-        if let Some(id) = message.headers.get("Nats-Msg-Id") {
-            stored.ids.insert(id.as_str().to_owned());
-        }
-        let body: Value = serde_json::from_slice(&message.payload).ok()?;
-        let key = body["messageId"].as_str().unwrap_or_default().to_owned();
-        *stored.keys.entry(key).or_default() += 1;
-    }
-    Some(stored)
-}
-
 /// Waits (up to `SETTLE`) until every answered event is stored and, when given, the spool
 /// directory is drained; then reads the stream once more.
 async fn settle(js: &jetstream::Context, answered: &[String], spool_dir: Option<&Path>) -> Stored {
@@ -395,7 +350,7 @@ async fn settle(js: &jetstream::Context, answered: &[String], spool_dir: Option<
         let count = message_count(js).await.unwrap_or(0) as usize;
         let spool_empty = spool_dir.is_none_or(|d| spool_segments(d) == 0);
         if count >= answered.len() && spool_empty {
-            if let Some(stored) = read_stream(js).await {
+            if let Some(stored) = read_stream(js, STREAM).await {
                 if stored.missing(answered).is_empty() {
                     return stored;
                 }
@@ -408,7 +363,7 @@ async fn settle(js: &jetstream::Context, answered: &[String], spool_dir: Option<
     }
     // Out of time: what is there now is the verdict.
     for _ in 0..10 {
-        if let Some(stored) = read_stream(js).await {
+        if let Some(stored) = read_stream(js, STREAM).await {
             return stored;
         }
         tokio::time::sleep(Duration::from_millis(500)).await;

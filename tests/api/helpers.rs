@@ -1,6 +1,7 @@
 //! Test harness: a real `nats-server` per test (JetStream, random loopback port, temp dir) and
 //! the real application on port 0, with typed helpers to post and to read the bus.
 
+use std::collections::{HashMap, HashSet};
 use std::net::TcpListener as StdListener;
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, ExitStatus, Stdio};
@@ -967,4 +968,55 @@ impl Drop for Service {
         let _ = self.child.kill();
         let _ = self.child.wait();
     }
+}
+
+/// What a stream holds: how many messages, the distinct `Nats-Msg-Id`s, and each event (by
+/// its `messageId`) with how often it is stored. The fault tests and the campaign check their
+/// promises against it.
+#[derive(Debug, Default)]
+pub struct Stored {
+    pub messages: usize,
+    pub ids: HashSet<String>,
+    pub keys: HashMap<String, usize>,
+}
+
+/// Reads every message of `stream`; `None` when it cannot be read now. A sequence with no
+/// message (deleted, or never written after a store was rolled back) is skipped.
+pub async fn read_stream(js: &jetstream::Context, stream: &str) -> Option<Stored> {
+    let stream = tokio::time::timeout(Duration::from_secs(5), js.get_stream(stream))
+        .await
+        .ok()?
+        .ok()?;
+    let state = stream.get_info().await.ok()?.state;
+    let mut stored = Stored::default();
+    if state.messages == 0 {
+        return Some(stored);
+    }
+    let reads = futures_util::stream::iter(state.first_sequence..=state.last_sequence)
+        .map(|seq| {
+            let stream = &stream;
+            async move {
+                tokio::time::timeout(Duration::from_secs(5), stream.get_raw_message(seq)).await
+            }
+        })
+        .buffered(64)
+        .collect::<Vec<_>>()
+        .await;
+    for read in reads {
+        let message = match read.ok()? {
+            Ok(message) => message,
+            Err(e) if e.kind() == jetstream::stream::RawMessageErrorKind::NoMessageFound => {
+                continue
+            }
+            Err(_) => return None,
+        };
+        stored.messages += 1;
+        if let Some(id) = message.headers.get("Nats-Msg-Id") {
+            stored.ids.insert(id.as_str().to_owned());
+        }
+        let body: serde_json::Value = serde_json::from_slice(&message.payload).ok()?;
+        let key = body["messageId"].as_str().unwrap_or_default().to_owned();
+        *stored.keys.entry(key).or_default() += 1;
+    }
+    Some(stored)
 }

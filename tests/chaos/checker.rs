@@ -4,66 +4,13 @@
 //! fault active, and for each fault kind active at the first attempt.
 
 use std::collections::{BTreeMap, HashMap, HashSet};
-use std::time::Duration;
-
-use async_nats::jetstream;
-use futures_util::StreamExt;
-use serde_json::Value;
 
 use crate::client::History;
+use crate::helpers::Stored;
 use crate::nemesis::{Kind, Struck};
 
 pub const STREAM: &str = "CMC_EVENTS";
 const AVAILABLE_WITHIN_MS: u64 = 10_000;
-
-/// What the stream holds: each event (`messageId`) and how often; distinct `Nats-Msg-Id`s.
-#[derive(Default)]
-pub struct Stored {
-    pub messages: usize,
-    pub keys: HashMap<String, usize>,
-    pub ids: HashSet<String>,
-}
-
-/// Reads every message of the stream; `None` when it cannot be read now.
-pub async fn read_stream(js: &jetstream::Context) -> Option<Stored> {
-    let stream = tokio::time::timeout(Duration::from_secs(5), js.get_stream(STREAM))
-        .await
-        .ok()?
-        .ok()?;
-    let state = stream.get_info().await.ok()?.state;
-    let mut stored = Stored::default();
-    if state.messages == 0 {
-        return Some(stored);
-    }
-    let reads = futures_util::stream::iter(state.first_sequence..=state.last_sequence)
-        .map(|seq| {
-            let stream = &stream;
-            async move {
-                tokio::time::timeout(Duration::from_secs(5), stream.get_raw_message(seq)).await
-            }
-        })
-        .buffered(64)
-        .collect::<Vec<_>>()
-        .await;
-    for read in reads {
-        let message = match read.ok()? {
-            Ok(message) => message,
-            // A sequence with no message (deleted, or never written after a rollback).
-            Err(e) if e.kind() == jetstream::stream::RawMessageErrorKind::NoMessageFound => {
-                continue
-            }
-            Err(_) => return None,
-        };
-        stored.messages += 1;
-        if let Some(id) = message.headers.get("Nats-Msg-Id") {
-            stored.ids.insert(id.as_str().to_owned());
-        }
-        let body: Value = serde_json::from_slice(&message.payload).ok()?;
-        let key = body["messageId"].as_str().unwrap_or_default().to_owned();
-        *stored.keys.entry(key).or_default() += 1;
-    }
-    Some(stored)
-}
 
 pub struct Verdict {
     pub lines: Vec<String>,

@@ -367,7 +367,7 @@ async fn campaign(args: &Args) -> bool {
     let js = jetstream::new(reader);
     let mut stored = None;
     for _ in 0..60 {
-        stored = checker::read_stream(&js).await;
+        stored = helpers::read_stream(&js, checker::STREAM).await;
         if stored.is_some() {
             break;
         }
