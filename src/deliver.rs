@@ -840,7 +840,18 @@ pub async fn keep_retained<P: Publish>(
             spool.expire_retained();
         }
         metrics::retained_bytes(spool.stats().retained_bytes());
-        sleep_or_stop(KEEP_EVERY, &mut stop).await;
+        // Woken at once by a reconnection, so a replay comes before the drainer publishes
+        // much to the new server (what it does publish first is replayed too: a duplicate,
+        // de-duplicated).
+        tokio::select! {
+            () = tokio::time::sleep(KEEP_EVERY) => {}
+            () = publisher.reconnected() => {
+                // The client takes in the new server's INFO just after it reports the
+                // connection.
+                tokio::time::sleep(Duration::from_millis(20)).await;
+            }
+            _ = stop.changed() => {}
+        }
     }
 }
 

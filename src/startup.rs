@@ -118,6 +118,16 @@ impl Application {
             // Mails an earlier version queued apart (`inbound/`) join the one spool.
             let adopted = spool.adopt_mails().map_err(spool_error)?;
             if retains {
+                let window = settings.nats.stream.duplicate_window;
+                if window < settings.spool.retain {
+                    // The replay after a NATS restart is de-duplicated only within the window:
+                    // an event NATS kept and acknowledged longer ago is stored again.
+                    tracing::info!(
+                        duplicate_window = ?window,
+                        retain = ?settings.spool.retain,
+                        "nats.stream.duplicate_window is shorter than spool.retain: after a NATS restart, retained events NATS kept that are older than the window are stored twice; a window of spool.retain plus the NATS downtime you expect avoids it"
+                    );
+                }
                 // NATS may have lost what it acknowledged last while this service was down
                 // (a power cut of both hosts): publish it again, de-duplicated.
                 let replayed = spool.replay_retained().map_err(spool_error)?;
