@@ -183,6 +183,23 @@ fn start_cluster() -> Vec<NatsServer> {
     nodes
 }
 
+/// What waits in the spool in `dir`: event messages and mails.
+fn waiting(dir: &Path) -> Result<u64, cmc_forwarder::spool::SpoolError> {
+    cmc_forwarder::spool::full_status(dir).map(|s| s.events.messages + s.mails.mails)
+}
+
+/// What waits in the forwarders' spools, and the spools whose status could not be read.
+fn spooled(forwarders: &[Forwarder]) -> (u64, Vec<String>) {
+    let (mut left, mut unreadable) = (0, Vec::new());
+    for (t, forwarder) in forwarders.iter().enumerate() {
+        match waiting(&forwarder.spool()) {
+            Ok(n) => left += n,
+            Err(e) => unreadable.push(format!("f{}: spool status: {e}", t + 1)),
+        }
+    }
+    (left, unreadable)
+}
+
 async fn campaign(args: &Args) -> bool {
     let quiet = (args.duration / 10).max(Duration::from_secs(10));
     let active = args.duration - quiet;
@@ -314,19 +331,20 @@ async fn campaign(args: &Args) -> bool {
 
     // Every spool drains (the drainer deletes a segment once it is wholly published), then
     // both forwarders are stopped with SIGTERM and must exit 0 with nothing left spooled.
+    // A spool whose status cannot be read is not an empty one: the wait goes on.
     let drain_deadline = Instant::now() + DRAIN;
     loop {
-        let left: u64 = world
-            .forwarders
-            .iter()
-            .map(|f| cmc_forwarder::spool::status(&f.spool()).map_or(0, |s| s.messages))
-            .sum();
-        if left == 0 {
+        let (left, unreadable) = spooled(&world.forwarders);
+        if left == 0 && unreadable.is_empty() {
             break;
         }
         if Instant::now() > drain_deadline {
             world.anomalies.push(format!(
-                "{left} messages still spooled {DRAIN:?} after healing"
+                "{left} messages still spooled {DRAIN:?} after healing{}",
+                unreadable
+                    .iter()
+                    .map(|e| format!("; {e}"))
+                    .collect::<String>()
             ));
             break;
         }
@@ -351,11 +369,14 @@ async fn campaign(args: &Args) -> bool {
                 )),
             }
         }
-        let left = cmc_forwarder::spool::status(&forwarder.spool()).map_or(0, |s| s.messages);
-        if left > 0 {
-            world
+        match waiting(&forwarder.spool()) {
+            Ok(0) => {}
+            Ok(left) => world
                 .anomalies
-                .push(format!("f{}: {left} messages left in its spool", t + 1));
+                .push(format!("f{}: {left} messages left in its spool", t + 1)),
+            Err(e) => world
+                .anomalies
+                .push(format!("f{}: its spool cannot be read: {e}", t + 1)),
         }
     }
 
