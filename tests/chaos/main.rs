@@ -1,8 +1,9 @@
 //! A randomized fault campaign in the style of Jepsen, run against the real binary and real
 //! nats-servers: three nodes in a cluster with an R3 stream, two forwarders with their own
 //! spools, each reaching NATS through a proxy the campaign controls; a client that sends
-//! distinct batches to either forwarder and retries until a deadline; a nemesis that mixes
-//! faults from a seeded schedule; and a checker that reads the history and the stream.
+//! distinct batches and Inbound mails with attachments to either forwarder and retries until
+//! a deadline; a nemesis that mixes faults from a seeded schedule; and a checker that reads
+//! the history, the stream and the mails' objects.
 //!
 //! `cargo test --test chaos -- --seed N --duration 60s [--faults LIST] [--out DIR]`
 //! (`scripts/chaos` runs it). `--faults` is `all`, `safe` (all but the power-loss kinds) or a
@@ -21,6 +22,7 @@ mod nemesis;
 mod proxy;
 mod rng;
 
+use std::collections::HashSet;
 use std::io::Write;
 use std::path::{Path, PathBuf};
 use std::process::{Command, ExitCode};
@@ -28,6 +30,8 @@ use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use async_nats::jetstream;
+use sha2::{Digest, Sha256};
+use tokio::io::AsyncReadExt;
 
 use crate::helpers::{cluster_nodes, status_of, NatsServer};
 use crate::nemesis::{Forwarder, Kind, World};
@@ -198,6 +202,52 @@ fn spooled(forwarders: &[Forwarder]) -> (u64, Vec<String>) {
         }
     }
     (left, unreadable)
+}
+
+/// The attachments of the mails sent that are in the bucket whole: read back, with the
+/// SHA-256 (their name) and the size they were sent with. Each read is tried a few times (the
+/// cluster has just healed).
+async fn intact_objects(js: &jetstream::Context, history: &client::History) -> HashSet<String> {
+    let mut intact = HashSet::new();
+    let wanted: Vec<&client::Attachment> = history
+        .batches
+        .iter()
+        .filter_map(|b| b.mail.as_ref())
+        .flat_map(|m| &m.attachments)
+        .collect();
+    if wanted.is_empty() {
+        return intact;
+    }
+    let Ok(Ok(store)) = tokio::time::timeout(
+        Duration::from_secs(10),
+        js.get_object_store(checker::BUCKET),
+    )
+    .await
+    else {
+        println!("chaos: the bucket {} cannot be read", checker::BUCKET);
+        return intact;
+    };
+    for attachment in wanted {
+        for _ in 0..5 {
+            let read = tokio::time::timeout(Duration::from_secs(10), async {
+                let mut object = store.get(&attachment.sha256).await.ok()?;
+                let mut bytes = Vec::new();
+                object.read_to_end(&mut bytes).await.ok()?;
+                Some(bytes)
+            })
+            .await;
+            if let Ok(Some(bytes)) = read {
+                if bytes.len() as u64 == attachment.size
+                    && hex::encode(Sha256::digest(&bytes)) == attachment.sha256
+                {
+                    intact.insert(attachment.sha256.clone());
+                }
+                break;
+            }
+            tokio::time::sleep(Duration::from_millis(500)).await;
+        }
+    }
+    intact
 }
 
 async fn campaign(args: &Args) -> bool {
@@ -410,7 +460,8 @@ async fn campaign(args: &Args) -> bool {
         file.write_all(b"\n").unwrap();
     }
 
-    let verdict = checker::check(&history, &stored, &struck);
+    let intact = intact_objects(&js, &history).await;
+    let verdict = checker::check(&history, &stored, &intact, &struck);
     println!("== chaos: seed {}", args.seed);
     println!("faults struck:");
     for kind in &args.kinds {
@@ -422,6 +473,11 @@ async fn campaign(args: &Args) -> bool {
     }
     for anomaly in &world.anomalies {
         println!("anomaly: {anomaly}");
+    }
+    if verdict.mails_answered == 0 {
+        world
+            .anomalies
+            .push("no mail was answered 200: nothing proved about mails".into());
     }
     let passed = verdict.lost == 0 && verdict.duplicated == 0 && world.anomalies.is_empty();
     for f in &world.forwarders {
