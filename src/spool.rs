@@ -1283,6 +1283,52 @@ pub fn status(dir: &Path) -> Result<SpoolStatus, SpoolError> {
     full_status(dir).map(|status| status.events)
 }
 
+/// Counts into `status` the records waiting in segments `ids` (as listed) from `cursor` (as
+/// read after the listing) on. Beside a running service the drainer may consume and delete
+/// listed segments meanwhile: the count may then include records published since, but never
+/// misses one still waiting when the cursor was read.
+fn count_waiting(
+    dir: &Path,
+    ids: &[u64],
+    mut cursor: Position,
+    status: &mut FullStatus,
+) -> Result<(), SpoolError> {
+    let (mut oldest, mut oldest_mail): (Option<u64>, Option<u64>) = (None, None);
+    for &id in ids.iter().filter(|&&id| id >= cursor.segment) {
+        let records = match scan_segment(&segment_path(dir, id)) {
+            Ok(scan) => scan.records,
+            // A running drainer deletes a segment only once it is wholly consumed: one that
+            // was listed and is gone now holds nothing still waiting.
+            Err(e) if e.kind() == io::ErrorKind::NotFound => continue,
+            Err(e) => return Err(e.into()),
+        };
+        if id == cursor.segment && !on_boundary(cursor, &records) {
+            cursor.offset = 0;
+        }
+        for record in records {
+            if id > cursor.segment || record.end > cursor.offset {
+                if let Some(file_bytes) = record.mail_bytes {
+                    status.mails.mails += 1;
+                    status.mails.bytes += file_bytes + record.size;
+                    if oldest_mail.is_none() {
+                        oldest_mail = record.at_ms;
+                    }
+                    continue;
+                }
+                status.events.messages += 1;
+                status.events.bytes += record.size;
+                if oldest.is_none() {
+                    oldest = record.at_ms;
+                }
+            }
+        }
+    }
+    let age = |at: u64| now_ms().saturating_sub(at) as f64 / 1000.0;
+    status.events.oldest_age_seconds = oldest.map(age);
+    status.mails.oldest_age_seconds = oldest_mail.map(age);
+    Ok(())
+}
+
 /// The status of the event messages and of the mails.
 pub fn full_status(dir: &Path) -> Result<FullStatus, SpoolError> {
     let mut status = FullStatus {
@@ -1309,34 +1355,7 @@ pub fn full_status(dir: &Path) -> Result<FullStatus, SpoolError> {
     };
     let ids = segment_ids(dir)?;
     let cursor = effective_cursor(dir, &ids)?;
-    let (mut oldest, mut oldest_mail): (Option<u64>, Option<u64>) = (None, None);
-    let mut cursor = cursor;
-    for id in ids.into_iter().filter(|&id| id >= cursor.segment) {
-        let records = scan_segment(&segment_path(dir, id))?.records;
-        if id == cursor.segment && !on_boundary(cursor, &records) {
-            cursor.offset = 0;
-        }
-        for record in records {
-            if id > cursor.segment || record.end > cursor.offset {
-                if let Some(file_bytes) = record.mail_bytes {
-                    status.mails.mails += 1;
-                    status.mails.bytes += file_bytes + record.size;
-                    if oldest_mail.is_none() {
-                        oldest_mail = record.at_ms;
-                    }
-                    continue;
-                }
-                status.events.messages += 1;
-                status.events.bytes += record.size;
-                if oldest.is_none() {
-                    oldest = record.at_ms;
-                }
-            }
-        }
-    }
-    let age = |at: u64| now_ms().saturating_sub(at) as f64 / 1000.0;
-    status.events.oldest_age_seconds = oldest.map(age);
-    status.mails.oldest_age_seconds = oldest_mail.map(age);
+    count_waiting(dir, &ids, cursor, &mut status)?;
     for entry in quarantine_entries(dir)? {
         let mail = dir.join(QUARANTINE).join(format!("{}.mail", entry.name));
         if !mail.is_dir() {
@@ -2438,6 +2457,46 @@ mod tests {
             assert_eq!(spool.stats().messages(), 2, "offset {stale}");
             assert_eq!(drain_all(&mut spool), [message(0), message(1)]);
         }
+    }
+
+    /// `spool status` beside a running drainer: it lists the segments and reads the cursor,
+    /// then the drainer finishes the first segment and deletes it before status reads it.
+    /// Status must still count what the later segments hold: failing instead let a caller
+    /// that took "cannot read" for "nothing left" see a draining spool as empty.
+    #[test]
+    fn status_counts_what_is_left_when_a_listed_segment_is_consumed_before_it_is_read() {
+        let dir = tempfile::tempdir().unwrap();
+        {
+            let mut spool = Spool::open(dir.path(), 1 << 20).unwrap();
+            append(&mut spool, &[message(0), message(1)]).unwrap();
+        }
+        // A start-up begins a new segment: the next records go to a second one.
+        let mut spool = Spool::open(dir.path(), 1 << 20).unwrap();
+        append(&mut spool, &[message(2), message(3), message(4)]).unwrap();
+        // Status's first two reads: the segment list, then the cursor.
+        let ids = segment_ids(dir.path()).unwrap();
+        assert_eq!(ids.len(), 2);
+        let cursor = effective_cursor(dir.path(), &ids).unwrap();
+        // The drainer publishes the first segment and deletes it.
+        let batch = spool.read(2).unwrap();
+        spool.commit(&batch, 2).unwrap();
+        assert_eq!(segment_ids(dir.path()).unwrap(), ids[1..]);
+        // Status goes on with what it read.
+        let mut status = FullStatus {
+            events: SpoolStatus {
+                dir: dir.path().to_owned(),
+                in_use: true,
+                messages: 0,
+                bytes: 0,
+                oldest_age_seconds: None,
+                quarantined: Vec::new(),
+            },
+            mails: MailStatus::default(),
+        };
+        count_waiting(dir.path(), &ids, cursor, &mut status).unwrap();
+        assert_eq!(status.events.messages, 3);
+        assert_eq!(status.events.bytes, spool.stats().bytes());
+        assert!(status.events.oldest_age_seconds.is_some());
     }
 
     #[test]
