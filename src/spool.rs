@@ -128,6 +128,16 @@ pub struct MailAppend {
     pub reserved: u64,
 }
 
+impl Drop for MailAppend {
+    /// A mail that was never moved into the spool (refused, or sent and not retained) leaves
+    /// no work directory behind; once moved, its work path no longer exists.
+    fn drop(&mut self) {
+        if self.work.exists() {
+            let _ = fs::remove_dir_all(&self.work);
+        }
+    }
+}
+
 impl Records for MailAppend {
     fn encode(&self, out: &mut Vec<u8>, at_ms: u64) -> Result<u64, SpoolError> {
         if self.batch_id.is_empty()
