@@ -2406,7 +2406,7 @@ mod tests {
 
         let requeued = spool.requeue(&[]).unwrap();
 
-        assert_eq!(requeued.requeued, [name.clone()]);
+        assert_eq!(requeued.requeued, std::slice::from_ref(&name));
         assert_eq!(spool.stats().inbound_bytes(), 10);
         let again = spool.read(10).unwrap().mail.unwrap();
         assert_eq!(again.dir, format!("{QUARANTINE}/{name}.mail"));
