@@ -1986,10 +1986,10 @@ fn check_record(data: &[u8]) -> Option<(usize, Option<u64>)> {
 }
 
 /// Appends the record of one message to `out`, stamped `at_ms`.
-pub fn encode_record<'a>(
+pub fn encode_record<'a, V: AsRef<str>>(
     out: &mut Vec<u8>,
     subject: &str,
-    headers: impl ExactSizeIterator<Item = (&'a str, &'a str)>,
+    headers: impl ExactSizeIterator<Item = (&'a str, V)>,
     payload: &[u8],
     at_ms: u64,
 ) -> Result<(), SpoolError> {
@@ -2005,7 +2005,7 @@ pub fn encode_record<'a>(
     );
     for (name, value) in headers {
         put_str16(out, name)?;
-        put_str16(out, value)?;
+        put_str16(out, value.as_ref())?;
     }
     let body_len = u32::try_from(payload.len()).map_err(|_| SpoolError::TooLong)?;
     out.extend_from_slice(&body_len.to_le_bytes());
