@@ -1389,9 +1389,22 @@ pub fn full_status(dir: &Path) -> Result<FullStatus, SpoolError> {
             quarantined: Vec::new(),
         },
         mails: MailStatus::default(),
+        retained: RetainedStatus::default(),
     };
     if !dir.exists() {
         return Ok(status);
+    }
+    // Read as it is (a running service may be deleting expired segments meanwhile).
+    let retained_dir = dir.join(retained::RETAINED);
+    for id in segment_ids(&retained_dir).unwrap_or_default() {
+        match scan_segment(&segment_path(&retained_dir, id)) {
+            Ok(scan) => {
+                status.retained.records += scan.records.len() as u64;
+                status.retained.bytes += scan.valid_len;
+            }
+            Err(e) if e.kind() == io::ErrorKind::NotFound => {}
+            Err(e) => return Err(e.into()),
+        }
     }
     status.events.in_use = match File::open(dir.join(LOCK)) {
         Ok(file) => match file.try_lock_shared() {
@@ -1491,6 +1504,15 @@ pub struct FullStatus {
     pub events: SpoolStatus,
     #[serde(rename = "inbound")]
     pub mails: MailStatus,
+    /// The retained log: records NATS acknowledged, kept for `spool.retain`.
+    pub retained: RetainedStatus,
+}
+
+/// What the retained log holds.
+#[derive(Debug, Clone, Default, Serialize)]
+pub struct RetainedStatus {
+    pub records: u64,
+    pub bytes: u64,
 }
 
 enum Op {
