@@ -2698,6 +2698,7 @@ mod tests {
                 quarantined: Vec::new(),
             },
             mails: MailStatus::default(),
+            retained: RetainedStatus::default(),
         };
         count_waiting(dir.path(), &ids, cursor, &mut status).unwrap();
         assert_eq!(status.events.messages, 3);
