@@ -1059,6 +1059,17 @@ mod tests {
             tx
         }
 
+        /// Waits until the keeper has seen the server (its heartbeat is written): what is
+        /// delivered from then on was acknowledged by that server.
+        async fn wait_kept(&self) {
+            let heartbeat = self._dir.path().join("retained/connected");
+            let until = Instant::now() + Duration::from_secs(10);
+            while !heartbeat.exists() {
+                assert!(Instant::now() < until, "the keeper did not start");
+                tokio::time::sleep(Duration::from_millis(10)).await;
+            }
+        }
+
         async fn wait_drained(&self) {
             let spool = self.spool.as_ref().unwrap();
             let until = Instant::now() + Duration::from_secs(10);
@@ -1603,7 +1614,7 @@ mod tests {
         let spool = r.spool.clone().unwrap();
         let (stop, stopped) = watch::channel(false);
         let keeper = tokio::spawn(keep_retained(spool.clone(), r.fake.clone(), stopped));
-        tokio::time::sleep(Duration::from_millis(100)).await;
+        r.wait_kept().await;
         for tag in ["a", "b", "c"] {
             let report = r.deliver(batch(tag, 5)).await.unwrap();
             assert_eq!((report.published, report.spooled), (5, 0));
@@ -1655,7 +1666,7 @@ mod tests {
         let spool = r.spool.clone().unwrap();
         let (stop, stopped) = watch::channel(false);
         let keeper = tokio::spawn(keep_retained(spool.clone(), r.fake.clone(), stopped));
-        tokio::time::sleep(Duration::from_millis(100)).await;
+        r.wait_kept().await;
         r.deliver(batch("old", 5)).await.unwrap();
         // Older than the retention and its margin (1 s) by the time the server was last seen
         // (the keeper looks every second).
@@ -1691,7 +1702,7 @@ mod tests {
         let spool = r.spool.clone().unwrap();
         let (stop, stopped) = watch::channel(false);
         let keeper = tokio::spawn(keep_retained(spool.clone(), r.fake.clone(), stopped));
-        tokio::time::sleep(Duration::from_millis(100)).await;
+        r.wait_kept().await;
         r.deliver(batch("a", 5)).await.unwrap();
         r.fake.set_ready(false);
         tokio::time::sleep(Duration::from_millis(1200)).await;
