@@ -19,12 +19,13 @@
 //! directory under `<spool.dir>/mail/` until their segment is deleted.
 
 use std::collections::VecDeque;
-use std::fs::{self, File, OpenOptions};
-use std::io::{self, Seek, SeekFrom, Write};
+use std::io;
 use std::path::{Path, PathBuf};
+use std::sync::Arc;
 use std::time::Duration;
 
-use super::{read_record, scan_segment, segment_ids, segment_path, sync_dir, Record, SEGMENT_MAX};
+use super::storage::{Storage, StorageFile};
+use super::{list_segments, read_record, scan_segment, segment_path, Record, SEGMENT_MAX};
 
 /// The directory of the retained log, under the spool directory.
 pub(super) const RETAINED: &str = "retained";
@@ -54,11 +55,13 @@ pub(super) struct Freed {
 /// The retained log of one spool directory; owned by the spool's writer thread.
 #[derive(Debug)]
 pub(super) struct Retained {
+    /// Where its file operations go (the spool's storage).
+    fs: Arc<dyn Storage>,
     dir: PathBuf,
     retain_ms: u64,
     segments: VecDeque<Kept>,
     /// The segment being appended to (the last of `segments`), when open.
-    writer: Option<File>,
+    writer: Option<Box<dyn StorageFile>>,
     /// Bytes written to the open segment and not yet synced (not counted in its size).
     unsynced: u64,
     next_id: u64,
@@ -74,16 +77,20 @@ pub(super) struct Opened {
 
 impl Retained {
     /// Opens (or creates) the retained log under `spool_dir`, cutting torn tails off.
-    pub(super) fn open(spool_dir: &Path, retain: Duration) -> io::Result<Opened> {
+    pub(super) fn open(
+        fs: Arc<dyn Storage>,
+        spool_dir: &Path,
+        retain: Duration,
+    ) -> io::Result<Opened> {
         let dir = spool_dir.join(RETAINED);
-        fs::create_dir_all(&dir)?;
+        fs.create_dir_all(&dir)?;
         let mut segments = VecDeque::new();
         let (mut bytes, mut mail_bytes) = (0, 0);
-        for id in segment_ids(&dir)? {
+        for id in list_segments(&*fs, &dir)? {
             let path = segment_path(&dir, id);
-            let scan = scan_segment(&path)?;
+            let scan = scan_segment(&*fs, &path)?;
             if scan.valid_len < scan.file_len {
-                let file = OpenOptions::new().write(true).open(&path)?;
+                let mut file = fs.open_write(&path)?;
                 file.set_len(scan.valid_len)?;
                 file.sync_all()?;
             }
@@ -107,6 +114,7 @@ impl Retained {
         let next_id = segments.back().map_or(1, |s| s.id + 1);
         Ok(Opened {
             retained: Retained {
+                fs,
                 dir,
                 retain_ms: retain.as_millis() as u64,
                 segments,
@@ -143,11 +151,8 @@ impl Retained {
         if rotate {
             let id = self.next_id;
             self.next_id += 1;
-            let file = OpenOptions::new()
-                .create_new(true)
-                .append(true)
-                .open(segment_path(&self.dir, id))?;
-            sync_dir(&self.dir)?;
+            let file = self.fs.create_new(&segment_path(&self.dir, id))?;
+            self.fs.sync_dir(&self.dir)?;
             self.writer = Some(file);
             self.unsynced = 0;
             self.segments.push_back(Kept {
@@ -180,7 +185,7 @@ impl Retained {
 
     /// Cuts what was written since `to` (a position [`Retained::end`] gave) off again.
     pub(super) fn cut(&mut self, to: u64) -> io::Result<()> {
-        let Some(writer) = self.writer.as_ref() else {
+        let Some(writer) = self.writer.as_mut() else {
             return Ok(());
         };
         writer.set_len(to)?;
@@ -207,7 +212,7 @@ impl Retained {
     /// next append starts a new one. Best effort: a tail left here is a torn record, cut off
     /// at the next start.
     pub(super) fn abandon(&mut self, start: u64) {
-        if let Some(writer) = self.writer.take() {
+        if let Some(mut writer) = self.writer.take() {
             let _ = writer.set_len(start).and_then(|()| writer.sync_all());
         }
         if let Some(last) = self.segments.back_mut() {
@@ -240,7 +245,7 @@ impl Retained {
         for kept in &self.segments {
             let mut buf = Vec::with_capacity(chunk.min(kept.size as usize));
             let mut count = 0u64;
-            for_each_record(&self.dir, kept, |record, _| {
+            for_each_record(&*self.fs, &self.dir, kept, |record, _| {
                 buf.extend_from_slice(record);
                 count += 1;
                 if buf.len() >= chunk {
@@ -267,7 +272,7 @@ impl Retained {
     pub(super) fn count(&self) -> io::Result<(u64, u64)> {
         let mut records = 0;
         for kept in &self.segments {
-            for_each_record(&self.dir, kept, |_, _| {
+            for_each_record(&*self.fs, &self.dir, kept, |_, _| {
                 records += 1;
                 Ok(())
             })?;
@@ -279,7 +284,7 @@ impl Retained {
     pub(super) fn mail_dirs(&self) -> io::Result<Vec<String>> {
         let mut dirs = Vec::new();
         for kept in &self.segments {
-            for_each_record(&self.dir, kept, |_, record| {
+            for_each_record(&*self.fs, &self.dir, kept, |_, record| {
                 if let Record::Mail(mail) = record {
                     dirs.push(mail.dir);
                 }
@@ -293,7 +298,7 @@ impl Retained {
         let Some(first) = self.segments.front() else {
             return Ok(());
         };
-        for_each_record(&self.dir, first, |_, record| {
+        for_each_record(&*self.fs, &self.dir, first, |_, record| {
             if let Record::Mail(mail) = record {
                 freed.mails.push((mail.dir, mail.file_bytes));
             }
@@ -303,7 +308,7 @@ impl Retained {
             self.writer = None;
         }
         let first = self.segments.pop_front().expect("checked above");
-        match fs::remove_file(segment_path(&self.dir, first.id)) {
+        match self.fs.remove_file(&segment_path(&self.dir, first.id)) {
             Err(e) if e.kind() != io::ErrorKind::NotFound => return Err(e),
             _ => {}
         }
@@ -314,6 +319,7 @@ impl Retained {
 
 /// Calls `f` with each intact record of `kept` (its bytes, and what it holds), in order.
 fn for_each_record(
+    fs: &dyn Storage,
     dir: &Path,
     kept: &Kept,
     mut f: impl FnMut(&[u8], Record) -> io::Result<()>,
@@ -321,9 +327,7 @@ fn for_each_record(
     if kept.size == 0 {
         return Ok(());
     }
-    let mut file = File::open(segment_path(dir, kept.id))?;
-    file.seek(SeekFrom::Start(0))?;
-    let mut reader = io::BufReader::new(io::Read::take(file, kept.size));
+    let mut reader = fs.read_range(&segment_path(dir, kept.id), 0, kept.size)?;
     let mut offset = 0u64;
     while offset < kept.size {
         if let Some(&(start, end)) = kept.gaps.iter().find(|(start, _)| *start == offset) {
