@@ -66,6 +66,8 @@ use tokio::sync::{oneshot, Notify};
 
 use crate::wire::NatsMessage;
 
+#[cfg(test)]
+mod crash;
 mod retained;
 mod storage;
 use retained::Retained;
@@ -154,7 +156,7 @@ impl Records for MailAppend {
         }
         Disk.sync_dir(&self.work)?;
         let mails = self.spool_dir.join(MAIL_DIR);
-        fs::create_dir_all(&mails)?;
+        create_dir_durably(&Disk, &mails)?;
         fs::rename(&self.work, mails.join(&self.batch_id))?;
         Disk.sync_dir(&mails)?;
         let record = MailRecord {
@@ -422,7 +424,7 @@ impl Spool {
         dir: &Path,
         max_bytes: u64,
     ) -> Result<Spool, SpoolError> {
-        fs.create_dir_all(dir)?;
+        create_dir_durably(&*fs, dir)?;
         let lock = lock_dir(&*fs, dir)?;
         let ids = list_segments(&*fs, dir)?;
         let mut cursor = effective_cursor(&*fs, dir, &ids)?;
@@ -532,7 +534,7 @@ impl Spool {
             Ok(found)
         };
         let mails = self.dir.join(MAIL_DIR);
-        fs.create_dir_all(&mails)?;
+        create_dir_durably(&*fs, &mails)?;
         let old = numbered(&self.dir.join("inbound"))?;
         if !old.is_empty() {
             // After any mail already here, in the old queue's order.
@@ -1088,7 +1090,7 @@ impl Spool {
             (None, None) => return Ok(()),
         };
         let dir = self.dir.join(QUARANTINE);
-        self.fs.create_dir_all(&dir)?;
+        create_dir_durably(&*self.fs, &dir)?;
         let at = now_ms();
         let name = format!("{at:020}-{:010}-{:010}", end.segment, end.offset);
         if let Some(mail) = &batch.mail {
@@ -1230,6 +1232,27 @@ fn copy_error_of(e: &SpoolError) -> SpoolError {
         SpoolError::Full(max) => SpoolError::Full(*max),
         other => SpoolError::Io(io::Error::other(other.to_string())),
     }
+}
+
+/// Creates `dir` and its missing parents so that a power cut cannot take them back: the
+/// parent of each directory created is synced (a new directory's entry is durable only
+/// then, and with it everything the log later syncs inside it).
+fn create_dir_durably(fs: &dyn Storage, dir: &Path) -> io::Result<()> {
+    let missing: Vec<&Path> = dir
+        .ancestors()
+        .take_while(|a| !a.as_os_str().is_empty() && !fs.exists(a))
+        .collect();
+    if missing.is_empty() {
+        return Ok(());
+    }
+    fs.create_dir_all(dir)?;
+    for created in missing.into_iter().rev() {
+        match created.parent() {
+            Some(parent) if !parent.as_os_str().is_empty() => fs.sync_dir(parent)?,
+            _ => fs.sync_dir(Path::new("."))?,
+        }
+    }
+    Ok(())
 }
 
 fn write_synced(fs: &dyn Storage, path: &Path, data: &[u8]) -> io::Result<()> {
@@ -1879,7 +1902,7 @@ fn quarantine_unreadable(
         end,
         "spool segment holds unreadable bytes between intact records; they are quarantined and the records after them kept"
     );
-    fs.create_dir_all(&qdir)?;
+    create_dir_durably(fs, &qdir)?;
     let data = fs.read(segment)?;
     let bytes = data.get(start as usize..end as usize).unwrap_or_default();
     let entry = QuarantineEntry {

@@ -25,7 +25,9 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use super::storage::{Storage, StorageFile};
-use super::{list_segments, read_record, scan_segment, segment_path, Record, SEGMENT_MAX};
+use super::{
+    create_dir_durably, list_segments, read_record, scan_segment, segment_path, Record, SEGMENT_MAX,
+};
 
 /// The directory of the retained log, under the spool directory.
 pub(super) const RETAINED: &str = "retained";
@@ -65,6 +67,12 @@ pub(super) struct Retained {
     /// Bytes written to the open segment and not yet synced (not counted in its size).
     unsynced: u64,
     next_id: u64,
+    /// Segments were deleted and the directory not synced since: a power cut could bring
+    /// them back, and their records (replayed, or older than the retention) would be
+    /// published again.
+    removals_unsynced: bool,
+    /// What those deletions freed: reported once the directory sync made them durable.
+    unsynced_freed: Freed,
 }
 
 /// What [`Retained::open`] found.
@@ -83,7 +91,7 @@ impl Retained {
         retain: Duration,
     ) -> io::Result<Opened> {
         let dir = spool_dir.join(RETAINED);
-        fs.create_dir_all(&dir)?;
+        create_dir_durably(&*fs, &dir)?;
         let mut segments = VecDeque::new();
         let (mut bytes, mut mail_bytes) = (0, 0);
         for id in list_segments(&*fs, &dir)? {
@@ -121,6 +129,8 @@ impl Retained {
                 writer: None,
                 unsynced: 0,
                 next_id,
+                removals_unsynced: false,
+                unsynced_freed: Freed::default(),
             },
             bytes,
             mail_bytes,
@@ -230,6 +240,24 @@ impl Retained {
             }
             self.remove_front(&mut freed)?;
         }
+        self.finish_removals(freed)
+    }
+
+    /// Makes the deletion of segments durable (one directory sync), so a crash cannot bring
+    /// them back, and only then reports what they freed (with what an earlier call could
+    /// not make durable). On failure `freed` waits for the next expiry or replay.
+    fn finish_removals(&mut self, mut freed: Freed) -> io::Result<Freed> {
+        if self.removals_unsynced {
+            if let Err(e) = self.fs.sync_dir(&self.dir) {
+                self.unsynced_freed.bytes += freed.bytes;
+                self.unsynced_freed.mails.append(&mut freed.mails);
+                return Err(e);
+            }
+            self.removals_unsynced = false;
+        }
+        let earlier = std::mem::take(&mut self.unsynced_freed);
+        freed.bytes += earlier.bytes;
+        freed.mails.extend(earlier.mails);
         Ok(freed)
     }
 
@@ -265,7 +293,7 @@ impl Retained {
         }
         // Mails moved along with their records: their directories stay.
         freed.mails.clear();
-        Ok(freed)
+        self.finish_removals(freed)
     }
 
     /// How many records and bytes the log holds (for `spool status`).
@@ -278,6 +306,19 @@ impl Retained {
             })?;
         }
         Ok((records, self.segments.iter().map(|s| s.size).sum()))
+    }
+
+    /// Every record it holds, oldest first (for tests that check what survived).
+    #[cfg(test)]
+    pub(super) fn records(&self) -> io::Result<Vec<Record>> {
+        let mut records = Vec::new();
+        for kept in &self.segments {
+            for_each_record(&*self.fs, &self.dir, kept, |_, record| {
+                records.push(record);
+                Ok(())
+            })?;
+        }
+        Ok(records)
     }
 
     /// The directories (relative to the spool directory) its mail records name.
@@ -310,7 +351,7 @@ impl Retained {
         let first = self.segments.pop_front().expect("checked above");
         match self.fs.remove_file(&segment_path(&self.dir, first.id)) {
             Err(e) if e.kind() != io::ErrorKind::NotFound => return Err(e),
-            _ => {}
+            _ => self.removals_unsynced = true,
         }
         freed.bytes += first.size;
         Ok(())
