@@ -250,6 +250,14 @@ impl CrashStorage {
         state.crash = Some(crash);
     }
 
+    /// A copy of the disk as it is now, counting its own operations from zero.
+    pub(super) fn fork(&self) -> Arc<CrashStorage> {
+        Arc::new(self.lock().image_after(Crash {
+            entries: Entries::All,
+            data: Data::All,
+        }))
+    }
+
     /// The counted operations so far.
     pub(super) fn ops(&self) -> Vec<Op> {
         self.lock().ops.clone()
@@ -739,98 +747,151 @@ mod tests {
         })
     }
 
-    /// Reopens the spool on the disk a crash left and checks it against what the scenario
-    /// had done (see the test's documentation).
-    fn check(image: Arc<CrashStorage>, dir: &Path, ex: &Expected) -> Result<(), String> {
-        let fs: Arc<dyn Storage> = Arc::new(Shared(image));
-        let mut spool =
-            Spool::open_with(fs.clone(), dir, 1 << 20).map_err(|e| format!("reopen: {e}"))?;
-        spool
-            .retain(RETAIN)
-            .map_err(|e| format!("reopen retained: {e}"))?;
-        let in_spool = unconsumed(&mut spool).map_err(|e| format!("read spool: {e}"))?;
+    /// What a reopened spool holds: its records from the cursor on, its retained log's, and
+    /// the message ids in its quarantine.
+    #[derive(Debug, Clone, PartialEq)]
+    struct Observed {
+        spool: Vec<String>,
+        retained: Vec<String>,
+        quarantined: Vec<String>,
+    }
+
+    fn retained_ids(spool: &Spool) -> Result<Vec<String>, String> {
         let log = spool.retained.as_ref().expect("retained log on");
-        let in_retained: Vec<String> = log
+        Ok(log
             .records()
             .map_err(|e| format!("read retained: {e}"))?
             .iter()
             .map(id_of)
-            .collect();
-        let quarantined: Vec<String> = quarantine_entries(&*fs, dir)
+            .collect())
+    }
+
+    /// Opens the spool on `fs` as a start does (the retained log on) and reads what it holds.
+    fn reopen(fs: &Arc<CrashStorage>, dir: &Path) -> Result<(Spool, Observed), String> {
+        let storage: Arc<dyn Storage> = Arc::new(Shared(fs.clone()));
+        let mut spool =
+            Spool::open_with(storage.clone(), dir, 1 << 20).map_err(|e| format!("reopen: {e}"))?;
+        spool
+            .retain(RETAIN)
+            .map_err(|e| format!("reopen retained: {e}"))?;
+        let in_spool = unconsumed(&mut spool).map_err(|e| format!("read spool: {e}"))?;
+        let retained = retained_ids(&spool)?;
+        let quarantined = quarantine_entries(&*storage, dir)
             .map_err(|e| format!("read quarantine: {e}"))?
             .into_iter()
             .map(|e| e.msg_id)
             .collect();
-        let seen = format!(
-            "spool {in_spool:?}, retained {in_retained:?}, quarantine {quarantined:?}; expected {ex:?}"
-        );
+        Ok((
+            spool,
+            Observed {
+                spool: in_spool,
+                retained,
+                quarantined,
+            },
+        ))
+    }
+
+    /// Checks what a reopened spool holds against what the scenario had done (see the
+    /// test's documentation).
+    fn check(seen: &Observed, ex: &Expected) -> Result<(), String> {
+        let all = format!("{seen:?}; expected {ex:?}");
         if !is_slice(
-            &in_spool,
+            &seen.spool,
             &ex.spool,
             ex.consumed_ok..=ex.consumed_tried,
             ex.spool_ok..=ex.spool.len(),
         ) {
             return Err(format!(
-                "the spool is not what was written and not consumed: {seen}"
+                "the spool is not what was written and not consumed: {all}"
             ));
         }
         if !is_slice(
-            &in_retained,
+            &seen.retained,
             &ex.retained,
             ex.dropped_ok..=ex.dropped_tried,
             ex.retained_ok..=ex.retained.len(),
         ) {
             return Err(format!(
-                "the retained log is not what was retained and not dropped: {seen}"
+                "the retained log is not what was retained and not dropped: {all}"
             ));
         }
-        if ex.quarantined_ok.iter().any(|id| !quarantined.contains(id))
-            || quarantined
+        if ex
+            .quarantined_ok
+            .iter()
+            .any(|id| !seen.quarantined.contains(id))
+            || seen
+                .quarantined
                 .iter()
                 .any(|id| !ex.quarantined_tried.contains(id))
         {
-            return Err(format!("the quarantine is wrong: {seen}"));
+            return Err(format!("the quarantine is wrong: {all}"));
         }
+        answered_are_kept(seen, ex)
+    }
+
+    /// Every record answered `200` whose expiry was not tried is in the spool, the retained
+    /// log or the quarantine.
+    fn answered_are_kept(seen: &Observed, ex: &Expected) -> Result<(), String> {
         for id in &ex.answered {
-            let kept =
-                in_spool.contains(id) || in_retained.contains(id) || quarantined.contains(id);
+            let kept = seen.spool.contains(id)
+                || seen.retained.contains(id)
+                || seen.quarantined.contains(id);
             if !kept && !ex.expired.contains(id) {
-                return Err(format!("{id} was answered 200 and is lost: {seen}"));
+                return Err(format!(
+                    "{id} was answered 200 and is lost: {seen:?}; expected {ex:?}"
+                ));
             }
         }
-        // The reopened log goes on working: a new append and a new retained record land
-        // after what survived.
+        Ok(())
+    }
+
+    /// What a start does next: the retained log is replayed behind the spool, in order, and
+    /// the log goes on (an append and a retained record read back after what survived).
+    fn check_start(mut spool: Spool, seen: &Observed) -> Result<(), String> {
+        let moved = spool
+            .replay_retained()
+            .map_err(|e| format!("replay at start: {e}"))?;
+        let mut want = seen.spool.clone();
+        want.extend(seen.retained.iter().cloned());
         let (buf, n) = batch_of(&["after"]);
         spool
             .append(buf, n)
             .map_err(|e| format!("append after reopen: {e}"))?;
+        want.push("after".into());
         let records: Vec<Box<dyn Records>> = vec![Box::new(vec![message("kept-after")])];
         if let Some(Err(e)) = spool.retain_group(&records, now_ms()).pop() {
             return Err(format!("retain after reopen: {e}"));
         }
-        let mut want = in_spool.clone();
-        want.push("after".into());
         let now_in_spool = unconsumed(&mut spool).map_err(|e| format!("read spool: {e}"))?;
-        if now_in_spool != want {
+        let now_retained = retained_ids(&spool)?;
+        if moved as usize != seen.retained.len()
+            || now_in_spool != want
+            || now_retained != ["kept-after"]
+        {
             return Err(format!(
-                "after reopen, an append reads back as {now_in_spool:?}: {seen}"
-            ));
-        }
-        let log = spool.retained.as_ref().expect("retained log on");
-        let now_retained: Vec<String> = log
-            .records()
-            .map_err(|e| format!("read retained: {e}"))?
-            .iter()
-            .map(id_of)
-            .collect();
-        let mut want = in_retained;
-        want.push("kept-after".into());
-        if now_retained != want {
-            return Err(format!(
-                "after reopen, the retained log reads {now_retained:?}: {seen}"
+                "after a start's replay ({moved} moved) and an append, the spool reads \
+                 {now_in_spool:?} and the retained log {now_retained:?}; before: {seen:?}"
             ));
         }
         Ok(())
+    }
+
+    /// A second crash, during the start after the first (the reopen and the replay of the
+    /// retained log): the start after that still finds every record the first start found,
+    /// in order, the spool's followed by part of the retained log's copies, and the retained
+    /// log a suffix of what it was (its deleted segments, after their copies).
+    fn check_second(first: &Observed, second: &Observed, ex: &Expected) -> Result<(), String> {
+        let all = format!("first start found {first:?}, second {second:?}");
+        let copied = second.spool.len().checked_sub(first.spool.len());
+        let spool_ok = copied.is_some_and(|m| {
+            second.spool[..first.spool.len()] == first.spool[..]
+                && first.retained.get(..m) == Some(&second.spool[first.spool.len()..])
+        });
+        let retained_ok = first.retained.ends_with(&second.retained);
+        if !spool_ok || !retained_ok || first.quarantined != second.quarantined {
+            return Err(format!("a crash during the start changed the log: {all}"));
+        }
+        answered_are_kept(second, ex)
     }
 
     /// Byte positions at which to tear a write that left `tail` unsynced bytes.
@@ -879,8 +940,17 @@ mod tests {
     /// - the quarantine holds every record quarantined with an `Ok`, and nothing else;
     /// - every record answered `200` is in the spool, the retained log or the quarantine,
     ///   unless its expiry was tried;
-    /// - nothing unreadable is returned (reading fails the check), and the reopened log goes
-    ///   on: an append and a retained record read back after what survived.
+    /// - nothing unreadable is returned (reading fails the check);
+    /// - the start goes on as the service's does: the retained log's records are replayed
+    ///   behind the spool's, in order, and a new append and a new retained record read back
+    ///   after what survived.
+    ///
+    /// After each power cut, the start itself (reopen, cut torn tails, replay) is crashed
+    /// after each of its own operations, and the next start must find what the first one
+    /// found: the spool's records, then a prefix of the retained log's copies, and a suffix
+    /// of the retained log (a crash between a replay's copy and its deletes leaves both,
+    /// published twice and de-duplicated by `Nats-Msg-Id`), and every record answered
+    /// `200`.
     #[test]
     fn every_crash_point_keeps_what_was_answered_and_nothing_torn() {
         let (root, dir) = (Path::new("/crash"), Path::new("/crash/spool"));
@@ -893,29 +963,10 @@ mod tests {
             ops.iter().filter(|o| o.kind == OpKind::Write).count(),
             ops.iter().filter(|o| o.kind == OpKind::Sync).count(),
         );
-        let mut checked = 0;
+        let (mut checked, mut second_checked) = (0, 0);
         let mut failures = Vec::new();
         for (k, op) in ops.iter().enumerate() {
-            let mut crashes = Vec::new();
-            for entries in [Entries::Synced, Entries::All] {
-                crashes.push(Crash {
-                    entries,
-                    data: Data::Synced,
-                });
-                crashes.push(Crash {
-                    entries,
-                    data: Data::All,
-                });
-                if op.kind == OpKind::Write {
-                    for t in tears(op.tail) {
-                        crashes.push(Crash {
-                            entries,
-                            data: Data::Torn(t),
-                        });
-                    }
-                }
-            }
-            for crash in crashes {
+            for crash in crashes(op) {
                 let fs = CrashStorage::new(root);
                 fs.crash_after(k + 1, crash);
                 let mut ex = Expected::default();
@@ -924,17 +975,57 @@ mod tests {
                     .crashed()
                     .unwrap_or_else(|| panic!("crash point {} not reached: {ran:?}", k + 1));
                 checked += 1;
-                if let Err(e) = check(image, dir, &ex) {
-                    failures.push(format!(
-                        "crash after op {} ({:?}) {crash:?}: {e}",
-                        k + 1,
-                        op.kind
-                    ));
+                let at = format!("crash after op {} ({:?}) {crash:?}", k + 1, op.kind);
+                let first = match reopen(&image.fork(), dir) {
+                    Ok((spool, seen)) => {
+                        if let Err(e) = check(&seen, &ex).and_then(|()| check_start(spool, &seen)) {
+                            failures.push(format!("{at}: {e}"));
+                            continue;
+                        }
+                        seen
+                    }
+                    Err(e) => {
+                        failures.push(format!("{at}: {e}"));
+                        continue;
+                    }
+                };
+                // Power cuts only, for the second crash: the first start's own operations,
+                // counted once, then crashed after each.
+                if crash.entries != Entries::Synced || crash.data == Data::All {
+                    continue;
+                }
+                let start = |fs: &Arc<CrashStorage>| -> Result<(), String> {
+                    let (mut spool, _) = reopen(fs, dir)?;
+                    spool.replay_retained().map_err(|e| e.to_string())?;
+                    Ok(())
+                };
+                let counting = image.fork();
+                start(&counting).expect("a start after the crash runs");
+                for (j, second_op) in counting.ops().iter().enumerate() {
+                    for second in crashes(second_op) {
+                        if second.entries != Entries::Synced {
+                            continue;
+                        }
+                        let fs = image.fork();
+                        fs.crash_after(j + 1, second);
+                        let _ = start(&fs);
+                        let image = fs.crashed().expect("the start crashed");
+                        second_checked += 1;
+                        let result = reopen(&image, dir)
+                            .and_then(|(_, seen)| check_second(&first, &seen, &ex));
+                        if let Err(e) = result {
+                            failures.push(format!(
+                                "{at}, then after op {} of the start {second:?}: {e}",
+                                j + 1
+                            ));
+                        }
+                    }
                 }
             }
         }
         println!(
-            "crash points={} (writes={writes} syncs={syncs}) checked={checked} failed={}",
+            "crash points={} (writes={writes} syncs={syncs}) checked={checked} \
+             second crashes during the start checked={second_checked} failed={}",
             ops.len(),
             failures.len()
         );
@@ -942,16 +1033,37 @@ mod tests {
             failures.is_empty(),
             "{} failures, first ones:\n{}",
             failures.len(),
-            failures
-                .iter()
-                .take(5)
-                .cloned()
-                .collect::<Vec<_>>()
-                .join("\n")
+            failures[..failures.len().min(5)].join("\n")
         );
         assert!(
-            checked > ops.len(),
+            checked > 2 * ops.len(),
             "every crash point is checked in several ways"
         );
+    }
+
+    /// The ways to crash right after `op`: a power cut (only synced bytes and entries kept),
+    /// the same with every directory entry kept, a killed process (everything kept), and,
+    /// after a write, the file torn at several bytes of its unsynced tail.
+    fn crashes(op: &Op) -> Vec<Crash> {
+        let mut crashes = Vec::new();
+        for entries in [Entries::Synced, Entries::All] {
+            crashes.push(Crash {
+                entries,
+                data: Data::Synced,
+            });
+            crashes.push(Crash {
+                entries,
+                data: Data::All,
+            });
+            if op.kind == OpKind::Write {
+                for t in tears(op.tail) {
+                    crashes.push(Crash {
+                        entries,
+                        data: Data::Torn(t),
+                    });
+                }
+            }
+        }
+        crashes
     }
 }
