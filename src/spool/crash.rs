@@ -653,7 +653,7 @@ mod tests {
         let moving = ex.retained[ex.dropped_ok..].to_vec();
         ex.spool.extend(moving.iter().cloned());
         ex.dropped_tried = ex.retained.len();
-        let moved = spool.replay_retained().map_err(|e| e.to_string())?;
+        let moved = spool.replay_retained(0).map_err(|e| e.to_string())?;
         assert_eq!(
             moved as usize,
             moving.len(),
@@ -849,7 +849,7 @@ mod tests {
     /// the log goes on (an append and a retained record read back after what survived).
     fn check_start(mut spool: Spool, seen: &Observed) -> Result<(), String> {
         let moved = spool
-            .replay_retained()
+            .replay_retained(0)
             .map_err(|e| format!("replay at start: {e}"))?;
         let mut want = seen.spool.clone();
         want.extend(seen.retained.iter().cloned());
@@ -996,7 +996,7 @@ mod tests {
                 }
                 let start = |fs: &Arc<CrashStorage>| -> Result<(), String> {
                     let (mut spool, _) = reopen(fs, dir)?;
-                    spool.replay_retained().map_err(|e| e.to_string())?;
+                    spool.replay_retained(0).map_err(|e| e.to_string())?;
                     Ok(())
                 };
                 let counting = image.fork();
