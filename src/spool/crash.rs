@@ -559,6 +559,9 @@ mod tests {
         dropped_tried: usize,
         quarantined_ok: Vec<String>,
         quarantined_tried: Vec<String>,
+        /// Quarantined records put back at the end of the spool (`spool requeue`).
+        requeued_ok: Vec<String>,
+        requeued_tried: Vec<String>,
         /// Every record whose request was answered `200` (spooled or retained `Ok`).
         answered: Vec<String>,
         /// Records whose expiry was tried: they may be gone.
@@ -664,6 +667,24 @@ mod tests {
         Ok(())
     }
 
+    /// `spool requeue --all` (the service stopped): the quarantined records go back to the
+    /// end of the spool, then leave the quarantine.
+    fn requeue(spool: &mut Spool, ex: &mut Expected) -> Result<(), String> {
+        let back: Vec<String> = ex
+            .quarantined_ok
+            .iter()
+            .filter(|id| !ex.requeued_ok.contains(id))
+            .cloned()
+            .collect();
+        ex.spool.extend(back.iter().cloned());
+        ex.requeued_tried.extend(back.iter().cloned());
+        let done = spool.requeue(&[]).map_err(|e| e.to_string())?;
+        assert_eq!(done.requeued.len(), back.len(), "every entry is requeued");
+        ex.spool_ok = ex.spool.len();
+        ex.requeued_ok.extend(back);
+        Ok(())
+    }
+
     /// Expiry at `now`, which must drop the oldest `n` retained records (one segment).
     fn expire(spool: &mut Spool, ex: &mut Expected, now: u64, n: usize) -> Result<(), String> {
         ex.dropped_tried = ex.dropped_ok + n;
@@ -707,6 +728,13 @@ mod tests {
         // The f segment is older than the retention; the copies just made are not.
         expire(&mut spool, ex, now_ms(), 2)?;
         drain(&mut spool, ex, 2)?;
+        // A stop, `spool requeue --all`, a start.
+        drop(spool);
+        let mut spool = open()?;
+        requeue(&mut spool, ex)?;
+        drop(spool);
+        let mut spool = open()?;
+        drain(&mut spool, ex, 4)?;
         Ok(())
     }
 
@@ -815,14 +843,18 @@ mod tests {
                 "the retained log is not what was retained and not dropped: {all}"
             ));
         }
-        if ex
+        // Quarantined and not put back: there; put back (answered `Ok`): gone.
+        let mut held = ex
             .quarantined_ok
             .iter()
-            .any(|id| !seen.quarantined.contains(id))
-            || seen
-                .quarantined
-                .iter()
-                .any(|id| !ex.quarantined_tried.contains(id))
+            .filter(|id| !ex.requeued_tried.contains(id));
+        let possible = ex
+            .quarantined_tried
+            .iter()
+            .filter(|id| !ex.requeued_ok.contains(id))
+            .collect::<Vec<_>>();
+        if held.any(|id| !seen.quarantined.contains(id))
+            || seen.quarantined.iter().any(|id| !possible.contains(&id))
         {
             return Err(format!("the quarantine is wrong: {all}"));
         }
@@ -919,8 +951,8 @@ mod tests {
 
     /// The crash loop. The scenario (appends of batches, one by one and as a group; batches
     /// published directly and retained as a group; drainer reads and commits, which copy to
-    /// the retained log; a quarantine; a replay of the retained log; an expiry; a spool
-    /// reopened at the start) is run once to count its storage operations. Then, for every
+    /// the retained log; a quarantine; a replay of the retained log; an expiry; restarts, and
+    /// a `spool requeue` between two of them) is run once to count its storage operations. Then, for every
     /// k, it is run again on a disk that crashes right after the k-th operation, in each of
     /// these ways: a power cut (only synced bytes and synced directory entries survive); the
     /// same with the directory entries all kept; a process killed (everything written
