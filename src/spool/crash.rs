@@ -996,6 +996,9 @@ mod tests {
             ops.iter().filter(|o| o.kind == OpKind::Sync).count(),
         );
         let (mut checked, mut second_checked) = (0, 0);
+        // Over every first start: records answered `200` (and not expired), those found, and
+        // records the start's replay publishes twice (de-duplicated by their `Nats-Msg-Id`).
+        let (mut answered, mut stored, mut duplicates) = (0, 0, 0);
         let mut failures = Vec::new();
         for (k, op) in ops.iter().enumerate() {
             for crash in crashes(op) {
@@ -1014,6 +1017,24 @@ mod tests {
                             failures.push(format!("{at}: {e}"));
                             continue;
                         }
+                        let promised: Vec<&String> = ex
+                            .answered
+                            .iter()
+                            .filter(|id| !ex.expired.contains(*id))
+                            .collect();
+                        answered += promised.len();
+                        stored += promised
+                            .iter()
+                            .filter(|id| {
+                                seen.spool.contains(id)
+                                    || seen.retained.contains(id)
+                                    || seen.quarantined.contains(id)
+                            })
+                            .count();
+                        let published: Vec<&String> =
+                            seen.spool.iter().chain(&seen.retained).collect();
+                        let distinct: HashSet<&String> = published.iter().copied().collect();
+                        duplicates += published.len() - distinct.len();
                         seen
                     }
                     Err(e) => {
@@ -1057,7 +1078,9 @@ mod tests {
         }
         println!(
             "crash points={} (writes={writes} syncs={syncs}) checked={checked} \
-             second crashes during the start checked={second_checked} failed={}",
+             second crashes during the start checked={second_checked} failed={}; \
+             over the first starts: answered={answered} stored={stored} \
+             published twice by the replay={duplicates}",
             ops.len(),
             failures.len()
         );
