@@ -38,7 +38,9 @@ use crate::inbound::store::InboundSink;
 use crate::inbound::Mail;
 use crate::metrics;
 use crate::publish::{publish_run, Oversized, Progress, Publish, PublishError};
-use crate::spool::{encode_record, ReadBatch, Records, SpoolError, SpoolHandle, WRITE_PIECE};
+use crate::spool::{
+    encode_record, MailAppend, ReadBatch, Records, SpoolError, SpoolHandle, WRITE_PIECE,
+};
 use crate::webhook::OutgoingBatch;
 
 /// Messages read from the spool per drain step.
@@ -101,6 +103,16 @@ enum Command {
         permit: Permit,
         reply: oneshot::Sender<Verdict>,
     },
+    /// A mail: its turn, behind the spool or now.
+    Mail {
+        append: MailAppend,
+        reply: oneshot::Sender<MailTurn>,
+    },
+    /// A mail NATS could not take in time: to the spool, in arrival order.
+    SpoolMail {
+        append: MailAppend,
+        reply: oneshot::Sender<oneshot::Receiver<Result<(), SpoolError>>>,
+    },
     /// A direct publication failed temporarily: spool what was not acknowledged.
     SpoolRest {
         batch: Arc<OutgoingBatch>,
@@ -108,6 +120,16 @@ enum Command {
         permit: Permit,
         reply: Reply,
     },
+}
+
+/// Where an Inbound mail goes, as the delivery actor decided in arrival order with the event
+/// batches: one owner of the "behind the spool" rule for both kinds of job.
+pub enum MailTurn {
+    /// Nothing waits in the spool: the route publishes it now, and hands it back with
+    /// [`Delivery::spool_mail`] if NATS cannot take it.
+    Direct(MailAppend),
+    /// Behind the spool: handed to its writer; durable once this resolves.
+    Spooled(oneshot::Receiver<Result<(), SpoolError>>),
 }
 
 /// The handle routes deliver through; cheap to clone.
@@ -127,6 +149,28 @@ impl Delivery {
         let back = tx.downgrade();
         tokio::spawn(actor(rx, back, publisher, spool, options));
         Delivery { tx }
+    }
+
+    /// The turn of a mail (see [`MailTurn`]); its directory and record are in `append`.
+    pub async fn mail_turn(&self, append: MailAppend) -> Result<MailTurn, DeliveryError> {
+        let (reply, turn) = oneshot::channel();
+        self.tx
+            .send(Command::Mail { append, reply })
+            .await
+            .map_err(|_| stopped())?;
+        turn.await.map_err(|_| stopped())
+    }
+
+    /// Spools a mail NATS could not take in time (after [`MailTurn::Direct`]); resolves once
+    /// it is durable.
+    pub async fn spool_mail(&self, append: MailAppend) -> Result<(), SpoolError> {
+        let (reply, written) = oneshot::channel();
+        self.tx
+            .send(Command::SpoolMail { append, reply })
+            .await
+            .map_err(|_| SpoolError::Stopped)?;
+        let written = written.await.map_err(|_| SpoolError::Stopped)?;
+        written.await.unwrap_or(Err(SpoolError::Stopped))
     }
 
     /// Delivers `batch`, holding `permit` (its share of the byte budget) until it is on the
@@ -194,6 +238,26 @@ async fn actor<P: Publish>(
                     }
                 };
                 let _ = reply.send(Verdict::Await(work));
+            }
+            Command::Mail { append, reply } => {
+                let turn = match &spool {
+                    Some(spool) if !spool.stats().is_empty() => {
+                        MailTurn::Spooled(spool.begin_append(Box::new(append)))
+                    }
+                    _ => MailTurn::Direct(append),
+                };
+                let _ = reply.send(turn);
+            }
+            Command::SpoolMail { append, reply } => {
+                let written = match &spool {
+                    Some(spool) => spool.begin_append(Box::new(append)),
+                    None => {
+                        let (tx, rx) = oneshot::channel();
+                        let _ = tx.send(Err(SpoolError::Stopped));
+                        rx
+                    }
+                };
+                let _ = reply.send(written);
             }
             Command::SpoolRest {
                 batch,

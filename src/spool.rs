@@ -137,6 +137,16 @@ pub struct MailAppend {
     pub reserved: u64,
 }
 
+impl Drop for MailAppend {
+    /// A mail that was never moved into the spool (refused, or sent and not retained) leaves
+    /// no work directory behind; once moved, its work path no longer exists.
+    fn drop(&mut self) {
+        if self.work.exists() {
+            let _ = fs::remove_dir_all(&self.work);
+        }
+    }
+}
+
 impl Records for MailAppend {
     fn encode(&self, out: &mut Vec<u8>, at_ms: u64) -> Result<u64, SpoolError> {
         if self.batch_id.is_empty()
@@ -1197,6 +1207,7 @@ impl Spool {
         let mut done = Requeued::default();
         let mut buf = Vec::new();
         let mut picked = Vec::new();
+        let mut mail_bytes = 0;
         for entry in entries
             .into_iter()
             .filter(|e| names.is_empty() || names.contains(&e.name))
@@ -1209,6 +1220,7 @@ impl Spool {
                         // there (nothing moves, so a crash cannot part the two).
                         Some((_, Record::Mail(mut mail))) if &record[..4] == MAGIC_MAIL => {
                             mail.dir = format!("{QUARANTINE}/{}.mail", entry.name);
+                            mail_bytes += mail.file_bytes;
                             encode_mail(&mut buf, &mail, now_ms())?;
                         }
                         _ => buf.extend_from_slice(&record),
@@ -1228,6 +1240,11 @@ impl Spool {
         self.stats
             .bytes
             .fetch_add(buf.len() as u64, Ordering::SeqCst);
+        // A requeued mail's files wait in the spool again (as after a restart, where the
+        // scan counts them).
+        self.stats
+            .inbound_bytes
+            .fetch_add(mail_bytes, Ordering::SeqCst);
         for entry in picked {
             // The description first: an entry without one is not listed any more.
             self.fs
@@ -2409,6 +2426,76 @@ mod tests {
         spool.replay_retained(0).unwrap();
         let batch = spool.read(10).unwrap();
         assert_eq!(batch.mail.unwrap().dir, "mail/req-7");
+    }
+
+    /// A quarantined mail is requeued with its directory where the quarantine keeps it: read
+    /// back naming it, its files there, and its bytes counted again, in this run as after a
+    /// restart.
+    #[test]
+    fn a_requeued_mail_names_its_directory_in_the_quarantine_and_counts_its_files() {
+        let dir = tempfile::tempdir().unwrap();
+        let mut spool = Spool::open(dir.path(), 1 << 30).unwrap();
+        let work = dir.path().join("work");
+        fs::create_dir_all(&work).unwrap();
+        fs::write(work.join("a.bin"), b"0123456789").unwrap();
+        let mail = MailAppend {
+            work,
+            spool_dir: dir.path().to_owned(),
+            mail_json: b"{}".to_vec(),
+            batch_id: "req-9".into(),
+            reserved: 10,
+        };
+        let mut buf = Vec::new();
+        let n = mail.encode(&mut buf, now_ms()).unwrap();
+        spool.append(buf, n).unwrap();
+        let batch = spool.read(10).unwrap();
+        spool.quarantine(&batch, 0, "refused").unwrap();
+        spool.stats().release_inbound(10);
+        let name = quarantine_entries(dir.path()).unwrap()[0].name.clone();
+
+        let requeued = spool.requeue(&[]).unwrap();
+
+        assert_eq!(requeued.requeued, std::slice::from_ref(&name));
+        assert_eq!(spool.stats().inbound_bytes(), 10);
+        let again = spool.read(10).unwrap().mail.unwrap();
+        assert_eq!(again.dir, format!("{QUARANTINE}/{name}.mail"));
+        assert!(dir.path().join(&again.dir).join("a.bin").is_file());
+        drop(spool);
+        let spool = Spool::open(dir.path(), 1 << 30).unwrap();
+        assert_eq!(spool.stats().inbound_bytes(), 10);
+        assert_eq!(spool.stats().messages(), 1);
+    }
+
+    /// A mail directory moved into `mail/` whose record was never appended (a crash between
+    /// the two, or a failed append) is removed at start-up: its request was never answered
+    /// `200`. A directory a record names stays.
+    #[test]
+    fn a_mail_directory_without_its_record_is_removed_at_start_up() {
+        let dir = tempfile::tempdir().unwrap();
+        let mut spool = Spool::open(dir.path(), 1 << 30).unwrap();
+        let orphan = dir.path().join("mail/req-orphan");
+        fs::create_dir_all(&orphan).unwrap();
+        fs::write(orphan.join("mail.json"), b"{}").unwrap();
+        let work = dir.path().join("work");
+        fs::create_dir_all(&work).unwrap();
+        let mail = MailAppend {
+            work,
+            spool_dir: dir.path().to_owned(),
+            mail_json: b"{}".to_vec(),
+            batch_id: "req-kept".into(),
+            reserved: 0,
+        };
+        let mut buf = Vec::new();
+        let n = mail.encode(&mut buf, now_ms()).unwrap();
+        spool.append(buf, n).unwrap();
+        drop(spool);
+
+        let mut spool = Spool::open(dir.path(), 1 << 30).unwrap();
+        assert_eq!(spool.adopt_mails().unwrap(), 0);
+
+        assert!(!orphan.exists(), "the orphan directory is removed");
+        assert!(dir.path().join("mail/req-kept/mail.json").is_file());
+        assert_eq!(spool.read(10).unwrap().mail.unwrap().dir, "mail/req-kept");
     }
 
     /// A mail record between two runs of messages: each read is one kind of job, in the

@@ -848,6 +848,17 @@ async fn a_stream_deleted_while_the_service_runs_is_created_again_and_the_spool_
         "the stream was not created again:\n{}",
         service.log_tail()
     );
+    // Stored is not yet drained: the drainer records its progress just after.
+    let metrics = format!("http://127.0.0.1:{}/metrics", service.admin_port);
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while !get_text(&http, &metrics)
+        .await
+        .lines()
+        .any(|l| l == "cmc_forwarder_spool_messages 0")
+    {
+        assert!(Instant::now() < deadline, "the spool did not drain");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
     let (status, answer, _) = post(&http, &service.webhook_url(), body("later", 3, 100)).await;
     assert_eq!(
         (status, answer["published"].as_u64()),
