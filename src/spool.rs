@@ -499,7 +499,7 @@ impl Spool {
         stats.bytes.store(bytes, Ordering::SeqCst);
         // The files of spooled mails count in `spool.max_bytes` too.
         stats.inbound_bytes.store(mail_bytes, Ordering::SeqCst);
-        let quarantined = quarantine_entries(&*fs, dir)?;
+        let quarantined = list_quarantine(&*fs, dir)?;
         stats
             .quarantined
             .store(quarantined.len() as u64, Ordering::SeqCst);
@@ -1196,7 +1196,7 @@ impl Spool {
     /// stream's window), never in neither. The quarantine already counts in
     /// `spool.max_bytes`, so moving a message back never makes the spool full.
     pub fn requeue(&mut self, names: &[String]) -> Result<Requeued, SpoolError> {
-        let entries = quarantine_entries(&*self.fs, &self.dir)?;
+        let entries = list_quarantine(&*self.fs, &self.dir)?;
         if let Some(unknown) = names
             .iter()
             .find(|name| !entries.iter().any(|e| &e.name == *name))
@@ -1324,7 +1324,12 @@ pub struct QuarantineEntry {
     pub bytes: u64,
 }
 
-fn quarantine_entries(fs: &dyn Storage, dir: &Path) -> io::Result<Vec<QuarantineEntry>> {
+/// [`list_quarantine`] on the real disk.
+fn quarantine_entries(dir: &Path) -> io::Result<Vec<QuarantineEntry>> {
+    list_quarantine(&Disk, dir)
+}
+
+fn list_quarantine(fs: &dyn Storage, dir: &Path) -> io::Result<Vec<QuarantineEntry>> {
     let dir = dir.join(QUARANTINE);
     let mut files: Vec<PathBuf> = match fs.list(&dir) {
         Ok(names) => names
@@ -1439,7 +1444,7 @@ pub fn full_status(dir: &Path) -> Result<FullStatus, SpoolError> {
     let ids = segment_ids(dir)?;
     let cursor = effective_cursor(dir, &ids)?;
     count_waiting(dir, &ids, cursor, &mut status)?;
-    for entry in quarantine_entries(&Disk, dir)? {
+    for entry in quarantine_entries(dir)? {
         let mail = dir.join(QUARANTINE).join(format!("{}.mail", entry.name));
         if !mail.is_dir() {
             status.events.quarantined.push(entry);

@@ -804,7 +804,7 @@ mod tests {
             .map_err(|e| format!("reopen retained: {e}"))?;
         let in_spool = unconsumed(&mut spool).map_err(|e| format!("read spool: {e}"))?;
         let retained = retained_ids(&spool)?;
-        let quarantined = quarantine_entries(&*storage, dir)
+        let quarantined = list_quarantine(&*storage, dir)
             .map_err(|e| format!("read quarantine: {e}"))?
             .into_iter()
             .map(|e| e.msg_id)
