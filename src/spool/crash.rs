@@ -552,6 +552,8 @@ mod tests {
         consumed_tried: usize,
         /// Every record handed to a write of the retained log, in order.
         retained: Vec<String>,
+        /// The time stamp of each of `retained` (when NATS acknowledged it).
+        retained_at: Vec<u64>,
         retained_ok: usize,
         /// `retained[..dropped_ok]` were replayed or expired, answered `Ok`;
         /// `retained[..dropped_tried]` were at least tried.
@@ -600,6 +602,7 @@ mod tests {
     ) -> Result<(), String> {
         for ids in group {
             ex.retained.extend(ids.iter().map(|s| s.to_string()));
+            ex.retained_at.extend(ids.iter().map(|_| at));
         }
         let records: Vec<Box<dyn Records>> = group
             .iter()
@@ -630,6 +633,7 @@ mod tests {
         let want = &ex.spool[ex.consumed_ok..ex.consumed_ok + n];
         assert_eq!(read, want, "the drainer reads the spool in order");
         ex.consumed_tried = ex.consumed_ok + n;
+        ex.retained_at.extend(read.iter().map(|_| now_ms()));
         ex.retained.extend(read);
         spool.commit(&batch, n).map_err(|e| e.to_string())?;
         ex.consumed_ok = ex.consumed_tried;
@@ -651,16 +655,25 @@ mod tests {
         Ok(())
     }
 
-    /// NATS came back after a restart: every retained record goes behind the spool.
-    fn replay(spool: &mut Spool, ex: &mut Expected) -> Result<(), String> {
-        let moving = ex.retained[ex.dropped_ok..].to_vec();
+    /// NATS, last seen connected at `until`, came back restarted: the retained records it
+    /// acknowledged in the retention before `until` go behind the spool; older ones (synced
+    /// by then) are dropped, as if expired.
+    fn replay(spool: &mut Spool, ex: &mut Expected, until: u64) -> Result<(), String> {
+        // The retention and the retained log's margin of a second.
+        let since = until.saturating_sub(RETAIN.as_millis() as u64 + 1_000);
+        let pending = ex.dropped_ok..ex.retained.len();
+        let (moving, dropped): (Vec<usize>, Vec<usize>) =
+            pending.partition(|&i| ex.retained_at[i] >= since);
+        let moving: Vec<String> = moving.iter().map(|&i| ex.retained[i].clone()).collect();
+        ex.expired
+            .extend(dropped.iter().map(|&i| ex.retained[i].clone()));
         ex.spool.extend(moving.iter().cloned());
         ex.dropped_tried = ex.retained.len();
-        let moved = spool.replay_retained(0).map_err(|e| e.to_string())?;
+        let moved = spool.replay_retained(until).map_err(|e| e.to_string())?;
         assert_eq!(
             moved as usize,
             moving.len(),
-            "a replay moves every retained record"
+            "a replay moves every retained record of the window"
         );
         ex.spool_ok = ex.spool.len();
         ex.dropped_ok = ex.dropped_tried;
@@ -721,7 +734,9 @@ mod tests {
         // Copies of a1..a3 start a new retained segment (the last one is old).
         drain(&mut spool, ex, 3)?;
         quarantine_next(&mut spool, ex)?;
-        replay(&mut spool, ex)?;
+        // NATS last seen now: a1..a3 (copied by the drainer now) are replayed, d1..e1 (two
+        // hours old) are dropped.
+        replay(&mut spool, ex, now_ms())?;
         retain_group(&mut spool, ex, &[&["f1", "f2"]], t0 - 2 * HOUR_MS)?;
         spool_group(&mut spool, ex, &[&["g1"], &["g2", "g3"]])?;
         drain(&mut spool, ex, 3)?;
@@ -951,7 +966,8 @@ mod tests {
 
     /// The crash loop. The scenario (appends of batches, one by one and as a group; batches
     /// published directly and retained as a group; drainer reads and commits, which copy to
-    /// the retained log; a quarantine; a replay of the retained log; an expiry; restarts, and
+    /// the retained log; a quarantine; a replay of the retained log's window before NATS was
+    /// last seen (older records dropped); an expiry; restarts, and
     /// a `spool requeue` between two of them) is run once to count its storage operations. Then, for every
     /// k, it is run again on a disk that crashes right after the k-th operation, in each of
     /// these ways: a power cut (only synced bytes and synced directory entries survive); the
@@ -971,7 +987,7 @@ mod tests {
     ///   retained with an `Ok`;
     /// - the quarantine holds every record quarantined with an `Ok`, and nothing else;
     /// - every record answered `200` is in the spool, the retained log or the quarantine,
-    ///   unless its expiry was tried;
+    ///   unless its expiry was tried (or a replay dropped it as older than its window);
     /// - nothing unreadable is returned (reading fails the check);
     /// - the start goes on as the service's does: the retained log's records are replayed
     ///   behind the spool's, in order, and a new append and a new retained record read back
