@@ -41,7 +41,7 @@ use crate::publish::{publish_run, Oversized, Progress, Publish, PublishError};
 use crate::spool::{
     encode_record, MailAppend, ReadBatch, Records, SpoolError, SpoolHandle, WRITE_PIECE,
 };
-use crate::webhook::OutgoingBatch;
+use crate::webhook::{HeaderValue, OutgoingBatch};
 
 /// Messages read from the spool per drain step.
 const DRAIN_BATCH: usize = 512;
@@ -459,15 +459,18 @@ impl BatchRest {
                 break;
             }
             n += 1;
+            // Only the index is not a string already: one small allocation per message.
             let headers = self.batch.headers(m);
-            let values: Vec<String> = headers.iter().map(|(_, v)| v.to_string()).collect();
             encode_record(
                 out,
                 &m.subject,
-                headers
-                    .iter()
-                    .zip(&values)
-                    .map(|((name, _), value)| (*name, value.as_str())),
+                headers.iter().map(|(name, value)| {
+                    let value: std::borrow::Cow<'_, str> = match value {
+                        HeaderValue::Str(s) => (*s).into(),
+                        HeaderValue::Index(i) => i.to_string().into(),
+                    };
+                    (*name, value)
+                }),
                 &m.payload,
                 at_ms,
             )?;

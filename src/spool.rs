@@ -449,7 +449,7 @@ impl Spool {
                 fs.remove_file(&path)?;
                 continue;
             }
-            let scan = scan_segment(&*fs, &path)?;
+            let scan = scan_in(&*fs, &path)?;
             if id == cursor.segment && !on_boundary(cursor, &scan.records) {
                 tracing::warn!(
                     segment = %path.display(),
@@ -1383,7 +1383,7 @@ fn count_waiting(
 ) -> Result<(), SpoolError> {
     let (mut oldest, mut oldest_mail): (Option<u64>, Option<u64>) = (None, None);
     for &id in ids.iter().filter(|&&id| id >= cursor.segment) {
-        let records = match scan_segment(&Disk, &segment_path(dir, id)) {
+        let records = match scan_segment(&segment_path(dir, id)) {
             Ok(scan) => scan.records,
             // A running drainer deletes a segment only once it is wholly consumed: one that
             // was listed and is gone now holds nothing still waiting.
@@ -1429,9 +1429,22 @@ pub fn full_status(dir: &Path) -> Result<FullStatus, SpoolError> {
             quarantined: Vec::new(),
         },
         mails: MailStatus::default(),
+        retained: RetainedStatus::default(),
     };
     if !dir.exists() {
         return Ok(status);
+    }
+    // Read as it is (a running service may be deleting expired segments meanwhile).
+    let retained_dir = dir.join(retained::RETAINED);
+    for id in segment_ids(&retained_dir).unwrap_or_default() {
+        match scan_segment(&segment_path(&retained_dir, id)) {
+            Ok(scan) => {
+                status.retained.records += scan.records.len() as u64;
+                status.retained.bytes += scan.valid_len;
+            }
+            Err(e) if e.kind() == io::ErrorKind::NotFound => {}
+            Err(e) => return Err(e.into()),
+        }
     }
     status.events.in_use = match File::open(dir.join(LOCK)) {
         Ok(file) => match file.try_lock_shared() {
@@ -1531,6 +1544,15 @@ pub struct FullStatus {
     pub events: SpoolStatus,
     #[serde(rename = "inbound")]
     pub mails: MailStatus,
+    /// The retained log: records NATS acknowledged, kept for `spool.retain`.
+    pub retained: RetainedStatus,
+}
+
+/// What the retained log holds.
+#[derive(Debug, Clone, Default, Serialize)]
+pub struct RetainedStatus {
+    pub records: u64,
+    pub bytes: u64,
 }
 
 enum Op {
@@ -1939,7 +1961,12 @@ struct Scan {
 /// no intact record (magic, length, CRC, decodable payload) follows it: that is the torn tail
 /// of an interrupted write. Otherwise the bytes up to the next intact record are a gap, and
 /// the records after it are read as usual.
-fn scan_segment(fs: &dyn Storage, path: &Path) -> io::Result<Scan> {
+fn scan_segment(path: &Path) -> io::Result<Scan> {
+    scan_in(&Disk, path)
+}
+
+/// [`scan_segment`] through `fs`.
+fn scan_in(fs: &dyn Storage, path: &Path) -> io::Result<Scan> {
     let data = fs.read(path)?;
     let mut offset = 0usize;
     let mut records = Vec::new();
@@ -2040,10 +2067,10 @@ fn check_record(data: &[u8]) -> Option<(usize, Option<u64>)> {
 }
 
 /// Appends the record of one message to `out`, stamped `at_ms`.
-pub fn encode_record<'a>(
+pub fn encode_record<'a, V: AsRef<str>>(
     out: &mut Vec<u8>,
     subject: &str,
-    headers: impl ExactSizeIterator<Item = (&'a str, &'a str)>,
+    headers: impl ExactSizeIterator<Item = (&'a str, V)>,
     payload: &[u8],
     at_ms: u64,
 ) -> Result<(), SpoolError> {
@@ -2059,7 +2086,7 @@ pub fn encode_record<'a>(
     );
     for (name, value) in headers {
         put_str16(out, name)?;
-        put_str16(out, value)?;
+        put_str16(out, value.as_ref())?;
     }
     let body_len = u32::try_from(payload.len()).map_err(|_| SpoolError::TooLong)?;
     out.extend_from_slice(&body_len.to_le_bytes());
@@ -2730,6 +2757,7 @@ mod tests {
                 quarantined: Vec::new(),
             },
             mails: MailStatus::default(),
+            retained: RetainedStatus::default(),
         };
         count_waiting(dir.path(), &ids, cursor, &mut status).unwrap();
         assert_eq!(status.events.messages, 3);

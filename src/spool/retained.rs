@@ -26,7 +26,7 @@ use std::time::Duration;
 
 use super::storage::{Storage, StorageFile};
 use super::{
-    create_dir_durably, list_segments, read_record, scan_segment, segment_path, Record, SEGMENT_MAX,
+    create_dir_durably, list_segments, read_record, scan_in, segment_path, Record, SEGMENT_MAX,
 };
 
 /// The directory of the retained log, under the spool directory.
@@ -110,7 +110,7 @@ impl Retained {
         let (mut bytes, mut mail_bytes) = (0, 0);
         for id in list_segments(&*fs, &dir)? {
             let path = segment_path(&dir, id);
-            let scan = scan_segment(&*fs, &path)?;
+            let scan = scan_in(&*fs, &path)?;
             if scan.valid_len < scan.file_len {
                 let mut file = fs.open_write(&path)?;
                 file.set_len(scan.valid_len)?;

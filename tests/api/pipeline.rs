@@ -516,6 +516,12 @@ async fn spool_drain_empties_a_stopped_services_spool_exactly_once_and_refuses_a
     .unwrap();
     assert_eq!(status["messages"], 0);
     assert_eq!(status["in_use"], false);
+    // What it published is kept, in case NATS loses it before its next sync: the 300
+    // drained, and what the service had published itself before NATS went away.
+    assert!(
+        status["retained"]["records"].as_u64().unwrap() >= 300,
+        "{status}"
+    );
     // A second drain finds nothing to do.
     let again = cli(&nats.url(), &spool_dir, &["spool", "drain"]);
     assert!(again.status.success());
