@@ -891,7 +891,10 @@ pub async fn keep_retained<P: Publish>(
             return;
         }
         if let (true, Some(now)) = (publisher.is_connected(), publisher.server_id()) {
-            if server.as_deref() != Some(now.as_str()) {
+            // Nothing retained, nothing to replay: not even a moment of the spool counting as
+            // non-empty (which would send the batches of that moment behind it).
+            let anything = spool.stats().retained_bytes() > 0;
+            if anything && server.as_deref() != Some(now.as_str()) {
                 match spool.replay_retained(seen_at).await {
                     Ok(replayed) => {
                         metrics::retained_replayed(replayed);
