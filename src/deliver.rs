@@ -569,10 +569,21 @@ pub async fn drain_step<P: Publish>(
     if batch.mail.is_some() {
         return drain_mail(spool, mails, batch).await;
     }
+    let server = spool.stats().server_changes();
     let (done, failure) = match publish_run(publisher, &batch.messages, window).await {
         Ok(done) => (done, None),
         Err(failure) => (failure.done, Some(failure)),
     };
+    if spool.stats().server_changes() != server {
+        // NATS went away, and came back as another server, while this step was published:
+        // what it acknowledged may be lost with it, and the replay for that server is taken
+        // already. The step stays in the spool and is published again to the new server.
+        tracing::warn!(
+            acked = done.acked,
+            "NATS changed while a spool step was published; publishing it again"
+        );
+        return Step::Failed("NATS changed while a spool step was published".into());
+    }
     if let Err(e) = spool.commit(batch.clone(), done.acked).await {
         // The cursor has moved in memory: nothing is published twice; its file is written
         // again at the next commit.
@@ -628,6 +639,7 @@ async fn drain_mail<P: Publish>(
         return Step::Failed("the spool holds an inbound mail and inbound.path is not set".into());
     };
     let path = mails.spool_dir.join(&record.dir);
+    let server = spool.stats().server_changes();
     let done = batch.clone();
     let committed = |published: usize| async move {
         match spool.commit(done, 1).await {
@@ -650,6 +662,10 @@ async fn drain_mail<P: Publish>(
     let refused = match mail {
         Err(e) => format!("the mail's record is unreadable: {e}"),
         Ok(mail) => match mails.sink.deliver(&mail, &path, &record.batch_id).await {
+            // As for a step of events: NATS changed meanwhile, so the mail goes out again.
+            Ok(_) if spool.stats().server_changes() != server => {
+                return Step::Failed("NATS changed while a spooled mail was sent".into());
+            }
             Ok(sent) => {
                 tracing::info!(batch_id = %record.batch_id, attachments = mail.attachments.len(), uploaded = sent.uploaded, duplicate = sent.duplicate, "spooled inbound mail published");
                 metrics::inbound_mail("drained");
@@ -894,7 +910,13 @@ pub async fn keep_retained<P: Publish>(
             // Nothing retained, nothing to replay: not even a moment of the spool counting as
             // non-empty (which would send the batches of that moment behind it).
             let anything = spool.stats().retained_bytes() > 0;
-            if anything && server.as_deref() != Some(now.as_str()) {
+            let changed = server.as_deref() != Some(now.as_str());
+            if changed {
+                // Before the replay is taken: a drain step published meanwhile does not
+                // count as acknowledged (see `drain_step`).
+                spool.stats().note_server_change();
+            }
+            if anything && changed {
                 match spool.replay_retained(seen_at).await {
                     Ok(replayed) => {
                         metrics::retained_replayed(replayed);
@@ -1694,6 +1716,44 @@ mod tests {
             labels("new", 5),
             "the synced batch is not sent again"
         );
+        let _ = stop.send(true);
+        keeper.await.unwrap();
+    }
+
+    /// NATS lost power while a drain step was published to it: what it acknowledged is lost
+    /// with it, and the replay for that server was taken before the step finished. The step
+    /// must not count as published: it is published again to the new server.
+    #[tokio::test]
+    async fn a_drain_step_that_spans_a_restart_of_nats_is_published_again() {
+        let r = retaining_rig();
+        let spool = r.spool.clone().unwrap();
+        let (stop, stopped) = watch::channel(false);
+        let keeper = tokio::spawn(keep_retained(spool.clone(), r.fake.clone(), stopped));
+        r.wait_kept().await;
+        r.fake.set_ready(false);
+        assert_eq!(r.deliver(batch("a", 10)).await.unwrap().spooled, 10);
+        r.fake.set_ready(true);
+        r.fake.script(std::iter::repeat_n(
+            Step::AckAfter(Duration::from_millis(250)),
+            10,
+        ));
+        let _drain = r.start_drain();
+
+        // While the step waits for its acknowledgements, the connection comes back to a
+        // restarted server; then the acknowledged messages turn out lost with the old one.
+        tokio::time::sleep(Duration::from_millis(50)).await;
+        r.fake.set_server_id("restarted");
+        tokio::time::sleep(Duration::from_millis(230)).await;
+        r.fake.lose_after(0);
+        let until = Instant::now() + Duration::from_secs(10);
+        while r.fake.stored().len() < 10 || !spool.stats().is_empty() {
+            assert!(Instant::now() < until, "lost: stored {:?}", r.fake.stored());
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+
+        let mut stored = r.fake.stored();
+        stored.sort();
+        assert_eq!(stored, labels("a", 10));
         let _ = stop.send(true);
         keeper.await.unwrap();
     }

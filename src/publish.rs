@@ -1080,7 +1080,12 @@ pub(crate) mod fake {
     }
 
     #[derive(Debug, Clone)]
-    pub struct FakePublisher(Arc<Mutex<State>>, Arc<tokio::sync::Notify>);
+    pub struct FakePublisher(
+        Arc<Mutex<State>>,
+        Arc<tokio::sync::Notify>,
+        /// Ticks when the server changes ([`FakePublisher::set_server_id`]).
+        Arc<tokio::sync::Notify>,
+    );
 
     impl FakePublisher {
         pub fn new(timeout: Duration) -> FakePublisher {
@@ -1108,6 +1113,7 @@ pub(crate) mod fake {
                     server_id: Some("first".into()),
                     stored_ids: Vec::new(),
                 })),
+                Arc::default(),
                 Arc::default(),
             )
         }
@@ -1148,6 +1154,7 @@ pub(crate) mod fake {
         /// The server the fake is connected to: a new id stands for a restarted server.
         pub fn set_server_id(&self, id: &str) {
             self.state().server_id = Some(id.to_owned());
+            self.2.notify_waiters();
         }
 
         /// Forgets what it stored since `kept` messages (a power cut of the server).
@@ -1235,6 +1242,10 @@ pub(crate) mod fake {
 
         fn server_id(&self) -> Option<String> {
             self.state().server_id.clone()
+        }
+
+        async fn reconnected(&self) {
+            self.2.notified().await
         }
 
         fn max_payload(&self) -> usize {

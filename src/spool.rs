@@ -239,6 +239,9 @@ pub struct SpoolStats {
     inbound_bytes: AtomicU64,
     /// Bytes of the retained log (records NATS acknowledged, kept for `spool.retain`).
     retained_bytes: AtomicU64,
+    /// How often the NATS server was found to be another one (restarted, or the connection
+    /// moved): a drain step that spans a change does not count what it got acknowledged.
+    server_changes: AtomicU64,
 }
 
 impl SpoolStats {
@@ -270,6 +273,16 @@ impl SpoolStats {
     /// Whether the cursor file still has to be written (its last write failed).
     pub fn cursor_pending(&self) -> bool {
         self.cursor_pending.load(Ordering::SeqCst)
+    }
+
+    /// How often the NATS server was found to be another one.
+    pub fn server_changes(&self) -> u64 {
+        self.server_changes.load(Ordering::SeqCst)
+    }
+
+    /// Records that the NATS server is another one from now on.
+    pub fn note_server_change(&self) {
+        self.server_changes.fetch_add(1, Ordering::SeqCst);
     }
 
     /// Bytes held by the retained log: records NATS acknowledged and may not have synced.
