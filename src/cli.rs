@@ -11,7 +11,7 @@ use clap::{Parser, Subcommand};
 use crate::deliver::{self, DeliveryOptions};
 use crate::inbound::store::InboundSink;
 use crate::publish::Publisher;
-use crate::settings::Settings;
+use crate::settings::{Mode, Settings};
 use crate::spool::{self, Spool, SpoolHandle};
 
 /// Customers Mail Cloud event webhooks in, one NATS message per event out.
@@ -142,6 +142,13 @@ pub async fn spool_drain(settings: &Settings) -> Result<String, String> {
     })?;
     // Opened under the event spool's lock, so never while a service uses the directory.
     let mut spool = spool;
+    // The retained log is left for the service's next start to replay, but its mails'
+    // directories must be known as such.
+    if settings.nats.mode == Mode::Jetstream && !settings.spool.retain.is_zero() {
+        spool
+            .retain(settings.spool.retain)
+            .map_err(|e| format!("cannot open the spool in {}: {e}", dir.display()))?;
+    }
     // Mails an earlier version queued apart (`inbound/`) join the spool first.
     spool
         .adopt_mails()

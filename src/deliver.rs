@@ -38,7 +38,7 @@ use crate::inbound::store::InboundSink;
 use crate::inbound::Mail;
 use crate::metrics;
 use crate::publish::{publish_run, Oversized, Progress, Publish, PublishError};
-use crate::spool::{encode_record, ReadBatch, Records, SpoolError, SpoolHandle};
+use crate::spool::{encode_record, ReadBatch, Records, SpoolError, SpoolHandle, WRITE_PIECE};
 use crate::webhook::OutgoingBatch;
 
 /// Messages read from the spool per drain step.
@@ -103,7 +103,7 @@ enum Command {
     },
     /// A direct publication failed temporarily: spool what was not acknowledged.
     SpoolRest {
-        batch: OutgoingBatch,
+        batch: Arc<OutgoingBatch>,
         done: Progress,
         permit: Permit,
         reply: Reply,
@@ -178,7 +178,7 @@ async fn actor<P: Publish>(
                 let work: Pin<Box<dyn Future<Output = Outcome> + Send>> = match &spool {
                     Some(spool) if !spool.stats().is_empty() => {
                         let (written, answer) = oneshot::channel();
-                        spool_rest(spool, batch, Progress::default(), permit, written);
+                        spool_rest(spool, Arc::new(batch), Progress::default(), permit, written);
                         Box::pin(async move { answer.await.unwrap_or_else(|_| Err(stopped())) })
                     }
                     _ => {
@@ -188,6 +188,7 @@ async fn actor<P: Publish>(
                             batch,
                             permit,
                             spool.is_some().then_some(back),
+                            spool.as_ref().filter(|s| s.retains()).cloned(),
                             options.window,
                         ))
                     }
@@ -226,22 +227,57 @@ fn unpublished() -> DeliveryError {
 
 /// Publishes one batch directly; a temporary failure goes back to the actor to be spooled
 /// (`back`, when the spool is enabled).
+///
+/// With the retained log (`retain`), the batch is written there while it is published, and
+/// the answer waits for both: NATS acknowledges before it syncs, so what it acknowledged is
+/// only safe from a power cut once this service holds it durably too.
 async fn direct<P: Publish>(
     publisher: P,
     batch: OutgoingBatch,
     permit: Permit,
     back: Option<mpsc::Sender<Command>>,
+    retain: Option<SpoolHandle>,
     window: usize,
 ) -> Outcome {
-    let failure = match publish_run(&publisher, &batch, window).await {
-        Ok(done) => {
+    let batch = Arc::new(batch);
+    let kept = retain.map(|spool| {
+        spool.begin_retain(Box::new(BatchRest {
+            batch: batch.clone(),
+            start: 0,
+        }))
+    });
+    let kept = async move {
+        match kept {
+            Some(written) => written.await.unwrap_or(Err(SpoolError::Stopped)),
+            None => Ok(()),
+        }
+    };
+    let (published, kept) = tokio::join!(publish_run(&publisher, &*batch, window), kept);
+    if let Err(e) = &kept {
+        if !matches!(e, SpoolError::Full(_)) {
+            tracing::error!(error = %e, "cannot write to the retained log");
+        }
+    }
+    let failure = match (published, kept) {
+        (Ok(done), Ok(())) => {
             return Ok(DeliveryReport {
                 published: done.acked,
                 duplicates: done.duplicates,
                 spooled: 0,
             });
         }
-        Err(failure) => failure,
+        (Ok(_), Err(e)) => {
+            return Err(DeliveryError::Unavailable(format!(
+                "the batch was published but could not be kept on disk against a NATS power loss ({e}); nothing is duplicated by retrying"
+            )));
+        }
+        // What NATS acknowledged is safe only in the retained log: when that failed, the
+        // spool takes the whole batch.
+        (Err(mut failure), Err(_)) => {
+            failure.done = Progress::default();
+            failure
+        }
+        (Err(failure), Ok(())) => failure,
     };
     match failure.error {
         PublishError::TooLarge(oversized) => Err(DeliveryError::TooLarge(oversized)),
@@ -281,7 +317,7 @@ fn stopped() -> DeliveryError {
 /// order) and answers `reply` once it is durable.
 fn spool_rest(
     spool: &SpoolHandle,
-    batch: OutgoingBatch,
+    batch: Arc<OutgoingBatch>,
     done: Progress,
     permit: Permit,
     reply: Reply,
@@ -314,14 +350,51 @@ fn spool_rest(
 
 /// The messages of a batch from `start` on, as spool records.
 struct BatchRest {
-    batch: OutgoingBatch,
+    batch: Arc<OutgoingBatch>,
     start: usize,
 }
 
 impl Records for BatchRest {
     fn encode(&self, out: &mut Vec<u8>, at_ms: u64) -> Result<u64, SpoolError> {
-        let messages = self.batch.messages.get(self.start..).unwrap_or_default();
+        self.encode_from(self.start, out, at_ms, usize::MAX)
+            .map(|(n, _)| n)
+    }
+
+    fn write_to(
+        &self,
+        out: &mut dyn FnMut(&[u8]) -> std::io::Result<()>,
+        at_ms: u64,
+    ) -> Result<u64, SpoolError> {
+        let (mut from, mut count) = (self.start, 0);
+        let mut buf = Vec::with_capacity(WRITE_PIECE.min(64 * 1024));
+        while from < self.batch.messages.len() {
+            buf.clear();
+            let (n, next) = self.encode_from(from, &mut buf, at_ms, WRITE_PIECE)?;
+            out(&buf)?;
+            count += n;
+            from = next;
+        }
+        Ok(count)
+    }
+}
+
+impl BatchRest {
+    /// Encodes messages from `from` on until `out` holds `piece` bytes or more; how many,
+    /// and where the next piece starts.
+    fn encode_from(
+        &self,
+        from: usize,
+        out: &mut Vec<u8>,
+        at_ms: u64,
+        piece: usize,
+    ) -> Result<(u64, usize), SpoolError> {
+        let messages = self.batch.messages.get(from..).unwrap_or_default();
+        let mut n = 0;
         for m in messages {
+            if out.len() >= piece {
+                break;
+            }
+            n += 1;
             let headers = self.batch.headers(m);
             let values: Vec<String> = headers.iter().map(|(_, v)| v.to_string()).collect();
             encode_record(
@@ -335,7 +408,7 @@ impl Records for BatchRest {
                 at_ms,
             )?;
         }
-        Ok(messages.len() as u64)
+        Ok((n as u64, from + n))
     }
 }
 
@@ -514,6 +587,11 @@ async fn drain_mail<P: Publish>(
                 tracing::info!(batch_id = %record.batch_id, attachments = mail.attachments.len(), uploaded = sent.uploaded, duplicate = sent.duplicate, "spooled inbound mail published");
                 metrics::inbound_mail("drained");
                 metrics::inbound_attachments("uploaded", sent.uploaded, sent.uploaded_bytes);
+                // With the retained log on, the commit keeps the mail's record there, and its
+                // directory stays until the record expires: NATS may lose the mail yet.
+                if spool.retains() {
+                    return committed(1).await;
+                }
                 // Its directory first: a crash before the commit then finds it gone (sent).
                 if let Err(e) = std::fs::remove_dir_all(&path) {
                     return Step::Failed(format!("cannot remove a sent mail's directory: {e}"));
@@ -718,6 +796,54 @@ impl std::fmt::Debug for Delivery {
     }
 }
 
+/// How often the retained log is looked after.
+const KEEP_EVERY: Duration = Duration::from_secs(1);
+
+/// Looks after the retained log until `stop` turns true: while NATS is connected, deletes
+/// what it can no longer lose; when the connection comes back to a server that restarted
+/// (or to another one), moves the whole log into the spool to be published again, since that
+/// server may have lost what it acknowledged (`Nats-Msg-Id` drops what it kept). Never while
+/// disconnected: records acknowledged just before an outage stay until they are replayed.
+pub async fn keep_retained<P: Publish>(
+    spool: SpoolHandle,
+    publisher: P,
+    mut stop: watch::Receiver<bool>,
+) {
+    let mut server: Option<String> = None;
+    loop {
+        if *stop.borrow() {
+            return;
+        }
+        if publisher.is_connected() {
+            let now = publisher.server_id();
+            if let (Some(before), Some(now)) = (&server, &now) {
+                if before != now {
+                    match spool.replay_retained().await {
+                        Ok(replayed) => {
+                            metrics::retained_replayed(replayed);
+                            tracing::warn!(
+                                messages = replayed,
+                                "NATS restarted (or the connection moved to another server): what it acknowledged in the last spool.retain is published again, in case it was lost"
+                            );
+                        }
+                        Err(e) => {
+                            tracing::error!(error = %e, "cannot replay the retained log; will retry");
+                            sleep_or_stop(KEEP_EVERY, &mut stop).await;
+                            continue;
+                        }
+                    }
+                }
+            }
+            if now.is_some() {
+                server = now;
+            }
+            spool.expire_retained();
+        }
+        metrics::retained_bytes(spool.stats().retained_bytes());
+        sleep_or_stop(KEEP_EVERY, &mut stop).await;
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use std::time::Instant;
@@ -821,6 +947,14 @@ mod tests {
             _dir: dir,
             options,
         }
+    }
+
+    /// A rig whose spool keeps a retained log.
+    fn retaining_rig() -> Rig {
+        let dir = tempfile::tempdir().unwrap();
+        let mut spool = Spool::open(dir.path(), 1 << 30).unwrap();
+        spool.retain(Duration::from_secs(60)).unwrap();
+        rig_on(dir, Some(spool), 64, TIMEOUT)
     }
 
     impl Rig {
@@ -1373,5 +1507,100 @@ mod tests {
         assert_eq!(summary.published, 7);
         assert_eq!(rig.fake.stored(), labels("a", 7));
         assert!(spool.stats().is_empty());
+    }
+
+    /// What NATS acknowledged and then lost in a power cut comes back: the batches answered
+    /// `200` were kept in the retained log, and when the connection comes back to a restarted
+    /// server they are published again, once each (what it kept is de-duplicated).
+    #[tokio::test]
+    async fn a_restarted_server_gets_again_what_it_acknowledged_and_lost() {
+        let r = retaining_rig();
+        for tag in ["a", "b", "c"] {
+            let report = r.deliver(batch(tag, 5)).await.unwrap();
+            assert_eq!((report.published, report.spooled), (5, 0));
+        }
+        let spool = r.spool.clone().unwrap();
+        assert!(
+            spool.stats().is_empty(),
+            "published batches wait for nothing"
+        );
+        assert!(spool.stats().retained_bytes() > 0, "but they are retained");
+        let _drain = r.start_drain();
+        let (stop, stopped) = watch::channel(false);
+        let keeper = tokio::spawn(keep_retained(spool.clone(), r.fake.clone(), stopped));
+        tokio::time::sleep(Duration::from_millis(100)).await;
+
+        // A power cut: the server kept the first batch only, and comes back as a new process.
+        r.fake.lose_after(5);
+        r.fake.set_server_id("restarted");
+        let until = Instant::now() + Duration::from_secs(5);
+        while r.fake.stored().len() < 15 {
+            assert!(
+                Instant::now() < until,
+                "not replayed: {:?}",
+                r.fake.stored()
+            );
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+        r.wait_drained().await;
+
+        let mut stored = r.fake.stored();
+        stored.sort();
+        let mut expected = [labels("a", 5), labels("b", 5), labels("c", 5)].concat();
+        expected.sort();
+        assert_eq!(stored, expected, "every event once");
+        assert_eq!(
+            r.fake.duplicates(),
+            5,
+            "what the server kept was de-duplicated"
+        );
+        let _ = stop.send(true);
+        keeper.await.unwrap();
+    }
+
+    /// Without a restart (the same server after a blip) nothing is replayed.
+    #[tokio::test]
+    async fn the_same_server_after_a_blip_gets_nothing_again() {
+        let r = retaining_rig();
+        r.deliver(batch("a", 5)).await.unwrap();
+        let spool = r.spool.clone().unwrap();
+        let (stop, stopped) = watch::channel(false);
+        let keeper = tokio::spawn(keep_retained(spool.clone(), r.fake.clone(), stopped));
+        r.fake.set_ready(false);
+        tokio::time::sleep(Duration::from_millis(1200)).await;
+        r.fake.set_ready(true);
+        tokio::time::sleep(Duration::from_millis(1200)).await;
+        assert_eq!(r.fake.sent(), 5, "nothing sent again");
+        assert!(spool.stats().is_empty());
+        let _ = stop.send(true);
+        keeper.await.unwrap();
+    }
+
+    /// A batch NATS took but the retained log could not keep (a full disk) is not `200`:
+    /// a power cut could lose it. The sender's retry is de-duplicated.
+    #[tokio::test]
+    async fn a_batch_the_retained_log_cannot_keep_is_not_200() {
+        let dir = tempfile::tempdir().unwrap();
+        let (one, _) = {
+            let mut buf = Vec::new();
+            let n = BatchRest {
+                batch: Arc::new(batch("a", 5)),
+                start: 0,
+            }
+            .encode(&mut buf, 0)
+            .unwrap();
+            (buf, n)
+        };
+        let mut spool = Spool::open(dir.path(), one.len() as u64 + 10).unwrap();
+        spool.retain(Duration::from_secs(60)).unwrap();
+        let r = rig_on(dir, Some(spool), 64, TIMEOUT);
+        r.deliver(batch("a", 5)).await.unwrap();
+
+        let refused = r.deliver(batch("b", 5)).await;
+
+        assert!(
+            matches!(&refused, Err(DeliveryError::Unavailable(m)) if m.contains("could not be kept")),
+            "{refused:?}"
+        );
     }
 }

@@ -20,6 +20,8 @@ pub const PUBLISH_SECONDS: &str = "cmc_forwarder_publish_duration_seconds";
 pub const BATCH_SIZE: &str = "cmc_forwarder_batch_size";
 pub const SPOOL_MESSAGES: &str = "cmc_forwarder_spool_messages";
 pub const SPOOL_BYTES: &str = "cmc_forwarder_spool_bytes";
+pub const RETAINED_BYTES: &str = "cmc_forwarder_retained_bytes";
+pub const RETAINED_REPLAYED: &str = "cmc_forwarder_retained_replayed_total";
 pub const NATS_CONNECTED: &str = "cmc_forwarder_nats_connected";
 pub const READY: &str = "cmc_forwarder_ready";
 pub const CREATED_UNPARSED: &str = "cmc_forwarder_created_unparsed_total";
@@ -109,6 +111,14 @@ fn describe() {
     metrics::describe_histogram!(BATCH_SIZE, "Entries per accepted batch");
     metrics::describe_gauge!(SPOOL_MESSAGES, "Messages waiting in the spool");
     metrics::describe_gauge!(SPOOL_BYTES, "Bytes waiting in the spool");
+    metrics::describe_gauge!(
+        RETAINED_BYTES,
+        "Bytes of the retained log: records NATS acknowledged, kept for spool.retain in case a power cut loses them"
+    );
+    metrics::describe_counter!(
+        RETAINED_REPLAYED,
+        "Retained records published again after NATS restarted or this service started"
+    );
     metrics::describe_gauge!(NATS_CONNECTED, "1 while the NATS connection is up");
     metrics::describe_gauge!(READY, "1 while /readyz answers 200");
     metrics::describe_counter!(
@@ -290,6 +300,16 @@ pub fn spool_drained(published: usize, duplicates: usize) {
 /// When the spool last went from empty to non-empty (milliseconds since the Unix epoch; 0
 /// while empty), for [`SPOOL_BACKLOG_AGE`].
 static SPOOL_NONEMPTY_SINCE_MS: AtomicU64 = AtomicU64::new(0);
+
+/// The size of the retained log.
+pub fn retained_bytes(bytes: u64) {
+    gauge!(RETAINED_BYTES).set(bytes as f64);
+}
+
+/// Retained records moved into the spool to be published again.
+pub fn retained_replayed(messages: u64) {
+    counter!(RETAINED_REPLAYED).increment(messages);
+}
 
 pub fn spool_depth(messages: u64, bytes: u64) {
     gauge!(SPOOL_MESSAGES).set(messages as f64);

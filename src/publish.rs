@@ -75,6 +75,11 @@ pub trait Publish: Clone + Send + Sync + 'static {
     /// Told of every failed publication, so the publisher can act on what it says about the
     /// server (a stream that stopped answering is set up again).
     fn failed(&self, _error: &PublishError) {}
+    /// The id of the server the connection is on: a new one after that server restarted
+    /// (or the connection moved to another), when it may have lost what it acknowledged.
+    fn server_id(&self) -> Option<String> {
+        None
+    }
 
     /// Whether the connection is up, whatever the stream's state (the inbound path stores
     /// objects, which need no stream of events).
@@ -506,6 +511,11 @@ impl Publish for Arc<Publisher> {
 
     fn is_connected(&self) -> bool {
         Publisher::is_connected(self)
+    }
+
+    fn server_id(&self) -> Option<String> {
+        let id = self.client.server_info().server_id;
+        (!id.is_empty()).then_some(id)
     }
 
     type Bucket = objects::Bucket;
@@ -1056,6 +1066,9 @@ pub(crate) mod fake {
         uploads: Vec<String>,
         /// The bucket cannot be opened (missing, `nats.stream.create = false`).
         bucket_missing: bool,
+        server_id: Option<String>,
+        /// The id of each message in `stored`.
+        stored_ids: Vec<String>,
     }
 
     #[derive(Debug, Clone)]
@@ -1084,6 +1097,8 @@ pub(crate) mod fake {
                     objects: HashMap::new(),
                     uploads: Vec::new(),
                     bucket_missing: false,
+                    server_id: Some("first".into()),
+                    stored_ids: Vec::new(),
                 })),
                 Arc::default(),
             )
@@ -1120,6 +1135,21 @@ pub(crate) mod fake {
         /// nothing is confirmed before the final flush.
         pub fn set_core(&self, core: bool) {
             self.state().core = core;
+        }
+
+        /// The server the fake is connected to: a new id stands for a restarted server.
+        pub fn set_server_id(&self, id: &str) {
+            self.state().server_id = Some(id.to_owned());
+        }
+
+        /// Forgets what it stored since `kept` messages (a power cut of the server).
+        pub fn lose_after(&self, kept: usize) {
+            let mut s = self.state();
+            s.stored.truncate(kept);
+            let lost: Vec<String> = s.stored_ids.drain(kept..).collect();
+            for id in lost {
+                s.ids.remove(&id);
+            }
         }
 
         pub fn set_max_payload(&self, max: usize) {
@@ -1174,8 +1204,9 @@ pub(crate) mod fake {
         /// Stores the message (once per id); whether it was a duplicate.
         fn store(&self, id: String, label: String) -> bool {
             let mut s = self.state();
-            if s.ids.insert(id) || s.core {
+            if s.ids.insert(id.clone()) || s.core {
                 s.stored.push(label);
+                s.stored_ids.push(id);
                 false
             } else {
                 s.duplicates += 1;
@@ -1193,6 +1224,10 @@ pub(crate) mod fake {
 
     impl Publish for FakePublisher {
         type Pending = AckFuture;
+
+        fn server_id(&self) -> Option<String> {
+            self.state().server_id.clone()
+        }
 
         fn max_payload(&self) -> usize {
             self.state().max_payload

@@ -390,6 +390,12 @@ pub struct SpoolSettings {
     /// Longest pause between the drainer's retries of a temporary failure.
     #[serde(with = "humantime_serde")]
     pub retry_max_interval: Duration,
+    /// How long records NATS acknowledged are kept (`jetstream` mode), to be published again
+    /// if NATS loses them in a power cut: longer than nats-server's `sync_interval` (2 min by
+    /// default). `0s` turns the retained log off (a `200` then does not survive a power cut
+    /// of NATS).
+    #[serde(with = "humantime_serde")]
+    pub retain: Duration,
 }
 
 impl Default for SpoolSettings {
@@ -399,6 +405,7 @@ impl Default for SpoolSettings {
             dir: "data/spool".into(),
             max_bytes: 1 << 30,
             retry_max_interval: Duration::from_secs(5),
+            retain: Duration::from_secs(150),
         }
     }
 }

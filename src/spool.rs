@@ -61,6 +61,9 @@ use tokio::sync::{oneshot, Notify};
 
 use crate::wire::NatsMessage;
 
+mod retained;
+use retained::Retained;
+
 const MAGIC_V1: &[u8; 4] = b"CMCS";
 const MAGIC: &[u8; 4] = b"CMC2";
 /// A mail record: the spooled mail's directory (its `mail.json` and attachment files) under
@@ -81,6 +84,8 @@ pub fn mail_dir(spool_dir: &Path) -> PathBuf {
 const DRAIN_SCAN: usize = 4096;
 const RECORD_HEADER: usize = 12;
 const SEGMENT_MAX: u64 = 64 * 1024 * 1024;
+/// Bytes copied per write when the retained log is moved into the spool.
+const REPLAY_CHUNK: usize = 1024 * 1024;
 const CURSOR: &str = "cursor";
 const LOCK: &str = "lock";
 const QUARANTINE: &str = "quarantine";
@@ -211,6 +216,8 @@ pub struct SpoolStats {
     /// Bytes of the inbound spool (`<spool.dir>/inbound/`): `spool.max_bytes` bounds both
     /// spools together, so each side checks the other's bytes before it appends.
     inbound_bytes: AtomicU64,
+    /// Bytes of the retained log (records NATS acknowledged, kept for `spool.retain`).
+    retained_bytes: AtomicU64,
 }
 
 impl SpoolStats {
@@ -244,6 +251,16 @@ impl SpoolStats {
         self.cursor_pending.load(Ordering::SeqCst)
     }
 
+    /// Bytes held by the retained log: records NATS acknowledged and may not have synced.
+    pub fn retained_bytes(&self) -> u64 {
+        self.retained_bytes.load(Ordering::SeqCst)
+    }
+
+    /// Everything `spool.max_bytes` bounds but the spooled mails' files.
+    fn held_but_mails(&self) -> u64 {
+        self.bytes() + self.quarantined_bytes() + self.retained_bytes()
+    }
+
     /// Bytes held by the inbound spool of the same directory.
     pub fn inbound_bytes(&self) -> u64 {
         self.inbound_bytes.load(Ordering::SeqCst)
@@ -254,7 +271,7 @@ impl SpoolStats {
     pub fn reserve_inbound(&self, bytes: u64, max_bytes: u64) -> bool {
         self.inbound_bytes
             .fetch_update(Ordering::SeqCst, Ordering::SeqCst, |held| {
-                let others = self.bytes() + self.quarantined_bytes();
+                let others = self.held_but_mails();
                 (others.saturating_add(held).saturating_add(bytes) <= max_bytes)
                     .then_some(held + bytes)
             })
@@ -271,11 +288,37 @@ impl SpoolStats {
     }
 }
 
+/// Which log an append goes to.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Log {
+    /// The spool: records waiting to be published.
+    Spool = 0,
+    /// The retained log: records published (or being published) directly, kept in case NATS
+    /// loses them.
+    Retained = 1,
+}
+
 /// Something the writer thread encodes into records: the messages of one batch.
 pub trait Records: Send + 'static {
     /// Appends the records to `out` (time stamp `at_ms`), returning how many.
     fn encode(&self, out: &mut Vec<u8>, at_ms: u64) -> Result<u64, SpoolError>;
+
+    /// Hands the records to `out` a piece at a time, whole records in each, so a large batch
+    /// is never one more buffer of its size; returns how many.
+    fn write_to(
+        &self,
+        out: &mut dyn FnMut(&[u8]) -> io::Result<()>,
+        at_ms: u64,
+    ) -> Result<u64, SpoolError> {
+        let mut buf = Vec::new();
+        let n = self.encode(&mut buf, at_ms)?;
+        out(&buf)?;
+        Ok(n)
+    }
 }
+
+/// The size of the pieces [`Records::write_to`] hands over.
+pub const WRITE_PIECE: usize = 256 * 1024;
 
 #[derive(Debug)]
 struct Segment {
@@ -303,6 +346,8 @@ pub struct Spool {
     /// part of a refused group after it, and cutting it off failed too. Nothing is appended
     /// until it is done, or those records, answered `503`, would be published after a restart.
     pending_cut: Option<(u64, u64)>,
+    /// The retained log, in `jetstream` mode ([`Spool::retain`]).
+    retained: Option<Retained>,
     stats: Arc<SpoolStats>,
     /// Held for the life of the spool: the exclusive lock on `<dir>/lock`.
     _lock: File,
@@ -445,6 +490,7 @@ impl Spool {
             cursor,
             cursor_dirty: false,
             pending_cut: None,
+            retained: None,
             stats,
             _lock: lock,
             #[cfg(test)]
@@ -487,7 +533,11 @@ impl Spool {
             sync_dir(&mails)?;
             sync_dir(&self.dir.join("inbound"))?;
         }
-        let named = self.unconsumed_mail_dirs()?;
+        let mut named = self.unconsumed_mail_dirs()?;
+        // The retained log's mails keep their directories too (open it first: `retain`).
+        if let Some(log) = &self.retained {
+            named.extend(log.mail_dirs()?);
+        }
         // A directory moved in whose record was never written (a crash, a failed append):
         // its request was not answered 200, so nothing promised is lost.
         for entry in fs::read_dir(&mails)? {
@@ -582,42 +632,72 @@ impl Spool {
     /// Appends several batches with one write and one `sync_data`; each gets its own answer
     /// (a batch that does not fit in `max_bytes` is refused, the others are written).
     pub fn append_group(&mut self, group: Vec<(Vec<u8>, u64)>) -> Vec<Result<(), SpoolError>> {
+        self.append_to(
+            group
+                .into_iter()
+                .map(|(records, n)| (records, n, Log::Spool))
+                .collect(),
+        )
+    }
+
+    /// Appends a group whose batches go to the spool or to the retained log: one write and
+    /// one sync per log that gets any. `spool.max_bytes` bounds both together.
+    fn append_to(&mut self, group: Vec<(Vec<u8>, u64, Log)>) -> Vec<Result<(), SpoolError>> {
         let mut answers = Vec::with_capacity(group.len());
-        let mut buf = Vec::new();
-        let (mut size, mut count) = (0u64, 0u64);
+        let mut bufs = [Vec::new(), Vec::new()];
+        let mut counts = [0u64; 2];
         let mut accepted = Vec::with_capacity(group.len());
-        for (records, n) in group {
+        let now = now_ms();
+        for (records, n, log) in group {
             let len = records.len() as u64;
-            // The inbound spool's bytes count too: `spool.max_bytes` bounds the directory.
-            // So does the quarantine: it stays on the same disk until requeued or removed.
-            let held =
-                self.stats.bytes() + self.stats.inbound_bytes() + self.stats.quarantined_bytes();
+            let log = if self.retained.is_some() {
+                log
+            } else {
+                Log::Spool
+            };
+            // The spooled mails' files count too: `spool.max_bytes` bounds the directory.
+            // So do the quarantine (on the same disk until requeued or removed) and the
+            // retained log.
+            let held = self.stats.held_but_mails() + self.stats.inbound_bytes();
+            let size = (bufs[0].len() + bufs[1].len()) as u64;
             if held + size + len > self.max_bytes {
                 answers.push(Some(Err(SpoolError::Full(self.max_bytes))));
                 continue;
             }
+            let buf = &mut bufs[log as usize];
             if buf.is_empty() {
-                buf = records;
+                *buf = records;
             } else {
                 buf.extend_from_slice(&records);
             }
-            size += len;
-            count += n;
-            accepted.push(answers.len());
+            counts[log as usize] += n;
+            accepted.push((answers.len(), log));
             answers.push(None);
         }
-        if size > 0 {
-            let written = self.write_durably(&buf);
-            if written.is_ok() {
-                self.stats.messages.fetch_add(count, Ordering::SeqCst);
-                self.stats.bytes.fetch_add(size, Ordering::SeqCst);
+        let [spooled, retained] = bufs;
+        let mut results = [Ok(()), Ok(())];
+        if !spooled.is_empty() {
+            results[0] = self.write_durably(&spooled);
+            if results[0].is_ok() {
+                self.stats.messages.fetch_add(counts[0], Ordering::SeqCst);
+                self.stats
+                    .bytes
+                    .fetch_add(spooled.len() as u64, Ordering::SeqCst);
             }
-            for i in accepted {
-                answers[i] = Some(match &written {
-                    Ok(()) => Ok(()),
-                    Err(e) => Err(SpoolError::Io(io::Error::new(e.kind(), e.to_string()))),
-                });
+        }
+        if let (false, Some(log)) = (retained.is_empty(), self.retained.as_mut()) {
+            results[1] = log.append(&retained, now);
+            if results[1].is_ok() {
+                self.stats
+                    .retained_bytes
+                    .fetch_add(retained.len() as u64, Ordering::SeqCst);
             }
+        }
+        for (i, log) in accepted {
+            answers[i] = Some(match &results[log as usize] {
+                Ok(()) => Ok(()),
+                Err(e) => Err(SpoolError::Io(io::Error::new(e.kind(), e.to_string()))),
+            });
         }
         answers.into_iter().map(|a| a.unwrap_or(Ok(()))).collect()
     }
@@ -751,11 +831,164 @@ impl Spool {
     /// The cursor in memory moves even when its file cannot be written, so the drainer never
     /// publishes the same messages again in this run; the file is written again at the next
     /// commit, and until then no segment is deleted.
+    ///
+    /// With the retained log on, the published records are copied there (and synced) before
+    /// the cursor moves past them: NATS may not have synced them yet. If that copy fails the
+    /// cursor stays, and the drainer publishes them again (de-duplicated).
     pub fn commit(&mut self, batch: &ReadBatch, n: usize) -> Result<(), SpoolError> {
         if let Some((end, bytes)) = batch.end_of(n) {
+            if end > self.cursor {
+                self.keep_published(&batch.records[..n])?;
+            }
             self.advance(end, n as u64, bytes);
         }
         self.persist_cursor()
+    }
+
+    /// Copies records NATS just acknowledged into the retained log, when it is on.
+    fn keep_published(&mut self, records: &[Vec<u8>]) -> Result<(), SpoolError> {
+        let Some(log) = self.retained.as_mut() else {
+            return Ok(());
+        };
+        let buf = records.concat();
+        log.append(&buf, now_ms())?;
+        self.stats
+            .retained_bytes
+            .fetch_add(buf.len() as u64, Ordering::SeqCst);
+        Ok(())
+    }
+
+    /// Writes the records of each of `group` (batches published directly) to the retained
+    /// log, piece by piece, then makes them durable with one `fdatasync`; each gets its own
+    /// answer (a batch over `spool.max_bytes` is cut off again and refused alone).
+    fn retain_group(&mut self, group: &[Box<dyn Records>], at: u64) -> Vec<Result<(), SpoolError>> {
+        let Some(log) = self.retained.as_mut() else {
+            return group.iter().map(|_| Err(SpoolError::Stopped)).collect();
+        };
+        let room = self
+            .max_bytes
+            .saturating_sub(self.stats.held_but_mails() + self.stats.inbound_bytes());
+        let start = match log.begin(at) {
+            Ok(start) => start,
+            Err(e) => return group.iter().map(|_| Err(copy_error(&e))).collect(),
+        };
+        let mut answers: Vec<Option<Result<(), SpoolError>>> = Vec::with_capacity(group.len());
+        for records in group {
+            let before = log.end();
+            let written = records.write_to(
+                &mut |piece| {
+                    if log.end() - start + piece.len() as u64 > room {
+                        return Err(io::Error::other(OverMaxBytes));
+                    }
+                    log.write(piece)
+                },
+                at,
+            );
+            match written {
+                Ok(_) => answers.push(None),
+                Err(e) => {
+                    let full = matches!(&e, SpoolError::Io(io) if io.get_ref().is_some_and(|e| e.is::<OverMaxBytes>()));
+                    if let Err(cut) = log.cut(before) {
+                        log.abandon(start);
+                        let e = copy_error(&cut);
+                        return group.iter().map(|_| Err(copy_error_of(&e))).collect();
+                    }
+                    answers.push(Some(Err(if full {
+                        SpoolError::Full(self.max_bytes)
+                    } else {
+                        e
+                    })));
+                }
+            }
+        }
+        let written = log.end() - start;
+        if let Err(e) = log.sync(at) {
+            log.abandon(start);
+            return group.iter().map(|_| Err(copy_error(&e))).collect();
+        }
+        self.stats
+            .retained_bytes
+            .fetch_add(written, Ordering::SeqCst);
+        answers.into_iter().map(|a| a.unwrap_or(Ok(()))).collect()
+    }
+
+    /// Turns the retained log on (`jetstream` mode): records NATS acknowledges are kept
+    /// `retain` long after the acknowledgement, in case it loses them (see
+    /// [`retained`](self::retained)). What an earlier run retained is found again; call
+    /// [`Spool::replay_retained`] before serving, since NATS may have lost it meanwhile.
+    pub fn retain(&mut self, retain: Duration) -> Result<(), SpoolError> {
+        let opened = Retained::open(&self.dir, retain)?;
+        self.stats
+            .retained_bytes
+            .store(opened.bytes, Ordering::SeqCst);
+        self.stats
+            .inbound_bytes
+            .fetch_add(opened.mail_bytes, Ordering::SeqCst);
+        self.retained = Some(opened.retained);
+        Ok(())
+    }
+
+    /// Whether the retained log is on.
+    pub fn retains(&self) -> bool {
+        self.retained.is_some()
+    }
+
+    /// Moves every retained record to the end of the spool, durably, to be published again
+    /// (NATS may have lost it: it was restarted, or this service was). Returns how many.
+    pub fn replay_retained(&mut self) -> Result<u64, SpoolError> {
+        let Some(mut log) = self.retained.take() else {
+            return Ok(0);
+        };
+        let mut moved = 0;
+        let taken = log.take_all(REPLAY_CHUNK, |chunk, count| {
+            self.write_durably(chunk)?;
+            self.stats.messages.fetch_add(count, Ordering::SeqCst);
+            self.stats
+                .bytes
+                .fetch_add(chunk.len() as u64, Ordering::SeqCst);
+            moved += count;
+            Ok(())
+        });
+        self.retained = Some(log);
+        let freed = taken?;
+        let _ = self
+            .stats
+            .retained_bytes
+            .fetch_update(Ordering::SeqCst, Ordering::SeqCst, |b| {
+                Some(b.saturating_sub(freed.bytes))
+            });
+        Ok(moved)
+    }
+
+    /// Deletes what the retained log no longer needs at `now_ms` (records older than the
+    /// retention; the caller calls it only while NATS is connected), with the directories of
+    /// the mails among them.
+    pub fn expire_retained(&mut self, now_ms: u64) -> Result<(), SpoolError> {
+        let Some(log) = self.retained.as_mut() else {
+            return Ok(());
+        };
+        let freed = log.expire(now_ms)?;
+        let _ = self
+            .stats
+            .retained_bytes
+            .fetch_update(Ordering::SeqCst, Ordering::SeqCst, |b| {
+                Some(b.saturating_sub(freed.bytes))
+            });
+        for (dir, bytes) in freed.mails {
+            match fs::remove_dir_all(self.dir.join(&dir)) {
+                Err(e) if e.kind() != io::ErrorKind::NotFound => return Err(e.into()),
+                _ => self.stats.release_inbound(bytes),
+            }
+        }
+        Ok(())
+    }
+
+    /// How many records and bytes the retained log holds (none when it is off).
+    pub fn retained_count(&self) -> Result<(u64, u64), SpoolError> {
+        Ok(match &self.retained {
+            Some(log) => log.count()?,
+            None => (0, 0),
+        })
     }
 
     fn advance(&mut self, end: Position, n: u64, bytes: u64) {
@@ -970,6 +1203,24 @@ impl Spool {
     }
 }
 
+/// A retained batch would take the directory over `spool.max_bytes`.
+#[derive(Debug, Error)]
+#[error("over spool.max_bytes")]
+struct OverMaxBytes;
+
+/// One I/O error as the answer of each of several requests.
+fn copy_error(e: &io::Error) -> SpoolError {
+    SpoolError::Io(io::Error::new(e.kind(), e.to_string()))
+}
+
+fn copy_error_of(e: &SpoolError) -> SpoolError {
+    match e {
+        SpoolError::Io(io) => copy_error(io),
+        SpoolError::Full(max) => SpoolError::Full(*max),
+        other => SpoolError::Io(io::Error::other(other.to_string())),
+    }
+}
+
 fn write_synced(path: &Path, data: &[u8]) -> io::Result<()> {
     let mut file = File::create(path)?;
     file.write_all(data)?;
@@ -1178,7 +1429,14 @@ pub struct FullStatus {
 enum Op {
     Append {
         records: Box<dyn Records>,
+        log: Log,
         reply: oneshot::Sender<Result<(), SpoolError>>,
+    },
+    Replay {
+        reply: oneshot::Sender<Result<u64, SpoolError>>,
+    },
+    Expire {
+        now_ms: u64,
     },
     Read {
         max: usize,
@@ -1202,6 +1460,7 @@ enum Op {
 pub struct SpoolHandle {
     tx: mpsc::Sender<Op>,
     stats: Arc<SpoolStats>,
+    retains: bool,
     /// Wakes the drainer when something is appended.
     appended: Arc<Notify>,
 }
@@ -1211,6 +1470,7 @@ impl SpoolHandle {
     pub fn start(spool: Spool) -> io::Result<SpoolHandle> {
         let (tx, rx) = mpsc::channel();
         let stats = spool.stats();
+        let retains = spool.retains();
         let appended = Arc::new(Notify::new());
         let notify = appended.clone();
         std::thread::Builder::new()
@@ -1219,6 +1479,7 @@ impl SpoolHandle {
         Ok(SpoolHandle {
             tx,
             stats,
+            retains,
             appended,
         })
     }
@@ -1238,15 +1499,65 @@ impl SpoolHandle {
         &self,
         records: Box<dyn Records>,
     ) -> oneshot::Receiver<Result<(), SpoolError>> {
-        let (reply, rx) = oneshot::channel();
         self.stats.queued.fetch_add(1, Ordering::SeqCst);
-        if let Err(mpsc::SendError(op)) = self.tx.send(Op::Append { records, reply }) {
-            self.stats.queued.fetch_sub(1, Ordering::SeqCst);
+        self.send_append(records, Log::Spool)
+    }
+
+    /// Hands `records`, published directly, to the retained log (the spool's own when it is
+    /// off: see [`SpoolHandle::retains`]). The answer comes once they are durable.
+    pub fn begin_retain(
+        &self,
+        records: Box<dyn Records>,
+    ) -> oneshot::Receiver<Result<(), SpoolError>> {
+        self.send_append(records, Log::Retained)
+    }
+
+    fn send_append(
+        &self,
+        records: Box<dyn Records>,
+        log: Log,
+    ) -> oneshot::Receiver<Result<(), SpoolError>> {
+        let (reply, rx) = oneshot::channel();
+        if let Err(mpsc::SendError(op)) = self.tx.send(Op::Append {
+            records,
+            log,
+            reply,
+        }) {
+            if log == Log::Spool {
+                self.stats.queued.fetch_sub(1, Ordering::SeqCst);
+            }
             if let Op::Append { reply, .. } = op {
                 let _ = reply.send(Err(SpoolError::Stopped));
             }
         }
         rx
+    }
+
+    /// Whether batches published directly are kept in the retained log (`jetstream` mode).
+    pub fn retains(&self) -> bool {
+        self.retains
+    }
+
+    /// Moves the retained log into the spool, to be published again; from this call on the
+    /// spool counts as non-empty until it is done, so later batches queue behind it.
+    pub async fn replay_retained(&self) -> Result<u64, SpoolError> {
+        self.stats.queued.fetch_add(1, Ordering::SeqCst);
+        let answer = self.call(|reply| Op::Replay { reply }).await;
+        if matches!(answer, Err(SpoolError::Stopped)) {
+            let _ = self
+                .stats
+                .queued
+                .fetch_update(Ordering::SeqCst, Ordering::SeqCst, |q| {
+                    Some(q.saturating_sub(1))
+                });
+        }
+        self.appended.notify_one();
+        answer
+    }
+
+    /// Deletes retained records NATS can no longer lose (call only while connected).
+    pub fn expire_retained(&self) {
+        let _ = self.tx.send(Op::Expire { now_ms: now_ms() });
     }
 
     /// Waits until something is appended (or a while has passed).
@@ -1304,10 +1615,14 @@ fn writer_loop(mut spool: Spool, rx: mpsc::Receiver<Op>, appended: Arc<Notify>) 
             },
         };
         match op {
-            Op::Append { records, reply } => {
+            Op::Append {
+                records,
+                log,
+                reply,
+            } => {
                 // Group commit: everything that queued up while the last fsync ran goes
                 // into this one write.
-                let mut group = vec![(records, reply)];
+                let mut group = vec![(records, log, reply)];
                 // When the last group had company, appends are arriving concurrently: wait a
                 // moment for more (as Postgres's commit_delay does), so one fsync covers
                 // them; a lone sender never waits.
@@ -1321,7 +1636,11 @@ fn writer_loop(mut spool: Spool, rx: mpsc::Receiver<Op>, appended: Arc<Notify>) 
                         _ => rx.try_recv().map_err(|_| ()),
                     };
                     match received {
-                        Ok(Op::Append { records, reply }) => group.push((records, reply)),
+                        Ok(Op::Append {
+                            records,
+                            log,
+                            reply,
+                        }) => group.push((records, log, reply)),
                         Ok(other) => {
                             next = Some(other);
                             break;
@@ -1334,19 +1653,36 @@ fn writer_loop(mut spool: Spool, rx: mpsc::Receiver<Op>, appended: Arc<Notify>) 
                 let mut encoded = Vec::with_capacity(group.len());
                 let mut replies = Vec::with_capacity(group.len());
                 let mut early = Vec::new();
-                for (records, reply) in group {
+                let done = group
+                    .iter()
+                    .filter(|(_, log, _)| *log == Log::Spool)
+                    .count() as u64;
+                // Batches published directly go to the retained log piece by piece (when it
+                // is on; else, as nothing asks for them, they are answered with the spool's).
+                let (retain, group): (Vec<_>, Vec<_>) = group
+                    .into_iter()
+                    .partition(|(_, log, _)| *log == Log::Retained && spool.retained.is_some());
+                if !retain.is_empty() {
+                    let (records, replies): (Vec<_>, Vec<_>) =
+                        retain.into_iter().map(|(r, _, reply)| (r, reply)).unzip();
+                    let answers = spool.retain_group(&records, at);
+                    drop(records);
+                    for (reply, answer) in replies.into_iter().zip(answers) {
+                        let _ = reply.send(answer);
+                    }
+                }
+                for (records, log, reply) in group {
                     let mut buf = Vec::new();
                     match records.encode(&mut buf, at) {
                         Ok(n) => {
-                            encoded.push((buf, n));
+                            encoded.push((buf, n, log));
                             replies.push(reply);
                         }
                         Err(e) => early.push((reply, e)),
                     }
                     drop(records);
                 }
-                let answers = spool.append_group(encoded);
-                let done = (answers.len() + early.len()) as u64;
+                let answers = spool.append_to(encoded);
                 for (reply, answer) in replies.into_iter().zip(answers) {
                     let _ = reply.send(answer);
                 }
@@ -1358,6 +1694,17 @@ fn writer_loop(mut spool: Spool, rx: mpsc::Receiver<Op>, appended: Arc<Notify>) 
             }
             Op::Read { max, reply } => {
                 let _ = reply.send(spool.read(max));
+            }
+            Op::Replay { reply } => {
+                let replayed = spool.replay_retained();
+                spool.stats.queued.fetch_sub(1, Ordering::SeqCst);
+                appended.notify_one();
+                let _ = reply.send(replayed);
+            }
+            Op::Expire { now_ms } => {
+                if let Err(e) = spool.expire_retained(now_ms) {
+                    tracing::warn!(error = %e, "cannot delete expired records of the retained log; will retry");
+                }
             }
             Op::Commit { batch, n, reply } => {
                 let _ = reply.send(spool.commit(&batch, n));
@@ -1741,6 +2088,162 @@ mod tests {
     fn append(spool: &mut Spool, messages: &[NatsMessage]) -> Result<(), SpoolError> {
         let (buf, n) = records(messages);
         spool.append(buf, n)
+    }
+
+    fn retain(spool: &mut Spool, messages: &[NatsMessage]) -> Result<(), SpoolError> {
+        let (buf, n) = records(messages);
+        spool
+            .append_to(vec![(buf, n, Log::Retained)])
+            .pop()
+            .unwrap()
+    }
+
+    fn ids(batch: &ReadBatch) -> Vec<String> {
+        batch
+            .messages
+            .iter()
+            .map(|m| m.header("Nats-Msg-Id").unwrap().to_owned())
+            .collect()
+    }
+
+    /// Records published directly wait in the retained log, not in the spool; a replay moves
+    /// them, in order, behind what the spool held, and empties the log. They survive a
+    /// reopen, and the spool counts their bytes against `spool.max_bytes`.
+    #[test]
+    fn a_replay_moves_the_retained_records_behind_the_spool_in_order() {
+        let dir = tempfile::tempdir().unwrap();
+        let all: Vec<NatsMessage> = (0..6).map(message).collect();
+        {
+            let mut spool = Spool::open(dir.path(), 1 << 20).unwrap();
+            spool.retain(Duration::from_secs(60)).unwrap();
+            retain(&mut spool, &all[..2]).unwrap();
+            append(&mut spool, &all[2..3]).unwrap();
+            retain(&mut spool, &all[3..]).unwrap();
+            assert_eq!(
+                spool.stats().messages(),
+                1,
+                "retained records wait for nothing"
+            );
+            assert!(spool.stats().retained_bytes() > 0);
+            assert_eq!(spool.retained_count().unwrap().0, 5);
+        }
+        let mut spool = Spool::open(dir.path(), 1 << 20).unwrap();
+        spool.retain(Duration::from_secs(60)).unwrap();
+        assert_eq!(
+            spool.retained_count().unwrap().0,
+            5,
+            "kept across a restart"
+        );
+
+        assert_eq!(spool.replay_retained().unwrap(), 5);
+
+        assert_eq!(spool.stats().messages(), 6);
+        assert_eq!(spool.stats().retained_bytes(), 0);
+        assert_eq!(spool.retained_count().unwrap(), (0, 0));
+        let batch = spool.read(100).unwrap();
+        assert_eq!(
+            ids(&batch),
+            ["id-2", "id-0", "id-1", "id-3", "id-4", "id-5"],
+            "the spool's own first, then the retained log in its order"
+        );
+        // The drainer's commit keeps what NATS acknowledged in the log again.
+        spool.commit(&batch, 6).unwrap();
+        assert_eq!(spool.retained_count().unwrap().0, 6);
+        assert!(spool.stats().is_empty());
+    }
+
+    /// The retained log counts in `spool.max_bytes`: a log that fills it refuses more, and so
+    /// does the spool.
+    #[test]
+    fn the_retained_log_counts_in_max_bytes() {
+        let dir = tempfile::tempdir().unwrap();
+        let (one, _) = records(&[message(1)]);
+        let mut spool = Spool::open(dir.path(), one.len() as u64 * 2).unwrap();
+        spool.retain(Duration::from_secs(60)).unwrap();
+        retain(&mut spool, &[message(1)]).unwrap();
+        retain(&mut spool, &[message(2)]).unwrap();
+        assert!(matches!(
+            retain(&mut spool, &[message(3)]),
+            Err(SpoolError::Full(_))
+        ));
+        assert!(matches!(
+            append(&mut spool, &[message(3)]),
+            Err(SpoolError::Full(_))
+        ));
+    }
+
+    /// Expiry deletes whole segments whose newest record is older than the retention, with
+    /// the directories of their mails, and nothing younger.
+    #[test]
+    fn expiry_deletes_old_segments_and_their_mails_only() {
+        let dir = tempfile::tempdir().unwrap();
+        let mut spool = Spool::open(dir.path(), 1 << 30).unwrap();
+        spool.retain(Duration::from_millis(800)).unwrap();
+        let work = dir.path().join("work");
+        fs::create_dir_all(&work).unwrap();
+        fs::write(work.join("a.bin"), b"attachment").unwrap();
+        let mail = MailAppend {
+            work: work.clone(),
+            spool_dir: dir.path().to_owned(),
+            mail_json: b"{}".to_vec(),
+            batch_id: "req-1".into(),
+            reserved: 10,
+        };
+        let mut buf = Vec::new();
+        let n = mail.encode(&mut buf, now_ms()).unwrap();
+        assert!(spool.stats().reserve_inbound(10, 1 << 30));
+        spool.append_to(vec![(buf, n, Log::Retained)]);
+        retain(&mut spool, &[message(1)]).unwrap();
+        let mail_dir = dir.path().join("mail/req-1");
+        assert!(mail_dir.join("a.bin").is_file());
+
+        spool.expire_retained(now_ms()).unwrap();
+        assert_eq!(spool.retained_count().unwrap().0, 2, "nothing is old yet");
+
+        // A later segment (after an eighth of the retention) stays when the first expires.
+        std::thread::sleep(Duration::from_millis(700));
+        retain(&mut spool, &[message(2)]).unwrap();
+        std::thread::sleep(Duration::from_millis(200));
+        spool.expire_retained(now_ms()).unwrap();
+
+        assert_eq!(spool.retained_count().unwrap().0, 1);
+        assert!(
+            !mail_dir.exists(),
+            "an expired mail's directory goes with it"
+        );
+        assert_eq!(spool.stats().inbound_bytes(), 0);
+        let (_, bytes) = spool.retained_count().unwrap();
+        assert_eq!(spool.stats().retained_bytes(), bytes);
+    }
+
+    /// A restart keeps a retained mail's directory (the start-up clean-up removes only
+    /// directories no record names).
+    #[test]
+    fn a_retained_mail_keeps_its_directory_across_a_restart() {
+        let dir = tempfile::tempdir().unwrap();
+        {
+            let mut spool = Spool::open(dir.path(), 1 << 30).unwrap();
+            spool.retain(Duration::from_secs(60)).unwrap();
+            let work = dir.path().join("work");
+            fs::create_dir_all(&work).unwrap();
+            let mail = MailAppend {
+                work,
+                spool_dir: dir.path().to_owned(),
+                mail_json: b"{}".to_vec(),
+                batch_id: "req-7".into(),
+                reserved: 0,
+            };
+            let mut buf = Vec::new();
+            let n = mail.encode(&mut buf, now_ms()).unwrap();
+            spool.append_to(vec![(buf, n, Log::Retained)]);
+        }
+        let mut spool = Spool::open(dir.path(), 1 << 30).unwrap();
+        spool.retain(Duration::from_secs(60)).unwrap();
+        assert_eq!(spool.adopt_mails().unwrap(), 0);
+        assert!(dir.path().join("mail/req-7/mail.json").is_file());
+        spool.replay_retained().unwrap();
+        let batch = spool.read(10).unwrap();
+        assert_eq!(batch.mail.unwrap().dir, "mail/req-7");
     }
 
     /// A mail record between two runs of messages: each read is one kind of job, in the

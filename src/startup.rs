@@ -21,7 +21,7 @@ use crate::publish::{Publisher, SetupError};
 use crate::reload::Reloader;
 use crate::routes::{self, admin, inbound};
 use crate::server::{self, RequestTimeout, ServeOptions};
-use crate::settings::Settings;
+use crate::settings::{Mode, Settings};
 use crate::spool::{Spool, SpoolError, SpoolHandle};
 
 /// Why the service could not start.
@@ -111,8 +111,23 @@ impl Application {
                 source,
             };
             let mut spool = Spool::open(dir, settings.spool.max_bytes).map_err(spool_error)?;
+            let retains = settings.nats.mode == Mode::Jetstream && !settings.spool.retain.is_zero();
+            if retains {
+                spool.retain(settings.spool.retain).map_err(spool_error)?;
+            }
             // Mails an earlier version queued apart (`inbound/`) join the one spool.
             let adopted = spool.adopt_mails().map_err(spool_error)?;
+            if retains {
+                // NATS may have lost what it acknowledged last while this service was down
+                // (a power cut of both hosts): publish it again, de-duplicated.
+                let replayed = spool.replay_retained().map_err(spool_error)?;
+                if replayed > 0 {
+                    tracing::info!(
+                        messages = replayed,
+                        "records NATS acknowledged before the last stop are published again, in case it lost them"
+                    );
+                }
+            }
             if adopted > 0 {
                 tracing::info!(
                     mails = adopted,
@@ -238,6 +253,13 @@ impl Application {
             let _ = stop_tx.send(true);
         });
 
+        let keeper = self.spool.clone().filter(|s| s.retains()).map(|spool| {
+            tokio::spawn(deliver::keep_retained(
+                spool,
+                Arc::new(self.publisher.clone()),
+                stop_rx.clone(),
+            ))
+        });
         let drainer = self.spool.clone().map(|spool| {
             let mails = self.inbound.as_ref().map(|state| deliver::Mails {
                 sink: state.sink.clone(),
@@ -303,6 +325,9 @@ impl Application {
                     tracing::warn!(grace = ?self.grace, "grace period over; closing the remaining connections");
                 }
             }
+        }
+        if let Some(keeper) = keeper {
+            let _ = keeper.await;
         }
         if let Some(drainer) = drainer {
             let _ = drainer.await;

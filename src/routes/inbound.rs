@@ -253,6 +253,11 @@ where
             .unwrap_or_default();
         match state.sink.deliver(&mail, &dir, batch_id).await {
             Ok(sent) => {
+                // NATS acknowledged the mail and its objects before syncing them: keep the
+                // mail on disk for `spool.retain`, to send again if NATS loses it.
+                if let Some(spool) = state.spool.as_ref().filter(|s| s.retains()) {
+                    retain(state, spool, &mail, work, batch_id).await?;
+                }
                 metrics::inbound_mail(if sent.duplicate {
                     "duplicate"
                 } else {
@@ -328,6 +333,48 @@ where
         spooled: 1,
         duplicates: 0,
     })
+}
+
+/// Keeps a mail published directly in the retained log, with its files: durably, before its
+/// `200`. A disk that cannot take it gets `503` (the mail is on the bus; a retry is
+/// de-duplicated).
+async fn retain<P: Publish>(
+    state: &InboundState<P>,
+    spool: &SpoolHandle,
+    mail: &crate::inbound::Mail,
+    work: Option<WorkDir>,
+    batch_id: &str,
+) -> Result<(), ApiError> {
+    let retry_after = state.gate.retry_after;
+    let failed = |error| ApiError::Spool { error, retry_after };
+    let work = match work {
+        Some(work) => work,
+        None => WorkDir::create(&state.work_root).map_err(|e| failed(SpoolError::Io(e)))?,
+    };
+    let files = mail.file_bytes();
+    let append = MailAppend {
+        work: work.into_path(),
+        spool_dir: state.spool_dir.clone(),
+        mail_json: serde_json::to_vec(mail).expect("a mail serializes"),
+        batch_id: batch_id.to_owned(),
+        reserved: files,
+    };
+    if !spool.stats().reserve_inbound(files, state.spool_max_bytes) {
+        let _ = std::fs::remove_dir_all(&append.work);
+        return Err(failed(SpoolError::Full(state.spool_max_bytes)));
+    }
+    let work_dir = append.work.clone();
+    let kept = spool
+        .begin_retain(Box::new(append))
+        .await
+        .unwrap_or(Err(SpoolError::Stopped));
+    if let Err(error) = kept {
+        spool.stats().release_inbound(files);
+        let _ = std::fs::remove_dir_all(&work_dir);
+        tracing::error!(%error, "cannot keep a published mail in the retained log");
+        return Err(failed(error));
+    }
+    Ok(())
 }
 
 #[cfg(test)]

@@ -541,6 +541,7 @@ async fn nats_down_mid_upload_spools_the_whole_mail_and_the_drainer_sends_it_onc
     let mut settings = test_settings(&nats);
     settings.spool.enabled = true;
     settings.spool.dir = spool.path().to_owned();
+    settings.spool.retain = Duration::from_secs(2);
     let app = spawn_app_with(settings).await;
     let files: Vec<Vec<u8>> = (0..3u8)
         .map(|k| {
@@ -601,11 +602,19 @@ async fn nats_down_mid_upload_spools_the_whole_mail_and_the_drainer_sends_it_onc
         let (bytes, _) = object_bytes(&store, &sha(file)).await;
         assert!(bytes == *file, "attachment{} byte for byte", i + 1);
     }
-    // A spooled mail's directory (`mail/<request id>`) goes once it is sent.
-    let queued = std::fs::read_dir(spool.path().join("mail"))
-        .map(|dir| dir.count())
-        .unwrap_or(0);
-    assert_eq!(queued, 0, "no spooled mail is left");
+    // A spooled mail's directory (`mail/<request id>`) goes once it is sent and NATS can no
+    // longer lose it (`spool.retain` after its acknowledgement).
+    let deadline = Instant::now() + Duration::from_secs(15);
+    loop {
+        let queued = std::fs::read_dir(spool.path().join("mail"))
+            .map(|dir| dir.count())
+            .unwrap_or(0);
+        if queued == 0 {
+            break;
+        }
+        assert!(Instant::now() < deadline, "no spooled mail is left");
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
 }
 
 /// Runs the real binary (`CMC_FORWARDER_BIN`, e.g. a release build, else this build's) and

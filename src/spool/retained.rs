@@ -1,0 +1,343 @@
+//! The retained log (`<spool.dir>/retained/`): records NATS has acknowledged but may not
+//! have made durable yet.
+//!
+//! nats-server acknowledges a JetStream publish before it syncs its store (every
+//! `sync_interval`, 2 minutes by default), so a power cut of its host loses what it
+//! acknowledged since its last sync. The service therefore keeps every record it had
+//! acknowledged, fsynced, for `spool.retain` after the acknowledgement: batches published
+//! directly are written here while they are published (one group commit with the spool's
+//! appends), and records the drainer published are copied here before its cursor moves past
+//! them. When NATS may have lost what it acknowledged (at start-up, and when the connection
+//! comes back to a restarted server), [`super::Spool::replay_retained`] moves every retained
+//! record into the spool, which publishes it again; `Nats-Msg-Id` de-duplication drops what
+//! NATS still had.
+//!
+//! Segments (`<20-digit id>.seg`, the spool's record format) are started every eighth of the
+//! retention and deleted whole once their newest record is older than the retention, and
+//! only while NATS is connected (the caller decides when to expire): records acknowledged
+//! just before an outage stay until they have been published again. Mail records keep their
+//! directory under `<spool.dir>/mail/` until their segment is deleted.
+
+use std::collections::VecDeque;
+use std::fs::{self, File, OpenOptions};
+use std::io::{self, Seek, SeekFrom, Write};
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use super::{read_record, scan_segment, segment_ids, segment_path, sync_dir, Record, SEGMENT_MAX};
+
+/// The directory of the retained log, under the spool directory.
+pub(super) const RETAINED: &str = "retained";
+
+/// One retained segment.
+#[derive(Debug)]
+struct Kept {
+    id: u64,
+    /// Bytes known to hold complete, synced records.
+    size: u64,
+    /// When its first record was written (ms since the Unix epoch).
+    opened_ms: u64,
+    /// When its newest record was written: it expires `retain` after that.
+    newest_ms: u64,
+    /// Unreadable stretches found at start-up, skipped when it is read.
+    gaps: Vec<(u64, u64)>,
+}
+
+/// What expiring or taking the retained log freed.
+#[derive(Debug, Default)]
+pub(super) struct Freed {
+    pub bytes: u64,
+    /// The mails whose records went: their directories and file bytes.
+    pub mails: Vec<(String, u64)>,
+}
+
+/// The retained log of one spool directory; owned by the spool's writer thread.
+#[derive(Debug)]
+pub(super) struct Retained {
+    dir: PathBuf,
+    retain_ms: u64,
+    segments: VecDeque<Kept>,
+    /// The segment being appended to (the last of `segments`), when open.
+    writer: Option<File>,
+    /// Bytes written to the open segment and not yet synced (not counted in its size).
+    unsynced: u64,
+    next_id: u64,
+}
+
+/// What [`Retained::open`] found.
+pub(super) struct Opened {
+    pub retained: Retained,
+    pub bytes: u64,
+    /// The file bytes of the mails its records name.
+    pub mail_bytes: u64,
+}
+
+impl Retained {
+    /// Opens (or creates) the retained log under `spool_dir`, cutting torn tails off.
+    pub(super) fn open(spool_dir: &Path, retain: Duration) -> io::Result<Opened> {
+        let dir = spool_dir.join(RETAINED);
+        fs::create_dir_all(&dir)?;
+        let mut segments = VecDeque::new();
+        let (mut bytes, mut mail_bytes) = (0, 0);
+        for id in segment_ids(&dir)? {
+            let path = segment_path(&dir, id);
+            let scan = scan_segment(&path)?;
+            if scan.valid_len < scan.file_len {
+                let file = OpenOptions::new().write(true).open(&path)?;
+                file.set_len(scan.valid_len)?;
+                file.sync_all()?;
+            }
+            let stamps = scan.records.iter().filter_map(|r| r.at_ms);
+            let newest_ms = stamps.clone().max().unwrap_or(0);
+            let opened_ms = stamps.min().unwrap_or(0);
+            bytes += scan.valid_len;
+            mail_bytes += scan
+                .records
+                .iter()
+                .filter_map(|r| r.mail_bytes)
+                .sum::<u64>();
+            segments.push_back(Kept {
+                id,
+                size: scan.valid_len,
+                opened_ms,
+                newest_ms,
+                gaps: scan.gaps,
+            });
+        }
+        let next_id = segments.back().map_or(1, |s| s.id + 1);
+        Ok(Opened {
+            retained: Retained {
+                dir,
+                retain_ms: retain.as_millis() as u64,
+                segments,
+                writer: None,
+                unsynced: 0,
+                next_id,
+            },
+            bytes,
+            mail_bytes,
+        })
+    }
+
+    /// Appends `buf` (whole records, stamped `now_ms`) and syncs it. On failure nothing of
+    /// it counts: the segment is closed and cut back to its last complete record.
+    pub(super) fn append(&mut self, buf: &[u8], now_ms: u64) -> io::Result<()> {
+        let start = self.begin(now_ms)?;
+        let written = self.write(buf).and_then(|()| self.sync(now_ms));
+        if written.is_err() {
+            self.abandon(start);
+        }
+        written
+    }
+
+    /// Makes sure a segment is open for appending (a new one after an eighth of the
+    /// retention, or at 64 MiB), and returns where the next write starts in it.
+    pub(super) fn begin(&mut self, now_ms: u64) -> io::Result<u64> {
+        let rotate = match (&self.writer, self.segments.back()) {
+            (Some(_), Some(last)) => {
+                last.size >= SEGMENT_MAX
+                    || now_ms.saturating_sub(last.opened_ms) >= self.retain_ms / 8
+            }
+            _ => true,
+        };
+        if rotate {
+            let id = self.next_id;
+            self.next_id += 1;
+            let file = OpenOptions::new()
+                .create_new(true)
+                .append(true)
+                .open(segment_path(&self.dir, id))?;
+            sync_dir(&self.dir)?;
+            self.writer = Some(file);
+            self.unsynced = 0;
+            self.segments.push_back(Kept {
+                id,
+                size: 0,
+                opened_ms: now_ms,
+                newest_ms: now_ms,
+                gaps: Vec::new(),
+            });
+        }
+        Ok(self.end())
+    }
+
+    /// Where the open segment ends, written bytes included.
+    pub(super) fn end(&self) -> u64 {
+        self.segments.back().map_or(0, |s| s.size) + self.unsynced
+    }
+
+    /// Writes whole records to the open segment ([`Retained::begin`] first); they count
+    /// once [`Retained::sync`] has made them durable.
+    pub(super) fn write(&mut self, buf: &[u8]) -> io::Result<()> {
+        let writer = self
+            .writer
+            .as_mut()
+            .ok_or_else(|| io::Error::other("no retained segment is open"))?;
+        writer.write_all(buf)?;
+        self.unsynced += buf.len() as u64;
+        Ok(())
+    }
+
+    /// Cuts what was written since `to` (a position [`Retained::end`] gave) off again.
+    pub(super) fn cut(&mut self, to: u64) -> io::Result<()> {
+        let Some(writer) = self.writer.as_ref() else {
+            return Ok(());
+        };
+        writer.set_len(to)?;
+        let size = self.segments.back().map_or(0, |s| s.size);
+        self.unsynced = to.saturating_sub(size);
+        Ok(())
+    }
+
+    /// Makes everything written durable (one `fdatasync`).
+    pub(super) fn sync(&mut self, now_ms: u64) -> io::Result<()> {
+        if self.unsynced == 0 {
+            return Ok(());
+        }
+        let writer = self.writer.as_mut().expect("written through it");
+        writer.sync_data()?;
+        let last = self.segments.back_mut().expect("segment exists");
+        last.size += self.unsynced;
+        last.newest_ms = last.newest_ms.max(now_ms);
+        self.unsynced = 0;
+        Ok(())
+    }
+
+    /// After a failed write or sync: closes the segment and cuts it back to `start`; the
+    /// next append starts a new one. Best effort: a tail left here is a torn record, cut off
+    /// at the next start.
+    pub(super) fn abandon(&mut self, start: u64) {
+        if let Some(writer) = self.writer.take() {
+            let _ = writer.set_len(start).and_then(|()| writer.sync_all());
+        }
+        if let Some(last) = self.segments.back_mut() {
+            last.size = last.size.min(start);
+        }
+        self.unsynced = 0;
+    }
+
+    /// Deletes the segments whose newest record is older than the retention at `now_ms`.
+    pub(super) fn expire(&mut self, now_ms: u64) -> io::Result<Freed> {
+        let mut freed = Freed::default();
+        while let Some(first) = self.segments.front() {
+            if first.newest_ms.saturating_add(self.retain_ms) >= now_ms {
+                break;
+            }
+            self.remove_front(&mut freed)?;
+        }
+        Ok(freed)
+    }
+
+    /// Every retained record, oldest first, as whole records in chunks of about `chunk` bytes,
+    /// handed to `copy`; then the segments are deleted (the caller's copy is durable by then).
+    /// A crash in between leaves both: the records are published twice, and de-duplicated.
+    pub(super) fn take_all(
+        &mut self,
+        chunk: usize,
+        mut copy: impl FnMut(&[u8], u64) -> io::Result<()>,
+    ) -> io::Result<Freed> {
+        self.writer = None;
+        for kept in &self.segments {
+            let mut buf = Vec::with_capacity(chunk.min(kept.size as usize));
+            let mut count = 0u64;
+            for_each_record(&self.dir, kept, |record, _| {
+                buf.extend_from_slice(record);
+                count += 1;
+                if buf.len() >= chunk {
+                    copy(&buf, count)?;
+                    buf.clear();
+                    count = 0;
+                }
+                Ok(())
+            })?;
+            if !buf.is_empty() {
+                copy(&buf, count)?;
+            }
+        }
+        let mut freed = Freed::default();
+        while !self.segments.is_empty() {
+            self.remove_front(&mut freed)?;
+        }
+        // Mails moved along with their records: their directories stay.
+        freed.mails.clear();
+        Ok(freed)
+    }
+
+    /// How many records and bytes the log holds (for `spool status`).
+    pub(super) fn count(&self) -> io::Result<(u64, u64)> {
+        let mut records = 0;
+        for kept in &self.segments {
+            for_each_record(&self.dir, kept, |_, _| {
+                records += 1;
+                Ok(())
+            })?;
+        }
+        Ok((records, self.segments.iter().map(|s| s.size).sum()))
+    }
+
+    /// The directories (relative to the spool directory) its mail records name.
+    pub(super) fn mail_dirs(&self) -> io::Result<Vec<String>> {
+        let mut dirs = Vec::new();
+        for kept in &self.segments {
+            for_each_record(&self.dir, kept, |_, record| {
+                if let Record::Mail(mail) = record {
+                    dirs.push(mail.dir);
+                }
+                Ok(())
+            })?;
+        }
+        Ok(dirs)
+    }
+
+    fn remove_front(&mut self, freed: &mut Freed) -> io::Result<()> {
+        let Some(first) = self.segments.front() else {
+            return Ok(());
+        };
+        for_each_record(&self.dir, first, |_, record| {
+            if let Record::Mail(mail) = record {
+                freed.mails.push((mail.dir, mail.file_bytes));
+            }
+            Ok(())
+        })?;
+        if self.segments.len() == 1 {
+            self.writer = None;
+        }
+        let first = self.segments.pop_front().expect("checked above");
+        match fs::remove_file(segment_path(&self.dir, first.id)) {
+            Err(e) if e.kind() != io::ErrorKind::NotFound => return Err(e),
+            _ => {}
+        }
+        freed.bytes += first.size;
+        Ok(())
+    }
+}
+
+/// Calls `f` with each intact record of `kept` (its bytes, and what it holds), in order.
+fn for_each_record(
+    dir: &Path,
+    kept: &Kept,
+    mut f: impl FnMut(&[u8], Record) -> io::Result<()>,
+) -> io::Result<()> {
+    if kept.size == 0 {
+        return Ok(());
+    }
+    let mut file = File::open(segment_path(dir, kept.id))?;
+    file.seek(SeekFrom::Start(0))?;
+    let mut reader = io::BufReader::new(io::Read::take(file, kept.size));
+    let mut offset = 0u64;
+    while offset < kept.size {
+        if let Some(&(start, end)) = kept.gaps.iter().find(|(start, _)| *start == offset) {
+            io::copy(
+                &mut io::Read::take(&mut reader, end - start),
+                &mut io::sink(),
+            )?;
+            offset = end;
+            continue;
+        }
+        let (record, bytes) = read_record(&mut reader, kept.size - offset)
+            .map_err(|e| io::Error::new(io::ErrorKind::InvalidData, e.to_string()))?;
+        offset += bytes.len() as u64;
+        f(&bytes, record)?;
+    }
+    Ok(())
+}
