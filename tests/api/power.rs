@@ -131,11 +131,28 @@ fn batch(case: &str, n: usize) -> (Vec<u8>, Vec<String>) {
     (serde_json::to_vec(&body).unwrap(), keys)
 }
 
-/// Posts batches `batches` of `case`, `IN_FLIGHT` at a time, and returns the keys of their
-/// events. Each must be answered `200` with all its events published and none spooled: the
-/// spool fsyncs before it answers, so a spooled event would survive the cut for another
-/// reason than the one under test.
+/// How the batches must be answered.
+#[derive(Clone, Copy, PartialEq, Eq)]
+enum Answer {
+    /// `200`, every event published and none spooled: the spool fsyncs before it answers, so a
+    /// spooled event would survive the cut for another reason than the one under test.
+    Published,
+    /// `200`, every event spooled (NATS is down).
+    Spooled,
+}
+
+/// Posts batches `batches` of `case`, `IN_FLIGHT` at a time, each answered as `expected`
+/// says, and returns the keys of their events.
 async fn answer_batches(url: &str, case: &str, batches: Range<usize>) -> Vec<String> {
+    post_batches(url, case, batches, Answer::Published).await
+}
+
+async fn post_batches(
+    url: &str,
+    case: &str,
+    batches: Range<usize>,
+    expected: Answer,
+) -> Vec<String> {
     let http = http_client();
     let answered = futures_util::stream::iter(batches)
         .map(|n| {
@@ -152,13 +169,17 @@ async fn answer_batches(url: &str, case: &str, batches: Range<usize>) -> Vec<Str
                 let status = response.status();
                 let answer: Value = response.json().await.expect("a JSON body");
                 assert_eq!(status, 200, "{case}: batch {n}: {answer}");
+                let (published, spooled) = match expected {
+                    Answer::Published => (PER_BATCH, 0),
+                    Answer::Spooled => (0, PER_BATCH),
+                };
                 assert_eq!(
-                    answer["published"], PER_BATCH,
-                    "{case}: batch {n} not published whole: {answer}"
-                );
-                assert!(
-                    answer["spooled"].as_u64().unwrap_or(0) == 0,
-                    "{case}: batch {n} spooled: {answer}"
+                    (
+                        answer["published"].as_u64().unwrap_or(0) as usize,
+                        answer["spooled"].as_u64().unwrap_or(0) as usize
+                    ),
+                    (published, spooled),
+                    "{case}: batch {n} (published, spooled): {answer}"
                 );
                 keys
             }
@@ -419,6 +440,71 @@ async fn a_service_killed_while_it_publishes_its_log_again_loses_nothing() {
         "{case}: the kill did not land in the middle of the replay ({at_kill} of {} stored)",
         answered.len()
     );
+}
+
+/// Batches spooled while NATS was down, published by the drainer once it is back, then lost
+/// with NATS's power: what the drainer published is kept as what was published directly is.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn events_drained_from_the_spool_survive_a_power_cut_after_the_drain() {
+    let case = "drained";
+    let started = Instant::now();
+    let mut nats = NatsServer::start().await;
+    let dir = tempfile::tempdir().unwrap();
+    let (spool, log) = (dir.path().join("spool"), dir.path().join("service.log"));
+    let http = http_client();
+    let mut service = Service::start(&nats.url(), &spool, &log);
+    service.wait_ready(&http).await;
+    let sync = nats.last_sync();
+    nats.stop();
+    let answered = post_batches(&service.webhook_url(), case, 0..BATCHES, Answer::Spooled).await;
+    nats.launch().await;
+    let drained = settle(&[nats.url()], &answered).await;
+    assert!(
+        missing(&drained, &answered).is_empty(),
+        "{case}: the spool was not drained:\n{}",
+        service.log_tail()
+    );
+
+    nats.lose_power(&sync).await;
+
+    let stored = settle(&[nats.url()], &answered).await;
+    let extra = format!(" wall={:?}", started.elapsed());
+    verdict(case, &answered, &stored, &extra, &service.log_tail());
+}
+
+/// A restart of the service alone, NATS up throughout (a deploy), stores nothing twice. The
+/// retained log is published again at every start; what NATS stored longer ago than the
+/// stream's `duplicate_window` is no longer recognised by its `Nats-Msg-Id`. The defaults
+/// (`duplicate_window` 2 min, `spool.retain` 2 min 30 s) are scaled down to seconds, in
+/// the same ratio.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_restart_of_the_service_alone_stores_nothing_twice() {
+    let case = "restart_only";
+    let started = Instant::now();
+    let nats = NatsServer::start().await;
+    let dir = tempfile::tempdir().unwrap();
+    let (spool, log) = (dir.path().join("spool"), dir.path().join("service.log"));
+    let http = http_client();
+    let settings = [
+        ("NATS__STREAM__DUPLICATE_WINDOW", "4s"),
+        ("SPOOL__RETAIN", "5s"),
+    ];
+    let mut service = Service::start_with(&nats.url(), &spool, &log, &settings);
+    service.wait_ready(&http).await;
+    let url = service.webhook_url();
+    let mut answered = answer_batches(&url, case, 0..BATCHES / 2).await;
+    // Older than the duplicate window, younger than the retention.
+    tokio::time::sleep(Duration::from_millis(4500)).await;
+    answered.extend(answer_batches(&url, case, BATCHES / 2..BATCHES).await);
+
+    service.terminate().await;
+    let mut service = Service::start_with(&nats.url(), &spool, &log, &settings);
+    service.wait_ready(&http).await;
+    tokio::time::sleep(Duration::from_secs(3)).await;
+
+    let stored = settle(&[nats.url()], &answered).await;
+    let extra = format!(" wall={:?}", started.elapsed());
+    verdict(case, &answered, &stored, &extra, &service.log_tail());
 }
 
 // ---------------------------------------------------------------------------------------
