@@ -16,6 +16,8 @@
 //! `cargo test --test api power:: -- --nocapture --test-threads=1`.
 
 use std::ops::Range;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use async_nats::jetstream;
@@ -507,16 +509,160 @@ async fn a_restart_of_the_service_alone_stores_nothing_twice() {
     verdict(case, &answered, &stored, &extra, &service.log_tail());
 }
 
+/// NATS loses power a second time while the service publishes its log again (the same last
+/// sync: it synced nothing in between): the second replay must still bring back everything.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_second_power_cut_during_the_replay_loses_nothing() {
+    let case = "double_cut";
+    let started = Instant::now();
+    let mut nats = NatsServer::start().await;
+    let dir = tempfile::tempdir().unwrap();
+    let (spool, log) = (dir.path().join("spool"), dir.path().join("service.log"));
+    let http = http_client();
+    let mut service = Service::start(&nats.url(), &spool, &log);
+    service.wait_ready(&http).await;
+    let sync = nats.last_sync();
+    let answered = answer_batches(&service.webhook_url(), case, 0..5 * BATCHES).await;
+
+    nats.lose_power(&sync).await;
+    let js = reader(&[nats.url()]).await;
+    let half = answered.len() as u64 / 2;
+    let deadline = Instant::now() + SETTLE;
+    while message_count(&js).await.unwrap_or(0) < half && Instant::now() < deadline {
+        tokio::time::sleep(Duration::from_millis(5)).await;
+    }
+    let at_second_cut = message_count(&js).await.unwrap_or(0);
+    nats.lose_power(&sync).await;
+
+    let stored = settle(&[nats.url()], &answered).await;
+    let extra = format!(
+        " stored_at_second_cut={at_second_cut} wall={:?}",
+        started.elapsed()
+    );
+    verdict(case, &answered, &stored, &extra, &service.log_tail());
+    assert!(
+        at_second_cut >= half && (at_second_cut as usize) < answered.len(),
+        "{case}: the second cut did not land in the middle of the replay ({at_second_cut} of {})",
+        answered.len()
+    );
+}
+
+/// NATS stays down (after its power cut) longer than `spool.retain`: what it acknowledged
+/// before is kept until it is published again, however long the outage.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_outage_longer_than_the_retention_loses_nothing() {
+    let case = "long_outage";
+    let started = Instant::now();
+    let mut nats = NatsServer::start().await;
+    let dir = tempfile::tempdir().unwrap();
+    let (spool, log) = (dir.path().join("spool"), dir.path().join("service.log"));
+    let http = http_client();
+    let mut service = Service::start_with(&nats.url(), &spool, &log, &[("SPOOL__RETAIN", "2s")]);
+    service.wait_ready(&http).await;
+    let sync = nats.last_sync();
+    let answered = answer_batches(&service.webhook_url(), case, 0..BATCHES).await;
+
+    nats.power_off(&sync);
+    tokio::time::sleep(Duration::from_secs(4)).await;
+    nats.launch().await;
+
+    let stored = settle(&[nats.url()], &answered).await;
+    let extra = format!(" wall={:?}", started.elapsed());
+    verdict(case, &answered, &stored, &extra, &service.log_tail());
+}
+
+/// Requests keep coming while NATS loses power and comes back: the last sync and the cut both
+/// fall under load, so some batches are answered after the sync, some during the outage
+/// (spooled), some while the log is published again. Every one answered `200` is stored once.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn every_event_answered_200_under_load_survives_a_power_cut() {
+    let case = "under_load";
+    let started = Instant::now();
+    let mut nats = NatsServer::start().await;
+    let dir = tempfile::tempdir().unwrap();
+    let (spool, log) = (dir.path().join("spool"), dir.path().join("service.log"));
+    let http = http_client();
+    let mut service = Service::start(&nats.url(), &spool, &log);
+    service.wait_ready(&http).await;
+    let stop = Arc::new(AtomicBool::new(false));
+    let senders: Vec<_> = (0..3)
+        .map(|s| tokio::spawn(send_until(service.webhook_url(), case, s, stop.clone())))
+        .collect();
+
+    tokio::time::sleep(Duration::from_secs(1)).await;
+    let sync = nats.last_sync();
+    tokio::time::sleep(Duration::from_secs(1)).await;
+    nats.lose_power(&sync).await;
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    stop.store(true, Ordering::Release);
+    let (mut answered, mut spooled, mut refused) = (Vec::new(), 0, 0);
+    for sender in senders {
+        let sent = sender.await.unwrap();
+        answered.extend(sent.answered);
+        spooled += sent.spooled;
+        refused += sent.refused;
+    }
+
+    let stored = settle(&[nats.url()], &answered).await;
+    let extra = format!(
+        " spooled_batches={spooled} not_200={refused} wall={:?}",
+        started.elapsed()
+    );
+    verdict(case, &answered, &stored, &extra, &service.log_tail());
+}
+
+/// What one sender saw: the keys of the events answered `200` (published or spooled), how
+/// many of those batches were spooled, and how many batches were not answered `200`.
+#[derive(Default)]
+struct Sent {
+    answered: Vec<String>,
+    spooled: usize,
+    refused: usize,
+}
+
+/// Sender `s` of `case`: posts its batches one after another until `stop`.
+async fn send_until(url: String, case: &str, s: usize, stop: Arc<AtomicBool>) -> Sent {
+    let http = http_client();
+    let mut sent = Sent::default();
+    let mut n = s * 100_000;
+    while !stop.load(Ordering::Acquire) {
+        let (body, keys) = batch(case, n);
+        n += 1;
+        let response = http
+            .post(&url)
+            .header("content-type", "application/json")
+            .body(body)
+            .send()
+            .await;
+        match response {
+            // A 200 whose body was cut is not a 200 the sender saw.
+            Ok(r) if r.status() == 200 => match r.json::<Value>().await {
+                Ok(answer) => {
+                    if answer["spooled"].as_u64().unwrap_or(0) > 0 {
+                        sent.spooled += 1;
+                    }
+                    sent.answered.extend(keys);
+                }
+                Err(_) => sent.refused += 1,
+            },
+            _ => sent.refused += 1,
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    sent
+}
+
 // ---------------------------------------------------------------------------------------
 // Inbound mails and their objects.
 
 const MAILS: usize = 5;
 
 /// Mail `i` of `case`: its body (text `"<case> mail <i>"`) and its two attachments, each
-/// distinct, so that every mail has its own message and two objects of its own.
+/// distinct and of several chunks, so that every mail has its own message and two objects of
+/// its own.
 fn mail(case: &str, i: usize) -> (Vec<u8>, [Vec<u8>; 2]) {
     let file = |k: usize| -> Vec<u8> {
-        (0..40_000u32)
+        (0..300_000u32)
             .map(|b| (b.wrapping_mul(2_654_435_761) >> 24) as u8 ^ (i * 2 + k) as u8)
             .collect()
     };
@@ -610,9 +756,20 @@ async fn mails_stored(js: &jetstream::Context, case: &str, mails: &[[Vec<u8>; 2]
     stored
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn every_mail_answered_200_survives_a_power_cut_with_its_attachments() {
-    let case = "inbound";
+/// Waits (up to `SETTLE`) until every mail of `files` is on the bus with both objects, and
+/// looks again a second later.
+async fn settle_mails(js: &jetstream::Context, case: &str, files: &[[Vec<u8>; 2]]) -> MailsStored {
+    let deadline = Instant::now() + SETTLE;
+    while mails_stored(js, case, files).await.mails < files.len() && Instant::now() < deadline {
+        tokio::time::sleep(Duration::from_millis(300)).await;
+    }
+    tokio::time::sleep(Duration::from_secs(1)).await;
+    mails_stored(js, case, files).await
+}
+
+/// `MAILS` mails with two attachments each, answered `200` after the last sync (published
+/// directly, or spooled while NATS was down and drained once it was back), then the power cut.
+async fn mails_case(case: &str, answer: Answer) {
     let started = Instant::now();
     let mut nats = NatsServer::start().await;
     let dir = tempfile::tempdir().unwrap();
@@ -621,7 +778,16 @@ async fn every_mail_answered_200_survives_a_power_cut_with_its_attachments() {
     let mut service = Service::start(&nats.url(), &spool, &log);
     service.wait_ready(&http).await;
     let sync = nats.last_sync();
+    if answer == Answer::Spooled {
+        nats.stop();
+    }
     let url = format!("http://127.0.0.1:{}/webhooks/cmc/inbound", service.port);
+    let expected = match answer {
+        Answer::Published => json!({"result": "ok", "published": 1, "attachments": 2}),
+        Answer::Spooled => {
+            json!({"result": "ok", "published": 0, "attachments": 2, "spooled": 1})
+        }
+    };
     let mut files = Vec::new();
     for i in 0..MAILS {
         let (body, attached) = mail(case, i);
@@ -635,23 +801,23 @@ async fn every_mail_answered_200_survives_a_power_cut_with_its_attachments() {
         let status = response.status();
         let answer: Value = response.json().await.unwrap();
         assert_eq!(status, 200, "{case}: mail {i}: {answer}");
-        assert_eq!(
-            answer,
-            json!({"result": "ok", "published": 1, "attachments": 2}),
-            "{case}: mail {i} not published (a spooled mail would survive for another reason)"
-        );
+        assert_eq!(answer, expected, "{case}: mail {i}");
         files.push(attached);
+    }
+    if answer == Answer::Spooled {
+        nats.launch().await;
+        let drained = settle_mails(&reader(&[nats.url()]).await, case, &files).await;
+        assert_eq!(
+            drained.mails,
+            MAILS,
+            "{case}: the spool was not drained:\n{}",
+            service.log_tail()
+        );
     }
 
     nats.lose_power(&sync).await;
 
-    let js = reader(&[nats.url()]).await;
-    let deadline = Instant::now() + SETTLE;
-    while mails_stored(&js, case, &files).await.mails < MAILS && Instant::now() < deadline {
-        tokio::time::sleep(Duration::from_millis(300)).await;
-    }
-    tokio::time::sleep(Duration::from_secs(1)).await;
-    let stored = mails_stored(&js, case, &files).await;
+    let stored = settle_mails(&reader(&[nats.url()]).await, case, &files).await;
     println!(
         "case={case} answered={MAILS} stored={} duplicates={} objects={}/{} wall={:?}",
         stored.mails,
@@ -668,6 +834,16 @@ async fn every_mail_answered_200_survives_a_power_cut_with_its_attachments() {
     );
     assert_eq!(stored.objects, 2 * MAILS);
     assert_eq!(stored.duplicates, 0, "{case}: duplicates stored:\n{tail}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn every_mail_answered_200_survives_a_power_cut_with_its_attachments() {
+    mails_case("inbound", Answer::Published).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn mails_drained_from_the_spool_survive_a_power_cut_after_the_drain() {
+    mails_case("inbound_drained", Answer::Spooled).await;
 }
 
 // ---------------------------------------------------------------------------------------
