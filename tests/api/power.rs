@@ -7,9 +7,12 @@
 //! The cases after them take that copy, have the real binary answer `200` to batches of
 //! distinct events (or to mails with attachments), cut the power, and check that every event
 //! answered `200` is in the stream once after recovery: the single node, the shared host (the
-//! service killed too), a 3-node cluster with an R3 stream rolled back at once, a copy taken
-//! before the stream existed, Inbound mails, and the service killed while it publishes its log
-//! again. Each prints `case=… answered=… stored=… duplicates=…`. The last test shows what the
+//! service killed too, started again after NATS or before it), a 3-node cluster with an R3
+//! stream rolled back at once, a copy taken before the stream existed, the service killed
+//! while it publishes its log again, a second cut during that replay, an outage longer than
+//! `spool.retain`, a cut under load, events and mails drained from the spool before the cut,
+//! Inbound mails with their objects, and a restart of the service alone (nothing stored
+//! twice). Each prints `case=… answered=… stored=… duplicates=…`. The last test shows what the
 //! README says of the spool off: a `200` then does not survive the power cut.
 //!
 //! They kill processes: `scripts/test` runs them one at a time, with
@@ -303,6 +306,9 @@ enum Host {
     /// On NATS's host: SIGKILLed at the same moment, started again (same spool) once NATS is
     /// back.
     Shared,
+    /// As `Shared`, but the service is started again before NATS is back (its host came up
+    /// first).
+    SharedServiceFirst,
 }
 
 /// A single nats-server and the service: the last sync, `BATCHES` batches answered `200`,
@@ -321,12 +327,19 @@ async fn single_node(case: &str, sync_at: SyncAt, host: Host) {
 
     match host {
         Host::Apart => nats.lose_power(&sync).await,
-        Host::Shared => {
+        Host::Shared | Host::SharedServiceFirst => {
             service.signal("-KILL");
             nats.power_off(&sync);
             service.wait_exit(WAIT).await.expect("SIGKILLed");
-            nats.launch().await;
-            service = Service::start(&nats.url(), &spool, &log);
+            if host == Host::SharedServiceFirst {
+                service = Service::start(&nats.url(), &spool, &log);
+                // Serving (the listener opens without NATS) before NATS is back.
+                wait_for_status(&http, &service.readyz(), 503, WAIT).await;
+                nats.launch().await;
+            } else {
+                nats.launch().await;
+                service = Service::start(&nats.url(), &spool, &log);
+            }
         }
     }
 
@@ -343,6 +356,16 @@ async fn every_event_answered_200_survives_a_power_cut_of_the_nats_host() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn every_event_answered_200_survives_a_power_cut_of_a_host_running_both() {
     single_node("shared_host", SyncAt::AfterStream, Host::Shared).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn every_event_answered_200_survives_a_shared_host_whose_service_starts_first() {
+    single_node(
+        "shared_host_service_first",
+        SyncAt::AfterStream,
+        Host::SharedServiceFirst,
+    )
+    .await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
