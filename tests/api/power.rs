@@ -11,8 +11,8 @@
 //! stream rolled back at once, a copy taken before the stream existed, the service killed
 //! while it publishes its log again, a second cut during that replay, an outage longer than
 //! `spool.retain`, a cut under load, events and mails drained from the spool before the cut,
-//! Inbound mails with their objects, and a restart of the service alone (nothing stored
-//! twice). Each prints `case=… answered=… stored=… duplicates=…`. The last test shows what the
+//! Inbound mails with their objects, and a restart of the service or of NATS alone, without a
+//! power cut (nothing stored twice). Each prints `case=… answered=… stored=… duplicates=…`. The last test shows what the
 //! README says of the spool off: a `200` then does not survive the power cut.
 //!
 //! They kill processes: `scripts/test` runs them one at a time, with
@@ -497,16 +497,25 @@ async fn events_drained_from_the_spool_survive_a_power_cut_after_the_drain() {
     verdict(case, &answered, &stored, &extra, &service.log_tail());
 }
 
-/// A restart of the service alone, NATS up throughout (a deploy), stores nothing twice. The
-/// retained log is published again at every start; what NATS stored longer ago than the
-/// stream's `duplicate_window` is no longer recognised by its `Nats-Msg-Id`. The defaults
-/// (`duplicate_window` 2 min, `spool.retain` 2 min 30 s) are scaled down to seconds, in
-/// the same ratio.
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn a_restart_of_the_service_alone_stores_nothing_twice() {
-    let case = "restart_only";
+/// What is restarted, without any power cut.
+#[derive(Clone, Copy, PartialEq, Eq)]
+enum Restart {
+    /// The service (SIGTERM, started again: a deploy), NATS up throughout.
+    Service,
+    /// nats-server (stopped, started again with its store intact: an upgrade), the service up
+    /// throughout.
+    Nats,
+}
+
+/// A restart without a power cut stores nothing twice. The retained log is published again
+/// at every start of the service and whenever NATS restarted; what NATS stored longer ago than
+/// the stream's `duplicate_window` is no longer recognised by its `Nats-Msg-Id`. The defaults
+/// (`duplicate_window` 2 min, `spool.retain` 2 min 30 s) are scaled down to seconds, in the
+/// same ratio: half the events are answered older than the window at the restart, but younger
+/// than the retention.
+async fn restart_case(case: &str, restart: Restart) {
     let started = Instant::now();
-    let nats = NatsServer::start().await;
+    let mut nats = NatsServer::start().await;
     let dir = tempfile::tempdir().unwrap();
     let (spool, log) = (dir.path().join("spool"), dir.path().join("service.log"));
     let http = http_client();
@@ -518,18 +527,33 @@ async fn a_restart_of_the_service_alone_stores_nothing_twice() {
     service.wait_ready(&http).await;
     let url = service.webhook_url();
     let mut answered = answer_batches(&url, case, 0..BATCHES / 2).await;
-    // Older than the duplicate window, younger than the retention.
     tokio::time::sleep(Duration::from_millis(4500)).await;
     answered.extend(answer_batches(&url, case, BATCHES / 2..BATCHES).await);
 
-    service.terminate().await;
-    let mut service = Service::start_with(&nats.url(), &spool, &log, &settings);
+    match restart {
+        Restart::Service => {
+            service.terminate().await;
+            service = Service::start_with(&nats.url(), &spool, &log, &settings);
+        }
+        Restart::Nats => nats.restart().await,
+    }
     service.wait_ready(&http).await;
+    // Time for the replay, which publishes nothing new here.
     tokio::time::sleep(Duration::from_secs(3)).await;
 
     let stored = settle(&[nats.url()], &answered).await;
     let extra = format!(" wall={:?}", started.elapsed());
     verdict(case, &answered, &stored, &extra, &service.log_tail());
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_restart_of_the_service_alone_stores_nothing_twice() {
+    restart_case("restart_service", Restart::Service).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_restart_of_nats_alone_stores_nothing_twice() {
+    restart_case("restart_nats", Restart::Nats).await;
 }
 
 /// NATS loses power a second time while the service publishes its log again (the same last
