@@ -289,6 +289,38 @@ fn verdict(case: &str, answered: &[String], stored: &Stored, extra: &str, log_ta
     );
 }
 
+/// When the stream was created (`None` when it cannot be read): a stream the power cut took
+/// away and the service created again has another time.
+async fn stream_created(urls: &[String]) -> Option<String> {
+    let js = reader(urls).await;
+    let stream = tokio::time::timeout(Duration::from_secs(5), js.get_stream(STREAM))
+        .await
+        .ok()?
+        .ok()?;
+    Some(stream.cached_info().created.to_string())
+}
+
+/// Asserts the stream is the one from before the cut, or one created again when the cut took
+/// it away (the copy was taken before it existed); `" recreated=…"` for the figures.
+fn check_created(
+    case: &str,
+    sync_at: SyncAt,
+    before: &Option<String>,
+    after: &Option<String>,
+) -> String {
+    assert!(
+        before.is_some() && after.is_some(),
+        "{case}: the stream cannot be read"
+    );
+    let recreated = before != after;
+    assert_eq!(
+        recreated,
+        sync_at == SyncAt::BeforeStream,
+        "{case}: the stream is created again exactly when the cut took it away"
+    );
+    format!(" recreated={recreated}")
+}
+
 /// When the "last sync" is taken.
 #[derive(Clone, Copy, PartialEq, Eq)]
 enum SyncAt {
@@ -324,6 +356,7 @@ async fn single_node(case: &str, sync_at: SyncAt, host: Host) {
     service.wait_ready(&http).await;
     let sync = early.unwrap_or_else(|| nats.last_sync());
     let answered = answer_batches(&service.webhook_url(), case, 0..BATCHES).await;
+    let created = stream_created(&[nats.url()]).await;
 
     match host {
         Host::Apart => nats.lose_power(&sync).await,
@@ -344,7 +377,13 @@ async fn single_node(case: &str, sync_at: SyncAt, host: Host) {
     }
 
     let stored = settle(&[nats.url()], &answered).await;
-    let extra = format!(" wall={:?}", started.elapsed());
+    let recreated = check_created(
+        case,
+        sync_at,
+        &created,
+        &stream_created(&[nats.url()]).await,
+    );
+    let extra = format!("{recreated} wall={:?}", started.elapsed());
     verdict(case, &answered, &stored, &extra, &service.log_tail());
 }
 
@@ -394,15 +433,17 @@ async fn wait_replicated(js: &jetstream::Context) {
     }
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn every_event_answered_200_survives_a_power_cut_of_a_whole_r3_cluster() {
-    let case = "cluster_r3";
+/// A 3-node cluster and the service with an R3 stream: the last sync of every node, `BATCHES`
+/// batches answered `200`, every node's power cut at once, recovery, the verdict.
+async fn cluster_case(case: &str, sync_at: SyncAt) {
     let started = Instant::now();
     let mut cluster = NatsCluster::start().await;
     let urls = cluster.urls();
     let dir = tempfile::tempdir().unwrap();
     let (spool, log) = (dir.path().join("spool"), dir.path().join("service.log"));
     let http = http_client();
+    let early: Option<Vec<LastSync>> = (sync_at == SyncAt::BeforeStream)
+        .then(|| cluster.nodes.iter().map(NatsServer::last_sync).collect());
     let mut service = Service::start_with(
         &urls.join(","),
         &spool,
@@ -411,8 +452,9 @@ async fn every_event_answered_200_survives_a_power_cut_of_a_whole_r3_cluster() {
     );
     service.wait_ready(&http).await;
     wait_replicated(&reader(&urls).await).await;
-    let syncs: Vec<LastSync> = cluster.nodes.iter().map(NatsServer::last_sync).collect();
+    let syncs = early.unwrap_or_else(|| cluster.nodes.iter().map(NatsServer::last_sync).collect());
     let answered = answer_batches(&service.webhook_url(), case, 0..BATCHES).await;
+    let created = stream_created(&urls).await;
 
     // Every node down before any comes back: no node can hand the others what they lost.
     for (node, sync) in cluster.nodes.iter_mut().zip(&syncs) {
@@ -423,8 +465,29 @@ async fn every_event_answered_200_survives_a_power_cut_of_a_whole_r3_cluster() {
     }
 
     let stored = settle(&urls, &answered).await;
-    let extra = format!(" wall={:?}", started.elapsed());
+    let replicas = reader(&urls)
+        .await
+        .get_stream(STREAM)
+        .await
+        .map(|s| s.cached_info().config.num_replicas)
+        .unwrap_or(0);
+    let recreated = check_created(case, sync_at, &created, &stream_created(&urls).await);
+    let extra = format!(
+        "{recreated} replicas={replicas} wall={:?}",
+        started.elapsed()
+    );
     verdict(case, &answered, &stored, &extra, &service.log_tail());
+    assert_eq!(replicas, 3, "{case}: the stream is R3 after recovery");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn every_event_answered_200_survives_a_power_cut_of_a_whole_r3_cluster() {
+    cluster_case("cluster_r3", SyncAt::AfterStream).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_r3_stream_lost_with_the_power_of_its_cluster_is_created_again_with_every_event() {
+    cluster_case("cluster_r3_before_stream", SyncAt::BeforeStream).await;
 }
 
 /// The service killed while it publishes its log again after NATS lost power: a window of
