@@ -799,48 +799,66 @@ impl std::fmt::Debug for Delivery {
 /// How often the retained log is looked after.
 const KEEP_EVERY: Duration = Duration::from_secs(1);
 
-/// Looks after the retained log until `stop` turns true: while NATS is connected, deletes
-/// what it can no longer lose; when the connection comes back to a server that restarted
-/// (or to another one), moves the whole log into the spool to be published again, since that
-/// server may have lost what it acknowledged (`Nats-Msg-Id` drops what it kept). Never while
+/// Looks after the retained log until `stop` turns true: while NATS is connected, notes it
+/// (the log's heartbeat) and deletes what NATS can no longer lose; when the connection is to
+/// a server other than the one last seen (it restarted, which is what a power cut looks like
+/// from here, or the connection moved to another node), publishes again what that server
+/// acknowledged in the `spool.retain` before it was last seen, since it may have lost it
+/// (`Nats-Msg-Id` drops what it kept). At start-up the last server seen is the earlier run's
+/// (the heartbeat), so a service restart in front of the same NATS process replays nothing,
+/// and a restart of both replays what the earlier run had not seen synced. Never while
 /// disconnected: records acknowledged just before an outage stay until they are replayed.
 pub async fn keep_retained<P: Publish>(
     spool: SpoolHandle,
     publisher: P,
     mut stop: watch::Receiver<bool>,
 ) {
-    let mut server: Option<String> = None;
+    // Without a heartbeat (the first run, or one that never connected) the server is
+    // unknown, and everything retained is published again at the first connection.
+    let (mut server, mut seen_at) = match spool.last_connected() {
+        Some((at, id)) => (Some(id), at),
+        None => (None, 0),
+    };
     loop {
         if *stop.borrow() {
             return;
         }
-        if publisher.is_connected() {
-            let now = publisher.server_id();
-            if let (Some(before), Some(now)) = (&server, &now) {
-                if before != now {
-                    match spool.replay_retained().await {
-                        Ok(replayed) => {
-                            metrics::retained_replayed(replayed);
+        if let (true, Some(now)) = (publisher.is_connected(), publisher.server_id()) {
+            if server.as_deref() != Some(now.as_str()) {
+                match spool.replay_retained(seen_at).await {
+                    Ok(replayed) => {
+                        metrics::retained_replayed(replayed);
+                        if replayed > 0 {
                             tracing::warn!(
                                 messages = replayed,
-                                "NATS restarted (or the connection moved to another server): what it acknowledged in the last spool.retain is published again, in case it was lost"
+                                "NATS is not the server last seen (it restarted, or the connection moved): what it acknowledged in the spool.retain before it was last seen is published again, in case it was lost"
                             );
                         }
-                        Err(e) => {
-                            tracing::error!(error = %e, "cannot replay the retained log; will retry");
-                            sleep_or_stop(KEEP_EVERY, &mut stop).await;
-                            continue;
-                        }
+                    }
+                    Err(e) => {
+                        tracing::error!(error = %e, "cannot replay the retained log; will retry");
+                        sleep_or_stop(KEEP_EVERY, &mut stop).await;
+                        continue;
                     }
                 }
             }
-            if now.is_some() {
-                server = now;
-            }
-            spool.expire_retained();
+            seen_at = crate::spool::now_ms();
+            spool.connected_now(&now);
+            server = Some(now);
         }
         metrics::retained_bytes(spool.stats().retained_bytes());
-        sleep_or_stop(KEEP_EVERY, &mut stop).await;
+        // Woken at once by a reconnection, so a replay comes before the drainer publishes
+        // much to the new server (what it does publish first is replayed too: a duplicate,
+        // de-duplicated).
+        tokio::select! {
+            () = tokio::time::sleep(KEEP_EVERY) => {}
+            () = publisher.reconnected() => {
+                // The client takes in the new server's INFO just after it reports the
+                // connection.
+                tokio::time::sleep(Duration::from_millis(20)).await;
+            }
+            _ = stop.changed() => {}
+        }
     }
 }
 
@@ -1515,20 +1533,20 @@ mod tests {
     #[tokio::test]
     async fn a_restarted_server_gets_again_what_it_acknowledged_and_lost() {
         let r = retaining_rig();
+        let spool = r.spool.clone().unwrap();
+        let (stop, stopped) = watch::channel(false);
+        let keeper = tokio::spawn(keep_retained(spool.clone(), r.fake.clone(), stopped));
+        tokio::time::sleep(Duration::from_millis(100)).await;
         for tag in ["a", "b", "c"] {
             let report = r.deliver(batch(tag, 5)).await.unwrap();
             assert_eq!((report.published, report.spooled), (5, 0));
         }
-        let spool = r.spool.clone().unwrap();
         assert!(
             spool.stats().is_empty(),
             "published batches wait for nothing"
         );
         assert!(spool.stats().retained_bytes() > 0, "but they are retained");
         let _drain = r.start_drain();
-        let (stop, stopped) = watch::channel(false);
-        let keeper = tokio::spawn(keep_retained(spool.clone(), r.fake.clone(), stopped));
-        tokio::time::sleep(Duration::from_millis(100)).await;
 
         // A power cut: the server kept the first batch only, and comes back as a new process.
         r.fake.lose_after(5);
@@ -1558,14 +1576,56 @@ mod tests {
         keeper.await.unwrap();
     }
 
+    /// A replay publishes again only what the restarted server acknowledged in the retention
+    /// before it was last seen: older records it had synced are dropped, not sent (they would
+    /// be stored twice once older than the stream's duplicate window).
+    #[tokio::test]
+    async fn a_replay_sends_only_what_the_lost_server_may_not_have_synced() {
+        let dir = tempfile::tempdir().unwrap();
+        let mut spool = Spool::open(dir.path(), 1 << 30).unwrap();
+        spool.retain(Duration::from_millis(300)).unwrap();
+        let r = rig_on(dir, Some(spool), 64, TIMEOUT);
+        let spool = r.spool.clone().unwrap();
+        let (stop, stopped) = watch::channel(false);
+        let keeper = tokio::spawn(keep_retained(spool.clone(), r.fake.clone(), stopped));
+        tokio::time::sleep(Duration::from_millis(100)).await;
+        r.deliver(batch("old", 5)).await.unwrap();
+        // Older than the retention and its margin (1 s) by the time the server was last seen
+        // (the keeper looks every second).
+        tokio::time::sleep(Duration::from_millis(2500)).await;
+        r.deliver(batch("new", 5)).await.unwrap();
+        let _drain = r.start_drain();
+
+        r.fake.lose_after(0);
+        r.fake.set_server_id("restarted");
+        let until = Instant::now() + Duration::from_secs(5);
+        while r.fake.stored().len() < 5 {
+            assert!(Instant::now() < until, "not replayed");
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+        r.wait_drained().await;
+        tokio::time::sleep(Duration::from_millis(200)).await;
+
+        let mut stored = r.fake.stored();
+        stored.sort();
+        assert_eq!(
+            stored,
+            labels("new", 5),
+            "the synced batch is not sent again"
+        );
+        let _ = stop.send(true);
+        keeper.await.unwrap();
+    }
+
     /// Without a restart (the same server after a blip) nothing is replayed.
     #[tokio::test]
     async fn the_same_server_after_a_blip_gets_nothing_again() {
         let r = retaining_rig();
-        r.deliver(batch("a", 5)).await.unwrap();
         let spool = r.spool.clone().unwrap();
         let (stop, stopped) = watch::channel(false);
         let keeper = tokio::spawn(keep_retained(spool.clone(), r.fake.clone(), stopped));
+        tokio::time::sleep(Duration::from_millis(100)).await;
+        r.deliver(batch("a", 5)).await.unwrap();
         r.fake.set_ready(false);
         tokio::time::sleep(Duration::from_millis(1200)).await;
         r.fake.set_ready(true);

@@ -59,6 +59,8 @@ pub struct Health {
     denials: AtomicU64,
     /// Ticks whenever a denial is recorded, to wake publishers waiting for acks.
     denied_tick: tokio::sync::Notify,
+    /// Ticks whenever the connection is (re-)established.
+    connected: tokio::sync::Notify,
     /// Set while a TLS diagnosis runs, so a reconnect loop starts at most one at a time.
     diagnosing: AtomicBool,
     /// What is known to be wrong with the credentials sent at the last attempt (an expired
@@ -67,6 +69,11 @@ pub struct Health {
 }
 
 impl Health {
+    /// Resolves at the next (re-)connection.
+    pub async fn reconnected(&self) {
+        self.connected.notified().await
+    }
+
     /// Why connecting fails, when it does.
     pub fn last_error(&self) -> Option<String> {
         self.last_error.lock().ok().and_then(|e| e.clone())
@@ -309,6 +316,7 @@ async fn on_event(event: Event, health: &Arc<Health>, settings: &Arc<NatsSetting
     match event {
         Event::Connected => {
             health.clear_error();
+            health.connected.notify_waiters();
             tracing::info!("NATS connected");
         }
         Event::Disconnected => tracing::warn!("NATS disconnected"),

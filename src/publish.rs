@@ -80,6 +80,10 @@ pub trait Publish: Clone + Send + Sync + 'static {
     fn server_id(&self) -> Option<String> {
         None
     }
+    /// Resolves when the connection is next (re-)established (never, where nothing tells).
+    fn reconnected(&self) -> impl Future<Output = ()> + Send {
+        std::future::pending()
+    }
 
     /// Whether the connection is up, whatever the stream's state (the inbound path stores
     /// objects, which need no stream of events).
@@ -516,6 +520,10 @@ impl Publish for Arc<Publisher> {
     fn server_id(&self) -> Option<String> {
         let id = self.client.server_info().server_id;
         (!id.is_empty()).then_some(id)
+    }
+
+    async fn reconnected(&self) {
+        self.health.reconnected().await
     }
 
     type Bucket = objects::Bucket;

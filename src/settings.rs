@@ -390,9 +390,10 @@ pub struct SpoolSettings {
     /// Longest pause between the drainer's retries of a temporary failure.
     #[serde(with = "humantime_serde")]
     pub retry_max_interval: Duration,
-    /// How long records NATS acknowledged are kept (`jetstream` mode), to be published again
-    /// if NATS loses them in a power cut: longer than nats-server's `sync_interval` (2 min by
-    /// default). `0s` turns the retained log off (a `200` then does not survive a power cut
+    /// How long NATS may hold an acknowledged message before it syncs it: nats-server's
+    /// `sync_interval` (2 min by default). Acknowledged records are kept that long (and a
+    /// second more) after the acknowledgement, while connected, to be published again if NATS
+    /// restarts. `0s` turns the retained log off (a `200` then does not survive a power cut
     /// of NATS).
     #[serde(with = "humantime_serde")]
     pub retain: Duration,
@@ -405,7 +406,7 @@ impl Default for SpoolSettings {
             dir: "data/spool".into(),
             max_bytes: 1 << 30,
             retry_max_interval: Duration::from_secs(5),
-            retain: Duration::from_secs(150),
+            retain: Duration::from_secs(120),
         }
     }
 }

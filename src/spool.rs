@@ -348,6 +348,9 @@ pub struct Spool {
     pending_cut: Option<(u64, u64)>,
     /// The retained log, in `jetstream` mode ([`Spool::retain`]).
     retained: Option<Retained>,
+    /// What the retained log's heartbeat said at start-up: when an earlier run last saw NATS
+    /// connected, and to which server.
+    last_connected: Option<(u64, String)>,
     stats: Arc<SpoolStats>,
     /// Held for the life of the spool: the exclusive lock on `<dir>/lock`.
     _lock: File,
@@ -377,7 +380,7 @@ fn segment_path(dir: &Path, id: u64) -> PathBuf {
     dir.join(format!("{id:020}.seg"))
 }
 
-fn now_ms() -> u64 {
+pub fn now_ms() -> u64 {
     SystemTime::now()
         .duration_since(UNIX_EPOCH)
         .map_or(0, |d| d.as_millis() as u64)
@@ -491,6 +494,7 @@ impl Spool {
             cursor_dirty: false,
             pending_cut: None,
             retained: None,
+            last_connected: None,
             stats,
             _lock: lock,
             #[cfg(test)]
@@ -740,6 +744,12 @@ impl Spool {
             self.pending_cut = self.segments.back().map(|last| (last.id, last.size));
             if let Err(cut) = self.cut_back() {
                 tracing::error!(error = %cut, "cannot cut a failed write off the spool; appends are refused until it is done");
+            } else if let Some(&Segment { id, size: 0, .. }) = self.segments.back() {
+                // An empty segment serves nothing: without this, every append refused on a
+                // full disk would leave one more file behind.
+                if fs::remove_file(segment_path(&self.dir, id)).is_ok() {
+                    self.segments.pop_back();
+                }
             }
             return Err(e);
         }
@@ -850,8 +860,14 @@ impl Spool {
         let Some(log) = self.retained.as_mut() else {
             return Ok(());
         };
-        let buf = records.concat();
-        log.append(&buf, now_ms())?;
+        // Stamped anew: a record's time in the retained log is when NATS acknowledged it,
+        // which decides whether a replay needs it.
+        let now = now_ms();
+        let mut buf = Vec::with_capacity(records.iter().map(Vec::len).sum());
+        for record in records {
+            restamp(&mut buf, record, now)?;
+        }
+        log.append(&buf, now)?;
         self.stats
             .retained_bytes
             .fetch_add(buf.len() as u64, Ordering::SeqCst);
@@ -924,8 +940,20 @@ impl Spool {
         self.stats
             .inbound_bytes
             .fetch_add(opened.mail_bytes, Ordering::SeqCst);
+        self.last_connected = opened.retained.last_connected();
         self.retained = Some(opened.retained);
         Ok(())
+    }
+
+    /// Notes in the retained log's heartbeat that NATS (server `server`) is connected at
+    /// `now_ms`. Not synced: after a power cut the heartbeat is older, if anything, and a
+    /// replay from an older moment publishes more, never less.
+    pub fn note_connected(&mut self, now_ms: u64, server: &str) {
+        if let Some(log) = &self.retained {
+            if let Err(e) = log.write_heartbeat(now_ms, server) {
+                tracing::debug!(error = %e, "cannot write the retained log's heartbeat");
+            }
+        }
     }
 
     /// Whether the retained log is on.
@@ -933,14 +961,17 @@ impl Spool {
         self.retained.is_some()
     }
 
-    /// Moves every retained record to the end of the spool, durably, to be published again
-    /// (NATS may have lost it: it was restarted, or this service was). Returns how many.
-    pub fn replay_retained(&mut self) -> Result<u64, SpoolError> {
+    /// NATS was last seen connected at `connected_until_ms` and may have lost what it had not
+    /// synced by then: moves the retained records it acknowledged in the `spool.retain` before
+    /// that moment to the end of the spool, durably, to be published again, and drops the
+    /// older ones (synced by then). `0`: everything retained. Returns how many were moved.
+    pub fn replay_retained(&mut self, connected_until_ms: u64) -> Result<u64, SpoolError> {
         let Some(mut log) = self.retained.take() else {
             return Ok(0);
         };
+        let since_ms = log.needed_since(connected_until_ms);
         let mut moved = 0;
-        let taken = log.take_all(REPLAY_CHUNK, |chunk, count| {
+        let taken = log.take_all(REPLAY_CHUNK, since_ms, |chunk, count| {
             self.write_durably(chunk)?;
             self.stats.messages.fetch_add(count, Ordering::SeqCst);
             self.stats
@@ -1283,6 +1314,52 @@ pub fn status(dir: &Path) -> Result<SpoolStatus, SpoolError> {
     full_status(dir).map(|status| status.events)
 }
 
+/// Counts into `status` the records waiting in segments `ids` (as listed) from `cursor` (as
+/// read after the listing) on. Beside a running service the drainer may consume and delete
+/// listed segments meanwhile: the count may then include records published since, but never
+/// misses one still waiting when the cursor was read.
+fn count_waiting(
+    dir: &Path,
+    ids: &[u64],
+    mut cursor: Position,
+    status: &mut FullStatus,
+) -> Result<(), SpoolError> {
+    let (mut oldest, mut oldest_mail): (Option<u64>, Option<u64>) = (None, None);
+    for &id in ids.iter().filter(|&&id| id >= cursor.segment) {
+        let records = match scan_segment(&segment_path(dir, id)) {
+            Ok(scan) => scan.records,
+            // A running drainer deletes a segment only once it is wholly consumed: one that
+            // was listed and is gone now holds nothing still waiting.
+            Err(e) if e.kind() == io::ErrorKind::NotFound => continue,
+            Err(e) => return Err(e.into()),
+        };
+        if id == cursor.segment && !on_boundary(cursor, &records) {
+            cursor.offset = 0;
+        }
+        for record in records {
+            if id > cursor.segment || record.end > cursor.offset {
+                if let Some(file_bytes) = record.mail_bytes {
+                    status.mails.mails += 1;
+                    status.mails.bytes += file_bytes + record.size;
+                    if oldest_mail.is_none() {
+                        oldest_mail = record.at_ms;
+                    }
+                    continue;
+                }
+                status.events.messages += 1;
+                status.events.bytes += record.size;
+                if oldest.is_none() {
+                    oldest = record.at_ms;
+                }
+            }
+        }
+    }
+    let age = |at: u64| now_ms().saturating_sub(at) as f64 / 1000.0;
+    status.events.oldest_age_seconds = oldest.map(age);
+    status.mails.oldest_age_seconds = oldest_mail.map(age);
+    Ok(())
+}
+
 /// The status of the event messages and of the mails.
 pub fn full_status(dir: &Path) -> Result<FullStatus, SpoolError> {
     let mut status = FullStatus {
@@ -1309,34 +1386,7 @@ pub fn full_status(dir: &Path) -> Result<FullStatus, SpoolError> {
     };
     let ids = segment_ids(dir)?;
     let cursor = effective_cursor(dir, &ids)?;
-    let (mut oldest, mut oldest_mail): (Option<u64>, Option<u64>) = (None, None);
-    let mut cursor = cursor;
-    for id in ids.into_iter().filter(|&id| id >= cursor.segment) {
-        let records = scan_segment(&segment_path(dir, id))?.records;
-        if id == cursor.segment && !on_boundary(cursor, &records) {
-            cursor.offset = 0;
-        }
-        for record in records {
-            if id > cursor.segment || record.end > cursor.offset {
-                if let Some(file_bytes) = record.mail_bytes {
-                    status.mails.mails += 1;
-                    status.mails.bytes += file_bytes + record.size;
-                    if oldest_mail.is_none() {
-                        oldest_mail = record.at_ms;
-                    }
-                    continue;
-                }
-                status.events.messages += 1;
-                status.events.bytes += record.size;
-                if oldest.is_none() {
-                    oldest = record.at_ms;
-                }
-            }
-        }
-    }
-    let age = |at: u64| now_ms().saturating_sub(at) as f64 / 1000.0;
-    status.events.oldest_age_seconds = oldest.map(age);
-    status.mails.oldest_age_seconds = oldest_mail.map(age);
+    count_waiting(dir, &ids, cursor, &mut status)?;
     for entry in quarantine_entries(dir)? {
         let mail = dir.join(QUARANTINE).join(format!("{}.mail", entry.name));
         if !mail.is_dir() {
@@ -1433,10 +1483,12 @@ enum Op {
         reply: oneshot::Sender<Result<(), SpoolError>>,
     },
     Replay {
+        connected_until_ms: u64,
         reply: oneshot::Sender<Result<u64, SpoolError>>,
     },
     Expire {
         now_ms: u64,
+        server: String,
     },
     Read {
         max: usize,
@@ -1461,6 +1513,7 @@ pub struct SpoolHandle {
     tx: mpsc::Sender<Op>,
     stats: Arc<SpoolStats>,
     retains: bool,
+    last_connected: Option<(u64, String)>,
     /// Wakes the drainer when something is appended.
     appended: Arc<Notify>,
 }
@@ -1471,6 +1524,7 @@ impl SpoolHandle {
         let (tx, rx) = mpsc::channel();
         let stats = spool.stats();
         let retains = spool.retains();
+        let last_connected = spool.last_connected.clone();
         let appended = Arc::new(Notify::new());
         let notify = appended.clone();
         std::thread::Builder::new()
@@ -1480,6 +1534,7 @@ impl SpoolHandle {
             tx,
             stats,
             retains,
+            last_connected,
             appended,
         })
     }
@@ -1538,11 +1593,16 @@ impl SpoolHandle {
         self.retains
     }
 
-    /// Moves the retained log into the spool, to be published again; from this call on the
-    /// spool counts as non-empty until it is done, so later batches queue behind it.
-    pub async fn replay_retained(&self) -> Result<u64, SpoolError> {
+    /// [`Spool::replay_retained`] in the writer thread; from this call on the spool counts as
+    /// non-empty until it is done, so later batches queue behind it.
+    pub async fn replay_retained(&self, connected_until_ms: u64) -> Result<u64, SpoolError> {
         self.stats.queued.fetch_add(1, Ordering::SeqCst);
-        let answer = self.call(|reply| Op::Replay { reply }).await;
+        let answer = self
+            .call(|reply| Op::Replay {
+                connected_until_ms,
+                reply,
+            })
+            .await;
         if matches!(answer, Err(SpoolError::Stopped)) {
             let _ = self
                 .stats
@@ -1555,9 +1615,19 @@ impl SpoolHandle {
         answer
     }
 
-    /// Deletes retained records NATS can no longer lose (call only while connected).
-    pub fn expire_retained(&self) {
-        let _ = self.tx.send(Op::Expire { now_ms: now_ms() });
+    /// Records that NATS (the server `server`) is connected now, and deletes the retained
+    /// records it can no longer lose. Call only while connected.
+    pub fn connected_now(&self, server: &str) {
+        let _ = self.tx.send(Op::Expire {
+            now_ms: now_ms(),
+            server: server.to_owned(),
+        });
+    }
+
+    /// The last moment an earlier run of the service saw NATS connected, and to which server
+    /// (none known: replay everything retained).
+    pub fn last_connected(&self) -> Option<(u64, String)> {
+        self.last_connected.clone()
     }
 
     /// Waits until something is appended (or a while has passed).
@@ -1695,13 +1765,17 @@ fn writer_loop(mut spool: Spool, rx: mpsc::Receiver<Op>, appended: Arc<Notify>) 
             Op::Read { max, reply } => {
                 let _ = reply.send(spool.read(max));
             }
-            Op::Replay { reply } => {
-                let replayed = spool.replay_retained();
+            Op::Replay {
+                connected_until_ms,
+                reply,
+            } => {
+                let replayed = spool.replay_retained(connected_until_ms);
                 spool.stats.queued.fetch_sub(1, Ordering::SeqCst);
                 appended.notify_one();
                 let _ = reply.send(replayed);
             }
-            Op::Expire { now_ms } => {
+            Op::Expire { now_ms, server } => {
+                spool.note_connected(now_ms, &server);
                 if let Err(e) = spool.expire_retained(now_ms) {
                     tracing::warn!(error = %e, "cannot delete expired records of the retained log; will retry");
                 }
@@ -1944,6 +2018,22 @@ pub fn encode_mail(out: &mut Vec<u8>, mail: &MailRecord, at_ms: u64) -> Result<(
     Ok(())
 }
 
+/// Appends `record` (a whole record as stored) to `out` with its time stamp set to `at_ms`.
+fn restamp(out: &mut Vec<u8>, record: &[u8], at_ms: u64) -> Result<(), SpoolError> {
+    let magic: [u8; 4] = record
+        .get(..4)
+        .and_then(|m| m.try_into().ok())
+        .ok_or(SpoolError::TooLong)?;
+    match decode_any(&magic, record.get(RECORD_HEADER..).unwrap_or_default()) {
+        Some((_, Record::Message(m))) => encode_message(out, &m, at_ms),
+        Some((_, Record::Mail(mail))) => encode_mail(out, &mail, at_ms),
+        None => Err(SpoolError::Io(io::Error::new(
+            io::ErrorKind::InvalidData,
+            "corrupt spool record",
+        ))),
+    }
+}
+
 /// Appends the record of `m` to `out`.
 pub fn encode_message(out: &mut Vec<u8>, m: &NatsMessage, at_ms: u64) -> Result<(), SpoolError> {
     encode_record(
@@ -2135,7 +2225,7 @@ mod tests {
             "kept across a restart"
         );
 
-        assert_eq!(spool.replay_retained().unwrap(), 5);
+        assert_eq!(spool.replay_retained(0).unwrap(), 5);
 
         assert_eq!(spool.stats().messages(), 6);
         assert_eq!(spool.stats().retained_bytes(), 0);
@@ -2150,6 +2240,32 @@ mod tests {
         spool.commit(&batch, 6).unwrap();
         assert_eq!(spool.retained_count().unwrap().0, 6);
         assert!(spool.stats().is_empty());
+    }
+
+    /// A replay moves only what NATS acknowledged in the retention before it was last seen
+    /// connected: older records (synced by then) are dropped, not published again.
+    #[test]
+    fn a_replay_moves_only_the_records_of_the_retention_before_nats_was_last_seen() {
+        let dir = tempfile::tempdir().unwrap();
+        let mut spool = Spool::open(dir.path(), 1 << 20).unwrap();
+        spool.retain(Duration::from_secs(60)).unwrap();
+        let now = now_ms();
+        let stamped = |m: NatsMessage, at: u64| {
+            let mut buf = Vec::new();
+            encode_message(&mut buf, &m, at).unwrap();
+            (buf, 1, Log::Retained)
+        };
+        spool.append_to(vec![
+            stamped(message(0), now - 100_000),
+            stamped(message(1), now - 30_000),
+            stamped(message(2), now),
+        ]);
+
+        assert_eq!(spool.replay_retained(now - 10_000).unwrap(), 1 + 1);
+
+        assert_eq!(ids(&spool.read(10).unwrap()), ["id-1", "id-2"]);
+        assert_eq!(spool.retained_count().unwrap(), (0, 0));
+        assert_eq!(spool.stats().retained_bytes(), 0);
     }
 
     /// The retained log counts in `spool.max_bytes`: a log that fills it refuses more, and so
@@ -2178,7 +2294,7 @@ mod tests {
     fn expiry_deletes_old_segments_and_their_mails_only() {
         let dir = tempfile::tempdir().unwrap();
         let mut spool = Spool::open(dir.path(), 1 << 30).unwrap();
-        spool.retain(Duration::from_millis(800)).unwrap();
+        spool.retain(Duration::from_millis(400)).unwrap();
         let work = dir.path().join("work");
         fs::create_dir_all(&work).unwrap();
         fs::write(work.join("a.bin"), b"attachment").unwrap();
@@ -2200,10 +2316,10 @@ mod tests {
         spool.expire_retained(now_ms()).unwrap();
         assert_eq!(spool.retained_count().unwrap().0, 2, "nothing is old yet");
 
-        // A later segment (after an eighth of the retention) stays when the first expires.
-        std::thread::sleep(Duration::from_millis(700));
+        // A later segment (after an eighth of the retention) stays when the first expires
+        // (the retention and its margin of 1 s after its newest record).
+        std::thread::sleep(Duration::from_millis(1500));
         retain(&mut spool, &[message(2)]).unwrap();
-        std::thread::sleep(Duration::from_millis(200));
         spool.expire_retained(now_ms()).unwrap();
 
         assert_eq!(spool.retained_count().unwrap().0, 1);
@@ -2241,7 +2357,7 @@ mod tests {
         spool.retain(Duration::from_secs(60)).unwrap();
         assert_eq!(spool.adopt_mails().unwrap(), 0);
         assert!(dir.path().join("mail/req-7/mail.json").is_file());
-        spool.replay_retained().unwrap();
+        spool.replay_retained(0).unwrap();
         let batch = spool.read(10).unwrap();
         assert_eq!(batch.mail.unwrap().dir, "mail/req-7");
     }
@@ -2440,6 +2556,46 @@ mod tests {
         }
     }
 
+    /// `spool status` beside a running drainer: it lists the segments and reads the cursor,
+    /// then the drainer finishes the first segment and deletes it before status reads it.
+    /// Status must still count what the later segments hold: failing instead let a caller
+    /// that took "cannot read" for "nothing left" see a draining spool as empty.
+    #[test]
+    fn status_counts_what_is_left_when_a_listed_segment_is_consumed_before_it_is_read() {
+        let dir = tempfile::tempdir().unwrap();
+        {
+            let mut spool = Spool::open(dir.path(), 1 << 20).unwrap();
+            append(&mut spool, &[message(0), message(1)]).unwrap();
+        }
+        // A start-up begins a new segment: the next records go to a second one.
+        let mut spool = Spool::open(dir.path(), 1 << 20).unwrap();
+        append(&mut spool, &[message(2), message(3), message(4)]).unwrap();
+        // Status's first two reads: the segment list, then the cursor.
+        let ids = segment_ids(dir.path()).unwrap();
+        assert_eq!(ids.len(), 2);
+        let cursor = effective_cursor(dir.path(), &ids).unwrap();
+        // The drainer publishes the first segment and deletes it.
+        let batch = spool.read(2).unwrap();
+        spool.commit(&batch, 2).unwrap();
+        assert_eq!(segment_ids(dir.path()).unwrap(), ids[1..]);
+        // Status goes on with what it read.
+        let mut status = FullStatus {
+            events: SpoolStatus {
+                dir: dir.path().to_owned(),
+                in_use: true,
+                messages: 0,
+                bytes: 0,
+                oldest_age_seconds: None,
+                quarantined: Vec::new(),
+            },
+            mails: MailStatus::default(),
+        };
+        count_waiting(dir.path(), &ids, cursor, &mut status).unwrap();
+        assert_eq!(status.events.messages, 3);
+        assert_eq!(status.events.bytes, spool.stats().bytes());
+        assert!(status.events.oldest_age_seconds.is_some());
+    }
+
     #[test]
     fn a_record_header_is_checked_before_its_length_is_trusted() {
         // Not a record (wrong magic) claiming 4 GiB: refused as unreadable, nothing allocated
@@ -2480,6 +2636,25 @@ mod tests {
         }
         let mut spool = Spool::open(dir.path(), 1 << 20).unwrap();
         assert_eq!(drain_all(&mut spool), [message(0), message(5)]);
+    }
+
+    /// Appends refused one after another (a full disk) leave no empty segment files behind,
+    /// and the spool goes on once the disk has room.
+    #[test]
+    fn failed_appends_leave_no_empty_segments_behind() {
+        let dir = tempfile::tempdir().unwrap();
+        let mut spool = Spool::open(dir.path(), 1 << 20).unwrap();
+        append(&mut spool, &[message(0)]).unwrap();
+        spool.inject(Fault::PartialWrite, 20);
+        for i in 1..=20 {
+            assert!(append(&mut spool, &[message(i)]).is_err());
+        }
+        let segments = segment_ids(dir.path()).unwrap();
+        assert!(segments.len() <= 2, "{} segment files", segments.len());
+        append(&mut spool, &[message(21)]).unwrap();
+        drop(spool);
+        let mut spool = Spool::open(dir.path(), 1 << 20).unwrap();
+        assert_eq!(drain_all(&mut spool), [message(0), message(21)]);
     }
 
     /// A full disk while the cursor is written: the cursor is written once there is room, and

@@ -117,22 +117,23 @@ impl Application {
             }
             // Mails an earlier version queued apart (`inbound/`) join the one spool.
             let adopted = spool.adopt_mails().map_err(spool_error)?;
-            if retains {
-                // NATS may have lost what it acknowledged last while this service was down
-                // (a power cut of both hosts): publish it again, de-duplicated.
-                let replayed = spool.replay_retained().map_err(spool_error)?;
-                if replayed > 0 {
-                    tracing::info!(
-                        messages = replayed,
-                        "records NATS acknowledged before the last stop are published again, in case it lost them"
-                    );
-                }
-            }
             if adopted > 0 {
                 tracing::info!(
                     mails = adopted,
                     "inbound mails of an earlier run joined the spool"
                 );
+            }
+            if retains {
+                let window = settings.nats.stream.duplicate_window;
+                if window < settings.spool.retain {
+                    // The replay after a NATS restart is de-duplicated only within the window:
+                    // an event NATS kept and acknowledged longer ago is stored again.
+                    tracing::info!(
+                        duplicate_window = ?window,
+                        retain = ?settings.spool.retain,
+                        "nats.stream.duplicate_window is shorter than spool.retain: after a NATS restart, retained events NATS kept that are older than the window are stored twice; a window of spool.retain plus the NATS downtime you expect avoids it"
+                    );
+                }
             }
             let stats = spool.stats();
             if !stats.is_empty() {

@@ -50,7 +50,7 @@ fn defaults_match_the_spec() {
     assert_eq!(s.nats.stream.duplicate_window, Duration::from_secs(120));
     assert!(s.spool.enabled);
     assert_eq!(s.spool.retry_max_interval, Duration::from_secs(5));
-    assert_eq!(s.spool.retain, Duration::from_secs(150));
+    assert_eq!(s.spool.retain, Duration::from_secs(120));
     assert_eq!(s.validation.invalid_entries, InvalidEntries::Reject);
     assert_eq!(
         s.validation.dead_letter_subject.as_str(),

@@ -28,6 +28,20 @@ use super::{read_record, scan_segment, segment_ids, segment_path, sync_dir, Reco
 
 /// The directory of the retained log, under the spool directory.
 pub(super) const RETAINED: &str = "retained";
+/// The heartbeat file in it: `<ms since the Unix epoch> <server id>`, the last moment the
+/// service saw NATS connected.
+const HEARTBEAT: &str = "connected";
+
+/// Kept beyond the retention: a record's stamp can come a little after its acknowledgement,
+/// and nats-server's periodic sync takes a while to complete.
+const MARGIN_MS: u64 = 1_000;
+
+/// The time stamp of a whole record (none for records of the earliest format).
+fn stamp(record: &[u8]) -> Option<u64> {
+    (record.get(..4)? != super::MAGIC_V1)
+        .then(|| Some(u64::from_le_bytes(record.get(12..20)?.try_into().ok()?)))
+        .flatten()
+}
 
 /// One retained segment.
 #[derive(Debug)]
@@ -216,11 +230,20 @@ impl Retained {
         self.unsynced = 0;
     }
 
-    /// Deletes the segments whose newest record is older than the retention at `now_ms`.
+    /// The oldest stamp a replay needs when NATS was last seen connected at
+    /// `connected_until_ms`: what it acknowledged in the retention before that moment (and
+    /// [`MARGIN_MS`] more) may not have been synced when it went away.
+    pub(super) fn needed_since(&self, connected_until_ms: u64) -> u64 {
+        connected_until_ms.saturating_sub(self.retain_ms + MARGIN_MS)
+    }
+
+    /// Deletes the segments whose newest record a replay would no longer need at `now_ms`
+    /// (NATS connected now).
     pub(super) fn expire(&mut self, now_ms: u64) -> io::Result<Freed> {
         let mut freed = Freed::default();
+        let needed = self.needed_since(now_ms);
         while let Some(first) = self.segments.front() {
-            if first.newest_ms.saturating_add(self.retain_ms) >= now_ms {
+            if first.newest_ms >= needed {
                 break;
             }
             self.remove_front(&mut freed)?;
@@ -228,19 +251,26 @@ impl Retained {
         Ok(freed)
     }
 
-    /// Every retained record, oldest first, as whole records in chunks of about `chunk` bytes,
-    /// handed to `copy`; then the segments are deleted (the caller's copy is durable by then).
-    /// A crash in between leaves both: the records are published twice, and de-duplicated.
+    /// Every retained record stamped `since_ms` or later, oldest first, as whole records in
+    /// chunks of about `chunk` bytes, handed to `copy`; then every segment is deleted (the
+    /// caller's copy is durable by then). A crash in between leaves both: the records are
+    /// published twice, and de-duplicated.
     pub(super) fn take_all(
         &mut self,
         chunk: usize,
+        since_ms: u64,
         mut copy: impl FnMut(&[u8], u64) -> io::Result<()>,
     ) -> io::Result<Freed> {
         self.writer = None;
-        for kept in &self.segments {
+        self.unsynced = 0;
+        for kept in self.segments.iter().filter(|k| k.newest_ms >= since_ms) {
             let mut buf = Vec::with_capacity(chunk.min(kept.size as usize));
             let mut count = 0u64;
             for_each_record(&self.dir, kept, |record, _| {
+                // Records of earlier versions have no stamp: kept, to be safe.
+                if stamp(record).is_some_and(|at| at < since_ms) {
+                    return Ok(());
+                }
                 buf.extend_from_slice(record);
                 count += 1;
                 if buf.len() >= chunk {
@@ -255,12 +285,35 @@ impl Retained {
             }
         }
         let mut freed = Freed::default();
+        let mut moved_mails = std::collections::HashSet::new();
+        for kept in self.segments.iter() {
+            for_each_record(&self.dir, kept, |record, read| {
+                if let Record::Mail(mail) = read {
+                    if stamp(record).is_none_or(|at| at >= since_ms) {
+                        moved_mails.insert(mail.dir);
+                    }
+                }
+                Ok(())
+            })?;
+        }
         while !self.segments.is_empty() {
             self.remove_front(&mut freed)?;
         }
-        // Mails moved along with their records: their directories stay.
-        freed.mails.clear();
+        // Mails moved along with their records keep their directories; the others go.
+        freed.mails.retain(|(dir, _)| !moved_mails.contains(dir));
         Ok(freed)
+    }
+
+    /// Writes the heartbeat: NATS (server `server`) was connected at `now_ms`.
+    pub(super) fn write_heartbeat(&self, now_ms: u64, server: &str) -> io::Result<()> {
+        fs::write(self.dir.join(HEARTBEAT), format!("{now_ms} {server}\n"))
+    }
+
+    /// What the heartbeat says: when NATS was last seen connected, and to which server.
+    pub(super) fn last_connected(&self) -> Option<(u64, String)> {
+        let text = fs::read_to_string(self.dir.join(HEARTBEAT)).ok()?;
+        let (at, server) = text.trim_end().split_once(' ')?;
+        Some((at.parse().ok()?, server.to_owned()))
     }
 
     /// How many records and bytes the log holds (for `spool status`).

@@ -976,14 +976,23 @@ impl Drop for Service {
     }
 }
 
-/// What a stream holds: how many messages, the distinct `Nats-Msg-Id`s, and each event (by
-/// its `messageId`) with how often it is stored. The fault tests and the campaign check their
+/// What a stream holds: how many messages, the distinct `Nats-Msg-Id`s, each event (by its
+/// `messageId`) with how often it is stored, and each Inbound mail's message (by its
+/// `subject`), once per time it is stored. The fault tests and the campaign check their
 /// promises against it.
 #[derive(Debug, Default)]
 pub struct Stored {
     pub messages: usize,
     pub ids: HashSet<String>,
     pub keys: HashMap<String, usize>,
+    pub mails: HashMap<String, Vec<StoredMail>>,
+}
+
+/// One stored Inbound mail message: its attachments as it names them.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct StoredMail {
+    /// `(object, sha256, size)` of each attachment, in order.
+    pub attachments: Vec<(String, String, u64)>,
 }
 
 /// Reads every message of `stream`; `None` when it cannot be read now. A sequence with no
@@ -1021,6 +1030,29 @@ pub async fn read_stream(js: &jetstream::Context, stream: &str) -> Option<Stored
             stored.ids.insert(id.as_str().to_owned());
         }
         let body: serde_json::Value = serde_json::from_slice(&message.payload).ok()?;
+        if body["event_type"] == "inbound" {
+            let subject = body["subject"].as_str().unwrap_or_default().to_owned();
+            let attachments = body["attachments"]
+                .as_array()
+                .map(|list| {
+                    list.iter()
+                        .map(|a| {
+                            (
+                                a["object"].as_str().unwrap_or_default().to_owned(),
+                                a["sha256"].as_str().unwrap_or_default().to_owned(),
+                                a["size"].as_u64().unwrap_or_default(),
+                            )
+                        })
+                        .collect()
+                })
+                .unwrap_or_default();
+            stored
+                .mails
+                .entry(subject)
+                .or_default()
+                .push(StoredMail { attachments });
+            continue;
+        }
         let key = body["messageId"].as_str().unwrap_or_default().to_owned();
         *stored.keys.entry(key).or_default() += 1;
     }

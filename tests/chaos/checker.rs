@@ -1,7 +1,9 @@
 //! The checker: from the history and the stream's final contents, every event of a batch
-//! ever answered `200` must be stored exactly once, and no event stored twice; availability is
-//! the share of batches answered `200` within 10 s of their first attempt, overall, with no
-//! fault active, and for each fault kind active at the first attempt.
+//! ever answered `200` must be stored exactly once, and no event stored twice; every mail
+//! answered `200` must have its message, once, naming its attachments, and every one of its
+//! objects intact in the bucket; availability is the share of batches (mails included)
+//! answered `200` within 10 s of their first attempt, overall, with no fault active, and for
+//! each fault kind active at the first attempt.
 
 use std::collections::{BTreeMap, HashMap, HashSet};
 
@@ -10,15 +12,29 @@ use crate::helpers::Stored;
 use crate::nemesis::{Kind, Struck};
 
 pub const STREAM: &str = "CMC_EVENTS";
+/// The Inbound mails' object store (`inbound.bucket`).
+pub const BUCKET: &str = "CMC_INBOUND";
 const AVAILABLE_WITHIN_MS: u64 = 10_000;
 
 pub struct Verdict {
     pub lines: Vec<String>,
+    /// Events, mails' messages and mails' objects answered `200` and not stored (or, for a
+    /// mail, stored without its attachments as sent).
     pub lost: usize,
+    /// Events and mails' messages stored more than once.
     pub duplicated: usize,
+    /// Mails answered `200`: none means the mails' check proved nothing.
+    pub mails_answered: usize,
 }
 
-pub fn check(history: &History, stored: &Stored, struck: &[Struck]) -> Verdict {
+/// `intact`: the objects (by name) read whole from the bucket with the SHA-256 and size their
+/// mail was sent with.
+pub fn check(
+    history: &History,
+    stored: &Stored,
+    intact: &HashSet<String>,
+    struck: &[Struck],
+) -> Verdict {
     let mut first: HashMap<u64, u64> = HashMap::new();
     let mut ok_at: HashMap<u64, u64> = HashMap::new();
     let mut statuses: BTreeMap<u16, usize> = BTreeMap::new();
@@ -78,7 +94,7 @@ pub fn check(history: &History, stored: &Stored, struck: &[Struck]) -> Verdict {
         format!(
             "events sent {sent_events}  answered 200 {answered_events}  stored {} (distinct {})  \
              lost {}  duplicated {duplicated}  unknown {unknown}",
-            stored.messages,
+            stored.messages - stored.mails.values().map(Vec::len).sum::<usize>(),
             stored.keys.len(),
             lost.len()
         ),
@@ -86,6 +102,8 @@ pub fn check(history: &History, stored: &Stored, struck: &[Struck]) -> Verdict {
     if !lost.is_empty() {
         lines.push(format!("lost, e.g.: {:?}", &lost[..lost.len().min(5)]));
     }
+    let mails = check_mails(history, &ok_at, stored, intact);
+    lines.extend(mails.lines);
     // Availability, by what was active at a batch's first attempt.
     let mut by_kind: BTreeMap<String, (usize, usize)> = BTreeMap::new();
     for batch in &history.batches {
@@ -124,7 +142,86 @@ pub fn check(history: &History, stored: &Stored, struck: &[Struck]) -> Verdict {
     }
     Verdict {
         lines,
-        lost: lost.len(),
+        lost: lost.len() + mails.lost,
+        duplicated: duplicated + mails.duplicated,
+        mails_answered: mails.mails_answered,
+    }
+}
+
+/// The mails' part of the verdict: each mail answered `200` has its message, stored once,
+/// naming the attachments it was sent with, and each of those objects is intact.
+fn check_mails(
+    history: &History,
+    ok_at: &HashMap<u64, u64>,
+    stored: &Stored,
+    intact: &HashSet<String>,
+) -> Verdict {
+    let (mut sent, mut answered, mut objects) = (0, 0, 0);
+    let (mut missing, mut wrong, mut broken) = (Vec::new(), Vec::new(), Vec::new());
+    let mut known = HashSet::new();
+    for batch in &history.batches {
+        let Some(mail) = &batch.mail else {
+            continue;
+        };
+        sent += 1;
+        known.insert(&mail.subject);
+        if !ok_at.contains_key(&batch.id) {
+            continue;
+        }
+        answered += 1;
+        objects += mail.attachments.len();
+        let expected: Vec<(String, String, u64)> = mail
+            .attachments
+            .iter()
+            .map(|a| (a.sha256.clone(), a.sha256.clone(), a.size))
+            .collect();
+        match stored.mails.get(&mail.subject) {
+            None => missing.push(&mail.subject),
+            Some(copies) if copies.iter().any(|m| m.attachments != expected) => {
+                wrong.push(&mail.subject)
+            }
+            Some(_) => {}
+        }
+        broken.extend(
+            mail.attachments
+                .iter()
+                .filter(|a| !intact.contains(&a.sha256))
+                .map(|a| format!("{} of {}", a.sha256, mail.subject)),
+        );
+    }
+    let stored_messages: usize = stored.mails.values().map(Vec::len).sum();
+    let duplicated: usize = stored.mails.values().map(|m| m.len() - 1).sum();
+    let unknown = stored.mails.keys().filter(|k| !known.contains(k)).count();
+    let mut lines = vec![format!(
+        "mails sent {sent}  answered 200 {answered}  messages stored {stored_messages}  \
+         without a message {}  with wrong attachments {}  duplicated {duplicated}  \
+         unknown {unknown}  objects expected {objects}  missing or damaged {}",
+        missing.len(),
+        wrong.len(),
+        broken.len()
+    )];
+    if !missing.is_empty() {
+        lines.push(format!(
+            "mails without a message, e.g.: {:?}",
+            &missing[..missing.len().min(5)]
+        ));
+    }
+    if !wrong.is_empty() {
+        lines.push(format!(
+            "mails with wrong attachments, e.g.: {:?}",
+            &wrong[..wrong.len().min(5)]
+        ));
+    }
+    if !broken.is_empty() {
+        lines.push(format!(
+            "objects missing or damaged, e.g.: {:?}",
+            &broken[..broken.len().min(5)]
+        ));
+    }
+    Verdict {
+        lines,
+        lost: missing.len() + wrong.len() + broken.len(),
         duplicated,
+        mails_answered: answered,
     }
 }

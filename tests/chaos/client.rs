@@ -1,7 +1,9 @@
 //! The workload: distinct CMC batches (deliveries and bounces, in the shapes of `fixtures/`,
-//! JSON and form-encoded) posted to either forwarder at random, as a load balancer would. A
-//! batch not answered `200` is retried, at any forwarder, until [`RETRY_DEADLINE`] after its
-//! first attempt, as a sender that retries would. Every attempt is recorded.
+//! JSON and form-encoded) and, one time in [`MAIL_EVERY`], an Inbound mail (multipart, with
+//! attachments of distinct contents), posted to either forwarder at random, as a load balancer
+//! would. A batch or mail not answered `200` is retried, at any forwarder, until
+//! [`RETRY_DEADLINE`] after its first attempt, as a sender that retries would. Every attempt
+//! is recorded.
 
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
@@ -10,6 +12,7 @@ use std::time::{Duration, Instant};
 use percent_encoding::{utf8_percent_encode, NON_ALPHANUMERIC};
 use serde::Serialize;
 use serde_json::{json, Value};
+use sha2::{Digest, Sha256};
 
 use crate::helpers::{fixture_entries, CLIENT_TIMEOUT};
 use crate::rng::Rng;
@@ -20,6 +23,16 @@ pub const RETRY_DEADLINE: Duration = Duration::from_secs(60);
 const RETRY_PAUSE: Duration = Duration::from_millis(250);
 /// Pause between two batches of one worker.
 const PAUSE: Duration = Duration::from_millis(30);
+/// One batch in this many is an Inbound mail.
+const MAIL_EVERY: u64 = 25;
+/// Attachments of a mail: 1 to this many.
+const MAX_ATTACHMENTS: u64 = 3;
+/// Size of an attachment, in bytes: up to a little over two of the object store's 128 KiB
+/// chunks, so that some objects are more than one chunk.
+const ATTACHMENT_BYTES: (u64, u64) = (200, 300_000);
+const BOUNDARY: &str = "chaos-mail-boundary";
+/// The mails' reception rule (the `filter` parameter).
+pub const MAIL_FILTER: &str = "chaos@example.jp";
 
 /// `status` of an attempt that got no HTTP answer.
 pub const NO_CONNECTION: u16 = 0;
@@ -39,10 +52,28 @@ pub struct Attempt {
 #[derive(Debug, Clone, Serialize)]
 pub struct Batch {
     pub id: u64,
+    /// `json`, `form`, or `multipart` (a mail).
     pub encoding: &'static str,
+    /// `deliveries`, `bounces` or `inbound` (a mail).
     pub event_type: &'static str,
-    /// The events' `messageId`s (each distinct in the whole campaign).
+    /// The events' `messageId`s (each distinct in the whole campaign); none for a mail.
     pub keys: Vec<String>,
+    /// What a mail must leave: its message and its objects.
+    pub mail: Option<Mail>,
+}
+
+#[derive(Debug, Clone, Serialize)]
+pub struct Mail {
+    /// Its `subject` parameter, distinct in the whole campaign: it names the mail's message.
+    pub subject: String,
+    pub attachments: Vec<Attachment>,
+}
+
+#[derive(Debug, Clone, Serialize)]
+pub struct Attachment {
+    /// The lowercase hex SHA-256 of its content: the object's name in the bucket.
+    pub sha256: String,
+    pub size: u64,
 }
 
 #[derive(Default)]
@@ -126,17 +157,23 @@ impl Worker {
         while !self.stop.load(Ordering::SeqCst) {
             let id = (self.id << 32) | n;
             n += 1;
-            let (batch, content_type, body) = self.next_batch(id);
+            let (batch, content_type, body) = if self.rng.below(MAIL_EVERY) == 0 {
+                self.next_mail(id)
+            } else {
+                let (batch, content_type, body) = self.next_batch(id);
+                (batch, content_type.to_owned(), body)
+            };
+            let path = if batch.mail.is_some() { "/inbound" } else { "" };
             self.history.lock().unwrap().batches.push(batch);
             let first = Instant::now();
             loop {
                 let forwarder = self.rng.below(2) as usize;
-                let url = self.targets.lock().unwrap()[forwarder].clone();
+                let url = format!("{}{path}", self.targets.lock().unwrap()[forwarder]);
                 let start = self.ms();
                 let sent = self
                     .http
                     .post(&url)
-                    .header("content-type", content_type)
+                    .header("content-type", content_type.as_str())
                     .body(body.clone())
                     .send()
                     .await;
@@ -219,7 +256,80 @@ impl Worker {
             encoding,
             event_type,
             keys,
+            mail: None,
         };
+        (batch, content_type, body)
+    }
+
+    /// A multipart Inbound mail with 1 to [`MAX_ATTACHMENTS`] attachments whose contents are
+    /// this mail's own (so each is an object no other mail shares).
+    fn next_mail(&mut self, id: u64) -> (Batch, String, Vec<u8>) {
+        let subject = format!("chaos-mail-{id:x}");
+        let count = self.rng.range(1, MAX_ATTACHMENTS);
+        let mut contents = Vec::new();
+        let mut attachments = Vec::new();
+        for i in 1..=count {
+            let size = self.rng.range(ATTACHMENT_BYTES.0, ATTACHMENT_BYTES.1) as usize;
+            let seed = format!("{subject} attachment {i} ");
+            let content: Vec<u8> = seed.bytes().cycle().take(size).collect();
+            attachments.push(Attachment {
+                sha256: hex::encode(Sha256::digest(&content)),
+                size: size as u64,
+            });
+            contents.push(content);
+        }
+        let headers = json!([
+            {"name": "From", "value": "sender@example.com"},
+            {"name": "To", "value": MAIL_FILTER},
+            {"name": "Subject", "value": subject},
+        ])
+        .to_string();
+        let count_text = count.to_string();
+        let mut parts: Vec<(String, Option<String>, &[u8])> = vec![
+            ("server_composition".into(), None, b"pro"),
+            ("filter".into(), None, MAIL_FILTER.as_bytes()),
+            ("headers".into(), None, headers.as_bytes()),
+            ("subject".into(), None, subject.as_bytes()),
+            ("envelope-from".into(), None, b"sender@example.com"),
+            ("envelope-to".into(), None, MAIL_FILTER.as_bytes()),
+            ("text".into(), None, b"a mail of the fault campaign"),
+            ("attachments".into(), None, count_text.as_bytes()),
+        ];
+        for (i, content) in contents.iter().enumerate() {
+            parts.push((
+                format!("attachment{}", i + 1),
+                Some(format!("file-{}.bin", i + 1)),
+                content,
+            ));
+        }
+        let mut body = Vec::new();
+        for (name, filename, data) in &parts {
+            body.extend_from_slice(format!("--{BOUNDARY}\r\n").as_bytes());
+            body.extend_from_slice(
+                format!("Content-Disposition: form-data; name=\"{name}\"").as_bytes(),
+            );
+            if let Some(filename) = filename {
+                body.extend_from_slice(
+                    format!("; filename=\"{filename}\"\r\nContent-Type: application/octet-stream")
+                        .as_bytes(),
+                );
+            }
+            body.extend_from_slice(b"\r\n\r\n");
+            body.extend_from_slice(data);
+            body.extend_from_slice(b"\r\n");
+        }
+        body.extend_from_slice(format!("--{BOUNDARY}--\r\n").as_bytes());
+        let batch = Batch {
+            id,
+            encoding: "multipart",
+            event_type: "inbound",
+            keys: Vec::new(),
+            mail: Some(Mail {
+                subject,
+                attachments,
+            }),
+        };
+        let content_type = format!("multipart/form-data; boundary={BOUNDARY}");
         (batch, content_type, body)
     }
 }

@@ -1,8 +1,9 @@
 //! A randomized fault campaign in the style of Jepsen, run against the real binary and real
 //! nats-servers: three nodes in a cluster with an R3 stream, two forwarders with their own
 //! spools, each reaching NATS through a proxy the campaign controls; a client that sends
-//! distinct batches to either forwarder and retries until a deadline; a nemesis that mixes
-//! faults from a seeded schedule; and a checker that reads the history and the stream.
+//! distinct batches and Inbound mails with attachments to either forwarder and retries until
+//! a deadline; a nemesis that mixes faults from a seeded schedule; and a checker that reads
+//! the history, the stream and the mails' objects.
 //!
 //! `cargo test --test chaos -- --seed N --duration 60s [--faults LIST] [--out DIR]`
 //! (`scripts/chaos` runs it). `--faults` is `all`, `safe` (all but the power-loss kinds) or a
@@ -21,6 +22,7 @@ mod nemesis;
 mod proxy;
 mod rng;
 
+use std::collections::HashSet;
 use std::io::Write;
 use std::path::{Path, PathBuf};
 use std::process::{Command, ExitCode};
@@ -28,6 +30,8 @@ use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use async_nats::jetstream;
+use sha2::{Digest, Sha256};
+use tokio::io::AsyncReadExt;
 
 use crate::helpers::{cluster_nodes, status_of, NatsServer};
 use crate::nemesis::{Forwarder, Kind, World};
@@ -183,6 +187,69 @@ fn start_cluster() -> Vec<NatsServer> {
     nodes
 }
 
+/// What waits in the spool in `dir`: event messages and mails.
+fn waiting(dir: &Path) -> Result<u64, cmc_forwarder::spool::SpoolError> {
+    cmc_forwarder::spool::full_status(dir).map(|s| s.events.messages + s.mails.mails)
+}
+
+/// What waits in the forwarders' spools, and the spools whose status could not be read.
+fn spooled(forwarders: &[Forwarder]) -> (u64, Vec<String>) {
+    let (mut left, mut unreadable) = (0, Vec::new());
+    for (t, forwarder) in forwarders.iter().enumerate() {
+        match waiting(&forwarder.spool()) {
+            Ok(n) => left += n,
+            Err(e) => unreadable.push(format!("f{}: spool status: {e}", t + 1)),
+        }
+    }
+    (left, unreadable)
+}
+
+/// The attachments of the mails sent that are in the bucket whole: read back, with the
+/// SHA-256 (their name) and the size they were sent with. Each read is tried a few times (the
+/// cluster has just healed).
+async fn intact_objects(js: &jetstream::Context, history: &client::History) -> HashSet<String> {
+    let mut intact = HashSet::new();
+    let wanted: Vec<&client::Attachment> = history
+        .batches
+        .iter()
+        .filter_map(|b| b.mail.as_ref())
+        .flat_map(|m| &m.attachments)
+        .collect();
+    if wanted.is_empty() {
+        return intact;
+    }
+    let Ok(Ok(store)) = tokio::time::timeout(
+        Duration::from_secs(10),
+        js.get_object_store(checker::BUCKET),
+    )
+    .await
+    else {
+        println!("chaos: the bucket {} cannot be read", checker::BUCKET);
+        return intact;
+    };
+    for attachment in wanted {
+        for _ in 0..5 {
+            let read = tokio::time::timeout(Duration::from_secs(10), async {
+                let mut object = store.get(&attachment.sha256).await.ok()?;
+                let mut bytes = Vec::new();
+                object.read_to_end(&mut bytes).await.ok()?;
+                Some(bytes)
+            })
+            .await;
+            if let Ok(Some(bytes)) = read {
+                if bytes.len() as u64 == attachment.size
+                    && hex::encode(Sha256::digest(&bytes)) == attachment.sha256
+                {
+                    intact.insert(attachment.sha256.clone());
+                }
+                break;
+            }
+            tokio::time::sleep(Duration::from_millis(500)).await;
+        }
+    }
+    intact
+}
+
 async fn campaign(args: &Args) -> bool {
     let quiet = (args.duration / 10).max(Duration::from_secs(10));
     let active = args.duration - quiet;
@@ -314,19 +381,20 @@ async fn campaign(args: &Args) -> bool {
 
     // Every spool drains (the drainer deletes a segment once it is wholly published), then
     // both forwarders are stopped with SIGTERM and must exit 0 with nothing left spooled.
+    // A spool whose status cannot be read is not an empty one: the wait goes on.
     let drain_deadline = Instant::now() + DRAIN;
     loop {
-        let left: u64 = world
-            .forwarders
-            .iter()
-            .map(|f| cmc_forwarder::spool::status(&f.spool()).map_or(0, |s| s.messages))
-            .sum();
-        if left == 0 {
+        let (left, unreadable) = spooled(&world.forwarders);
+        if left == 0 && unreadable.is_empty() {
             break;
         }
         if Instant::now() > drain_deadline {
             world.anomalies.push(format!(
-                "{left} messages still spooled {DRAIN:?} after healing"
+                "{left} messages still spooled {DRAIN:?} after healing{}",
+                unreadable
+                    .iter()
+                    .map(|e| format!("; {e}"))
+                    .collect::<String>()
             ));
             break;
         }
@@ -351,11 +419,14 @@ async fn campaign(args: &Args) -> bool {
                 )),
             }
         }
-        let left = cmc_forwarder::spool::status(&forwarder.spool()).map_or(0, |s| s.messages);
-        if left > 0 {
-            world
+        match waiting(&forwarder.spool()) {
+            Ok(0) => {}
+            Ok(left) => world
                 .anomalies
-                .push(format!("f{}: {left} messages left in its spool", t + 1));
+                .push(format!("f{}: {left} messages left in its spool", t + 1)),
+            Err(e) => world
+                .anomalies
+                .push(format!("f{}: its spool cannot be read: {e}", t + 1)),
         }
     }
 
@@ -389,7 +460,8 @@ async fn campaign(args: &Args) -> bool {
         file.write_all(b"\n").unwrap();
     }
 
-    let verdict = checker::check(&history, &stored, &struck);
+    let intact = intact_objects(&js, &history).await;
+    let verdict = checker::check(&history, &stored, &intact, &struck);
     println!("== chaos: seed {}", args.seed);
     println!("faults struck:");
     for kind in &args.kinds {
@@ -401,6 +473,11 @@ async fn campaign(args: &Args) -> bool {
     }
     for anomaly in &world.anomalies {
         println!("anomaly: {anomaly}");
+    }
+    if verdict.mails_answered == 0 {
+        world
+            .anomalies
+            .push("no mail was answered 200: nothing proved about mails".into());
     }
     let passed = verdict.lost == 0 && verdict.duplicated == 0 && world.anomalies.is_empty();
     for f in &world.forwarders {
