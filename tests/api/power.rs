@@ -11,8 +11,8 @@
 //! stream rolled back at once, a copy taken before the stream existed, the service killed
 //! while it publishes its log again, a second cut during that replay, an outage longer than
 //! `spool.retain`, a cut under load, events and mails drained from the spool before the cut,
-//! Inbound mails with their objects, and a restart of the service or of NATS alone, without a
-//! power cut (nothing stored twice). Each prints `case=… answered=… stored=… duplicates=…`. The last test shows what the
+//! Inbound mails with their objects, a restart of the service alone (nothing stored twice) and
+//! of NATS alone under load (nothing lost). Each prints `case=… answered=… stored=… duplicates=…`. The last test shows what the
 //! README says of the spool off: a `200` then does not survive the power cut.
 //!
 //! They kill processes: `scripts/test` runs them one at a time, with
@@ -560,48 +560,34 @@ async fn events_drained_from_the_spool_survive_a_power_cut_after_the_drain() {
     verdict(case, &answered, &stored, &extra, &service.log_tail());
 }
 
-/// What is restarted, without any power cut.
-#[derive(Clone, Copy, PartialEq, Eq)]
-enum Restart {
-    /// The service (SIGTERM, started again: a deploy), NATS up throughout.
-    Service,
-    /// nats-server (stopped, started again with its store intact: an upgrade), the service up
-    /// throughout.
-    Nats,
-}
+/// The defaults (`duplicate_window` and `spool.retain` both 2 minutes) scaled down to seconds.
+const SCALED: [(&str, &str); 2] = [
+    ("NATS__STREAM__DUPLICATE_WINDOW", "4s"),
+    ("SPOOL__RETAIN", "4s"),
+];
 
-/// A restart without a power cut stores nothing twice. The retained log is published again
-/// at every start of the service and whenever NATS restarted; what NATS stored longer ago than
-/// the stream's `duplicate_window` is no longer recognised by its `Nats-Msg-Id`. The defaults
-/// (`duplicate_window` 2 min, `spool.retain` 2 min 30 s) are scaled down to seconds, in the
-/// same ratio: half the events are answered older than the window at the restart, but younger
-/// than the retention.
-async fn restart_case(case: &str, restart: Restart) {
+/// A restart of the service in front of the same NATS process (a deploy) publishes nothing
+/// again, so stores nothing twice: half the events are answered longer ago than the
+/// (scaled) `duplicate_window` when it restarts, where a replay would store them twice.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_restart_of_the_service_alone_stores_nothing_twice() {
+    let case = "restart_service";
     let started = Instant::now();
-    let mut nats = NatsServer::start().await;
+    let nats = NatsServer::start().await;
     let dir = tempfile::tempdir().unwrap();
     let (spool, log) = (dir.path().join("spool"), dir.path().join("service.log"));
     let http = http_client();
-    let settings = [
-        ("NATS__STREAM__DUPLICATE_WINDOW", "4s"),
-        ("SPOOL__RETAIN", "5s"),
-    ];
-    let mut service = Service::start_with(&nats.url(), &spool, &log, &settings);
+    let mut service = Service::start_with(&nats.url(), &spool, &log, &SCALED);
     service.wait_ready(&http).await;
     let url = service.webhook_url();
     let mut answered = answer_batches(&url, case, 0..BATCHES / 2).await;
     tokio::time::sleep(Duration::from_millis(4500)).await;
     answered.extend(answer_batches(&url, case, BATCHES / 2..BATCHES).await);
 
-    match restart {
-        Restart::Service => {
-            service.terminate().await;
-            service = Service::start_with(&nats.url(), &spool, &log, &settings);
-        }
-        Restart::Nats => nats.restart().await,
-    }
+    service.terminate().await;
+    let mut service = Service::start_with(&nats.url(), &spool, &log, &SCALED);
     service.wait_ready(&http).await;
-    // Time for the replay, which publishes nothing new here.
+    // Time for a replay, were there one.
     tokio::time::sleep(Duration::from_secs(3)).await;
 
     let stored = settle(&[nats.url()], &answered).await;
@@ -609,14 +595,67 @@ async fn restart_case(case: &str, restart: Restart) {
     verdict(case, &answered, &stored, &extra, &service.log_tail());
 }
 
+/// A restart of nats-server alone, its store intact (an upgrade), under steady load: the
+/// service cannot tell it from a power cut, and publishes again what that server acknowledged
+/// in the last `spool.retain`. Nothing may be lost. What JetStream no longer recognises as a
+/// duplicate (stored longer ago than `duplicate_window`) is stored twice, a price the README
+/// states; the figures print it (`duplicates=`, against the events of `nats_down` plus two
+/// seconds: `outage_plus_2s=`), they are not held to a bound here, since the scaled window
+/// of 4 s is not a faithful miniature of 2 minutes for delays that do not scale (the client's
+/// reconnection, the replay's own publishing).
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn a_restart_of_the_service_alone_stores_nothing_twice() {
-    restart_case("restart_service", Restart::Service).await;
-}
+async fn a_restart_of_nats_alone_under_load_loses_nothing() {
+    let case = "restart_nats";
+    let started = Instant::now();
+    let mut nats = NatsServer::start().await;
+    let dir = tempfile::tempdir().unwrap();
+    let (spool, log) = (dir.path().join("spool"), dir.path().join("service.log"));
+    let http = http_client();
+    let mut service = Service::start_with(&nats.url(), &spool, &log, &SCALED);
+    service.wait_ready(&http).await;
+    let stop = Arc::new(AtomicBool::new(false));
+    let load = Instant::now();
+    let senders: Vec<_> = (0..1)
+        .map(|s| tokio::spawn(send_until(service.webhook_url(), case, s, stop.clone())))
+        .collect();
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn a_restart_of_nats_alone_stores_nothing_twice() {
-    restart_case("restart_nats", Restart::Nats).await;
+    // Longer than the window, so its oldest records are older than the duplicate window.
+    tokio::time::sleep(Duration::from_secs(6)).await;
+    let down = Instant::now();
+    nats.stop();
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    nats.launch().await;
+    let down = down.elapsed();
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    stop.store(true, Ordering::Release);
+    let load = load.elapsed();
+    let mut answered = Vec::new();
+    for sender in senders {
+        answered.extend(sender.await.unwrap().answered);
+    }
+
+    let stored = settle(&[nats.url()], &answered).await;
+    let missing = missing(&stored, &answered);
+    let duplicates = duplicates(&stored);
+    // Events answered per second over the whole load (a lower bound of the rate before the
+    // restart, which the outage slowed down).
+    let rate = answered.len() as f64 / load.as_secs_f64();
+    let outage = (rate * (down.as_secs_f64() + 2.0)) as usize;
+    println!(
+        "case={case} answered={} stored={} duplicates={} messages={} nats_down={down:?} \
+         events_per_s={rate:.0} outage_plus_2s={outage} wall={:?}",
+        answered.len(),
+        answered.len() - missing.len(),
+        duplicates,
+        stored.messages,
+        started.elapsed()
+    );
+    let tail = service.log_tail();
+    assert!(
+        missing.is_empty(),
+        "{case}: {} events answered 200 are not in the stream:\n{tail}",
+        missing.len()
+    );
 }
 
 /// NATS loses power a second time while the service publishes its log again (the same last
