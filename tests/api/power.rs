@@ -560,6 +560,52 @@ async fn events_drained_from_the_spool_survive_a_power_cut_after_the_drain() {
     verdict(case, &answered, &stored, &extra, &service.log_tail());
 }
 
+/// NATS loses power while the drainer publishes the spool (batches spooled during an outage),
+/// in the middle of a drain step: what NATS acknowledged of the spool before the cut is
+/// published again, with the rest.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_power_cut_in_the_middle_of_a_drain_loses_nothing() {
+    let case = "drain_cut";
+    let started = Instant::now();
+    let mut nats = NatsServer::start().await;
+    let dir = tempfile::tempdir().unwrap();
+    let (spool, log) = (dir.path().join("spool"), dir.path().join("service.log"));
+    let http = http_client();
+    let mut service = Service::start(&nats.url(), &spool, &log);
+    service.wait_ready(&http).await;
+    let sync = nats.last_sync();
+    nats.stop();
+    let answered = post_batches(
+        &service.webhook_url(),
+        case,
+        0..5 * BATCHES,
+        Answer::Spooled,
+    )
+    .await;
+    nats.launch().await;
+    let js = reader(&[nats.url()]).await;
+    let half = answered.len() as u64 / 2;
+    let deadline = Instant::now() + SETTLE;
+    let at_cut = loop {
+        let count = message_count(&js).await.unwrap_or(0);
+        if (count >= half && count % DRAIN_STEP != 0) || Instant::now() >= deadline {
+            break count;
+        }
+        tokio::time::sleep(Duration::from_millis(2)).await;
+    };
+
+    nats.lose_power(&sync).await;
+
+    let stored = settle(&[nats.url()], &answered).await;
+    let extra = format!(" stored_at_cut={at_cut} wall={:?}", started.elapsed());
+    verdict(case, &answered, &stored, &extra, &service.log_tail());
+    assert!(
+        at_cut >= half && (at_cut as usize) < answered.len(),
+        "{case}: the cut did not land in the middle of the drain ({at_cut} of {})",
+        answered.len()
+    );
+}
+
 /// The defaults (`duplicate_window` and `spool.retain` both 2 minutes) scaled down to seconds.
 const SCALED: [(&str, &str); 2] = [
     ("NATS__STREAM__DUPLICATE_WINDOW", "6s"),
