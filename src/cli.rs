@@ -79,7 +79,7 @@ pub fn spool_status(settings: &Settings, json: bool) -> Result<String, String> {
             })
             .map_err(|e| e.to_string());
     }
-    let (status, inbound) = (full.events, full.mails);
+    let (status, inbound, retained) = (full.events, full.mails, full.retained);
     let mut out = String::new();
     let _ = writeln!(
         out,
@@ -130,6 +130,11 @@ pub fn spool_status(settings: &Settings, json: bool) -> Result<String, String> {
             entry.subject, entry.filter, entry.id, entry.reason
         );
     }
+    let _ = writeln!(
+        out,
+        "retained (published, kept for spool.retain): {} records, {} bytes",
+        retained.records, retained.bytes
+    );
     Ok(out)
 }
 

@@ -38,8 +38,10 @@ use crate::inbound::store::InboundSink;
 use crate::inbound::Mail;
 use crate::metrics;
 use crate::publish::{publish_run, Oversized, Progress, Publish, PublishError};
-use crate::spool::{encode_record, ReadBatch, Records, SpoolError, SpoolHandle, WRITE_PIECE};
-use crate::webhook::OutgoingBatch;
+use crate::spool::{
+    encode_record, MailAppend, ReadBatch, Records, SpoolError, SpoolHandle, WRITE_PIECE,
+};
+use crate::webhook::{HeaderValue, OutgoingBatch};
 
 /// Messages read from the spool per drain step.
 const DRAIN_BATCH: usize = 512;
@@ -101,6 +103,16 @@ enum Command {
         permit: Permit,
         reply: oneshot::Sender<Verdict>,
     },
+    /// A mail: its turn, behind the spool or now.
+    Mail {
+        append: MailAppend,
+        reply: oneshot::Sender<MailTurn>,
+    },
+    /// A mail NATS could not take in time: to the spool, in arrival order.
+    SpoolMail {
+        append: MailAppend,
+        reply: oneshot::Sender<oneshot::Receiver<Result<(), SpoolError>>>,
+    },
     /// A direct publication failed temporarily: spool what was not acknowledged.
     SpoolRest {
         batch: Arc<OutgoingBatch>,
@@ -108,6 +120,16 @@ enum Command {
         permit: Permit,
         reply: Reply,
     },
+}
+
+/// Where an Inbound mail goes, as the delivery actor decided in arrival order with the event
+/// batches: one owner of the "behind the spool" rule for both kinds of job.
+pub enum MailTurn {
+    /// Nothing waits in the spool: the route publishes it now, and hands it back with
+    /// [`Delivery::spool_mail`] if NATS cannot take it.
+    Direct(MailAppend),
+    /// Behind the spool: handed to its writer; durable once this resolves.
+    Spooled(oneshot::Receiver<Result<(), SpoolError>>),
 }
 
 /// The handle routes deliver through; cheap to clone.
@@ -127,6 +149,28 @@ impl Delivery {
         let back = tx.downgrade();
         tokio::spawn(actor(rx, back, publisher, spool, options));
         Delivery { tx }
+    }
+
+    /// The turn of a mail (see [`MailTurn`]); its directory and record are in `append`.
+    pub async fn mail_turn(&self, append: MailAppend) -> Result<MailTurn, DeliveryError> {
+        let (reply, turn) = oneshot::channel();
+        self.tx
+            .send(Command::Mail { append, reply })
+            .await
+            .map_err(|_| stopped())?;
+        turn.await.map_err(|_| stopped())
+    }
+
+    /// Spools a mail NATS could not take in time (after [`MailTurn::Direct`]); resolves once
+    /// it is durable.
+    pub async fn spool_mail(&self, append: MailAppend) -> Result<(), SpoolError> {
+        let (reply, written) = oneshot::channel();
+        self.tx
+            .send(Command::SpoolMail { append, reply })
+            .await
+            .map_err(|_| SpoolError::Stopped)?;
+        let written = written.await.map_err(|_| SpoolError::Stopped)?;
+        written.await.unwrap_or(Err(SpoolError::Stopped))
     }
 
     /// Delivers `batch`, holding `permit` (its share of the byte budget) until it is on the
@@ -194,6 +238,26 @@ async fn actor<P: Publish>(
                     }
                 };
                 let _ = reply.send(Verdict::Await(work));
+            }
+            Command::Mail { append, reply } => {
+                let turn = match &spool {
+                    Some(spool) if !spool.stats().is_empty() => {
+                        MailTurn::Spooled(spool.begin_append(Box::new(append)))
+                    }
+                    _ => MailTurn::Direct(append),
+                };
+                let _ = reply.send(turn);
+            }
+            Command::SpoolMail { append, reply } => {
+                let written = match &spool {
+                    Some(spool) => spool.begin_append(Box::new(append)),
+                    None => {
+                        let (tx, rx) = oneshot::channel();
+                        let _ = tx.send(Err(SpoolError::Stopped));
+                        rx
+                    }
+                };
+                let _ = reply.send(written);
             }
             Command::SpoolRest {
                 batch,
@@ -395,15 +459,18 @@ impl BatchRest {
                 break;
             }
             n += 1;
+            // Only the index is not a string already: one small allocation per message.
             let headers = self.batch.headers(m);
-            let values: Vec<String> = headers.iter().map(|(_, v)| v.to_string()).collect();
             encode_record(
                 out,
                 &m.subject,
-                headers
-                    .iter()
-                    .zip(&values)
-                    .map(|((name, _), value)| (*name, value.as_str())),
+                headers.iter().map(|(name, value)| {
+                    let value: std::borrow::Cow<'_, str> = match value {
+                        HeaderValue::Str(s) => (*s).into(),
+                        HeaderValue::Index(i) => i.to_string().into(),
+                    };
+                    (*name, value)
+                }),
                 &m.payload,
                 at_ms,
             )?;
@@ -992,6 +1059,17 @@ mod tests {
             tx
         }
 
+        /// Waits until the keeper has seen the server (its heartbeat is written): what is
+        /// delivered from then on was acknowledged by that server.
+        async fn wait_kept(&self) {
+            let heartbeat = self._dir.path().join("retained/connected");
+            let until = Instant::now() + Duration::from_secs(10);
+            while !heartbeat.exists() {
+                assert!(Instant::now() < until, "the keeper did not start");
+                tokio::time::sleep(Duration::from_millis(10)).await;
+            }
+        }
+
         async fn wait_drained(&self) {
             let spool = self.spool.as_ref().unwrap();
             let until = Instant::now() + Duration::from_secs(10);
@@ -1536,7 +1614,7 @@ mod tests {
         let spool = r.spool.clone().unwrap();
         let (stop, stopped) = watch::channel(false);
         let keeper = tokio::spawn(keep_retained(spool.clone(), r.fake.clone(), stopped));
-        tokio::time::sleep(Duration::from_millis(100)).await;
+        r.wait_kept().await;
         for tag in ["a", "b", "c"] {
             let report = r.deliver(batch(tag, 5)).await.unwrap();
             assert_eq!((report.published, report.spooled), (5, 0));
@@ -1588,7 +1666,7 @@ mod tests {
         let spool = r.spool.clone().unwrap();
         let (stop, stopped) = watch::channel(false);
         let keeper = tokio::spawn(keep_retained(spool.clone(), r.fake.clone(), stopped));
-        tokio::time::sleep(Duration::from_millis(100)).await;
+        r.wait_kept().await;
         r.deliver(batch("old", 5)).await.unwrap();
         // Older than the retention and its margin (1 s) by the time the server was last seen
         // (the keeper looks every second).
@@ -1624,7 +1702,7 @@ mod tests {
         let spool = r.spool.clone().unwrap();
         let (stop, stopped) = watch::channel(false);
         let keeper = tokio::spawn(keep_retained(spool.clone(), r.fake.clone(), stopped));
-        tokio::time::sleep(Duration::from_millis(100)).await;
+        r.wait_kept().await;
         r.deliver(batch("a", 5)).await.unwrap();
         r.fake.set_ready(false);
         tokio::time::sleep(Duration::from_millis(1200)).await;

@@ -109,7 +109,10 @@ fn describe() {
     metrics::describe_counter!(SPOOL_DRAINED, "Spooled events published by the drainer");
     metrics::describe_histogram!(PUBLISH_SECONDS, "Time to publish (or spool) one batch");
     metrics::describe_histogram!(BATCH_SIZE, "Entries per accepted batch");
-    metrics::describe_gauge!(SPOOL_MESSAGES, "Messages waiting in the spool");
+    metrics::describe_gauge!(
+        SPOOL_MESSAGES,
+        "Records waiting in the spool: each event one, each Inbound mail one"
+    );
     metrics::describe_gauge!(SPOOL_BYTES, "Bytes waiting in the spool");
     metrics::describe_gauge!(
         RETAINED_BYTES,

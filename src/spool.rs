@@ -8,6 +8,9 @@
 //! writer thread ([`SpoolHandle::start`]) that does group commit: every append waiting on its
 //! channel is written with one `write_all` and made durable with one `sync_data`, then all of
 //! them are answered. Requests never hold a lock or a thread of their own across an fsync.
+//! Every file operation of the log (segments, cursor, quarantine, retained log) goes through
+//! [`storage::Storage`] ([`Spool::open_with`]), so a test can crash it and keep only what was
+//! synced; the files a spooled mail brings with it stay on the real disk.
 //!
 //! # On-disk format
 //!
@@ -47,8 +50,10 @@
 //! the next start to find).
 
 use std::collections::VecDeque;
-use std::fs::{self, File, OpenOptions};
-use std::io::{self, Read, Seek, SeekFrom, Write};
+#[cfg(test)]
+use std::fs::OpenOptions;
+use std::fs::{self, File};
+use std::io::{self, Read};
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{mpsc, Arc};
@@ -61,8 +66,12 @@ use tokio::sync::{oneshot, Notify};
 
 use crate::wire::NatsMessage;
 
+#[cfg(test)]
+mod crash;
 mod retained;
+mod storage;
 use retained::Retained;
+use storage::{Disk, Storage, StorageFile};
 
 const MAGIC_V1: &[u8; 4] = b"CMCS";
 const MAGIC: &[u8; 4] = b"CMC2";
@@ -128,6 +137,16 @@ pub struct MailAppend {
     pub reserved: u64,
 }
 
+impl Drop for MailAppend {
+    /// A mail that was never moved into the spool (refused, or sent and not retained) leaves
+    /// no work directory behind; once moved, its work path no longer exists.
+    fn drop(&mut self) {
+        if self.work.exists() {
+            let _ = fs::remove_dir_all(&self.work);
+        }
+    }
+}
+
 impl Records for MailAppend {
     fn encode(&self, out: &mut Vec<u8>, at_ms: u64) -> Result<u64, SpoolError> {
         if self.batch_id.is_empty()
@@ -138,16 +157,18 @@ impl Records for MailAppend {
         {
             return Err(SpoolError::TooLong);
         }
-        write_synced(&self.work.join(MAIL_FILE), &self.mail_json)?;
-        write_synced(&self.work.join(BATCH_FILE), self.batch_id.as_bytes())?;
+        // A mail's files are written where its request put them, before the writer sees
+        // them, so they stay on the real disk (the log's seam covers the spool's own files).
+        write_synced(&Disk, &self.work.join(MAIL_FILE), &self.mail_json)?;
+        write_synced(&Disk, &self.work.join(BATCH_FILE), self.batch_id.as_bytes())?;
         for entry in fs::read_dir(&self.work)? {
             File::open(entry?.path())?.sync_all()?;
         }
-        sync_dir(&self.work)?;
+        Disk.sync_dir(&self.work)?;
         let mails = self.spool_dir.join(MAIL_DIR);
-        fs::create_dir_all(&mails)?;
+        create_dir_durably(&Disk, &mails)?;
         fs::rename(&self.work, mails.join(&self.batch_id))?;
-        sync_dir(&mails)?;
+        Disk.sync_dir(&mails)?;
         let record = MailRecord {
             dir: format!("{MAIL_DIR}/{}", self.batch_id),
             batch_id: self.batch_id.clone(),
@@ -337,7 +358,7 @@ pub struct Spool {
     max_bytes: u64,
     segments: VecDeque<Segment>,
     /// The segment being appended to (always the last of `segments`), when open.
-    writer: Option<File>,
+    writer: Option<Box<dyn StorageFile>>,
     next_id: u64,
     cursor: Position,
     /// The cursor in memory is ahead of the file (its last write failed).
@@ -353,7 +374,9 @@ pub struct Spool {
     last_connected: Option<(u64, String)>,
     stats: Arc<SpoolStats>,
     /// Held for the life of the spool: the exclusive lock on `<dir>/lock`.
-    _lock: File,
+    _lock: Box<dyn std::fmt::Debug + Send>,
+    /// Where every file operation of the log goes.
+    fs: Arc<dyn Storage>,
     /// File operations a test makes fail (how many times each).
     #[cfg(test)]
     faults: std::collections::HashMap<Fault, u32>,
@@ -386,26 +409,16 @@ pub fn now_ms() -> u64 {
         .map_or(0, |d| d.as_millis() as u64)
 }
 
-fn lock_dir(dir: &Path) -> Result<File, SpoolError> {
-    let file = OpenOptions::new()
-        .create(true)
-        .truncate(false)
-        .write(true)
-        .open(dir.join(LOCK))?;
-    match file.try_lock() {
-        Ok(()) => Ok(file),
-        Err(fs::TryLockError::WouldBlock) => Err(SpoolError::Locked(dir.to_owned())),
-        Err(fs::TryLockError::Error(e)) => Err(e.into()),
-    }
+fn lock_dir(fs: &dyn Storage, dir: &Path) -> Result<Box<dyn std::fmt::Debug + Send>, SpoolError> {
+    fs.lock(&dir.join(LOCK))?
+        .ok_or_else(|| SpoolError::Locked(dir.to_owned()))
 }
 
-fn segment_ids(dir: &Path) -> io::Result<Vec<u64>> {
-    let mut ids: Vec<u64> = fs::read_dir(dir)?
-        .filter_map(|e| e.ok())
-        .filter_map(|e| {
-            let name = e.file_name().into_string().ok()?;
-            name.strip_suffix(".seg")?.parse().ok()
-        })
+fn list_segments(fs: &dyn Storage, dir: &Path) -> io::Result<Vec<u64>> {
+    let mut ids: Vec<u64> = fs
+        .list(dir)?
+        .into_iter()
+        .filter_map(|name| name.strip_suffix(".seg")?.parse().ok())
         .collect();
     ids.sort_unstable();
     Ok(ids)
@@ -415,19 +428,28 @@ impl Spool {
     /// Opens (or creates) the spool in `dir`, taking its lock and scanning what a previous
     /// run left.
     pub fn open(dir: &Path, max_bytes: u64) -> Result<Spool, SpoolError> {
-        fs::create_dir_all(dir)?;
-        let lock = lock_dir(dir)?;
-        let ids = segment_ids(dir)?;
-        let mut cursor = effective_cursor(dir, &ids)?;
+        Spool::open_with(Arc::new(Disk), dir, max_bytes)
+    }
+
+    /// [`Spool::open`] with every file operation of the log going to `fs`.
+    pub(crate) fn open_with(
+        fs: Arc<dyn Storage>,
+        dir: &Path,
+        max_bytes: u64,
+    ) -> Result<Spool, SpoolError> {
+        create_dir_durably(&*fs, dir)?;
+        let lock = lock_dir(&*fs, dir)?;
+        let ids = list_segments(&*fs, dir)?;
+        let mut cursor = find_cursor(&*fs, dir, &ids)?;
         let mut segments = VecDeque::new();
         let (mut messages, mut bytes, mut mail_bytes) = (0u64, 0u64, 0u64);
         for id in ids {
             let path = segment_path(dir, id);
             if id < cursor.segment {
-                fs::remove_file(&path)?;
+                fs.remove_file(&path)?;
                 continue;
             }
-            let scan = scan_segment(&path)?;
+            let scan = scan_in(&*fs, &path)?;
             if id == cursor.segment && !on_boundary(cursor, &scan.records) {
                 tracing::warn!(
                     segment = %path.display(),
@@ -443,13 +465,13 @@ impl Spool {
                     dropped = scan.file_len - scan.valid_len,
                     "spool segment ends with a torn or corrupt record; truncating it"
                 );
-                let file = OpenOptions::new().write(true).open(&path)?;
+                let mut file = fs.open_write(&path)?;
                 file.set_len(scan.valid_len)?;
                 file.sync_all()?;
             }
             for &(start, end) in &scan.gaps {
                 if id > cursor.segment || start >= cursor.offset {
-                    quarantine_unreadable(dir, &path, id, start, end)?;
+                    quarantine_unreadable(&*fs, dir, &path, id, start, end)?;
                 }
             }
             for record in scan.records {
@@ -477,7 +499,7 @@ impl Spool {
         stats.bytes.store(bytes, Ordering::SeqCst);
         // The files of spooled mails count in `spool.max_bytes` too.
         stats.inbound_bytes.store(mail_bytes, Ordering::SeqCst);
-        let quarantined = quarantine_entries(dir)?;
+        let quarantined = list_quarantine(&*fs, dir)?;
         stats
             .quarantined
             .store(quarantined.len() as u64, Ordering::SeqCst);
@@ -497,6 +519,7 @@ impl Spool {
             last_connected: None,
             stats,
             _lock: lock,
+            fs,
             #[cfg(test)]
             faults: Default::default(),
         })
@@ -508,17 +531,16 @@ impl Spool {
     /// the append of its record). Run once at start-up, before the writer thread starts.
     /// Returns how many records it appended.
     pub fn adopt_mails(&mut self) -> Result<usize, SpoolError> {
+        let fs = self.fs.clone();
         let numbered = |dir: &Path| -> io::Result<Vec<(u64, PathBuf)>> {
             let mut found = Vec::new();
-            if let Ok(entries) = fs::read_dir(dir) {
-                for entry in entries {
-                    let entry = entry?;
-                    let name = entry.file_name();
-                    let Some(n) = name.to_str().and_then(|n| n.parse::<u64>().ok()) else {
+            if let Ok(names) = fs.list(dir) {
+                for name in names {
+                    let Ok(n) = name.parse::<u64>() else {
                         continue;
                     };
-                    if entry.path().join(MAIL_FILE).is_file() {
-                        found.push((n, entry.path()));
+                    if fs.is_file(&dir.join(&name).join(MAIL_FILE)) {
+                        found.push((n, dir.join(name)));
                     }
                 }
             }
@@ -526,16 +548,16 @@ impl Spool {
             Ok(found)
         };
         let mails = self.dir.join(MAIL_DIR);
-        fs::create_dir_all(&mails)?;
+        create_dir_durably(&*fs, &mails)?;
         let old = numbered(&self.dir.join("inbound"))?;
         if !old.is_empty() {
             // After any mail already here, in the old queue's order.
             let first = numbered(&mails)?.last().map_or(1, |(n, _)| n + 1);
             for (next, (_, from)) in (first..).zip(old) {
-                fs::rename(&from, mails.join(format!("{next:020}")))?;
+                fs.rename(&from, &mails.join(format!("{next:020}")))?;
             }
-            sync_dir(&mails)?;
-            sync_dir(&self.dir.join("inbound"))?;
+            fs.sync_dir(&mails)?;
+            fs.sync_dir(&self.dir.join("inbound"))?;
         }
         let mut named = self.unconsumed_mail_dirs()?;
         // The retained log's mails keep their directories too (open it first: `retain`).
@@ -544,12 +566,10 @@ impl Spool {
         }
         // A directory moved in whose record was never written (a crash, a failed append):
         // its request was not answered 200, so nothing promised is lost.
-        for entry in fs::read_dir(&mails)? {
-            let entry = entry?;
-            let name = entry.file_name().to_string_lossy().into_owned();
+        for name in fs.list(&mails)? {
             let numbered = name.parse::<u64>().is_ok();
             if !numbered && !named.contains(&format!("{MAIL_DIR}/{name}")) {
-                fs::remove_dir_all(entry.path())?;
+                fs.remove_dir_all(&mails.join(name))?;
             }
         }
         let mut records = Vec::new();
@@ -559,11 +579,15 @@ impl Spool {
             if named.contains(&dir) {
                 continue;
             }
-            let batch_id = fs::read_to_string(path.join(BATCH_FILE))
-                .unwrap_or_else(|_| format!("spool-{n:020}"));
-            let file_bytes = fs::read_dir(&path)?
-                .filter_map(|e| e.ok()?.metadata().ok())
-                .map(|m| m.len())
+            let batch_id = fs
+                .read(&path.join(BATCH_FILE))
+                .ok()
+                .and_then(|b| String::from_utf8(b).ok())
+                .unwrap_or_else(|| format!("spool-{n:020}"));
+            let file_bytes = fs
+                .list(&path)?
+                .into_iter()
+                .filter_map(|name| fs.len(&path.join(name)).ok())
                 .sum();
             adopted_bytes += file_bytes;
             let record = MailRecord {
@@ -715,11 +739,8 @@ impl Spool {
         if needs_new {
             let id = self.next_id;
             self.next_id += 1;
-            let file = OpenOptions::new()
-                .create_new(true)
-                .append(true)
-                .open(segment_path(&self.dir, id))?;
-            sync_dir(&self.dir)?;
+            let file = self.fs.create_new(&segment_path(&self.dir, id))?;
+            self.fs.sync_dir(&self.dir)?;
             self.writer = Some(file);
             self.segments.push_back(Segment {
                 id,
@@ -747,7 +768,7 @@ impl Spool {
             } else if let Some(&Segment { id, size: 0, .. }) = self.segments.back() {
                 // An empty segment serves nothing: without this, every append refused on a
                 // full disk would leave one more file behind.
-                if fs::remove_file(segment_path(&self.dir, id)).is_ok() {
+                if self.fs.remove_file(&segment_path(&self.dir, id)).is_ok() {
                     self.segments.pop_back();
                 }
             }
@@ -765,11 +786,8 @@ impl Spool {
         };
         #[cfg(test)]
         self.fail_at(Fault::Truncate)?;
-        match OpenOptions::new()
-            .write(true)
-            .open(segment_path(&self.dir, id))
-        {
-            Ok(file) => {
+        match self.fs.open_write(&segment_path(&self.dir, id)) {
+            Ok(mut file) => {
                 file.set_len(size)?;
                 file.sync_all()?;
             }
@@ -803,9 +821,11 @@ impl Spool {
             if position.offset >= size {
                 continue;
             }
-            let mut file = File::open(segment_path(&self.dir, id))?;
-            file.seek(SeekFrom::Start(position.offset))?;
-            let mut reader = io::BufReader::new(file.take(size - position.offset));
+            let mut reader = self.fs.read_range(
+                &segment_path(&self.dir, id),
+                position.offset,
+                size - position.offset,
+            )?;
             while batch.messages.len() < max && position.offset < size {
                 if let Some(&(start, end)) = gap_at(position.offset) {
                     io::copy(&mut (&mut reader).take(end - start), &mut io::sink())?;
@@ -933,7 +953,7 @@ impl Spool {
     /// [`retained`](self::retained)). What an earlier run retained is found again; call
     /// [`Spool::replay_retained`] before serving, since NATS may have lost it meanwhile.
     pub fn retain(&mut self, retain: Duration) -> Result<(), SpoolError> {
-        let opened = Retained::open(&self.dir, retain)?;
+        let opened = Retained::open(self.fs.clone(), &self.dir, retain)?;
         self.stats
             .retained_bytes
             .store(opened.bytes, Ordering::SeqCst);
@@ -1006,7 +1026,7 @@ impl Spool {
                 Some(b.saturating_sub(freed.bytes))
             });
         for (dir, bytes) in freed.mails {
-            match fs::remove_dir_all(self.dir.join(&dir)) {
+            match self.fs.remove_dir_all(&self.dir.join(&dir)) {
                 Err(e) if e.kind() != io::ErrorKind::NotFound => return Err(e.into()),
                 _ => self.stats.release_inbound(bytes),
             }
@@ -1042,7 +1062,7 @@ impl Spool {
     fn write_cursor_file(&mut self) -> Result<(), SpoolError> {
         #[cfg(test)]
         self.fail_at(Fault::CursorWrite)?;
-        write_cursor(&self.dir, self.cursor)?;
+        store_cursor(&*self.fs, &self.dir, self.cursor)?;
         self.cursor_dirty = false;
         self.stats.cursor_pending.store(false, Ordering::SeqCst);
         Ok(())
@@ -1064,7 +1084,7 @@ impl Spool {
                 self.writer = None;
             }
             self.segments.pop_front();
-            fs::remove_file(segment_path(&self.dir, id))?;
+            self.fs.remove_file(&segment_path(&self.dir, id))?;
             // A crash here leaves a cursor naming a deleted segment: harmless, since a
             // segment id is never used twice (see `open`).
             #[cfg(test)]
@@ -1111,14 +1131,14 @@ impl Spool {
             (None, None) => return Ok(()),
         };
         let dir = self.dir.join(QUARANTINE);
-        fs::create_dir_all(&dir)?;
+        create_dir_durably(&*self.fs, &dir)?;
         let at = now_ms();
         let name = format!("{at:020}-{:010}-{:010}", end.segment, end.offset);
         if let Some(mail) = &batch.mail {
             let from = self.dir.join(&mail.dir);
-            if from.exists() {
-                fs::rename(&from, dir.join(format!("{name}.mail")))?;
-                sync_dir(&dir)?;
+            if self.fs.exists(&from) {
+                self.fs.rename(&from, &dir.join(format!("{name}.mail")))?;
+                self.fs.sync_dir(&dir)?;
             }
         }
         let entry = QuarantineEntry {
@@ -1133,19 +1153,20 @@ impl Spool {
             dir.join(format!("{name}.rec")),
             dir.join(format!("{name}.json")),
         );
+        let fs = self.fs.clone();
         let written = (|| {
-            write_synced(&rec, record)?;
+            write_synced(&*fs, &rec, record)?;
             #[cfg(test)]
             self.fail_at(Fault::QuarantineDescription)?;
             let json = serde_json::to_vec_pretty(&entry).map_err(io::Error::other)?;
-            write_synced(&json_path, &json)?;
-            sync_dir(&dir)
+            write_synced(&*fs, &json_path, &json)?;
+            fs.sync_dir(&dir)
         })();
         if let Err(e) = written {
             // A full disk: leave nothing half-written (each attempt would add a file, and
             // fill the disk further); the message stays in the spool and is tried again.
-            let _ = fs::remove_file(&json_path);
-            let _ = fs::remove_file(&rec);
+            let _ = fs.remove_file(&json_path);
+            let _ = fs.remove_file(&rec);
             return Err(e.into());
         }
         self.stats.quarantined.fetch_add(1, Ordering::SeqCst);
@@ -1175,7 +1196,7 @@ impl Spool {
     /// stream's window), never in neither. The quarantine already counts in
     /// `spool.max_bytes`, so moving a message back never makes the spool full.
     pub fn requeue(&mut self, names: &[String]) -> Result<Requeued, SpoolError> {
-        let entries = quarantine_entries(&self.dir)?;
+        let entries = list_quarantine(&*self.fs, &self.dir)?;
         if let Some(unknown) = names
             .iter()
             .find(|name| !entries.iter().any(|e| &e.name == *name))
@@ -1186,11 +1207,12 @@ impl Spool {
         let mut done = Requeued::default();
         let mut buf = Vec::new();
         let mut picked = Vec::new();
+        let mut mail_bytes = 0;
         for entry in entries
             .into_iter()
             .filter(|e| names.is_empty() || names.contains(&e.name))
         {
-            let record = fs::read(qdir.join(format!("{}.rec", entry.name)))?;
+            let record = self.fs.read(&qdir.join(format!("{}.rec", entry.name)))?;
             match check_record(&record) {
                 Some((len, _)) if len == record.len() => {
                     match decode_any(MAGIC_MAIL, &record[RECORD_HEADER..]) {
@@ -1198,6 +1220,7 @@ impl Spool {
                         // there (nothing moves, so a crash cannot part the two).
                         Some((_, Record::Mail(mut mail))) if &record[..4] == MAGIC_MAIL => {
                             mail.dir = format!("{QUARANTINE}/{}.mail", entry.name);
+                            mail_bytes += mail.file_bytes;
                             encode_mail(&mut buf, &mail, now_ms())?;
                         }
                         _ => buf.extend_from_slice(&record),
@@ -1217,10 +1240,17 @@ impl Spool {
         self.stats
             .bytes
             .fetch_add(buf.len() as u64, Ordering::SeqCst);
+        // A requeued mail's files wait in the spool again (as after a restart, where the
+        // scan counts them).
+        self.stats
+            .inbound_bytes
+            .fetch_add(mail_bytes, Ordering::SeqCst);
         for entry in picked {
             // The description first: an entry without one is not listed any more.
-            fs::remove_file(qdir.join(format!("{}.json", entry.name)))?;
-            fs::remove_file(qdir.join(format!("{}.rec", entry.name)))?;
+            self.fs
+                .remove_file(&qdir.join(format!("{}.json", entry.name)))?;
+            self.fs
+                .remove_file(&qdir.join(format!("{}.rec", entry.name)))?;
             self.stats.quarantined.fetch_sub(1, Ordering::SeqCst);
             let _ = self.stats.quarantined_bytes.fetch_update(
                 Ordering::SeqCst,
@@ -1229,7 +1259,7 @@ impl Spool {
             );
             done.requeued.push(entry.name);
         }
-        sync_dir(&qdir)?;
+        self.fs.sync_dir(&qdir)?;
         Ok(done)
     }
 }
@@ -1252,8 +1282,29 @@ fn copy_error_of(e: &SpoolError) -> SpoolError {
     }
 }
 
-fn write_synced(path: &Path, data: &[u8]) -> io::Result<()> {
-    let mut file = File::create(path)?;
+/// Creates `dir` and its missing parents so that a power cut cannot take them back: the
+/// parent of each directory created is synced (a new directory's entry is durable only
+/// then, and with it everything the log later syncs inside it).
+fn create_dir_durably(fs: &dyn Storage, dir: &Path) -> io::Result<()> {
+    let missing: Vec<&Path> = dir
+        .ancestors()
+        .take_while(|a| !a.as_os_str().is_empty() && !fs.exists(a))
+        .collect();
+    if missing.is_empty() {
+        return Ok(());
+    }
+    fs.create_dir_all(dir)?;
+    for created in missing.into_iter().rev() {
+        match created.parent() {
+            Some(parent) if !parent.as_os_str().is_empty() => fs.sync_dir(parent)?,
+            _ => fs.sync_dir(Path::new("."))?,
+        }
+    }
+    Ok(())
+}
+
+fn write_synced(fs: &dyn Storage, path: &Path, data: &[u8]) -> io::Result<()> {
+    let mut file = fs.create(path)?;
     file.write_all(data)?;
     file.sync_all()
 }
@@ -1273,11 +1324,17 @@ pub struct QuarantineEntry {
     pub bytes: u64,
 }
 
+/// [`list_quarantine`] on the real disk.
 fn quarantine_entries(dir: &Path) -> io::Result<Vec<QuarantineEntry>> {
+    list_quarantine(&Disk, dir)
+}
+
+fn list_quarantine(fs: &dyn Storage, dir: &Path) -> io::Result<Vec<QuarantineEntry>> {
     let dir = dir.join(QUARANTINE);
-    let mut files: Vec<PathBuf> = match fs::read_dir(&dir) {
-        Ok(entries) => entries
-            .filter_map(|e| e.ok().map(|e| e.path()))
+    let mut files: Vec<PathBuf> = match fs.list(&dir) {
+        Ok(names) => names
+            .into_iter()
+            .map(|name| dir.join(name))
             .filter(|p| p.extension() == Some("json".as_ref()))
             .collect(),
         Err(e) if e.kind() == io::ErrorKind::NotFound => return Ok(Vec::new()),
@@ -1287,7 +1344,7 @@ fn quarantine_entries(dir: &Path) -> io::Result<Vec<QuarantineEntry>> {
     Ok(files
         .iter()
         .filter_map(|p| {
-            let mut entry: QuarantineEntry = serde_json::from_slice(&fs::read(p).ok()?).ok()?;
+            let mut entry: QuarantineEntry = serde_json::from_slice(&fs.read(p).ok()?).ok()?;
             entry.name = p.file_stem()?.to_str()?.to_owned();
             Some(entry)
         })
@@ -1372,9 +1429,22 @@ pub fn full_status(dir: &Path) -> Result<FullStatus, SpoolError> {
             quarantined: Vec::new(),
         },
         mails: MailStatus::default(),
+        retained: RetainedStatus::default(),
     };
     if !dir.exists() {
         return Ok(status);
+    }
+    // Read as it is (a running service may be deleting expired segments meanwhile).
+    let retained_dir = dir.join(retained::RETAINED);
+    for id in segment_ids(&retained_dir).unwrap_or_default() {
+        match scan_segment(&segment_path(&retained_dir, id)) {
+            Ok(scan) => {
+                status.retained.records += scan.records.len() as u64;
+                status.retained.bytes += scan.valid_len;
+            }
+            Err(e) if e.kind() == io::ErrorKind::NotFound => {}
+            Err(e) => return Err(e.into()),
+        }
     }
     status.events.in_use = match File::open(dir.join(LOCK)) {
         Ok(file) => match file.try_lock_shared() {
@@ -1474,6 +1544,15 @@ pub struct FullStatus {
     pub events: SpoolStatus,
     #[serde(rename = "inbound")]
     pub mails: MailStatus,
+    /// The retained log: records NATS acknowledged, kept for `spool.retain`.
+    pub retained: RetainedStatus,
+}
+
+/// What the retained log holds.
+#[derive(Debug, Clone, Default, Serialize)]
+pub struct RetainedStatus {
+    pub records: u64,
+    pub bytes: u64,
 }
 
 enum Op {
@@ -1798,12 +1877,12 @@ fn writer_loop(mut spool: Spool, rx: mpsc::Receiver<Op>, appended: Arc<Notify>) 
 /// Where reading starts: the cursor file's position, or, when its segment no longer exists
 /// (deleted once consumed, the cursor not yet moved past it), the start of the first segment
 /// after it.
-fn effective_cursor(dir: &Path, ids: &[u64]) -> Result<Position, SpoolError> {
+fn find_cursor(fs: &dyn Storage, dir: &Path, ids: &[u64]) -> Result<Position, SpoolError> {
     let first = |from: u64| Position {
         segment: ids.iter().copied().find(|&id| id >= from).unwrap_or(from),
         offset: 0,
     };
-    Ok(match read_cursor(dir)? {
+    Ok(match read_cursor(fs, dir)? {
         Some(cursor) if ids.contains(&cursor.segment) => cursor,
         Some(stale) => first(stale.segment + 1),
         None => first(0),
@@ -1817,9 +1896,10 @@ fn on_boundary(cursor: Position, records: &[ScannedRecord]) -> bool {
     cursor.offset == 0 || records.iter().any(|r| r.end == cursor.offset)
 }
 
-fn read_cursor(dir: &Path) -> Result<Option<Position>, SpoolError> {
-    match fs::read_to_string(dir.join(CURSOR)) {
-        Ok(text) => {
+fn read_cursor(fs: &dyn Storage, dir: &Path) -> Result<Option<Position>, SpoolError> {
+    match fs.read(&dir.join(CURSOR)) {
+        Ok(bytes) => {
+            let text = String::from_utf8_lossy(&bytes);
             let mut parts = text.split_whitespace().map(str::parse::<u64>);
             match (parts.next(), parts.next()) {
                 (Some(Ok(segment)), Some(Ok(offset))) => Ok(Some(Position { segment, offset })),
@@ -1835,17 +1915,29 @@ fn read_cursor(dir: &Path) -> Result<Option<Position>, SpoolError> {
     }
 }
 
-fn write_cursor(dir: &Path, position: Position) -> io::Result<()> {
-    let tmp = dir.join("cursor.tmp");
-    let mut file = File::create(&tmp)?;
-    writeln!(file, "{} {}", position.segment, position.offset)?;
-    file.sync_all()?;
-    fs::rename(&tmp, dir.join(CURSOR))?;
-    sync_dir(dir)
+/// [`list_segments`] on the real disk.
+fn segment_ids(dir: &Path) -> io::Result<Vec<u64>> {
+    list_segments(&Disk, dir)
 }
 
-fn sync_dir(dir: &Path) -> io::Result<()> {
-    File::open(dir)?.sync_all()
+/// [`find_cursor`] on the real disk.
+fn effective_cursor(dir: &Path, ids: &[u64]) -> Result<Position, SpoolError> {
+    find_cursor(&Disk, dir, ids)
+}
+
+/// [`store_cursor`] on the real disk.
+#[cfg(test)]
+fn write_cursor(dir: &Path, position: Position) -> io::Result<()> {
+    store_cursor(&Disk, dir, position)
+}
+
+fn store_cursor(fs: &dyn Storage, dir: &Path, position: Position) -> io::Result<()> {
+    let tmp = dir.join("cursor.tmp");
+    let mut file = fs.create(&tmp)?;
+    file.write_all(format!("{} {}\n", position.segment, position.offset).as_bytes())?;
+    file.sync_all()?;
+    fs.rename(&tmp, &dir.join(CURSOR))?;
+    fs.sync_dir(dir)
 }
 
 struct ScannedRecord {
@@ -1870,7 +1962,12 @@ struct Scan {
 /// of an interrupted write. Otherwise the bytes up to the next intact record are a gap, and
 /// the records after it are read as usual.
 fn scan_segment(path: &Path) -> io::Result<Scan> {
-    let data = fs::read(path)?;
+    scan_in(&Disk, path)
+}
+
+/// [`scan_segment`] through `fs`.
+fn scan_in(fs: &dyn Storage, path: &Path) -> io::Result<Scan> {
+    let data = fs.read(path)?;
     let mut offset = 0usize;
     let mut records = Vec::new();
     let mut gaps = Vec::new();
@@ -1913,6 +2010,7 @@ fn scan_segment(path: &Path) -> io::Result<Scan> {
 /// Copies the unreadable bytes `start..end` of segment `id` to the quarantine, once (named
 /// by their place, so a restart does not copy them again).
 fn quarantine_unreadable(
+    fs: &dyn Storage,
     dir: &Path,
     segment: &Path,
     id: u64,
@@ -1922,7 +2020,7 @@ fn quarantine_unreadable(
     let qdir = dir.join(QUARANTINE);
     let name = format!("unreadable-{id:020}-{start:020}");
     let json_path = qdir.join(format!("{name}.json"));
-    if json_path.exists() {
+    if fs.exists(&json_path) {
         return Ok(());
     }
     tracing::error!(
@@ -1931,8 +2029,8 @@ fn quarantine_unreadable(
         end,
         "spool segment holds unreadable bytes between intact records; they are quarantined and the records after them kept"
     );
-    fs::create_dir_all(&qdir)?;
-    let data = fs::read(segment)?;
+    create_dir_durably(fs, &qdir)?;
+    let data = fs.read(segment)?;
     let bytes = data.get(start as usize..end as usize).unwrap_or_default();
     let entry = QuarantineEntry {
         name: name.clone(),
@@ -1946,9 +2044,9 @@ fn quarantine_unreadable(
         bytes: bytes.len() as u64,
     };
     let json = serde_json::to_vec_pretty(&entry).map_err(io::Error::other)?;
-    write_synced(&qdir.join(format!("{name}.rec")), bytes)?;
-    write_synced(&json_path, &json)?;
-    sync_dir(&qdir)
+    write_synced(fs, &qdir.join(format!("{name}.rec")), bytes)?;
+    write_synced(fs, &json_path, &json)?;
+    fs.sync_dir(&qdir)
 }
 
 /// The length and time stamp of the complete, intact record at the start of `data`, if
@@ -1969,10 +2067,10 @@ fn check_record(data: &[u8]) -> Option<(usize, Option<u64>)> {
 }
 
 /// Appends the record of one message to `out`, stamped `at_ms`.
-pub fn encode_record<'a>(
+pub fn encode_record<'a, V: AsRef<str>>(
     out: &mut Vec<u8>,
     subject: &str,
-    headers: impl ExactSizeIterator<Item = (&'a str, &'a str)>,
+    headers: impl ExactSizeIterator<Item = (&'a str, V)>,
     payload: &[u8],
     at_ms: u64,
 ) -> Result<(), SpoolError> {
@@ -1988,7 +2086,7 @@ pub fn encode_record<'a>(
     );
     for (name, value) in headers {
         put_str16(out, name)?;
-        put_str16(out, value)?;
+        put_str16(out, value.as_ref())?;
     }
     let body_len = u32::try_from(payload.len()).map_err(|_| SpoolError::TooLong)?;
     out.extend_from_slice(&body_len.to_le_bytes());
@@ -2362,6 +2460,76 @@ mod tests {
         assert_eq!(batch.mail.unwrap().dir, "mail/req-7");
     }
 
+    /// A quarantined mail is requeued with its directory where the quarantine keeps it: read
+    /// back naming it, its files there, and its bytes counted again, in this run as after a
+    /// restart.
+    #[test]
+    fn a_requeued_mail_names_its_directory_in_the_quarantine_and_counts_its_files() {
+        let dir = tempfile::tempdir().unwrap();
+        let mut spool = Spool::open(dir.path(), 1 << 30).unwrap();
+        let work = dir.path().join("work");
+        fs::create_dir_all(&work).unwrap();
+        fs::write(work.join("a.bin"), b"0123456789").unwrap();
+        let mail = MailAppend {
+            work,
+            spool_dir: dir.path().to_owned(),
+            mail_json: b"{}".to_vec(),
+            batch_id: "req-9".into(),
+            reserved: 10,
+        };
+        let mut buf = Vec::new();
+        let n = mail.encode(&mut buf, now_ms()).unwrap();
+        spool.append(buf, n).unwrap();
+        let batch = spool.read(10).unwrap();
+        spool.quarantine(&batch, 0, "refused").unwrap();
+        spool.stats().release_inbound(10);
+        let name = quarantine_entries(dir.path()).unwrap()[0].name.clone();
+
+        let requeued = spool.requeue(&[]).unwrap();
+
+        assert_eq!(requeued.requeued, std::slice::from_ref(&name));
+        assert_eq!(spool.stats().inbound_bytes(), 10);
+        let again = spool.read(10).unwrap().mail.unwrap();
+        assert_eq!(again.dir, format!("{QUARANTINE}/{name}.mail"));
+        assert!(dir.path().join(&again.dir).join("a.bin").is_file());
+        drop(spool);
+        let spool = Spool::open(dir.path(), 1 << 30).unwrap();
+        assert_eq!(spool.stats().inbound_bytes(), 10);
+        assert_eq!(spool.stats().messages(), 1);
+    }
+
+    /// A mail directory moved into `mail/` whose record was never appended (a crash between
+    /// the two, or a failed append) is removed at start-up: its request was never answered
+    /// `200`. A directory a record names stays.
+    #[test]
+    fn a_mail_directory_without_its_record_is_removed_at_start_up() {
+        let dir = tempfile::tempdir().unwrap();
+        let mut spool = Spool::open(dir.path(), 1 << 30).unwrap();
+        let orphan = dir.path().join("mail/req-orphan");
+        fs::create_dir_all(&orphan).unwrap();
+        fs::write(orphan.join("mail.json"), b"{}").unwrap();
+        let work = dir.path().join("work");
+        fs::create_dir_all(&work).unwrap();
+        let mail = MailAppend {
+            work,
+            spool_dir: dir.path().to_owned(),
+            mail_json: b"{}".to_vec(),
+            batch_id: "req-kept".into(),
+            reserved: 0,
+        };
+        let mut buf = Vec::new();
+        let n = mail.encode(&mut buf, now_ms()).unwrap();
+        spool.append(buf, n).unwrap();
+        drop(spool);
+
+        let mut spool = Spool::open(dir.path(), 1 << 30).unwrap();
+        assert_eq!(spool.adopt_mails().unwrap(), 0);
+
+        assert!(!orphan.exists(), "the orphan directory is removed");
+        assert!(dir.path().join("mail/req-kept/mail.json").is_file());
+        assert_eq!(spool.read(10).unwrap().mail.unwrap().dir, "mail/req-kept");
+    }
+
     /// A mail record between two runs of messages: each read is one kind of job, in the
     /// order appended, and the record survives a reopen (the segment scan knows its kind).
     #[test]
@@ -2589,6 +2757,7 @@ mod tests {
                 quarantined: Vec::new(),
             },
             mails: MailStatus::default(),
+            retained: RetainedStatus::default(),
         };
         count_waiting(dir.path(), &ids, cursor, &mut status).unwrap();
         assert_eq!(status.events.messages, 3);

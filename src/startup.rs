@@ -169,6 +169,13 @@ impl Application {
         let gate = routes::Gate::new(settings, publish_timeout.max(Duration::from_secs(1)));
         // One budget for both routes: `server.max_in_flight_bytes` bounds the service's memory.
         let budget = Budget::new(settings.server.max_in_flight_bytes);
+        let delivery_options = DeliveryOptions {
+            retry_max_interval: settings.spool.retry_max_interval,
+            ..DeliveryOptions::default()
+        };
+        // One delivery actor for both webhooks: it alone decides what goes behind the spool.
+        let delivery =
+            Delivery::start(Arc::new(publisher.clone()), spool.clone(), delivery_options);
         let inbound = inbound.map(|parts| {
             Arc::new(inbound::InboundState {
                 path: settings.inbound.path.to_string(),
@@ -179,12 +186,9 @@ impl Application {
                 spool_max_bytes: settings.spool.max_bytes,
                 work_root: parts.work_root,
                 budget: budget.clone(),
+                delivery: delivery.clone(),
             })
         });
-        let delivery_options = DeliveryOptions {
-            retry_max_interval: settings.spool.retry_max_interval,
-            ..DeliveryOptions::default()
-        };
         let webhook = Arc::new(routes::webhook::WebhookState {
             path: settings.server.path.clone(),
             template: settings.nats.subject.clone(),
@@ -192,7 +196,7 @@ impl Application {
             timezone: settings.cmc.timezone.as_ref().map(|z| z.zone().clone()),
             header_shape: settings.nats.headers,
             gate: gate.clone(),
-            delivery: Delivery::start(Arc::new(publisher.clone()), spool.clone(), delivery_options),
+            delivery,
             budget,
         });
         Ok(Application {

@@ -19,6 +19,7 @@ use warp::Filter;
 
 use super::error::{json_response, ApiError};
 use crate::budget::Budget;
+use crate::deliver::{Delivery, MailTurn};
 use crate::inbound::mail::{parse_form, parse_json};
 use crate::inbound::receive::{self, WorkDir};
 use crate::inbound::store::{InboundSink, SinkError};
@@ -47,6 +48,8 @@ pub struct InboundState<P: Publish = Arc<Publisher>> {
     pub work_root: PathBuf,
     /// Shared with the event webhook: `server.max_in_flight_bytes`.
     pub budget: Budget,
+    /// Shared with the event webhook: the one delivery actor, which decides each mail's turn.
+    pub delivery: Delivery,
 }
 
 #[derive(Serialize)]
@@ -244,86 +247,102 @@ where
     let mail = fields.validate().map_err(ApiError::Payload)?;
     let attachments = mail.attachments.len();
 
-    // Behind a non-empty spool, so mails keep their order.
-    let behind_spool = state.spool.as_ref().is_some_and(|s| !s.stats().is_empty());
-    if !behind_spool {
-        let dir = work
-            .as_ref()
-            .map(|w| w.path().to_owned())
-            .unwrap_or_default();
-        match state.sink.deliver(&mail, &dir, batch_id).await {
-            Ok(sent) => {
-                // NATS acknowledged the mail and its objects before syncing them: keep the
-                // mail on disk for `spool.retain`, to send again if NATS loses it.
-                if let Some(spool) = state.spool.as_ref().filter(|s| s.retains()) {
-                    retain(state, spool, &mail, work, batch_id).await?;
-                }
-                metrics::inbound_mail(if sent.duplicate {
-                    "duplicate"
-                } else {
-                    "published"
-                });
-                metrics::inbound_attachments("uploaded", sent.uploaded, sent.uploaded_bytes);
-                let skipped_bytes = mail.file_bytes().saturating_sub(sent.uploaded_bytes);
-                metrics::inbound_attachments("already_stored", sent.already_stored, skipped_bytes);
-                return Ok(Accepted {
-                    attachments,
-                    published: 1,
-                    spooled: 0,
-                    duplicates: usize::from(sent.duplicate),
-                });
-            }
-            Err(e) if e.is_temporary() && state.spool.is_some() => {
-                tracing::warn!(error = %e, "NATS cannot take the mail now; spooling it");
-            }
-            Err(e) => {
-                if !e.is_temporary() {
-                    tracing::error!(error = %e, "NATS refused the mail");
-                }
-                return Err(ApiError::Sink {
-                    error: e,
-                    retry_after,
-                });
-            }
-        }
-    }
-    let Some(spool) = state.spool.clone() else {
-        return Err(ApiError::Sink {
-            error: SinkError::Temporary("the spool is not enabled".into()),
-            retry_after,
-        });
-    };
-    // Queued from this moment, before any await: a mail arriving while this one's files
-    // are synced goes behind it (the writer thread moves it in, in append order).
+    let retry_after = state.gate.retry_after;
+    let spool_error = |error| ApiError::Spool { error, retry_after };
+    // The mail's directory (its files, and its record once spooled or retained): the
+    // request's work directory, or a new one for a mail without file parts.
     let work = match work {
         Some(work) => work,
-        None => WorkDir::create(&state.work_root).map_err(|e| ApiError::Spool {
-            error: SpoolError::Io(e),
-            retry_after,
-        })?,
+        None => WorkDir::create(&state.work_root).map_err(|e| spool_error(SpoolError::Io(e)))?,
     };
+    let files = mail.file_bytes();
     let append = MailAppend {
         work: work.into_path(),
         spool_dir: state.spool_dir.clone(),
         mail_json: serde_json::to_vec(&mail).expect("a mail serializes"),
         batch_id: batch_id.to_owned(),
-        reserved: mail.file_bytes(),
+        reserved: files,
     };
-    let files = mail.file_bytes();
-    if !spool.stats().reserve_inbound(files, state.spool_max_bytes) {
-        let _ = std::fs::remove_dir_all(&append.work);
-        return Err(ApiError::Spool {
-            error: SpoolError::Full(state.spool_max_bytes),
-            retry_after,
-        });
+    // The delivery actor decides, in arrival order with the event batches: behind a
+    // non-empty spool, or now.
+    let append = match &state.spool {
+        None => append,
+        Some(spool) => {
+            if !spool.stats().reserve_inbound(files, state.spool_max_bytes) {
+                return Err(spool_error(SpoolError::Full(state.spool_max_bytes)));
+            }
+            let turn = state.delivery.mail_turn(append).await;
+            match turn {
+                Ok(MailTurn::Spooled(written)) => {
+                    let written = written.await.unwrap_or(Err(SpoolError::Stopped));
+                    return spooled(spool, written, files, attachments).map_err(spool_error);
+                }
+                Ok(MailTurn::Direct(append)) => {
+                    spool.stats().release_inbound(files);
+                    append
+                }
+                Err(_) => {
+                    spool.stats().release_inbound(files);
+                    return Err(spool_error(SpoolError::Stopped));
+                }
+            }
+        }
+    };
+    match state.sink.deliver(&mail, &append.work, batch_id).await {
+        Ok(sent) => {
+            // NATS acknowledged the mail and its objects before syncing them: keep the mail
+            // on disk for `spool.retain`, to send again if NATS loses it.
+            if let Some(spool) = state.spool.as_ref().filter(|s| s.retains()) {
+                retain(state, spool, append).await?;
+            }
+            metrics::inbound_mail(if sent.duplicate {
+                "duplicate"
+            } else {
+                "published"
+            });
+            metrics::inbound_attachments("uploaded", sent.uploaded, sent.uploaded_bytes);
+            let skipped_bytes = mail.file_bytes().saturating_sub(sent.uploaded_bytes);
+            metrics::inbound_attachments("already_stored", sent.already_stored, skipped_bytes);
+            Ok(Accepted {
+                attachments,
+                published: 1,
+                spooled: 0,
+                duplicates: usize::from(sent.duplicate),
+            })
+        }
+        Err(e) if e.is_temporary() && state.spool.is_some() => {
+            tracing::warn!(error = %e, "NATS cannot take the mail now; spooling it");
+            let spool = state.spool.as_ref().expect("checked above");
+            if !spool.stats().reserve_inbound(files, state.spool_max_bytes) {
+                return Err(spool_error(SpoolError::Full(state.spool_max_bytes)));
+            }
+            let written = state.delivery.spool_mail(append).await;
+            spooled(spool, written, files, attachments).map_err(spool_error)
+        }
+        Err(e) => {
+            if !e.is_temporary() {
+                tracing::error!(error = %e, "NATS refused the mail");
+            }
+            let error = if state.spool.is_none() && e.is_temporary() {
+                SinkError::Temporary(format!("{e}; the spool is not enabled"))
+            } else {
+                e
+            };
+            Err(ApiError::Sink { error, retry_after })
+        }
     }
-    let appended = spool
-        .begin_append(Box::new(append))
-        .await
-        .unwrap_or(Err(SpoolError::Stopped));
-    if let Err(error) = appended {
+}
+
+/// The answer for a mail handed to the spool: `written` is the writer's.
+fn spooled(
+    spool: &SpoolHandle,
+    written: Result<(), SpoolError>,
+    files: u64,
+    attachments: usize,
+) -> Result<Accepted, SpoolError> {
+    if let Err(error) = written {
         spool.stats().release_inbound(files);
-        return Err(ApiError::Spool { error, retry_after });
+        return Err(error);
     }
     metrics::inbound_mail("spooled");
     metrics::inbound_attachments("spooled", attachments, files);
@@ -341,38 +360,24 @@ where
 async fn retain<P: Publish>(
     state: &InboundState<P>,
     spool: &SpoolHandle,
-    mail: &crate::inbound::Mail,
-    work: Option<WorkDir>,
-    batch_id: &str,
+    append: MailAppend,
 ) -> Result<(), ApiError> {
     let retry_after = state.gate.retry_after;
-    let failed = |error| ApiError::Spool { error, retry_after };
-    let work = match work {
-        Some(work) => work,
-        None => WorkDir::create(&state.work_root).map_err(|e| failed(SpoolError::Io(e)))?,
-    };
-    let files = mail.file_bytes();
-    let append = MailAppend {
-        work: work.into_path(),
-        spool_dir: state.spool_dir.clone(),
-        mail_json: serde_json::to_vec(mail).expect("a mail serializes"),
-        batch_id: batch_id.to_owned(),
-        reserved: files,
-    };
+    let files = append.reserved;
     if !spool.stats().reserve_inbound(files, state.spool_max_bytes) {
-        let _ = std::fs::remove_dir_all(&append.work);
-        return Err(failed(SpoolError::Full(state.spool_max_bytes)));
+        return Err(ApiError::Spool {
+            error: SpoolError::Full(state.spool_max_bytes),
+            retry_after,
+        });
     }
-    let work_dir = append.work.clone();
     let kept = spool
         .begin_retain(Box::new(append))
         .await
         .unwrap_or(Err(SpoolError::Stopped));
     if let Err(error) = kept {
         spool.stats().release_inbound(files);
-        let _ = std::fs::remove_dir_all(&work_dir);
         tracing::error!(%error, "cannot keep a published mail in the retained log");
-        return Err(failed(error));
+        return Err(ApiError::Spool { error, retry_after });
     }
     Ok(())
 }
@@ -405,6 +410,7 @@ mod tests {
             .then(|| SpoolHandle::start(Spool::open(root.path(), 1 << 30).unwrap()).unwrap());
         let work_root = root.path().join("mail-tmp");
         std::fs::create_dir_all(&work_root).unwrap();
+        let delivery = Delivery::start(fake.clone(), spool.clone(), DeliveryOptions::default());
         let state = Arc::new(InboundState {
             path: settings.inbound.path.to_string(),
             gate: super::super::Gate::new(&settings, Duration::from_secs(3)),
@@ -414,6 +420,7 @@ mod tests {
             spool_max_bytes: 1 << 30,
             work_root,
             budget: Budget::new(1 << 30),
+            delivery,
         });
         Fixture { fake, state, root }
     }
@@ -573,6 +580,31 @@ mod tests {
 
     /// Behind a non-empty spool a mail waits its turn, though NATS could take it now; the
     /// drainer sends them in arrival order, each message after its object.
+    #[tokio::test]
+    async fn a_mail_goes_behind_an_event_batch_the_actor_spooled() {
+        let f = fixture(true);
+        f.fake.set_ready(false);
+        let body = r#"{"event_type":"deliveries","server_composition":"sc","event":{"deliveries":[{"status":"queued"}]}}"#;
+        let template = crate::subject::SubjectTemplate::parse("cmc.{event_type}.{status}").unwrap();
+        let batch = crate::webhook::decode(Some("application/json"), body.as_bytes())
+            .unwrap()
+            .validate()
+            .unwrap()
+            .to_outgoing(&template, "events")
+            .unwrap();
+        let permit = Budget::new(1 << 20).try_acquire(1).unwrap();
+        let events = f.state.delivery.deliver(batch, permit).await.unwrap();
+        assert_eq!(events.spooled, 1);
+        f.fake.set_ready(true);
+
+        let mail = post(&f.state, mail("one", b"first"), "b-1").await.unwrap();
+
+        assert_eq!(mail.spooled, 1, "the mail overtook the spooled batch");
+        assert!(f.fake.stored().is_empty());
+        drain(&f, 3, TIMEOUT).await.unwrap();
+        assert_eq!(f.fake.stored(), ["events:0", "b-1:"]);
+    }
+
     #[tokio::test]
     async fn mails_keep_their_order_behind_the_spool() {
         let f = fixture(true);

@@ -19,12 +19,15 @@
 //! directory under `<spool.dir>/mail/` until their segment is deleted.
 
 use std::collections::VecDeque;
-use std::fs::{self, File, OpenOptions};
-use std::io::{self, Seek, SeekFrom, Write};
+use std::io;
 use std::path::{Path, PathBuf};
+use std::sync::Arc;
 use std::time::Duration;
 
-use super::{read_record, scan_segment, segment_ids, segment_path, sync_dir, Record, SEGMENT_MAX};
+use super::storage::{Storage, StorageFile};
+use super::{
+    create_dir_durably, list_segments, read_record, scan_in, segment_path, Record, SEGMENT_MAX,
+};
 
 /// The directory of the retained log, under the spool directory.
 pub(super) const RETAINED: &str = "retained";
@@ -68,14 +71,22 @@ pub(super) struct Freed {
 /// The retained log of one spool directory; owned by the spool's writer thread.
 #[derive(Debug)]
 pub(super) struct Retained {
+    /// Where its file operations go (the spool's storage).
+    fs: Arc<dyn Storage>,
     dir: PathBuf,
     retain_ms: u64,
     segments: VecDeque<Kept>,
     /// The segment being appended to (the last of `segments`), when open.
-    writer: Option<File>,
+    writer: Option<Box<dyn StorageFile>>,
     /// Bytes written to the open segment and not yet synced (not counted in its size).
     unsynced: u64,
     next_id: u64,
+    /// Segments were deleted and the directory not synced since: a power cut could bring
+    /// them back, and their records (replayed, or older than the retention) would be
+    /// published again.
+    removals_unsynced: bool,
+    /// What those deletions freed: reported once the directory sync made them durable.
+    unsynced_freed: Freed,
 }
 
 /// What [`Retained::open`] found.
@@ -88,16 +99,20 @@ pub(super) struct Opened {
 
 impl Retained {
     /// Opens (or creates) the retained log under `spool_dir`, cutting torn tails off.
-    pub(super) fn open(spool_dir: &Path, retain: Duration) -> io::Result<Opened> {
+    pub(super) fn open(
+        fs: Arc<dyn Storage>,
+        spool_dir: &Path,
+        retain: Duration,
+    ) -> io::Result<Opened> {
         let dir = spool_dir.join(RETAINED);
-        fs::create_dir_all(&dir)?;
+        create_dir_durably(&*fs, &dir)?;
         let mut segments = VecDeque::new();
         let (mut bytes, mut mail_bytes) = (0, 0);
-        for id in segment_ids(&dir)? {
+        for id in list_segments(&*fs, &dir)? {
             let path = segment_path(&dir, id);
-            let scan = scan_segment(&path)?;
+            let scan = scan_in(&*fs, &path)?;
             if scan.valid_len < scan.file_len {
-                let file = OpenOptions::new().write(true).open(&path)?;
+                let mut file = fs.open_write(&path)?;
                 file.set_len(scan.valid_len)?;
                 file.sync_all()?;
             }
@@ -121,12 +136,15 @@ impl Retained {
         let next_id = segments.back().map_or(1, |s| s.id + 1);
         Ok(Opened {
             retained: Retained {
+                fs,
                 dir,
                 retain_ms: retain.as_millis() as u64,
                 segments,
                 writer: None,
                 unsynced: 0,
                 next_id,
+                removals_unsynced: false,
+                unsynced_freed: Freed::default(),
             },
             bytes,
             mail_bytes,
@@ -157,11 +175,8 @@ impl Retained {
         if rotate {
             let id = self.next_id;
             self.next_id += 1;
-            let file = OpenOptions::new()
-                .create_new(true)
-                .append(true)
-                .open(segment_path(&self.dir, id))?;
-            sync_dir(&self.dir)?;
+            let file = self.fs.create_new(&segment_path(&self.dir, id))?;
+            self.fs.sync_dir(&self.dir)?;
             self.writer = Some(file);
             self.unsynced = 0;
             self.segments.push_back(Kept {
@@ -194,7 +209,7 @@ impl Retained {
 
     /// Cuts what was written since `to` (a position [`Retained::end`] gave) off again.
     pub(super) fn cut(&mut self, to: u64) -> io::Result<()> {
-        let Some(writer) = self.writer.as_ref() else {
+        let Some(writer) = self.writer.as_mut() else {
             return Ok(());
         };
         writer.set_len(to)?;
@@ -221,7 +236,7 @@ impl Retained {
     /// next append starts a new one. Best effort: a tail left here is a torn record, cut off
     /// at the next start.
     pub(super) fn abandon(&mut self, start: u64) {
-        if let Some(writer) = self.writer.take() {
+        if let Some(mut writer) = self.writer.take() {
             let _ = writer.set_len(start).and_then(|()| writer.sync_all());
         }
         if let Some(last) = self.segments.back_mut() {
@@ -248,6 +263,24 @@ impl Retained {
             }
             self.remove_front(&mut freed)?;
         }
+        self.finish_removals(freed)
+    }
+
+    /// Makes the deletion of segments durable (one directory sync), so a crash cannot bring
+    /// them back, and only then reports what they freed (with what an earlier call could
+    /// not make durable). On failure `freed` waits for the next expiry or replay.
+    fn finish_removals(&mut self, mut freed: Freed) -> io::Result<Freed> {
+        if self.removals_unsynced {
+            if let Err(e) = self.fs.sync_dir(&self.dir) {
+                self.unsynced_freed.bytes += freed.bytes;
+                self.unsynced_freed.mails.append(&mut freed.mails);
+                return Err(e);
+            }
+            self.removals_unsynced = false;
+        }
+        let earlier = std::mem::take(&mut self.unsynced_freed);
+        freed.bytes += earlier.bytes;
+        freed.mails.extend(earlier.mails);
         Ok(freed)
     }
 
@@ -266,7 +299,7 @@ impl Retained {
         for kept in self.segments.iter().filter(|k| k.newest_ms >= since_ms) {
             let mut buf = Vec::with_capacity(chunk.min(kept.size as usize));
             let mut count = 0u64;
-            for_each_record(&self.dir, kept, |record, _| {
+            for_each_record(&*self.fs, &self.dir, kept, |record, _| {
                 // Records of earlier versions have no stamp: kept, to be safe.
                 if stamp(record).is_some_and(|at| at < since_ms) {
                     return Ok(());
@@ -287,7 +320,7 @@ impl Retained {
         let mut freed = Freed::default();
         let mut moved_mails = std::collections::HashSet::new();
         for kept in self.segments.iter() {
-            for_each_record(&self.dir, kept, |record, read| {
+            for_each_record(&*self.fs, &self.dir, kept, |record, read| {
                 if let Record::Mail(mail) = read {
                     if stamp(record).is_none_or(|at| at >= since_ms) {
                         moved_mails.insert(mail.dir);
@@ -301,17 +334,19 @@ impl Retained {
         }
         // Mails moved along with their records keep their directories; the others go.
         freed.mails.retain(|(dir, _)| !moved_mails.contains(dir));
-        Ok(freed)
+        self.finish_removals(freed)
     }
 
     /// Writes the heartbeat: NATS (server `server`) was connected at `now_ms`.
     pub(super) fn write_heartbeat(&self, now_ms: u64, server: &str) -> io::Result<()> {
-        fs::write(self.dir.join(HEARTBEAT), format!("{now_ms} {server}\n"))
+        // Not synced (see `Spool::note_connected`).
+        let mut file = self.fs.create(&self.dir.join(HEARTBEAT))?;
+        file.write_all(format!("{now_ms} {server}\n").as_bytes())
     }
 
     /// What the heartbeat says: when NATS was last seen connected, and to which server.
     pub(super) fn last_connected(&self) -> Option<(u64, String)> {
-        let text = fs::read_to_string(self.dir.join(HEARTBEAT)).ok()?;
+        let text = String::from_utf8(self.fs.read(&self.dir.join(HEARTBEAT)).ok()?).ok()?;
         let (at, server) = text.trim_end().split_once(' ')?;
         Some((at.parse().ok()?, server.to_owned()))
     }
@@ -320,7 +355,7 @@ impl Retained {
     pub(super) fn count(&self) -> io::Result<(u64, u64)> {
         let mut records = 0;
         for kept in &self.segments {
-            for_each_record(&self.dir, kept, |_, _| {
+            for_each_record(&*self.fs, &self.dir, kept, |_, _| {
                 records += 1;
                 Ok(())
             })?;
@@ -328,11 +363,24 @@ impl Retained {
         Ok((records, self.segments.iter().map(|s| s.size).sum()))
     }
 
+    /// Every record it holds, oldest first (for tests that check what survived).
+    #[cfg(test)]
+    pub(super) fn records(&self) -> io::Result<Vec<Record>> {
+        let mut records = Vec::new();
+        for kept in &self.segments {
+            for_each_record(&*self.fs, &self.dir, kept, |_, record| {
+                records.push(record);
+                Ok(())
+            })?;
+        }
+        Ok(records)
+    }
+
     /// The directories (relative to the spool directory) its mail records name.
     pub(super) fn mail_dirs(&self) -> io::Result<Vec<String>> {
         let mut dirs = Vec::new();
         for kept in &self.segments {
-            for_each_record(&self.dir, kept, |_, record| {
+            for_each_record(&*self.fs, &self.dir, kept, |_, record| {
                 if let Record::Mail(mail) = record {
                     dirs.push(mail.dir);
                 }
@@ -346,7 +394,7 @@ impl Retained {
         let Some(first) = self.segments.front() else {
             return Ok(());
         };
-        for_each_record(&self.dir, first, |_, record| {
+        for_each_record(&*self.fs, &self.dir, first, |_, record| {
             if let Record::Mail(mail) = record {
                 freed.mails.push((mail.dir, mail.file_bytes));
             }
@@ -356,9 +404,9 @@ impl Retained {
             self.writer = None;
         }
         let first = self.segments.pop_front().expect("checked above");
-        match fs::remove_file(segment_path(&self.dir, first.id)) {
+        match self.fs.remove_file(&segment_path(&self.dir, first.id)) {
             Err(e) if e.kind() != io::ErrorKind::NotFound => return Err(e),
-            _ => {}
+            _ => self.removals_unsynced = true,
         }
         freed.bytes += first.size;
         Ok(())
@@ -367,6 +415,7 @@ impl Retained {
 
 /// Calls `f` with each intact record of `kept` (its bytes, and what it holds), in order.
 fn for_each_record(
+    fs: &dyn Storage,
     dir: &Path,
     kept: &Kept,
     mut f: impl FnMut(&[u8], Record) -> io::Result<()>,
@@ -374,9 +423,7 @@ fn for_each_record(
     if kept.size == 0 {
         return Ok(());
     }
-    let mut file = File::open(segment_path(dir, kept.id))?;
-    file.seek(SeekFrom::Start(0))?;
-    let mut reader = io::BufReader::new(io::Read::take(file, kept.size));
+    let mut reader = fs.read_range(&segment_path(dir, kept.id), 0, kept.size)?;
     let mut offset = 0u64;
     while offset < kept.size {
         if let Some(&(start, end)) = kept.gaps.iter().find(|(start, _)| *start == offset) {

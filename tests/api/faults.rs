@@ -1096,6 +1096,50 @@ async fn start_up_without_a_jetstream_quorum_serves_and_sets_the_stream_up_later
     assert_eq!(tally.answered.len(), tally.sent);
 }
 
+/// A cluster that has just started has no meta leader for a moment: its JetStream requests
+/// time out, or are answered "JetStream system temporarily unavailable" (10008; the campaign
+/// met it, this machine answers with the time-out). A service started at the same moment (a
+/// whole site powered up again) must wait that out in the background, not exit with "cannot
+/// start".
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn start_up_while_the_cluster_elects_its_leader_serves_and_sets_the_stream_up() {
+    let test = "electing_at_start";
+    let mut nodes = cluster_nodes("electing", "e", &[]);
+    for node in &mut nodes {
+        node.launch().await;
+    }
+    let spool = tempfile::tempdir().unwrap();
+    let logs = tempfile::tempdir().unwrap();
+    let log = logs.path().join("service.log");
+    let http = http_client();
+    let urls: Vec<String> = nodes.iter().map(NatsServer::url).collect();
+    let mut service = Launch::service(&log)
+        .nats(&urls.join(","))
+        .spool(spool.path())
+        .settings(&[("NATS__STREAM__REPLICAS", "3")])
+        .start();
+    let deadline = Instant::now() + Duration::from_secs(60);
+    while status_of(&http, &service.readyz()).await != 200 {
+        if let Some(status) = service.child.try_wait().unwrap() {
+            panic!(
+                "{test}: the service exited ({status}) while the cluster elected its leader:\n{}",
+                service.log_tail()
+            );
+        }
+        assert!(
+            Instant::now() < deadline,
+            "{test}: not ready:\n{}",
+            service.log_tail()
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    let waited = std::fs::read_to_string(&log)
+        .unwrap_or_default()
+        .contains("JetStream not answering yet");
+    println!("[{test}] ready; the set-up was waited out in the background: {waited}");
+    service.terminate().await;
+}
+
 // ---------------------------------------------------------------------------------------
 // 9. SIGTERM while start-up still waits for NATS (a server that accepts the connection and
 // never speaks): exit 0, as once serving, not death by the signal (which the fault campaign

@@ -723,7 +723,10 @@ async fn wildcards_and_japanese_in_server_composition_are_escaped() {
 #[tokio::test]
 async fn a_5000_entry_batch_under_the_cap_is_published_whole() {
     let nats = NatsServer::start().await;
-    let app = spawn_app(&nats).await;
+    let mut settings = test_settings(&nats);
+    // What is tested is the size, not the speed: a loaded machine gets time.
+    settings.nats.publish_timeout = std::time::Duration::from_secs(15);
+    let app = spawn_app_with(settings).await;
     let mut sub = app.subscribe(">").await;
     let statuses = ["queued", "succeeded", "failed", "deferred"];
     let entries: Vec<Value> = (0..5000)

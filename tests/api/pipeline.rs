@@ -516,6 +516,12 @@ async fn spool_drain_empties_a_stopped_services_spool_exactly_once_and_refuses_a
     .unwrap();
     assert_eq!(status["messages"], 0);
     assert_eq!(status["in_use"], false);
+    // What it published is kept, in case NATS loses it before its next sync: the 300
+    // drained, and what the service had published itself before NATS went away.
+    assert!(
+        status["retained"]["records"].as_u64().unwrap() >= 300,
+        "{status}"
+    );
     // A second drain finds nothing to do.
     let again = cli(&nats.url(), &spool_dir, &["spool", "drain"]);
     assert!(again.status.success());
@@ -848,6 +854,17 @@ async fn a_stream_deleted_while_the_service_runs_is_created_again_and_the_spool_
         "the stream was not created again:\n{}",
         service.log_tail()
     );
+    // Stored is not yet drained: the drainer records its progress just after.
+    let metrics = format!("http://127.0.0.1:{}/metrics", service.admin_port);
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while !get_text(&http, &metrics)
+        .await
+        .lines()
+        .any(|l| l == "cmc_forwarder_spool_messages 0")
+    {
+        assert!(Instant::now() < deadline, "the spool did not drain");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
     let (status, answer, _) = post(&http, &service.webhook_url(), body("later", 3, 100)).await;
     assert_eq!(
         (status, answer["published"].as_u64()),
