@@ -8,12 +8,14 @@
 //! distinct events (or to mails with attachments), cut the power, and check that every event
 //! answered `200` is in the stream once after recovery: the single node, the shared host (the
 //! service killed too, started again after NATS or before it), a 3-node cluster with an R3
-//! stream rolled back at once, a copy taken before the stream existed, the service killed
-//! while it publishes its log again, a second cut during that replay, an outage longer than
-//! `spool.retain`, a cut under load, events and mails drained from the spool before the cut,
-//! Inbound mails with their objects, a restart of the service alone (nothing stored twice) and
-//! of NATS alone under load (nothing lost). Each prints `case=… answered=… stored=… duplicates=…`. The last test shows what the
-//! README says of the spool off: a `200` then does not survive the power cut.
+//! stream rolled back at once, copies taken before the stream existed, the service killed
+//! while it publishes its log again, a second cut during that replay, a cut in the middle of a
+//! spool drain, an outage longer than `spool.retain`, a cut under load, events and mails
+//! drained from the spool before the cut, Inbound mails with their objects. Restarts without a
+//! power cut: of the service alone and a quick one of NATS alone store nothing twice; one of
+//! NATS under load loses nothing. Each prints `case=… answered=… stored=… duplicates=…`. The
+//! last test shows what the README says of the spool off: a `200` then does not survive the
+//! power cut.
 //!
 //! They kill processes: `scripts/test` runs them one at a time, with
 //! `cargo test --test api power:: -- --nocapture --test-threads=1`.
