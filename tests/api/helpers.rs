@@ -200,6 +200,13 @@ impl NatsServer {
     /// A power cut: the server killed, its store put back to `sync` (what it had synced, all
     /// it wrote since lost), and started again on the same port.
     pub async fn lose_power(&mut self, sync: &LastSync) {
+        self.power_off(sync);
+        self.launch().await;
+    }
+
+    /// The first half of [`Self::lose_power`]: killed, its store put back to `sync`, not
+    /// started again (so that every node of a cluster is down before any comes back).
+    pub fn power_off(&mut self, sync: &LastSync) {
         self.stop();
         let store = self.dir.path().join("jetstream");
         if store.exists() {
@@ -209,7 +216,6 @@ impl NatsServer {
         if synced.exists() {
             assert!(copy_dir(&synced, &store), "cannot restore the store");
         }
-        self.launch().await;
     }
 }
 

@@ -30,7 +30,7 @@ fn multipart_type(boundary: &str) -> String {
 }
 
 /// One part of a multipart body: name, filename, content type, bytes.
-type Part<'a> = (&'a str, Option<&'a str>, Option<&'a str>, &'a [u8]);
+pub(crate) type Part<'a> = (&'a str, Option<&'a str>, Option<&'a str>, &'a [u8]);
 
 fn multipart_body(boundary: &str, parts: &[Part]) -> Vec<u8> {
     let mut out = Vec::new();
@@ -57,7 +57,7 @@ const HEADERS: &[u8] =
     br#"[{"name":"From","value":"a@example.com"},{"name":"To","value":"in@example.com"}]"#;
 
 /// A mail with the required parameters and the given extra parts.
-fn mail_with(extra: &[Part]) -> Vec<u8> {
+pub(crate) fn mail_with(extra: &[Part]) -> Vec<u8> {
     let mut parts: Vec<Part> = vec![
         ("server_composition", None, None, b"sandbox"),
         ("filter", None, None, b"in@example.com"),
@@ -113,7 +113,7 @@ async fn object_bytes(
     (bytes, metadata)
 }
 
-fn sha(bytes: &[u8]) -> String {
+pub(crate) fn sha(bytes: &[u8]) -> String {
     hex::encode(Sha256::digest(bytes))
 }
 
