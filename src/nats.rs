@@ -212,14 +212,18 @@ pub async fn ensure_stream(
             let message = format!("cannot create or update: {e}");
             match e.kind() {
                 // No responders (JetStream disabled) is a refusal: start-up stops on it. A
-                // timeout, or "JetStream system temporarily unavailable" (10008, a cluster
-                // still electing its meta leader), passes.
+                // timeout, "JetStream system temporarily unavailable" (10008, a cluster
+                // still electing its meta leader) or "no suitable peers for placement"
+                // (10005: a cluster just started whose nodes have not all joined, or one
+                // node down) passes: the stream is set up in the background, and `/readyz`
+                // says why meanwhile.
                 CreateStreamErrorKind::TimedOut => SetupError::StreamUnanswered {
                     name: s.name.to_string(),
                     message,
                 },
                 CreateStreamErrorKind::JetStream(e)
-                    if e.error_code() == ErrorCode::CLUSTER_NOT_AVAILABLE =>
+                    if e.error_code() == ErrorCode::CLUSTER_NOT_AVAILABLE
+                        || e.error_code() == ErrorCode::CLUSTER_NO_PEERS =>
                 {
                     SetupError::StreamUnanswered {
                         name: s.name.to_string(),

@@ -62,6 +62,9 @@ pub enum ObjectFailure {
     Timeout(Duration),
     /// The client or the server said no (the text says why).
     Failed(String),
+    /// JetStream cannot do it yet: a cluster electing its meta leader (10008) or without the
+    /// peers to place the bucket's stream (10005). Waiting can fix it.
+    NotYet(String),
 }
 
 /// The object store's digest of `sha256` (its raw bytes): `SHA-256=<base64url>`.
@@ -106,6 +109,10 @@ pub async fn open_bucket(
             store,
             name: spec.name.clone(),
         }),
+        // The client's error keeps the JetStream code only in its text.
+        Ok(Err(e)) if e.contains("error code 10005") || e.contains("error code 10008") => Err(
+            ObjectFailure::NotYet(format!("object store {} not yet: {e}", spec.name)),
+        ),
         Ok(Err(e)) => Err(ObjectFailure::Failed(format!(
             "object store {} not usable: {e}",
             spec.name

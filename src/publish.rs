@@ -229,6 +229,7 @@ fn object_error(failure: ObjectFailure) -> PublishError {
     match failure {
         ObjectFailure::Timeout(bound) => PublishError::Timeout(bound),
         ObjectFailure::Failed(message) => PublishError::Object(message.into()),
+        ObjectFailure::NotYet(message) => PublishError::NotStored(message.into()),
     }
 }
 

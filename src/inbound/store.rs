@@ -116,6 +116,9 @@ impl<P: Publish> InboundSink<P> {
                     self.bucket.name
                 )))
             }
+            Err(e @ PublishError::NotStored(_)) => {
+                return Err(SinkError::Unanswered(cause_text(e)))
+            }
             Err(e) => return Err(SinkError::Temporary(cause_text(e))),
         };
         *cached = Some(store.clone());

@@ -1140,6 +1140,43 @@ async fn start_up_while_the_cluster_elects_its_leader_serves_and_sets_the_stream
     service.terminate().await;
 }
 
+/// A new cluster with one node of three not up yet (or not joined yet) cannot place an R3
+/// stream: "no suitable peers for placement" (10005). That passes once the node is there, so
+/// the service must serve meanwhile (`/readyz` says why) and set the stream up then, not exit
+/// with "cannot start" (the power-loss tests met it: a whole cluster restarted at once).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn start_up_before_a_cluster_can_place_the_stream_waits_for_it() {
+    let test = "no_placement_at_start";
+    let mut nodes = cluster_nodes("placing", "p", &[]);
+    for node in &mut nodes[..2] {
+        node.launch().await;
+    }
+    let spool = tempfile::tempdir().unwrap();
+    let logs = tempfile::tempdir().unwrap();
+    let log = logs.path().join("service.log");
+    let http = http_client();
+    let urls: Vec<String> = nodes.iter().map(NatsServer::url).collect();
+    let mut service = Launch::service(&log)
+        .nats(&urls[..2].join(","))
+        .spool(spool.path())
+        .settings(&[("NATS__STREAM__REPLICAS", "3")])
+        .start();
+    let until = Instant::now() + Duration::from_secs(8);
+    while Instant::now() < until {
+        if let Some(status) = service.child.try_wait().unwrap() {
+            panic!(
+                "{test}: the service exited ({status}) while the stream could not be placed:\n{}",
+                service.log_tail()
+            );
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    nodes[2].launch().await;
+    wait_for_status(&http, &service.readyz(), 200, Duration::from_secs(60)).await;
+    println!("[{test}] served while the stream could not be placed, ready once it could");
+    service.terminate().await;
+}
+
 // ---------------------------------------------------------------------------------------
 // 9. SIGTERM while start-up still waits for NATS (a server that accepts the connection and
 // never speaks): exit 0, as once serving, not death by the signal (which the fault campaign
