@@ -884,10 +884,9 @@ const KEEP_EVERY: Duration = Duration::from_secs(1);
 
 /// Looks after the retained log until `stop` turns true: while NATS is connected, notes it
 /// (the log's heartbeat) and deletes what NATS can no longer lose; when the connection is to
-/// a server other than the one last seen (it restarted, which is what a power cut looks like
-/// from here, or the connection moved to another node), publishes again what that server
-/// acknowledged in the `spool.retain` before it was last seen, since it may have lost it
-/// (`Nats-Msg-Id` drops what it kept). At start-up the last server seen is the earlier run's
+/// a server process never seen before (a server started since, which is what a power cut
+/// looks like from here), publishes again what NATS acknowledged in the `spool.retain` before
+/// it was last seen, since it may have lost it (`Nats-Msg-Id` drops what it kept). At start-up the last server seen is the earlier run's
 /// (the heartbeat), so a service restart in front of the same NATS process replays nothing,
 /// and a restart of both replays what the earlier run had not seen synced. Never while
 /// disconnected: records acknowledged just before an outage stay until they are replayed.
@@ -896,27 +895,33 @@ pub async fn keep_retained<P: Publish>(
     publisher: P,
     mut stop: watch::Receiver<bool>,
 ) {
-    // Without a heartbeat (the first run, or one that never connected) the server is
-    // unknown, and everything retained is published again at the first connection.
-    let (mut server, mut seen_at) = match spool.last_connected() {
-        Some((at, id)) => (Some(id), at),
-        None => (None, 0),
-    };
+    // Every server process seen so far (a nats-server gets a new id at every start). Without
+    // a heartbeat (the first run, or one that never connected) none is known, and
+    // everything retained is published again at the first connection.
+    let mut seen = std::collections::HashSet::new();
+    let mut seen_at = 0;
+    if let Some((at, id)) = spool.last_connected() {
+        seen.insert(id);
+        seen_at = at;
+    }
     loop {
         if *stop.borrow() {
             return;
         }
         if let (true, Some(now)) = (publisher.is_connected(), publisher.server_id()) {
-            // Nothing retained, nothing to replay: not even a moment of the spool counting as
-            // non-empty (which would send the batches of that moment behind it).
-            let anything = spool.stats().retained_bytes() > 0;
-            let changed = server.as_deref() != Some(now.as_str());
-            if changed {
+            // A server never seen before has started since: it may have lost what it (or, in
+            // a cluster restarted as a whole, its peers) had not synced. A move to a node of
+            // the cluster that was up all along is no such sign, and replays nothing.
+            let restarted = !seen.contains(&now);
+            if restarted {
                 // Before the replay is taken: a drain step published meanwhile does not
                 // count as acknowledged (see `drain_step`).
                 spool.stats().note_server_change();
             }
-            if anything && changed {
+            // Nothing retained, nothing to replay: not even a moment of the spool counting as
+            // non-empty (which would send the batches of that moment behind it).
+            let anything = spool.stats().retained_bytes() > 0;
+            if anything && restarted {
                 match spool.replay_retained(seen_at).await {
                     Ok(replayed) => {
                         metrics::retained_replayed(replayed);
@@ -936,7 +941,7 @@ pub async fn keep_retained<P: Publish>(
             }
             seen_at = crate::spool::now_ms();
             spool.connected_now(&now);
-            server = Some(now);
+            seen.insert(now);
         }
         metrics::retained_bytes(spool.stats().retained_bytes());
         // Woken at once by a reconnection, so a replay comes before the drainer publishes
@@ -1754,6 +1759,32 @@ mod tests {
         let mut stored = r.fake.stored();
         stored.sort();
         assert_eq!(stored, labels("a", 10));
+        let _ = stop.send(true);
+        keeper.await.unwrap();
+    }
+
+    /// A move back to a server process seen before (a node of the cluster that was up all
+    /// along) replays nothing; only a server never seen (started since) does.
+    #[tokio::test]
+    async fn a_move_to_a_server_seen_before_replays_nothing() {
+        let r = retaining_rig();
+        let spool = r.spool.clone().unwrap();
+        let (stop, stopped) = watch::channel(false);
+        let keeper = tokio::spawn(keep_retained(spool.clone(), r.fake.clone(), stopped));
+        r.wait_kept().await;
+        let _drain = r.start_drain();
+        r.deliver(batch("a", 5)).await.unwrap();
+        r.fake.set_server_id("other-node");
+        let until = Instant::now() + Duration::from_secs(5);
+        while r.fake.sent() < 10 || !spool.stats().is_empty() {
+            assert!(Instant::now() < until, "a new server got no replay");
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+
+        r.fake.set_server_id("first");
+        tokio::time::sleep(Duration::from_millis(1500)).await;
+
+        assert_eq!(r.fake.sent(), 10, "a server seen before got a replay");
         let _ = stop.send(true);
         keeper.await.unwrap();
     }
