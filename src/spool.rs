@@ -410,6 +410,8 @@ pub(crate) enum Fault {
     Truncate,
     /// Writing a quarantined message's description fails (ENOSPC).
     QuarantineDescription,
+    /// A replay's copy fails after its first chunk (ENOSPC).
+    LaterReplayChunk,
 }
 
 fn segment_path(dir: &Path, id: u64) -> PathBuf {
@@ -1003,17 +1005,39 @@ impl Spool {
             return Ok(0);
         };
         let since_ms = log.needed_since(connected_until_ms);
-        let mut moved = 0;
+        // Where the spool ended: a copy that fails halfway is cut off again, or every retry
+        // (the keeper's, each second) would add another partial copy until the disk is full.
+        let start = (
+            self.segments.len(),
+            self.segments.back().map(|s| (s.id, s.size)),
+        );
+        let (mut moved, mut moved_bytes, mut copy_failed) = (0, 0, false);
+        let mut chunks = 0;
         let taken = log.take_all(REPLAY_CHUNK, since_ms, |chunk, count| {
-            self.write_durably(chunk)?;
+            chunks += 1;
+            #[cfg(test)]
+            if chunks > 1 {
+                if let Err(e) = self.fail_at(Fault::LaterReplayChunk) {
+                    copy_failed = true;
+                    return Err(e);
+                }
+            }
+            if let Err(e) = self.write_durably(chunk) {
+                copy_failed = true;
+                return Err(e);
+            }
             self.stats.messages.fetch_add(count, Ordering::SeqCst);
             self.stats
                 .bytes
                 .fetch_add(chunk.len() as u64, Ordering::SeqCst);
             moved += count;
+            moved_bytes += chunk.len() as u64;
             Ok(())
         });
         self.retained = Some(log);
+        if copy_failed {
+            self.undo_copy(start, moved, moved_bytes);
+        }
         let freed = taken?;
         let _ = self
             .stats
@@ -1022,6 +1046,44 @@ impl Spool {
                 Some(b.saturating_sub(freed.bytes))
             });
         Ok(moved)
+    }
+
+    /// Takes back the part of a replay copied before it failed: the spool ends again where it
+    /// did at `start` (its segment count, and its last segment's id and size).
+    fn undo_copy(&mut self, start: (usize, Option<(u64, u64)>), moved: u64, bytes: u64) {
+        let (count, last) = start;
+        self.writer = None;
+        while self.segments.len() > count {
+            let Some(added) = self.segments.pop_back() else {
+                break;
+            };
+            if let Err(e) = self.fs.remove_file(&segment_path(&self.dir, added.id)) {
+                tracing::error!(error = %e, "cannot remove the part of a failed replay; it is published twice");
+                self.segments.push_back(added);
+                return;
+            }
+        }
+        if let (Some((id, size)), Some(back)) = (last, self.segments.back_mut()) {
+            if back.id == id {
+                back.size = size;
+                self.pending_cut = Some((id, size));
+                if let Err(e) = self.cut_back() {
+                    tracing::error!(error = %e, "cannot cut the part of a failed replay off the spool; appends are refused until it is done");
+                }
+            }
+        }
+        let _ = self
+            .stats
+            .messages
+            .fetch_update(Ordering::SeqCst, Ordering::SeqCst, |m| {
+                Some(m.saturating_sub(moved))
+            });
+        let _ = self
+            .stats
+            .bytes
+            .fetch_update(Ordering::SeqCst, Ordering::SeqCst, |b| {
+                Some(b.saturating_sub(bytes))
+            });
     }
 
     /// Deletes what the retained log no longer needs at `now_ms` (records older than the
@@ -2377,6 +2439,41 @@ mod tests {
         assert_eq!(ids(&spool.read(10).unwrap()), ["id-1", "id-2"]);
         assert_eq!(spool.retained_count().unwrap(), (0, 0));
         assert_eq!(spool.stats().retained_bytes(), 0);
+    }
+
+    /// A replay whose copy fails halfway (a full disk) leaves nothing of itself in the spool,
+    /// and the retained log whole: a retry copies it once, not once more per attempt.
+    #[test]
+    fn a_replay_that_fails_halfway_is_taken_back() {
+        let dir = tempfile::tempdir().unwrap();
+        let mut spool = Spool::open(dir.path(), 1 << 30).unwrap();
+        spool.retain(Duration::from_secs(60)).unwrap();
+        let big = |i: usize| NatsMessage {
+            payload: Bytes::from(vec![b'x'; 600 * 1024]),
+            ..message(i)
+        };
+        retain(&mut spool, &[big(1), big(2), big(3)]).unwrap();
+        append(&mut spool, &[message(0)]).unwrap();
+        spool.inject(Fault::LaterReplayChunk, 1);
+
+        assert!(spool.replay_retained(0).is_err());
+
+        assert_eq!(spool.stats().messages(), 1);
+        assert_eq!(ids(&spool.read(10).unwrap()), ["id-0"]);
+        assert_eq!(spool.retained_count().unwrap().0, 3);
+        assert_eq!(spool.replay_retained(0).unwrap(), 3);
+        assert_eq!(
+            ids(&spool.read(10).unwrap()),
+            ["id-0", "id-1", "id-2", "id-3"]
+        );
+        drop(spool);
+        let mut spool = Spool::open(dir.path(), 1 << 30).unwrap();
+        assert_eq!(
+            spool.stats().messages(),
+            4,
+            "nothing of the failed copy is on disk"
+        );
+        assert_eq!(spool.read(10).unwrap().messages.len(), 4);
     }
 
     /// The retained log counts in `spool.max_bytes`: a log that fills it refuses more, and so
