@@ -2353,6 +2353,26 @@ mod tests {
         spool.append(buf, n)
     }
 
+    /// A mail's record, its directory moved into `spool_dir` as the writer does: a work
+    /// directory with `files`, then encoded.
+    fn encoded_mail(spool_dir: &Path, batch_id: &str, files: &[(&str, &[u8])]) -> (Vec<u8>, u64) {
+        let work = spool_dir.join(format!("work-{batch_id}"));
+        fs::create_dir_all(&work).unwrap();
+        for (name, data) in files {
+            fs::write(work.join(name), data).unwrap();
+        }
+        let mail = MailAppend {
+            work,
+            spool_dir: spool_dir.to_owned(),
+            mail_json: b"{}".to_vec(),
+            batch_id: batch_id.into(),
+            reserved: files.iter().map(|(_, d)| d.len() as u64).sum(),
+        };
+        let mut buf = Vec::new();
+        let n = mail.encode(&mut buf, now_ms()).unwrap();
+        (buf, n)
+    }
+
     fn retain(spool: &mut Spool, messages: &[NatsMessage]) -> Result<(), SpoolError> {
         let (buf, n) = records(messages);
         spool
@@ -2503,18 +2523,7 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         let mut spool = Spool::open(dir.path(), 1 << 30).unwrap();
         spool.retain(Duration::from_millis(400)).unwrap();
-        let work = dir.path().join("work");
-        fs::create_dir_all(&work).unwrap();
-        fs::write(work.join("a.bin"), b"attachment").unwrap();
-        let mail = MailAppend {
-            work: work.clone(),
-            spool_dir: dir.path().to_owned(),
-            mail_json: b"{}".to_vec(),
-            batch_id: "req-1".into(),
-            reserved: 10,
-        };
-        let mut buf = Vec::new();
-        let n = mail.encode(&mut buf, now_ms()).unwrap();
+        let (buf, n) = encoded_mail(dir.path(), "req-1", &[("a.bin", b"attachment")]);
         assert!(spool.stats().reserve_inbound(10, 1 << 30));
         spool.append_to(vec![(buf, n, Log::Retained)]);
         retain(&mut spool, &[message(1)]).unwrap();
@@ -2548,17 +2557,7 @@ mod tests {
         {
             let mut spool = Spool::open(dir.path(), 1 << 30).unwrap();
             spool.retain(Duration::from_secs(60)).unwrap();
-            let work = dir.path().join("work");
-            fs::create_dir_all(&work).unwrap();
-            let mail = MailAppend {
-                work,
-                spool_dir: dir.path().to_owned(),
-                mail_json: b"{}".to_vec(),
-                batch_id: "req-7".into(),
-                reserved: 0,
-            };
-            let mut buf = Vec::new();
-            let n = mail.encode(&mut buf, now_ms()).unwrap();
+            let (buf, n) = encoded_mail(dir.path(), "req-7", &[]);
             spool.append_to(vec![(buf, n, Log::Retained)]);
         }
         let mut spool = Spool::open(dir.path(), 1 << 30).unwrap();
@@ -2577,18 +2576,7 @@ mod tests {
     fn a_requeued_mail_names_its_directory_in_the_quarantine_and_counts_its_files() {
         let dir = tempfile::tempdir().unwrap();
         let mut spool = Spool::open(dir.path(), 1 << 30).unwrap();
-        let work = dir.path().join("work");
-        fs::create_dir_all(&work).unwrap();
-        fs::write(work.join("a.bin"), b"0123456789").unwrap();
-        let mail = MailAppend {
-            work,
-            spool_dir: dir.path().to_owned(),
-            mail_json: b"{}".to_vec(),
-            batch_id: "req-9".into(),
-            reserved: 10,
-        };
-        let mut buf = Vec::new();
-        let n = mail.encode(&mut buf, now_ms()).unwrap();
+        let (buf, n) = encoded_mail(dir.path(), "req-9", &[("a.bin", b"0123456789")]);
         spool.append(buf, n).unwrap();
         let batch = spool.read(10).unwrap();
         spool.quarantine(&batch, 0, "refused").unwrap();
@@ -2618,17 +2606,7 @@ mod tests {
         let orphan = dir.path().join("mail/req-orphan");
         fs::create_dir_all(&orphan).unwrap();
         fs::write(orphan.join("mail.json"), b"{}").unwrap();
-        let work = dir.path().join("work");
-        fs::create_dir_all(&work).unwrap();
-        let mail = MailAppend {
-            work,
-            spool_dir: dir.path().to_owned(),
-            mail_json: b"{}".to_vec(),
-            batch_id: "req-kept".into(),
-            reserved: 0,
-        };
-        let mut buf = Vec::new();
-        let n = mail.encode(&mut buf, now_ms()).unwrap();
+        let (buf, n) = encoded_mail(dir.path(), "req-kept", &[]);
         spool.append(buf, n).unwrap();
         drop(spool);
 
