@@ -291,6 +291,120 @@ fn verdict(case: &str, answered: &[String], stored: &Stored, extra: &str, log_ta
     );
 }
 
+/// One nats-server and the service in front of it, with its spool and log in a directory of
+/// their own: the stage of every single-node case.
+struct Stage {
+    case: &'static str,
+    started: Instant,
+    nats: NatsServer,
+    settings: &'static [(&'static str, &'static str)],
+    dir: tempfile::TempDir,
+    http: reqwest::Client,
+    service: Service,
+}
+
+impl Stage {
+    /// NATS up, and the service started with `settings` in front of it, ready.
+    async fn start(case: &'static str, settings: &'static [(&'static str, &'static str)]) -> Stage {
+        Stage::serve(case, NatsServer::start().await, settings).await
+    }
+
+    /// The service started with `settings` in front of `nats`, ready.
+    async fn serve(
+        case: &'static str,
+        nats: NatsServer,
+        settings: &'static [(&'static str, &'static str)],
+    ) -> Stage {
+        let dir = tempfile::tempdir().unwrap();
+        let (spool, log) = (dir.path().join("spool"), dir.path().join("service.log"));
+        let http = http_client();
+        let mut service = Service::start_with(&nats.url(), &spool, &log, settings);
+        service.wait_ready(&http).await;
+        Stage {
+            case,
+            started: Instant::now(),
+            nats,
+            settings,
+            dir,
+            http,
+            service,
+        }
+    }
+
+    /// Another process of the service, on the same spool, log and settings (the previous one
+    /// must have exited).
+    fn launch(&self) -> Service {
+        let (spool, log) = (
+            self.dir.path().join("spool"),
+            self.dir.path().join("service.log"),
+        );
+        Service::start_with(&self.nats.url(), &spool, &log, self.settings)
+    }
+
+    /// SIGKILLs the service and waits for it to exit.
+    async fn kill_service(&mut self) {
+        self.service.signal("-KILL");
+        self.service.wait_exit(WAIT).await.expect("SIGKILLed");
+    }
+
+    fn url(&self) -> String {
+        self.service.webhook_url()
+    }
+
+    async fn reader(&self) -> jetstream::Context {
+        reader(&[self.nats.url()]).await
+    }
+
+    /// Waits for every event of `answered` to be in the stream ([`settle`]) and reads it.
+    async fn settle(&self, answered: &[String]) -> Stored {
+        settle(&[self.nats.url()], answered).await
+    }
+
+    /// Prints the figures (`extra` and the wall time among them) and asserts [`verdict`].
+    fn judge(&self, answered: &[String], stored: &Stored, extra: &str) {
+        let extra = format!("{extra} wall={:?}", self.started.elapsed());
+        verdict(
+            self.case,
+            answered,
+            stored,
+            &extra,
+            &self.service.log_tail(),
+        );
+    }
+
+    /// [`Stage::settle`], then [`Stage::judge`].
+    async fn verdict(&self, answered: &[String], extra: &str) {
+        let stored = self.settle(answered).await;
+        self.judge(answered, &stored, extra);
+    }
+}
+
+/// Waits (up to `SETTLE`) until the stream holds at least half of `total` messages and, with
+/// `inside_a_step`, a count that is not a whole number of drain steps (a cut or a kill then
+/// lands in the middle of a step, some of whose messages NATS has acknowledged and some not);
+/// returns the count.
+async fn past_half(js: &jetstream::Context, total: usize, inside_a_step: bool) -> u64 {
+    let half = total as u64 / 2;
+    let deadline = Instant::now() + SETTLE;
+    loop {
+        let count = message_count(js).await.unwrap_or(0);
+        let placed = !inside_a_step || count % DRAIN_STEP != 0;
+        if (count >= half && placed) || Instant::now() >= deadline {
+            return count;
+        }
+        tokio::time::sleep(Duration::from_millis(2)).await;
+    }
+}
+
+/// Asserts that `at` (messages stored at a cut or a kill) lies past half of `total` and short of
+/// all of it.
+fn assert_in_the_middle(case: &str, what: &str, at: u64, total: usize) {
+    assert!(
+        at >= total as u64 / 2 && (at as usize) < total,
+        "{case}: {what} did not land in the middle ({at} of {total} stored)"
+    );
+}
+
 /// When the stream was created (`None` when it cannot be read): a stream the power cut took
 /// away and the service created again has another time.
 async fn stream_created(urls: &[String]) -> Option<String> {
@@ -347,46 +461,36 @@ enum Host {
 
 /// A single nats-server and the service: the last sync, `BATCHES` batches answered `200`,
 /// the power cut, recovery, the verdict.
-async fn single_node(case: &str, sync_at: SyncAt, host: Host) {
-    let started = Instant::now();
-    let mut nats = NatsServer::start().await;
-    let dir = tempfile::tempdir().unwrap();
-    let (spool, log) = (dir.path().join("spool"), dir.path().join("service.log"));
-    let http = http_client();
+async fn single_node(case: &'static str, sync_at: SyncAt, host: Host) {
+    let nats = NatsServer::start().await;
     let early = (sync_at == SyncAt::BeforeStream).then(|| nats.last_sync());
-    let mut service = Service::start(&nats.url(), &spool, &log);
-    service.wait_ready(&http).await;
-    let sync = early.unwrap_or_else(|| nats.last_sync());
-    let answered = answer_batches(&service.webhook_url(), case, 0..BATCHES).await;
-    let created = stream_created(&[nats.url()]).await;
+    let mut stage = Stage::serve(case, nats, &[]).await;
+    let sync = early.unwrap_or_else(|| stage.nats.last_sync());
+    let answered = answer_batches(&stage.url(), case, 0..BATCHES).await;
+    let created = stream_created(&[stage.nats.url()]).await;
 
     match host {
-        Host::Apart => nats.lose_power(&sync).await,
+        Host::Apart => stage.nats.lose_power(&sync).await,
         Host::Shared | Host::SharedServiceFirst => {
-            service.signal("-KILL");
-            nats.power_off(&sync);
-            service.wait_exit(WAIT).await.expect("SIGKILLed");
+            stage.service.signal("-KILL");
+            stage.nats.power_off(&sync);
+            stage.service.wait_exit(WAIT).await.expect("SIGKILLed");
             if host == Host::SharedServiceFirst {
-                service = Service::start(&nats.url(), &spool, &log);
+                stage.service = stage.launch();
                 // Serving (the listener opens without NATS) before NATS is back.
-                wait_for_status(&http, &service.readyz(), 503, WAIT).await;
-                nats.launch().await;
+                wait_for_status(&stage.http, &stage.service.readyz(), 503, WAIT).await;
+                stage.nats.launch().await;
             } else {
-                nats.launch().await;
-                service = Service::start(&nats.url(), &spool, &log);
+                stage.nats.launch().await;
+                stage.service = stage.launch();
             }
         }
     }
 
-    let stored = settle(&[nats.url()], &answered).await;
-    let recreated = check_created(
-        case,
-        sync_at,
-        &created,
-        &stream_created(&[nats.url()]).await,
-    );
-    let extra = format!("{recreated} wall={:?}", started.elapsed());
-    verdict(case, &answered, &stored, &extra, &service.log_tail());
+    let stored = stage.settle(&answered).await;
+    let after = stream_created(&[stage.nats.url()]).await;
+    let recreated = check_created(case, sync_at, &created, &after);
+    stage.judge(&answered, &stored, &recreated);
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -497,69 +601,44 @@ async fn an_r3_stream_lost_with_the_power_of_its_cluster_is_created_again_with_e
 /// not); started again, it must still store every event once.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_service_killed_while_it_publishes_its_log_again_loses_nothing() {
-    let case = "replay_crash";
-    let started = Instant::now();
-    let mut nats = NatsServer::start().await;
-    let dir = tempfile::tempdir().unwrap();
-    let (spool, log) = (dir.path().join("spool"), dir.path().join("service.log"));
-    let http = http_client();
-    let mut service = Service::start(&nats.url(), &spool, &log);
-    service.wait_ready(&http).await;
-    let sync = nats.last_sync();
-    let answered = answer_batches(&service.webhook_url(), case, 0..5 * BATCHES).await;
+    let mut stage = Stage::start("replay_crash", &[]).await;
+    let sync = stage.nats.last_sync();
+    let answered = answer_batches(&stage.url(), stage.case, 0..5 * BATCHES).await;
 
-    nats.lose_power(&sync).await;
+    stage.nats.lose_power(&sync).await;
     // The stream survived empty: what comes into it is the log published again. The kill
     // comes once half of it is back.
-    let js = reader(&[nats.url()]).await;
-    let half = answered.len() as u64 / 2;
-    let deadline = Instant::now() + SETTLE;
-    while message_count(&js).await.unwrap_or(0) < half && Instant::now() < deadline {
-        tokio::time::sleep(Duration::from_millis(5)).await;
-    }
-    service.signal("-KILL");
-    service.wait_exit(WAIT).await.expect("SIGKILLed");
+    let js = stage.reader().await;
+    past_half(&js, answered.len(), false).await;
+    stage.kill_service().await;
     let at_kill = message_count(&js).await.unwrap_or(0);
-    let service = Service::start(&nats.url(), &spool, &log);
+    stage.service = stage.launch();
 
-    let stored = settle(&[nats.url()], &answered).await;
-    let extra = format!(" stored_when_killed={at_kill} wall={:?}", started.elapsed());
-    verdict(case, &answered, &stored, &extra, &service.log_tail());
-    assert!(
-        at_kill >= half && (at_kill as usize) < answered.len(),
-        "{case}: the kill did not land in the middle of the replay ({at_kill} of {} stored)",
-        answered.len()
-    );
+    let extra = format!(" stored_when_killed={at_kill}");
+    stage.verdict(&answered, &extra).await;
+    assert_in_the_middle(stage.case, "the kill", at_kill, answered.len());
 }
 
 /// Batches spooled while NATS was down, published by the drainer once it is back, then lost
 /// with NATS's power: what the drainer published is kept as what was published directly is.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn events_drained_from_the_spool_survive_a_power_cut_after_the_drain() {
-    let case = "drained";
-    let started = Instant::now();
-    let mut nats = NatsServer::start().await;
-    let dir = tempfile::tempdir().unwrap();
-    let (spool, log) = (dir.path().join("spool"), dir.path().join("service.log"));
-    let http = http_client();
-    let mut service = Service::start(&nats.url(), &spool, &log);
-    service.wait_ready(&http).await;
-    let sync = nats.last_sync();
-    nats.stop();
-    let answered = post_batches(&service.webhook_url(), case, 0..BATCHES, Answer::Spooled).await;
-    nats.launch().await;
-    let drained = settle(&[nats.url()], &answered).await;
+    let mut stage = Stage::start("drained", &[]).await;
+    let sync = stage.nats.last_sync();
+    stage.nats.stop();
+    let answered = post_batches(&stage.url(), stage.case, 0..BATCHES, Answer::Spooled).await;
+    stage.nats.launch().await;
+    let drained = stage.settle(&answered).await;
     assert!(
         missing(&drained, &answered).is_empty(),
-        "{case}: the spool was not drained:\n{}",
-        service.log_tail()
+        "{}: the spool was not drained:\n{}",
+        stage.case,
+        stage.service.log_tail()
     );
 
-    nats.lose_power(&sync).await;
+    stage.nats.lose_power(&sync).await;
 
-    let stored = settle(&[nats.url()], &answered).await;
-    let extra = format!(" wall={:?}", started.elapsed());
-    verdict(case, &answered, &stored, &extra, &service.log_tail());
+    stage.verdict(&answered, "").await;
 }
 
 /// NATS loses power while the drainer publishes the spool (batches spooled during an outage),
@@ -567,45 +646,20 @@ async fn events_drained_from_the_spool_survive_a_power_cut_after_the_drain() {
 /// published again, with the rest.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_power_cut_in_the_middle_of_a_drain_loses_nothing() {
-    let case = "drain_cut";
-    let started = Instant::now();
-    let mut nats = NatsServer::start().await;
-    let dir = tempfile::tempdir().unwrap();
-    let (spool, log) = (dir.path().join("spool"), dir.path().join("service.log"));
-    let http = http_client();
-    let mut service = Service::start(&nats.url(), &spool, &log);
-    service.wait_ready(&http).await;
-    let sync = nats.last_sync();
-    nats.stop();
-    let answered = post_batches(
-        &service.webhook_url(),
-        case,
-        0..5 * BATCHES,
-        Answer::Spooled,
-    )
-    .await;
-    nats.launch().await;
-    let js = reader(&[nats.url()]).await;
-    let half = answered.len() as u64 / 2;
-    let deadline = Instant::now() + SETTLE;
-    let at_cut = loop {
-        let count = message_count(&js).await.unwrap_or(0);
-        if (count >= half && count % DRAIN_STEP != 0) || Instant::now() >= deadline {
-            break count;
-        }
-        tokio::time::sleep(Duration::from_millis(2)).await;
-    };
+    let mut stage = Stage::start("drain_cut", &[]).await;
+    let sync = stage.nats.last_sync();
+    stage.nats.stop();
+    let batches = 0..5 * BATCHES;
+    let answered = post_batches(&stage.url(), stage.case, batches, Answer::Spooled).await;
+    stage.nats.launch().await;
+    let at_cut = past_half(&stage.reader().await, answered.len(), true).await;
 
-    nats.lose_power(&sync).await;
+    stage.nats.lose_power(&sync).await;
 
-    let stored = settle(&[nats.url()], &answered).await;
-    let extra = format!(" stored_at_cut={at_cut} wall={:?}", started.elapsed());
-    verdict(case, &answered, &stored, &extra, &service.log_tail());
-    assert!(
-        at_cut >= half && (at_cut as usize) < answered.len(),
-        "{case}: the cut did not land in the middle of the drain ({at_cut} of {})",
-        answered.len()
-    );
+    stage
+        .verdict(&answered, &format!(" stored_at_cut={at_cut}"))
+        .await;
+    assert_in_the_middle(stage.case, "the cut", at_cut, answered.len());
 }
 
 /// The defaults (`duplicate_window` and `spool.retain` both 2 minutes) scaled down to seconds.
@@ -621,28 +675,26 @@ const PAST_RETAIN: Duration = Duration::from_millis(8500);
 /// (scaled) `duplicate_window` when it restarts, where a replay would store them twice.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_restart_of_the_service_alone_stores_nothing_twice() {
-    let case = "restart_service";
-    let started = Instant::now();
-    let nats = NatsServer::start().await;
-    let dir = tempfile::tempdir().unwrap();
-    let (spool, log) = (dir.path().join("spool"), dir.path().join("service.log"));
-    let http = http_client();
-    let mut service = Service::start_with(&nats.url(), &spool, &log, &SCALED);
-    service.wait_ready(&http).await;
-    let url = service.webhook_url();
-    let mut answered = answer_batches(&url, case, 0..BATCHES / 2).await;
-    tokio::time::sleep(PAST_RETAIN).await;
-    answered.extend(answer_batches(&url, case, BATCHES / 2..BATCHES).await);
+    let mut stage = Stage::start("restart_service", &SCALED).await;
+    let answered = answer_across_the_window(&stage).await;
 
-    service.terminate().await;
-    let mut service = Service::start_with(&nats.url(), &spool, &log, &SCALED);
-    service.wait_ready(&http).await;
+    stage.service.terminate().await;
+    stage.service = stage.launch();
+    stage.service.wait_ready(&stage.http).await;
     // Time for a replay, were there one.
     tokio::time::sleep(Duration::from_secs(3)).await;
 
-    let stored = settle(&[nats.url()], &answered).await;
-    let extra = format!(" wall={:?}", started.elapsed());
-    verdict(case, &answered, &stored, &extra, &service.log_tail());
+    stage.verdict(&answered, "").await;
+}
+
+/// Half the batches, then a pause longer than `SCALED`'s retention, then the other half: the
+/// events of the first half are older than the duplicate window when something happens next.
+async fn answer_across_the_window(stage: &Stage) -> Vec<String> {
+    let (url, case) = (stage.url(), stage.case);
+    let mut answered = answer_batches(&url, case, 0..BATCHES / 2).await;
+    tokio::time::sleep(PAST_RETAIN).await;
+    answered.extend(answer_batches(&url, case, BATCHES / 2..BATCHES).await);
+    answered
 }
 
 /// A quick restart of nats-server alone, its store intact (an upgrade): the service cannot
@@ -652,27 +704,15 @@ async fn a_restart_of_the_service_alone_stores_nothing_twice() {
 /// answered longer ago than that when NATS stops, half just before.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_quick_restart_of_nats_alone_stores_nothing_twice() {
-    let case = "restart_nats";
-    let started = Instant::now();
-    let mut nats = NatsServer::start().await;
-    let dir = tempfile::tempdir().unwrap();
-    let (spool, log) = (dir.path().join("spool"), dir.path().join("service.log"));
-    let http = http_client();
-    let mut service = Service::start_with(&nats.url(), &spool, &log, &SCALED);
-    service.wait_ready(&http).await;
-    let url = service.webhook_url();
-    let mut answered = answer_batches(&url, case, 0..BATCHES / 2).await;
-    tokio::time::sleep(PAST_RETAIN).await;
-    answered.extend(answer_batches(&url, case, BATCHES / 2..BATCHES).await);
+    let mut stage = Stage::start("restart_nats", &SCALED).await;
+    let answered = answer_across_the_window(&stage).await;
 
-    nats.restart().await;
-    service.wait_ready(&http).await;
+    stage.nats.restart().await;
+    stage.service.wait_ready(&stage.http).await;
     // Time for the replay, which NATS de-duplicates whole.
     tokio::time::sleep(Duration::from_secs(3)).await;
 
-    let stored = settle(&[nats.url()], &answered).await;
-    let extra = format!(" wall={:?}", started.elapsed());
-    verdict(case, &answered, &stored, &extra, &service.log_tail());
+    stage.verdict(&answered, "").await;
 }
 
 /// A restart of nats-server alone, its store intact (an upgrade), under steady load: the
@@ -685,36 +725,23 @@ async fn a_quick_restart_of_nats_alone_stores_nothing_twice() {
 /// reconnection, the replay's own publishing).
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_restart_of_nats_alone_under_load_loses_nothing() {
-    let case = "restart_nats_load";
-    let started = Instant::now();
-    let mut nats = NatsServer::start().await;
-    let dir = tempfile::tempdir().unwrap();
-    let (spool, log) = (dir.path().join("spool"), dir.path().join("service.log"));
-    let http = http_client();
-    let mut service = Service::start_with(&nats.url(), &spool, &log, &SCALED);
-    service.wait_ready(&http).await;
-    let stop = Arc::new(AtomicBool::new(false));
+    let mut stage = Stage::start("restart_nats_load", &SCALED).await;
+    let case = stage.case;
     let load = Instant::now();
-    let senders: Vec<_> = (0..1)
-        .map(|s| tokio::spawn(send_until(service.webhook_url(), case, s, stop.clone())))
-        .collect();
+    let senders = Senders::start(&stage, 1);
 
     // Longer than the window, so its oldest records are older than the duplicate window.
     tokio::time::sleep(PAST_RETAIN).await;
     let down = Instant::now();
-    nats.stop();
+    stage.nats.stop();
     tokio::time::sleep(Duration::from_millis(500)).await;
-    nats.launch().await;
+    stage.nats.launch().await;
     let down = down.elapsed();
     tokio::time::sleep(Duration::from_secs(2)).await;
-    stop.store(true, Ordering::Release);
+    let answered = senders.stop().await.answered;
     let load = load.elapsed();
-    let mut answered = Vec::new();
-    for sender in senders {
-        answered.extend(sender.await.unwrap().answered);
-    }
 
-    let stored = settle(&[nats.url()], &answered).await;
+    let stored = stage.settle(&answered).await;
     let missing = missing(&stored, &answered);
     let duplicates = duplicates(&stored);
     // Events answered per second over the whole load (a lower bound of the rate before the
@@ -728,9 +755,9 @@ async fn a_restart_of_nats_alone_under_load_loses_nothing() {
         answered.len() - missing.len(),
         duplicates,
         stored.messages,
-        started.elapsed()
+        stage.started.elapsed()
     );
-    let tail = service.log_tail();
+    let tail = stage.service.log_tail();
     assert!(
         missing.is_empty(),
         "{case}: {} events answered 200 are not in the stream:\n{tail}",
@@ -746,67 +773,33 @@ const DRAIN_STEP: u64 = 512;
 /// still bring back everything, the part of that step NATS had acknowledged included.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_second_power_cut_during_the_replay_loses_nothing() {
-    let case = "double_cut";
-    let started = Instant::now();
-    let mut nats = NatsServer::start().await;
-    let dir = tempfile::tempdir().unwrap();
-    let (spool, log) = (dir.path().join("spool"), dir.path().join("service.log"));
-    let http = http_client();
-    let mut service = Service::start(&nats.url(), &spool, &log);
-    service.wait_ready(&http).await;
-    let sync = nats.last_sync();
-    let answered = answer_batches(&service.webhook_url(), case, 0..5 * BATCHES).await;
+    let mut stage = Stage::start("double_cut", &[]).await;
+    let sync = stage.nats.last_sync();
+    let answered = answer_batches(&stage.url(), stage.case, 0..5 * BATCHES).await;
 
-    nats.lose_power(&sync).await;
-    let js = reader(&[nats.url()]).await;
-    let half = answered.len() as u64 / 2;
-    // Half of it back, and the cut in the middle of a drain step (README: 512 messages), some
-    // of whose messages NATS has acknowledged and some not.
-    let deadline = Instant::now() + SETTLE;
-    let at_second_cut = loop {
-        let count = message_count(&js).await.unwrap_or(0);
-        if (count >= half && count % DRAIN_STEP != 0) || Instant::now() >= deadline {
-            break count;
-        }
-        tokio::time::sleep(Duration::from_millis(2)).await;
-    };
-    nats.lose_power(&sync).await;
+    stage.nats.lose_power(&sync).await;
+    // Half of it back, and the cut in the middle of a drain step (README: 512 messages).
+    let at_second_cut = past_half(&stage.reader().await, answered.len(), true).await;
+    stage.nats.lose_power(&sync).await;
 
-    let stored = settle(&[nats.url()], &answered).await;
-    let extra = format!(
-        " stored_at_second_cut={at_second_cut} wall={:?}",
-        started.elapsed()
-    );
-    verdict(case, &answered, &stored, &extra, &service.log_tail());
-    assert!(
-        at_second_cut >= half && (at_second_cut as usize) < answered.len(),
-        "{case}: the second cut did not land in the middle of the replay ({at_second_cut} of {})",
-        answered.len()
-    );
+    let extra = format!(" stored_at_second_cut={at_second_cut}");
+    stage.verdict(&answered, &extra).await;
+    assert_in_the_middle(stage.case, "the second cut", at_second_cut, answered.len());
 }
 
 /// NATS stays down (after its power cut) longer than `spool.retain`: what it acknowledged
 /// before is kept until it is published again, however long the outage.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn an_outage_longer_than_the_retention_loses_nothing() {
-    let case = "long_outage";
-    let started = Instant::now();
-    let mut nats = NatsServer::start().await;
-    let dir = tempfile::tempdir().unwrap();
-    let (spool, log) = (dir.path().join("spool"), dir.path().join("service.log"));
-    let http = http_client();
-    let mut service = Service::start_with(&nats.url(), &spool, &log, &[("SPOOL__RETAIN", "2s")]);
-    service.wait_ready(&http).await;
-    let sync = nats.last_sync();
-    let answered = answer_batches(&service.webhook_url(), case, 0..BATCHES).await;
+    let mut stage = Stage::start("long_outage", &[("SPOOL__RETAIN", "2s")]).await;
+    let sync = stage.nats.last_sync();
+    let answered = answer_batches(&stage.url(), stage.case, 0..BATCHES).await;
 
-    nats.power_off(&sync);
+    stage.nats.power_off(&sync);
     tokio::time::sleep(Duration::from_secs(4)).await;
-    nats.launch().await;
+    stage.nats.launch().await;
 
-    let stored = settle(&[nats.url()], &answered).await;
-    let extra = format!(" wall={:?}", started.elapsed());
-    verdict(case, &answered, &stored, &extra, &service.log_tail());
+    stage.verdict(&answered, "").await;
 }
 
 /// Requests keep coming while NATS loses power and comes back: the last sync and the cut both
@@ -814,39 +807,47 @@ async fn an_outage_longer_than_the_retention_loses_nothing() {
 /// (spooled), some while the log is published again. Every one answered `200` is stored once.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn every_event_answered_200_under_load_survives_a_power_cut() {
-    let case = "under_load";
-    let started = Instant::now();
-    let mut nats = NatsServer::start().await;
-    let dir = tempfile::tempdir().unwrap();
-    let (spool, log) = (dir.path().join("spool"), dir.path().join("service.log"));
-    let http = http_client();
-    let mut service = Service::start(&nats.url(), &spool, &log);
-    service.wait_ready(&http).await;
-    let stop = Arc::new(AtomicBool::new(false));
-    let senders: Vec<_> = (0..3)
-        .map(|s| tokio::spawn(send_until(service.webhook_url(), case, s, stop.clone())))
-        .collect();
+    let mut stage = Stage::start("under_load", &[]).await;
+    let senders = Senders::start(&stage, 3);
 
     tokio::time::sleep(Duration::from_secs(1)).await;
-    let sync = nats.last_sync();
+    let sync = stage.nats.last_sync();
     tokio::time::sleep(Duration::from_secs(1)).await;
-    nats.lose_power(&sync).await;
+    stage.nats.lose_power(&sync).await;
     tokio::time::sleep(Duration::from_secs(2)).await;
-    stop.store(true, Ordering::Release);
-    let (mut answered, mut spooled, mut refused) = (Vec::new(), 0, 0);
-    for sender in senders {
-        let sent = sender.await.unwrap();
-        answered.extend(sent.answered);
-        spooled += sent.spooled;
-        refused += sent.refused;
+    let sent = senders.stop().await;
+
+    let extra = format!(" spooled_batches={} not_200={}", sent.spooled, sent.refused);
+    stage.verdict(&sent.answered, &extra).await;
+}
+
+/// Senders posting batches one after another to the stage's service, until stopped.
+struct Senders {
+    stop: Arc<AtomicBool>,
+    tasks: Vec<tokio::task::JoinHandle<Sent>>,
+}
+
+impl Senders {
+    fn start(stage: &Stage, senders: usize) -> Senders {
+        let stop = Arc::new(AtomicBool::new(false));
+        let tasks = (0..senders)
+            .map(|s| tokio::spawn(send_until(stage.url(), stage.case, s, stop.clone())))
+            .collect();
+        Senders { stop, tasks }
     }
 
-    let stored = settle(&[nats.url()], &answered).await;
-    let extra = format!(
-        " spooled_batches={spooled} not_200={refused} wall={:?}",
-        started.elapsed()
-    );
-    verdict(case, &answered, &stored, &extra, &service.log_tail());
+    /// Stops them and adds up what they saw.
+    async fn stop(self) -> Sent {
+        self.stop.store(true, Ordering::Release);
+        let mut all = Sent::default();
+        for task in self.tasks {
+            let sent = task.await.unwrap();
+            all.answered.extend(sent.answered);
+            all.spooled += sent.spooled;
+            all.refused += sent.refused;
+        }
+        all
+    }
 }
 
 /// What one sender saw: the keys of the events answered `200` (published or spooled), how
@@ -1007,14 +1008,15 @@ async fn settle_mails(js: &jetstream::Context, case: &str, files: &[[Vec<u8>; 2]
 
 /// `MAILS` mails with two attachments each, answered `200` after the last sync (published
 /// directly, or spooled while NATS was down and drained once it was back), then the power cut.
-async fn mails_case(case: &str, answer: Answer) {
-    let started = Instant::now();
-    let mut nats = NatsServer::start().await;
-    let dir = tempfile::tempdir().unwrap();
-    let (spool, log) = (dir.path().join("spool"), dir.path().join("service.log"));
-    let http = http_client();
-    let mut service = Service::start(&nats.url(), &spool, &log);
-    service.wait_ready(&http).await;
+async fn mails_case(case: &'static str, answer: Answer) {
+    let stage = Stage::start(case, &[]).await;
+    let Stage {
+        started,
+        mut nats,
+        http,
+        service,
+        ..
+    } = stage;
     let sync = nats.last_sync();
     if answer == Answer::Spooled {
         nats.stop();
@@ -1091,24 +1093,18 @@ async fn mails_drained_from_the_spool_survive_a_power_cut_after_the_drain() {
 /// syncs: the power cut loses what it had not synced (README, "What `200` means").
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn with_the_spool_off_a_power_cut_loses_events_answered_200() {
-    let case = "no_spool";
-    let mut nats = NatsServer::start().await;
-    let dir = tempfile::tempdir().unwrap();
-    let (spool, log) = (dir.path().join("spool"), dir.path().join("service.log"));
-    let http = http_client();
-    let mut service =
-        Service::start_with(&nats.url(), &spool, &log, &[("SPOOL__ENABLED", "false")]);
-    service.wait_ready(&http).await;
-    let sync = nats.last_sync();
-    let answered = answer_batches(&service.webhook_url(), case, 0..BATCHES / 4).await;
+    let mut stage = Stage::start("no_spool", &[("SPOOL__ENABLED", "false")]).await;
+    let (case, sync) = (stage.case, stage.nats.last_sync());
+    let answered = answer_batches(&stage.url(), case, 0..BATCHES / 4).await;
 
-    nats.lose_power(&sync).await;
-    service.wait_ready(&http).await;
+    stage.nats.lose_power(&sync).await;
+    stage.service.wait_ready(&stage.http).await;
     // Time for anything the service might publish again (it has nothing to publish from).
     tokio::time::sleep(Duration::from_secs(2)).await;
 
-    let js = reader(&[nats.url()]).await;
-    let stored = read_stream(&js, STREAM).await.unwrap_or_default();
+    let stored = read_stream(&stage.reader().await, STREAM)
+        .await
+        .unwrap_or_default();
     let lost = missing(&stored, &answered).len();
     println!(
         "case={case} answered={} stored={} duplicates={}",
