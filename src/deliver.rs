@@ -37,7 +37,7 @@ use crate::budget::Permit;
 use crate::inbound::store::InboundSink;
 use crate::inbound::Mail;
 use crate::metrics;
-use crate::publish::{publish_run, Oversized, Progress, Publish, PublishError};
+use crate::publish::{publish_run, Oversized, Progress, Publish, PublishError, StoredMark};
 use crate::spool::{
     encode_record, MailAppend, ReadBatch, Records, SpoolError, SpoolHandle, WRITE_PIECE,
 };
@@ -881,12 +881,57 @@ impl std::fmt::Debug for Delivery {
 
 /// How often the retained log is looked after.
 const KEEP_EVERY: Duration = Duration::from_secs(1);
+/// How many times a new server is asked whether it holds the last stored mark before the
+/// whole window is published again (it may have no stream leader yet), `KEEP_EVERY` apart.
+const HOLDS_TRIES: usize = 5;
+/// Added to `nats.publish_timeout` before a stored mark (see [`events_kept_until`]): time
+/// for an acknowledgement to reach the publisher and be noted.
+const MARK_MARGIN: Duration = Duration::from_secs(2);
+
+/// From when event records must be published again after a restart of the server, given
+/// `mark`, the latest message a server seen before was known to have stored. A power cut
+/// rolls a store back to a moment, keeping a prefix of the stream: if the stream still holds
+/// `mark`'s message at its sequence, it kept every message stored before it, and only those
+/// stored after it can be lost. Each of those was written to the log (or copied there by the
+/// drainer) at most `nats.publish_timeout` before its acknowledgement, which came after
+/// `mark`'s: so the records stamped from `mark` less that timeout (and [`MARK_MARGIN`]) on
+/// cover them. `0` (every record in the window) when there is no mark, when the stream does
+/// not hold it (lost, another message at its sequence, the stream gone), or when the server
+/// cannot tell within [`HOLDS_TRIES`] tries.
+async fn events_kept_until<P: Publish>(
+    publisher: &P,
+    mark: Option<&StoredMark>,
+    stop: &mut watch::Receiver<bool>,
+) -> u64 {
+    let Some(mark) = mark else {
+        return 0;
+    };
+    for _ in 0..HOLDS_TRIES {
+        match publisher.stream_holds(mark).await {
+            Ok(true) => {
+                let slack = publisher.timeout() + MARK_MARGIN;
+                return mark.at_ms.saturating_sub(slack.as_millis() as u64);
+            }
+            Ok(false) => return 0,
+            Err(e) => {
+                tracing::debug!(error = %e, sequence = mark.sequence, "cannot tell yet whether the stream holds the last stored message");
+                sleep_or_stop(KEEP_EVERY, stop).await;
+                if *stop.borrow() {
+                    return 0;
+                }
+            }
+        }
+    }
+    0
+}
 
 /// Looks after the retained log until `stop` turns true: while NATS is connected, notes it
 /// (the log's heartbeat) and deletes what NATS can no longer lose; when the connection is to
 /// a server process never seen before (a server started since, which is what a power cut
-/// looks like from here), publishes again what NATS acknowledged in the `spool.retain` before
-/// it was last seen, since it may have lost it (`Nats-Msg-Id` drops what it kept). At start-up the last server seen is the earlier run's
+/// looks like from here), publishes again what NATS may have lost of what it acknowledged in
+/// the `spool.retain` before it was last seen (`Nats-Msg-Id` drops what it kept): the event
+/// records acknowledged after the last message the stream is found to hold
+/// ([`events_kept_until`]), or all of them, and the mails of the whole window. At start-up the last server seen is the earlier run's
 /// (the heartbeat), so a service restart in front of the same NATS process replays nothing,
 /// and a restart of both replays what the earlier run had not seen synced. Never while
 /// disconnected: records acknowledged just before an outage stay until they are replayed.
@@ -900,9 +945,13 @@ pub async fn keep_retained<P: Publish>(
     // everything retained is published again at the first connection.
     let mut seen = std::collections::HashSet::new();
     let mut seen_at = 0;
-    if let Some((at, id)) = spool.last_connected() {
-        seen.insert(id);
-        seen_at = at;
+    // The latest message a server seen before is known to have stored (see
+    // `events_kept_until`).
+    let mut mark: Option<StoredMark> = None;
+    if let Some(heartbeat) = spool.last_connected() {
+        seen.insert(heartbeat.server);
+        seen_at = heartbeat.at_ms;
+        mark = heartbeat.mark;
     }
     loop {
         if *stop.borrow() {
@@ -922,13 +971,15 @@ pub async fn keep_retained<P: Publish>(
             // non-empty (which would send the batches of that moment behind it).
             let anything = spool.stats().retained_bytes() > 0;
             if anything && restarted {
-                match spool.replay_retained(seen_at).await {
+                let events_since = events_kept_until(&publisher, mark.as_ref(), &mut stop).await;
+                match spool.replay_retained(seen_at, events_since).await {
                     Ok(replayed) => {
                         metrics::retained_replayed(replayed);
                         if replayed > 0 {
                             tracing::warn!(
                                 messages = replayed,
-                                "NATS is not the server last seen (it restarted, or the connection moved): what it acknowledged in the spool.retain before it was last seen is published again, in case it was lost"
+                                stream_kept_the_last_stored_message = events_since > 0,
+                                "NATS is a server process not seen before (it restarted, or the connection moved): what it may have lost of what it acknowledged before it was last seen is published again"
                             );
                         }
                     }
@@ -940,7 +991,15 @@ pub async fn keep_retained<P: Publish>(
                 }
             }
             seen_at = crate::spool::now_ms();
-            spool.connected_now(&now);
+            // The publisher's latest mark is this server's only if the connection is still on
+            // it once the mark is read: a server that took over meanwhile has its INFO taken in
+            // before any of its acknowledgements, and a mark of its own would pass its own
+            // check after a restart of the one before.
+            let latest = publisher.last_stored();
+            if latest.is_some() && publisher.server_id().as_deref() == Some(now.as_str()) {
+                mark = latest;
+            }
+            spool.connected_now(&now, mark.clone());
             seen.insert(now);
         }
         metrics::retained_bytes(spool.stats().retained_bytes());
@@ -1098,6 +1157,41 @@ mod tests {
                 assert!(Instant::now() < until, "the keeper did not start");
                 tokio::time::sleep(Duration::from_millis(10)).await;
             }
+        }
+
+        /// Waits until the keeper's heartbeat names a stored message at `sequence` or later
+        /// (the latest it knows the server it sees has stored).
+        async fn wait_marked(&self, sequence: u64) {
+            let heartbeat = self._dir.path().join("retained/connected");
+            let until = Instant::now() + Duration::from_secs(10);
+            loop {
+                let text = std::fs::read_to_string(&heartbeat).unwrap_or_default();
+                let marked = text.split(' ').nth(2).and_then(|s| s.parse::<u64>().ok());
+                if marked.is_some_and(|marked| marked >= sequence) {
+                    return;
+                }
+                assert!(
+                    Instant::now() < until,
+                    "no mark of message {sequence}: {text:?}"
+                );
+                tokio::time::sleep(Duration::from_millis(10)).await;
+            }
+        }
+
+        /// Waits until `sent` messages have been sent and the spool is empty, then a while
+        /// longer, for anything more to show.
+        async fn wait_sent_and_settled(&self, sent: usize) {
+            let spool = self.spool.as_ref().unwrap();
+            let until = Instant::now() + Duration::from_secs(5);
+            while self.fake.sent() < sent || !spool.stats().is_empty() {
+                assert!(
+                    Instant::now() < until,
+                    "sent {} of {sent}",
+                    self.fake.sent()
+                );
+                tokio::time::sleep(Duration::from_millis(20)).await;
+            }
+            tokio::time::sleep(Duration::from_millis(1200)).await;
         }
 
         async fn wait_drained(&self) {
@@ -1785,6 +1879,63 @@ mod tests {
         tokio::time::sleep(Duration::from_millis(1500)).await;
 
         assert_eq!(r.fake.sent(), 10, "a server seen before got a replay");
+        let _ = stop.send(true);
+        keeper.await.unwrap();
+    }
+
+    /// Batch `a`, then, once `a` is older than the slack a stored mark allows, batch `b`, whose
+    /// last message the keeper then notes as stored (sequence 10); then a restart of the server
+    /// (a new id).
+    async fn two_batches_then_a_restart(r: &Rig, lose_after: Option<usize>) {
+        r.deliver(batch("a", 5)).await.unwrap();
+        tokio::time::sleep(TIMEOUT + MARK_MARGIN + Duration::from_millis(300)).await;
+        r.deliver(batch("b", 5)).await.unwrap();
+        r.wait_marked(10).await;
+        if let Some(kept) = lose_after {
+            r.fake.lose_after(kept);
+        }
+        r.fake.set_server_id("restarted");
+    }
+
+    /// After a restart, a stream that still holds the last message the keeper knew stored
+    /// kept everything before it: only the events acknowledged after it (less the publish
+    /// timeout and a margin) are published again, not the whole window.
+    #[tokio::test]
+    async fn a_restart_that_kept_the_last_stored_message_replays_only_what_came_after_it() {
+        let r = retaining_rig();
+        let spool = r.spool.clone().unwrap();
+        let (stop, stopped) = watch::channel(false);
+        let keeper = tokio::spawn(keep_retained(spool.clone(), r.fake.clone(), stopped));
+        r.wait_kept().await;
+        let _drain = r.start_drain();
+
+        two_batches_then_a_restart(&r, None).await;
+
+        r.wait_sent_and_settled(15).await;
+        assert_eq!(r.fake.sent(), 15, "b alone is published again");
+        assert_eq!(r.fake.duplicates(), 5);
+        let _ = stop.send(true);
+        keeper.await.unwrap();
+    }
+
+    /// The same restart with the stream no longer holding that message (it lost what came
+    /// after its last sync): the whole window is published again, and what was lost is
+    /// stored again, once.
+    #[tokio::test]
+    async fn a_restart_that_lost_the_last_stored_message_replays_the_whole_window() {
+        let r = retaining_rig();
+        let spool = r.spool.clone().unwrap();
+        let (stop, stopped) = watch::channel(false);
+        let keeper = tokio::spawn(keep_retained(spool.clone(), r.fake.clone(), stopped));
+        r.wait_kept().await;
+        let _drain = r.start_drain();
+
+        two_batches_then_a_restart(&r, Some(7)).await;
+
+        r.wait_sent_and_settled(20).await;
+        assert_eq!(r.fake.sent(), 20, "a and b are published again");
+        assert_eq!(r.fake.stored().len(), 10, "every message stored once");
+        assert_eq!(r.fake.duplicates(), 7);
         let _ = stop.send(true);
         keeper.await.unwrap();
     }

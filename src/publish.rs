@@ -29,7 +29,7 @@ use crate::objects::{self, ObjectFailure};
 pub use crate::objects::{BucketSpec, ObjectMeta, StoredObject};
 use crate::settings::NatsSettings;
 use crate::webhook::{Outgoing, OutgoingBatch};
-pub use crate::wire::NatsMessage;
+pub use crate::wire::{NatsMessage, StoredMark};
 use tokio::io::AsyncRead;
 
 /// The acknowledgement of one message.
@@ -37,6 +37,8 @@ use tokio::io::AsyncRead;
 pub struct Ack {
     /// JetStream already stored a message with this `Nats-Msg-Id`.
     pub duplicate: bool,
+    /// Where the stream stored it (0 in core mode).
+    pub sequence: u64,
 }
 
 /// The future of one message's acknowledgement, boxed (the in-memory fake's).
@@ -83,6 +85,21 @@ pub trait Publish: Clone + Send + Sync + 'static {
     /// Resolves when the connection is next (re-)established (never, where nothing tells).
     fn reconnected(&self) -> impl Future<Output = ()> + Send {
         std::future::pending()
+    }
+    /// Told of the last message of every publication JetStream acknowledged in full (once per
+    /// publication, not per message).
+    fn note_stored(&self, _sequence: u64, _msg_id: &str) {}
+    /// The latest message [`Publish::note_stored`] was told of, with when.
+    fn last_stored(&self) -> Option<StoredMark> {
+        None
+    }
+    /// Whether the stream still holds `mark`'s message at its sequence (false when it holds
+    /// another there, or nothing, or the stream is gone).
+    fn stream_holds(
+        &self,
+        _mark: &StoredMark,
+    ) -> impl Future<Output = Result<bool, PublishError>> + Send {
+        std::future::ready(Ok(false))
     }
 
     /// Whether the connection is up, whatever the stream's state (the inbound path stores
@@ -262,6 +279,7 @@ impl Future for NatsAck {
         js.ack.as_mut().poll(cx).map(|ack| {
             ack.map(|ack| Ack {
                 duplicate: ack.duplicate,
+                sequence: ack.sequence,
             })
             .map_err(|e| map_error(e, js.index, js.timeout, js.max_payload))
         })
@@ -287,6 +305,8 @@ pub struct Publisher {
     dead_letter: Option<Arc<crate::subject::SubjectTemplate>>,
     /// The connection's health as its events tell it (last failure, denied subjects).
     health: Arc<Health>,
+    /// The latest message JetStream acknowledged ([`Publish::note_stored`]).
+    last_stored: Arc<std::sync::Mutex<Option<StoredMark>>>,
 }
 
 impl Publisher {
@@ -305,6 +325,7 @@ impl Publisher {
             settings: Arc::new(settings.clone()),
             dead_letter: None,
             health,
+            last_stored: Arc::default(),
         })
     }
 
@@ -527,6 +548,68 @@ impl Publish for Arc<Publisher> {
         self.health.reconnected().await
     }
 
+    fn note_stored(&self, sequence: u64, msg_id: &str) {
+        // Never waits: a publication that finds another noting skips it, and the mark is a
+        // little older (which only makes a replay longer).
+        let Ok(mut last) = self.last_stored.try_lock() else {
+            return;
+        };
+        let at_ms = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map_or(0, |d| d.as_millis() as u64);
+        match &mut *last {
+            Some(mark) => {
+                mark.sequence = sequence;
+                mark.msg_id.clear();
+                mark.msg_id.push_str(msg_id);
+                mark.at_ms = at_ms;
+            }
+            None => {
+                *last = Some(StoredMark {
+                    sequence,
+                    msg_id: msg_id.to_owned(),
+                    at_ms,
+                })
+            }
+        }
+    }
+
+    fn last_stored(&self) -> Option<StoredMark> {
+        self.last_stored.lock().ok()?.clone()
+    }
+
+    async fn stream_holds(&self, mark: &StoredMark) -> Result<bool, PublishError> {
+        let Some(js) = &self.jetstream else {
+            return Ok(false);
+        };
+        let name = &self.settings.stream.name;
+        let look = async {
+            // A handle only: no request is made until the message is asked for.
+            let stream = js
+                .get_stream_no_info(name.as_str())
+                .await
+                .map_err(|e| PublishError::NoStream(Box::new(e)))?;
+            match stream.get_raw_message(mark.sequence).await {
+                Ok(message) => Ok(message
+                    .headers
+                    .get("Nats-Msg-Id")
+                    .is_some_and(|id| id.as_str() == mark.msg_id)),
+                Err(e) => match e.kind() {
+                    jetstream::stream::RawMessageErrorKind::NoMessageFound => Ok(false),
+                    jetstream::stream::RawMessageErrorKind::JetStream(api)
+                        if api.error_code() == jetstream::ErrorCode::STREAM_NOT_FOUND =>
+                    {
+                        Ok(false)
+                    }
+                    _ => Err(PublishError::NoStream(Box::new(e))),
+                },
+            }
+        };
+        tokio::time::timeout(self.timeout, look)
+            .await
+            .unwrap_or(Err(PublishError::Timeout(self.timeout)))
+    }
+
     type Bucket = objects::Bucket;
 
     async fn open_bucket(&self, spec: &BucketSpec) -> Result<objects::Bucket, PublishError> {
@@ -652,6 +735,10 @@ pub async fn publish_run<P: Publish, S: Source + ?Sized>(
     // A denial pinned on message `k`: the messages before it are still acknowledged first.
     let mut denied: Option<(usize, PublishError)> = None;
     let confirms_each = publisher.confirms_each();
+    // The last message's `Nats-Msg-Id` and the sequence of the last acknowledgement: noted
+    // once the whole run is acknowledged (see `Publish::note_stored`).
+    let mut last_id: Option<String> = None;
+    let mut last_sequence = 0;
     let work = async {
         // One watch over denials for the whole run, not one per message.
         let mut mark = publisher.denial_mark();
@@ -673,7 +760,7 @@ pub async fn publish_run<P: Publish, S: Source + ?Sized>(
             while let Some(ack) = acks.front_mut().and_then(|ack| ack.now_or_never()) {
                 acks.pop_front();
                 match ack {
-                    Ok(ack) => count(&mut done, ack),
+                    Ok(ack) => count(&mut done, &mut last_sequence, ack),
                     Err(error) => {
                         failed = Some((done.acked, error));
                         return;
@@ -687,6 +774,12 @@ pub async fn publish_run<P: Publish, S: Source + ?Sized>(
                 let end = n.min(next + (window - acks.len())).min(next + SEND_CHUNK);
                 chunk.extend((next..end).map(&mut build));
                 for message in chunk.drain(..) {
+                    if next + 1 == n && confirms_each {
+                        last_id = message
+                            .headers
+                            .get("Nats-Msg-Id")
+                            .map(|id| id.as_str().to_owned());
+                    }
                     let place = match subjects.iter().position(|s| *s == message.subject) {
                         Some(place) => place,
                         None => {
@@ -721,7 +814,7 @@ pub async fn publish_run<P: Publish, S: Source + ?Sized>(
             match event {
                 Ok(Ok(ack)) => {
                     acks.pop_front();
-                    count(&mut done, ack);
+                    count(&mut done, &mut last_sequence, ack);
                 }
                 Ok(Err(error)) => {
                     failed = Some((done.acked, error));
@@ -764,7 +857,12 @@ pub async fn publish_run<P: Publish, S: Source + ?Sized>(
         failed = Some((done.acked, PublishError::Timeout(timeout)));
     }
     match failed {
-        None => Ok(done),
+        None => {
+            if let (Some(id), true) = (&last_id, last_sequence > 0) {
+                publisher.note_stored(last_sequence, id);
+            }
+            Ok(done)
+        }
         Some((at, error)) => {
             publisher.failed(&error);
             if !confirms_each {
@@ -784,9 +882,10 @@ pub async fn publish_run<P: Publish, S: Source + ?Sized>(
     }
 }
 
-fn count(done: &mut Progress, ack: Ack) {
+fn count(done: &mut Progress, last_sequence: &mut u64, ack: Ack) {
     done.acked += 1;
     done.duplicates += usize::from(ack.duplicate);
+    *last_sequence = ack.sequence;
 }
 
 /// A message as handed to the NATS client, which takes ownership of its parts.
@@ -1023,7 +1122,7 @@ pub(crate) mod fake {
     use tokio::io::{AsyncRead, AsyncReadExt};
 
     use super::{Ack, AckFuture, BucketSpec, ObjectMeta, Oversized, Publish, PublishError};
-    use super::{Outbound, StoredObject};
+    use super::{Outbound, StoredMark, StoredObject};
 
     /// What happens to one sent message.
     #[derive(Debug, Clone, Copy)]
@@ -1078,6 +1177,7 @@ pub(crate) mod fake {
         server_id: Option<String>,
         /// The id of each message in `stored`.
         stored_ids: Vec<String>,
+        last_stored: Option<StoredMark>,
     }
 
     #[derive(Debug, Clone)]
@@ -1113,6 +1213,7 @@ pub(crate) mod fake {
                     bucket_missing: false,
                     server_id: Some("first".into()),
                     stored_ids: Vec::new(),
+                    last_stored: None,
                 })),
                 Arc::default(),
                 Arc::default(),
@@ -1218,15 +1319,23 @@ pub(crate) mod fake {
         }
 
         /// Stores the message (once per id); whether it was a duplicate.
-        fn store(&self, id: String, label: String) -> bool {
+        /// Stores the message (or finds it stored: a duplicate), as its acknowledgement says.
+        fn store(&self, id: String, label: String) -> Ack {
             let mut s = self.state();
             if s.ids.insert(id.clone()) || s.core {
                 s.stored.push(label);
                 s.stored_ids.push(id);
-                false
+                Ack {
+                    duplicate: false,
+                    sequence: s.stored_ids.len() as u64,
+                }
             } else {
                 s.duplicates += 1;
-                true
+                let at = s.stored_ids.iter().position(|stored| *stored == id);
+                Ack {
+                    duplicate: true,
+                    sequence: at.map_or(0, |at| at as u64 + 1),
+                }
             }
         }
     }
@@ -1243,6 +1352,28 @@ pub(crate) mod fake {
 
         fn server_id(&self) -> Option<String> {
             self.state().server_id.clone()
+        }
+
+        fn note_stored(&self, sequence: u64, msg_id: &str) {
+            let at_ms = crate::spool::now_ms();
+            self.state().last_stored = Some(StoredMark {
+                sequence,
+                msg_id: msg_id.to_owned(),
+                at_ms,
+            });
+        }
+
+        fn last_stored(&self) -> Option<StoredMark> {
+            self.state().last_stored.clone()
+        }
+
+        async fn stream_holds(&self, mark: &StoredMark) -> Result<bool, PublishError> {
+            let s = self.state();
+            if !s.ready {
+                return Err(PublishError::NotConnected);
+            }
+            let at = (mark.sequence as usize).checked_sub(1);
+            Ok(at.and_then(|at| s.stored_ids.get(at)) == Some(&mark.msg_id))
         }
 
         async fn reconnected(&self) {
@@ -1295,8 +1426,8 @@ pub(crate) mod fake {
             tokio::task::yield_now().await;
             match step {
                 Step::Ack => {
-                    let duplicate = self.store(id, label);
-                    Ok(Box::pin(async move { Ok(Ack { duplicate }) }))
+                    let ack = self.store(id, label);
+                    Ok(Box::pin(async move { Ok(ack) }))
                 }
                 Step::AckAfter(delay) => {
                     // Due from the send, as a server's answer is, however late it is polled.
@@ -1310,8 +1441,7 @@ pub(crate) mod fake {
                     Ok(Box::pin(async move {
                         tokio::time::sleep_until(due).await;
                         this.state().outstanding -= 1;
-                        let duplicate = this.store(id, label);
-                        Ok(Ack { duplicate })
+                        Ok(this.store(id, label))
                     }))
                 }
                 Step::Refuse => Ok(Box::pin(async {

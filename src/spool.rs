@@ -64,12 +64,13 @@ use serde::{Deserialize, Serialize};
 use thiserror::Error;
 use tokio::sync::{oneshot, Notify};
 
-use crate::wire::NatsMessage;
+use crate::wire::{NatsMessage, StoredMark};
 
 #[cfg(test)]
 mod crash;
 mod retained;
 mod storage;
+pub use retained::Heartbeat;
 use retained::Retained;
 use storage::{Disk, Storage, StorageFile};
 
@@ -384,7 +385,7 @@ pub struct Spool {
     retained: Option<Retained>,
     /// What the retained log's heartbeat said at start-up: when an earlier run last saw NATS
     /// connected, and to which server.
-    last_connected: Option<(u64, String)>,
+    last_connected: Option<Heartbeat>,
     stats: Arc<SpoolStats>,
     /// Held for the life of the spool: the exclusive lock on `<dir>/lock`.
     _lock: Box<dyn std::fmt::Debug + Send>,
@@ -981,11 +982,16 @@ impl Spool {
     }
 
     /// Notes in the retained log's heartbeat that NATS (server `server`) is connected at
-    /// `now_ms`. Not synced: after a power cut the heartbeat is older, if anything, and a
+    /// `now_ms`, with the latest message the publisher knew stored (`mark`). Not synced: after a power cut the heartbeat is older, if anything, and a
     /// replay from an older moment publishes more, never less.
-    pub fn note_connected(&mut self, now_ms: u64, server: &str) {
+    pub fn note_connected(&mut self, now_ms: u64, server: &str, mark: Option<StoredMark>) {
         if let Some(log) = &self.retained {
-            if let Err(e) = log.write_heartbeat(now_ms, server) {
+            let heartbeat = Heartbeat {
+                at_ms: now_ms,
+                server: server.to_owned(),
+                mark,
+            };
+            if let Err(e) = log.write_heartbeat(&heartbeat) {
                 tracing::debug!(error = %e, "cannot write the retained log's heartbeat");
             }
         }
@@ -999,8 +1005,15 @@ impl Spool {
     /// NATS was last seen connected at `connected_until_ms` and may have lost what it had not
     /// synced by then: moves the retained records it acknowledged in the `spool.retain` before
     /// that moment to the end of the spool, durably, to be published again, and drops the
-    /// older ones (synced by then). `0`: everything retained. Returns how many were moved.
-    pub fn replay_retained(&mut self, connected_until_ms: u64) -> Result<u64, SpoolError> {
+    /// older ones (synced by then). `0`: everything retained. Event records stamped before
+    /// `events_since_ms` are dropped too (the stream is known to hold them: see
+    /// `deliver::keep_retained`); mail records are not, since their objects are in another
+    /// stream. Returns how many were moved.
+    pub fn replay_retained(
+        &mut self,
+        connected_until_ms: u64,
+        events_since_ms: u64,
+    ) -> Result<u64, SpoolError> {
         let Some(mut log) = self.retained.take() else {
             return Ok(0);
         };
@@ -1013,7 +1026,7 @@ impl Spool {
         );
         let (mut moved, mut moved_bytes, mut copy_failed) = (0, 0, false);
         let mut chunks = 0;
-        let taken = log.take_all(REPLAY_CHUNK, since_ms, |chunk, count| {
+        let taken = log.take_all(REPLAY_CHUNK, since_ms, events_since_ms, |chunk, count| {
             chunks += 1;
             #[cfg(test)]
             if chunks > 1 {
@@ -1638,11 +1651,13 @@ enum Op {
     },
     Replay {
         connected_until_ms: u64,
+        events_since_ms: u64,
         reply: oneshot::Sender<Result<u64, SpoolError>>,
     },
     Expire {
         now_ms: u64,
         server: String,
+        mark: Option<StoredMark>,
     },
     Read {
         max: usize,
@@ -1667,7 +1682,7 @@ pub struct SpoolHandle {
     tx: mpsc::Sender<Op>,
     stats: Arc<SpoolStats>,
     retains: bool,
-    last_connected: Option<(u64, String)>,
+    last_connected: Option<Heartbeat>,
     /// Wakes the drainer when something is appended.
     appended: Arc<Notify>,
 }
@@ -1749,11 +1764,16 @@ impl SpoolHandle {
 
     /// [`Spool::replay_retained`] in the writer thread; from this call on the spool counts as
     /// non-empty until it is done, so later batches queue behind it.
-    pub async fn replay_retained(&self, connected_until_ms: u64) -> Result<u64, SpoolError> {
+    pub async fn replay_retained(
+        &self,
+        connected_until_ms: u64,
+        events_since_ms: u64,
+    ) -> Result<u64, SpoolError> {
         self.stats.queued.fetch_add(1, Ordering::SeqCst);
         let answer = self
             .call(|reply| Op::Replay {
                 connected_until_ms,
+                events_since_ms,
                 reply,
             })
             .await;
@@ -1769,18 +1789,21 @@ impl SpoolHandle {
         answer
     }
 
-    /// Records that NATS (the server `server`) is connected now, and deletes the retained
-    /// records it can no longer lose. Call only while connected.
-    pub fn connected_now(&self, server: &str) {
+    /// Records that NATS (the server `server`) is connected now, with the latest message the
+    /// publisher knew stored, and deletes the retained records it can no longer lose. Call
+    /// only while connected.
+    pub fn connected_now(&self, server: &str, mark: Option<StoredMark>) {
         let _ = self.tx.send(Op::Expire {
             now_ms: now_ms(),
             server: server.to_owned(),
+            mark,
         });
     }
 
-    /// The last moment an earlier run of the service saw NATS connected, and to which server
-    /// (none known: replay everything retained).
-    pub fn last_connected(&self) -> Option<(u64, String)> {
+    /// The heartbeat of an earlier run of the service: when it last saw NATS connected, to
+    /// which server, and what it knew that server had stored (none: replay everything
+    /// retained).
+    pub fn last_connected(&self) -> Option<Heartbeat> {
         self.last_connected.clone()
     }
 
@@ -1921,15 +1944,20 @@ fn writer_loop(mut spool: Spool, rx: mpsc::Receiver<Op>, appended: Arc<Notify>) 
             }
             Op::Replay {
                 connected_until_ms,
+                events_since_ms,
                 reply,
             } => {
-                let replayed = spool.replay_retained(connected_until_ms);
+                let replayed = spool.replay_retained(connected_until_ms, events_since_ms);
                 spool.stats.queued.fetch_sub(1, Ordering::SeqCst);
                 appended.notify_one();
                 let _ = reply.send(replayed);
             }
-            Op::Expire { now_ms, server } => {
-                spool.note_connected(now_ms, &server);
+            Op::Expire {
+                now_ms,
+                server,
+                mark,
+            } => {
+                spool.note_connected(now_ms, &server, mark);
                 if let Err(e) = spool.expire_retained(now_ms) {
                     tracing::warn!(error = %e, "cannot delete expired records of the retained log; will retry");
                 }
@@ -2356,6 +2384,16 @@ mod tests {
     /// A mail's record, its directory moved into `spool_dir` as the writer does: a work
     /// directory with `files`, then encoded.
     fn encoded_mail(spool_dir: &Path, batch_id: &str, files: &[(&str, &[u8])]) -> (Vec<u8>, u64) {
+        encoded_mail_at(spool_dir, batch_id, files, now_ms())
+    }
+
+    /// [`encoded_mail`], stamped `at_ms`.
+    fn encoded_mail_at(
+        spool_dir: &Path,
+        batch_id: &str,
+        files: &[(&str, &[u8])],
+        at_ms: u64,
+    ) -> (Vec<u8>, u64) {
         let work = spool_dir.join(format!("work-{batch_id}"));
         fs::create_dir_all(&work).unwrap();
         for (name, data) in files {
@@ -2369,7 +2407,7 @@ mod tests {
             reserved: files.iter().map(|(_, d)| d.len() as u64).sum(),
         };
         let mut buf = Vec::new();
-        let n = mail.encode(&mut buf, now_ms()).unwrap();
+        let n = mail.encode(&mut buf, at_ms).unwrap();
         (buf, n)
     }
 
@@ -2418,7 +2456,7 @@ mod tests {
             "kept across a restart"
         );
 
-        assert_eq!(spool.replay_retained(0).unwrap(), 5);
+        assert_eq!(spool.replay_retained(0, 0).unwrap(), 5);
 
         assert_eq!(spool.stats().messages(), 6);
         assert_eq!(spool.stats().retained_bytes(), 0);
@@ -2454,11 +2492,45 @@ mod tests {
             stamped(message(2), now),
         ]);
 
-        assert_eq!(spool.replay_retained(now - 10_000).unwrap(), 1 + 1);
+        assert_eq!(spool.replay_retained(now - 10_000, 0).unwrap(), 1 + 1);
 
         assert_eq!(ids(&spool.read(10).unwrap()), ["id-1", "id-2"]);
         assert_eq!(spool.retained_count().unwrap(), (0, 0));
         assert_eq!(spool.stats().retained_bytes(), 0);
+    }
+
+    /// Event records stamped before `events_since_ms` are not moved (the stream is known to
+    /// hold them); mail records are, across the whole window (their objects are in another
+    /// stream, which that says nothing of).
+    #[test]
+    fn a_replay_after_a_kept_mark_moves_later_events_and_every_mail_of_the_window() {
+        let dir = tempfile::tempdir().unwrap();
+        let mut spool = Spool::open(dir.path(), 1 << 20).unwrap();
+        spool.retain(Duration::from_secs(60)).unwrap();
+        let now = now_ms();
+        let stamped = |m: NatsMessage, at: u64| {
+            let mut buf = Vec::new();
+            encode_message(&mut buf, &m, at).unwrap();
+            (buf, 1, Log::Retained)
+        };
+        let (mail, n) = encoded_mail_at(dir.path(), "req-early", &[], now - 30_000);
+        spool.append_to(vec![
+            stamped(message(0), now - 30_000),
+            (mail, n, Log::Retained),
+            stamped(message(1), now - 20_000),
+            stamped(message(2), now - 1_000),
+        ]);
+
+        assert_eq!(spool.replay_retained(now, now - 10_000).unwrap(), 1 + 1);
+
+        assert_eq!(spool.retained_count().unwrap(), (0, 0));
+        let first = spool.read(10).unwrap();
+        assert_eq!(
+            first.mail.as_ref().map(|m| m.batch_id.as_str()),
+            Some("req-early")
+        );
+        spool.commit(&first, 1).unwrap();
+        assert_eq!(ids(&spool.read(10).unwrap()), ["id-2"]);
     }
 
     /// A replay whose copy fails halfway (a full disk) leaves nothing of itself in the spool,
@@ -2476,12 +2548,12 @@ mod tests {
         append(&mut spool, &[message(0)]).unwrap();
         spool.inject(Fault::LaterReplayChunk, 1);
 
-        assert!(spool.replay_retained(0).is_err());
+        assert!(spool.replay_retained(0, 0).is_err());
 
         assert_eq!(spool.stats().messages(), 1);
         assert_eq!(ids(&spool.read(10).unwrap()), ["id-0"]);
         assert_eq!(spool.retained_count().unwrap().0, 3);
-        assert_eq!(spool.replay_retained(0).unwrap(), 3);
+        assert_eq!(spool.replay_retained(0, 0).unwrap(), 3);
         assert_eq!(
             ids(&spool.read(10).unwrap()),
             ["id-0", "id-1", "id-2", "id-3"]
@@ -2564,7 +2636,7 @@ mod tests {
         spool.retain(Duration::from_secs(60)).unwrap();
         assert_eq!(spool.adopt_mails().unwrap(), 0);
         assert!(dir.path().join("mail/req-7/mail.json").is_file());
-        spool.replay_retained(0).unwrap();
+        spool.replay_retained(0, 0).unwrap();
         let batch = spool.read(10).unwrap();
         assert_eq!(batch.mail.unwrap().dir, "mail/req-7");
     }

@@ -669,7 +669,7 @@ mod tests {
             .extend(dropped.iter().map(|&i| ex.retained[i].clone()));
         ex.spool.extend(moving.iter().cloned());
         ex.dropped_tried = ex.retained.len();
-        let moved = spool.replay_retained(until).map_err(|e| e.to_string())?;
+        let moved = spool.replay_retained(until, 0).map_err(|e| e.to_string())?;
         assert_eq!(
             moved as usize,
             moving.len(),
@@ -896,7 +896,7 @@ mod tests {
     /// the log goes on (an append and a retained record read back after what survived).
     fn check_start(mut spool: Spool, seen: &Observed) -> Result<(), String> {
         let moved = spool
-            .replay_retained(0)
+            .replay_retained(0, 0)
             .map_err(|e| format!("replay at start: {e}"))?;
         let mut want = seen.spool.clone();
         want.extend(seen.retained.iter().cloned());
@@ -1065,7 +1065,7 @@ mod tests {
                 }
                 let start = |fs: &Arc<CrashStorage>| -> Result<(), String> {
                     let (mut spool, _) = reopen(fs, dir)?;
-                    spool.replay_retained(0).map_err(|e| e.to_string())?;
+                    spool.replay_retained(0, 0).map_err(|e| e.to_string())?;
                     Ok(())
                 };
                 let counting = image.fork();

@@ -28,12 +28,50 @@ use super::storage::{Storage, StorageFile};
 use super::{
     create_dir_durably, list_segments, read_record, scan_in, segment_path, Record, SEGMENT_MAX,
 };
+use crate::wire::StoredMark;
 
 /// The directory of the retained log, under the spool directory.
 pub(super) const RETAINED: &str = "retained";
-/// The heartbeat file in it: `<ms since the Unix epoch> <server id>`, the last moment the
-/// service saw NATS connected.
+/// The heartbeat file in it: `<ms since the Unix epoch> <server id>[ <stored mark>]`, the
+/// last moment the service saw NATS connected, to which server, and the latest message it
+/// knew that server had stored (see [`Heartbeat`]).
 const HEARTBEAT: &str = "connected";
+
+/// What the heartbeat file says.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Heartbeat {
+    /// When NATS was last seen connected (ms since the Unix epoch).
+    pub at_ms: u64,
+    /// The id of the server process it was connected to.
+    pub server: String,
+    /// The latest message that server (or one before it) acknowledged, as the publisher noted
+    /// it; none in the heartbeats of earlier versions.
+    pub mark: Option<StoredMark>,
+}
+
+impl Heartbeat {
+    fn to_text(&self) -> String {
+        match &self.mark {
+            Some(mark) => format!("{} {} {}\n", self.at_ms, self.server, mark.to_text()),
+            None => format!("{} {}\n", self.at_ms, self.server),
+        }
+    }
+
+    /// Reads [`Heartbeat::to_text`]'s form (and the earlier one, without a mark); a torn mark
+    /// reads as none.
+    fn from_text(text: &str) -> Option<Heartbeat> {
+        let (at, rest) = text.trim_end().split_once(' ')?;
+        let (server, mark) = match rest.split_once(' ') {
+            Some((server, mark)) => (server, StoredMark::from_text(mark)),
+            None => (rest, None),
+        };
+        Some(Heartbeat {
+            at_ms: at.parse().ok()?,
+            server: server.to_owned(),
+            mark,
+        })
+    }
+}
 
 /// Kept beyond the retention: a record's stamp can come a little after its acknowledgement,
 /// and nats-server's periodic sync takes a while to complete.
@@ -284,24 +322,31 @@ impl Retained {
         Ok(freed)
     }
 
-    /// Every retained record stamped `since_ms` or later, oldest first, as whole records in
-    /// chunks of about `chunk` bytes, handed to `copy`; then every segment is deleted (the
-    /// caller's copy is durable by then). A crash in between leaves both: the records are
-    /// published twice, and de-duplicated.
+    /// Every retained record stamped `since_ms` or later (event records: `events_since_ms` or
+    /// later, when that is later), oldest first, as whole records in chunks of about `chunk`
+    /// bytes, handed to `copy`; then every segment is deleted (the caller's copy is durable by
+    /// then). A crash in between leaves both: the records are published twice, and
+    /// de-duplicated.
     pub(super) fn take_all(
         &mut self,
         chunk: usize,
         since_ms: u64,
+        events_since_ms: u64,
         mut copy: impl FnMut(&[u8], u64) -> io::Result<()>,
     ) -> io::Result<Freed> {
+        let events_since_ms = events_since_ms.max(since_ms);
         self.writer = None;
         self.unsynced = 0;
         for kept in self.segments.iter().filter(|k| k.newest_ms >= since_ms) {
             let mut buf = Vec::with_capacity(chunk.min(kept.size as usize));
             let mut count = 0u64;
-            for_each_record(&*self.fs, &self.dir, kept, |record, _| {
+            for_each_record(&*self.fs, &self.dir, kept, |record, read| {
+                let since = match read {
+                    Record::Mail(_) => since_ms,
+                    _ => events_since_ms,
+                };
                 // Records of earlier versions have no stamp: kept, to be safe.
-                if stamp(record).is_some_and(|at| at < since_ms) {
+                if stamp(record).is_some_and(|at| at < since) {
                     return Ok(());
                 }
                 buf.extend_from_slice(record);
@@ -337,18 +382,17 @@ impl Retained {
         self.finish_removals(freed)
     }
 
-    /// Writes the heartbeat: NATS (server `server`) was connected at `now_ms`.
-    pub(super) fn write_heartbeat(&self, now_ms: u64, server: &str) -> io::Result<()> {
+    /// Writes the heartbeat.
+    pub(super) fn write_heartbeat(&self, heartbeat: &Heartbeat) -> io::Result<()> {
         // Not synced (see `Spool::note_connected`).
         let mut file = self.fs.create(&self.dir.join(HEARTBEAT))?;
-        file.write_all(format!("{now_ms} {server}\n").as_bytes())
+        file.write_all(heartbeat.to_text().as_bytes())
     }
 
-    /// What the heartbeat says: when NATS was last seen connected, and to which server.
-    pub(super) fn last_connected(&self) -> Option<(u64, String)> {
+    /// What the heartbeat says.
+    pub(super) fn last_connected(&self) -> Option<Heartbeat> {
         let text = String::from_utf8(self.fs.read(&self.dir.join(HEARTBEAT)).ok()?).ok()?;
-        let (at, server) = text.trim_end().split_once(' ')?;
-        Some((at.parse().ok()?, server.to_owned()))
+        Heartbeat::from_text(&text)
     }
 
     /// How many records and bytes the log holds (for `spool status`).
