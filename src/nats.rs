@@ -303,6 +303,9 @@ async fn connect_options(
     Ok(options
         .name(&settings.name)
         .connection_timeout(settings.connect_timeout)
+        // The client's default (60 s) leaves a dead connection in place for about three
+        // minutes, while every publication on it times out.
+        .ping_interval(settings.ping_interval)
         .retry_on_initial_connect()
         .max_reconnects(None)
         // Reconnect quickly after a NATS restart: the default backs off to 4 s.

@@ -275,6 +275,11 @@ pub struct NatsSettings {
     /// Time allowed for the first connection at start-up before the service starts anyway.
     #[serde(with = "humantime_serde")]
     pub connect_timeout: Duration,
+    /// How often the client pings the server. A connection that no longer carries anything
+    /// (a peer or a network that dropped it without a reset) is found dead after two
+    /// unanswered pings, i.e. within about three intervals, and the client reconnects.
+    #[serde(with = "humantime_serde")]
+    pub ping_interval: Duration,
     /// Client name shown in the server's connection list.
     pub name: String,
     /// A `.creds` file (user JWT and nkey seed) for operator-mode (decentralised) auth.
@@ -315,6 +320,7 @@ impl Default for NatsSettings {
             headers: HeaderShape::Full,
             publish_timeout: Duration::from_secs(5),
             connect_timeout: Duration::from_secs(5),
+            ping_interval: Duration::from_secs(10),
             name: "cmc-forwarder".into(),
             creds_file: None,
             token: Secret::default(),
@@ -894,6 +900,7 @@ impl Settings {
             ("server.request_timeout", server.request_timeout),
             ("nats.publish_timeout", self.nats.publish_timeout),
             ("nats.connect_timeout", self.nats.connect_timeout),
+            ("nats.ping_interval", self.nats.ping_interval),
         ] {
             if value.is_zero() {
                 return Err(invalid(key, "must be greater than 0"));

@@ -963,6 +963,64 @@ async fn nats_unreachable_at_start_up_then_started_spooled_events_land() {
 }
 
 // ---------------------------------------------------------------------------------------
+// 6b. The connection black-holed (left open, nothing carried either way, no reset): the
+// client finds it dead after two unanswered pings, within about three `nats.ping_interval`s,
+// and reconnects; what was spooled meanwhile lands. With the client's own default interval
+// (60 s) it took about three minutes.
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_black_holed_connection_is_found_dead_by_pings_and_the_spool_drains() {
+    let test = "blackhole";
+    let nats = NatsServer::start().await;
+    let proxy = crate::proxy::Proxy::start(vec![nats.port]).await;
+    let spool = tempfile::tempdir().unwrap();
+    let mut settings = settings_for(vec![proxy.url()]);
+    settings.nats.ping_interval = Duration::from_secs(1);
+    settings.nats.publish_timeout = Duration::from_secs(1);
+    settings.spool.enabled = true;
+    settings.spool.dir = spool.path().to_owned();
+    let app = Application::build(&settings)
+        .await
+        .expect("the service starts");
+    let app = InProc::run(app, &settings.server.path);
+    let http = http_client();
+    let load = Load::default();
+    let mut tally = Tally::default();
+    let (body, keys) = tally.next_batch(test, 0);
+    assert!(tally.post(&http, &app.address, &body, &keys, &load).await);
+
+    // The open connection is swallowed for good; new ones go through.
+    proxy.set_blackholed(true);
+    proxy.set_blackholed(false);
+    let cut = Instant::now();
+    for n in 1..4 {
+        let (body, keys) = tally.next_batch(test, n);
+        assert!(
+            tally.post(&http, &app.address, &body, &keys, &load).await,
+            "{test}: batch {n} not 200 (spooled)"
+        );
+    }
+    let js = reader(&[nats.url()]).await;
+    let deadline = cut + Duration::from_secs(20);
+    while (message_count(&js).await.unwrap_or(0) as usize) < tally.answered.len() {
+        assert!(
+            Instant::now() < deadline,
+            "{test}: the spool did not drain within 20 s: the dead connection was not replaced"
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    let drained_after = cut.elapsed();
+    let stored = settle(&js, &tally.answered, Some(spool.path())).await;
+    verdict(
+        test,
+        &tally,
+        &stored,
+        &format!(" drained_after={drained_after:?}"),
+    );
+    app.stop().await;
+}
+
+// ---------------------------------------------------------------------------------------
 // 7. NATS frozen (SIGSTOP) under load, spool on: the connection stays up but nothing is
 // acknowledged, so batches time out and are spooled while some of their messages may be
 // stored anyway; after SIGCONT the drainer republishes them (same ids: stored once).

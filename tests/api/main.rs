@@ -16,6 +16,8 @@ mod metric_names;
 mod pipeline;
 mod power;
 mod props;
+#[path = "../chaos/proxy.rs"]
+mod proxy;
 mod reload;
 mod secure;
 mod shape;
