@@ -71,7 +71,7 @@ mod crash;
 mod retained;
 mod storage;
 pub use retained::Heartbeat;
-use retained::Retained;
+use retained::{Freed, Piece, Retained};
 use storage::{Disk, Storage, StorageFile};
 
 const MAGIC_V1: &[u8; 4] = b"CMCS";
@@ -1018,47 +1018,80 @@ impl Spool {
             return Ok(0);
         };
         let since_ms = log.needed_since(connected_until_ms);
-        // Where the spool ended: a copy that fails halfway is cut off again, or every retry
-        // (the keeper's, each second) would add another partial copy until the disk is full.
-        let start = (
+        // Where the spool ended before the segment being copied: a copy that fails halfway
+        // is cut off again, or every retry (the keeper's, each second) would add another
+        // partial copy until the disk is full. Segments copied whole are deleted from the log
+        // as they are, so they stay moved.
+        let mut start = (
             self.segments.len(),
             self.segments.back().map(|s| (s.id, s.size)),
         );
-        let (mut moved, mut moved_bytes, mut copy_failed) = (0, 0, false);
+        let (mut moved, mut copy_failed) = (0, false);
+        let (mut segment_moved, mut segment_bytes) = (0, 0);
         let mut chunks = 0;
-        let taken = log.take_all(REPLAY_CHUNK, since_ms, events_since_ms, |chunk, count| {
-            chunks += 1;
-            #[cfg(test)]
-            if chunks > 1 {
-                if let Err(e) = self.fail_at(Fault::LaterReplayChunk) {
-                    copy_failed = true;
-                    return Err(e);
+        let taken = log.take_all(
+            REPLAY_CHUNK,
+            since_ms,
+            events_since_ms,
+            |piece| match piece {
+                Piece::Records(chunk, count) => {
+                    chunks += 1;
+                    #[cfg(test)]
+                    if chunks > 1 {
+                        if let Err(e) = self.fail_at(Fault::LaterReplayChunk) {
+                            copy_failed = true;
+                            return Err(e);
+                        }
+                    }
+                    if let Err(e) = self.write_durably(chunk) {
+                        copy_failed = true;
+                        return Err(e);
+                    }
+                    self.stats.messages.fetch_add(count, Ordering::SeqCst);
+                    self.stats
+                        .bytes
+                        .fetch_add(chunk.len() as u64, Ordering::SeqCst);
+                    moved += count;
+                    segment_moved += count;
+                    segment_bytes += chunk.len() as u64;
+                    Ok(())
                 }
-            }
-            if let Err(e) = self.write_durably(chunk) {
-                copy_failed = true;
-                return Err(e);
-            }
-            self.stats.messages.fetch_add(count, Ordering::SeqCst);
-            self.stats
-                .bytes
-                .fetch_add(chunk.len() as u64, Ordering::SeqCst);
-            moved += count;
-            moved_bytes += chunk.len() as u64;
-            Ok(())
-        });
+                Piece::SegmentDone => {
+                    start = (
+                        self.segments.len(),
+                        self.segments.back().map(|s| (s.id, s.size)),
+                    );
+                    (segment_moved, segment_bytes) = (0, 0);
+                    Ok(())
+                }
+            },
+        );
         self.retained = Some(log);
         if copy_failed {
-            self.undo_copy(start, moved, moved_bytes);
+            self.undo_copy(start, segment_moved, segment_bytes);
+            moved -= segment_moved;
         }
         let freed = taken?;
+        self.release_retained(freed)?;
+        Ok(moved)
+    }
+
+    /// Counts what expiring or taking the retained log freed, and deletes the directories of
+    /// the mails whose records went.
+    fn release_retained(&mut self, freed: Freed) -> Result<(), SpoolError> {
         let _ = self
             .stats
             .retained_bytes
             .fetch_update(Ordering::SeqCst, Ordering::SeqCst, |b| {
                 Some(b.saturating_sub(freed.bytes))
             });
-        Ok(moved)
+        for (dir, bytes) in freed.mails {
+            match self.fs.remove_dir_all(&self.dir.join(&dir)) {
+                Err(e) if e.kind() != io::ErrorKind::NotFound => return Err(e.into()),
+                _ => self.stats.release_inbound(bytes),
+            }
+        }
+        Ok(())
     }
 
     /// Takes back the part of a replay copied before it failed: the spool ends again where it
@@ -1107,19 +1140,7 @@ impl Spool {
             return Ok(());
         };
         let freed = log.expire(now_ms)?;
-        let _ = self
-            .stats
-            .retained_bytes
-            .fetch_update(Ordering::SeqCst, Ordering::SeqCst, |b| {
-                Some(b.saturating_sub(freed.bytes))
-            });
-        for (dir, bytes) in freed.mails {
-            match self.fs.remove_dir_all(&self.dir.join(&dir)) {
-                Err(e) if e.kind() != io::ErrorKind::NotFound => return Err(e.into()),
-                _ => self.stats.release_inbound(bytes),
-            }
-        }
-        Ok(())
+        self.release_retained(freed)
     }
 
     /// How many records and bytes the retained log holds (none when it is off).
@@ -2531,6 +2552,69 @@ mod tests {
         );
         spool.commit(&first, 1).unwrap();
         assert_eq!(ids(&spool.read(10).unwrap()), ["id-2"]);
+    }
+
+    /// A replay moves the log segment by segment, each deleted once its copy is durable, so
+    /// it needs room for one segment, not for a second copy of the log: a copy that fails on
+    /// a later segment keeps the earlier ones moved, and the retry moves the rest, nothing
+    /// twice.
+    #[test]
+    fn a_replay_moves_the_log_segment_by_segment() {
+        let dir = tempfile::tempdir().unwrap();
+        let mut spool = Spool::open(dir.path(), 1 << 30).unwrap();
+        // A segment every 10 ms.
+        spool.retain(Duration::from_millis(80)).unwrap();
+        for i in 1..=3 {
+            retain(&mut spool, &[message(i)]).unwrap();
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        assert_eq!(
+            list_segments(&Disk, &dir.path().join("retained"))
+                .unwrap()
+                .len(),
+            3
+        );
+        spool.inject(Fault::LaterReplayChunk, 1);
+
+        assert!(spool.replay_retained(0, 0).is_err());
+
+        assert_eq!(
+            ids(&spool.read(10).unwrap()),
+            ["id-1"],
+            "the first segment moved"
+        );
+        assert_eq!(
+            spool.retained_count().unwrap().0,
+            2,
+            "the others still retained"
+        );
+        assert_eq!(spool.replay_retained(0, 0).unwrap(), 2);
+        assert_eq!(ids(&spool.read(10).unwrap()), ["id-1", "id-2", "id-3"]);
+        assert_eq!(spool.retained_count().unwrap(), (0, 0));
+        assert_eq!(spool.stats().retained_bytes(), 0);
+    }
+
+    /// A mail record a replay drops (older than the window) takes its directory with it (its
+    /// bytes leave `spool.max_bytes`' count, as an expiry's do).
+    #[test]
+    fn a_mail_a_replay_drops_takes_its_directory_with_it() {
+        let dir = tempfile::tempdir().unwrap();
+        let mut spool = Spool::open(dir.path(), 1 << 20).unwrap();
+        spool.retain(Duration::from_secs(60)).unwrap();
+        let now = now_ms();
+        let (mail, n) = encoded_mail_at(
+            dir.path(),
+            "req-old",
+            &[("a.bin", b"0123456789")],
+            now - 100_000,
+        );
+        spool.append_to(vec![(mail, n, Log::Retained)]);
+        let mails: Vec<_> = fs::read_dir(dir.path().join("mail")).unwrap().collect();
+        assert_eq!(mails.len(), 1);
+
+        assert_eq!(spool.replay_retained(now, 0).unwrap(), 0);
+
+        assert_eq!(fs::read_dir(dir.path().join("mail")).unwrap().count(), 0);
     }
 
     /// A replay whose copy fails halfway (a full disk) leaves nothing of itself in the spool,

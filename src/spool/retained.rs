@@ -98,6 +98,15 @@ struct Kept {
     gaps: Vec<(u64, u64)>,
 }
 
+/// What [`Retained::take_all`] hands its caller.
+pub(super) enum Piece<'a> {
+    /// Whole records to copy, and how many.
+    Records(&'a [u8], u64),
+    /// Every record of a segment has been handed over: its copy must be durable now, since
+    /// the segment is deleted next.
+    SegmentDone,
+}
+
 /// What expiring or taking the retained log freed.
 #[derive(Debug, Default)]
 pub(super) struct Freed {
@@ -324,62 +333,73 @@ impl Retained {
 
     /// Every retained record stamped `since_ms` or later (event records: `events_since_ms` or
     /// later, when that is later), oldest first, as whole records in chunks of about `chunk`
-    /// bytes, handed to `copy`; then every segment is deleted (the caller's copy is durable by
-    /// then). A crash in between leaves both: the records are published twice, and
-    /// de-duplicated.
+    /// bytes, handed to `copy` as [`Piece::Records`]; after each segment's records,
+    /// [`Piece::SegmentDone`] (the caller's copy of it is durable by then), and the segment is
+    /// deleted before the next is read, so a replay needs room for one segment, not for a
+    /// second copy of the log. A crash between a copy and its deletion leaves both: the records
+    /// are published twice, and de-duplicated. On failure, the segments deleted so far stay
+    /// deleted (their records are in the caller's copy), and what they freed is reported by the
+    /// next expiry or replay.
     pub(super) fn take_all(
         &mut self,
         chunk: usize,
         since_ms: u64,
         events_since_ms: u64,
-        mut copy: impl FnMut(&[u8], u64) -> io::Result<()>,
+        mut copy: impl FnMut(Piece<'_>) -> io::Result<()>,
     ) -> io::Result<Freed> {
         let events_since_ms = events_since_ms.max(since_ms);
         self.writer = None;
         self.unsynced = 0;
-        for kept in self.segments.iter().filter(|k| k.newest_ms >= since_ms) {
-            let mut buf = Vec::with_capacity(chunk.min(kept.size as usize));
-            let mut count = 0u64;
-            for_each_record(&*self.fs, &self.dir, kept, |record, read| {
-                let since = match read {
-                    Record::Mail(_) => since_ms,
-                    _ => events_since_ms,
-                };
-                // Records of earlier versions have no stamp: kept, to be safe.
-                if stamp(record).is_some_and(|at| at < since) {
-                    return Ok(());
-                }
-                buf.extend_from_slice(record);
-                count += 1;
-                if buf.len() >= chunk {
-                    copy(&buf, count)?;
-                    buf.clear();
-                    count = 0;
-                }
-                Ok(())
-            })?;
-            if !buf.is_empty() {
-                copy(&buf, count)?;
-            }
-        }
         let mut freed = Freed::default();
-        let mut moved_mails = std::collections::HashSet::new();
-        for kept in self.segments.iter() {
-            for_each_record(&*self.fs, &self.dir, kept, |record, read| {
-                if let Record::Mail(mail) = read {
-                    if stamp(record).is_none_or(|at| at >= since_ms) {
-                        moved_mails.insert(mail.dir);
+        let mut taken = || -> io::Result<()> {
+            while let Some(kept) = self.segments.front() {
+                // Mails moved along with their records keep their directories; the others go.
+                let mut moved_mails = std::collections::HashSet::new();
+                if kept.newest_ms >= since_ms {
+                    let mut buf = Vec::with_capacity(chunk.min(kept.size as usize));
+                    let mut count = 0u64;
+                    for_each_record(&*self.fs, &self.dir, kept, |record, read| {
+                        let since = match &read {
+                            Record::Mail(_) => since_ms,
+                            _ => events_since_ms,
+                        };
+                        // Records of earlier versions have no stamp: kept, to be safe.
+                        if stamp(record).is_some_and(|at| at < since) {
+                            return Ok(());
+                        }
+                        if let Record::Mail(mail) = read {
+                            moved_mails.insert(mail.dir);
+                        }
+                        buf.extend_from_slice(record);
+                        count += 1;
+                        if buf.len() >= chunk {
+                            copy(Piece::Records(&buf, count))?;
+                            buf.clear();
+                            count = 0;
+                        }
+                        Ok(())
+                    })?;
+                    if !buf.is_empty() {
+                        copy(Piece::Records(&buf, count))?;
                     }
                 }
-                Ok(())
-            })?;
+                copy(Piece::SegmentDone)?;
+                let mut this = Freed::default();
+                self.remove_front(&mut this)?;
+                this.mails.retain(|(dir, _)| !moved_mails.contains(dir));
+                freed.bytes += this.bytes;
+                freed.mails.append(&mut this.mails);
+            }
+            Ok(())
+        };
+        match taken() {
+            Ok(()) => self.finish_removals(freed),
+            Err(e) => {
+                self.unsynced_freed.bytes += freed.bytes;
+                self.unsynced_freed.mails.append(&mut freed.mails);
+                Err(e)
+            }
         }
-        while !self.segments.is_empty() {
-            self.remove_front(&mut freed)?;
-        }
-        // Mails moved along with their records keep their directories; the others go.
-        freed.mails.retain(|(dir, _)| !moved_mails.contains(dir));
-        self.finish_removals(freed)
     }
 
     /// Writes the heartbeat.

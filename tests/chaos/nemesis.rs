@@ -164,6 +164,12 @@ pub struct World {
     pub anomalies: Vec<String>,
 }
 
+/// `spool.max_bytes` of each forwarder: below its volume (`VOLUME_MIB`, 48 MiB), as the README
+/// tells an operator to size it, so that the forwarder's own data (spool, retained log, mails)
+/// is refused with `503` before it fills the volume and the drainer keeps room to record its
+/// progress. Only the disk-full fault fills the volume itself.
+const SPOOL_MAX_BYTES: &str = "41943040";
+
 pub struct Forwarder {
     pub service: Option<Service>,
     /// The root of its spool volume; the spool is `volume/spool`.
@@ -184,7 +190,10 @@ impl Forwarder {
             &self.proxy_url,
             &self.spool(),
             &self.log,
-            &[("NATS__STREAM__REPLICAS", "3")],
+            &[
+                ("NATS__STREAM__REPLICAS", "3"),
+                ("SPOOL__MAX_BYTES", SPOOL_MAX_BYTES),
+            ],
         );
         let url = service.webhook_url();
         self.service = Some(service);
