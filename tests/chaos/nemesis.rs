@@ -164,11 +164,12 @@ pub struct World {
     pub anomalies: Vec<String>,
 }
 
-/// `spool.max_bytes` of each forwarder: below its volume (`VOLUME_MIB`, 48 MiB), as the README
-/// tells an operator to size it, so that the forwarder's own data (spool, retained log, mails)
-/// is refused with `503` before it fills the volume and the drainer keeps room to record its
-/// progress. Only the disk-full fault fills the volume itself.
-const SPOOL_MAX_BYTES: &str = "41943040";
+/// `spool.max_bytes` of each forwarder: half its volume (`VOLUME_MIB`, 48 MiB), as the README
+/// tells an operator to size it. What the forwarder takes in is refused with `503` past it; a
+/// drain copies what it publishes into the retained log before the spool's segment is
+/// deleted, and keeps it `spool.retain`, so the volume needs room for up to twice as much.
+/// Only the disk-full fault fills the volume itself.
+const SPOOL_MAX_BYTES: &str = "20971520";
 
 pub struct Forwarder {
     pub service: Option<Service>,
