@@ -37,7 +37,9 @@ use crate::budget::Permit;
 use crate::inbound::store::InboundSink;
 use crate::inbound::Mail;
 use crate::metrics;
-use crate::publish::{publish_run, Oversized, Progress, Publish, PublishError, StoredMark};
+use crate::publish::{
+    publish_run, publish_run_noting, Oversized, Progress, Publish, PublishError, StoredMark,
+};
 use crate::spool::{
     encode_record, MailAppend, ReadBatch, Records, SpoolError, SpoolHandle, WRITE_PIECE,
 };
@@ -570,7 +572,13 @@ pub async fn drain_step<P: Publish>(
         return drain_mail(spool, mails, batch).await;
     }
     let server = spool.stats().server_changes();
-    let (done, failure) = match publish_run(publisher, &batch.messages, window).await {
+    // Which messages NATS had already (see `Spool::commit_published`).
+    let mut duplicate = vec![false; batch.messages.len()];
+    let run = publish_run_noting(publisher, &batch.messages, window, |i, ack| {
+        duplicate[i] = ack.duplicate;
+    })
+    .await;
+    let (done, failure) = match run {
         Ok(done) => (done, None),
         Err(failure) => (failure.done, Some(failure)),
     };
@@ -584,7 +592,10 @@ pub async fn drain_step<P: Publish>(
         );
         return Step::Failed("NATS changed while a spool step was published".into());
     }
-    if let Err(e) = spool.commit(batch.clone(), done.acked).await {
+    if let Err(e) = spool
+        .commit_published(batch.clone(), done.acked, duplicate)
+        .await
+    {
         // The cursor has moved in memory: nothing is published twice; its file is written
         // again at the next commit.
         tracing::error!(error = %e, "cannot record spool progress");
@@ -641,8 +652,10 @@ async fn drain_mail<P: Publish>(
     let path = mails.spool_dir.join(&record.dir);
     let server = spool.stats().server_changes();
     let done = batch.clone();
-    let committed = |published: usize| async move {
-        match spool.commit(done, 1).await {
+    // `duplicate`: NATS had the message already and every object too (see
+    // `Spool::commit_published`).
+    let committed = |published: usize, duplicate: bool| async move {
+        match spool.commit_published(done, 1, vec![duplicate]).await {
             Ok(()) => Step::Progressed {
                 published,
                 quarantined: 0,
@@ -654,7 +667,7 @@ async fn drain_mail<P: Publish>(
     if !path.exists() {
         // Sent, and its directory removed, before a crash kept the cursor from moving on.
         tracing::warn!(dir = %path.display(), batch_id = %record.batch_id, "a spooled mail's directory is gone; it was sent before the last stop");
-        return committed(0).await;
+        return committed(0, false).await;
     }
     let mail = std::fs::read(path.join("mail.json"))
         .map_err(|e| e.to_string())
@@ -673,14 +686,14 @@ async fn drain_mail<P: Publish>(
                 // With the retained log on, the commit keeps the mail's record there, and its
                 // directory stays until the record expires: NATS may lose the mail yet.
                 if spool.retains() {
-                    return committed(1).await;
+                    return committed(1, sent.duplicate && sent.uploaded == 0).await;
                 }
                 // Its directory first: a crash before the commit then finds it gone (sent).
                 if let Err(e) = std::fs::remove_dir_all(&path) {
                     return Step::Failed(format!("cannot remove a sent mail's directory: {e}"));
                 }
                 spool.stats().release_inbound(record.file_bytes);
-                return committed(1).await;
+                return committed(1, false).await;
             }
             Err(e) if e.is_temporary() => return Step::Failed(e.to_string()),
             Err(e) => e.to_string(),

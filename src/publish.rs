@@ -709,6 +709,16 @@ pub async fn publish_run<P: Publish, S: Source + ?Sized>(
     messages: &S,
     window: usize,
 ) -> Result<Progress, Failure> {
+    publish_run_noting(publisher, messages, window, |_, _| {}).await
+}
+
+/// [`publish_run`], telling `note` of each message's acknowledgement (its index and the ack).
+pub async fn publish_run_noting<P: Publish, S: Source + ?Sized>(
+    publisher: &P,
+    messages: &S,
+    window: usize,
+    mut note: impl FnMut(usize, &Ack) + Send,
+) -> Result<Progress, Failure> {
     let n = messages.len();
     if n == 0 {
         return Ok(Progress::default());
@@ -760,7 +770,7 @@ pub async fn publish_run<P: Publish, S: Source + ?Sized>(
             while let Some(ack) = acks.front_mut().and_then(|ack| ack.now_or_never()) {
                 acks.pop_front();
                 match ack {
-                    Ok(ack) => count(&mut done, &mut last_sequence, ack),
+                    Ok(ack) => count(&mut done, &mut last_sequence, ack, &mut note),
                     Err(error) => {
                         failed = Some((done.acked, error));
                         return;
@@ -814,7 +824,7 @@ pub async fn publish_run<P: Publish, S: Source + ?Sized>(
             match event {
                 Ok(Ok(ack)) => {
                     acks.pop_front();
-                    count(&mut done, &mut last_sequence, ack);
+                    count(&mut done, &mut last_sequence, ack, &mut note);
                 }
                 Ok(Err(error)) => {
                     failed = Some((done.acked, error));
@@ -882,7 +892,13 @@ pub async fn publish_run<P: Publish, S: Source + ?Sized>(
     }
 }
 
-fn count(done: &mut Progress, last_sequence: &mut u64, ack: Ack) {
+fn count(
+    done: &mut Progress,
+    last_sequence: &mut u64,
+    ack: Ack,
+    note: &mut impl FnMut(usize, &Ack),
+) {
+    note(done.acked, &ack);
     done.acked += 1;
     done.duplicates += usize::from(ack.duplicate);
     *last_sequence = ack.sequence;

@@ -882,9 +882,24 @@ impl Spool {
     /// the cursor moves past them: NATS may not have synced them yet. If that copy fails the
     /// cursor stays, and the drainer publishes them again (de-duplicated).
     pub fn commit(&mut self, batch: &ReadBatch, n: usize) -> Result<(), SpoolError> {
+        self.commit_published(batch, n, &[])
+    }
+
+    /// [`Spool::commit`], told which of the messages NATS acknowledged as duplicates (it had
+    /// them already). Those keep the time in their record rather than being stamped anew:
+    /// for a record the retained log replayed, that is when NATS stored it, and NATS's
+    /// `duplicate_window` runs from then. Stamped anew, a record replayed again and again (a
+    /// replay at every restart of a server) would stay retained for good, and be published
+    /// again after the window had passed, and stored twice.
+    pub fn commit_published(
+        &mut self,
+        batch: &ReadBatch,
+        n: usize,
+        duplicates: &[bool],
+    ) -> Result<(), SpoolError> {
         if let Some((end, bytes)) = batch.end_of(n) {
             if end > self.cursor {
-                self.keep_published(&batch.records[..n])?;
+                self.keep_published(&batch.records[..n], duplicates)?;
             }
             self.advance(end, n as u64, bytes);
         }
@@ -892,16 +907,33 @@ impl Spool {
     }
 
     /// Copies records NATS just acknowledged into the retained log, when it is on.
-    fn keep_published(&mut self, records: &[Vec<u8>]) -> Result<(), SpoolError> {
+    fn keep_published(
+        &mut self,
+        records: &[Vec<u8>],
+        duplicates: &[bool],
+    ) -> Result<(), SpoolError> {
         let Some(log) = self.retained.as_mut() else {
             return Ok(());
         };
         // Stamped anew: a record's time in the retained log is when NATS acknowledged it,
-        // which decides whether a replay needs it.
+        // which decides whether a replay needs it. A duplicate keeps its time (see
+        // `commit_published`), or is not kept at all once a replay would no longer need it.
         let now = now_ms();
+        let needed = log.needed_since(now);
         let mut buf = Vec::with_capacity(records.iter().map(Vec::len).sum());
-        for record in records {
+        for (i, record) in records.iter().enumerate() {
+            if duplicates.get(i).copied().unwrap_or(false) {
+                match retained::stamp(record) {
+                    Some(at) if at < needed => {}
+                    Some(_) => buf.extend_from_slice(record),
+                    None => restamp(&mut buf, record, now)?,
+                }
+                continue;
+            }
             restamp(&mut buf, record, now)?;
+        }
+        if buf.is_empty() {
+            return Ok(());
         }
         log.append(&buf, now)?;
         self.stats
@@ -1687,6 +1719,7 @@ enum Op {
     Commit {
         batch: Arc<ReadBatch>,
         n: usize,
+        duplicates: Vec<bool>,
         reply: oneshot::Sender<Result<(), SpoolError>>,
     },
     Quarantine {
@@ -1838,7 +1871,23 @@ impl SpoolHandle {
     }
 
     pub async fn commit(&self, batch: Arc<ReadBatch>, n: usize) -> Result<(), SpoolError> {
-        self.call(|reply| Op::Commit { batch, n, reply }).await
+        self.commit_published(batch, n, Vec::new()).await
+    }
+
+    /// [`Spool::commit_published`] in the writer thread.
+    pub async fn commit_published(
+        &self,
+        batch: Arc<ReadBatch>,
+        n: usize,
+        duplicates: Vec<bool>,
+    ) -> Result<(), SpoolError> {
+        self.call(|reply| Op::Commit {
+            batch,
+            n,
+            duplicates,
+            reply,
+        })
+        .await
     }
 
     pub async fn quarantine(
@@ -1983,8 +2032,13 @@ fn writer_loop(mut spool: Spool, rx: mpsc::Receiver<Op>, appended: Arc<Notify>) 
                     tracing::warn!(error = %e, "cannot delete expired records of the retained log; will retry");
                 }
             }
-            Op::Commit { batch, n, reply } => {
-                let _ = reply.send(spool.commit(&batch, n));
+            Op::Commit {
+                batch,
+                n,
+                duplicates,
+                reply,
+            } => {
+                let _ = reply.send(spool.commit_published(&batch, n, &duplicates));
             }
             Op::Quarantine {
                 batch,
@@ -2592,6 +2646,35 @@ mod tests {
         assert_eq!(ids(&spool.read(10).unwrap()), ["id-1", "id-2", "id-3"]);
         assert_eq!(spool.retained_count().unwrap(), (0, 0));
         assert_eq!(spool.stats().retained_bytes(), 0);
+    }
+
+    /// A record NATS acknowledges as a duplicate when it is drained keeps the time in its
+    /// record in the retained log; one it stores anew is stamped now. Stamped anew, a record
+    /// replayed at every restart of a server would stay retained for good, and be published
+    /// again once NATS's duplicate window had passed.
+    #[test]
+    fn a_duplicate_keeps_its_stamp_in_the_retained_log() {
+        let dir = tempfile::tempdir().unwrap();
+        let mut spool = Spool::open(dir.path(), 1 << 20).unwrap();
+        spool.retain(Duration::from_secs(60)).unwrap();
+        let now = now_ms();
+        let stamped = |m: NatsMessage, at: u64| {
+            let mut buf = Vec::new();
+            encode_message(&mut buf, &m, at).unwrap();
+            (buf, 1, Log::Retained)
+        };
+        spool.append_to(vec![
+            stamped(message(0), now - 30_000),
+            stamped(message(1), now - 30_000),
+        ]);
+        assert_eq!(spool.replay_retained(now, 0).unwrap(), 2);
+        let batch = spool.read(10).unwrap();
+
+        spool.commit_published(&batch, 2, &[true, false]).unwrap();
+
+        // A later replay, for a server last seen 35 s on: its window starts 26 s ago.
+        assert_eq!(spool.replay_retained(now + 35_000, 0).unwrap(), 1);
+        assert_eq!(ids(&spool.read(10).unwrap()), ["id-1"]);
     }
 
     /// A mail record a replay drops (older than the window) takes its directory with it (its

@@ -78,7 +78,7 @@ impl Heartbeat {
 const MARGIN_MS: u64 = 1_000;
 
 /// The time stamp of a whole record (none for records of the earliest format).
-fn stamp(record: &[u8]) -> Option<u64> {
+pub(super) fn stamp(record: &[u8]) -> Option<u64> {
     (record.get(..4)? != super::MAGIC_V1)
         .then(|| Some(u64::from_le_bytes(record.get(12..20)?.try_into().ok()?)))
         .flatten()
