@@ -194,6 +194,9 @@ impl Forwarder {
             &[
                 ("NATS__STREAM__REPLICAS", "3"),
                 ("SPOOL__MAX_BYTES", SPOOL_MAX_BYTES),
+                // As the production configuration: room beyond spool.retain (2 m) for the
+                // outage and the replay's own time (README, "What 200 means").
+                ("NATS__STREAM__DUPLICATE_WINDOW", "10m"),
             ],
         );
         let url = service.webhook_url();
@@ -313,7 +316,10 @@ impl World {
         }
     }
 
-    /// A forwarder that exited on its own is an anomaly: it is noted and started again.
+    /// A forwarder that exited on its own is an anomaly: it is noted and started again. One
+    /// that could not listen on the ports the harness chose for it (found free, then taken by
+    /// another socket before it bound them) is the harness's race, not the forwarder's: it is
+    /// started again on other ports, and only said.
     fn check_alive(&mut self, t: usize) {
         let exited = match &mut self.forwarders[t].service {
             Some(service) => service.child.try_wait().unwrap(),
@@ -321,8 +327,16 @@ impl World {
         };
         if let Some(status) = exited {
             let tail = self.forwarders[t].service.as_ref().unwrap().log_tail();
-            self.anomalies
-                .push(format!("f{}: exited by itself ({status}):\n{tail}", t + 1));
+            let last = tail.lines().last().unwrap_or_default();
+            if last.contains("cannot start") && last.contains("Address already in use") {
+                eprintln!(
+                    "chaos: f{}: its port was taken before it bound it; started again on others",
+                    t + 1
+                );
+            } else {
+                self.anomalies
+                    .push(format!("f{}: exited by itself ({status}):\n{tail}", t + 1));
+            }
             self.restart_forwarder(t);
         }
     }
