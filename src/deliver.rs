@@ -1896,10 +1896,18 @@ mod tests {
         keeper.await.unwrap();
     }
 
-    /// Batch `a`, then, once `a` is older than the slack a stored mark allows, batch `b`, whose
-    /// last message the keeper then notes as stored (sequence 10); then a restart of the server
-    /// (a new id).
-    async fn two_batches_then_a_restart(r: &Rig, lose_after: Option<usize>) {
+    /// With the keeper and the drainer running: batch `a`, then, once `a` is older than the
+    /// slack a stored mark allows, batch `b`, whose last message the keeper then notes as
+    /// stored (sequence 10); the server forgets what it stored after `lose_after` messages,
+    /// if given; then it restarts (a new id). Returns once `sent` messages have been sent and
+    /// the spool is empty, the keeper stopped.
+    async fn replay_after_a_restart(lose_after: Option<usize>, sent: usize) -> Rig {
+        let r = retaining_rig();
+        let spool = r.spool.clone().unwrap();
+        let (stop, stopped) = watch::channel(false);
+        let keeper = tokio::spawn(keep_retained(spool, r.fake.clone(), stopped));
+        r.wait_kept().await;
+        let _drain = r.start_drain();
         r.deliver(batch("a", 5)).await.unwrap();
         tokio::time::sleep(TIMEOUT + MARK_MARGIN + Duration::from_millis(300)).await;
         r.deliver(batch("b", 5)).await.unwrap();
@@ -1907,7 +1915,13 @@ mod tests {
         if let Some(kept) = lose_after {
             r.fake.lose_after(kept);
         }
+
         r.fake.set_server_id("restarted");
+
+        r.wait_sent_and_settled(sent).await;
+        let _ = stop.send(true);
+        keeper.await.unwrap();
+        r
     }
 
     /// After a restart, a stream that still holds the last message the keeper knew stored
@@ -1915,20 +1929,9 @@ mod tests {
     /// timeout and a margin) are published again, not the whole window.
     #[tokio::test]
     async fn a_restart_that_kept_the_last_stored_message_replays_only_what_came_after_it() {
-        let r = retaining_rig();
-        let spool = r.spool.clone().unwrap();
-        let (stop, stopped) = watch::channel(false);
-        let keeper = tokio::spawn(keep_retained(spool.clone(), r.fake.clone(), stopped));
-        r.wait_kept().await;
-        let _drain = r.start_drain();
-
-        two_batches_then_a_restart(&r, None).await;
-
-        r.wait_sent_and_settled(15).await;
+        let r = replay_after_a_restart(None, 15).await;
         assert_eq!(r.fake.sent(), 15, "b alone is published again");
         assert_eq!(r.fake.duplicates(), 5);
-        let _ = stop.send(true);
-        keeper.await.unwrap();
     }
 
     /// The same restart with the stream no longer holding that message (it lost what came
@@ -1936,21 +1939,10 @@ mod tests {
     /// stored again, once.
     #[tokio::test]
     async fn a_restart_that_lost_the_last_stored_message_replays_the_whole_window() {
-        let r = retaining_rig();
-        let spool = r.spool.clone().unwrap();
-        let (stop, stopped) = watch::channel(false);
-        let keeper = tokio::spawn(keep_retained(spool.clone(), r.fake.clone(), stopped));
-        r.wait_kept().await;
-        let _drain = r.start_drain();
-
-        two_batches_then_a_restart(&r, Some(7)).await;
-
-        r.wait_sent_and_settled(20).await;
+        let r = replay_after_a_restart(Some(7), 20).await;
         assert_eq!(r.fake.sent(), 20, "a and b are published again");
         assert_eq!(r.fake.stored().len(), 10, "every message stored once");
         assert_eq!(r.fake.duplicates(), 7);
-        let _ = stop.send(true);
-        keeper.await.unwrap();
     }
 
     /// Without a restart (the same server after a blip) nothing is replayed.

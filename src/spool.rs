@@ -2486,6 +2486,21 @@ mod tests {
         (buf, n)
     }
 
+    /// A spool with its retained log on (60 s), in a directory of its own.
+    fn retaining_spool() -> (tempfile::TempDir, Spool) {
+        let dir = tempfile::tempdir().unwrap();
+        let mut spool = Spool::open(dir.path(), 1 << 20).unwrap();
+        spool.retain(Duration::from_secs(60)).unwrap();
+        (dir, spool)
+    }
+
+    /// The record of `m` for the retained log, stamped `at`.
+    fn stamped(m: NatsMessage, at: u64) -> (Vec<u8>, u64, Log) {
+        let mut buf = Vec::new();
+        encode_message(&mut buf, &m, at).unwrap();
+        (buf, 1, Log::Retained)
+    }
+
     fn retain(spool: &mut Spool, messages: &[NatsMessage]) -> Result<(), SpoolError> {
         let (buf, n) = records(messages);
         spool
@@ -2552,15 +2567,8 @@ mod tests {
     /// connected: older records (synced by then) are dropped, not published again.
     #[test]
     fn a_replay_moves_only_the_records_of_the_retention_before_nats_was_last_seen() {
-        let dir = tempfile::tempdir().unwrap();
-        let mut spool = Spool::open(dir.path(), 1 << 20).unwrap();
-        spool.retain(Duration::from_secs(60)).unwrap();
+        let (_dir, mut spool) = retaining_spool();
         let now = now_ms();
-        let stamped = |m: NatsMessage, at: u64| {
-            let mut buf = Vec::new();
-            encode_message(&mut buf, &m, at).unwrap();
-            (buf, 1, Log::Retained)
-        };
         spool.append_to(vec![
             stamped(message(0), now - 100_000),
             stamped(message(1), now - 30_000),
@@ -2579,15 +2587,8 @@ mod tests {
     /// stream, which that says nothing of).
     #[test]
     fn a_replay_after_a_kept_mark_moves_later_events_and_every_mail_of_the_window() {
-        let dir = tempfile::tempdir().unwrap();
-        let mut spool = Spool::open(dir.path(), 1 << 20).unwrap();
-        spool.retain(Duration::from_secs(60)).unwrap();
+        let (dir, mut spool) = retaining_spool();
         let now = now_ms();
-        let stamped = |m: NatsMessage, at: u64| {
-            let mut buf = Vec::new();
-            encode_message(&mut buf, &m, at).unwrap();
-            (buf, 1, Log::Retained)
-        };
         let (mail, n) = encoded_mail_at(dir.path(), "req-early", &[], now - 30_000);
         spool.append_to(vec![
             stamped(message(0), now - 30_000),
@@ -2654,15 +2655,8 @@ mod tests {
     /// again once NATS's duplicate window had passed.
     #[test]
     fn a_duplicate_keeps_its_stamp_in_the_retained_log() {
-        let dir = tempfile::tempdir().unwrap();
-        let mut spool = Spool::open(dir.path(), 1 << 20).unwrap();
-        spool.retain(Duration::from_secs(60)).unwrap();
+        let (_dir, mut spool) = retaining_spool();
         let now = now_ms();
-        let stamped = |m: NatsMessage, at: u64| {
-            let mut buf = Vec::new();
-            encode_message(&mut buf, &m, at).unwrap();
-            (buf, 1, Log::Retained)
-        };
         spool.append_to(vec![
             stamped(message(0), now - 30_000),
             stamped(message(1), now - 30_000),
@@ -2681,9 +2675,7 @@ mod tests {
     /// bytes leave `spool.max_bytes`' count, as an expiry's do).
     #[test]
     fn a_mail_a_replay_drops_takes_its_directory_with_it() {
-        let dir = tempfile::tempdir().unwrap();
-        let mut spool = Spool::open(dir.path(), 1 << 20).unwrap();
-        spool.retain(Duration::from_secs(60)).unwrap();
+        let (dir, mut spool) = retaining_spool();
         let now = now_ms();
         let (mail, n) = encoded_mail_at(
             dir.path(),
