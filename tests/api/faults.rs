@@ -42,6 +42,22 @@ const STATUSES: [&str; 4] = ["queued", "succeeded", "failed", "deferred"];
 // ---------------------------------------------------------------------------------------
 // Load: batches of distinct events, senders that retry or not, and their tally.
 
+/// Settings of a service in front of `servers` with its spool on in `dir`.
+fn spooling(servers: Vec<String>, dir: &Path) -> cmc_forwarder::settings::Settings {
+    let mut settings = settings_for(servers);
+    settings.spool.enabled = true;
+    settings.spool.dir = dir.to_owned();
+    settings
+}
+
+/// The service built from `settings`, running in this process (it must start, NATS or not).
+async fn in_process(settings: &cmc_forwarder::settings::Settings) -> InProc {
+    let app = Application::build(settings)
+        .await
+        .expect("the service starts");
+    InProc::run(app, &settings.server.path)
+}
+
 /// A JSON webhook of `PER_BATCH` distinct deliveries, and the events' keys (`messageId`).
 fn batch(tag: &str, sender: usize, n: usize) -> (Vec<u8>, Vec<String>) {
     let mut keys = Vec::with_capacity(PER_BATCH);
@@ -915,14 +931,9 @@ async fn nats_unreachable_at_start_up_then_started_spooled_events_land() {
     let started = Instant::now();
     let port = free_port();
     let spool = tempfile::tempdir().unwrap();
-    let mut settings = settings_for(vec![format!("nats://127.0.0.1:{port}")]);
+    let mut settings = spooling(vec![format!("nats://127.0.0.1:{port}")], spool.path());
     settings.nats.connect_timeout = Duration::from_millis(300);
-    settings.spool.enabled = true;
-    settings.spool.dir = spool.path().to_owned();
-    let app = Application::build(&settings)
-        .await
-        .expect("the service starts without NATS");
-    let app = InProc::run(app, &settings.server.path);
+    let app = in_process(&settings).await;
     let http = http_client();
     let readyz = format!("{}/readyz", app.admin);
     assert_eq!(status_of(&http, &readyz).await, 503);
@@ -974,15 +985,10 @@ async fn a_black_holed_connection_is_found_dead_by_pings_and_the_spool_drains() 
     let nats = NatsServer::start().await;
     let proxy = crate::proxy::Proxy::start(vec![nats.port]).await;
     let spool = tempfile::tempdir().unwrap();
-    let mut settings = settings_for(vec![proxy.url()]);
+    let mut settings = spooling(vec![proxy.url()], spool.path());
     settings.nats.ping_interval = Duration::from_secs(1);
     settings.nats.publish_timeout = Duration::from_secs(1);
-    settings.spool.enabled = true;
-    settings.spool.dir = spool.path().to_owned();
-    let app = Application::build(&settings)
-        .await
-        .expect("the service starts");
-    let app = InProc::run(app, &settings.server.path);
+    let app = in_process(&settings).await;
     let http = http_client();
     let load = Load::default();
     let mut tally = Tally::default();
@@ -1032,13 +1038,7 @@ async fn nats_frozen_under_load_with_spool_loses_and_duplicates_nothing() {
     let mut nats = NatsServer::configured("frozen", 0, Vec::new());
     nats.launch().await;
     let spool = tempfile::tempdir().unwrap();
-    let mut settings = settings_for(vec![nats.url()]);
-    settings.spool.enabled = true;
-    settings.spool.dir = spool.path().to_owned();
-    let app = Application::build(&settings)
-        .await
-        .expect("application builds");
-    let app = InProc::run(app, &settings.server.path);
+    let app = in_process(&spooling(vec![nats.url()], spool.path())).await;
     let js = reader(&[nats.url()]).await;
     let pid = nats.pid().to_string();
     let signal = |signal: &str| {
@@ -1176,21 +1176,10 @@ async fn start_up_while_the_cluster_elects_its_leader_serves_and_sets_the_stream
         .spool(spool.path())
         .settings(&[("NATS__STREAM__REPLICAS", "3")])
         .start();
-    let deadline = Instant::now() + Duration::from_secs(60);
-    while status_of(&http, &service.readyz()).await != 200 {
-        if let Some(status) = service.child.try_wait().unwrap() {
-            panic!(
-                "{test}: the service exited ({status}) while the cluster elected its leader:\n{}",
-                service.log_tail()
-            );
-        }
-        assert!(
-            Instant::now() < deadline,
-            "{test}: not ready:\n{}",
-            service.log_tail()
-        );
-        tokio::time::sleep(Duration::from_millis(100)).await;
-    }
+    // Not exiting while the cluster elects its leader, and ready once it has.
+    service
+        .wait_ready_within(&http, Duration::from_secs(60))
+        .await;
     let waited = std::fs::read_to_string(&log)
         .unwrap_or_default()
         .contains("JetStream not answering yet");

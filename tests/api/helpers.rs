@@ -909,7 +909,12 @@ impl Service {
 
     /// Waits until `/readyz` answers 200 (the process must not exit meanwhile).
     pub async fn wait_ready(&mut self, http: &reqwest::Client) {
-        let deadline = Instant::now() + Duration::from_secs(15);
+        self.wait_ready_within(http, Duration::from_secs(15)).await
+    }
+
+    /// [`Service::wait_ready`], for at most `within`.
+    pub async fn wait_ready_within(&mut self, http: &reqwest::Client, within: Duration) {
+        let deadline = Instant::now() + within;
         while status_of(http, &self.readyz()).await != 200 {
             if let Some(status) = self.child.try_wait().unwrap() {
                 panic!(
