@@ -186,27 +186,62 @@ impl Forwarder {
         self.volume.join("spool")
     }
 
+    /// Starts the forwarder and waits until both its listeners accept connections. Ports
+    /// found free can be taken by another socket before the forwarder binds them (it then
+    /// exits: "Address already in use"): that is the harness's race, so it starts again on
+    /// other ports.
     pub fn start(&mut self) -> String {
-        let service = Service::start_with(
-            &self.proxy_url,
-            &self.spool(),
-            &self.log,
-            &[
-                ("NATS__STREAM__REPLICAS", "3"),
-                ("SPOOL__MAX_BYTES", SPOOL_MAX_BYTES),
-                // As the production configuration: room beyond spool.retain (2 m) for the
-                // outage and the replay's own time (README, "What 200 means").
-                ("NATS__STREAM__DUPLICATE_WINDOW", "10m"),
-            ],
-        );
-        let url = service.webhook_url();
-        self.service = Some(service);
-        url
+        for _ in 0..5 {
+            let mut service = Service::start_with(
+                &self.proxy_url,
+                &self.spool(),
+                &self.log,
+                &[
+                    ("NATS__STREAM__REPLICAS", "3"),
+                    ("SPOOL__MAX_BYTES", SPOOL_MAX_BYTES),
+                    // As the production configuration: room beyond spool.retain (2 m) for the
+                    // outage and the replay's own time (README, "What 200 means").
+                    ("NATS__STREAM__DUPLICATE_WINDOW", "10m"),
+                ],
+            );
+            if listening(&mut service) {
+                let url = service.webhook_url();
+                self.service = Some(service);
+                return url;
+            }
+            eprintln!("chaos: a forwarder's port was taken before it bound it; starting it again on others");
+        }
+        panic!("a forwarder could not start: {}", self.log.display());
     }
 
     fn filler(&self) -> PathBuf {
         self.volume.join("filler")
     }
+}
+
+/// Whether `service` listens on both its ports; false when it exited because one was taken.
+fn listening(service: &mut Service) -> bool {
+    let deadline = Instant::now() + Duration::from_secs(10);
+    let up = |port: u16| std::net::TcpStream::connect(("127.0.0.1", port)).is_ok();
+    while Instant::now() < deadline {
+        if up(service.port) && up(service.admin_port) {
+            return true;
+        }
+        if service.child.try_wait().unwrap().is_some() {
+            let tail = service.log_tail();
+            let last = tail.lines().last().unwrap_or_default();
+            assert!(
+                last.contains("Address already in use"),
+                "a forwarder exited at start-up:\n{tail}"
+            );
+            return false;
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    panic!(
+        "a forwarder did not listen within 10 s:\n{}",
+        service.log_tail()
+    );
 }
 
 /// A fault as it happened: for the availability figures.
