@@ -1,15 +1,20 @@
 //! Publishing to NATS: one call that puts a whole batch on the bus or says honestly that it
 //! could not. The connection and the stream are set up by [`crate::nats`].
 //!
-//! [`Publish`] is the seam delivery works through: put one message on the connection (after
-//! every message sent before it) and get the future of its acknowledgement, or, in `core`
-//! mode, an immediate one plus a final flush. Delivery (`deliver.rs`) decides the window, the
+//! [`Publish`] is the seam delivery works through: begin a publication, put its messages on
+//! the connection in order, and take their acknowledgements in that order, or, in `core`
+//! mode, immediate ones plus a final flush. Delivery (`deliver.rs`) decides the window, the
 //! deadline and what a failure means; tests drive it with an in-memory fake instead of a
 //! nats-server.
+//!
+//! In `jetstream` mode a publication subscribes to an inbox of its own and each message asks
+//! for its PubAck there (`<inbox>.<n>`), instead of going through the client's JetStream
+//! `publish`: that one made an inbox string, a oneshot channel, a semaphore permit and two
+//! timers per message and read each PubAck through an untagged enum, about a tenth of the
+//! service's instructions. The publication's deadline bounds the wait for all of them.
 
 use std::collections::VecDeque;
-use std::future::{Future, IntoFuture};
-use std::pin::Pin;
+use std::future::Future;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 use std::task::{Context, Poll};
@@ -17,10 +22,11 @@ use std::time::Duration;
 
 use async_nats::connection::State;
 use async_nats::header::HeaderName;
-use async_nats::jetstream::{self, context::PublishErrorKind, ErrorCode};
-use async_nats::{Client, HeaderMap};
+use async_nats::jetstream::{self, ErrorCode};
+use async_nats::{Client, HeaderMap, StatusCode, Subscriber};
 use bytes::Bytes;
-use futures_util::FutureExt;
+use futures_util::{FutureExt, StreamExt};
+use serde::Deserialize;
 use thiserror::Error;
 
 use crate::nats::Health;
@@ -43,15 +49,25 @@ pub struct Ack {
 
 /// The future of one message's acknowledgement, boxed (the in-memory fake's).
 #[cfg(test)]
-pub type AckFuture = Pin<Box<dyn Future<Output = Result<Ack, PublishError>> + Send>>;
+pub type AckFuture = std::pin::Pin<Box<dyn Future<Output = Result<Ack, PublishError>> + Send>>;
+
+/// The acknowledgements of one publication, taken in the order its messages were sent.
+pub trait Acks: Send {
+    /// The acknowledgement of the oldest message sent and not yet acknowledged. Only called
+    /// while one is outstanding; returning `Pending` loses nothing (a caller may stop
+    /// polling and come back).
+    fn poll_next_ack(&mut self, cx: &mut Context<'_>) -> Poll<Result<Ack, PublishError>>;
+}
 
 /// The network seam: what delivery needs from NATS, and nothing more.
 ///
-/// Messages are put on the connection in the order of the `send` calls; their
-/// acknowledgements may be awaited concurrently and in any order.
+/// A publication is begun ([`Publish::begin`]), its messages are put on the connection in the
+/// order of the `send` calls, and their acknowledgements are taken in that order.
 pub trait Publish: Clone + Send + Sync + 'static {
-    /// The future of one message's acknowledgement.
-    type Pending: Future<Output = Result<Ack, PublishError>> + Send + Unpin;
+    /// One publication's acknowledgements.
+    type Run: Acks;
+    /// Begins a publication (in `jetstream` mode: the inbox its PubAcks come back to).
+    fn begin(&self) -> impl Future<Output = Result<Self::Run, PublishError>> + Send;
     /// The largest message (headers and payload) the server takes.
     fn max_payload(&self) -> usize;
     /// Whether publishing can succeed now (connected, stream usable).
@@ -61,12 +77,14 @@ pub trait Publish: Clone + Send + Sync + 'static {
     /// Whether each acknowledgement confirms its message (JetStream). When false (core mode)
     /// nothing sent is confirmed until [`Publish::settle`] has succeeded.
     fn confirms_each(&self) -> bool;
-    /// Puts `message` (the `index`-th of its batch, for error reports) on the connection.
+    /// Puts `message` (the `index`-th of its batch, for error reports) on the connection, its
+    /// acknowledgement to come to `run`.
     fn send(
         &self,
+        run: &mut Self::Run,
         message: Outbound,
         index: usize,
-    ) -> impl Future<Output = Result<Self::Pending, PublishError>> + Send;
+    ) -> impl Future<Output = Result<(), PublishError>> + Send;
     /// Resolves once everything sent so far has reached the server (core mode's flush).
     fn settle(&self) -> impl Future<Output = Result<(), PublishError>> + Send;
     /// A mark of the publish denials seen so far (the server answers a message it does not
@@ -212,32 +230,52 @@ impl PublishError {
     }
 }
 
-/// What a client error means for delivery.
-pub(crate) fn map_error(
-    error: jetstream::context::PublishError,
-    index: usize,
-    timeout: Duration,
-    max_payload: usize,
-) -> PublishError {
-    match error.kind() {
-        PublishErrorKind::TimedOut => PublishError::Timeout(timeout),
-        PublishErrorKind::MaxPayloadExceeded => PublishError::TooLarge(Oversized {
-            index,
-            size: None,
-            max: max_payload,
+/// What JetStream answered to one published message, read from the reply: its PubAck, or why
+/// the message is not stored. `no_responders`: the reply is the server's 503 status.
+pub(crate) fn read_pub_ack(no_responders: bool, payload: &[u8]) -> Result<Ack, PublishError> {
+    // "No responders": no stream is serving the subject right now, as during a leader
+    // election or while a stream is being restored. Worth waiting for.
+    if no_responders {
+        return Err(PublishError::NoStream(
+            "no responders: no stream serves the subject now".into(),
+        ));
+    }
+    /// A PubAck, or an API error (the fields of `jetstream::publish::PublishAck` read here).
+    #[derive(Deserialize)]
+    struct Reply {
+        #[serde(default)]
+        seq: u64,
+        #[serde(default)]
+        duplicate: bool,
+        #[serde(default)]
+        error: Option<jetstream::Error>,
+    }
+    match serde_json::from_slice::<Reply>(payload) {
+        Ok(Reply {
+            error: Some(error), ..
+        }) => Err(api_refusal(error)),
+        Ok(reply) => Ok(Ack {
+            duplicate: reply.duplicate,
+            sequence: reply.seq,
         }),
-        PublishErrorKind::BrokenPipe => PublishError::NotConnected,
-        // "No responders": no stream is serving the subject right now, as during a
-        // leader election or while a stream is being restored. Worth waiting for.
-        PublishErrorKind::StreamNotFound => PublishError::NoStream(error.into()),
-        // An API error in the PubAck, by its JetStream error code: only what can never be
-        // stored for this message is a refusal (quarantined, or answered without spooling).
-        // A permission denied on the subject never comes as a PubAck: the server answers it
-        // with `-ERR`, which `next_denial` watches.
-        _ => match api_error_code(&error) {
-            Some(ErrorCode::STREAM_MESSAGE_EXCEEDS_MAXIMUM) => PublishError::Refused(error.into()),
-            _ => PublishError::NotStored(error.into()),
-        },
+        Err(e) => Err(PublishError::NotStored(Box::new(UnreadableAck(e)))),
+    }
+}
+
+/// A reply to a published message that is neither a PubAck nor an API error.
+#[derive(Debug, Error)]
+#[error("unreadable PubAck: {0}")]
+pub struct UnreadableAck(#[source] serde_json::Error);
+
+/// An API error in a PubAck, by its JetStream error code: only what can never be stored for
+/// this message is a refusal (quarantined, or answered without spooling). A permission denied
+/// on the subject never comes as a PubAck: the server answers it with `-ERR`, which
+/// `next_denial` watches.
+fn api_refusal(error: jetstream::Error) -> PublishError {
+    if error.error_code() == ErrorCode::STREAM_MESSAGE_EXCEEDS_MAXIMUM {
+        PublishError::Refused(Box::new(error))
+    } else {
+        PublishError::NotStored(Box::new(error))
     }
 }
 
@@ -250,39 +288,96 @@ fn object_error(failure: ObjectFailure) -> PublishError {
     }
 }
 
-/// The JetStream error code of a PubAck that carried an API error.
-fn api_error_code(error: &jetstream::context::PublishError) -> Option<ErrorCode> {
-    std::error::Error::source(error)?
-        .downcast_ref::<jetstream::Error>()
-        .map(jetstream::Error::error_code)
+/// The acknowledgements of one publication of [`Publisher`]: the inbox its PubAcks come back
+/// to (`jetstream` mode), or nothing to wait for (`core` mode: a count of immediate ones).
+pub enum NatsRun {
+    Core,
+    JetStream(InboxAcks),
 }
 
-/// The acknowledgement of one message [`Publisher`] sent: JetStream's PubAck, or nothing to
-/// wait for (core mode). A plain struct around the client's own future, so a message costs
-/// no allocation beyond the client's.
-pub struct NatsAck(Option<JetStreamAck>);
-
-struct JetStreamAck {
-    ack: <jetstream::context::PublishAckFuture as IntoFuture>::IntoFuture,
-    index: usize,
-    timeout: Duration,
-    max_payload: usize,
+impl Acks for NatsRun {
+    fn poll_next_ack(&mut self, cx: &mut Context<'_>) -> Poll<Result<Ack, PublishError>> {
+        match self {
+            NatsRun::Core => Poll::Ready(Ok(Ack::default())),
+            NatsRun::JetStream(inbox) => inbox.poll_next_ack(cx),
+        }
+    }
 }
 
-impl Future for NatsAck {
-    type Output = Result<Ack, PublishError>;
+/// A publication's own inbox: message `n` of the publication asks for its PubAck on
+/// `<prefix><n>`; replies are kept until their turn comes (a stream acknowledges in order, but
+/// nothing here depends on it).
+pub struct InboxAcks {
+    subscriber: Subscriber,
+    /// `<inbox>.`, the inbox subscribed to as `<inbox>.*`.
+    prefix: String,
+    /// The number of the oldest message whose acknowledgement was not taken yet.
+    base: usize,
+    /// From `base` on, each message sent: its acknowledgement once it came.
+    waiting: VecDeque<Option<Result<Ack, PublishError>>>,
+}
 
-    fn poll(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Self::Output> {
-        let Some(js) = &mut self.get_mut().0 else {
-            return Poll::Ready(Ok(Ack::default()));
+impl InboxAcks {
+    /// The reply subject of the next message sent.
+    fn next_reply(&self) -> String {
+        let mut reply = String::with_capacity(self.prefix.len() + 8);
+        reply.push_str(&self.prefix);
+        let mut digits = [0u8; 20];
+        let mut n = self.base + self.waiting.len();
+        let mut at = digits.len();
+        loop {
+            at -= 1;
+            digits[at] = b'0' + (n % 10) as u8;
+            n /= 10;
+            if n == 0 {
+                break;
+            }
+        }
+        reply.push_str(std::str::from_utf8(&digits[at..]).expect("ASCII digits"));
+        reply
+    }
+
+    /// Files a reply where it belongs; one for no message of this publication (or a second
+    /// for the same) is dropped.
+    fn file(&mut self, message: async_nats::Message) {
+        let Some(number) = message
+            .subject
+            .as_str()
+            .strip_prefix(self.prefix.as_str())
+            .and_then(|n| n.parse::<usize>().ok())
+        else {
+            return;
         };
-        js.ack.as_mut().poll(cx).map(|ack| {
-            ack.map(|ack| Ack {
-                duplicate: ack.duplicate,
-                sequence: ack.sequence,
-            })
-            .map_err(|e| map_error(e, js.index, js.timeout, js.max_payload))
-        })
+        let Some(slot) = number
+            .checked_sub(self.base)
+            .and_then(|at| self.waiting.get_mut(at))
+        else {
+            return;
+        };
+        if slot.is_none() {
+            let no_responders = message.status == Some(StatusCode::NO_RESPONDERS);
+            *slot = Some(read_pub_ack(no_responders, &message.payload));
+        }
+    }
+
+    fn poll_next_ack(&mut self, cx: &mut Context<'_>) -> Poll<Result<Ack, PublishError>> {
+        loop {
+            if let Some(Some(_)) = self.waiting.front() {
+                self.base += 1;
+                let ack = self
+                    .waiting
+                    .pop_front()
+                    .flatten()
+                    .expect("an acknowledgement");
+                return Poll::Ready(ack);
+            }
+            match self.subscriber.poll_next_unpin(cx) {
+                Poll::Ready(Some(message)) => self.file(message),
+                // The client is gone (the service is shutting down).
+                Poll::Ready(None) => return Poll::Ready(Err(PublishError::NotConnected)),
+                Poll::Pending => return Poll::Pending,
+            }
+        }
     }
 }
 
@@ -467,7 +562,27 @@ impl Publisher {
 /// Implemented on a shared publisher so each message's acknowledgement future holds one
 /// reference count rather than a copy of the client and the JetStream context.
 impl Publish for Arc<Publisher> {
-    type Pending = NatsAck;
+    type Run = NatsRun;
+
+    async fn begin(&self) -> Result<NatsRun, PublishError> {
+        if self.jetstream.is_none() {
+            return Ok(NatsRun::Core);
+        }
+        // Subscribed before any message is sent: the client puts the SUB on the connection
+        // before them, so the server knows the inbox when the first PubAck leaves.
+        let inbox = self.client.new_inbox();
+        let subscriber = self
+            .client
+            .subscribe(format!("{inbox}.*"))
+            .await
+            .map_err(|e| PublishError::Connection(e.into()))?;
+        Ok(NatsRun::JetStream(InboxAcks {
+            subscriber,
+            prefix: format!("{inbox}."),
+            base: 0,
+            waiting: VecDeque::new(),
+        }))
+    }
 
     fn max_payload(&self) -> usize {
         self.client.max_payload()
@@ -485,40 +600,46 @@ impl Publish for Arc<Publisher> {
         self.jetstream.is_some()
     }
 
-    async fn send(&self, message: Outbound, index: usize) -> Result<NatsAck, PublishError> {
-        match &self.jetstream {
-            Some(js) => {
-                let max_payload = self.client.max_payload();
-                let ack = js
-                    .publish_with_headers(message.subject, message.headers, message.payload)
+    async fn send(
+        &self,
+        run: &mut NatsRun,
+        message: Outbound,
+        index: usize,
+    ) -> Result<(), PublishError> {
+        let max = self.client.max_payload();
+        let size = message.wire_size();
+        if size > max {
+            return Err(PublishError::TooLarge(Oversized {
+                index,
+                size: Some(size),
+                max,
+            }));
+        }
+        match run {
+            NatsRun::JetStream(inbox) => {
+                let reply = inbox.next_reply();
+                self.client
+                    .publish_with_reply_and_headers(
+                        message.subject,
+                        reply,
+                        message.headers,
+                        message.payload,
+                    )
                     .await
-                    .map_err(|e| map_error(e, index, self.timeout, max_payload))?
-                    .into_future();
-                Ok(NatsAck(Some(JetStreamAck {
-                    ack,
-                    index,
-                    timeout: self.timeout,
-                    max_payload,
-                })))
+                    .map_err(|e| PublishError::Connection(e.into()))?;
+                inbox.waiting.push_back(None);
             }
-            None => {
+            NatsRun::Core => {
                 if !self.is_connected() {
                     return Err(PublishError::NotConnected);
-                }
-                if message.wire_size() > self.client.max_payload() {
-                    return Err(PublishError::TooLarge(Oversized {
-                        index,
-                        size: Some(message.wire_size()),
-                        max: self.client.max_payload(),
-                    }));
                 }
                 self.client
                     .publish_with_headers(message.subject, message.headers, message.payload)
                     .await
                     .map_err(|e| PublishError::Connection(e.into()))?;
-                Ok(NatsAck(None))
             }
         }
+        Ok(())
     }
 
     fn denial_mark(&self) -> u64 {
@@ -756,19 +877,31 @@ pub async fn publish_run_noting<P: Publish, S: Source + ?Sized>(
         tokio::pin!(denial);
         // Acknowledgements in send order: the acknowledged prefix is what they tell, and a
         // stream acknowledges in that order anyway.
-        let mut acks: VecDeque<P::Pending> = VecDeque::with_capacity(window.min(n));
+        let mut run = match publisher.begin().await {
+            Ok(run) => run,
+            Err(error) => {
+                failed = Some((0, error));
+                return;
+            }
+        };
+        // Messages sent and not yet acknowledged.
+        let mut outstanding = 0usize;
         let mut chunk = Vec::with_capacity(SEND_CHUNK.min(n));
         let mut next = 0;
         loop {
             if let Some((k, _)) = &denied {
-                if done.acked >= *k || acks.is_empty() {
+                if done.acked >= *k || outstanding == 0 {
                     failed = denied.take();
                     return;
                 }
             }
             // Take every acknowledgement that is already there before sending more.
-            while let Some(ack) = acks.front_mut().and_then(|ack| ack.now_or_never()) {
-                acks.pop_front();
+            while outstanding > 0 {
+                let Some(ack) = std::future::poll_fn(|cx| run.poll_next_ack(cx)).now_or_never()
+                else {
+                    break;
+                };
+                outstanding -= 1;
                 match ack {
                     Ok(ack) => count(&mut done, &mut last_sequence, ack, &mut note),
                     Err(error) => {
@@ -777,11 +910,11 @@ pub async fn publish_run_noting<P: Publish, S: Source + ?Sized>(
                     }
                 }
             }
-            if next < n && acks.len() < window && failed.is_none() && denied.is_none() {
+            if next < n && outstanding < window && failed.is_none() && denied.is_none() {
                 // Built before any of them is sent, so that they reach the client's
                 // connection task back to back and leave in few socket writes: building
                 // each between two sends let that task write (and wake) once per handful.
-                let end = n.min(next + (window - acks.len())).min(next + SEND_CHUNK);
+                let end = n.min(next + (window - outstanding)).min(next + SEND_CHUNK);
                 chunk.extend((next..end).map(&mut build));
                 for message in chunk.drain(..) {
                     if next + 1 == n && confirms_each {
@@ -798,9 +931,9 @@ pub async fn publish_run_noting<P: Publish, S: Source + ?Sized>(
                         }
                     };
                     sent_subjects.push(place);
-                    match publisher.send(message, next).await {
-                        Ok(ack) => {
-                            acks.push_back(ack);
+                    match publisher.send(&mut run, message, next).await {
+                        Ok(()) => {
+                            outstanding += 1;
                             next += 1;
                         }
                         // Stop sending, but collect the acknowledgements of what went before,
@@ -813,17 +946,17 @@ pub async fn publish_run_noting<P: Publish, S: Source + ?Sized>(
                 }
                 continue;
             }
-            let Some(front) = acks.front_mut() else {
+            if outstanding == 0 {
                 break;
-            };
+            }
             let event = tokio::select! {
                 biased;
-                ack = front => Ok(ack),
+                ack = std::future::poll_fn(|cx| run.poll_next_ack(cx)) => Ok(ack),
                 denied = &mut denial => Err(denied),
             };
             match event {
                 Ok(Ok(ack)) => {
-                    acks.pop_front();
+                    outstanding -= 1;
                     count(&mut done, &mut last_sequence, ack, &mut note);
                 }
                 Ok(Err(error)) => {
@@ -1029,12 +1162,30 @@ mod tests {
     }
 
     fn pub_ack_error(code: u64) -> PublishError {
-        let api: jetstream::Error = serde_json::from_value(serde_json::json!({
-            "code": 503, "err_code": code, "description": "from the server"
-        }))
-        .unwrap();
-        let error = jetstream::context::PublishError::with_source(PublishErrorKind::Other, api);
-        map_error(error, 3, Duration::from_secs(1), 1024)
+        let reply = serde_json::json!({
+            "error": {"code": 503, "err_code": code, "description": "from the server"}
+        });
+        read_pub_ack(false, reply.to_string().as_bytes()).expect_err("an API error")
+    }
+
+    /// A PubAck is read for what delivery counts (duplicate, sequence); fields it does not
+    /// know are ignored, and the 503 status is "no stream now", not an API error.
+    #[test]
+    fn pub_acks_are_read_from_the_reply() {
+        let ack = read_pub_ack(false, br#"{"stream":"CMC","seq":42,"domain":"hub"}"#).unwrap();
+        assert_eq!(
+            ack,
+            Ack {
+                duplicate: false,
+                sequence: 42
+            }
+        );
+        let dup = read_pub_ack(false, br#"{"stream":"CMC","seq":7,"duplicate":true}"#).unwrap();
+        assert!(dup.duplicate);
+        assert_eq!(dup.sequence, 7);
+        let none = read_pub_ack(true, b"").unwrap_err();
+        assert!(matches!(none, PublishError::NoStream(_)), "{none:?}");
+        assert!(none.is_temporary(), "{none}");
     }
 
     /// Only what can never be stored is permanent; resources and limits are waited for.
@@ -1049,24 +1200,22 @@ mod tests {
         assert!(error.is_permanent(), "{error}");
         assert!(matches!(error, PublishError::Refused(_)), "{error:?}");
         // Not an API error at all (the ack could not be parsed): not a refusal either.
-        let other = jetstream::context::PublishError::with_source(
-            PublishErrorKind::Other,
-            std::io::Error::other("garbled"),
-        );
-        assert!(map_error(other, 0, Duration::from_secs(1), 1024).is_temporary());
+        let other = read_pub_ack(false, b"garbled").unwrap_err();
+        assert!(other.is_temporary(), "{other}");
+        assert!(other.to_string().contains("unreadable PubAck"), "{other}");
     }
 
-    /// The client's error stays the cause, not a copy of its text: what JetStream answered
+    /// JetStream's API error stays the cause, not a copy of its text: what JetStream answered
     /// can be read back from the error chain.
     #[test]
-    fn a_publish_error_keeps_the_clients_error_as_its_source() {
+    fn a_publish_error_keeps_the_api_error_as_its_source() {
         for (code, temporary) in [(10054, false), (10047, true)] {
             let error = pub_ack_error(code);
             let source = std::error::Error::source(&error).expect("a source");
-            let client = source
-                .downcast_ref::<jetstream::context::PublishError>()
-                .expect("the client's error");
-            assert_eq!(api_error_code(client).map(|c| c.0), Some(code));
+            let api = source
+                .downcast_ref::<jetstream::Error>()
+                .expect("the API error");
+            assert_eq!(api.error_code().0, code);
             assert_eq!(error.is_temporary(), temporary);
         }
         let denied = PublishError::Refused(Box::new(Denied {
@@ -1131,13 +1280,14 @@ mod tests {
 pub(crate) mod fake {
     use std::collections::{HashSet, VecDeque};
     use std::sync::{Arc, Mutex};
+    use std::task::{Context, Poll};
     use std::time::Duration;
 
     use std::collections::HashMap;
 
     use tokio::io::{AsyncRead, AsyncReadExt};
 
-    use super::{Ack, AckFuture, BucketSpec, ObjectMeta, Oversized, Publish, PublishError};
+    use super::{Ack, AckFuture, Acks, BucketSpec, ObjectMeta, Oversized, Publish, PublishError};
     use super::{Outbound, StoredMark, StoredObject};
 
     /// What happens to one sent message.
@@ -1363,56 +1513,14 @@ pub(crate) mod fake {
             .unwrap_or_default()
     }
 
-    impl Publish for FakePublisher {
-        type Pending = AckFuture;
-
-        fn server_id(&self) -> Option<String> {
-            self.state().server_id.clone()
-        }
-
-        fn note_stored(&self, sequence: u64, msg_id: &str) {
-            let at_ms = crate::spool::now_ms();
-            self.state().last_stored = Some(StoredMark {
-                sequence,
-                msg_id: msg_id.to_owned(),
-                at_ms,
-            });
-        }
-
-        fn last_stored(&self) -> Option<StoredMark> {
-            self.state().last_stored.clone()
-        }
-
-        async fn stream_holds(&self, mark: &StoredMark) -> Result<bool, PublishError> {
-            let s = self.state();
-            if !s.ready {
-                return Err(PublishError::NotConnected);
-            }
-            let at = (mark.sequence as usize).checked_sub(1);
-            Ok(at.and_then(|at| s.stored_ids.get(at)) == Some(&mark.msg_id))
-        }
-
-        async fn reconnected(&self) {
-            self.2.notified().await
-        }
-
-        fn max_payload(&self) -> usize {
-            self.state().max_payload
-        }
-
-        fn is_ready(&self) -> bool {
-            self.state().ready
-        }
-
-        fn timeout(&self) -> Duration {
-            self.state().timeout
-        }
-
-        fn confirms_each(&self) -> bool {
-            !self.state().core
-        }
-
-        async fn send(&self, message: Outbound, index: usize) -> Result<AckFuture, PublishError> {
+    impl FakePublisher {
+        /// Takes `message` as the script says: its acknowledgement to come, or the send's
+        /// own failure.
+        async fn scripted_ack(
+            &self,
+            message: Outbound,
+            index: usize,
+        ) -> Result<AckFuture, PublishError> {
             let subject = message.subject.clone();
             let id = header(&message, "Nats-Msg-Id");
             let label = format!(
@@ -1478,16 +1586,90 @@ pub(crate) mod fake {
                         serde_json::json!({"code": 503, "err_code": code, "description": "scripted"}),
                     )
                     .expect("an API error");
-                    let error = async_nats::jetstream::context::PublishError::with_source(
-                        async_nats::jetstream::context::PublishErrorKind::Other,
-                        api,
-                    );
-                    let (timeout, max) = (self.timeout(), self.max_payload());
-                    Ok(Box::pin(async move {
-                        Err(super::map_error(error, index, timeout, max))
-                    }))
+                    let error = super::api_refusal(api);
+                    Ok(Box::pin(async move { Err(error) }))
                 }
             }
+        }
+    }
+
+    /// The fake's publication: each message's scripted acknowledgement, in send order.
+    #[derive(Default)]
+    pub struct FakeRun(VecDeque<AckFuture>);
+
+    impl Acks for FakeRun {
+        fn poll_next_ack(&mut self, cx: &mut Context<'_>) -> Poll<Result<Ack, PublishError>> {
+            let Some(front) = self.0.front_mut() else {
+                return Poll::Pending;
+            };
+            let ack = std::task::ready!(front.as_mut().poll(cx));
+            self.0.pop_front();
+            Poll::Ready(ack)
+        }
+    }
+
+    impl Publish for FakePublisher {
+        type Run = FakeRun;
+
+        async fn begin(&self) -> Result<FakeRun, PublishError> {
+            Ok(FakeRun::default())
+        }
+
+        fn server_id(&self) -> Option<String> {
+            self.state().server_id.clone()
+        }
+
+        fn note_stored(&self, sequence: u64, msg_id: &str) {
+            let at_ms = crate::spool::now_ms();
+            self.state().last_stored = Some(StoredMark {
+                sequence,
+                msg_id: msg_id.to_owned(),
+                at_ms,
+            });
+        }
+
+        fn last_stored(&self) -> Option<StoredMark> {
+            self.state().last_stored.clone()
+        }
+
+        async fn stream_holds(&self, mark: &StoredMark) -> Result<bool, PublishError> {
+            let s = self.state();
+            if !s.ready {
+                return Err(PublishError::NotConnected);
+            }
+            let at = (mark.sequence as usize).checked_sub(1);
+            Ok(at.and_then(|at| s.stored_ids.get(at)) == Some(&mark.msg_id))
+        }
+
+        async fn reconnected(&self) {
+            self.2.notified().await
+        }
+
+        fn max_payload(&self) -> usize {
+            self.state().max_payload
+        }
+
+        fn is_ready(&self) -> bool {
+            self.state().ready
+        }
+
+        fn timeout(&self) -> Duration {
+            self.state().timeout
+        }
+
+        fn confirms_each(&self) -> bool {
+            !self.state().core
+        }
+
+        async fn send(
+            &self,
+            run: &mut FakeRun,
+            message: Outbound,
+            index: usize,
+        ) -> Result<(), PublishError> {
+            let ack = self.scripted_ack(message, index).await?;
+            run.0.push_back(ack);
+            Ok(())
         }
 
         async fn settle(&self) -> Result<(), PublishError> {
