@@ -321,20 +321,10 @@ pub struct InboxAcks {
 impl InboxAcks {
     /// The reply subject of the next message sent.
     fn next_reply(&self) -> String {
+        use std::fmt::Write;
         let mut reply = String::with_capacity(self.prefix.len() + 8);
         reply.push_str(&self.prefix);
-        let mut digits = [0u8; 20];
-        let mut n = self.base + self.waiting.len();
-        let mut at = digits.len();
-        loop {
-            at -= 1;
-            digits[at] = b'0' + (n % 10) as u8;
-            n /= 10;
-            if n == 0 {
-                break;
-            }
-        }
-        reply.push_str(std::str::from_utf8(&digits[at..]).expect("ASCII digits"));
+        let _ = write!(reply, "{}", self.base + self.waiting.len());
         reply
     }
 
@@ -560,7 +550,7 @@ impl Publisher {
     }
 }
 
-/// Implemented on a shared publisher so each message's acknowledgement future holds one
+/// Implemented on a shared publisher: delivery, the drainer and the inbound path hold one
 /// reference count rather than a copy of the client and the JetStream context.
 impl Publish for Arc<Publisher> {
     type Run = NatsRun;
