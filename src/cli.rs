@@ -151,7 +151,7 @@ pub async fn spool_drain(settings: &Settings) -> Result<String, String> {
     // directories must be known as such.
     if settings.nats.mode == Mode::Jetstream && !settings.spool.retain.is_zero() {
         spool
-            .retain(settings.spool.retain)
+            .retain(settings.spool.retain + settings.nats.publish_timeout)
             .map_err(|e| format!("cannot open the spool in {}: {e}", dir.display()))?;
     }
     // Mails an earlier version queued apart (`inbound/`) join the spool first.

@@ -38,7 +38,7 @@ use crate::inbound::store::InboundSink;
 use crate::inbound::Mail;
 use crate::metrics;
 use crate::publish::{
-    publish_run, publish_run_noting, Oversized, Progress, Publish, PublishError, StoredMark,
+    publish_run, Oversized, Progress, Publish, PublishError, StoredMark, StreamState,
 };
 use crate::spool::{
     encode_record, MailAppend, ReadBatch, Records, SpoolError, SpoolHandle, WRITE_PIECE,
@@ -572,12 +572,7 @@ pub async fn drain_step<P: Publish>(
         return drain_mail(spool, mails, batch).await;
     }
     let server = spool.stats().server_changes();
-    // Which messages NATS had already (see `Spool::commit_published`).
-    let mut duplicate = vec![false; batch.messages.len()];
-    let run = publish_run_noting(publisher, &batch.messages, window, |i, ack| {
-        duplicate[i] = ack.duplicate;
-    })
-    .await;
+    let run = publish_run(publisher, &batch.messages, window).await;
     let (done, failure) = match run {
         Ok(done) => (done, None),
         Err(failure) => (failure.done, Some(failure)),
@@ -592,10 +587,7 @@ pub async fn drain_step<P: Publish>(
         );
         return Step::Failed("NATS changed while a spool step was published".into());
     }
-    if let Err(e) = spool
-        .commit_published(batch.clone(), done.acked, duplicate)
-        .await
-    {
+    if let Err(e) = spool.commit(batch.clone(), done.acked).await {
         // The cursor has moved in memory: nothing is published twice; its file is written
         // again at the next commit.
         tracing::error!(error = %e, "cannot record spool progress");
@@ -652,10 +644,8 @@ async fn drain_mail<P: Publish>(
     let path = mails.spool_dir.join(&record.dir);
     let server = spool.stats().server_changes();
     let done = batch.clone();
-    // `duplicate`: NATS had the message already and every object too (see
-    // `Spool::commit_published`).
-    let committed = |published: usize, duplicate: bool| async move {
-        match spool.commit_published(done, 1, vec![duplicate]).await {
+    let committed = |published: usize| async move {
+        match spool.commit(done, 1).await {
             Ok(()) => Step::Progressed {
                 published,
                 quarantined: 0,
@@ -667,7 +657,7 @@ async fn drain_mail<P: Publish>(
     if !path.exists() {
         // Sent, and its directory removed, before a crash kept the cursor from moving on.
         tracing::warn!(dir = %path.display(), batch_id = %record.batch_id, "a spooled mail's directory is gone; it was sent before the last stop");
-        return committed(0, false).await;
+        return committed(0).await;
     }
     let mail = std::fs::read(path.join("mail.json"))
         .map_err(|e| e.to_string())
@@ -686,14 +676,14 @@ async fn drain_mail<P: Publish>(
                 // With the retained log on, the commit keeps the mail's record there, and its
                 // directory stays until the record expires: NATS may lose the mail yet.
                 if spool.retains() {
-                    return committed(1, sent.duplicate && sent.uploaded == 0).await;
+                    return committed(1).await;
                 }
                 // Its directory first: a crash before the commit then finds it gone (sent).
                 if let Err(e) = std::fs::remove_dir_all(&path) {
                     return Step::Failed(format!("cannot remove a sent mail's directory: {e}"));
                 }
                 spool.stats().release_inbound(record.file_bytes);
-                return committed(1, false).await;
+                return committed(1).await;
             }
             Err(e) if e.is_temporary() => return Step::Failed(e.to_string()),
             Err(e) => e.to_string(),
@@ -892,128 +882,153 @@ impl std::fmt::Debug for Delivery {
     }
 }
 
-/// How often the retained log is looked after.
+/// How often the retained log is looked after (and the stream checked).
 const KEEP_EVERY: Duration = Duration::from_secs(1);
-/// How many times a new server is asked whether it holds the last stored mark before the
-/// whole window is published again (it may have no stream leader yet), `KEEP_EVERY` apart.
-const HOLDS_TRIES: usize = 5;
-/// Added to `nats.publish_timeout` before a stored mark (see [`events_kept_until`]): time
-/// for an acknowledgement to reach the publisher and be noted.
-const MARK_MARGIN: Duration = Duration::from_secs(2);
 
-/// From when event records must be published again after a restart of the server, given
-/// `mark`, the latest message a server seen before was known to have stored. A power cut
-/// rolls a store back to a moment, keeping a prefix of the stream: if the stream still holds
-/// `mark`'s message at its sequence, it kept every message stored before it, and only those
-/// stored after it can be lost. Each of those was written to the log (or copied there by the
-/// drainer) at most `nats.publish_timeout` before its acknowledgement, which came after
-/// `mark`'s: so the records stamped from `mark` less that timeout (and [`MARK_MARGIN`]) on
-/// cover them. `0` (every record in the window) when there is no mark, when the stream does
-/// not hold it (lost, another message at its sequence, the stream gone), or when the server
-/// cannot tell within [`HOLDS_TRIES`] tries.
-async fn events_kept_until<P: Publish>(
-    publisher: &P,
-    mark: Option<&StoredMark>,
-    stop: &mut watch::Receiver<bool>,
-) -> u64 {
-    let Some(mark) = mark else {
-        return 0;
-    };
-    for _ in 0..HOLDS_TRIES {
-        match publisher.stream_holds(mark).await {
-            Ok(true) => {
-                let slack = publisher.timeout() + MARK_MARGIN;
-                return mark.at_ms.saturating_sub(slack.as_millis() as u64);
-            }
-            Ok(false) => return 0,
-            Err(e) => {
-                tracing::debug!(error = %e, sequence = mark.sequence, "cannot tell yet whether the stream holds the last stored message");
-                sleep_or_stop(KEEP_EVERY, stop).await;
-                if *stop.borrow() {
-                    return 0;
-                }
-            }
-        }
-    }
-    0
+/// What the keeper knows of the stream between two checks.
+#[derive(Debug, Default)]
+struct Known {
+    /// Server processes NATS has answered from: a new one has started since (a restart, or a
+    /// power cut), or the connection moved.
+    servers: std::collections::HashSet<String>,
+    /// The stream as the last successful check found it.
+    stream: Option<StreamState>,
+    /// The latest message JetStream had acknowledged when the stream last answered: the
+    /// next check asks whether the stream still holds it, at its sequence.
+    mark: Option<StoredMark>,
+    /// When ([`crate::spool::mono_ms`]) the stream last answered a check; `0` before the
+    /// first (at start-up: everything retained counts as acknowledged just before it).
+    answered_at: u64,
+    /// A replay is owed to a server process seen for the first time, from the moment it
+    /// appeared (what was retained then), until the stream answers and it is done.
+    owed: Option<Suspicion>,
 }
 
-/// Looks after the retained log until `stop` turns true: while NATS is connected, notes it
-/// (the log's heartbeat) and deletes what NATS can no longer lose; when the connection is to
-/// a server process never seen before (a server started since, which is what a power cut
-/// looks like from here), publishes again what NATS may have lost of what it acknowledged in
-/// the `spool.retain` before it was last seen (`Nats-Msg-Id` drops what it kept): the event
-/// records acknowledged after the last message the stream is found to hold
-/// ([`events_kept_until`]), or all of them, and the mails of the whole window. At start-up the last server seen is the earlier run's
-/// (the heartbeat), so a service restart in front of the same NATS process replays nothing,
-/// and a restart of both replays what the earlier run had not seen synced. Never while
-/// disconnected: records acknowledged just before an outage stay until they are replayed.
+/// Why the keeper publishes the retained log again.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Suspicion {
+    /// NATS answers from a server process never seen before.
+    NewServer,
+    /// The stream was created again (another creation time).
+    Recreated,
+    /// The stream's last sequence is below one it acknowledged: it lost its tail.
+    RolledBack,
+    /// The stream no longer holds the message last seen acknowledged, at its sequence.
+    MarkLost,
+    /// The stream does not exist (a power cut took it before its first sync, or it was
+    /// deleted): it is created again when the replay is published.
+    Gone,
+}
+
+/// Asks the stream whether it may have lost what it acknowledged since the last check: its
+/// state, and why it may have (none when nothing says so); `Err` when it did not answer (then
+/// nothing may expire). No state when it does not exist.
+async fn check_stream<P: Publish>(
+    publisher: &P,
+    known: &Known,
+) -> Result<(Option<StreamState>, Option<Suspicion>), PublishError> {
+    let Some(state) = publisher.stream_state().await? else {
+        return Ok((None, Some(Suspicion::Gone)));
+    };
+    let held = match &known.mark {
+        Some(mark) => publisher.stream_holds(mark).await?,
+        None => true,
+    };
+    let suspicion = if known.owed.is_some() {
+        known.owed
+    } else if known
+        .stream
+        .as_ref()
+        .is_some_and(|before| before.created != state.created)
+    {
+        Some(Suspicion::Recreated)
+    } else if state.last_sequence < publisher.high_sequence() {
+        Some(Suspicion::RolledBack)
+    } else if !held {
+        Some(Suspicion::MarkLost)
+    } else {
+        None
+    };
+    Ok((Some(state), suspicion))
+}
+
+/// Looks after the retained log until `stop` turns true. Every [`KEEP_EVERY`], and at once
+/// when the connection comes back, it checks the stream ([`check_stream`]):
+///
+/// - when the stream answered and nothing says it lost anything, the records written more
+///   than the hold before the check began are deleted (the stream has had `spool.retain` to
+///   sync them, and answered since);
+/// - when NATS answers from a server process never seen before, the stream was created
+///   again, its last sequence is below one it acknowledged, or it no longer holds the last
+///   message it acknowledged at the previous check, every record acknowledged in the hold
+///   before the stream last answered is published again (`Nats-Msg-Id` drops what it kept);
+/// - when the stream does not answer (disconnected, a silent host death that still looks
+///   connected, no leader, no responders), nothing is deleted.
+///
+/// Ages are on the monotonic clock, and what an earlier run retained counts as written at
+/// start-up: a step of the wall clock changes nothing. The heartbeat names the last server
+/// process seen, so a restart of the service in front of the same NATS process replays
+/// nothing, and a restart of both replays everything retained.
 pub async fn keep_retained<P: Publish>(
     spool: SpoolHandle,
     publisher: P,
     mut stop: watch::Receiver<bool>,
 ) {
-    // Every server process seen so far (a nats-server gets a new id at every start). Without
-    // a heartbeat (the first run, or one that never connected) none is known, and
-    // everything retained is published again at the first connection.
-    let mut seen = std::collections::HashSet::new();
-    let mut seen_at = 0;
-    // The latest message a server seen before is known to have stored (see
-    // `events_kept_until`).
-    let mut mark: Option<StoredMark> = None;
+    let mut known = Known::default();
     if let Some(heartbeat) = spool.last_connected() {
-        seen.insert(heartbeat.server);
-        seen_at = heartbeat.at_ms;
-        mark = heartbeat.mark;
+        known.servers.insert(heartbeat.server);
     }
     loop {
         if *stop.borrow() {
             return;
         }
-        if let (true, Some(now)) = (publisher.is_connected(), publisher.server_id()) {
-            // A server never seen before has started since: it may have lost what it (or, in
-            // a cluster restarted as a whole, its peers) had not synced. A move to a node of
-            // the cluster that was up all along is no such sign, and replays nothing.
-            let restarted = !seen.contains(&now);
-            if restarted {
+        if let (true, Some(server)) = (publisher.is_connected(), publisher.server_id()) {
+            let began = crate::spool::mono_ms();
+            if known.servers.insert(server.clone()) {
                 // Before the replay is taken: a drain step published meanwhile does not
                 // count as acknowledged (see `drain_step`).
                 spool.stats().note_server_change();
-            }
-            // Nothing retained, nothing to replay: not even a moment of the spool counting as
-            // non-empty (which would send the batches of that moment behind it).
-            let anything = spool.stats().retained_bytes() > 0;
-            if anything && restarted {
-                let events_since = events_kept_until(&publisher, mark.as_ref(), &mut stop).await;
-                match spool.replay_retained(seen_at, events_since).await {
-                    Ok(replayed) => {
-                        metrics::retained_replayed(replayed);
-                        if replayed > 0 {
-                            tracing::warn!(
-                                messages = replayed,
-                                stream_kept_the_last_stored_message = events_since > 0,
-                                "NATS is a server process not seen before (it restarted, or the connection moved): what it may have lost of what it acknowledged before it was last seen is published again"
-                            );
-                        }
-                    }
-                    Err(e) => {
-                        tracing::error!(error = %e, "cannot replay the retained log; will retry");
-                        sleep_or_stop(KEEP_EVERY, &mut stop).await;
-                        continue;
-                    }
+                // Nothing retained, nothing owed: what is acknowledged from now on is this
+                // server's own (and a replay of it would send the batches of that moment
+                // behind it into the spool).
+                if spool.stats().retained_bytes() > 0 {
+                    known.owed = Some(Suspicion::NewServer);
                 }
             }
-            seen_at = crate::spool::now_ms();
-            // The publisher's latest mark is this server's only if the connection is still on
-            // it once the mark is read: a server that took over meanwhile has its INFO taken in
-            // before any of its acknowledgements, and a mark of its own would pass its own
-            // check after a restart of the one before.
-            let latest = publisher.last_stored();
-            if latest.is_some() && publisher.server_id().as_deref() == Some(now.as_str()) {
-                mark = latest;
+            match check_stream(&publisher, &known).await {
+                Ok((state, suspicion)) => {
+                    let last_sequence = state.as_ref().map_or(0, |s| s.last_sequence);
+                    let replayed = match suspicion {
+                        Some(why) => replay(&spool, &publisher, &known, last_sequence, why).await,
+                        None => true,
+                    };
+                    if replayed {
+                        known.owed = None;
+                    }
+                    if replayed && state.is_none() {
+                        // Nothing to expire against, and nothing to compare the stream
+                        // created again with.
+                        known.stream = None;
+                        known.mark = None;
+                    } else if replayed {
+                        // The mark is taken only now, and only while the connection is still
+                        // on the server that answered: a mark of the next server's would
+                        // pass its own check.
+                        let mark = publisher.last_stored();
+                        if publisher.server_id().as_deref() == Some(server.as_str()) {
+                            known.mark = mark;
+                        }
+                        known.stream = state;
+                        known.answered_at = began;
+                        metrics::retained_check(true);
+                        spool.answered_at(&server, began);
+                    }
+                }
+                Err(e) => {
+                    metrics::retained_check(false);
+                    tracing::debug!(error = %e, "the stream did not answer the retained log's check; nothing expires");
+                }
             }
-            spool.connected_now(&now, mark.clone());
-            seen.insert(now);
         }
         metrics::retained_bytes(spool.stats().retained_bytes());
         // Woken at once by a reconnection, so a replay comes before the drainer publishes
@@ -1029,6 +1044,41 @@ pub async fn keep_retained<P: Publish>(
             _ = stop.changed() => {}
         }
     }
+}
+
+/// Publishes again what the stream may have lost (see [`keep_retained`]); whether it is
+/// done (else the keeper tries again at its next turn).
+async fn replay<P: Publish>(
+    spool: &SpoolHandle,
+    publisher: &P,
+    known: &Known,
+    last_sequence: u64,
+    why: Suspicion,
+) -> bool {
+    // Nothing retained, nothing to replay: not even a moment of the spool counting as
+    // non-empty (which would send the batches of that moment behind it).
+    if spool.stats().retained_bytes() > 0 {
+        match spool.replay_retained(known.answered_at).await {
+            Ok(replayed) => {
+                metrics::retained_replayed(replayed);
+                if replayed > 0 {
+                    tracing::warn!(
+                        messages = replayed,
+                        reason = ?why,
+                        "NATS may have lost what it acknowledged: the retained log is published again"
+                    );
+                }
+            }
+            Err(e) => {
+                tracing::error!(error = %e, "cannot replay the retained log; will retry");
+                return false;
+            }
+        }
+    }
+    // Sequences from here on are the stream's as it is now; the mark of the next check
+    // is taken from what is acknowledged after this.
+    publisher.forget_stored(last_sequence);
+    true
 }
 
 #[cfg(test)]
@@ -1172,20 +1222,15 @@ mod tests {
             }
         }
 
-        /// Waits until the keeper's heartbeat names a stored message at `sequence` or later
-        /// (the latest it knows the server it sees has stored).
-        async fn wait_marked(&self, sequence: u64) {
-            let heartbeat = self._dir.path().join("retained/connected");
+        /// Waits until the keeper has checked the stream once more after what was sent
+        /// until now (its mark then names the last message acknowledged).
+        async fn wait_checked(&self) {
+            let checks = self.fake.checks();
             let until = Instant::now() + Duration::from_secs(10);
-            loop {
-                let text = std::fs::read_to_string(&heartbeat).unwrap_or_default();
-                let marked = text.split(' ').nth(2).and_then(|s| s.parse::<u64>().ok());
-                if marked.is_some_and(|marked| marked >= sequence) {
-                    return;
-                }
+            while self.fake.checks() < checks + 2 {
                 assert!(
                     Instant::now() < until,
-                    "no mark of message {sequence}: {text:?}"
+                    "the keeper did not check the stream"
                 );
                 tokio::time::sleep(Duration::from_millis(10)).await;
             }
@@ -1896,12 +1941,12 @@ mod tests {
         keeper.await.unwrap();
     }
 
-    /// With the keeper and the drainer running: batch `a`, then, once `a` is older than the
-    /// slack a stored mark allows, batch `b`, whose last message the keeper then notes as
-    /// stored (sequence 10); the server forgets what it stored after `lose_after` messages,
-    /// if given; then it restarts (a new id). Returns once `sent` messages have been sent and
-    /// the spool is empty, the keeper stopped.
-    async fn replay_after_a_restart(lose_after: Option<usize>, sent: usize) -> Rig {
+    /// With the keeper and the drainer running, batches `a` and `b` are delivered and the
+    /// keeper checks the stream (taking its mark, the last message of `b`, sequence 10);
+    /// then `fault` hits the stream, with the connection still on the same server (a hub
+    /// behind a leaf node, or the other nodes of a cluster, lost power). Returns once `sent`
+    /// messages have been sent and the spool is empty, the keeper stopped.
+    async fn replay_after(fault: impl FnOnce(&Rig), sent: usize) -> Rig {
         let r = retaining_rig();
         let spool = r.spool.clone().unwrap();
         let (stop, stopped) = watch::channel(false);
@@ -1909,14 +1954,10 @@ mod tests {
         r.wait_kept().await;
         let _drain = r.start_drain();
         r.deliver(batch("a", 5)).await.unwrap();
-        tokio::time::sleep(TIMEOUT + MARK_MARGIN + Duration::from_millis(300)).await;
         r.deliver(batch("b", 5)).await.unwrap();
-        r.wait_marked(10).await;
-        if let Some(kept) = lose_after {
-            r.fake.lose_after(kept);
-        }
+        r.wait_checked().await;
 
-        r.fake.set_server_id("restarted");
+        fault(&r);
 
         r.wait_sent_and_settled(sent).await;
         let _ = stop.send(true);
@@ -1924,25 +1965,79 @@ mod tests {
         r
     }
 
-    /// After a restart, a stream that still holds the last message the keeper knew stored
-    /// kept everything before it: only the events acknowledged after it (less the publish
-    /// timeout and a margin) are published again, not the whole window.
+    /// The stream lost its tail (its last sequence is below one it acknowledged), with no
+    /// new server process in sight: what it lost is stored again, once.
     #[tokio::test]
-    async fn a_restart_that_kept_the_last_stored_message_replays_only_what_came_after_it() {
-        let r = replay_after_a_restart(None, 15).await;
-        assert_eq!(r.fake.sent(), 15, "b alone is published again");
-        assert_eq!(r.fake.duplicates(), 5);
+    async fn a_stream_that_lost_its_tail_on_the_same_server_gets_it_again() {
+        let r = replay_after(|r| r.fake.lose_after(3), 20).await;
+        assert_eq!(r.fake.stored().len(), 10, "every message stored once");
+        assert_eq!(r.fake.duplicates(), 3);
     }
 
-    /// The same restart with the stream no longer holding that message (it lost what came
-    /// after its last sync): the whole window is published again, and what was lost is
-    /// stored again, once.
+    /// The stream lost its tail, and other messages took the lost sequences before the
+    /// keeper looked (its last sequence is past every one acknowledged): the message at the
+    /// keeper's mark has another id, and what was lost is stored again, once.
     #[tokio::test]
-    async fn a_restart_that_lost_the_last_stored_message_replays_the_whole_window() {
-        let r = replay_after_a_restart(Some(7), 20).await;
-        assert_eq!(r.fake.sent(), 20, "a and b are published again");
-        assert_eq!(r.fake.stored().len(), 10, "every message stored once");
-        assert_eq!(r.fake.duplicates(), 7);
+    async fn a_stream_that_regrew_past_its_loss_is_caught_by_the_mark() {
+        let r = replay_after(
+            |r| {
+                r.fake.lose_after(3);
+                // Another publisher's messages, stored at sequences 4 to 13.
+                for i in 0..10 {
+                    r.fake.store_other(&format!("other-{i}"));
+                }
+            },
+            20,
+        )
+        .await;
+        let mut ours: Vec<String> = r
+            .fake
+            .stored()
+            .into_iter()
+            .filter(|label| !label.starts_with("other"))
+            .collect();
+        ours.sort();
+        let mut expected = [labels("a", 5), labels("b", 5)].concat();
+        expected.sort();
+        assert_eq!(ours, expected, "every message stored once");
+    }
+
+    /// The stream was deleted and created again: everything retained is stored again.
+    #[tokio::test]
+    async fn a_stream_created_again_gets_everything_retained() {
+        let r = replay_after(|r| r.fake.recreate_stream(), 20).await;
+        assert_eq!(r.fake.stored().len(), 10);
+    }
+
+    /// A server that stops answering while the connection still looks up (a host that lost
+    /// power silently) expires nothing, however long: its unsynced messages may be lost.
+    /// Once the stream answers again, the records expire.
+    #[tokio::test]
+    async fn nothing_expires_while_the_stream_does_not_answer() {
+        let dir = tempfile::tempdir().unwrap();
+        let mut spool = Spool::open(dir.path(), 1 << 30).unwrap();
+        spool.retain(Duration::from_millis(100)).unwrap();
+        let r = rig_on(dir, Some(spool), 64, TIMEOUT);
+        let spool = r.spool.clone().unwrap();
+        let (stop, stopped) = watch::channel(false);
+        let keeper = tokio::spawn(keep_retained(spool.clone(), r.fake.clone(), stopped));
+        r.wait_kept().await;
+        r.fake.set_silent(true);
+        r.deliver(batch("a", 5)).await.unwrap();
+
+        // Three checks, well past the hold and its margin.
+        tokio::time::sleep(Duration::from_millis(3200)).await;
+        assert!(spool.stats().retained_bytes() > 0, "expired unanswered");
+
+        r.fake.set_silent(false);
+        let until = Instant::now() + Duration::from_secs(5);
+        while spool.stats().retained_bytes() > 0 {
+            assert!(Instant::now() < until, "not expired once answered");
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+        assert_eq!(r.fake.sent(), 5, "nothing replayed");
+        let _ = stop.send(true);
+        keeper.await.unwrap();
     }
 
     /// Without a restart (the same server after a blip) nothing is replayed.

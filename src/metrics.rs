@@ -22,6 +22,7 @@ pub const SPOOL_MESSAGES: &str = "cmc_forwarder_spool_messages";
 pub const SPOOL_BYTES: &str = "cmc_forwarder_spool_bytes";
 pub const RETAINED_BYTES: &str = "cmc_forwarder_retained_bytes";
 pub const RETAINED_REPLAYED: &str = "cmc_forwarder_retained_replayed_total";
+pub const RETAINED_CHECKS: &str = "cmc_forwarder_retained_checks_total";
 pub const NATS_CONNECTED: &str = "cmc_forwarder_nats_connected";
 pub const READY: &str = "cmc_forwarder_ready";
 pub const CREATED_UNPARSED: &str = "cmc_forwarder_created_unparsed_total";
@@ -312,6 +313,13 @@ pub fn retained_bytes(bytes: u64) {
 /// Retained records moved into the spool to be published again.
 pub fn retained_replayed(messages: u64) {
     counter!(RETAINED_REPLAYED).increment(messages);
+}
+
+/// A check of the stream by the retained log's keeper: answered (`ok`) or not (`failed`:
+/// nothing expires while the stream does not answer).
+pub fn retained_check(answered: bool) {
+    let result = if answered { "ok" } else { "failed" };
+    counter!(RETAINED_CHECKS, "result" => result).increment(1);
 }
 
 pub fn spool_depth(messages: u64, bytes: u64) {

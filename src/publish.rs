@@ -16,7 +16,7 @@
 
 use std::collections::VecDeque;
 use std::future::Future;
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::Arc;
 use std::task::{Context, Poll};
 use std::time::Duration;
@@ -46,6 +46,15 @@ pub struct Ack {
     pub duplicate: bool,
     /// Where the stream stored it (0 in core mode).
     pub sequence: u64,
+}
+
+/// What the stream says of itself when asked ([`Publish::stream_state`]).
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct StreamState {
+    /// When it was created: another value means it was deleted and created again.
+    pub created: String,
+    /// The sequence of the last message it holds.
+    pub last_sequence: u64,
 }
 
 /// The future of one message's acknowledgement, boxed (the in-memory fake's).
@@ -120,6 +129,23 @@ pub trait Publish: Clone + Send + Sync + 'static {
     ) -> impl Future<Output = Result<bool, PublishError>> + Send {
         std::future::ready(Ok(false))
     }
+
+    /// Asks the stream for its state, within [`Publish::timeout`]: an answer shows that the
+    /// server holding it is alive and has a leader for it. `None`: the stream does not exist.
+    fn stream_state(
+        &self,
+    ) -> impl Future<Output = Result<Option<StreamState>, PublishError>> + Send {
+        std::future::ready(Ok(Some(StreamState::default())))
+    }
+    /// The highest stream sequence JetStream acknowledged (as [`Publish::note_stored`] was
+    /// told) since [`Publish::forget_stored`].
+    fn high_sequence(&self) -> u64 {
+        0
+    }
+    /// Forgets what [`Publish::note_stored`] was told (the stream was found to have lost
+    /// messages, and its sequences are its own again): [`Publish::high_sequence`] starts
+    /// again from `sequence` (the stream's last), and there is no last stored message.
+    fn forget_stored(&self, _sequence: u64) {}
 
     /// Whether the connection is up, whatever the stream's state (the inbound path stores
     /// objects, which need no stream of events).
@@ -272,6 +298,13 @@ pub struct UnreadableAck(#[source] serde_json::Error);
 /// this message is a refusal (quarantined, or answered without spooling). A permission denied
 /// on the subject never comes as a PubAck: the server answers it with `-ERR`, which
 /// `next_denial` watches.
+/// Whether `error` is JetStream's answer that the stream does not exist.
+fn is_stream_not_found(error: &(dyn std::error::Error + 'static)) -> bool {
+    std::error::Error::source(error)
+        .and_then(|source| source.downcast_ref::<jetstream::Error>())
+        .is_some_and(|api| api.error_code() == jetstream::ErrorCode::STREAM_NOT_FOUND)
+}
+
 fn api_refusal(error: jetstream::Error) -> PublishError {
     if error.error_code() == ErrorCode::STREAM_MESSAGE_EXCEEDS_MAXIMUM {
         PublishError::Refused(Box::new(error))
@@ -393,6 +426,8 @@ pub struct Publisher {
     health: Arc<Health>,
     /// The latest message JetStream acknowledged ([`Publish::note_stored`]).
     last_stored: Arc<std::sync::Mutex<Option<StoredMark>>>,
+    /// [`Publish::high_sequence`].
+    high_sequence: Arc<AtomicU64>,
 }
 
 impl Publisher {
@@ -412,6 +447,7 @@ impl Publisher {
             dead_letter: None,
             health,
             last_stored: Arc::default(),
+            high_sequence: Arc::default(),
         })
     }
 
@@ -661,6 +697,7 @@ impl Publish for Arc<Publisher> {
     }
 
     fn note_stored(&self, sequence: u64, msg_id: &str) {
+        self.high_sequence.fetch_max(sequence, Ordering::Relaxed);
         // Never waits: a publication that finds another noting skips it, and the mark is a
         // little older (which only makes a replay longer).
         let Ok(mut last) = self.last_stored.try_lock() else {
@@ -720,6 +757,42 @@ impl Publish for Arc<Publisher> {
         tokio::time::timeout(self.timeout, look)
             .await
             .unwrap_or(Err(PublishError::Timeout(self.timeout)))
+    }
+
+    async fn stream_state(&self) -> Result<Option<StreamState>, PublishError> {
+        let Some(js) = &self.jetstream else {
+            return Ok(Some(StreamState::default()));
+        };
+        let name = &self.settings.stream.name;
+        let ask = async {
+            let stream = js
+                .get_stream_no_info(name.as_str())
+                .await
+                .map_err(|e| PublishError::NoStream(Box::new(e)))?;
+            let info = match stream.get_info().await {
+                Ok(info) => info,
+                Err(e) if is_stream_not_found(&e) => return Ok(None),
+                Err(e) => return Err(PublishError::NoStream(Box::new(e))),
+            };
+            Ok(Some(StreamState {
+                created: info.created.to_string(),
+                last_sequence: info.state.last_sequence,
+            }))
+        };
+        tokio::time::timeout(self.timeout, ask)
+            .await
+            .unwrap_or(Err(PublishError::Timeout(self.timeout)))
+    }
+
+    fn high_sequence(&self) -> u64 {
+        self.high_sequence.load(Ordering::Relaxed)
+    }
+
+    fn forget_stored(&self, sequence: u64) {
+        self.high_sequence.store(sequence, Ordering::Relaxed);
+        if let Ok(mut last) = self.last_stored.lock() {
+            *last = None;
+        }
     }
 
     type Bucket = objects::Bucket;
@@ -1279,7 +1352,7 @@ pub(crate) mod fake {
     use tokio::io::{AsyncRead, AsyncReadExt};
 
     use super::{Ack, AckFuture, Acks, BucketSpec, ObjectMeta, Oversized, Publish, PublishError};
-    use super::{Outbound, StoredMark, StoredObject};
+    use super::{Outbound, StoredMark, StoredObject, StreamState};
 
     /// What happens to one sent message.
     #[derive(Debug, Clone, Copy)]
@@ -1335,6 +1408,14 @@ pub(crate) mod fake {
         /// The id of each message in `stored`.
         stored_ids: Vec<String>,
         last_stored: Option<StoredMark>,
+        /// The highest sequence noted ([`Publish::high_sequence`]).
+        high_sequence: u64,
+        /// The stream's creation (a new value when it is created again).
+        created: u64,
+        /// The stream does not answer a check (a silent host death).
+        silent: bool,
+        /// How many times the stream answered [`Publish::stream_state`].
+        checks: usize,
     }
 
     #[derive(Debug, Clone)]
@@ -1371,6 +1452,10 @@ pub(crate) mod fake {
                     server_id: Some("first".into()),
                     stored_ids: Vec::new(),
                     last_stored: None,
+                    high_sequence: 0,
+                    created: 1,
+                    silent: false,
+                    checks: 0,
                 })),
                 Arc::default(),
                 Arc::default(),
@@ -1414,6 +1499,28 @@ pub(crate) mod fake {
         pub fn set_server_id(&self, id: &str) {
             self.state().server_id = Some(id.to_owned());
             self.2.notify_waiters();
+        }
+
+        /// The stream stops (or starts again) answering checks while the connection still
+        /// looks up: a host that died silently.
+        pub fn set_silent(&self, silent: bool) {
+            self.state().silent = silent;
+        }
+
+        /// How many times the stream answered a check.
+        pub fn checks(&self) -> usize {
+            self.state().checks
+        }
+
+        /// Stores a message of another publisher, labelled `label`.
+        pub fn store_other(&self, label: &str) {
+            self.store(format!("id-{label}"), label.to_owned());
+        }
+
+        /// Deletes the stream and creates it again, empty.
+        pub fn recreate_stream(&self) {
+            self.lose_after(0);
+            self.state().created += 1;
         }
 
         /// Forgets what it stored since `kept` messages (a power cut of the server).
@@ -1612,11 +1719,38 @@ pub(crate) mod fake {
 
         fn note_stored(&self, sequence: u64, msg_id: &str) {
             let at_ms = crate::spool::now_ms();
-            self.state().last_stored = Some(StoredMark {
+            let mut s = self.state();
+            s.high_sequence = s.high_sequence.max(sequence);
+            s.last_stored = Some(StoredMark {
                 sequence,
                 msg_id: msg_id.to_owned(),
                 at_ms,
             });
+        }
+
+        async fn stream_state(&self) -> Result<Option<StreamState>, PublishError> {
+            let mut s = self.state();
+            if !s.ready {
+                return Err(PublishError::NotConnected);
+            }
+            if s.silent {
+                return Err(PublishError::Timeout(s.timeout));
+            }
+            s.checks += 1;
+            Ok(Some(StreamState {
+                created: s.created.to_string(),
+                last_sequence: s.stored_ids.len() as u64,
+            }))
+        }
+
+        fn high_sequence(&self) -> u64 {
+            self.state().high_sequence
+        }
+
+        fn forget_stored(&self, sequence: u64) {
+            let mut s = self.state();
+            s.high_sequence = sequence;
+            s.last_stored = None;
         }
 
         fn last_stored(&self) -> Option<StoredMark> {
@@ -1627,6 +1761,9 @@ pub(crate) mod fake {
             let s = self.state();
             if !s.ready {
                 return Err(PublishError::NotConnected);
+            }
+            if s.silent {
+                return Err(PublishError::Timeout(s.timeout));
             }
             let at = (mark.sequence as usize).checked_sub(1);
             Ok(at.and_then(|at| s.stored_ids.get(at)) == Some(&mark.msg_id))

@@ -364,7 +364,9 @@ pub struct StreamSettings {
     /// Age after which messages are discarded; `0s` keeps them forever.
     #[serde(with = "humantime_serde")]
     pub max_age: Duration,
-    /// Window in which a repeated `Nats-Msg-Id` is dropped as a duplicate.
+    /// Window in which a repeated `Nats-Msg-Id` is dropped as a duplicate. The default (10
+    /// minutes) covers `spool.retain` plus an outage of NATS of several minutes: what the
+    /// retained log publishes again after NATS lost power is stored once.
     #[serde(with = "humantime_serde")]
     pub duplicate_window: Duration,
 }
@@ -378,7 +380,7 @@ impl Default for StreamSettings {
             storage: Storage::File,
             replicas: 1,
             max_age: Duration::ZERO,
-            duplicate_window: Duration::from_secs(120),
+            duplicate_window: Duration::from_secs(600),
         }
     }
 }

@@ -64,7 +64,7 @@ use serde::{Deserialize, Serialize};
 use thiserror::Error;
 use tokio::sync::{oneshot, Notify};
 
-use crate::wire::{NatsMessage, StoredMark};
+use crate::wire::NatsMessage;
 
 #[cfg(test)]
 mod crash;
@@ -383,6 +383,8 @@ pub struct Spool {
     pending_cut: Option<(u64, u64)>,
     /// The retained log, in `jetstream` mode ([`Spool::retain`]).
     retained: Option<Retained>,
+    /// What the retained log's ages are measured on.
+    clock: Clock,
     /// What the retained log's heartbeat said at start-up: when an earlier run last saw NATS
     /// connected, and to which server.
     last_connected: Option<Heartbeat>,
@@ -419,10 +421,38 @@ fn segment_path(dir: &Path, id: u64) -> PathBuf {
     dir.join(format!("{id:020}.seg"))
 }
 
+/// Milliseconds since the Unix epoch, on the wall clock: the time stamps in records and in
+/// the quarantine, which are shown to people; nothing is decided on them.
 pub fn now_ms() -> u64 {
     SystemTime::now()
         .duration_since(UNIX_EPOCH)
         .map_or(0, |d| d.as_millis() as u64)
+}
+
+/// Milliseconds on the process's monotonic clock, since its first reading: ages within a run
+/// are measured on it, so a step of the wall clock changes none of them.
+pub fn mono_ms() -> u64 {
+    static BASE: std::sync::OnceLock<Instant> = std::sync::OnceLock::new();
+    BASE.get_or_init(Instant::now).elapsed().as_millis() as u64
+}
+
+/// The monotonic clock the spool measures the retained log's ages on: [`mono_ms`], or a
+/// test's hand-moved one.
+#[derive(Debug, Clone, Default)]
+pub struct Clock(Option<Arc<AtomicU64>>);
+
+impl Clock {
+    /// A clock that reads `ms` and moves only when a test stores another value in it.
+    pub fn manual(ms: &Arc<AtomicU64>) -> Clock {
+        Clock(Some(ms.clone()))
+    }
+
+    pub fn now(&self) -> u64 {
+        match &self.0 {
+            Some(ms) => ms.load(Ordering::SeqCst),
+            None => mono_ms(),
+        }
+    }
 }
 
 fn lock_dir(fs: &dyn Storage, dir: &Path) -> Result<Box<dyn std::fmt::Debug + Send>, SpoolError> {
@@ -533,6 +563,7 @@ impl Spool {
             pending_cut: None,
             retained: None,
             last_connected: None,
+            clock: Clock::default(),
             stats,
             _lock: lock,
             fs,
@@ -661,6 +692,11 @@ impl Spool {
         self.faults.insert(fault, times);
     }
 
+    /// Measures the retained log's ages on `clock` (before [`Spool::retain`]).
+    pub fn set_clock(&mut self, clock: Clock) {
+        self.clock = clock;
+    }
+
     /// The counts, shared.
     pub fn stats(&self) -> Arc<SpoolStats> {
         self.stats.clone()
@@ -691,7 +727,7 @@ impl Spool {
         let mut bufs = [Vec::new(), Vec::new()];
         let mut counts = [0u64; 2];
         let mut accepted = Vec::with_capacity(group.len());
-        let now = now_ms();
+        let now = self.clock.now();
         for (records, n, log) in group {
             let len = records.len() as u64;
             let log = if self.retained.is_some() {
@@ -882,60 +918,32 @@ impl Spool {
     /// the cursor moves past them: NATS may not have synced them yet. If that copy fails the
     /// cursor stays, and the drainer publishes them again (de-duplicated).
     pub fn commit(&mut self, batch: &ReadBatch, n: usize) -> Result<(), SpoolError> {
-        self.commit_published(batch, n, &[])
-    }
-
-    /// [`Spool::commit`], told which of the messages NATS acknowledged as duplicates (it had
-    /// them already). Those keep the time in their record rather than being stamped anew:
-    /// for a record the retained log replayed, that is when NATS stored it, and NATS's
-    /// `duplicate_window` runs from then. Stamped anew, a record replayed again and again (a
-    /// replay at every restart of a server) would stay retained for good, and be published
-    /// again after the window had passed, and stored twice.
-    pub fn commit_published(
-        &mut self,
-        batch: &ReadBatch,
-        n: usize,
-        duplicates: &[bool],
-    ) -> Result<(), SpoolError> {
         if let Some((end, bytes)) = batch.end_of(n) {
             if end > self.cursor {
-                self.keep_published(&batch.records[..n], duplicates)?;
+                self.keep_published(&batch.records[..n])?;
             }
             self.advance(end, n as u64, bytes);
         }
         self.persist_cursor()
     }
 
-    /// Copies records NATS just acknowledged into the retained log, when it is on.
-    fn keep_published(
-        &mut self,
-        records: &[Vec<u8>],
-        duplicates: &[bool],
-    ) -> Result<(), SpoolError> {
+    /// Copies records NATS just acknowledged into the retained log, when it is on. Every one
+    /// is kept as acknowledged now, duplicates too: a duplicate's PubAck says NATS holds the
+    /// message, not that it synced it (a record NATS stored late from its socket buffer, or
+    /// stored again after a replay, is as unsynced as a new one).
+    fn keep_published(&mut self, records: &[Vec<u8>]) -> Result<(), SpoolError> {
         let Some(log) = self.retained.as_mut() else {
             return Ok(());
         };
-        // Stamped anew: a record's time in the retained log is when NATS acknowledged it,
-        // which decides whether a replay needs it. A duplicate keeps its time (see
-        // `commit_published`), or is not kept at all once a replay would no longer need it.
-        let now = now_ms();
-        let needed = log.needed_since(now);
+        let stamp = now_ms();
         let mut buf = Vec::with_capacity(records.iter().map(Vec::len).sum());
-        for (i, record) in records.iter().enumerate() {
-            if duplicates.get(i).copied().unwrap_or(false) {
-                match retained::stamp(record) {
-                    Some(at) if at < needed => {}
-                    Some(_) => buf.extend_from_slice(record),
-                    None => restamp(&mut buf, record, now)?,
-                }
-                continue;
-            }
-            restamp(&mut buf, record, now)?;
+        for record in records {
+            restamp(&mut buf, record, stamp)?;
         }
         if buf.is_empty() {
             return Ok(());
         }
-        log.append(&buf, now)?;
+        log.append(&buf, self.clock.now())?;
         self.stats
             .retained_bytes
             .fetch_add(buf.len() as u64, Ordering::SeqCst);
@@ -946,13 +954,14 @@ impl Spool {
     /// log, piece by piece, then makes them durable with one `fdatasync`; each gets its own
     /// answer (a batch over `spool.max_bytes` is cut off again and refused alone).
     fn retain_group(&mut self, group: &[Box<dyn Records>], at: u64) -> Vec<Result<(), SpoolError>> {
+        let now = self.clock.now();
         let Some(log) = self.retained.as_mut() else {
             return group.iter().map(|_| Err(SpoolError::Stopped)).collect();
         };
         let room = self
             .max_bytes
             .saturating_sub(self.stats.held_but_mails() + self.stats.inbound_bytes());
-        let start = match log.begin(at) {
+        let start = match log.begin(now) {
             Ok(start) => start,
             Err(e) => return group.iter().map(|_| Err(copy_error(&e))).collect(),
         };
@@ -986,7 +995,7 @@ impl Spool {
             }
         }
         let written = log.end() - start;
-        if let Err(e) = log.sync(at) {
+        if let Err(e) = log.sync(now) {
             log.abandon(start);
             return group.iter().map(|_| Err(copy_error(&e))).collect();
         }
@@ -997,11 +1006,12 @@ impl Spool {
     }
 
     /// Turns the retained log on (`jetstream` mode): records NATS acknowledges are kept
-    /// `retain` long after the acknowledgement, in case it loses them (see
-    /// [`retained`](self::retained)). What an earlier run retained is found again; call
-    /// [`Spool::replay_retained`] before serving, since NATS may have lost it meanwhile.
-    pub fn retain(&mut self, retain: Duration) -> Result<(), SpoolError> {
-        let opened = Retained::open(self.fs.clone(), &self.dir, retain)?;
+    /// `hold` after they were written (`spool.retain` and the longest a PubAck may take), in
+    /// case it loses them (see [`retained`](self::retained)). What an earlier run retained is
+    /// found again, as written now; call [`Spool::replay_retained`] before serving when NATS
+    /// may have lost it meanwhile.
+    pub fn retain(&mut self, hold: Duration) -> Result<(), SpoolError> {
+        let opened = Retained::open(self.fs.clone(), &self.dir, hold, self.clock.now())?;
         self.stats
             .retained_bytes
             .store(opened.bytes, Ordering::SeqCst);
@@ -1013,18 +1023,26 @@ impl Spool {
         Ok(())
     }
 
-    /// Notes in the retained log's heartbeat that NATS (server `server`) is connected at
-    /// `now_ms`, with the latest message the publisher knew stored (`mark`). Not synced: after a power cut the heartbeat is older, if anything, and a
-    /// replay from an older moment publishes more, never less.
-    pub fn note_connected(&mut self, now_ms: u64, server: &str, mark: Option<StoredMark>) {
+    /// Notes in the retained log's heartbeat that NATS answers from server process `server`,
+    /// when that is another than the heartbeat names (written durably, so rarely).
+    pub fn note_connected(&mut self, server: &str) {
+        if self
+            .last_connected
+            .as_ref()
+            .is_some_and(|last| last.server == server)
+        {
+            return;
+        }
         if let Some(log) = &self.retained {
             let heartbeat = Heartbeat {
-                at_ms: now_ms,
+                at_ms: now_ms(),
                 server: server.to_owned(),
-                mark,
             };
-            if let Err(e) = log.write_heartbeat(&heartbeat) {
-                tracing::debug!(error = %e, "cannot write the retained log's heartbeat");
+            match log.write_heartbeat(&heartbeat) {
+                Ok(()) => self.last_connected = Some(heartbeat),
+                Err(e) => {
+                    tracing::warn!(error = %e, "cannot write the retained log's heartbeat; will retry")
+                }
             }
         }
     }
@@ -1034,18 +1052,12 @@ impl Spool {
         self.retained.is_some()
     }
 
-    /// NATS was last seen connected at `connected_until_ms` and may have lost what it had not
-    /// synced by then: moves the retained records it acknowledged in the `spool.retain` before
-    /// that moment to the end of the spool, durably, to be published again, and drops the
-    /// older ones (synced by then). `0`: everything retained. Event records stamped before
-    /// `events_since_ms` are dropped too (the stream is known to hold them: see
-    /// `deliver::keep_retained`); mail records are not, since their objects are in another
-    /// stream. Returns how many were moved.
-    pub fn replay_retained(
-        &mut self,
-        connected_until_ms: u64,
-        events_since_ms: u64,
-    ) -> Result<u64, SpoolError> {
+    /// NATS was last seen answering at `connected_until_ms` ([`mono_ms`]) and may have lost
+    /// what it had not synced by then: moves the retained records it acknowledged in the
+    /// hold before that moment to the end of the spool, durably, to be published again, and
+    /// drops the older ones (synced by then). `0`: everything retained. Returns how many were
+    /// moved.
+    pub fn replay_retained(&mut self, connected_until_ms: u64) -> Result<u64, SpoolError> {
         let Some(mut log) = self.retained.take() else {
             return Ok(0);
         };
@@ -1061,43 +1073,38 @@ impl Spool {
         let (mut moved, mut copy_failed) = (0, false);
         let (mut segment_moved, mut segment_bytes) = (0, 0);
         let mut chunks = 0;
-        let taken = log.take_all(
-            REPLAY_CHUNK,
-            since_ms,
-            events_since_ms,
-            |piece| match piece {
-                Piece::Records(chunk, count) => {
-                    chunks += 1;
-                    #[cfg(test)]
-                    if chunks > 1 {
-                        if let Err(e) = self.fail_at(Fault::LaterReplayChunk) {
-                            copy_failed = true;
-                            return Err(e);
-                        }
-                    }
-                    if let Err(e) = self.write_durably(chunk) {
+        let taken = log.take_all(REPLAY_CHUNK, since_ms, |piece| match piece {
+            Piece::Records(chunk, count) => {
+                chunks += 1;
+                #[cfg(test)]
+                if chunks > 1 {
+                    if let Err(e) = self.fail_at(Fault::LaterReplayChunk) {
                         copy_failed = true;
                         return Err(e);
                     }
-                    self.stats.messages.fetch_add(count, Ordering::SeqCst);
-                    self.stats
-                        .bytes
-                        .fetch_add(chunk.len() as u64, Ordering::SeqCst);
-                    moved += count;
-                    segment_moved += count;
-                    segment_bytes += chunk.len() as u64;
-                    Ok(())
                 }
-                Piece::SegmentDone => {
-                    start = (
-                        self.segments.len(),
-                        self.segments.back().map(|s| (s.id, s.size)),
-                    );
-                    (segment_moved, segment_bytes) = (0, 0);
-                    Ok(())
+                if let Err(e) = self.write_durably(chunk) {
+                    copy_failed = true;
+                    return Err(e);
                 }
-            },
-        );
+                self.stats.messages.fetch_add(count, Ordering::SeqCst);
+                self.stats
+                    .bytes
+                    .fetch_add(chunk.len() as u64, Ordering::SeqCst);
+                moved += count;
+                segment_moved += count;
+                segment_bytes += chunk.len() as u64;
+                Ok(())
+            }
+            Piece::SegmentDone => {
+                start = (
+                    self.segments.len(),
+                    self.segments.back().map(|s| (s.id, s.size)),
+                );
+                (segment_moved, segment_bytes) = (0, 0);
+                Ok(())
+            }
+        });
         self.retained = Some(log);
         if copy_failed {
             self.undo_copy(start, segment_moved, segment_bytes);
@@ -1164,8 +1171,8 @@ impl Spool {
             });
     }
 
-    /// Deletes what the retained log no longer needs at `now_ms` (records older than the
-    /// retention; the caller calls it only while NATS is connected), with the directories of
+    /// Deletes what the retained log no longer needs at `now_ms` ([`mono_ms`]: records older
+    /// than the hold; the caller calls it only just after the stream answered), with the directories of
     /// the mails among them.
     pub fn expire_retained(&mut self, now_ms: u64) -> Result<(), SpoolError> {
         let Some(log) = self.retained.as_mut() else {
@@ -1704,13 +1711,11 @@ enum Op {
     },
     Replay {
         connected_until_ms: u64,
-        events_since_ms: u64,
         reply: oneshot::Sender<Result<u64, SpoolError>>,
     },
     Expire {
         now_ms: u64,
         server: String,
-        mark: Option<StoredMark>,
     },
     Read {
         max: usize,
@@ -1719,7 +1724,6 @@ enum Op {
     Commit {
         batch: Arc<ReadBatch>,
         n: usize,
-        duplicates: Vec<bool>,
         reply: oneshot::Sender<Result<(), SpoolError>>,
     },
     Quarantine {
@@ -1818,16 +1822,11 @@ impl SpoolHandle {
 
     /// [`Spool::replay_retained`] in the writer thread; from this call on the spool counts as
     /// non-empty until it is done, so later batches queue behind it.
-    pub async fn replay_retained(
-        &self,
-        connected_until_ms: u64,
-        events_since_ms: u64,
-    ) -> Result<u64, SpoolError> {
+    pub async fn replay_retained(&self, connected_until_ms: u64) -> Result<u64, SpoolError> {
         self.stats.queued.fetch_add(1, Ordering::SeqCst);
         let answer = self
             .call(|reply| Op::Replay {
                 connected_until_ms,
-                events_since_ms,
                 reply,
             })
             .await;
@@ -1843,20 +1842,18 @@ impl SpoolHandle {
         answer
     }
 
-    /// Records that NATS (the server `server`) is connected now, with the latest message the
-    /// publisher knew stored, and deletes the retained records it can no longer lose. Call
-    /// only while connected.
-    pub fn connected_now(&self, server: &str, mark: Option<StoredMark>) {
+    /// Records that the stream answered a check at `now_ms` ([`mono_ms`]), NATS being on
+    /// server process `server`, and deletes the retained records written more than the hold
+    /// before (see `deliver::keep_retained`).
+    pub fn answered_at(&self, server: &str, now_ms: u64) {
         let _ = self.tx.send(Op::Expire {
-            now_ms: now_ms(),
+            now_ms,
             server: server.to_owned(),
-            mark,
         });
     }
 
-    /// The heartbeat of an earlier run of the service: when it last saw NATS connected, to
-    /// which server, and what it knew that server had stored (none: replay everything
-    /// retained).
+    /// The heartbeat of an earlier run of the service: the server process it last saw NATS
+    /// answer on (none: replay everything retained).
     pub fn last_connected(&self) -> Option<Heartbeat> {
         self.last_connected.clone()
     }
@@ -1870,24 +1867,9 @@ impl SpoolHandle {
         self.call(|reply| Op::Read { max, reply }).await
     }
 
+    /// [`Spool::commit`] in the writer thread.
     pub async fn commit(&self, batch: Arc<ReadBatch>, n: usize) -> Result<(), SpoolError> {
-        self.commit_published(batch, n, Vec::new()).await
-    }
-
-    /// [`Spool::commit_published`] in the writer thread.
-    pub async fn commit_published(
-        &self,
-        batch: Arc<ReadBatch>,
-        n: usize,
-        duplicates: Vec<bool>,
-    ) -> Result<(), SpoolError> {
-        self.call(|reply| Op::Commit {
-            batch,
-            n,
-            duplicates,
-            reply,
-        })
-        .await
+        self.call(|reply| Op::Commit { batch, n, reply }).await
     }
 
     pub async fn quarantine(
@@ -2030,31 +2012,21 @@ fn writer_loop(mut spool: Spool, rx: mpsc::Receiver<Op>, appended: Arc<Notify>) 
             }
             Op::Replay {
                 connected_until_ms,
-                events_since_ms,
                 reply,
             } => {
-                let replayed = spool.replay_retained(connected_until_ms, events_since_ms);
+                let replayed = spool.replay_retained(connected_until_ms);
                 spool.stats.queued.fetch_sub(1, Ordering::SeqCst);
                 appended.notify_one();
                 let _ = reply.send(replayed);
             }
-            Op::Expire {
-                now_ms,
-                server,
-                mark,
-            } => {
-                spool.note_connected(now_ms, &server, mark);
+            Op::Expire { now_ms, server } => {
+                spool.note_connected(&server);
                 if let Err(e) = spool.expire_retained(now_ms) {
                     tracing::warn!(error = %e, "cannot delete expired records of the retained log; will retry");
                 }
             }
-            Op::Commit {
-                batch,
-                n,
-                duplicates,
-                reply,
-            } => {
-                let _ = reply.send(spool.commit_published(&batch, n, &duplicates));
+            Op::Commit { batch, n, reply } => {
+                let _ = reply.send(spool.commit(&batch, n));
             }
             Op::Quarantine {
                 batch,
@@ -2503,11 +2475,14 @@ mod tests {
     }
 
     /// A spool with its retained log on (60 s), in a directory of its own.
-    fn retaining_spool() -> (tempfile::TempDir, Spool) {
-        let dir = tempfile::tempdir().unwrap();
-        let mut spool = Spool::open(dir.path(), 1 << 20).unwrap();
+    /// A spool retaining for a hold of 60 s, its ages on a clock the test moves (starting at
+    /// 1,000 ms).
+    fn spool_on_a_clock(dir: &Path) -> (Spool, Arc<AtomicU64>) {
+        let clock = Arc::new(AtomicU64::new(1_000));
+        let mut spool = Spool::open(dir, 1 << 20).unwrap();
+        spool.set_clock(Clock::manual(&clock));
         spool.retain(Duration::from_secs(60)).unwrap();
-        (dir, spool)
+        (spool, clock)
     }
 
     /// The record of `m` for the retained log, stamped `at`.
@@ -2562,7 +2537,7 @@ mod tests {
             "kept across a restart"
         );
 
-        assert_eq!(spool.replay_retained(0, 0).unwrap(), 5);
+        assert_eq!(spool.replay_retained(0).unwrap(), 5);
 
         assert_eq!(spool.stats().messages(), 6);
         assert_eq!(spool.stats().retained_bytes(), 0);
@@ -2582,47 +2557,51 @@ mod tests {
     /// A replay moves only what NATS acknowledged in the retention before it was last seen
     /// connected: older records (synced by then) are dropped, not published again.
     #[test]
-    fn a_replay_moves_only_the_records_of_the_retention_before_nats_was_last_seen() {
-        let (_dir, mut spool) = retaining_spool();
-        let now = now_ms();
-        spool.append_to(vec![
-            stamped(message(0), now - 100_000),
-            stamped(message(1), now - 30_000),
-            stamped(message(2), now),
-        ]);
+    fn a_replay_moves_only_the_segments_of_the_hold_before_nats_last_answered() {
+        let dir = tempfile::tempdir().unwrap();
+        let (mut spool, clock) = spool_on_a_clock(dir.path());
+        // A segment is started every eighth of the hold (7.5 s): three segments.
+        retain(&mut spool, &[message(0)]).unwrap();
+        clock.store(40_000, Ordering::SeqCst);
+        retain(&mut spool, &[message(1)]).unwrap();
+        clock.store(100_000, Ordering::SeqCst);
+        retain(&mut spool, &[message(2)]).unwrap();
 
-        assert_eq!(spool.replay_retained(now - 10_000, 0).unwrap(), 1 + 1);
+        // Last answered at 100 s: the hold (and a margin of 1 s) before it starts at 39 s.
+        assert_eq!(spool.replay_retained(100_000).unwrap(), 1 + 1);
 
         assert_eq!(ids(&spool.read(10).unwrap()), ["id-1", "id-2"]);
         assert_eq!(spool.retained_count().unwrap(), (0, 0));
         assert_eq!(spool.stats().retained_bytes(), 0);
     }
 
-    /// Event records stamped before `events_since_ms` are not moved (the stream is known to
-    /// hold them); mail records are, across the whole window (their objects are in another
-    /// stream, which that says nothing of).
+    /// What an earlier run retained counts as written at start-up, whatever its records' time
+    /// stamps say (the wall clock, which may have stepped): it is kept a whole hold after the
+    /// start, and then expires.
     #[test]
-    fn a_replay_after_a_kept_mark_moves_later_events_and_every_mail_of_the_window() {
-        let (dir, mut spool) = retaining_spool();
-        let now = now_ms();
-        let (mail, n) = encoded_mail_at(dir.path(), "req-early", &[], now - 30_000);
-        spool.append_to(vec![
-            stamped(message(0), now - 30_000),
-            (mail, n, Log::Retained),
-            stamped(message(1), now - 20_000),
-            stamped(message(2), now - 1_000),
-        ]);
+    fn records_of_an_earlier_run_count_as_written_at_start_up() {
+        let dir = tempfile::tempdir().unwrap();
+        {
+            let (mut spool, _) = spool_on_a_clock(dir.path());
+            // Stamped at the epoch and an hour ahead of the wall clock.
+            spool.append_to(vec![
+                stamped(message(0), 0),
+                stamped(message(1), now_ms() + 3_600_000),
+            ]);
+        }
+        let clock = Arc::new(AtomicU64::new(500_000));
+        let mut spool = Spool::open(dir.path(), 1 << 20).unwrap();
+        spool.set_clock(Clock::manual(&clock));
+        spool.retain(Duration::from_secs(60)).unwrap();
 
-        assert_eq!(spool.replay_retained(now, now - 10_000).unwrap(), 1 + 1);
-
-        assert_eq!(spool.retained_count().unwrap(), (0, 0));
-        let first = spool.read(10).unwrap();
+        spool.expire_retained(500_000 + 60_000).unwrap();
         assert_eq!(
-            first.mail.as_ref().map(|m| m.batch_id.as_str()),
-            Some("req-early")
+            spool.retained_count().unwrap().0,
+            2,
+            "kept a hold after the start"
         );
-        spool.commit(&first, 1).unwrap();
-        assert_eq!(ids(&spool.read(10).unwrap()), ["id-2"]);
+        spool.expire_retained(500_000 + 61_001).unwrap();
+        assert_eq!(spool.retained_count().unwrap().0, 0, "then expired");
     }
 
     /// A replay moves the log segment by segment, each deleted once its copy is durable, so
@@ -2634,10 +2613,12 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         let mut spool = Spool::open(dir.path(), 1 << 30).unwrap();
         // A segment every 10 ms.
+        let clock = Arc::new(AtomicU64::new(1_000));
+        spool.set_clock(Clock::manual(&clock));
         spool.retain(Duration::from_millis(80)).unwrap();
         for i in 1..=3 {
             retain(&mut spool, &[message(i)]).unwrap();
-            std::thread::sleep(Duration::from_millis(20));
+            clock.fetch_add(20, Ordering::SeqCst);
         }
         assert_eq!(
             list_segments(&Disk, &dir.path().join("retained"))
@@ -2647,7 +2628,7 @@ mod tests {
         );
         spool.inject(Fault::LaterReplayChunk, 1);
 
-        assert!(spool.replay_retained(0, 0).is_err());
+        assert!(spool.replay_retained(0).is_err());
 
         assert_eq!(
             ids(&spool.read(10).unwrap()),
@@ -2659,51 +2640,62 @@ mod tests {
             2,
             "the others still retained"
         );
-        assert_eq!(spool.replay_retained(0, 0).unwrap(), 2);
+        assert_eq!(spool.replay_retained(0).unwrap(), 2);
         assert_eq!(ids(&spool.read(10).unwrap()), ["id-1", "id-2", "id-3"]);
         assert_eq!(spool.retained_count().unwrap(), (0, 0));
         assert_eq!(spool.stats().retained_bytes(), 0);
     }
 
-    /// A record NATS acknowledges as a duplicate when it is drained keeps the time in its
-    /// record in the retained log; one it stores anew is stamped now. Stamped anew, a record
-    /// replayed at every restart of a server would stay retained for good, and be published
-    /// again once NATS's duplicate window had passed.
+    /// A record the drainer publishes is kept from its own PubAck on, a duplicate too: NATS
+    /// may hold it unsynced (stored late from its socket buffer, or stored again by a replay),
+    /// so a later replay still moves it, however old its first acknowledgement.
     #[test]
-    fn a_duplicate_keeps_its_stamp_in_the_retained_log() {
-        let (_dir, mut spool) = retaining_spool();
-        let now = now_ms();
-        spool.append_to(vec![
-            stamped(message(0), now - 30_000),
-            stamped(message(1), now - 30_000),
-        ]);
-        assert_eq!(spool.replay_retained(now, 0).unwrap(), 2);
+    fn a_drained_duplicate_is_kept_from_its_own_acknowledgement() {
+        let dir = tempfile::tempdir().unwrap();
+        let (mut spool, clock) = spool_on_a_clock(dir.path());
+        retain(&mut spool, &[message(0), message(1)]).unwrap();
+        assert_eq!(spool.replay_retained(1_000).unwrap(), 2);
+        // Drained long after it was first acknowledged (NATS answers both as duplicates).
+        clock.store(300_000, Ordering::SeqCst);
         let batch = spool.read(10).unwrap();
 
-        spool.commit_published(&batch, 2, &[true, false]).unwrap();
+        spool.commit(&batch, 2).unwrap();
 
-        // A later replay, for a server last seen 35 s on: its window starts 26 s ago.
-        assert_eq!(spool.replay_retained(now + 35_000, 0).unwrap(), 1);
-        assert_eq!(ids(&spool.read(10).unwrap()), ["id-1"]);
+        assert_eq!(spool.replay_retained(300_000).unwrap(), 2);
+        assert_eq!(ids(&spool.read(10).unwrap()), ["id-0", "id-1"]);
+    }
+
+    /// The heartbeat names the last server NATS answered from, across a restart; it is
+    /// written (durably, by a rename) only when that server changes.
+    #[test]
+    fn the_heartbeat_names_the_last_server_and_is_replaced_whole() {
+        let dir = tempfile::tempdir().unwrap();
+        {
+            let (mut spool, _) = spool_on_a_clock(dir.path());
+            spool.note_connected("first");
+            spool.note_connected("second");
+        }
+        let (spool, _) = spool_on_a_clock(dir.path());
+        assert_eq!(spool.last_connected.unwrap().server, "second");
+        let retained = dir.path().join("retained");
+        assert!(!retained.join("connected.next").exists());
+        let text = fs::read_to_string(retained.join("connected")).unwrap();
+        assert!(text.ends_with(" second\n"), "{text:?}");
     }
 
     /// A mail record a replay drops (older than the window) takes its directory with it (its
     /// bytes leave `spool.max_bytes`' count, as an expiry's do).
     #[test]
     fn a_mail_a_replay_drops_takes_its_directory_with_it() {
-        let (dir, mut spool) = retaining_spool();
-        let now = now_ms();
-        let (mail, n) = encoded_mail_at(
-            dir.path(),
-            "req-old",
-            &[("a.bin", b"0123456789")],
-            now - 100_000,
-        );
+        let dir = tempfile::tempdir().unwrap();
+        let (mut spool, clock) = spool_on_a_clock(dir.path());
+        let (mail, n) = encoded_mail(dir.path(), "req-old", &[("a.bin", b"0123456789")]);
         spool.append_to(vec![(mail, n, Log::Retained)]);
         let mails: Vec<_> = fs::read_dir(dir.path().join("mail")).unwrap().collect();
         assert_eq!(mails.len(), 1);
+        clock.store(101_000, Ordering::SeqCst);
 
-        assert_eq!(spool.replay_retained(now, 0).unwrap(), 0);
+        assert_eq!(spool.replay_retained(101_000).unwrap(), 0);
 
         assert_eq!(fs::read_dir(dir.path().join("mail")).unwrap().count(), 0);
     }
@@ -2723,12 +2715,12 @@ mod tests {
         append(&mut spool, &[message(0)]).unwrap();
         spool.inject(Fault::LaterReplayChunk, 1);
 
-        assert!(spool.replay_retained(0, 0).is_err());
+        assert!(spool.replay_retained(0).is_err());
 
         assert_eq!(spool.stats().messages(), 1);
         assert_eq!(ids(&spool.read(10).unwrap()), ["id-0"]);
         assert_eq!(spool.retained_count().unwrap().0, 3);
-        assert_eq!(spool.replay_retained(0, 0).unwrap(), 3);
+        assert_eq!(spool.replay_retained(0).unwrap(), 3);
         assert_eq!(
             ids(&spool.read(10).unwrap()),
             ["id-0", "id-1", "id-2", "id-3"]
@@ -2768,7 +2760,9 @@ mod tests {
     #[test]
     fn expiry_deletes_old_segments_and_their_mails_only() {
         let dir = tempfile::tempdir().unwrap();
+        let clock = Arc::new(AtomicU64::new(1_000));
         let mut spool = Spool::open(dir.path(), 1 << 30).unwrap();
+        spool.set_clock(Clock::manual(&clock));
         spool.retain(Duration::from_millis(400)).unwrap();
         let (buf, n) = encoded_mail(dir.path(), "req-1", &[("a.bin", b"attachment")]);
         assert!(spool.stats().reserve_inbound(10, 1 << 30));
@@ -2777,14 +2771,14 @@ mod tests {
         let mail_dir = dir.path().join("mail/req-1");
         assert!(mail_dir.join("a.bin").is_file());
 
-        spool.expire_retained(now_ms()).unwrap();
+        spool.expire_retained(1_000 + 1_400).unwrap();
         assert_eq!(spool.retained_count().unwrap().0, 2, "nothing is old yet");
 
-        // A later segment (after an eighth of the retention) stays when the first expires
-        // (the retention and its margin of 1 s after its newest record).
-        std::thread::sleep(Duration::from_millis(1500));
+        // A later segment (after an eighth of the hold) stays when the first expires (the
+        // hold and its margin of 1 s after its newest record).
+        clock.store(2_500, Ordering::SeqCst);
         retain(&mut spool, &[message(2)]).unwrap();
-        spool.expire_retained(now_ms()).unwrap();
+        spool.expire_retained(2_500).unwrap();
 
         assert_eq!(spool.retained_count().unwrap().0, 1);
         assert!(
@@ -2811,7 +2805,7 @@ mod tests {
         spool.retain(Duration::from_secs(60)).unwrap();
         assert_eq!(spool.adopt_mails().unwrap(), 0);
         assert!(dir.path().join("mail/req-7/mail.json").is_file());
-        spool.replay_retained(0, 0).unwrap();
+        spool.replay_retained(0).unwrap();
         let batch = spool.read(10).unwrap();
         assert_eq!(batch.mail.unwrap().dir, "mail/req-7");
     }

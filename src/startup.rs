@@ -113,7 +113,9 @@ impl Application {
             let mut spool = Spool::open(dir, settings.spool.max_bytes).map_err(spool_error)?;
             let retains = settings.nats.mode == Mode::Jetstream && !settings.spool.retain.is_zero();
             if retains {
-                spool.retain(settings.spool.retain).map_err(spool_error)?;
+                spool
+                    .retain(settings.spool.retain + settings.nats.publish_timeout)
+                    .map_err(spool_error)?;
             }
             // Mails an earlier version queued apart (`inbound/`) join the one spool.
             let adopted = spool.adopt_mails().map_err(spool_error)?;
@@ -125,7 +127,7 @@ impl Application {
             }
             if retains {
                 let window = settings.nats.stream.duplicate_window;
-                if window < settings.spool.retain {
+                if window < settings.spool.retain + settings.nats.publish_timeout {
                     // The replay after a NATS restart is de-duplicated only within the window:
                     // an event NATS kept and acknowledged longer ago is stored again.
                     tracing::info!(

@@ -47,7 +47,7 @@ fn defaults_match_the_spec() {
     assert_eq!(s.nats.publish_timeout, Duration::from_secs(5));
     assert_eq!(s.nats.jetstream_domain, None);
     assert_eq!(s.nats.stream.name, "CMC_EVENTS");
-    assert_eq!(s.nats.stream.duplicate_window, Duration::from_secs(120));
+    assert_eq!(s.nats.stream.duplicate_window, Duration::from_secs(600));
     assert!(s.spool.enabled);
     assert_eq!(s.spool.retry_max_interval, Duration::from_secs(5));
     assert_eq!(s.spool.retain, Duration::from_secs(120));

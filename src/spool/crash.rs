@@ -552,7 +552,8 @@ mod tests {
         consumed_tried: usize,
         /// Every record handed to a write of the retained log, in order.
         retained: Vec<String>,
-        /// The time stamp of each of `retained` (when NATS acknowledged it).
+        /// When each of `retained` was written, on the retained log's clock (for records of
+        /// an earlier run: when the spool was opened again).
         retained_at: Vec<u64>,
         retained_ok: usize,
         /// `retained[..dropped_ok]` were replayed or expired, answered `Ok`;
@@ -593,7 +594,8 @@ mod tests {
         Ok(())
     }
 
-    /// Batches published directly, written to the retained log as one group at `at`.
+    /// Batches published directly, written to the retained log as one group at `at` (the
+    /// retained log's clock).
     fn retain_group(
         spool: &mut Spool,
         ex: &mut Expected,
@@ -610,7 +612,7 @@ mod tests {
                 Box::new(ids.iter().map(|id| message(id)).collect::<Vec<_>>()) as Box<dyn Records>
             })
             .collect();
-        let answers = spool.retain_group(&records, at);
+        let answers = spool.retain_group(&records, now_ms());
         if let Some(e) = answers.iter().find_map(|a| a.as_ref().err()) {
             return Err(e.to_string());
         }
@@ -623,7 +625,7 @@ mod tests {
 
     /// The drainer: reads `n` records, publishes them (nothing to do here) and commits them,
     /// which copies them to the retained log before the cursor moves.
-    fn drain(spool: &mut Spool, ex: &mut Expected, n: usize) -> Result<(), String> {
+    fn drain(spool: &mut Spool, ex: &mut Expected, n: usize, at: u64) -> Result<(), String> {
         let batch = spool.read(n).map_err(|e| e.to_string())?;
         let read: Vec<String> = batch
             .messages
@@ -633,7 +635,7 @@ mod tests {
         let want = &ex.spool[ex.consumed_ok..ex.consumed_ok + n];
         assert_eq!(read, want, "the drainer reads the spool in order");
         ex.consumed_tried = ex.consumed_ok + n;
-        ex.retained_at.extend(read.iter().map(|_| now_ms()));
+        ex.retained_at.extend(read.iter().map(|_| at));
         ex.retained.extend(read);
         spool.commit(&batch, n).map_err(|e| e.to_string())?;
         ex.consumed_ok = ex.consumed_tried;
@@ -655,9 +657,9 @@ mod tests {
         Ok(())
     }
 
-    /// NATS, last seen connected at `until`, came back restarted: the retained records it
-    /// acknowledged in the retention before `until` go behind the spool; older ones (synced
-    /// by then) are dropped, as if expired.
+    /// NATS, last seen answering at `until` (the retained log's clock), came back restarted:
+    /// the retained records written in the hold before `until` go behind the spool; older
+    /// ones (synced by then) are dropped, as if expired.
     fn replay(spool: &mut Spool, ex: &mut Expected, until: u64) -> Result<(), String> {
         // The retention and the retained log's margin of a second.
         let since = until.saturating_sub(RETAIN.as_millis() as u64 + 1_000);
@@ -669,7 +671,7 @@ mod tests {
             .extend(dropped.iter().map(|&i| ex.retained[i].clone()));
         ex.spool.extend(moving.iter().cloned());
         ex.dropped_tried = ex.retained.len();
-        let moved = spool.replay_retained(until, 0).map_err(|e| e.to_string())?;
+        let moved = spool.replay_retained(until).map_err(|e| e.to_string())?;
         assert_eq!(
             moved as usize,
             moving.len(),
@@ -714,42 +716,52 @@ mod tests {
         dir: &Path,
         ex: &mut Expected,
     ) -> Result<(), String> {
-        let t0 = now_ms();
-        let open = || -> Result<Spool, String> {
+        // The retained log's clock, moved by hand: hours pass between some steps.
+        let clock = Arc::new(AtomicU64::new(1_000));
+        let now = || clock.load(Ordering::SeqCst);
+        let open = |ex: &mut Expected| -> Result<Spool, String> {
             let mut spool = Spool::open_with(Arc::new(Shared(fs.clone())), dir, 1 << 20)
                 .map_err(|e| e.to_string())?;
+            spool.set_clock(Clock::manual(&clock));
             spool.retain(RETAIN).map_err(|e| e.to_string())?;
+            // What an earlier run retained counts as written at this start.
+            let at = clock.load(Ordering::SeqCst);
+            for written in &mut ex.retained_at[ex.dropped_ok..] {
+                *written = at;
+            }
             Ok(spool)
         };
         // A first start, on a disk where the spool directory does not exist yet: batches
         // published directly come before anything is spooled.
-        let mut spool = open()?;
-        // Published directly two hours ago: the retained segment is old.
-        retain_group(&mut spool, ex, &[&["d1", "d2"], &["e1"]], t0 - 2 * HOUR_MS)?;
+        let mut spool = open(ex)?;
+        retain_group(&mut spool, ex, &[&["d1", "d2"], &["e1"]], now())?;
         spool_group(&mut spool, ex, &[&["a1", "a2", "a3"]])?;
         // A restart: the next append starts a new segment.
         drop(spool);
-        let mut spool = open()?;
+        let mut spool = open(ex)?;
         spool_group(&mut spool, ex, &[&["b1", "b2"], &["c1"]])?;
-        // Copies of a1..a3 start a new retained segment (the last one is old).
-        drain(&mut spool, ex, 3)?;
+        // Two hours on: copies of a1..a3 start a new retained segment.
+        clock.store(2 * HOUR_MS, Ordering::SeqCst);
+        drain(&mut spool, ex, 3, now())?;
         quarantine_next(&mut spool, ex)?;
-        // NATS last seen now: a1..a3 (copied by the drainer now) are replayed, d1..e1 (two
-        // hours old) are dropped.
-        replay(&mut spool, ex, now_ms())?;
-        retain_group(&mut spool, ex, &[&["f1", "f2"]], t0 - 2 * HOUR_MS)?;
+        // NATS last answered now: a1..a3 (copied by the drainer now) are replayed, d1..e1
+        // (written two hours ago) are dropped.
+        replay(&mut spool, ex, now())?;
+        retain_group(&mut spool, ex, &[&["f1", "f2"]], now())?;
         spool_group(&mut spool, ex, &[&["g1"], &["g2", "g3"]])?;
-        drain(&mut spool, ex, 3)?;
-        // The f segment is older than the retention; the copies just made are not.
-        expire(&mut spool, ex, now_ms(), 2)?;
-        drain(&mut spool, ex, 2)?;
+        // An hour and two seconds on: the f segment is older than the hold; the copies made
+        // now are not.
+        clock.store(3 * HOUR_MS + 2_000, Ordering::SeqCst);
+        drain(&mut spool, ex, 3, now())?;
+        expire(&mut spool, ex, now(), 2)?;
+        drain(&mut spool, ex, 2, now())?;
         // A stop, `spool requeue --all`, a start.
         drop(spool);
-        let mut spool = open()?;
+        let mut spool = open(ex)?;
         requeue(&mut spool, ex)?;
         drop(spool);
-        let mut spool = open()?;
-        drain(&mut spool, ex, 4)?;
+        let mut spool = open(ex)?;
+        drain(&mut spool, ex, 4, now())?;
         Ok(())
     }
 
@@ -896,7 +908,7 @@ mod tests {
     /// the log goes on (an append and a retained record read back after what survived).
     fn check_start(mut spool: Spool, seen: &Observed) -> Result<(), String> {
         let moved = spool
-            .replay_retained(0, 0)
+            .replay_retained(0)
             .map_err(|e| format!("replay at start: {e}"))?;
         let mut want = seen.spool.clone();
         want.extend(seen.retained.iter().cloned());
@@ -1065,7 +1077,7 @@ mod tests {
                 }
                 let start = |fs: &Arc<CrashStorage>| -> Result<(), String> {
                     let (mut spool, _) = reopen(fs, dir)?;
-                    spool.replay_retained(0, 0).map_err(|e| e.to_string())?;
+                    spool.replay_retained(0).map_err(|e| e.to_string())?;
                     Ok(())
                 };
                 let counting = image.fork();

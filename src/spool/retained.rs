@@ -7,16 +7,25 @@
 //! acknowledged, fsynced, for `spool.retain` after the acknowledgement: batches published
 //! directly are written here while they are published (one group commit with the spool's
 //! appends), and records the drainer published are copied here before its cursor moves past
-//! them. When NATS may have lost what it acknowledged (at start-up, and when the connection
-//! comes back to a restarted server), [`super::Spool::replay_retained`] moves every retained
-//! record into the spool, which publishes it again; `Nats-Msg-Id` de-duplication drops what
-//! NATS still had.
+//! them. When NATS may have lost what it acknowledged, [`super::Spool::replay_retained`]
+//! moves the retained records into the spool, which publishes them again; `Nats-Msg-Id`
+//! de-duplication drops what NATS still had.
+//!
+//! # Time
+//!
+//! Ages are measured on the process's monotonic clock ([`super::mono_ms`]), never on the
+//! wall clock: a step of the wall clock (an NTP correction, a VM resumed) neither expires
+//! records early nor keeps them for good. A segment is kept `hold` after its newest record
+//! was written, where `hold` is `spool.retain` plus the longest a PubAck can come after the
+//! write (`nats.publish_timeout`), so every record stays `retain` after its own PubAck.
+//! Segments found at start-up count as written at start-up: how long they were kept before
+//! is not known on this clock, so they are kept a whole `hold` more.
 //!
 //! Segments (`<20-digit id>.seg`, the spool's record format) are started every eighth of the
-//! retention and deleted whole once their newest record is older than the retention, and
-//! only while NATS is connected (the caller decides when to expire): records acknowledged
-//! just before an outage stay until they have been published again. Mail records keep their
-//! directory under `<spool.dir>/mail/` until their segment is deleted.
+//! hold, and deleted whole once their newest record is older than the hold, and only after
+//! the caller saw the stream answer (the caller decides when to expire): records
+//! acknowledged just before an outage stay until they have been published again. Mail
+//! records keep their directory under `<spool.dir>/mail/` until their segment is deleted.
 
 use std::collections::VecDeque;
 use std::io;
@@ -28,61 +37,40 @@ use super::storage::{Storage, StorageFile};
 use super::{
     create_dir_durably, list_segments, read_record, scan_in, segment_path, Record, SEGMENT_MAX,
 };
-use crate::wire::StoredMark;
 
 /// The directory of the retained log, under the spool directory.
 pub(super) const RETAINED: &str = "retained";
-/// The heartbeat file in it: `<ms since the Unix epoch> <server id>[ <stored mark>]`, the
-/// last moment the service saw NATS connected, to which server, and the latest message it
-/// knew that server had stored (see [`Heartbeat`]).
+/// The heartbeat file in it: `<ms since the Unix epoch> <server id>`, the server process
+/// NATS was last seen answering on, and when (for people: the service reads the id only).
 const HEARTBEAT: &str = "connected";
+/// The next heartbeat, before it is renamed over [`HEARTBEAT`].
+const HEARTBEAT_NEXT: &str = "connected.next";
 
 /// What the heartbeat file says.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Heartbeat {
-    /// When NATS was last seen connected (ms since the Unix epoch).
+    /// When it was written (ms since the Unix epoch, the wall clock: only shown).
     pub at_ms: u64,
-    /// The id of the server process it was connected to.
+    /// The id of the server process NATS was last seen answering on.
     pub server: String,
-    /// The latest message that server (or one before it) acknowledged, as the publisher noted
-    /// it; none in the heartbeats of earlier versions.
-    pub mark: Option<StoredMark>,
 }
 
 impl Heartbeat {
     fn to_text(&self) -> String {
-        match &self.mark {
-            Some(mark) => format!("{} {} {}\n", self.at_ms, self.server, mark.to_text()),
-            None => format!("{} {}\n", self.at_ms, self.server),
-        }
+        format!("{} {}\n", self.at_ms, self.server)
     }
 
-    /// Reads [`Heartbeat::to_text`]'s form (and the earlier one, without a mark); a torn mark
-    /// reads as none.
+    /// Reads [`Heartbeat::to_text`]'s form (anything after the id is ignored).
     fn from_text(text: &str) -> Option<Heartbeat> {
-        let (at, rest) = text.trim_end().split_once(' ')?;
-        let (server, mark) = match rest.split_once(' ') {
-            Some((server, mark)) => (server, StoredMark::from_text(mark)),
-            None => (rest, None),
-        };
-        Some(Heartbeat {
-            at_ms: at.parse().ok()?,
-            server: server.to_owned(),
-            mark,
-        })
+        let mut fields = text.split_whitespace();
+        let at_ms = fields.next()?.parse().ok()?;
+        let server = fields.next()?.to_owned();
+        Some(Heartbeat { at_ms, server })
     }
 }
 
-/// Kept beyond the retention: a record's stamp can come a little after its acknowledgement,
-/// and nats-server's periodic sync takes a while to complete.
+/// Kept beyond the hold: nats-server's periodic sync takes a while to complete.
 const MARGIN_MS: u64 = 1_000;
-
-/// The time stamp of a whole record (none for records of the earliest format).
-pub(super) fn stamp(record: &[u8]) -> Option<u64> {
-    (record.get(..4)? != super::MAGIC_V1)
-        .then(|| Some(u64::from_le_bytes(record.get(12..20)?.try_into().ok()?)))
-        .flatten()
-}
 
 /// One retained segment.
 #[derive(Debug)]
@@ -90,9 +78,9 @@ struct Kept {
     id: u64,
     /// Bytes known to hold complete, synced records.
     size: u64,
-    /// When its first record was written (ms since the Unix epoch).
+    /// When its first record was written ([`super::mono_ms`]).
     opened_ms: u64,
-    /// When its newest record was written: it expires `retain` after that.
+    /// When its newest record was written ([`super::mono_ms`]): it expires `hold` after that.
     newest_ms: u64,
     /// Unreadable stretches found at start-up, skipped when it is read.
     gaps: Vec<(u64, u64)>,
@@ -121,7 +109,9 @@ pub(super) struct Retained {
     /// Where its file operations go (the spool's storage).
     fs: Arc<dyn Storage>,
     dir: PathBuf,
-    retain_ms: u64,
+    /// How long a segment is kept after its newest record was written (see the module's
+    /// doc, "Time").
+    hold_ms: u64,
     segments: VecDeque<Kept>,
     /// The segment being appended to (the last of `segments`), when open.
     writer: Option<Box<dyn StorageFile>>,
@@ -145,11 +135,14 @@ pub(super) struct Opened {
 }
 
 impl Retained {
-    /// Opens (or creates) the retained log under `spool_dir`, cutting torn tails off.
+    /// Opens (or creates) the retained log under `spool_dir`, cutting torn tails off; each
+    /// segment is kept `hold` after its newest record was written (the segments found count
+    /// as written `now`).
     pub(super) fn open(
         fs: Arc<dyn Storage>,
         spool_dir: &Path,
-        retain: Duration,
+        hold: Duration,
+        now: u64,
     ) -> io::Result<Opened> {
         let dir = spool_dir.join(RETAINED);
         create_dir_durably(&*fs, &dir)?;
@@ -163,9 +156,6 @@ impl Retained {
                 file.set_len(scan.valid_len)?;
                 file.sync_all()?;
             }
-            let stamps = scan.records.iter().filter_map(|r| r.at_ms);
-            let newest_ms = stamps.clone().max().unwrap_or(0);
-            let opened_ms = stamps.min().unwrap_or(0);
             bytes += scan.valid_len;
             mail_bytes += scan
                 .records
@@ -175,8 +165,8 @@ impl Retained {
             segments.push_back(Kept {
                 id,
                 size: scan.valid_len,
-                opened_ms,
-                newest_ms,
+                opened_ms: now,
+                newest_ms: now,
                 gaps: scan.gaps,
             });
         }
@@ -185,7 +175,7 @@ impl Retained {
             retained: Retained {
                 fs,
                 dir,
-                retain_ms: retain.as_millis() as u64,
+                hold_ms: hold.as_millis() as u64,
                 segments,
                 writer: None,
                 unsynced: 0,
@@ -198,7 +188,7 @@ impl Retained {
         })
     }
 
-    /// Appends `buf` (whole records, stamped `now_ms`) and syncs it. On failure nothing of
+    /// Appends `buf` (whole records) at `now_ms` ([`super::mono_ms`]) and syncs it. On failure nothing of
     /// it counts: the segment is closed and cut back to its last complete record.
     pub(super) fn append(&mut self, buf: &[u8], now_ms: u64) -> io::Result<()> {
         let start = self.begin(now_ms)?;
@@ -210,12 +200,12 @@ impl Retained {
     }
 
     /// Makes sure a segment is open for appending (a new one after an eighth of the
-    /// retention, or at 64 MiB), and returns where the next write starts in it.
+    /// hold, or at 64 MiB), and returns where the next write starts in it.
     pub(super) fn begin(&mut self, now_ms: u64) -> io::Result<u64> {
         let rotate = match (&self.writer, self.segments.back()) {
             (Some(_), Some(last)) => {
                 last.size >= SEGMENT_MAX
-                    || now_ms.saturating_sub(last.opened_ms) >= self.retain_ms / 8
+                    || now_ms.saturating_sub(last.opened_ms) >= self.hold_ms / 8
             }
             _ => true,
         };
@@ -292,15 +282,15 @@ impl Retained {
         self.unsynced = 0;
     }
 
-    /// The oldest stamp a replay needs when NATS was last seen connected at
-    /// `connected_until_ms`: what it acknowledged in the retention before that moment (and
-    /// [`MARGIN_MS`] more) may not have been synced when it went away.
+    /// The oldest write a replay needs when NATS was last seen answering at
+    /// `connected_until_ms` ([`super::mono_ms`]): what it acknowledged in the retention before
+    /// that moment (and [`MARGIN_MS`] more) may not have been synced when it went away.
     pub(super) fn needed_since(&self, connected_until_ms: u64) -> u64 {
-        connected_until_ms.saturating_sub(self.retain_ms + MARGIN_MS)
+        connected_until_ms.saturating_sub(self.hold_ms + MARGIN_MS)
     }
 
     /// Deletes the segments whose newest record a replay would no longer need at `now_ms`
-    /// (NATS connected now).
+    /// ([`super::mono_ms`]; the caller saw the stream answer just now).
     pub(super) fn expire(&mut self, now_ms: u64) -> io::Result<Freed> {
         let mut freed = Freed::default();
         let needed = self.needed_since(now_ms);
@@ -331,12 +321,12 @@ impl Retained {
         Ok(freed)
     }
 
-    /// Every retained record stamped `since_ms` or later (event records: `events_since_ms` or
-    /// later, when that is later), oldest first, as whole records in chunks of about `chunk`
-    /// bytes, handed to `copy` as [`Piece::Records`]; after each segment's records,
-    /// [`Piece::SegmentDone`] (the caller's copy of it is durable by then), and the segment is
-    /// deleted before the next is read, so a replay needs room for one segment, not for a
-    /// second copy of the log. A crash between a copy and its deletion leaves both: the records
+    /// Every record of the segments written `since_ms` or later ([`super::mono_ms`]), oldest
+    /// first, as whole records in chunks of about `chunk` bytes, handed to `copy` as
+    /// [`Piece::Records`]; after each segment's records, [`Piece::SegmentDone`] (the caller's
+    /// copy of it is durable by then), and the segment is deleted before the next is read, so
+    /// a replay needs room for one segment, not for a second copy of the log. Older segments
+    /// are deleted unread. A crash between a copy and its deletion leaves both: the records
     /// are published twice, and de-duplicated. On failure, the segments deleted so far stay
     /// deleted (their records are in the caller's copy), and what they freed is reported by the
     /// next expiry or replay.
@@ -344,10 +334,8 @@ impl Retained {
         &mut self,
         chunk: usize,
         since_ms: u64,
-        events_since_ms: u64,
         mut copy: impl FnMut(Piece<'_>) -> io::Result<()>,
     ) -> io::Result<Freed> {
-        let events_since_ms = events_since_ms.max(since_ms);
         self.writer = None;
         self.unsynced = 0;
         let mut freed = Freed::default();
@@ -359,14 +347,6 @@ impl Retained {
                     let mut buf = Vec::with_capacity(chunk.min(kept.size as usize));
                     let mut count = 0u64;
                     for_each_record(&*self.fs, &self.dir, kept, |record, read| {
-                        let since = match &read {
-                            Record::Mail(_) => since_ms,
-                            _ => events_since_ms,
-                        };
-                        // Records of earlier versions have no stamp: kept, to be safe.
-                        if stamp(record).is_some_and(|at| at < since) {
-                            return Ok(());
-                        }
                         if let Record::Mail(mail) = read {
                             moved_mails.insert(mail.dir);
                         }
@@ -402,11 +382,23 @@ impl Retained {
         }
     }
 
-    /// Writes the heartbeat.
+    /// Replaces the heartbeat atomically: written to a file of its own, synced, renamed over
+    /// the old one, and the directory synced. A full disk or a crash halfway leaves the old
+    /// heartbeat whole, never an empty or torn one (which would read as no heartbeat, and
+    /// replay the whole log to a server that lost nothing).
     pub(super) fn write_heartbeat(&self, heartbeat: &Heartbeat) -> io::Result<()> {
-        // Not synced (see `Spool::note_connected`).
-        let mut file = self.fs.create(&self.dir.join(HEARTBEAT))?;
-        file.write_all(heartbeat.to_text().as_bytes())
+        let temporary = self.dir.join(HEARTBEAT_NEXT);
+        let written = (|| {
+            let mut file = self.fs.create(&temporary)?;
+            file.write_all(heartbeat.to_text().as_bytes())?;
+            file.sync_data()?;
+            self.fs.rename(&temporary, &self.dir.join(HEARTBEAT))?;
+            self.fs.sync_dir(&self.dir)
+        })();
+        if written.is_err() {
+            let _ = self.fs.remove_file(&temporary);
+        }
+        written
     }
 
     /// What the heartbeat says.

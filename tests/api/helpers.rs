@@ -901,6 +901,10 @@ impl Service {
         format!("http://127.0.0.1:{}/readyz", self.admin_port)
     }
 
+    pub fn metrics_url(&self) -> String {
+        format!("http://127.0.0.1:{}/metrics", self.admin_port)
+    }
+
     pub fn log_tail(&self) -> String {
         let text = std::fs::read_to_string(&self.log).unwrap_or_default();
         let lines: Vec<&str> = text.lines().collect();

@@ -667,8 +667,10 @@ const SCALED: [(&str, &str); 2] = [
     ("NATS__STREAM__DUPLICATE_WINDOW", "6s"),
     ("SPOOL__RETAIN", "6s"),
 ];
-/// Longer than `SCALED`'s retention plus the second a replay adds.
-const PAST_RETAIN: Duration = Duration::from_millis(8500);
+/// Longer than what `SCALED`'s retention keeps a record: the retention, the publish timeout
+/// (1 s: a record is written at most that long before its PubAck), the retained log's margin
+/// of a second, and a second until the next check of the stream expires it.
+const PAST_RETAIN: Duration = Duration::from_millis(10_500);
 
 /// A restart of the service in front of the same NATS process (a deploy) publishes nothing
 /// again, so stores nothing twice: half the events are answered longer ago than the
@@ -1117,4 +1119,217 @@ async fn with_the_spool_off_a_power_cut_loses_events_answered_200() {
         answered.len(),
         "{case}: every event answered 200 after the last sync is lost with the spool off"
     );
+}
+
+/// libfaketime: steps the service's wall clock, not its monotonic clock, when the file named
+/// by `FAKETIME_TIMESTAMP_FILE` changes (read again every second).
+const FAKETIME: &str = "/usr/lib/x86_64-linux-gnu/faketime/libfaketime.so.1";
+
+/// The service, on a wall clock a test steps by writing an offset (`+1h`, `-1h`) to the
+/// returned file, in front of `nats`, with `settings`.
+fn service_on_a_stepped_clock(
+    nats: &NatsServer,
+    dir: &std::path::Path,
+    settings: &[(&str, &str)],
+) -> (Service, std::path::PathBuf) {
+    assert!(
+        std::path::Path::new(FAKETIME).exists(),
+        "{FAKETIME} is missing: apt-get install faketime (.ci/run installs it)"
+    );
+    let offset = dir.join("faketime");
+    std::fs::write(&offset, "+0\n").unwrap();
+    let service = Launch::service(&dir.join("service.log"))
+        .nats(&nats.url())
+        .spool(&dir.join("spool"))
+        .settings(settings)
+        .envs(&[
+            ("LD_PRELOAD", FAKETIME),
+            ("FAKETIME_TIMESTAMP_FILE", offset.to_str().unwrap()),
+            ("FAKETIME_CACHE_DURATION", "1"),
+            ("FAKETIME_DONT_FAKE_MONOTONIC", "1"),
+        ])
+        .start();
+    (service, offset)
+}
+
+/// `cmc_forwarder_retained_bytes` on the service's `/metrics`.
+async fn retained_bytes(http: &reqwest::Client, service: &Service) -> Option<f64> {
+    let text = get_text(http, &service.metrics_url()).await;
+    text.lines()
+        .find_map(|line| line.strip_prefix("cmc_forwarder_retained_bytes "))
+        .and_then(|value| value.trim().parse().ok())
+}
+
+/// Waits (up to 10 s) until the service's `cmc_forwarder_retained_bytes` (set at each check
+/// of the stream, every second) is over zero, and returns it.
+async fn retained_shown(http: &reqwest::Client, service: &Service) -> f64 {
+    let deadline = Instant::now() + Duration::from_secs(10);
+    loop {
+        let bytes = retained_bytes(http, service).await.unwrap_or(0.0);
+        if bytes > 0.0 || Instant::now() > deadline {
+            return bytes;
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+}
+
+/// The service's wall clock steps an hour forward (an NTP step) after batches were
+/// answered `200`; then NATS loses power. Ages are on the monotonic clock, so the records
+/// are still retained and published again: every event is stored once. (Measured on the
+/// wall clock, the step expired every record within seconds, and the cut lost them all.)
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_clock_step_forward_expires_nothing_before_a_power_cut() {
+    let case = "clock_step_forward";
+    let mut nats = NatsServer::start().await;
+    let dir = tempfile::tempdir().unwrap();
+    let http = http_client();
+    let (mut service, offset) = service_on_a_stepped_clock(&nats, dir.path(), &[]);
+    service.wait_ready(&http).await;
+    let sync = nats.last_sync();
+    let answered = answer_batches(&service.webhook_url(), case, 0..BATCHES).await;
+    let before = retained_shown(&http, &service).await;
+
+    std::fs::write(&offset, "+1h\n").unwrap();
+    // Three checks of the stream after the step (each an occasion to expire).
+    tokio::time::sleep(Duration::from_secs(4)).await;
+    let after = retained_bytes(&http, &service).await.unwrap_or(0.0);
+    assert!(
+        after >= before && before > 0.0,
+        "{case}: retained bytes {before} before the step, {after} after"
+    );
+    nats.lose_power(&sync).await;
+
+    let stored = settle(&[nats.url()], &answered).await;
+    verdict(
+        case,
+        &answered,
+        &stored,
+        &format!(" retained_before={before} retained_after={after}"),
+        &service.log_tail(),
+    );
+}
+
+/// The service's wall clock steps an hour back: the retained log still expires a hold
+/// (`spool.retain` 2 s, the publish timeout, a margin of 1 s) after its records were
+/// written, and does not grow until `spool.max_bytes` refuses every batch. (Measured on the
+/// wall clock, nothing expired for an hour.)
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_clock_step_back_still_expires_the_retained_log() {
+    let case = "clock_step_back";
+    let nats = NatsServer::start().await;
+    let dir = tempfile::tempdir().unwrap();
+    let http = http_client();
+    let (mut service, offset) =
+        service_on_a_stepped_clock(&nats, dir.path(), &[("SPOOL__RETAIN", "2s")]);
+    service.wait_ready(&http).await;
+    let answered = answer_batches(&service.webhook_url(), case, 0..BATCHES).await;
+    let before = retained_shown(&http, &service).await;
+    assert!(before > 0.0, "{case}: nothing retained");
+    std::fs::write(&offset, "-1h\n").unwrap();
+
+    let started = Instant::now();
+    let mut bytes = before;
+    while bytes > 0.0 && started.elapsed() < Duration::from_secs(20) {
+        tokio::time::sleep(Duration::from_millis(200)).await;
+        bytes = retained_bytes(&http, &service).await.unwrap_or(0.0);
+    }
+    let expired_after = started.elapsed();
+    let stored = settle(&[nats.url()], &answered).await;
+    verdict(
+        case,
+        &answered,
+        &stored,
+        &format!(
+            " retained_before={before} retained_bytes={bytes} expired_after={expired_after:?}"
+        ),
+        &service.log_tail(),
+    );
+    assert_eq!(bytes, 0.0, "{case}: the retained log did not expire");
+}
+
+/// NATS dies silently (its host loses power: no TCP reset), so the client still says it is
+/// connected for a while. The stream does not answer the retained log's checks, so nothing
+/// expires however long it lasts (`spool.retain` 2 s here, waited three times over); the
+/// power cut then lost what NATS acknowledged, and every event is stored again, once.
+/// (Decided on the connection's state, the records expired while it looked connected.)
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_silent_death_of_nats_expires_nothing() {
+    let case = "silent_death";
+    let mut nats = NatsServer::start().await;
+    let dir = tempfile::tempdir().unwrap();
+    let http = http_client();
+    let mut service = Launch::service(&dir.path().join("service.log"))
+        .nats(&nats.url())
+        .spool(&dir.path().join("spool"))
+        .settings(&[("SPOOL__RETAIN", "2s")])
+        .start();
+    service.wait_ready(&http).await;
+    let sync = nats.last_sync();
+    let answered = answer_batches(&service.webhook_url(), case, 0..BATCHES).await;
+
+    nats.signal("-STOP");
+    tokio::time::sleep(Duration::from_secs(6)).await;
+    let retained = retained_bytes(&http, &service).await.unwrap_or(0.0);
+    nats.lose_power(&sync).await;
+
+    let stored = settle(&[nats.url()], &answered).await;
+    verdict(
+        case,
+        &answered,
+        &stored,
+        &format!(" retained_while_silent={retained}"),
+        &service.log_tail(),
+    );
+    assert!(
+        retained > 0.0,
+        "{case}: the retained log expired while NATS was silent"
+    );
+}
+
+/// The service talks to a leaf node; the stream lives in the hub behind it
+/// (`nats.jetstream_domain`), which loses power. The server the service is connected to
+/// never changed, so only the stream itself can tell: its last sequence is below what it
+/// acknowledged, and what it lost is published again, once.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_power_cut_of_the_hub_behind_a_leaf_node_loses_nothing() {
+    let case = "leaf_hub";
+    let dir = tempfile::tempdir().unwrap();
+    let leaf_port = free_port();
+    let conf = |name: &str, text: String| {
+        let path = dir.path().join(format!("{name}.conf"));
+        std::fs::write(&path, text).unwrap();
+        path.to_str().unwrap().to_owned()
+    };
+    let hub_conf = conf(
+        "hub",
+        format!(
+            "jetstream {{ domain: hub }}\nleafnodes {{ host: 127.0.0.1, port: {leaf_port} }}\n"
+        ),
+    );
+    let mut hub = NatsServer::configured("hub", free_port(), vec!["-c".into(), hub_conf]);
+    hub.launch().await;
+    let leaf_conf = conf(
+        "leaf",
+        format!(
+            "jetstream {{ domain: leaf }}\nleafnodes {{ remotes = [ {{ url: \"nats-leaf://127.0.0.1:{leaf_port}\" }} ] }}\n"
+        ),
+    );
+    let mut leaf = NatsServer::configured("leaf", 0, vec!["-c".into(), leaf_conf]);
+    leaf.launch().await;
+    let http = http_client();
+    let mut service = Launch::service(&dir.path().join("service.log"))
+        .nats(&leaf.url())
+        .spool(&dir.path().join("spool"))
+        .settings(&[("NATS__JETSTREAM_DOMAIN", "hub")])
+        .start();
+    service
+        .wait_ready_within(&http, Duration::from_secs(30))
+        .await;
+    let sync = hub.last_sync();
+    let answered = answer_batches(&service.webhook_url(), case, 0..BATCHES).await;
+
+    hub.lose_power(&sync).await;
+
+    let stored = settle(&[hub.url()], &answered).await;
+    verdict(case, &answered, &stored, "", &service.log_tail());
 }
