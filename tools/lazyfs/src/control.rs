@@ -5,6 +5,7 @@
 //! drop              -> ok <n> writes dropped, <m> entry changes undone
 //! drop-tear <seed>  -> ok <n> writes dropped, <t> torn, <m> entry changes undone
 //! stats             -> ok files=<f> writes=<w> bytes=<b> entries=<e>   (unsynced)
+//! entries           -> ok <e>: <change>; <change>…   (the unsynced entry changes, oldest first)
 //! sync-all          -> ok
 //! anything else     -> err <why>
 //! ```
@@ -57,11 +58,17 @@ pub fn answer(state: &State, notifier: Option<&Notifier>, line: &str) -> String 
                 s.files, s.writes, s.bytes, s.entries
             )
         }
+        ("entries", None) => {
+            let journal = state.journal();
+            format!("ok {}: {}", journal.len(), journal.join("; "))
+        }
         ("sync-all", None) => {
             state.sync_all();
             "ok".to_string()
         }
-        _ => format!("err unknown command {line:?} (drop, drop-tear <seed>, stats, sync-all)"),
+        _ => format!(
+            "err unknown command {line:?} (drop, drop-tear <seed>, stats, entries, sync-all)"
+        ),
     }
 }
 

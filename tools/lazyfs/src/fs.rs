@@ -34,8 +34,9 @@ type Listing = Vec<(u64, FileType, OsString)>;
 
 pub struct LazyFs {
     state: Arc<State>,
-    /// Open files, by handle number.
-    files: Mutex<HashMap<u64, Arc<File>>>,
+    /// Open files, by handle number, and whether they were opened `O_SYNC`/`O_DSYNC` (each
+    /// write through them is synced).
+    files: Mutex<HashMap<u64, (Arc<File>, bool)>>,
     /// Open directories' listings, by handle number.
     dirs: Mutex<HashMap<u64, Arc<Listing>>>,
     /// The next handle number.
@@ -53,6 +54,10 @@ impl LazyFs {
     }
 
     fn handle(&self, fh: FileHandle) -> Result<Arc<File>, Errno> {
+        self.handle_sync(fh).map(|(file, _)| file)
+    }
+
+    fn handle_sync(&self, fh: FileHandle) -> Result<(Arc<File>, bool), Errno> {
         self.files
             .lock()
             .unwrap_or_else(|e| e.into_inner())
@@ -61,12 +66,14 @@ impl LazyFs {
             .ok_or(Errno::EBADF)
     }
 
-    fn add_handle(&self, file: File) -> u64 {
+    fn add_handle(&self, file: File, flags: i32) -> u64 {
         let fh = self.next_fh.fetch_add(1, Ordering::Relaxed);
+        // O_SYNC includes O_DSYNC's bit.
+        let sync = flags & nix::libc::O_DSYNC != 0;
         self.files
             .lock()
             .unwrap_or_else(|e| e.into_inner())
-            .insert(fh, Arc::new(file));
+            .insert(fh, (Arc::new(file), sync));
         fh
     }
 
@@ -277,7 +284,7 @@ impl Filesystem for LazyFs {
             // through it.
             let write = flags.acc_mode() != OpenAccMode::O_RDONLY;
             let file = OpenOptions::new().read(true).write(write).open(path)?;
-            Ok(self.add_handle(file))
+            Ok(self.add_handle(file, flags.0))
         })();
         match result {
             Ok(fh) => reply.opened(FileHandle(fh), FopenFlags::FOPEN_DIRECT_IO),
@@ -301,7 +308,7 @@ impl Filesystem for LazyFs {
             .create(parent.0, name, mode & !umask & 0o7777, exclusive)
             .and_then(|(file, _, _)| {
                 let md = file.metadata()?;
-                Ok((self.attr(&md), self.add_handle(file)))
+                Ok((self.attr(&md), self.add_handle(file, flags)))
             });
         match result {
             Ok((attr, fh)) => reply.created(
@@ -356,9 +363,15 @@ impl Filesystem for LazyFs {
         reply: ReplyWrite,
     ) {
         let result = self
-            .handle(fh)
+            .handle_sync(fh)
             .map_err(errno)
-            .and_then(|file| self.state.write(ino.0, &file, offset, data));
+            .and_then(|(file, sync)| {
+                self.state.write(ino.0, &file, offset, data)?;
+                if sync {
+                    self.state.fsync(ino.0);
+                }
+                Ok(())
+            });
         match result {
             Ok(()) => reply.written(data.len() as u32),
             Err(e) => reply.error(e.into()),

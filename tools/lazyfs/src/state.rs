@@ -145,6 +145,18 @@ enum Change {
     },
 }
 
+impl Change {
+    /// The paths the change names.
+    fn paths(&self) -> Vec<&Path> {
+        match self {
+            Change::Created { path } | Change::MadeDir { path } | Change::Removed { path, .. } => {
+                vec![path]
+            }
+            Change::Renamed { from, to, .. } => vec![from, to],
+        }
+    }
+}
+
 #[derive(Debug)]
 struct Entry {
     change: Change,
@@ -341,17 +353,12 @@ impl State {
             // ext4 in its default mode commits the entry that names a file with the file's
             // own fsync, and the directories above it that are still new.
             let path = lock(&self.paths).get(&ino).cloned();
-            entries.retain(|e| {
+            self.commit_where(&mut entries, |e| {
                 let ancestor = match (&e.change, &path) {
                     (Change::MadeDir { path: dir }, Some(p)) => p.starts_with(dir),
                     _ => false,
                 };
-                if e.subject == ino || ancestor {
-                    self.commit(e);
-                    false
-                } else {
-                    true
-                }
+                e.subject == ino || ancestor
             });
         }
         drop(entries);
@@ -364,14 +371,28 @@ impl State {
     pub fn fsyncdir(&self, dir: u64) {
         let _gate = self.gate.read().unwrap_or_else(|e| e.into_inner());
         let mut entries = lock(&self.entries);
-        entries.retain(|e| {
-            if e.dirs.contains(&dir) {
+        self.commit_where(&mut entries, |e| e.dirs.contains(&dir));
+    }
+
+    /// Commits the entry changes `chosen` picks, and every earlier change on the same path or
+    /// below it: a journal commits in order, so a change never becomes durable before one it
+    /// depends on (a directory emptied, removed, made again).
+    fn commit_where(&self, entries: &mut Vec<Entry>, chosen: impl Fn(&Entry) -> bool) {
+        let mut committed: Vec<PathBuf> = Vec::new();
+        let mut keep = vec![true; entries.len()];
+        for (i, e) in entries.iter().enumerate().rev() {
+            let paths = e.change.paths();
+            let depends = paths
+                .iter()
+                .any(|p| committed.iter().any(|c| p.starts_with(c)));
+            if chosen(e) || depends {
+                committed.extend(paths.into_iter().map(Path::to_path_buf));
                 self.commit(e);
-                false
-            } else {
-                true
+                keep[i] = false;
             }
-        });
+        }
+        let mut keep = keep.into_iter();
+        entries.retain(|_| keep.next().unwrap_or(true));
     }
 
     /// An entry change becomes durable: what waited in the graveyard goes for good.
@@ -589,7 +610,9 @@ impl State {
         for e in entries.into_iter().rev() {
             cut.entries += 1;
             cut.touched.push(e.subject);
-            if self.undo(e).is_err() {
+            let change = format!("{:?}", e.change);
+            if let Err(err) = self.undo(e) {
+                eprintln!("lazyfs: cannot undo {change}: {err}");
                 cut.failures += 1;
             }
         }
@@ -623,6 +646,28 @@ impl State {
                 Ok(())
             }
         }
+    }
+
+    /// The unsynced entry changes, oldest first, for `entries`.
+    pub fn journal(&self) -> Vec<String> {
+        lock(&self.entries)
+            .iter()
+            .map(|e| match &e.change {
+                Change::Created { path } => format!("create {}", path.display()),
+                Change::MadeDir { path } => format!("mkdir {}", path.display()),
+                Change::Removed { path, .. } => format!("remove {}", path.display()),
+                Change::Renamed { from, to, replaced } => format!(
+                    "rename {} {}{}",
+                    from.display(),
+                    to.display(),
+                    if replaced.is_some() {
+                        " (replacing)"
+                    } else {
+                        ""
+                    }
+                ),
+            })
+            .collect()
     }
 
     pub fn stats(&self) -> Stats {
