@@ -752,6 +752,29 @@ mod tests {
     }
 
     #[test]
+    fn a_commit_takes_the_earlier_changes_on_its_path_with_it() {
+        // Arrange: a directory made, removed and made again (as nats-server does at start),
+        // then a file in it fsynced: by default that commits the file and the new directory.
+        let (dir, s) = state(false);
+        let name = OsStr::new("d");
+        s.mkdir(ROOT, name, 0o755).unwrap();
+        s.remove(ROOT, name, true).unwrap();
+        let (md, _) = s.mkdir(ROOT, name, 0o755).unwrap();
+        let d = s.ino(&md);
+        let (file, _, _) = s.create(d, OsStr::new("f"), 0o644, true).unwrap();
+        let ino = s.ino(&file.metadata().unwrap());
+        s.write(ino, &file, 0, b"kept").unwrap();
+        s.fsync(ino);
+        s.create(ROOT, OsStr::new("g"), 0o644, true).unwrap();
+        // Act
+        let cut = s.cut(None);
+        // Assert: only g's creation was left to undo, and it could be.
+        assert_eq!((cut.entries, cut.failures), (1, 0));
+        assert_eq!(fs::read(dir.path().join("d/f")).unwrap(), b"kept");
+        assert!(!dir.path().join("g").exists());
+    }
+
+    #[test]
     fn the_same_seed_tears_the_same_way() {
         let a: Vec<u64> = {
             let mut r = SplitMix::new(7);
