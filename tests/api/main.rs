@@ -11,6 +11,8 @@ mod helpers;
 mod hostile;
 mod http;
 mod inbound;
+mod lazy_helpers;
+mod lazyfs;
 mod limits;
 mod metric_names;
 mod pipeline;
