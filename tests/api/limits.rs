@@ -297,3 +297,56 @@ async fn the_byte_budget_counts_each_body_twice_while_it_is_read_and_decoded() {
     assert_eq!(after.status(), 200);
     assert_eq!(app.stream_messages().await.len(), 200);
 }
+
+/// Issue 29: a body announced by `Content-Length` reserves exactly twice its length, not a
+/// step of 256 KiB: a batch of b bytes (b well under 128 KiB) is admitted under a budget of a
+/// little more than 2 × b, its outgoing size included.
+#[tokio::test]
+async fn a_batch_fits_a_budget_of_twice_its_size() {
+    const B: u64 = 100_000;
+    let nats = NatsServer::start().await;
+    let mut settings = test_settings(&nats);
+    settings.server.max_in_flight_bytes = 2 * B + 16 * 1024;
+    let app = spawn_app_with(settings).await;
+
+    let response = app
+        .post("application/json", body_of_about("small", B as usize))
+        .await;
+
+    let status = response.status();
+    assert_eq!(status, 200, "{}", response.text().await.unwrap());
+    assert_eq!(app.stream_messages().await.len(), 100);
+}
+
+/// Issue 29: a request announcing 1 KiB holds 2 KiB of the budget while its body arrives. A
+/// budget of 48 KiB holds 20 such requests and still admits a small batch; 4 more fill it,
+/// and the batch is refused with 503.
+#[tokio::test]
+async fn a_request_of_1_kib_holds_2_kib_of_the_budget() {
+    let nats = NatsServer::start().await;
+    let mut settings = test_settings(&nats);
+    settings.server.max_in_flight_bytes = 48 * 1024;
+    let app = spawn_app_with(settings).await;
+    let batch = fixture("deliveries-queued", Enc::Json);
+    assert!(batch.len() <= 1024, "{}", batch.len());
+
+    let mut held = Vec::new();
+    for _ in 0..20 {
+        held.push(hold_budget(&app, 1024).await);
+    }
+    let fits = app.post("application/json", batch.clone()).await;
+    let status = fits.status();
+    assert_eq!(
+        status,
+        200,
+        "20 × 2 KiB held of 48 KiB: {}",
+        fits.text().await.unwrap()
+    );
+
+    for _ in 0..4 {
+        held.push(hold_budget(&app, 1024).await);
+    }
+    let refused = app.post("application/json", batch).await;
+    assert_eq!(refused.status(), 503, "24 × 2 KiB held of 48 KiB");
+    assert_eq!(json(refused).await["error"], "unavailable");
+}
