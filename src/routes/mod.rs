@@ -9,12 +9,14 @@ pub mod error;
 pub mod inbound;
 pub mod webhook;
 
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
 
 use arc_swap::ArcSwap;
+use futures_util::{Stream, StreamExt};
 use tokio::sync::{OwnedSemaphorePermit, Semaphore};
-use warp::http::{HeaderMap, HeaderValue, Method, StatusCode};
+use warp::http::{header, HeaderMap, HeaderValue, Method, StatusCode};
 use warp::reply::Response;
 
 use crate::auth::Auth;
@@ -144,6 +146,54 @@ pub fn record_refusal(
             "{what} refused"
         );
     }
+}
+
+/// Whether a request's body has been read to its end, for [`close_if_unread`].
+#[derive(Clone)]
+pub struct BodyEnd {
+    reached: Arc<AtomicBool>,
+    /// The request has a body at all (`Content-Length` above 0, or chunked).
+    announced: bool,
+}
+
+/// `body`, noting in the returned [`BodyEnd`] when its end is reached.
+pub fn track_end<S, B>(
+    headers: &HeaderMap,
+    body: S,
+) -> (impl Stream<Item = Result<B, warp::Error>>, BodyEnd)
+where
+    S: Stream<Item = Result<B, warp::Error>>,
+{
+    let declared = headers
+        .get(header::CONTENT_LENGTH)
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.trim().parse::<u64>().ok());
+    let announced =
+        headers.contains_key(header::TRANSFER_ENCODING) || declared.is_some_and(|n| n > 0);
+    let reached = Arc::new(AtomicBool::new(false));
+    let end = BodyEnd {
+        reached: reached.clone(),
+        announced,
+    };
+    let tracked = body.chain(futures_util::stream::poll_fn(move |_| {
+        reached.store(true, Ordering::Relaxed);
+        std::task::Poll::Ready(None)
+    }));
+    (tracked, end)
+}
+
+/// A refusal sent before its request's body was read (413, 401, 415, 503…) says
+/// `Connection: close`: the rest of the body is not worth reading as a next request, and the
+/// listener then closes the connection lingering (it reads and drops what the client still
+/// sends, within bounds: [`crate::server::LINGER_BYTES`], [`crate::server::LINGER_TIME`]), so
+/// a client that writes its whole body before it reads gets the answer, not a reset.
+pub fn close_if_unread(mut response: Response, end: &BodyEnd) -> Response {
+    if end.announced && !end.reached.load(Ordering::Relaxed) && !response.status().is_success() {
+        response
+            .headers_mut()
+            .insert(header::CONNECTION, HeaderValue::from_static("close"));
+    }
+    response
 }
 
 /// The response with the request's batch id as `X-Request-Id`, so that a sender's log and the

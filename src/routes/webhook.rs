@@ -112,6 +112,7 @@ where
         batch_id: &batch_id,
         traceparent: &traceparent,
     };
+    let (body, body_end) = super::track_end(&headers, body);
     let result = process(&path, &method, &headers, info, body, &state, ids)
         .instrument(span.clone())
         .await;
@@ -144,7 +145,7 @@ where
         Err(error) => {
             let (status, code) = error.status();
             super::record_refusal("request", status, code, &error, elapsed_ms);
-            error.into_response()
+            super::close_if_unread(error.into_response(), &body_end)
         }
     };
     super::with_request_id(response, &batch_id)

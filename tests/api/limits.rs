@@ -350,3 +350,112 @@ async fn a_request_of_1_kib_holds_2_kib_of_the_budget() {
     assert_eq!(refused.status(), 503, "24 × 2 KiB held of 48 KiB");
     assert_eq!(json(refused).await["error"], "unavailable");
 }
+
+/// Sends `head` and `body` on a plain blocking socket, writing everything before reading, as
+/// Python's http.client does; returns the response as read to the close, or what went wrong.
+fn write_all_then_read(address: &str, head: String, body: Vec<u8>) -> Result<String, String> {
+    use std::io::{Read, Write};
+    let addr = address.trim_start_matches("http://");
+    let mut stream = std::net::TcpStream::connect(addr).map_err(|e| e.to_string())?;
+    stream.set_read_timeout(Some(WAIT)).unwrap();
+    stream.set_write_timeout(Some(WAIT)).unwrap();
+    stream
+        .write_all(head.as_bytes())
+        .map_err(|e| format!("writing the head: {e}"))?;
+    stream
+        .write_all(&body)
+        .map_err(|e| format!("writing the body: {e}"))?;
+    let mut out = Vec::new();
+    match stream.read_to_end(&mut out) {
+        Ok(_) => Ok(String::from_utf8_lossy(&out).into_owned()),
+        Err(e) if !out.is_empty() => Ok(format!("{}\n(then {e})", String::from_utf8_lossy(&out))),
+        Err(e) => Err(format!("reading the response: {e}")),
+    }
+}
+
+/// A request of `content_type` with a body of `size` bytes to `path`, `extra` header lines
+/// added, sent by [`write_all_then_read`] in a blocking thread.
+async fn send_whole(
+    app: &TestApp,
+    path: &str,
+    content_type: &str,
+    extra: &str,
+    size: usize,
+) -> Result<String, String> {
+    let head = format!(
+        "POST {path} HTTP/1.1\r\nHost: x\r\nContent-Type: {content_type}\r\n{extra}Content-Length: {size}\r\n\r\n"
+    );
+    let body = vec![b'a'; size];
+    let address = app.address.clone();
+    tokio::task::spawn_blocking(move || write_all_then_read(&address, head, body))
+        .await
+        .unwrap()
+}
+
+/// Issue 29: a client that writes its whole body before it reads (Python's http.client) must
+/// read the early `413`, not a broken pipe or a reset: the service reads and discards what is
+/// still coming (a bounded linger) before it closes.
+#[tokio::test]
+async fn a_client_writing_its_whole_body_first_reads_the_early_413() {
+    let nats = NatsServer::start().await;
+    let mut settings = test_settings(&nats);
+    settings.server.max_body_bytes = 1024 * 1024;
+    settings.inbound.max_body_bytes = 1024 * 1024;
+    let app = spawn_app_with(settings).await;
+
+    for (path, size) in [
+        ("/webhooks/cmc", 8 << 20),
+        ("/webhooks/cmc/inbound", 2 << 20),
+    ] {
+        for attempt in 0..3 {
+            let response = send_whole(&app, path, "application/json", "", size).await;
+            let response = response.unwrap_or_else(|e| panic!("{path} #{attempt}: {e}"));
+            assert!(
+                response.starts_with("HTTP/1.1 413"),
+                "{path} #{attempt}: {response}"
+            );
+            assert!(
+                response.contains("\"error\":\"payload_too_large\""),
+                "{path} #{attempt}: {response}"
+            );
+        }
+    }
+}
+
+/// Issue 29: the same for an early `401` (Basic credentials missing) and an early `415` (an
+/// Inbound media type the service does not read), both sent before the body is read.
+#[tokio::test]
+async fn a_client_writing_its_whole_body_first_reads_the_early_401_and_415() {
+    let nats = NatsServer::start().await;
+    let mut settings = test_settings(&nats);
+    settings.auth.basic_username = "cmc".into();
+    settings.auth.basic_password = cmc_forwarder::settings::Secret::new("pw");
+    let app = spawn_app_with(settings).await;
+
+    for attempt in 0..3 {
+        let response = send_whole(&app, "/webhooks/cmc", "application/json", "", 3 << 20).await;
+        let response = response.unwrap_or_else(|e| panic!("#{attempt}: {e}"));
+        assert!(
+            response.starts_with("HTTP/1.1 401"),
+            "#{attempt}: {response}"
+        );
+        assert!(
+            response.contains("\"error\":\"unauthorized\""),
+            "#{attempt}: {response}"
+        );
+    }
+    for attempt in 0..3 {
+        let basic = "Authorization: Basic Y21jOnB3\r\n";
+        let response =
+            send_whole(&app, "/webhooks/cmc/inbound", "text/plain", basic, 3 << 20).await;
+        let response = response.unwrap_or_else(|e| panic!("#{attempt}: {e}"));
+        assert!(
+            response.starts_with("HTTP/1.1 415"),
+            "#{attempt}: {response}"
+        );
+        assert!(
+            response.contains("\"error\":\"unsupported_media_type\""),
+            "#{attempt}: {response}"
+        );
+    }
+}
