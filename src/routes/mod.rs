@@ -51,8 +51,10 @@ impl RequestPolicy {
             Some(p) if p.max_in_flight == limit => p.in_flight.clone(),
             _ => Arc::new(Semaphore::new(limit)),
         };
+        let auth = Auth::from_settings(&settings.auth);
+        crate::metrics::api_keys_configured(auth.api_keys());
         RequestPolicy {
-            auth: Auth::from_settings(&settings.auth),
+            auth,
             in_flight,
             max_in_flight: limit,
             max_body_bytes: settings.server.max_body_bytes,
