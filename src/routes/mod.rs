@@ -222,6 +222,30 @@ mod tests {
         gate.admit(&Method::POST, &HeaderMap::new(), None)
     }
 
+    #[tokio::test]
+    async fn only_a_refusal_sent_before_the_body_was_read_says_connection_close() {
+        let refusal = || ApiError::MethodNotAllowed.into_response();
+        let closes = |r: &Response| r.headers().get(header::CONNECTION).is_some();
+        let body = || {
+            futures_util::stream::iter(vec![Ok::<_, warp::Error>(bytes::Bytes::from_static(b"{}"))])
+        };
+        let mut announced = HeaderMap::new();
+        announced.insert(header::CONTENT_LENGTH, HeaderValue::from_static("2"));
+
+        // Unread: the refusal closes; an answer of success never does.
+        let (_unread, end) = track_end(&announced, body());
+        assert!(closes(&close_if_unread(refusal(), &end)));
+        let ok = warp::Reply::into_response(warp::reply());
+        assert!(!closes(&close_if_unread(ok, &end)));
+        // Read to its end: the connection can serve the next request.
+        let (read, end) = track_end(&announced, body());
+        assert_eq!(read.collect::<Vec<_>>().await.len(), 1);
+        assert!(!closes(&close_if_unread(refusal(), &end)));
+        // No body at all: nothing is left unread.
+        let (_unread, end) = track_end(&HeaderMap::new(), body());
+        assert!(!closes(&close_if_unread(refusal(), &end)));
+    }
+
     #[test]
     fn a_replaced_policy_applies_from_the_next_admission_on() {
         let gate = Gate::new(&settings("a", 1), Duration::from_secs(1));
