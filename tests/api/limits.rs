@@ -422,10 +422,43 @@ async fn a_client_writing_its_whole_body_first_reads_the_early_413() {
     }
 }
 
-/// Issue 29: the same for an early `401` (Basic credentials missing) and an early `415` (an
-/// Inbound media type the service does not read), both sent before the body is read.
+/// Issue 29: a chunked body (no `Content-Length`) is refused with `413` once it passes
+/// `server.max_body_bytes`, with the rest still coming: the client reads the answer too.
 #[tokio::test]
-async fn a_client_writing_its_whole_body_first_reads_the_early_401_and_415() {
+async fn a_client_writing_its_whole_chunked_body_first_reads_the_413() {
+    let nats = NatsServer::start().await;
+    let mut settings = test_settings(&nats);
+    settings.server.max_body_bytes = 1024 * 1024;
+    let app = spawn_app_with(settings).await;
+    let size = 8usize << 20;
+    let mut body = format!("{size:x}\r\n").into_bytes();
+    body.extend(std::iter::repeat_n(b'a', size));
+    body.extend_from_slice(b"\r\n0\r\n\r\n");
+
+    for attempt in 0..3 {
+        let head = "POST /webhooks/cmc HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\nTransfer-Encoding: chunked\r\n\r\n".to_owned();
+        let address = app.address.clone();
+        let body = body.clone();
+        let response =
+            tokio::task::spawn_blocking(move || write_all_then_read(&address, head, body))
+                .await
+                .unwrap()
+                .unwrap_or_else(|e| panic!("#{attempt}: {e}"));
+        assert!(
+            response.starts_with("HTTP/1.1 413"),
+            "#{attempt}: {response}"
+        );
+        assert!(
+            response.contains("\"error\":\"payload_too_large\""),
+            "#{attempt}: {response}"
+        );
+    }
+}
+
+/// Issue 29: the same for an early `401` (Basic credentials missing), sent before the body
+/// is read.
+#[tokio::test]
+async fn a_client_writing_its_whole_body_first_reads_the_early_401() {
     let nats = NatsServer::start().await;
     let mut settings = test_settings(&nats);
     settings.auth.basic_username = "cmc".into();
@@ -433,7 +466,7 @@ async fn a_client_writing_its_whole_body_first_reads_the_early_401_and_415() {
     let app = spawn_app_with(settings).await;
 
     for attempt in 0..3 {
-        let response = send_whole(&app, "/webhooks/cmc", "application/json", "", 3 << 20).await;
+        let response = send_whole(&app, "/webhooks/cmc", "application/json", "", 8 << 20).await;
         let response = response.unwrap_or_else(|e| panic!("#{attempt}: {e}"));
         assert!(
             response.starts_with("HTTP/1.1 401"),
@@ -444,10 +477,17 @@ async fn a_client_writing_its_whole_body_first_reads_the_early_401_and_415() {
             "#{attempt}: {response}"
         );
     }
+}
+
+/// Issue 29: the same for an early `415` (an Inbound media type the service does not read),
+/// sent before the body is read.
+#[tokio::test]
+async fn a_client_writing_its_whole_body_first_reads_the_early_415() {
+    let nats = NatsServer::start().await;
+    let app = spawn_app(&nats).await;
+
     for attempt in 0..3 {
-        let basic = "Authorization: Basic Y21jOnB3\r\n";
-        let response =
-            send_whole(&app, "/webhooks/cmc/inbound", "text/plain", basic, 3 << 20).await;
+        let response = send_whole(&app, "/webhooks/cmc/inbound", "text/plain", "", 8 << 20).await;
         let response = response.unwrap_or_else(|e| panic!("#{attempt}: {e}"));
         assert!(
             response.starts_with("HTTP/1.1 415"),
