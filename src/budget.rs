@@ -48,25 +48,71 @@ impl Permit {
     }
 }
 
-/// A reservation that grows as a request's data arrives (a body read chunk by chunk), in
-/// steps of at least [`Reservation::STEP`] so a trickled body does not take a permit per
-/// chunk.
-#[derive(Debug, Default)]
+/// A reservation that grows as a request's data arrives.
+///
+/// When the size is known in advance (a body's `Content-Length`, a decompressed body) the
+/// reservation is exactly what is asked for ([`Reservation::grow_exactly`]). A body of unknown
+/// length (chunked) grows in steps of up to [`Reservation::STEP`] ([`Reservation::grow_to`]) so
+/// a trickled body does not take a permit per chunk; a step never goes past the reservation's
+/// ceiling (twice the body limit) nor past what the budget still has free, so a small chunked
+/// body fits a small budget.
+#[derive(Debug)]
 pub struct Reservation {
     permits: Vec<Permit>,
     bytes: u64,
+    /// What the steps of [`Reservation::grow_to`] may reach; a request asking for more is
+    /// refused by its route before (the body limit), so this only bounds the rounding up.
+    ceiling: u64,
+}
+
+impl Default for Reservation {
+    fn default() -> Reservation {
+        Reservation::up_to(u64::MAX)
+    }
 }
 
 impl Reservation {
     pub const STEP: u64 = 256 * KIB;
 
-    /// Makes the reservation cover at least `bytes`.
+    /// An empty reservation whose steps never reach past `ceiling` bytes.
+    pub fn up_to(ceiling: u64) -> Reservation {
+        Reservation {
+            permits: Vec::new(),
+            bytes: 0,
+            ceiling,
+        }
+    }
+
+    /// Makes the reservation cover `bytes`, taking exactly what is missing (a size that is
+    /// known, such as a declared `Content-Length`).
+    pub fn grow_exactly(&mut self, budget: &Budget, bytes: u64) -> Result<(), Busy> {
+        if bytes <= self.bytes {
+            return Ok(());
+        }
+        let more = bytes - self.bytes;
+        self.permits.push(budget.try_acquire(more)?);
+        self.bytes += more;
+        Ok(())
+    }
+
+    /// Makes the reservation cover at least `bytes`, for data of unknown total size: it takes
+    /// a step of up to [`Reservation::STEP`] when less is missing, cut to the ceiling and to
+    /// what the budget has free (never refused for the step alone).
     pub fn grow_to(&mut self, budget: &Budget, bytes: u64) -> Result<(), Busy> {
         if bytes <= self.bytes {
             return Ok(());
         }
-        let more = (bytes - self.bytes).max(Self::STEP);
-        self.permits.push(budget.try_acquire(more)?);
+        let needed = bytes - self.bytes;
+        let step = Self::STEP
+            .min(self.ceiling.saturating_sub(self.bytes))
+            .min(budget.available());
+        let (permit, more) = match budget.try_acquire(needed.max(step)) {
+            Ok(permit) => (permit, needed.max(step)),
+            // Another request took some of the budget since `available` was read.
+            Err(_) if step > needed => (budget.try_acquire(needed)?, needed),
+            Err(busy) => return Err(busy),
+        };
+        self.permits.push(permit);
         self.bytes += more;
         Ok(())
     }
@@ -156,6 +202,47 @@ mod tests {
         assert!(r.grow_to(&budget, 1025 * KIB).is_err());
         drop(r);
         assert_eq!(budget.available(), 1024 * KIB);
+    }
+
+    #[test]
+    fn a_known_size_reserves_exactly_that_size() {
+        // Issue 29: a 1 KiB body read with its Content-Length holds twice 1 KiB, not a step.
+        let budget = Budget::new(1024 * KIB);
+        let mut r = Reservation::default();
+        r.grow_exactly(&budget, 2 * KIB).unwrap();
+        assert_eq!(r.bytes(), 2 * KIB);
+        assert_eq!(budget.available(), 1022 * KIB);
+        // A 44,364-byte batch fits a budget of a little more than twice its size.
+        let budget = Budget::new(2 * 44_364 + 4 * KIB);
+        let mut r = Reservation::default();
+        r.grow_exactly(&budget, 2 * 44_364).unwrap();
+        r.grow_to(&budget, 2 * 44_364).unwrap();
+        assert_eq!(r.bytes(), 2 * 44_364);
+        assert!(Reservation::default()
+            .grow_exactly(&budget, 8 * KIB)
+            .is_err());
+    }
+
+    #[test]
+    fn a_step_never_goes_past_what_the_budget_has_free() {
+        // Smaller than one step: a small chunked body still fits.
+        let budget = Budget::new(100 * KIB);
+        let mut r = Reservation::default();
+        r.grow_to(&budget, 10).unwrap();
+        assert!(r.bytes() >= 10 && r.bytes() <= 100 * KIB, "{}", r.bytes());
+        drop(r);
+        // Cut to what is free: another request holds 90 KiB.
+        let held = budget.try_acquire(90 * KIB).unwrap();
+        let mut r = Reservation::default();
+        r.grow_to(&budget, 10).unwrap();
+        assert_eq!(r.bytes(), 10 * KIB);
+        assert!(r.grow_to(&budget, 11 * KIB).is_err());
+        drop((r, held));
+        // Cut to the ceiling (twice a body limit of 4 KiB).
+        let mut r = Reservation::up_to(8 * KIB);
+        r.grow_to(&budget, 10).unwrap();
+        assert_eq!(r.bytes(), 8 * KIB);
+        assert_eq!(budget.available(), 92 * KIB);
     }
 
     #[test]

@@ -66,22 +66,81 @@ pub fn install() -> PrometheusHandle {
             // the handle then renders an empty page rather than failing start-up.
             let _ = metrics::set_global_recorder(recorder);
             describe();
-            // Series an alert watches are exposed from the start, at 0, so "absent" never
-            // has to be told apart from "nothing happened yet".
-            gauge!(SPOOL_MESSAGES).set(0.0);
-            gauge!(SPOOL_BYTES).set(0.0);
-            gauge!(SPOOL_QUARANTINED).set(0.0);
-            gauge!(SPOOL_BACKLOG_AGE).set(0.0);
-            counter!(DUPLICATES).absolute(0);
-            for event_type in ["deliveries", "bounces", "blocks", "other"] {
-                counter!(INVALID_ENTRIES, "event_type" => event_type).absolute(0);
-            }
-            for result in RELOAD_RESULTS {
-                counter!(CONFIG_RELOADS, "result" => result).absolute(0);
-            }
+            initialise();
             handle
         })
         .clone()
+}
+
+/// The status codes the webhooks answer with, the values of [`HTTP_REQUESTS`]' `code` label.
+pub const STATUS_CODES: [u16; 11] = [200, 400, 401, 403, 404, 405, 408, 413, 415, 422, 503];
+
+/// The event types with a label of their own, and `other` for the rest.
+const EVENT_TYPES: [&str; 4] = ["deliveries", "bounces", "blocks", "other"];
+
+/// The outcomes of an accepted event, the values of [`EVENTS`]' `outcome` label.
+const EVENT_OUTCOMES: [&str; 2] = ["published", "spooled"];
+
+/// The outcomes of an inbound mail ([`INBOUND_MAILS`]) and of its objects
+/// ([`INBOUND_ATTACHMENTS`], [`INBOUND_ATTACHMENT_BYTES`]).
+const MAIL_OUTCOMES: [&str; 5] = ["published", "duplicate", "spooled", "drained", "rejected"];
+const OBJECT_OUTCOMES: [&str; 3] = ["uploaded", "already_stored", "spooled"];
+
+/// Exposes, at 0, every series whose labels are known before anything happens (Prometheus's
+/// advice for labelled metrics): a dashboard panel or an alert rule then reads 0 on a service
+/// nobody has posted to yet, never "no data", and `rate()`/`increase()` see the first event.
+/// The series of the configured API keys are added by [`api_keys_configured`].
+fn initialise() {
+    gauge!(SPOOL_MESSAGES).set(0.0);
+    gauge!(SPOOL_BYTES).set(0.0);
+    gauge!(SPOOL_QUARANTINED).set(0.0);
+    gauge!(SPOOL_BACKLOG_AGE).set(0.0);
+    gauge!(RETAINED_BYTES).set(0.0);
+    // The connection task sets both as soon as it knows; until then the service is neither.
+    gauge!(NATS_CONNECTED).set(0.0);
+    gauge!(READY).set(0.0);
+    for name in [
+        DUPLICATES,
+        SPOOL_DRAINED,
+        RETAINED_REPLAYED,
+        CREATED_UNPARSED,
+        PUBLISH_DENIED,
+    ] {
+        counter!(name).absolute(0);
+    }
+    for code in STATUS_CODES {
+        counter!(HTTP_REQUESTS, "code" => code.to_string()).absolute(0);
+    }
+    for event_type in EVENT_TYPES {
+        counter!(INVALID_ENTRIES, "event_type" => event_type).absolute(0);
+        for status in status_labels(event_type) {
+            for outcome in EVENT_OUTCOMES {
+                counter!(EVENTS, "event_type" => event_type, "status" => *status, "outcome" => outcome)
+                    .absolute(0);
+            }
+        }
+    }
+    for result in RELOAD_RESULTS {
+        counter!(CONFIG_RELOADS, "result" => result).absolute(0);
+    }
+    for outcome in MAIL_OUTCOMES {
+        counter!(INBOUND_MAILS, "outcome" => outcome).absolute(0);
+    }
+    for outcome in OBJECT_OUTCOMES {
+        counter!(INBOUND_ATTACHMENTS, "outcome" => outcome).absolute(0);
+        counter!(INBOUND_ATTACHMENT_BYTES, "outcome" => outcome).absolute(0);
+    }
+    // Registered without a sample: exposed with empty buckets.
+    let _ = histogram!(PUBLISH_SECONDS);
+    let _ = histogram!(BATCH_SIZE);
+}
+
+/// Exposes [`API_KEY_REQUESTS`] at 0 for each of the `keys` configured API keys (at start-up
+/// and after a reload that adds keys); a series already counting keeps its count.
+pub fn api_keys_configured(keys: usize) {
+    for position in 0..keys {
+        counter!(API_KEY_REQUESTS, "key" => position.to_string()).increment(0);
+    }
 }
 
 /// Drains the recorded histogram samples into their buckets every few seconds, for as long as
@@ -199,20 +258,23 @@ fn event_type_label(event_type: &str) -> &'static str {
     }
 }
 
-fn status_label(event_type: &str, status: &str) -> &'static str {
-    const DELIVERY: [&str; 4] = ["queued", "succeeded", "failed", "deferred"];
-    const BOUNCE: [&str; 12] = [
-        "1", "2", "3", "4", "5", "6", "7", "8", "9", "10", "11", "99",
+/// The status labels of an event type's label (`event_type_label`): the documented statuses,
+/// `none` (no status) and `other`.
+fn status_labels(event_type: &str) -> &'static [&'static str] {
+    const DELIVERY: [&str; 6] = ["queued", "succeeded", "failed", "deferred", "none", "other"];
+    const BOUNCE: [&str; 14] = [
+        "1", "2", "3", "4", "5", "6", "7", "8", "9", "10", "11", "99", "none", "other",
     ];
-    let known: &[&'static str] = match event_type {
+    const OTHER: [&str; 2] = ["none", "other"];
+    match event_type {
         "deliveries" => &DELIVERY,
         "bounces" => &BOUNCE,
-        _ => &[],
-    };
-    if status == "none" {
-        return "none";
+        _ => &OTHER,
     }
-    known
+}
+
+fn status_label(event_type: &str, status: &str) -> &'static str {
+    status_labels(event_type)
         .iter()
         .find(|k| **k == status)
         .copied()

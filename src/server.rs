@@ -10,7 +10,14 @@
 //! - on shutdown, no new connections are accepted and open ones are closed gracefully once
 //!   their current request is answered;
 //! - `server.request_timeout` can change while serving (a configuration reload): each
-//!   connection keeps the value in force when it was accepted.
+//!   connection keeps the value in force when it was accepted;
+//! - a connection whose last answer said `Connection: close` (a route refusing a request
+//!   before reading its body) is closed lingering, as nginx's `lingering_close` does: the
+//!   service ends its side, then reads and drops what the client still sends, until the client
+//!   closes, [`LINGER_BYTES`] or [`LINGER_TIME`]. Closed at once, the socket would still hold
+//!   unread data and the kernel would answer it with a reset, which a client that writes its
+//!   whole body before reading (Python's http.client, many HTTP libraries) sees as a broken
+//!   pipe instead of the status.
 //!
 //! Owns sockets and TLS; knows nothing of webhooks (the warp filter is passed in).
 
@@ -18,7 +25,8 @@ use std::convert::Infallible;
 use std::future::Future;
 use std::net::SocketAddr;
 use std::path::Path;
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::pin::Pin;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
@@ -27,7 +35,7 @@ use hyper::server::conn::http1;
 use hyper_util::rt::{TokioIo, TokioTimer};
 use rustls_pki_types::pem::PemObject;
 use rustls_pki_types::{CertificateDer, PrivateKeyDer};
-use tokio::io::{AsyncRead, AsyncWrite};
+use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
 use tokio::net::TcpListener;
 use tokio::sync::{watch, Semaphore};
 use tokio::task::JoinSet;
@@ -35,6 +43,14 @@ use tokio_rustls::rustls;
 use tokio_rustls::TlsAcceptor;
 use tower_service::Service;
 use warp::Filter;
+
+/// The most a lingering close reads and drops: a client still sending after that is cut off.
+/// Room for a refused body of four times the default `server.max_body_bytes` beyond what
+/// the kernel's buffers held, while a client cannot make the service read without end.
+pub const LINGER_BYTES: u64 = 16 * 1024 * 1024;
+
+/// The longest a lingering close waits for the client to finish sending and close.
+pub const LINGER_TIME: Duration = Duration::from_secs(5);
 
 /// Facts about the connection a request arrived on, available to routes as a request
 /// extension (`warp::ext::get::<RequestInfo>()`).
@@ -182,11 +198,18 @@ async fn serve_connection<IO, S>(
     S: Service<warp::http::Request<Incoming>, Response = warp::reply::Response, Error = Infallible>
         + Clone
         + Send
+        + Sync
         + 'static,
     S::Future: Send,
 {
     // When the previous response was finished: the start of the next request's allowance.
     let idle_since = Arc::new(Mutex::new(started));
+    // Set when a response says `Connection: close`: close lingering.
+    let linger = Arc::new(AtomicBool::new(false));
+    let answered_closing = linger.clone();
+    // Behind an `Arc` (and each call's future in a `Box`), the service is `Unpin`, as serving
+    // without hyper's shutdown needs.
+    let service = Arc::new(service);
     let hyper_service =
         hyper::service::service_fn(move |mut request: warp::http::Request<Incoming>| {
             let since = *idle_since.lock().unwrap_or_else(|e| e.into_inner());
@@ -194,31 +217,71 @@ async fn serve_connection<IO, S>(
                 peer,
                 deadline: since + timeout,
             });
-            let mut service = service.clone();
+            let mut service = S::clone(&service);
             let idle_since = idle_since.clone();
-            async move {
+            let answered_closing = answered_closing.clone();
+            Box::pin(async move {
                 let response = service.call(request).await;
                 *idle_since.lock().unwrap_or_else(|e| e.into_inner()) = Instant::now();
+                if let Ok(response) = &response {
+                    let closing = response
+                        .headers()
+                        .get(warp::http::header::CONNECTION)
+                        .is_some_and(|v| v.as_bytes().eq_ignore_ascii_case(b"close"));
+                    if closing {
+                        answered_closing.store(true, Ordering::Relaxed);
+                    }
+                }
                 response
-            }
+            })
         });
-    let connection = http1::Builder::new()
+    let mut connection = http1::Builder::new()
         .timer(TokioTimer::new())
         .header_read_timeout(timeout)
         .keep_alive(true)
         .serve_connection(TokioIo::new(io), hyper_service);
-    let mut connection = std::pin::pin!(connection);
-    tokio::select! {
-        result = connection.as_mut() => {
-            if let Err(e) = result {
-                tracing::debug!(%peer, error = %e, "connection ended with an error");
-            }
-            return;
+    // Served without hyper's own shutdown of the socket, so that it can linger.
+    let served = tokio::select! {
+        result = std::future::poll_fn(|cx| connection.poll_without_shutdown(cx)) => Some(result),
+        _ = stop.wait_for(|s| *s) => None,
+    };
+    let result = match served {
+        Some(result) => result,
+        None => {
+            Pin::new(&mut connection).graceful_shutdown();
+            std::future::poll_fn(|cx| connection.poll_without_shutdown(cx)).await
         }
-        _ = stop.wait_for(|s| *s) => {}
+    };
+    match result {
+        Ok(()) => {
+            let io = connection.into_parts().io.into_inner();
+            if linger.load(Ordering::Relaxed) {
+                lingering_close(io).await;
+            } else {
+                let mut io = io;
+                let _ = io.shutdown().await;
+            }
+        }
+        Err(e) => tracing::debug!(%peer, error = %e, "connection ended with an error"),
     }
-    connection.as_mut().graceful_shutdown();
-    if let Err(e) = connection.await {
-        tracing::debug!(%peer, error = %e, "connection ended with an error");
+}
+
+/// Ends the service's side of `io` (its answers are all out), then reads and drops what the
+/// client still sends until it closes, [`LINGER_BYTES`] or [`LINGER_TIME`], whichever comes
+/// first; dropping `io` then closes the socket with nothing unread in the common case.
+async fn lingering_close<IO: AsyncRead + AsyncWrite + Unpin>(mut io: IO) {
+    if io.shutdown().await.is_err() {
+        return;
     }
+    let mut buf = vec![0u8; 64 * 1024];
+    let mut left = LINGER_BYTES;
+    let drain = async {
+        while left > 0 {
+            match io.read(&mut buf).await {
+                Ok(0) | Err(_) => break,
+                Ok(n) => left = left.saturating_sub(n as u64),
+            }
+        }
+    };
+    let _ = tokio::time::timeout(LINGER_TIME, drain).await;
 }

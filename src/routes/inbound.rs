@@ -113,6 +113,7 @@ where
     let started = Instant::now();
     let batch_id = uuid::Uuid::new_v4().to_string();
     let span = tracing::info_span!("inbound", batch_id = %batch_id);
+    let (body, body_end) = super::track_end(&headers, body);
     let result = process(&method, &headers, info, body, &state, &batch_id)
         .instrument(span.clone())
         .await;
@@ -145,7 +146,7 @@ where
             let (status, code) = error.status();
             metrics::inbound_mail("rejected");
             super::record_refusal("inbound mail", status, code, &error, elapsed_ms);
-            error.into_response()
+            super::close_if_unread(error.into_response(), &body_end)
         }
     };
     super::with_request_id(response, &batch_id)

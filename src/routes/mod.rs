@@ -9,12 +9,14 @@ pub mod error;
 pub mod inbound;
 pub mod webhook;
 
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
 
 use arc_swap::ArcSwap;
+use futures_util::{Stream, StreamExt};
 use tokio::sync::{OwnedSemaphorePermit, Semaphore};
-use warp::http::{HeaderMap, HeaderValue, Method, StatusCode};
+use warp::http::{header, HeaderMap, HeaderValue, Method, StatusCode};
 use warp::reply::Response;
 
 use crate::auth::Auth;
@@ -49,8 +51,10 @@ impl RequestPolicy {
             Some(p) if p.max_in_flight == limit => p.in_flight.clone(),
             _ => Arc::new(Semaphore::new(limit)),
         };
+        let auth = Auth::from_settings(&settings.auth);
+        crate::metrics::api_keys_configured(auth.api_keys());
         RequestPolicy {
-            auth: Auth::from_settings(&settings.auth),
+            auth,
             in_flight,
             max_in_flight: limit,
             max_body_bytes: settings.server.max_body_bytes,
@@ -146,6 +150,54 @@ pub fn record_refusal(
     }
 }
 
+/// Whether a request's body has been read to its end, for [`close_if_unread`].
+#[derive(Clone)]
+pub struct BodyEnd {
+    reached: Arc<AtomicBool>,
+    /// The request has a body at all (`Content-Length` above 0, or chunked).
+    announced: bool,
+}
+
+/// `body`, noting in the returned [`BodyEnd`] when its end is reached.
+pub fn track_end<S, B>(
+    headers: &HeaderMap,
+    body: S,
+) -> (impl Stream<Item = Result<B, warp::Error>>, BodyEnd)
+where
+    S: Stream<Item = Result<B, warp::Error>>,
+{
+    let declared = headers
+        .get(header::CONTENT_LENGTH)
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.trim().parse::<u64>().ok());
+    let announced =
+        headers.contains_key(header::TRANSFER_ENCODING) || declared.is_some_and(|n| n > 0);
+    let reached = Arc::new(AtomicBool::new(false));
+    let end = BodyEnd {
+        reached: reached.clone(),
+        announced,
+    };
+    let tracked = body.chain(futures_util::stream::poll_fn(move |_| {
+        reached.store(true, Ordering::Relaxed);
+        std::task::Poll::Ready(None)
+    }));
+    (tracked, end)
+}
+
+/// A refusal sent before its request's body was read (413, 401, 415, 503…) says
+/// `Connection: close`: the rest of the body is not worth reading as a next request, and the
+/// listener then closes the connection lingering (it reads and drops what the client still
+/// sends, within bounds: [`crate::server::LINGER_BYTES`], [`crate::server::LINGER_TIME`]), so
+/// a client that writes its whole body before it reads gets the answer, not a reset.
+pub fn close_if_unread(mut response: Response, end: &BodyEnd) -> Response {
+    if end.announced && !end.reached.load(Ordering::Relaxed) && !response.status().is_success() {
+        response
+            .headers_mut()
+            .insert(header::CONNECTION, HeaderValue::from_static("close"));
+    }
+    response
+}
+
 /// The response with the request's batch id as `X-Request-Id`, so that a sender's log and the
 /// service's (and the bus's `Cmc-Batch-Id`) meet.
 pub fn with_request_id(mut response: Response, batch_id: &str) -> Response {
@@ -168,6 +220,30 @@ mod tests {
 
     fn admit(gate: &Gate) -> Result<Admitted, ApiError> {
         gate.admit(&Method::POST, &HeaderMap::new(), None)
+    }
+
+    #[tokio::test]
+    async fn only_a_refusal_sent_before_the_body_was_read_says_connection_close() {
+        let refusal = || ApiError::MethodNotAllowed.into_response();
+        let closes = |r: &Response| r.headers().get(header::CONNECTION).is_some();
+        let body = || {
+            futures_util::stream::iter(vec![Ok::<_, warp::Error>(bytes::Bytes::from_static(b"{}"))])
+        };
+        let mut announced = HeaderMap::new();
+        announced.insert(header::CONTENT_LENGTH, HeaderValue::from_static("2"));
+
+        // Unread: the refusal closes; an answer of success never does.
+        let (_unread, end) = track_end(&announced, body());
+        assert!(closes(&close_if_unread(refusal(), &end)));
+        let ok = warp::Reply::into_response(warp::reply());
+        assert!(!closes(&close_if_unread(ok, &end)));
+        // Read to its end: the connection can serve the next request.
+        let (read, end) = track_end(&announced, body());
+        assert_eq!(read.collect::<Vec<_>>().await.len(), 1);
+        assert!(!closes(&close_if_unread(refusal(), &end)));
+        // No body at all: nothing is left unread.
+        let (_unread, end) = track_end(&HeaderMap::new(), body());
+        assert!(!closes(&close_if_unread(refusal(), &end)));
     }
 
     #[test]

@@ -112,6 +112,7 @@ where
         batch_id: &batch_id,
         traceparent: &traceparent,
     };
+    let (body, body_end) = super::track_end(&headers, body);
     let result = process(&path, &method, &headers, info, body, &state, ids)
         .instrument(span.clone())
         .await;
@@ -144,7 +145,7 @@ where
         Err(error) => {
             let (status, code) = error.status();
             super::record_refusal("request", status, code, &error, elapsed_ms);
-            error.into_response()
+            super::close_if_unread(error.into_response(), &body_end)
         }
     };
     super::with_request_id(response, &batch_id)
@@ -187,14 +188,20 @@ where
             .eq_ignore_ascii_case("application/json")
     });
     // The body and the copy decoding makes of `event` are reserved in the byte budget as the
-    // body arrives (all at once when Content-Length announces it), before either exists in
-    // full; the entry trees are short-lived and bounded by max_entries.
+    // body arrives, before either exists in full: exactly twice the length Content-Length
+    // announces, else in steps as a chunked body grows (never past twice the body limit); the
+    // entry trees are short-lived and bounded by max_entries.
     let over_budget = |_| ApiError::OverBudget {
         retry_after: state.gate.retry_after,
     };
-    let mut reserved = Reservation::default();
-    let read = read_body(headers, body, policy.max_body_bytes, json, |n| {
-        reserved.grow_to(&state.budget, 2 * n).map_err(over_budget)
+    let mut reserved = Reservation::up_to(2 * policy.max_body_bytes);
+    let read = read_body(headers, body, policy.max_body_bytes, json, |n, known| {
+        if known {
+            reserved.grow_exactly(&state.budget, 2 * n)
+        } else {
+            reserved.grow_to(&state.budget, 2 * n)
+        }
+        .map_err(over_budget)
     });
     let body = match info {
         // The connection's deadline: a client trickling its body cannot hold it longer.
@@ -211,7 +218,7 @@ where
             let plain = decompress(compressed, &body, policy.max_body_bytes, json)?;
             drop(body);
             reserved
-                .grow_to(&state.budget, 2 * plain.len() as u64)
+                .grow_exactly(&state.budget, 2 * plain.len() as u64)
                 .map_err(over_budget)?;
             plain
         }
@@ -271,14 +278,15 @@ where
 /// Reads the body up to `limit` bytes, refusing early when `Content-Length` already says it
 /// is larger; a chunked body is counted as it arrives and cut off at the limit.
 ///
-/// `reserve(n)` is called before the body grows to `n` bytes, and refuses when the in-flight
-/// budget cannot cover it.
+/// `reserve(n, known)` is called before the body grows to `n` bytes (`known`: `n` is the
+/// whole length, announced by `Content-Length`), and refuses when the in-flight budget cannot
+/// cover it.
 async fn read_body<S, B>(
     headers: &HeaderMap,
     body: S,
     limit: u64,
     json: bool,
-    mut reserve: impl FnMut(u64) -> Result<(), ApiError>,
+    mut reserve: impl FnMut(u64, bool) -> Result<(), ApiError>,
 ) -> Result<BytesMut, ApiError>
 where
     S: Stream<Item = Result<B, warp::Error>>,
@@ -296,7 +304,7 @@ where
     }
     let mut body = std::pin::pin!(body);
     if let Some(n) = declared {
-        if let Err(refused) = reserve(n) {
+        if let Err(refused) = reserve(n, true) {
             return Err(discard(body.as_mut(), limit, refused).await);
         }
     }
@@ -313,7 +321,7 @@ where
                 limit,
             });
         }
-        if let Err(refused) = reserve(grown) {
+        if let Err(refused) = reserve(grown, declared.is_some()) {
             let read = buf.len() as u64 + chunk.remaining() as u64;
             drop(buf);
             return Err(discard(body.as_mut(), limit.saturating_sub(read), refused).await);

@@ -297,3 +297,205 @@ async fn the_byte_budget_counts_each_body_twice_while_it_is_read_and_decoded() {
     assert_eq!(after.status(), 200);
     assert_eq!(app.stream_messages().await.len(), 200);
 }
+
+/// Issue 29: a body announced by `Content-Length` reserves exactly twice its length, not a
+/// step of 256 KiB: a batch of b bytes (b well under 128 KiB) is admitted under a budget of a
+/// little more than 2 × b, its outgoing size included.
+#[tokio::test]
+async fn a_batch_fits_a_budget_of_twice_its_size() {
+    const B: u64 = 100_000;
+    let nats = NatsServer::start().await;
+    let mut settings = test_settings(&nats);
+    settings.server.max_in_flight_bytes = 2 * B + 16 * 1024;
+    let app = spawn_app_with(settings).await;
+
+    let response = app
+        .post("application/json", body_of_about("small", B as usize))
+        .await;
+
+    let status = response.status();
+    assert_eq!(status, 200, "{}", response.text().await.unwrap());
+    assert_eq!(app.stream_messages().await.len(), 100);
+}
+
+/// Issue 29: a request announcing 1 KiB holds 2 KiB of the budget while its body arrives. A
+/// budget of 48 KiB holds 20 such requests and still admits a small batch; 4 more fill it,
+/// and the batch is refused with 503.
+#[tokio::test]
+async fn a_request_of_1_kib_holds_2_kib_of_the_budget() {
+    let nats = NatsServer::start().await;
+    let mut settings = test_settings(&nats);
+    settings.server.max_in_flight_bytes = 48 * 1024;
+    let app = spawn_app_with(settings).await;
+    let batch = fixture("deliveries-queued", Enc::Json);
+    assert!(batch.len() <= 1024, "{}", batch.len());
+
+    let mut held = Vec::new();
+    for _ in 0..20 {
+        held.push(hold_budget(&app, 1024).await);
+    }
+    let fits = app.post("application/json", batch.clone()).await;
+    let status = fits.status();
+    assert_eq!(
+        status,
+        200,
+        "20 × 2 KiB held of 48 KiB: {}",
+        fits.text().await.unwrap()
+    );
+
+    for _ in 0..4 {
+        held.push(hold_budget(&app, 1024).await);
+    }
+    let refused = app.post("application/json", batch).await;
+    assert_eq!(refused.status(), 503, "24 × 2 KiB held of 48 KiB");
+    assert_eq!(json(refused).await["error"], "unavailable");
+}
+
+/// Sends `head` and `body` on a plain blocking socket, writing everything before reading, as
+/// Python's http.client does; returns the response as read to the close, or what went wrong.
+fn write_all_then_read(address: &str, head: String, body: Vec<u8>) -> Result<String, String> {
+    use std::io::{Read, Write};
+    let addr = address.trim_start_matches("http://");
+    let mut stream = std::net::TcpStream::connect(addr).map_err(|e| e.to_string())?;
+    stream.set_read_timeout(Some(WAIT)).unwrap();
+    stream.set_write_timeout(Some(WAIT)).unwrap();
+    stream
+        .write_all(head.as_bytes())
+        .map_err(|e| format!("writing the head: {e}"))?;
+    stream
+        .write_all(&body)
+        .map_err(|e| format!("writing the body: {e}"))?;
+    let mut out = Vec::new();
+    match stream.read_to_end(&mut out) {
+        Ok(_) => Ok(String::from_utf8_lossy(&out).into_owned()),
+        Err(e) if !out.is_empty() => Ok(format!("{}\n(then {e})", String::from_utf8_lossy(&out))),
+        Err(e) => Err(format!("reading the response: {e}")),
+    }
+}
+
+/// A request of `content_type` with a body of `size` bytes to `path`, `extra` header lines
+/// added, sent by [`write_all_then_read`] in a blocking thread.
+async fn send_whole(
+    app: &TestApp,
+    path: &str,
+    content_type: &str,
+    extra: &str,
+    size: usize,
+) -> Result<String, String> {
+    let head = format!(
+        "POST {path} HTTP/1.1\r\nHost: x\r\nContent-Type: {content_type}\r\n{extra}Content-Length: {size}\r\n\r\n"
+    );
+    let body = vec![b'a'; size];
+    let address = app.address.clone();
+    tokio::task::spawn_blocking(move || write_all_then_read(&address, head, body))
+        .await
+        .unwrap()
+}
+
+/// Issue 29: a client that writes its whole body before it reads (Python's http.client) must
+/// read the early `413`, not a broken pipe or a reset: the service reads and discards what is
+/// still coming (a bounded linger) before it closes.
+#[tokio::test]
+async fn a_client_writing_its_whole_body_first_reads_the_early_413() {
+    let nats = NatsServer::start().await;
+    let mut settings = test_settings(&nats);
+    settings.server.max_body_bytes = 1024 * 1024;
+    settings.inbound.max_body_bytes = 1024 * 1024;
+    let app = spawn_app_with(settings).await;
+
+    for (path, size) in [
+        ("/webhooks/cmc", 8 << 20),
+        ("/webhooks/cmc/inbound", 2 << 20),
+    ] {
+        for attempt in 0..3 {
+            let response = send_whole(&app, path, "application/json", "", size).await;
+            let response = response.unwrap_or_else(|e| panic!("{path} #{attempt}: {e}"));
+            assert!(
+                response.starts_with("HTTP/1.1 413"),
+                "{path} #{attempt}: {response}"
+            );
+            assert!(
+                response.contains("\"error\":\"payload_too_large\""),
+                "{path} #{attempt}: {response}"
+            );
+        }
+    }
+}
+
+/// Issue 29: a chunked body (no `Content-Length`) is refused with `413` once it passes
+/// `server.max_body_bytes`, with the rest still coming: the client reads the answer too.
+#[tokio::test]
+async fn a_client_writing_its_whole_chunked_body_first_reads_the_413() {
+    let nats = NatsServer::start().await;
+    let mut settings = test_settings(&nats);
+    settings.server.max_body_bytes = 1024 * 1024;
+    let app = spawn_app_with(settings).await;
+    let size = 8usize << 20;
+    let mut body = format!("{size:x}\r\n").into_bytes();
+    body.extend(std::iter::repeat_n(b'a', size));
+    body.extend_from_slice(b"\r\n0\r\n\r\n");
+
+    for attempt in 0..3 {
+        let head = "POST /webhooks/cmc HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\nTransfer-Encoding: chunked\r\n\r\n".to_owned();
+        let address = app.address.clone();
+        let body = body.clone();
+        let response =
+            tokio::task::spawn_blocking(move || write_all_then_read(&address, head, body))
+                .await
+                .unwrap()
+                .unwrap_or_else(|e| panic!("#{attempt}: {e}"));
+        assert!(
+            response.starts_with("HTTP/1.1 413"),
+            "#{attempt}: {response}"
+        );
+        assert!(
+            response.contains("\"error\":\"payload_too_large\""),
+            "#{attempt}: {response}"
+        );
+    }
+}
+
+/// Issue 29: the same for an early `401` (Basic credentials missing), sent before the body
+/// is read.
+#[tokio::test]
+async fn a_client_writing_its_whole_body_first_reads_the_early_401() {
+    let nats = NatsServer::start().await;
+    let mut settings = test_settings(&nats);
+    settings.auth.basic_username = "cmc".into();
+    settings.auth.basic_password = cmc_forwarder::settings::Secret::new("pw");
+    let app = spawn_app_with(settings).await;
+
+    for attempt in 0..3 {
+        let response = send_whole(&app, "/webhooks/cmc", "application/json", "", 8 << 20).await;
+        let response = response.unwrap_or_else(|e| panic!("#{attempt}: {e}"));
+        assert!(
+            response.starts_with("HTTP/1.1 401"),
+            "#{attempt}: {response}"
+        );
+        assert!(
+            response.contains("\"error\":\"unauthorized\""),
+            "#{attempt}: {response}"
+        );
+    }
+}
+
+/// Issue 29: the same for an early `415` (an Inbound media type the service does not read),
+/// sent before the body is read.
+#[tokio::test]
+async fn a_client_writing_its_whole_body_first_reads_the_early_415() {
+    let nats = NatsServer::start().await;
+    let app = spawn_app(&nats).await;
+
+    for attempt in 0..3 {
+        let response = send_whole(&app, "/webhooks/cmc/inbound", "text/plain", "", 8 << 20).await;
+        let response = response.unwrap_or_else(|e| panic!("#{attempt}: {e}"));
+        assert!(
+            response.starts_with("HTTP/1.1 415"),
+            "#{attempt}: {response}"
+        );
+        assert!(
+            response.contains("\"error\":\"unsupported_media_type\""),
+            "#{attempt}: {response}"
+        );
+    }
+}

@@ -56,9 +56,8 @@ fn names_are_read_whole_and_only_on_a_word_boundary() {
     );
 }
 
-#[tokio::test]
-async fn every_metric_of_the_dashboard_and_the_alerts_is_exposed_by_the_service() {
-    // Arrange: dead letters and an API key on, so every kind of series can exist.
+/// Every metric name the dashboard and the alert rules use, with the files using it.
+fn used_names() -> BTreeMap<String, Vec<&'static str>> {
     let root = PathBuf::from(env!("CARGO_MANIFEST_DIR"));
     let mut used: BTreeMap<String, Vec<&str>> = BTreeMap::new();
     for file in USERS {
@@ -68,6 +67,67 @@ async fn every_metric_of_the_dashboard_and_the_alerts_is_exposed_by_the_service(
         }
     }
     assert!(used.len() > 5, "the files name metrics: {used:?}");
+    used
+}
+
+/// The names of `used` that `page` does not expose, each with the files using it.
+fn missing_from(used: &BTreeMap<String, Vec<&str>>, page: &str) -> Vec<String> {
+    let exposed = exposed_names(page);
+    let missing: Vec<String> = used
+        .iter()
+        .filter(|(name, _)| !exposed.contains(*name))
+        .map(|(name, files)| format!("{name} (used in {})", files.join(", ")))
+        .collect();
+    println!(
+        "{} metric names used, {} series names exposed, {} missing",
+        used.len(),
+        exposed.len(),
+        missing.len()
+    );
+    missing
+}
+
+/// Issue 29: a panel or an alert must not say "no data" on a service that has not been
+/// posted to yet: every name is on `/metrics` from start-up, every series whose labels are
+/// known then at 0 (one per configured API key, one per status code the service answers).
+#[tokio::test]
+async fn every_metric_of_the_dashboard_and_the_alerts_is_exposed_before_any_request() {
+    // Arrange
+    let used = used_names();
+    let nats = NatsServer::start().await;
+    let dir = tempfile::tempdir().unwrap();
+    let mut service = Launch::service(&dir.path().join("service.log"))
+        .nats(&nats.url())
+        .spool(&dir.path().join("spool"))
+        .setting("AUTH__API_KEY", "metric-names-key")
+        .start();
+    let http = http_client();
+    service.wait_ready(&http).await;
+
+    // Act: no request but the scrape.
+    let page = get_text(
+        &http,
+        &format!("http://127.0.0.1:{}/metrics", service.admin_port),
+    )
+    .await;
+
+    // Assert
+    let missing = missing_from(&used, &page);
+    assert!(missing.is_empty(), "not exposed by /metrics: {missing:#?}");
+    for series in [
+        r#"cmc_forwarder_api_key_requests_total{key="0"} 0"#,
+        r#"cmc_forwarder_http_requests_total{code="200"} 0"#,
+        r#"cmc_forwarder_http_requests_total{code="503"} 0"#,
+        r#"cmc_forwarder_events_total{event_type="deliveries",status="queued",outcome="published"} 0"#,
+    ] {
+        assert!(page.lines().any(|l| l == series), "no {series} in\n{page}");
+    }
+}
+
+#[tokio::test]
+async fn every_metric_of_the_dashboard_and_the_alerts_is_exposed_by_the_service() {
+    // Arrange: dead letters and an API key on, so every kind of series can exist.
+    let used = used_names();
     let nats = NatsServer::start().await;
     let dir = tempfile::tempdir().unwrap();
     let mut service = Launch::service(&dir.path().join("service.log"))
@@ -107,17 +167,6 @@ async fn every_metric_of_the_dashboard_and_the_alerts_is_exposed_by_the_service(
     .await;
 
     // Assert
-    let exposed = exposed_names(&page);
-    let missing: Vec<String> = used
-        .iter()
-        .filter(|(name, _)| !exposed.contains(*name))
-        .map(|(name, files)| format!("{name} (used in {})", files.join(", ")))
-        .collect();
-    println!(
-        "{} metric names used, {} series names exposed, {} missing",
-        used.len(),
-        exposed.len(),
-        missing.len()
-    );
+    let missing = missing_from(&used, &page);
     assert!(missing.is_empty(), "not exposed by /metrics: {missing:#?}");
 }
