@@ -123,6 +123,9 @@ fn initialise() {
     for result in RELOAD_RESULTS {
         counter!(CONFIG_RELOADS, "result" => result).absolute(0);
     }
+    for result in RETAINED_CHECK_RESULTS {
+        counter!(RETAINED_CHECKS, "result" => result).absolute(0);
+    }
     for outcome in MAIL_OUTCOMES {
         counter!(INBOUND_MAILS, "outcome" => outcome).absolute(0);
     }
@@ -377,10 +380,13 @@ pub fn retained_replayed(messages: u64) {
     counter!(RETAINED_REPLAYED).increment(messages);
 }
 
+/// The values of [`RETAINED_CHECKS`]' `result` label.
+pub const RETAINED_CHECK_RESULTS: [&str; 2] = ["ok", "failed"];
+
 /// A check of the stream by the retained log's keeper: answered (`ok`) or not (`failed`:
 /// nothing expires while the stream does not answer).
 pub fn retained_check(answered: bool) {
-    let result = if answered { "ok" } else { "failed" };
+    let result = RETAINED_CHECK_RESULTS[usize::from(!answered)];
     counter!(RETAINED_CHECKS, "result" => result).increment(1);
 }
 
