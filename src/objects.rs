@@ -121,22 +121,64 @@ pub async fn open_bucket(
     }
 }
 
-/// What `store` holds under `name` (none when nothing), within `bound`.
+/// What `bucket` holds under `name` (none when nothing), within `bound`. An object counts as
+/// held only when its description and every chunk it names are in the bucket's stream: a
+/// description whose chunks are missing (an upload whose description was stored although it
+/// was taken for failed, or chunks an operator purged) reads as none, so the attachment is
+/// uploaded again.
 pub async fn info(
+    js: &async_nats::jetstream::Context,
     bucket: &Bucket,
     name: &str,
     bound: Duration,
 ) -> Result<Option<StoredObject>, ObjectFailure> {
-    match tokio::time::timeout(bound, bucket.store.info(name)).await {
-        Ok(Ok(info)) => Ok(Some(StoredObject {
+    let look = async {
+        let info = match bucket.store.info(name).await {
+            Ok(info) => info,
+            Err(e) if e.kind() == InfoErrorKind::NotFound => return Ok(None),
+            Err(e) => return Err(ObjectFailure::Failed(format!("object {name}: {e}"))),
+        };
+        if !info.deleted && info.chunks > 0 {
+            let subject = format!("$O.{}.C.{}", bucket.name, info.nuid);
+            let held = chunks_held(js, &bucket.name, &subject)
+                .await
+                .map_err(|e| ObjectFailure::Failed(format!("object {name}: {e}")))?;
+            if held < info.chunks as u64 {
+                tracing::warn!(object = %name, chunks = info.chunks, held, "an object's description names chunks its bucket does not hold; it is uploaded again");
+                return Ok(None);
+            }
+        }
+        Ok(Some(StoredObject {
             size: info.size as u64,
             digest: info.digest,
             deleted: info.deleted,
-        })),
-        Ok(Err(e)) if e.kind() == InfoErrorKind::NotFound => Ok(None),
-        Ok(Err(e)) => Err(ObjectFailure::Failed(format!("object {name}: {e}"))),
-        Err(_) => Err(ObjectFailure::Timeout(bound)),
+        }))
+    };
+    tokio::time::timeout(bound, look)
+        .await
+        .unwrap_or(Err(ObjectFailure::Timeout(bound)))
+}
+
+/// How many messages the bucket's stream holds on `subject` (one object's chunks).
+async fn chunks_held(
+    js: &async_nats::jetstream::Context,
+    bucket: &str,
+    subject: &str,
+) -> Result<u64, String> {
+    use futures_util::TryStreamExt;
+    let stream = js
+        .get_stream_no_info(format!("OBJ_{bucket}"))
+        .await
+        .map_err(|e| e.to_string())?;
+    let mut subjects = stream
+        .info_with_subjects(subject)
+        .await
+        .map_err(|e| e.to_string())?;
+    let mut held = 0;
+    while let Some((_, count)) = subjects.try_next().await.map_err(|e| e.to_string())? {
+        held += count as u64;
     }
+    Ok(held)
 }
 
 /// The object store's chunk size (the client's default).
@@ -159,12 +201,30 @@ pub async fn put(
     let name = meta.name.clone();
     let nuid = uuid::Uuid::new_v4().simple().to_string();
     let chunks = format!("$O.{}.C.{nuid}", bucket.name);
-    let upload = upload(js, &bucket.store, &bucket.name, meta, data, &chunks, &nuid);
+    let described = std::sync::atomic::AtomicBool::new(false);
+    let upload = upload(
+        js,
+        &bucket.store,
+        &bucket.name,
+        meta,
+        data,
+        &chunks,
+        &nuid,
+        &described,
+    );
     let failure = match tokio::time::timeout(bound, upload).await {
         Ok(Ok(info)) => return Ok(info),
         Ok(Err(e)) => ObjectFailure::Failed(format!("object {name}: {e}")),
         Err(_) => ObjectFailure::Timeout(bound),
     };
+    if described.load(std::sync::atomic::Ordering::SeqCst) {
+        // The description may have been stored (its PubAck was only late): purged, the
+        // chunks it names would be gone while it says the object is there. They stay; a
+        // retry that finds the description checks that they are all there
+        // ([`info`]).
+        tracing::warn!(object = %name, subject = %chunks, "an upload failed after its description was sent; its chunks are kept");
+        return Err(failure);
+    }
     if let Err(e) = purge(js, &bucket.name, &chunks, bound).await {
         tracing::warn!(object = %name, subject = %chunks, error = %e, "cannot purge the chunks of a failed upload; they stay in the bucket until purged");
     }
@@ -195,6 +255,9 @@ async fn purge(
         .map_err(|_| format!("no answer within {bound:?}"))?
 }
 
+/// Uploads the chunks, then the description; `described` turns true just before the
+/// description is sent (from then on the object may be stored whatever happens next).
+#[allow(clippy::too_many_arguments)]
 async fn upload(
     js: &async_nats::jetstream::Context,
     store: &ObjectStore,
@@ -203,6 +266,7 @@ async fn upload(
     data: &mut (impl tokio::io::AsyncRead + Unpin),
     chunk_subject: &str,
     nuid: &str,
+    described: &std::sync::atomic::AtomicBool,
 ) -> Result<StoredObject, String> {
     use sha2::Digest;
     use tokio::io::AsyncReadExt;
@@ -268,6 +332,7 @@ async fn upload(
         base64::engine::general_purpose::URL_SAFE.encode(&meta.name)
     );
     let description = serde_json::to_vec(&description).map_err(|e| e.to_string())?;
+    described.store(true, std::sync::atomic::Ordering::SeqCst);
     js.publish_with_headers(subject, headers, description.into())
         .await
         .map_err(|e| format!("description: {e}"))?

@@ -811,7 +811,7 @@ impl Publish for Arc<Publisher> {
         bucket: &objects::Bucket,
         name: &str,
     ) -> Result<Option<StoredObject>, PublishError> {
-        objects::info(bucket, name, self.timeout)
+        objects::info(&self.jetstream_context(), bucket, name, self.timeout)
             .await
             .map_err(object_error)
     }

@@ -935,3 +935,57 @@ async fn the_inbound_drainer_retries_at_spool_retry_max_interval() {
         "sent {took:?} after NATS was back"
     );
 }
+
+/// An object whose description is in the bucket but whose chunks are not (an upload taken
+/// for failed whose description was stored late, or chunks purged by hand) does not count
+/// as stored: the mail sent again uploads it again, and the bucket serves it whole.
+#[tokio::test]
+async fn an_object_whose_chunks_are_missing_is_uploaded_again() {
+    let nats = NatsServer::start().await;
+    let app = spawn_app(&nats).await;
+    let body = inbound_fixture("multipart.txt");
+    let first = post_inbound(&app, &multipart_type(BOUNDARY), body.clone()).await;
+    assert_eq!(first.status(), 200);
+    let store = bucket(&app).await;
+    let nuid = store.info(JPEG_SHA).await.unwrap().nuid;
+    let stream = app
+        .jetstream()
+        .get_stream(format!("OBJ_{}", app.settings.inbound.bucket))
+        .await
+        .unwrap();
+    stream
+        .purge()
+        .filter(format!("$O.{}.C.{nuid}", app.settings.inbound.bucket))
+        .await
+        .unwrap();
+    assert!(
+        object_bytes_checked(&store, JPEG_SHA).await.is_err(),
+        "the purge left the object readable"
+    );
+
+    let again = post_inbound(&app, &multipart_type(BOUNDARY), body).await;
+
+    assert_eq!(again.status(), 200);
+    let jpeg = object_bytes_checked(&bucket(&app).await, JPEG_SHA).await;
+    assert!(jpeg.is_ok(), "not uploaded again: {jpeg:?}");
+}
+
+/// The bytes of `name`, or why they cannot be read whole (within 5 s).
+async fn object_bytes_checked(store: &ObjectStore, name: &str) -> Result<Vec<u8>, String> {
+    let read = async {
+        let mut object = store.get(name).await.map_err(|e| e.to_string())?;
+        let mut bytes = Vec::new();
+        object
+            .read_to_end(&mut bytes)
+            .await
+            .map_err(|e| e.to_string())?;
+        Ok::<_, String>(bytes)
+    };
+    let bytes = tokio::time::timeout(Duration::from_secs(5), read)
+        .await
+        .map_err(|_| "not read within 5 s".to_owned())??;
+    if sha(&bytes) != name {
+        return Err(format!("{} bytes, another digest", bytes.len()));
+    }
+    Ok(bytes)
+}
