@@ -927,6 +927,10 @@ async fn check_stream<P: Publish>(
     publisher: &P,
     known: &Known,
 ) -> Result<(Option<StreamState>, Option<Suspicion>), PublishError> {
+    // Read before the stream is asked: every sequence noted by then was stored before it
+    // answers, while acknowledgements noted during the request may be of messages stored
+    // after its answer was made.
+    let high = publisher.high_sequence();
     let Some(state) = publisher.stream_state().await? else {
         return Ok((None, Some(Suspicion::Gone)));
     };
@@ -942,7 +946,7 @@ async fn check_stream<P: Publish>(
         .is_some_and(|before| before.created != state.created)
     {
         Some(Suspicion::Recreated)
-    } else if state.last_sequence < publisher.high_sequence() {
+    } else if state.last_sequence < high {
         Some(Suspicion::RolledBack)
     } else if !held {
         Some(Suspicion::MarkLost)
@@ -2000,6 +2004,28 @@ mod tests {
         let mut expected = [labels("a", 5), labels("b", 5)].concat();
         expected.sort();
         assert_eq!(ours, expected, "every message stored once");
+    }
+
+    /// Messages acknowledged while a check is under way (stored after the stream's answer
+    /// was made) are no sign of a loss: nothing is published again.
+    #[tokio::test]
+    async fn acknowledgements_during_a_check_are_no_loss() {
+        let r = retaining_rig();
+        let spool = r.spool.clone().unwrap();
+        let (stop, stopped) = watch::channel(false);
+        let keeper = tokio::spawn(keep_retained(spool.clone(), r.fake.clone(), stopped));
+        r.wait_kept().await;
+        let _drain = r.start_drain();
+        r.deliver(batch("a", 5)).await.unwrap();
+        r.fake.ack_during_checks(true);
+
+        r.wait_checked().await;
+        r.wait_checked().await;
+
+        assert_eq!(r.fake.sent(), 5, "published again");
+        assert!(spool.stats().is_empty());
+        let _ = stop.send(true);
+        keeper.await.unwrap();
     }
 
     /// The stream was deleted and created again: everything retained is stored again.

@@ -1416,6 +1416,9 @@ pub(crate) mod fake {
         silent: bool,
         /// How many times the stream answered [`Publish::stream_state`].
         checks: usize,
+        /// Each check's answer is followed by another publisher's message, acknowledged
+        /// and noted before the check is over.
+        ack_during_check: bool,
     }
 
     #[derive(Debug, Clone)]
@@ -1456,6 +1459,7 @@ pub(crate) mod fake {
                     created: 1,
                     silent: false,
                     checks: 0,
+                    ack_during_check: false,
                 })),
                 Arc::default(),
                 Arc::default(),
@@ -1510,6 +1514,11 @@ pub(crate) mod fake {
         /// How many times the stream answered a check.
         pub fn checks(&self) -> usize {
             self.state().checks
+        }
+
+        /// See [`State::ack_during_check`].
+        pub fn ack_during_checks(&self, on: bool) {
+            self.state().ack_during_check = on;
         }
 
         /// Stores a message of another publisher, labelled `label`.
@@ -1737,10 +1746,17 @@ pub(crate) mod fake {
                 return Err(PublishError::Timeout(s.timeout));
             }
             s.checks += 1;
-            Ok(Some(StreamState {
+            let state = StreamState {
                 created: s.created.to_string(),
                 last_sequence: s.stored_ids.len() as u64,
-            }))
+            };
+            if s.ack_during_check {
+                let id = format!("late-{}", s.checks);
+                drop(s);
+                let ack = self.store(id.clone(), id.clone());
+                self.note_stored(ack.sequence, &id);
+            }
+            Ok(Some(state))
         }
 
         fn high_sequence(&self) -> u64 {
