@@ -1192,15 +1192,41 @@ mod tests {
 
     /// A rig whose spool keeps a retained log.
     fn retaining_rig() -> Rig {
+        retaining_rig_for(Duration::from_secs(60))
+    }
+
+    /// A rig whose spool keeps retained records `hold` after they were written.
+    fn retaining_rig_for(hold: Duration) -> Rig {
         let dir = tempfile::tempdir().unwrap();
         let mut spool = Spool::open(dir.path(), 1 << 30).unwrap();
-        spool.retain(Duration::from_secs(60)).unwrap();
+        spool.retain(hold).unwrap();
         rig_on(dir, Some(spool), 64, TIMEOUT)
+    }
+
+    /// A running keeper ([`Rig::keep`]).
+    struct Keeper {
+        stop: watch::Sender<bool>,
+        task: tokio::task::JoinHandle<()>,
+    }
+
+    impl Keeper {
+        async fn stop(self) {
+            let _ = self.stop.send(true);
+            self.task.await.unwrap();
+        }
     }
 
     impl Rig {
         async fn deliver(&self, b: OutgoingBatch) -> Result<DeliveryReport, DeliveryError> {
             self.delivery.deliver(b, permit()).await
+        }
+
+        /// Starts the retained log's keeper.
+        fn keep(&self) -> Keeper {
+            let (stop, stopped) = watch::channel(false);
+            let spool = self.spool.clone().unwrap();
+            let task = tokio::spawn(keep_retained(spool, self.fake.clone(), stopped));
+            Keeper { stop, task }
         }
 
         fn start_drain(&self) -> watch::Sender<bool> {
@@ -1798,8 +1824,7 @@ mod tests {
     async fn a_restarted_server_gets_again_what_it_acknowledged_and_lost() {
         let r = retaining_rig();
         let spool = r.spool.clone().unwrap();
-        let (stop, stopped) = watch::channel(false);
-        let keeper = tokio::spawn(keep_retained(spool.clone(), r.fake.clone(), stopped));
+        let keeper = r.keep();
         r.wait_kept().await;
         for tag in ["a", "b", "c"] {
             let report = r.deliver(batch(tag, 5)).await.unwrap();
@@ -1836,8 +1861,7 @@ mod tests {
             5,
             "what the server kept was de-duplicated"
         );
-        let _ = stop.send(true);
-        keeper.await.unwrap();
+        keeper.stop().await;
     }
 
     /// A replay publishes again only what the restarted server acknowledged in the retention
@@ -1845,13 +1869,8 @@ mod tests {
     /// be stored twice once older than the stream's duplicate window).
     #[tokio::test]
     async fn a_replay_sends_only_what_the_lost_server_may_not_have_synced() {
-        let dir = tempfile::tempdir().unwrap();
-        let mut spool = Spool::open(dir.path(), 1 << 30).unwrap();
-        spool.retain(Duration::from_millis(300)).unwrap();
-        let r = rig_on(dir, Some(spool), 64, TIMEOUT);
-        let spool = r.spool.clone().unwrap();
-        let (stop, stopped) = watch::channel(false);
-        let keeper = tokio::spawn(keep_retained(spool.clone(), r.fake.clone(), stopped));
+        let r = retaining_rig_for(Duration::from_millis(300));
+        let keeper = r.keep();
         r.wait_kept().await;
         r.deliver(batch("old", 5)).await.unwrap();
         // Older than the retention and its margin (1 s) by the time the server was last seen
@@ -1877,8 +1896,7 @@ mod tests {
             labels("new", 5),
             "the synced batch is not sent again"
         );
-        let _ = stop.send(true);
-        keeper.await.unwrap();
+        keeper.stop().await;
     }
 
     /// NATS lost power while a drain step was published to it: what it acknowledged is lost
@@ -1888,8 +1906,7 @@ mod tests {
     async fn a_drain_step_that_spans_a_restart_of_nats_is_published_again() {
         let r = retaining_rig();
         let spool = r.spool.clone().unwrap();
-        let (stop, stopped) = watch::channel(false);
-        let keeper = tokio::spawn(keep_retained(spool.clone(), r.fake.clone(), stopped));
+        let keeper = r.keep();
         r.wait_kept().await;
         r.fake.set_ready(false);
         assert_eq!(r.deliver(batch("a", 10)).await.unwrap().spooled, 10);
@@ -1915,8 +1932,7 @@ mod tests {
         let mut stored = r.fake.stored();
         stored.sort();
         assert_eq!(stored, labels("a", 10));
-        let _ = stop.send(true);
-        keeper.await.unwrap();
+        keeper.stop().await;
     }
 
     /// A move back to a server process seen before (a node of the cluster that was up all
@@ -1925,8 +1941,7 @@ mod tests {
     async fn a_move_to_a_server_seen_before_replays_nothing() {
         let r = retaining_rig();
         let spool = r.spool.clone().unwrap();
-        let (stop, stopped) = watch::channel(false);
-        let keeper = tokio::spawn(keep_retained(spool.clone(), r.fake.clone(), stopped));
+        let keeper = r.keep();
         r.wait_kept().await;
         let _drain = r.start_drain();
         r.deliver(batch("a", 5)).await.unwrap();
@@ -1941,8 +1956,7 @@ mod tests {
         tokio::time::sleep(Duration::from_millis(1500)).await;
 
         assert_eq!(r.fake.sent(), 10, "a server seen before got a replay");
-        let _ = stop.send(true);
-        keeper.await.unwrap();
+        keeper.stop().await;
     }
 
     /// With the keeper and the drainer running, batches `a` and `b` are delivered and the
@@ -1952,9 +1966,7 @@ mod tests {
     /// messages have been sent and the spool is empty, the keeper stopped.
     async fn replay_after(fault: impl FnOnce(&Rig), sent: usize) -> Rig {
         let r = retaining_rig();
-        let spool = r.spool.clone().unwrap();
-        let (stop, stopped) = watch::channel(false);
-        let keeper = tokio::spawn(keep_retained(spool, r.fake.clone(), stopped));
+        let keeper = r.keep();
         r.wait_kept().await;
         let _drain = r.start_drain();
         r.deliver(batch("a", 5)).await.unwrap();
@@ -1964,8 +1976,7 @@ mod tests {
         fault(&r);
 
         r.wait_sent_and_settled(sent).await;
-        let _ = stop.send(true);
-        keeper.await.unwrap();
+        keeper.stop().await;
         r
     }
 
@@ -2012,8 +2023,7 @@ mod tests {
     async fn acknowledgements_during_a_check_are_no_loss() {
         let r = retaining_rig();
         let spool = r.spool.clone().unwrap();
-        let (stop, stopped) = watch::channel(false);
-        let keeper = tokio::spawn(keep_retained(spool.clone(), r.fake.clone(), stopped));
+        let keeper = r.keep();
         r.wait_kept().await;
         let _drain = r.start_drain();
         r.deliver(batch("a", 5)).await.unwrap();
@@ -2024,8 +2034,7 @@ mod tests {
 
         assert_eq!(r.fake.sent(), 5, "published again");
         assert!(spool.stats().is_empty());
-        let _ = stop.send(true);
-        keeper.await.unwrap();
+        keeper.stop().await;
     }
 
     /// The stream was deleted and created again: everything retained is stored again.
@@ -2040,13 +2049,9 @@ mod tests {
     /// Once the stream answers again, the records expire.
     #[tokio::test]
     async fn nothing_expires_while_the_stream_does_not_answer() {
-        let dir = tempfile::tempdir().unwrap();
-        let mut spool = Spool::open(dir.path(), 1 << 30).unwrap();
-        spool.retain(Duration::from_millis(100)).unwrap();
-        let r = rig_on(dir, Some(spool), 64, TIMEOUT);
+        let r = retaining_rig_for(Duration::from_millis(100));
         let spool = r.spool.clone().unwrap();
-        let (stop, stopped) = watch::channel(false);
-        let keeper = tokio::spawn(keep_retained(spool.clone(), r.fake.clone(), stopped));
+        let keeper = r.keep();
         r.wait_kept().await;
         r.fake.set_silent(true);
         r.deliver(batch("a", 5)).await.unwrap();
@@ -2062,8 +2067,7 @@ mod tests {
             tokio::time::sleep(Duration::from_millis(20)).await;
         }
         assert_eq!(r.fake.sent(), 5, "nothing replayed");
-        let _ = stop.send(true);
-        keeper.await.unwrap();
+        keeper.stop().await;
     }
 
     /// Without a restart (the same server after a blip) nothing is replayed.
@@ -2071,8 +2075,7 @@ mod tests {
     async fn the_same_server_after_a_blip_gets_nothing_again() {
         let r = retaining_rig();
         let spool = r.spool.clone().unwrap();
-        let (stop, stopped) = watch::channel(false);
-        let keeper = tokio::spawn(keep_retained(spool.clone(), r.fake.clone(), stopped));
+        let keeper = r.keep();
         r.wait_kept().await;
         r.deliver(batch("a", 5)).await.unwrap();
         r.fake.set_ready(false);
@@ -2081,8 +2084,7 @@ mod tests {
         tokio::time::sleep(Duration::from_millis(1200)).await;
         assert_eq!(r.fake.sent(), 5, "nothing sent again");
         assert!(spool.stats().is_empty());
-        let _ = stop.send(true);
-        keeper.await.unwrap();
+        keeper.stop().await;
     }
 
     /// A batch NATS took but the retained log could not keep (a full disk) is not `200`:
