@@ -1333,3 +1333,5 @@ async fn a_power_cut_of_the_hub_behind_a_leaf_node_loses_nothing() {
     let stored = settle(&[hub.url()], &answered).await;
     verdict(case, &answered, &stored, "", &service.log_tail());
 }
+
+mod fs;
