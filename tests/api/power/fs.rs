@@ -14,11 +14,11 @@
 //! every event answered `200` to be in the stream once.
 
 use std::path::Path;
-use std::time::Instant;
+use std::time::{Duration, Instant};
 
 use super::{
     answer_batches, duplicates, missing, reader, settle, stream_created, verdict, wait_replicated,
-    BATCHES, STREAM,
+    Senders, BATCHES, STREAM,
 };
 use crate::helpers::*;
 use crate::lazy_helpers::LazyMount;
@@ -43,6 +43,9 @@ struct Cut {
     /// The service on the same host: its spool on lazyfs as well, the service SIGKILLed and
     /// its mount dropped at the same moment as NATS's; started again once NATS is back.
     shared_host: bool,
+    /// Three senders posting batches one after another through the cut (and on, once
+    /// everything is back, for a second), instead of `BATCHES` answered before it.
+    under_load: bool,
     /// The service's settings beyond the tests' defaults.
     settings: &'static [(&'static str, &'static str)],
 }
@@ -60,10 +63,12 @@ async fn serve(
     service
 }
 
-/// What a case ends with: the events answered `200`, what the stream holds after recovery,
-/// the figures to print beyond `verdict`'s, and the service's log tail.
+/// What a case ends with: the events answered `200`, those of batches sent but not answered
+/// `200` (under load), what the stream holds after recovery, the figures to print beyond
+/// `verdict`'s, and the service's log tail.
 struct Outcome {
     answered: Vec<String>,
+    unanswered: Vec<String>,
     stored: Stored,
     extra: String,
     log_tail: String,
@@ -71,8 +76,27 @@ struct Outcome {
 
 /// [`cut_single_node`], then the verdict: every event answered `200` stored once.
 async fn single_node(case: &'static str, cut: Cut) {
-    let o = cut_single_node(case, cut).await;
-    verdict(case, &o.answered, &o.stored, &o.extra, &o.log_tail);
+    let mut o = cut_single_node(case, cut).await;
+    let extra = set_aside_unanswered(case, &mut o.stored, &o.unanswered) + &o.extra;
+    verdict(case, &o.answered, &o.stored, &extra, &o.log_tail);
+}
+
+/// Takes out of `stored` the events of batches sent but not answered `200` (the request was
+/// cut off by the kill: the service may have published it and kept it in its retained log,
+/// and then publishes it again after the cut; its sender would send it again, de-duplicated),
+/// after asserting that each of them is stored at most once. Returns ` unanswered_stored=…`.
+fn set_aside_unanswered(case: &str, stored: &mut Stored, unanswered: &[String]) -> String {
+    let mut kept = 0;
+    for key in unanswered {
+        if let Some(n) = stored.keys.remove(key) {
+            assert_eq!(
+                n, 1,
+                "{case}: an event of an unanswered batch stored {n} times"
+            );
+            kept += 1;
+        }
+    }
+    format!(" unanswered={} unanswered_stored={kept}", unanswered.len())
 }
 
 /// A single nats-server with its store on lazyfs and the service: `BATCHES` batches answered
@@ -87,13 +111,23 @@ async fn cut_single_node(case: &'static str, cut: Cut) -> Outcome {
     let http = http_client();
     let mut service = serve(&http, &nats.url(), &spool, &log, cut.settings).await;
     let url = service.webhook_url();
-    let mut answered = answer_batches(&url, case, 0..BATCHES / 2).await;
-    if cut.durable_halfway {
-        nats.lazy().command("sync-all");
+    let (mut answered, mut unanswered) = (Vec::new(), Vec::new());
+    let senders = cut.under_load.then(|| Senders::to(&url, case, 3));
+    if cut.under_load {
+        tokio::time::sleep(Duration::from_secs(2)).await;
+    } else {
+        answered = answer_batches(&url, case, 0..BATCHES / 2).await;
+        if cut.durable_halfway {
+            nats.lazy().command("sync-all");
+        }
+        answered.extend(answer_batches(&url, case, BATCHES / 2..BATCHES).await);
     }
-    answered.extend(answer_batches(&url, case, BATCHES / 2..BATCHES).await);
     let created = stream_created(&[nats.url()]).await;
     let unsynced = nats.lazy().stats();
+    let spool_unsynced = match &mut spool_mount {
+        Some(mount) => format!(" spool_unsynced=[{}]", mount.command("entries")),
+        None => String::new(),
+    };
 
     // Act: the power cut.
     let cuts = match &mut spool_mount {
@@ -112,16 +146,28 @@ async fn cut_single_node(case: &'static str, cut: Cut) -> Outcome {
         }
     };
 
+    let mut load = String::new();
+    if let Some(senders) = senders {
+        service.wait_ready(&http).await;
+        tokio::time::sleep(Duration::from_secs(1)).await;
+        let sent = senders.stop().await;
+        load = format!(" spooled_batches={} not_200={}", sent.spooled, sent.refused);
+        answered = sent.answered;
+        unanswered = sent.unanswered;
+    }
+
     // Assert
     let stored = settle(&[nats.url()], &answered).await;
     let recreated = created != stream_created(&[nats.url()]).await;
     let seed = cut.tear.map(|s| format!(" seed={s}")).unwrap_or_default();
     let extra = format!(
-        " recreated={recreated}{seed} unsynced=[{unsynced}] cut=[{cuts}] wall={:?}",
+        " recreated={recreated}{seed}{load} unsynced=[{unsynced}]{spool_unsynced} cut=[{cuts}] \
+         wall={:?}",
         started.elapsed()
     );
     Outcome {
         answered,
+        unanswered,
         stored,
         extra,
         log_tail: service.log_tail(),
@@ -131,6 +177,15 @@ async fn cut_single_node(case: &'static str, cut: Cut) -> Outcome {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn every_event_answered_200_survives_a_file_system_power_cut_of_the_nats_host() {
     single_node("fs_single_node", Cut::default()).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn every_event_answered_200_survives_a_torn_file_system_power_cut_of_the_nats_host() {
+    let cut = Cut {
+        tear: Some(tear_seed()),
+        ..Cut::default()
+    };
+    single_node("fs_torn", cut).await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -150,6 +205,19 @@ async fn every_event_answered_200_survives_a_file_system_power_cut_of_a_host_run
         ..Cut::default()
     };
     single_node("fs_shared_host", cut).await;
+}
+
+/// The shared host cut under load, torn: requests in flight when both processes die, the
+/// spool's and the retained log's last writes torn on the service's mount, NATS's on its own.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn every_event_answered_200_under_load_survives_a_torn_power_cut_of_a_host_running_both() {
+    let cut = Cut {
+        tear: Some(tear_seed()),
+        shared_host: true,
+        under_load: true,
+        ..Cut::default()
+    };
+    single_node("fs_shared_host_load_torn", cut).await;
 }
 
 /// The same cut without the retained log (`spool.retain = 0s`: a `200` is a PubAck): the
