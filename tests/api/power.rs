@@ -15,7 +15,8 @@
 //! power cut: of the service alone and a quick one of NATS alone store nothing twice; one of
 //! NATS under load loses nothing. Each prints `case=… answered=… stored=… duplicates=…`. The
 //! last test shows what the README says of the spool off: a `200` then does not survive the
-//! power cut.
+//! power cut. The submodule [`fs`] cuts the power at the file-system level instead (every
+//! store on lazyfs, SIGKILL, then what was never synced dropped).
 //!
 //! They kill processes: `scripts/test` runs them one at a time, with
 //! `cargo test --test api power:: -- --nocapture --test-threads=1`.
