@@ -244,10 +244,8 @@ async fn without_the_retained_log_a_file_system_power_cut_loses_events_answered_
 
 /// A 3-node cluster with every store on lazyfs and the service with an R3 stream: `BATCHES`
 /// batches answered `200`, every node cut at once (all down before any comes back), recovery,
-/// the verdict.
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn every_event_answered_200_survives_a_file_system_power_cut_of_a_whole_r3_cluster() {
-    let case = "fs_cluster_r3";
+/// the verdict. `cut.durable_halfway` and `cut.tear` as for the single node, on every node.
+async fn cluster(case: &'static str, cut: Cut) {
     let started = Instant::now();
     let mut cluster = NatsCluster::start_on_lazyfs().await;
     let urls = cluster.urls();
@@ -257,14 +255,22 @@ async fn every_event_answered_200_survives_a_file_system_power_cut_of_a_whole_r3
     let replicas = [("NATS__STREAM__REPLICAS", "3")];
     let service = serve(&http, &urls.join(","), &spool, &log, &replicas).await;
     wait_replicated(&reader(&urls).await).await;
-    let answered = answer_batches(&service.webhook_url(), case, 0..BATCHES).await;
+    let url = service.webhook_url();
+    let mut answered = answer_batches(&url, case, 0..BATCHES / 2).await;
+    if cut.durable_halfway {
+        wait_replicated(&reader(&urls).await).await;
+        for node in &mut cluster.nodes {
+            node.lazy().command("sync-all");
+        }
+    }
+    answered.extend(answer_batches(&url, case, BATCHES / 2..BATCHES).await);
     let created = stream_created(&urls).await;
     let unsynced: Vec<String> = cluster.nodes.iter_mut().map(|n| n.lazy().stats()).collect();
 
     let cuts: Vec<String> = cluster
         .nodes
         .iter_mut()
-        .map(|node| node.power_cut_off(None))
+        .map(|node| node.power_cut_off(cut.tear))
         .collect();
     for node in &mut cluster.nodes {
         node.launch().await;
@@ -276,12 +282,30 @@ async fn every_event_answered_200_survives_a_file_system_power_cut_of_a_whole_r3
         .map(|s| s.cached_info().config.num_replicas)
         .unwrap_or(0);
     let recreated = created != stream_created(&urls).await;
+    let seed = cut.tear.map(|s| format!(" seed={s}")).unwrap_or_default();
     let extra = format!(
-        " recreated={recreated} replicas={replicas} unsynced=[{}] cut=[{}] wall={:?}",
+        " recreated={recreated} replicas={replicas}{seed} unsynced=[{}] cut=[{}] wall={:?}",
         unsynced.join(" | "),
         cuts.join(" | "),
         started.elapsed()
     );
     verdict(case, &answered, &stored, &extra, &service.log_tail());
     assert_eq!(replicas, 3, "{case}: the stream is R3 after recovery");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn every_event_answered_200_survives_a_file_system_power_cut_of_a_whole_r3_cluster() {
+    cluster("fs_cluster_r3", Cut::default()).await;
+}
+
+/// Every node's store made durable halfway, then all three cut at once, torn: the R3 stream
+/// survives with the first half on every node (its Raft logs too), the rest must come back.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn every_event_answered_200_survives_a_torn_cut_of_an_r3_cluster_synced_halfway() {
+    let cut = Cut {
+        tear: Some(tear_seed()),
+        durable_halfway: true,
+        ..Cut::default()
+    };
+    cluster("fs_cluster_r3_torn_synced_halfway", cut).await;
 }
