@@ -6,19 +6,22 @@
 //! stream itself can be gone (nats-server syncs neither its configuration files nor, with its
 //! default `sync_interval`, its blocks), or keep a block with a torn tail.
 //!
-//! The cases: the single node; the same with the store made durable halfway and a torn cut; the
-//! shared host (the service's spool on lazyfs too, the service SIGKILLed and its mount dropped
-//! at the same moment); a 3-node cluster with an R3 stream, every store on lazyfs, all three
-//! cut at once. Each prints `case=… answered=… stored=… duplicates=…` with what lazyfs had not
-//! synced before the cut (`unsynced=[…]`) and what the cut dropped (`cut=[…]`), and requires
-//! every event answered `200` to be in the stream once.
+//! The cases: the single node, with a plain and a torn cut, and torn after the store was made
+//! durable halfway; the shared host (the service's spool on lazyfs too, the service SIGKILLed
+//! and its mount dropped at the same moment), also torn under load; a second cut halfway
+//! through the replay; a 3-node cluster with an R3 stream, every store on lazyfs, all three cut
+//! at once, also torn after every store was made durable halfway. Each prints
+//! `case=… answered=… stored=… duplicates=…` with what lazyfs had not synced before the cut
+//! (`unsynced=[…]`) and what the cut dropped (`cut=[…]`), and requires every event answered
+//! `200` to be in the stream once. One more cuts without the retained log
+//! (`spool.retain = 0s`) and requires the loss, so the cut is known to bite.
 
 use std::path::Path;
 use std::time::{Duration, Instant};
 
 use super::{
-    answer_batches, duplicates, missing, reader, settle, stream_created, verdict, wait_replicated,
-    Senders, BATCHES, STREAM,
+    answer_batches, assert_in_the_middle, duplicates, missing, past_half, reader, settle,
+    stream_created, verdict, wait_replicated, Senders, BATCHES, STREAM,
 };
 use crate::helpers::*;
 use crate::lazy_helpers::LazyMount;
@@ -218,6 +221,34 @@ async fn every_event_answered_200_under_load_survives_a_torn_power_cut_of_a_host
         ..Cut::default()
     };
     single_node("fs_shared_host_load_torn", cut).await;
+}
+
+/// NATS loses power a second time while the service publishes its log again (in the middle
+/// of a drain step, once half of it is back): with nothing synced in between, the stream is gone
+/// again, and the part of the replay NATS had acknowledged must come back with the rest.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_second_file_system_power_cut_during_the_replay_loses_nothing() {
+    let case = "fs_double_cut";
+    let started = Instant::now();
+    let dir = tempfile::tempdir().unwrap();
+    let (spool, log) = (dir.path().join("spool"), dir.path().join("service.log"));
+    let mut nats = NatsServer::start_on_lazyfs().await;
+    let http = http_client();
+    let service = serve(&http, &nats.url(), &spool, &log, &[]).await;
+    let answered = answer_batches(&service.webhook_url(), case, 0..5 * BATCHES).await;
+
+    let first = nats.power_cut(None).await;
+    let at_second_cut = past_half(&reader(&[nats.url()]).await, answered.len(), true).await;
+    let second = nats.power_cut(None).await;
+
+    let stored = settle(&[nats.url()], &answered).await;
+    let extra = format!(
+        " stored_at_second_cut={at_second_cut} first_cut=[{first}] second_cut=[{second}] \
+         wall={:?}",
+        started.elapsed()
+    );
+    verdict(case, &answered, &stored, &extra, &service.log_tail());
+    assert_in_the_middle(case, "the second cut", at_second_cut, answered.len());
 }
 
 /// The same cut without the retained log (`spool.retain = 0s`: a `200` is a PubAck): the
