@@ -13,6 +13,8 @@ use cmc_forwarder::startup::Application;
 use futures_util::StreamExt;
 use tokio::sync::oneshot;
 
+use crate::lazy_helpers::LazyMount;
+
 /// Every wait in the tests is bounded by this.
 pub const WAIT: Duration = Duration::from_secs(10);
 /// Every HTTP request of the fault and pipeline tests is bounded by this: hitting it means
@@ -28,6 +30,9 @@ pub struct NatsServer {
     pub name: Option<String>,
     /// More command-line arguments (cluster routes, `-c` for a configuration file).
     pub args: Vec<String>,
+    /// lazyfs mounted over the store ([`Self::on_lazyfs`]): declared before `dir`, so it is
+    /// unmounted (after the server is killed) before the directory is removed.
+    lazy: Option<LazyMount>,
     dir: tempfile::TempDir,
 }
 
@@ -60,8 +65,49 @@ impl NatsServer {
             port,
             name: None,
             args,
+            lazy: None,
             dir: tempfile::tempdir().unwrap(),
         }
+    }
+
+    /// [`Self::start`] with the store on lazyfs ([`Self::on_lazyfs`]).
+    pub async fn start_on_lazyfs() -> NatsServer {
+        let mut server = NatsServer::configured_anonymous(0, Vec::new());
+        server.on_lazyfs();
+        server.launch().await;
+        server
+    }
+
+    /// Mounts lazyfs over the store (`<dir>/jetstream`), before the first launch, so that
+    /// [`Self::power_cut`] can drop what the server never synced.
+    pub fn on_lazyfs(&mut self) {
+        assert!(self.child.is_none(), "mount lazyfs before the launch");
+        self.lazy = Some(LazyMount::start(&self.dir.path().join("jetstream")));
+    }
+
+    /// The lazyfs mount under the store (for `stats`, `sync-all`).
+    pub fn lazy(&mut self) -> &mut LazyMount {
+        self.lazy.as_mut().expect("the store is on lazyfs")
+    }
+
+    /// A power cut at the file-system level: SIGKILL, then every write and directory entry the
+    /// server never synced dropped (with `tear`, each file's last unsynced write torn to a
+    /// prefix drawn from that seed); not started again, so that every node of a cluster is
+    /// down before any comes back. Returns lazyfs's answer.
+    pub fn power_cut_off(&mut self, tear: Option<u64>) -> String {
+        self.stop();
+        let lazy = self.lazy();
+        match tear {
+            Some(seed) => lazy.power_cut_torn(seed),
+            None => lazy.power_cut(),
+        }
+    }
+
+    /// [`Self::power_cut_off`], then started again on the same store and port.
+    pub async fn power_cut(&mut self, tear: Option<u64>) -> String {
+        let cut = self.power_cut_off(tear);
+        self.launch().await;
+        cut
     }
 
     /// A server named `name` on `port` with more `args`, not started yet ([`Self::launch`]).
@@ -573,11 +619,20 @@ pub struct NatsCluster {
 
 impl NatsCluster {
     pub async fn start() -> NatsCluster {
+        NatsCluster::start_with(false)
+    }
+
+    /// [`Self::start`] with every node's store on lazyfs ([`NatsServer::on_lazyfs`]).
+    pub async fn start_on_lazyfs() -> NatsCluster {
+        NatsCluster::start_with(true)
+    }
+
+    fn start_with(lazy: bool) -> NatsCluster {
         // The six ports are chosen before any node binds them, so another process can take
         // one in between: then the cluster is started again on fresh ports.
         let mut failures = Vec::new();
         for _ in 0..3 {
-            match NatsCluster::try_start() {
+            match NatsCluster::try_start(lazy) {
                 Ok(cluster) => return cluster,
                 Err(log) => failures.push(log),
             }
@@ -588,9 +643,12 @@ impl NatsCluster {
         );
     }
 
-    fn try_start() -> Result<NatsCluster, String> {
+    fn try_start(lazy: bool) -> Result<NatsCluster, String> {
         let mut nodes = cluster_nodes("cmc", "n", &[]);
         for node in &mut nodes {
+            if lazy {
+                node.on_lazyfs();
+            }
             node.try_launch()?;
         }
         Ok(NatsCluster { nodes })

@@ -15,6 +15,10 @@
 #[path = "../api/helpers.rs"]
 #[allow(dead_code)]
 mod helpers;
+// helpers' `NatsServer` can put its store on lazyfs (`on_lazyfs`).
+#[path = "../api/lazy_helpers.rs"]
+#[allow(dead_code)]
+mod lazy_helpers;
 
 mod checker;
 mod client;
