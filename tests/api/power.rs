@@ -15,7 +15,8 @@
 //! power cut: of the service alone and a quick one of NATS alone store nothing twice; one of
 //! NATS under load loses nothing. Each prints `case=… answered=… stored=… duplicates=…`. The
 //! last test shows what the README says of the spool off: a `200` then does not survive the
-//! power cut.
+//! power cut. The scenarios of issue 28 (a sender's retry, an R3 stream whose other nodes lose
+//! power, a freeze of NATS while batches are spooled) are in `cases`.
 //!
 //! They kill processes: `scripts/test` runs them one at a time, with
 //! `cargo test --test api power:: -- --nocapture --test-threads=1`.
