@@ -18,6 +18,8 @@
 //! record is new). `scripts/test` runs them in its serial phase
 //! with the rest of `power::`.
 
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use async_nats::jetstream;
@@ -155,10 +157,11 @@ fn replay_reasons(log: &str) -> Vec<String> {
 
 /// One round of case 6: a 3-node cluster, an R3 stream, the service given node `n1` (B) alone,
 /// the stream's leader moved to another node; the last sync of the two others, `BATCHES`
-/// batches answered `200`, the two others' power cut together, both back. Returns whether the
-/// stream was seen rolled back (fewer messages, through B, than it had acknowledged, or the
-/// service found it had lost its tail).
-async fn r3_round(case: String) -> bool {
+/// batches answered `200`, the two others' power cut together, both back. Counts in
+/// `rolled_back` (before the verdict, so a failed round counts too) whether the stream was
+/// seen rolled back: fewer messages, through B, than it had acknowledged, or the service found
+/// it had lost its tail.
+async fn r3_round(case: String, rolled_back_rounds: Arc<AtomicUsize>) {
     let started = Instant::now();
     let mut cluster = NatsCluster::start().await;
     let urls = cluster.urls();
@@ -217,8 +220,10 @@ async fn r3_round(case: String) -> bool {
          rolled_back={rolled_back} replayed={replayed} reasons={reasons:?} wall={:?}",
         started.elapsed()
     );
+    if rolled_back {
+        rolled_back_rounds.fetch_add(1, Ordering::Relaxed);
+    }
     verdict(&case, &answered, &stored, &extra, &service.log_tail());
-    rolled_back
 }
 
 /// Rounds of case 6, each on a cluster of its own.
@@ -231,19 +236,19 @@ const R3_ROUNDS: usize = 3;
 /// often the stream was rolled back.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn r3_the_services_own_node_surviving_the_others_power_cut_loses_nothing() {
-    let mut rolled_back = 0;
+    let rolled_back = Arc::new(AtomicUsize::new(0));
     let mut failed = Vec::new();
     for round in 1..=R3_ROUNDS {
         // A round of its own task, so a failed round's panic (its figures and the service's
         // log tail printed) does not hide the others'.
-        match tokio::spawn(r3_round(format!("r3_own_node_survives#{round}"))).await {
-            Ok(true) => rolled_back += 1,
-            Ok(false) => {}
-            Err(e) => failed.push(format!("round {round}: {e}")),
+        let case = format!("r3_own_node_survives#{round}");
+        if let Err(e) = tokio::spawn(r3_round(case, rolled_back.clone())).await {
+            failed.push(format!("round {round}: {e}"));
         }
     }
     println!(
-        "case=r3_own_node_survives rounds={R3_ROUNDS} rolled_back={rolled_back} failed={}",
+        "case=r3_own_node_survives rounds={R3_ROUNDS} rolled_back={} failed={}",
+        rolled_back.load(Ordering::Relaxed),
         failed.len()
     );
     assert!(failed.is_empty(), "rounds failed: {failed:?}");
