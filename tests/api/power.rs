@@ -16,7 +16,9 @@
 //! NATS under load loses nothing. Each prints `case=… answered=… stored=… duplicates=…`. The
 //! last test shows what the README says of the spool off: a `200` then does not survive the
 //! power cut. The submodule [`fs`] cuts the power at the file-system level instead (every
-//! store on lazyfs, SIGKILL, then what was never synced dropped).
+//! store on lazyfs, SIGKILL, then what was never synced dropped); the scenarios of issue 28
+//! (a sender's retry, an R3 stream whose other nodes lose power, a freeze of NATS while
+//! batches are spooled) are in [`cases`].
 //!
 //! They kill processes: `scripts/test` runs them one at a time, with
 //! `cargo test --test api power:: -- --nocapture --test-threads=1`.
@@ -100,18 +102,18 @@ async fn a_power_cut_before_the_first_sync_of_a_stream_loses_the_stream() {
 // ---------------------------------------------------------------------------------------
 // The real binary in front of nats-servers that lose power.
 
-const STREAM: &str = "CMC_EVENTS";
+pub(super) const STREAM: &str = "CMC_EVENTS";
 /// Events per batch, every one distinct (so JetStream's dedup hides nothing).
-const PER_BATCH: usize = 100;
+pub(super) const PER_BATCH: usize = 100;
 /// Batches answered `200` between the last sync and the power cut.
-const BATCHES: usize = 20;
+pub(super) const BATCHES: usize = 20;
 /// Requests in flight at once.
 const IN_FLIGHT: usize = 4;
 /// Time given, after recovery, for every event answered `200` to be in the stream.
 const SETTLE: Duration = Duration::from_secs(15);
 
 /// A JSON webhook of `PER_BATCH` distinct deliveries, and the events' keys (`messageId`).
-fn batch(case: &str, n: usize) -> (Vec<u8>, Vec<String>) {
+pub(super) fn batch(case: &str, n: usize) -> (Vec<u8>, Vec<String>) {
     let keys: Vec<String> = (0..PER_BATCH)
         .map(|i| format!("<{case}-{n}-{i}@power.example.com>"))
         .collect();
@@ -141,7 +143,7 @@ fn batch(case: &str, n: usize) -> (Vec<u8>, Vec<String>) {
 
 /// How the batches must be answered.
 #[derive(Clone, Copy, PartialEq, Eq)]
-enum Answer {
+pub(super) enum Answer {
     /// `200`, every event published and none spooled: the spool fsyncs before it answers, so a
     /// spooled event would survive the cut for another reason than the one under test.
     Published,
@@ -151,11 +153,11 @@ enum Answer {
 
 /// Posts batches `batches` of `case`, `IN_FLIGHT` at a time, each answered as `expected`
 /// says, and returns the keys of their events.
-async fn answer_batches(url: &str, case: &str, batches: Range<usize>) -> Vec<String> {
+pub(super) async fn answer_batches(url: &str, case: &str, batches: Range<usize>) -> Vec<String> {
     post_batches(url, case, batches, Answer::Published).await
 }
 
-async fn post_batches(
+pub(super) async fn post_batches(
     url: &str,
     case: &str,
     batches: Range<usize>,
@@ -199,7 +201,7 @@ async fn post_batches(
 }
 
 /// A JetStream client for reading, reconnecting quickly to any of `urls`.
-async fn reader(urls: &[String]) -> jetstream::Context {
+pub(super) async fn reader(urls: &[String]) -> jetstream::Context {
     let client = async_nats::ConnectOptions::new()
         .retry_on_initial_connect()
         .reconnect_delay_callback(|_| Duration::from_millis(100))
@@ -210,7 +212,7 @@ async fn reader(urls: &[String]) -> jetstream::Context {
 }
 
 /// Messages in the stream now; `None` when it cannot be read (gone, or no leader yet).
-async fn message_count(js: &jetstream::Context) -> Option<u64> {
+pub(super) async fn message_count(js: &jetstream::Context) -> Option<u64> {
     let info = tokio::time::timeout(Duration::from_secs(2), async {
         js.get_stream(STREAM).await.ok()?.get_info().await.ok()
     })
@@ -220,7 +222,7 @@ async fn message_count(js: &jetstream::Context) -> Option<u64> {
 }
 
 /// The keys of `answered` the stream does not hold.
-fn missing<'a>(stored: &Stored, answered: &'a [String]) -> Vec<&'a String> {
+pub(super) fn missing<'a>(stored: &Stored, answered: &'a [String]) -> Vec<&'a String> {
     answered
         .iter()
         .filter(|k| !stored.keys.contains_key(*k))
@@ -228,7 +230,7 @@ fn missing<'a>(stored: &Stored, answered: &'a [String]) -> Vec<&'a String> {
 }
 
 /// Messages beyond the first of their `Nats-Msg-Id`, or of their event.
-fn duplicates(stored: &Stored) -> usize {
+pub(super) fn duplicates(stored: &Stored) -> usize {
     let by_id = stored.messages - stored.ids.len();
     let by_event: usize = stored.keys.values().map(|n| n - 1).sum();
     by_id.max(by_event)
@@ -237,7 +239,7 @@ fn duplicates(stored: &Stored) -> usize {
 /// Waits (up to `SETTLE`) until every event of `answered` is in the stream, and reads it again
 /// a second later (a late copy would show as a duplicate). At the deadline, what is there is
 /// the verdict: nothing when the stream is gone.
-async fn settle(urls: &[String], answered: &[String]) -> Stored {
+pub(super) async fn settle(urls: &[String], answered: &[String]) -> Stored {
     let js = reader(urls).await;
     let deadline = Instant::now() + SETTLE;
     loop {
@@ -266,7 +268,13 @@ async fn settle(urls: &[String], answered: &[String]) -> Stored {
 
 /// Prints `case=… answered=… stored=… duplicates=…` and asserts that every event answered
 /// `200` is in the stream, once.
-fn verdict(case: &str, answered: &[String], stored: &Stored, extra: &str, log_tail: &str) {
+pub(super) fn verdict(
+    case: &str,
+    answered: &[String],
+    stored: &Stored,
+    extra: &str,
+    log_tail: &str,
+) {
     let missing = missing(stored, answered);
     let duplicates = duplicates(stored);
     println!(
@@ -294,19 +302,22 @@ fn verdict(case: &str, answered: &[String], stored: &Stored, extra: &str, log_ta
 
 /// One nats-server and the service in front of it, with its spool and log in a directory of
 /// their own: the stage of every single-node case.
-struct Stage {
-    case: &'static str,
-    started: Instant,
-    nats: NatsServer,
+pub(super) struct Stage {
+    pub(super) case: &'static str,
+    pub(super) started: Instant,
+    pub(super) nats: NatsServer,
     settings: &'static [(&'static str, &'static str)],
     dir: tempfile::TempDir,
-    http: reqwest::Client,
-    service: Service,
+    pub(super) http: reqwest::Client,
+    pub(super) service: Service,
 }
 
 impl Stage {
     /// NATS up, and the service started with `settings` in front of it, ready.
-    async fn start(case: &'static str, settings: &'static [(&'static str, &'static str)]) -> Stage {
+    pub(super) async fn start(
+        case: &'static str,
+        settings: &'static [(&'static str, &'static str)],
+    ) -> Stage {
         Stage::serve(case, NatsServer::start().await, settings).await
     }
 
@@ -348,7 +359,7 @@ impl Stage {
         self.service.wait_exit(WAIT).await.expect("SIGKILLed");
     }
 
-    fn url(&self) -> String {
+    pub(super) fn url(&self) -> String {
         self.service.webhook_url()
     }
 
@@ -357,7 +368,7 @@ impl Stage {
     }
 
     /// Waits for every event of `answered` to be in the stream ([`settle`]) and reads it.
-    async fn settle(&self, answered: &[String]) -> Stored {
+    pub(super) async fn settle(&self, answered: &[String]) -> Stored {
         settle(&[self.nats.url()], answered).await
     }
 
@@ -374,7 +385,7 @@ impl Stage {
     }
 
     /// [`Stage::settle`], then [`Stage::judge`].
-    async fn verdict(&self, answered: &[String], extra: &str) {
+    pub(super) async fn verdict(&self, answered: &[String], extra: &str) {
         let stored = self.settle(answered).await;
         self.judge(answered, &stored, extra);
     }
@@ -521,7 +532,7 @@ async fn a_stream_lost_with_the_power_is_created_again_with_every_event_answered
 
 /// Waits until both followers of the R3 stream are current, so the copies of the three nodes
 /// all hold it.
-async fn wait_replicated(js: &jetstream::Context) {
+pub(super) async fn wait_replicated(js: &jetstream::Context) {
     let deadline = Instant::now() + WAIT;
     loop {
         let info = match js.get_stream(STREAM).await {
@@ -1169,7 +1180,7 @@ fn service_on_a_stepped_clock(
 }
 
 /// `cmc_forwarder_retained_bytes` on the service's `/metrics`.
-async fn retained_bytes(http: &reqwest::Client, service: &Service) -> Option<f64> {
+pub(super) async fn retained_bytes(http: &reqwest::Client, service: &Service) -> Option<f64> {
     let text = get_text(http, &service.metrics_url()).await;
     text.lines()
         .find_map(|line| line.strip_prefix("cmc_forwarder_retained_bytes "))
@@ -1350,4 +1361,5 @@ async fn a_power_cut_of_the_hub_behind_a_leaf_node_loses_nothing() {
     verdict(case, &answered, &stored, "", &service.log_tail());
 }
 
+mod cases;
 mod fs;
