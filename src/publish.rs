@@ -24,7 +24,7 @@ use std::time::Duration;
 use async_nats::connection::State;
 use async_nats::header::HeaderName;
 use async_nats::jetstream::{self, ErrorCode};
-use async_nats::{Client, HeaderMap, StatusCode, Subscriber};
+use async_nats::{Client, HeaderMap, StatusCode, Subject, Subscriber};
 use bytes::Bytes;
 use futures_util::{FutureExt, StreamExt};
 use serde::Deserialize;
@@ -987,10 +987,10 @@ pub async fn publish_run_noting<P: Publish, S: Source + ?Sized>(
                             .get("Nats-Msg-Id")
                             .map(|id| id.as_str().to_owned());
                     }
-                    let place = match subjects.iter().position(|s| *s == message.subject) {
+                    let place = match subjects.iter().position(|s| *s == *message.subject) {
                         Some(place) => place,
                         None => {
-                            subjects.push(message.subject.clone());
+                            subjects.push(message.subject.to_string());
                             subjects.len() - 1
                         }
                     };
@@ -1104,10 +1104,17 @@ fn count(
 /// A message as handed to the NATS client, which takes ownership of its parts.
 #[derive(Debug)]
 pub struct Outbound {
-    pub subject: String,
+    /// The client's own subject type: messages of one subject share its bytes (a `String`
+    /// would be copied into a new one by the client for every message).
+    pub subject: Subject,
     pub headers: HeaderMap,
     pub payload: Bytes,
+    /// The size NATS counts against `max_payload`, known where the message was made.
+    wire_size: usize,
 }
+
+/// The most subjects, and header maps, a builder keeps per batch; a batch has a handful.
+const BUILDER_CACHE: usize = 16;
 
 impl Outbound {
     /// The messages of a webhook batch, built straight into the client's header type.
@@ -1121,53 +1128,85 @@ impl Outbound {
             headers.insert(HeaderName::from_static(name), value.to_owned_string());
         }
         Outbound {
-            subject: m.subject.clone(),
+            subject: Subject::from(m.subject.clone()),
             headers,
             payload: m.payload.clone(),
+            wire_size: batch.wire_size(m),
         }
     }
 
-    /// Builds the messages of `batch` in order, preparing once what they share: the header
-    /// map of the first message, with the headers that vary from message to message
-    /// ([`OutgoingBatch::varying_header`]) left empty, is cloned for each message and the
-    /// varying ones set. A clone hashes nothing and never grows its table; a map built header
-    /// by header hashed each name up to three times as it grew.
+    /// Whether header `name` differs between two messages of one batch that have the same
+    /// `Cmc-Status` and are not dead letters.
+    fn per_message(name: &str) -> bool {
+        matches!(name, "Nats-Msg-Id" | "Cmc-Batch-Index")
+    }
+
+    /// Builds the messages of `batch` in order, preparing once what they share. Per status,
+    /// the header map of its first message, with the headers that differ from message to
+    /// message ([`Outbound::per_message`]) left empty, is cloned for each message and those
+    /// set: a clone hashes nothing and never grows its table (a map built header by header
+    /// hashed each name up to three times as it grew), and one map per status leaves two
+    /// headers to set instead of three. Messages of one subject share its bytes.
     pub fn builder(batch: &OutgoingBatch) -> impl FnMut(usize) -> Outbound + Send + '_ {
-        let mut template: Option<HeaderMap> = None;
+        let mut templates: Vec<(&str, HeaderMap)> = Vec::new();
+        let mut subjects: Vec<Subject> = Vec::new();
         move |i| {
             let m = &batch.messages[i];
             if m.is_dead_letter() {
                 // Rare, and with a header of its own (`Cmc-Error`): built whole.
                 return Outbound::from_message(batch, m);
             }
-            let template = template.get_or_insert_with(|| {
-                let mut headers = HeaderMap::new();
-                for (name, value) in batch.headers(m) {
-                    let value = if OutgoingBatch::varying_header(name) {
-                        String::new()
-                    } else {
-                        value.to_owned_string()
-                    };
-                    headers.insert(HeaderName::from_static(name), value);
+            let subject = match subjects.iter().find(|s| ***s == *m.subject) {
+                Some(subject) => subject.clone(),
+                None => {
+                    let subject = Subject::from(m.subject.clone());
+                    if subjects.len() < BUILDER_CACHE {
+                        subjects.push(subject.clone());
+                    }
+                    subject
                 }
-                headers
-            });
-            let mut headers = template.clone();
+            };
+            let status = m.status_header.as_str();
+            let mut headers = match templates.iter().find(|(s, _)| *s == status) {
+                Some((_, template)) => template.clone(),
+                None => {
+                    let mut template = HeaderMap::new();
+                    for (name, value) in batch.headers(m) {
+                        let value = if Outbound::per_message(name) {
+                            String::new()
+                        } else {
+                            value.to_owned_string()
+                        };
+                        template.insert(HeaderName::from_static(name), value);
+                    }
+                    if templates.len() < BUILDER_CACHE {
+                        templates.push((status, template.clone()));
+                    }
+                    template
+                }
+            };
             for (name, value) in batch.headers(m) {
-                if OutgoingBatch::varying_header(name) {
+                if Outbound::per_message(name) {
                     headers.insert(HeaderName::from_static(name), value.to_owned_string());
                 }
             }
             Outbound {
-                subject: m.subject.clone(),
+                subject,
                 headers,
                 payload: m.payload.clone(),
+                wire_size: batch.wire_size(m),
             }
         }
     }
 
     /// The size NATS counts against `max_payload` ([`crate::wire::wire_size`]).
     pub fn wire_size(&self) -> usize {
+        self.wire_size
+    }
+
+    /// The size of what the message holds now, counted from its header map.
+    #[cfg(test)]
+    fn counted_wire_size(&self) -> usize {
         crate::wire::wire_size(
             self.headers.iter().flat_map(|(name, values)| {
                 let name = AsRef::<str>::as_ref(name).len();
@@ -1199,9 +1238,10 @@ impl NatsMessage {
             headers.append(name.as_str(), value.as_str());
         }
         Outbound {
-            subject: self.subject.clone(),
+            subject: Subject::from(self.subject.as_str()),
             headers,
             payload: self.payload.clone(),
+            wire_size: self.wire_size(),
         }
     }
 }
@@ -1333,6 +1373,7 @@ mod tests {
                 assert_eq!(built.subject, whole.subject);
                 assert_eq!(built.payload, whole.payload);
                 assert_eq!(built.wire_size(), out.wire_size(m));
+                assert_eq!(built.counted_wire_size(), built.wire_size());
             }
         }
     }

@@ -80,16 +80,13 @@ pub fn decode(content_type: Option<&str>, body: &[u8]) -> Result<Decoded, Payloa
 }
 
 fn decode_json(body: &[u8]) -> Result<Decoded, PayloadError> {
-    let raw: &RawValue = serde_json::from_slice(body)
-        .map_err(|e| PayloadError::MalformedJson(format!("the body is not valid JSON: {e}")))?;
-    if !raw.get().starts_with('{') {
-        return Err(PayloadError::invalid(format!(
-            "the body must be a JSON object, not {}",
-            raw_kind(raw)
-        )));
-    }
-    let members: Members<&RawValue> = serde_json::from_str(raw.get())
-        .map_err(|e| PayloadError::MalformedJson(format!("the body is not valid JSON: {e}")))?;
+    // A body that is a valid JSON object is read in one pass, straight into its members. Only
+    // when that fails is it read again, value first, to say what is wrong with it: reading
+    // every body twice was an eighth of the decoding.
+    let members: Members<&RawValue> = match serde_json::from_slice(body) {
+        Ok(members) => members,
+        Err(_) => top_level_members(body)?,
+    };
     if let Some(key) = members.first_duplicate() {
         return Err(PayloadError::MalformedJson(format!(
             "duplicate key {:?} in the top-level object",
@@ -121,6 +118,21 @@ fn decode_json(body: &[u8]) -> Result<Decoded, PayloadError> {
         event,
         event_empty,
     })
+}
+
+/// The members of the top-level object, read as a value first so that a body that is not
+/// JSON and one that is JSON but not an object are told apart.
+fn top_level_members(body: &[u8]) -> Result<Members<'_, &RawValue>, PayloadError> {
+    let raw: &RawValue = serde_json::from_slice(body)
+        .map_err(|e| PayloadError::MalformedJson(format!("the body is not valid JSON: {e}")))?;
+    if !raw.get().starts_with('{') {
+        return Err(PayloadError::invalid(format!(
+            "the body must be a JSON object, not {}",
+            raw_kind(raw)
+        )));
+    }
+    serde_json::from_str(raw.get())
+        .map_err(|e| PayloadError::MalformedJson(format!("the body is not valid JSON: {e}")))
 }
 
 fn json_param(name: &str, raw: &RawValue) -> Result<Param, PayloadError> {
@@ -344,5 +356,65 @@ mod tests {
         let d = decode(Some(JSON), br#"{"event_type":1,"server_composition":null}"#).unwrap();
         assert_eq!(d.event_type, Some(Param::NotText("a number")));
         assert_eq!(d.server_composition, Some(Param::NotText("null")));
+    }
+
+    /// The one-pass read of a JSON body accepts only what the two-pass read accepts, with the
+    /// same members (and the two-pass read is what every failure goes through).
+    mod one_pass {
+        use super::super::*;
+        use proptest::prelude::*;
+
+        fn scalar() -> impl Strategy<Value = String> {
+            prop_oneof![
+                Just("null".to_owned()),
+                Just("true".to_owned()),
+                any::<i64>().prop_map(|n| n.to_string()),
+                "\\PC{0,8}".prop_map(|s| serde_json::to_string(&s).unwrap()),
+                Just(r#""\u003Cid\u003E""#.to_owned()),
+            ]
+        }
+
+        fn value() -> impl Strategy<Value = String> {
+            scalar().prop_recursive(3, 16, 4, |inner| {
+                prop_oneof![
+                    prop::collection::vec(inner.clone(), 0..4)
+                        .prop_map(|items| format!("[{}]", items.join(","))),
+                    prop::collection::vec(("[a-c]{1,2}", inner), 0..4).prop_map(|members| {
+                        let members: Vec<String> = members
+                            .into_iter()
+                            .map(|(k, v)| format!("{k:?} : {v}"))
+                            .collect();
+                        format!("{{ {} }}", members.join(" ,"))
+                    }),
+                ]
+            })
+        }
+
+        fn body() -> impl Strategy<Value = Vec<u8>> {
+            prop_oneof![
+                (" {0,2}", value(), " {0,2}")
+                    .prop_map(|(a, v, b)| format!("{a}{v}{b}").into_bytes()),
+                "[ {}\\[\\]\":,a-c0-9\\\\]{0,24}".prop_map(String::into_bytes),
+                prop::collection::vec(any::<u8>(), 0..16),
+                value().prop_map(|v| {
+                    let mut bytes = format!("{{\"a\":{v}}}").into_bytes();
+                    bytes.insert(bytes.len() / 2, 0xff);
+                    bytes
+                }),
+            ]
+        }
+
+        proptest! {
+            #[test]
+            fn reads_what_two_passes_read(body in body()) {
+                let pairs = |m: &Members<&RawValue>| -> Vec<(String, String)> {
+                    m.0.iter().map(|(k, v)| (k.to_string(), v.get().to_owned())).collect()
+                };
+                if let Ok(one) = serde_json::from_slice::<Members<&RawValue>>(&body) {
+                    let two = top_level_members(&body).expect("two passes accept it too");
+                    prop_assert_eq!(pairs(&one), pairs(&two));
+                }
+            }
+        }
     }
 }

@@ -259,6 +259,290 @@ impl<'de> Visitor<'de> for KeySeed {
     }
 }
 
+/// Reads the members of an object from JSON text that `serde_json` has already validated,
+/// in one linear pass: what [`Members<Json>`]'s `Deserialize` builds (the same tree, strings
+/// and names borrowed unless they hold escapes), without a `RawValue` and a second look at
+/// every value. `None` when the text is not what a validated object looks like, or nests
+/// deeper than [`MAX_DEPTH`]: the caller then reads it with `serde_json`, which says what is
+/// wrong.
+pub fn members_of_validated(text: &str) -> Option<Members<'_, Json<'_>>> {
+    let mut scan = Scan { text, at: 0 };
+    scan.ws();
+    if scan.peek()? != b'{' {
+        return None;
+    }
+    let members = scan.object_members(0)?;
+    scan.ws();
+    (scan.at == text.len()).then_some(members)
+}
+
+/// An element of the array [`member_array_validated`] reads: an object's members, or the kind
+/// of the value found instead (`"a string"`, `"an array"`, …).
+pub type Element<'a> = Result<Members<'a, Json<'a>>, &'static str>;
+
+/// What JSON text that `serde_json` has already validated, holding an object, has under key
+/// `name`, read in one pass: `Some(None)` when no such member, `Some(Some(Err(kind)))` when it
+/// is not an array, else its elements. `None` leaves the text to `serde_json`, which says what
+/// is wrong with it: a key given twice, an element nested deeper than [`MAX_DEPTH`], or text
+/// that is not what a validated object looks like.
+#[allow(clippy::type_complexity)]
+pub fn member_array_validated<'a>(
+    text: &'a str,
+    name: &str,
+) -> Option<Option<Result<Vec<Element<'a>>, &'static str>>> {
+    let mut scan = Scan { text, at: 0 };
+    scan.eat(b'{')?;
+    let mut seen: std::collections::HashSet<Cow<'a, str>> = std::collections::HashSet::new();
+    let mut found = None;
+    scan.ws();
+    if scan.peek()? == b'}' {
+        scan.at += 1;
+    } else {
+        loop {
+            scan.ws();
+            let key = scan.string()?;
+            scan.eat(b':')?;
+            scan.ws();
+            if key == name {
+                found = Some(if scan.peek()? == b'[' {
+                    Ok(scan.elements()?)
+                } else {
+                    Err(scan.skip_kind()?)
+                });
+            } else {
+                scan.skip_value()?;
+            }
+            if !seen.insert(key) {
+                return None;
+            }
+            scan.ws();
+            match scan.peek()? {
+                b',' => scan.at += 1,
+                b'}' => {
+                    scan.at += 1;
+                    break;
+                }
+                _ => return None,
+            }
+        }
+    }
+    scan.ws();
+    (scan.at == text.len()).then_some(found)
+}
+
+/// A cursor over validated JSON text.
+struct Scan<'a> {
+    text: &'a str,
+    at: usize,
+}
+
+impl<'a> Scan<'a> {
+    fn peek(&self) -> Option<u8> {
+        self.text.as_bytes().get(self.at).copied()
+    }
+
+    fn ws(&mut self) {
+        while let Some(b' ' | b'\t' | b'\n' | b'\r') = self.peek() {
+            self.at += 1;
+        }
+    }
+
+    fn eat(&mut self, byte: u8) -> Option<()> {
+        self.ws();
+        (self.peek()? == byte).then(|| self.at += 1)
+    }
+
+    /// The members of the object whose `{` is at the cursor; its values sit at `depth`.
+    fn object_members(&mut self, depth: usize) -> Option<Members<'a, Json<'a>>> {
+        self.eat(b'{')?;
+        let mut members = Vec::with_capacity(16);
+        self.ws();
+        if self.peek()? == b'}' {
+            self.at += 1;
+            return Some(Members(members));
+        }
+        loop {
+            self.ws();
+            let key = self.string()?;
+            self.eat(b':')?;
+            let value = self.value(depth)?;
+            members.push((key, value));
+            self.ws();
+            match self.peek()? {
+                b',' => self.at += 1,
+                b'}' => {
+                    self.at += 1;
+                    return Some(Members(members));
+                }
+                _ => return None,
+            }
+        }
+    }
+
+    /// The string whose opening quote is at the cursor: the text between the quotes when it
+    /// has no escapes, else what `serde_json` decodes it to.
+    fn string(&mut self) -> Option<Cow<'a, str>> {
+        let start = self.at;
+        let escaped = self.skip_string()?;
+        if escaped {
+            serde_json::from_str(&self.text[start..self.at])
+                .ok()
+                .map(Cow::Owned)
+        } else {
+            Some(Cow::Borrowed(&self.text[start + 1..self.at - 1]))
+        }
+    }
+
+    /// Moves past the string whose opening quote is at the cursor; whether it holds escapes.
+    fn skip_string(&mut self) -> Option<bool> {
+        let bytes = self.text.as_bytes();
+        if self.peek()? != b'"' {
+            return None;
+        }
+        let mut i = self.at + 1;
+        let mut escaped = false;
+        loop {
+            // Only a quote or a backslash can end or escape a string.
+            i += memchr::memchr2(b'"', b'\\', bytes.get(i..)?)?;
+            if bytes[i] == b'"' {
+                break;
+            }
+            escaped = true;
+            i += 2;
+        }
+        self.at = i + 1;
+        Some(escaped)
+    }
+
+    /// Moves past the value at the cursor without building it.
+    fn skip_value(&mut self) -> Option<()> {
+        self.ws();
+        match self.peek()? {
+            b'"' => self.skip_string().map(drop),
+            b'{' | b'[' => {
+                let bytes = self.text.as_bytes();
+                let mut depth = 0usize;
+                loop {
+                    match *bytes.get(self.at)? {
+                        b'"' => {
+                            self.skip_string()?;
+                            continue;
+                        }
+                        b'{' | b'[' => depth += 1,
+                        b'}' | b']' => {
+                            depth = depth.checked_sub(1)?;
+                            if depth == 0 {
+                                self.at += 1;
+                                return Some(());
+                            }
+                        }
+                        _ => {}
+                    }
+                    self.at += 1;
+                }
+            }
+            _ => self.value(0).map(drop),
+        }
+    }
+
+    /// The kind of the value at the cursor (named as in error messages), moving past it.
+    fn skip_kind(&mut self) -> Option<&'static str> {
+        self.ws();
+        let kind = match self.peek()? {
+            b'{' => "an object",
+            b'[' => "an array",
+            b'"' => "a string",
+            b't' | b'f' => "a boolean",
+            b'n' => "null",
+            _ => "a number",
+        };
+        self.skip_value()?;
+        Some(kind)
+    }
+
+    /// The elements of the array whose `[` is at the cursor: each object's members, or the
+    /// kind of a value that is not an object.
+    fn elements(&mut self) -> Option<Vec<Element<'a>>> {
+        self.eat(b'[')?;
+        let mut items = Vec::with_capacity(16);
+        self.ws();
+        if self.peek()? == b']' {
+            self.at += 1;
+            return Some(items);
+        }
+        loop {
+            self.ws();
+            let item = match self.peek()? {
+                b'{' => Ok(self.object_members(0)?),
+                _ => Err(self.skip_kind()?),
+            };
+            items.push(item);
+            self.ws();
+            match self.peek()? {
+                b',' => self.at += 1,
+                b']' => {
+                    self.at += 1;
+                    return Some(items);
+                }
+                _ => return None,
+            }
+        }
+    }
+
+    /// The value at the cursor, inside containers `depth` deep.
+    fn value(&mut self, depth: usize) -> Option<Json<'a>> {
+        self.ws();
+        let first = self.peek()?;
+        if matches!(first, b'{' | b'[') && depth >= MAX_DEPTH {
+            return None;
+        }
+        Some(match first {
+            b'"' => Json::String(self.string()?),
+            b'{' => Json::Object(self.object_members(depth + 1)?),
+            b'[' => {
+                self.at += 1;
+                let mut items = Vec::with_capacity(8);
+                self.ws();
+                if self.peek()? == b']' {
+                    self.at += 1;
+                } else {
+                    loop {
+                        items.push(self.value(depth + 1)?);
+                        self.ws();
+                        match self.peek()? {
+                            b',' => self.at += 1,
+                            b']' => {
+                                self.at += 1;
+                                break;
+                            }
+                            _ => return None,
+                        }
+                    }
+                }
+                Json::Array(items)
+            }
+            b't' => self.literal("true", Json::Bool(true))?,
+            b'f' => self.literal("false", Json::Bool(false))?,
+            b'n' => self.literal("null", Json::Null)?,
+            b'-' | b'0'..=b'9' => {
+                let start = self.at;
+                while let Some(b'0'..=b'9' | b'-' | b'+' | b'.' | b'e' | b'E') = self.peek() {
+                    self.at += 1;
+                }
+                Json::Number(&self.text[start..self.at])
+            }
+            _ => return None,
+        })
+    }
+
+    fn literal(&mut self, word: &str, value: Json<'a>) -> Option<Json<'a>> {
+        self.text[self.at..].starts_with(word).then(|| {
+            self.at += word.len();
+            value
+        })
+    }
+}
+
 /// The members of a JSON object in their original order, duplicates kept.
 #[derive(Debug, Clone, PartialEq, Eq, Default)]
 pub struct Members<'a, V>(pub Vec<(Cow<'a, str>, V)>);
@@ -321,6 +605,24 @@ const NEEDS_ESCAPE: [bool; 256] = {
     table
 };
 
+/// Whether any byte of `bytes` must be escaped in a JSON string (see [`NEEDS_ESCAPE`]),
+/// checked eight bytes at a time: whether a word holds a byte below 0x20, a `"` or a `\`
+/// is three subtractions and masks (the classic "has a zero byte" test, exact as a yes or
+/// no), where a byte-by-byte check of the short strings of an entry cost twice as much.
+fn needs_escape(bytes: &[u8]) -> bool {
+    const ONES: u64 = 0x0101_0101_0101_0101;
+    const HIGHS: u64 = 0x8080_8080_8080_8080;
+    let below = |x: u64, n: u64| x.wrapping_sub(ONES * n) & !x & HIGHS;
+    let mut words = bytes.chunks_exact(8);
+    for word in &mut words {
+        let x = u64::from_le_bytes(word.try_into().expect("eight bytes"));
+        if below(x, 0x20) | below(x ^ (ONES * 0x22), 1) | below(x ^ (ONES * 0x5c), 1) != 0 {
+            return true;
+        }
+    }
+    words.remainder().iter().any(|&b| NEEDS_ESCAPE[b as usize])
+}
+
 /// Writes `s` as a JSON string with only `"`, `\` and control characters escaped
 /// (`\b \f \n \r \t`, others as `\u00xx` in lowercase hex); everything else raw.
 pub fn write_string(out: &mut Vec<u8>, s: &str) {
@@ -328,11 +630,8 @@ pub fn write_string(out: &mut Vec<u8>, s: &str) {
     let bytes = s.as_bytes();
     out.reserve(bytes.len() + 2);
     out.push(b'"');
-    // Most strings need no escaping; this check has no early exit, so it vectorises.
-    let clean = !bytes.iter().fold(false, |dirty, &b| {
-        dirty | (b < 0x20) | (b == b'"') | (b == b'\\')
-    });
-    if clean {
+    // Most strings need no escaping.
+    if !needs_escape(bytes) {
         out.extend_from_slice(bytes);
         out.push(b'"');
         return;
@@ -538,6 +837,105 @@ mod tests {
             count(&format!(r#"{{"deliveries":[{}]}}"#, many.join(","))),
             1000
         );
+    }
+
+    mod one_pass {
+        use super::super::*;
+        use proptest::prelude::*;
+
+        fn text() -> impl Strategy<Value = String> {
+            prop_oneof![
+                "\\PC{0,10}".prop_map(|s| serde_json::to_string(&s).unwrap()),
+                "[a-z\"\\\\/\\x00-\\x1f\u{e9}\u{672c}]{0,8}"
+                    .prop_map(|s| serde_json::to_string(&s).unwrap()),
+                Just(r#""\u003Cid@x\u003E \/ \ud83d\ude00""#.to_owned()),
+            ]
+        }
+
+        fn value() -> impl Strategy<Value = String> {
+            let leaf = prop_oneof![
+                text(),
+                prop_oneof!["-?(0|[1-9][0-9]{0,5})(\\.[0-9]{1,3})?([eE][+-]?[0-9]{1,2})?"],
+                Just("null".to_owned()),
+                Just("true".to_owned()),
+                Just("false".to_owned()),
+            ];
+            leaf.prop_recursive(4, 24, 5, |inner| {
+                prop_oneof![
+                    prop::collection::vec((inner.clone(), "[ \t\r\n]{0,2}"), 0..5).prop_map(
+                        |items| {
+                            let items: Vec<String> = items
+                                .into_iter()
+                                .map(|(v, w)| format!("{w}{v}{w}"))
+                                .collect();
+                            format!("[{}]", items.join(","))
+                        }
+                    ),
+                    object(inner),
+                ]
+            })
+        }
+
+        fn object(inner: impl Strategy<Value = String>) -> impl Strategy<Value = String> {
+            prop::collection::vec((text(), inner, "[ \n]{0,2}"), 0..6).prop_map(|members| {
+                let members: Vec<String> = members
+                    .into_iter()
+                    .map(|(k, v, w)| format!("{w}{k}{w}:{w}{v}{w}"))
+                    .collect();
+                format!("{{{}}}", members.join(","))
+            })
+        }
+
+        proptest! {
+            #![proptest_config(ProptestConfig::with_cases(1024))]
+            /// The one-pass reader builds exactly the tree `serde_json` builds.
+            #[test]
+            fn reads_what_serde_reads(text in object(value()), pad in "[ \n]{0,2}") {
+                let text = format!("{pad}{text}{pad}");
+                let by_serde: Members<Json> = serde_json::from_str(&text).unwrap();
+                prop_assert_eq!(members_of_validated(&text), Some(by_serde));
+            }
+        }
+
+        #[test]
+        fn too_deep_is_left_to_serde() {
+            let deep = |n: usize| format!("{{\"a\":{}1{}}}", "[".repeat(n), "]".repeat(n));
+            assert!(members_of_validated(&deep(MAX_DEPTH)).is_some());
+            assert!(members_of_validated(&deep(MAX_DEPTH + 1)).is_none());
+            assert_eq!(
+                members_of_validated(&deep(MAX_DEPTH)),
+                serde_json::from_str::<Members<Json>>(&deep(MAX_DEPTH)).ok()
+            );
+        }
+    }
+
+    mod escaping {
+        use super::super::*;
+        use proptest::prelude::*;
+
+        proptest! {
+            #![proptest_config(ProptestConfig::with_cases(2048))]
+            /// Strings are escaped exactly as `serde_json` escapes them (SPEC §2's canonical
+            /// JSON: `"`, `\` and control characters only, `\u00xx` in lowercase hex).
+            #[test]
+            fn write_string_is_serde_json(s in prop_oneof![
+                "\\PC{0,40}",
+                "[\\x00-\\x1f\"\\\\ a\u{7f}\u{80}\u{e9}\u{672c}\u{1F600}]{0,40}",
+                ".{0,40}",
+            ]) {
+                let mut out = Vec::new();
+                write_string(&mut out, &s);
+                prop_assert_eq!(String::from_utf8(out).unwrap(), serde_json::to_string(&s).unwrap());
+            }
+
+            #[test]
+            fn needs_escape_is_the_table(bytes in prop::collection::vec(
+                prop_oneof![any::<u8>(), 0x20u8..0x7f, Just(b'"'), Just(b'\\'), Just(0x1f), Just(0x20)],
+                0..40,
+            )) {
+                prop_assert_eq!(needs_escape(&bytes), bytes.iter().any(|&b| NEEDS_ESCAPE[b as usize]));
+            }
+        }
     }
 
     #[test]

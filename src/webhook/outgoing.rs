@@ -2,14 +2,14 @@
 //! entries and (in dead-letter mode) invalid ones alike, so both are delivered, acknowledged
 //! and spooled the same way.
 
+use std::ops::Range;
+
 use bytes::Bytes;
 use jiff::civil::DateTime;
 use jiff::tz::TimeZone;
 use sha2::{Digest, Sha256};
 
-use super::json::{
-    write_canonical, write_canonical_members_in, write_compact, write_string, Json, Members,
-};
+use super::json::{write_canonical, write_compact, write_string, Json, Members};
 use super::validate::InvalidEntry;
 use super::{Batch, PayloadError};
 use crate::subject::{
@@ -171,12 +171,27 @@ impl OutgoingBatch {
     }
 }
 
-/// Lowercase hex of a SHA-256 digest, written into one allocation (`hex::encode` builds its
-/// string a `char` at a time: two percent of the service's instructions per event).
+/// Lowercase hex of a SHA-256 digest (at most 32 bytes): two digits per byte from a table
+/// into a buffer on the stack, then one allocation (`hex::encode` builds its string a `char`
+/// at a time: two percent of the service's instructions per event; `hex::encode_to_slice`
+/// still a third of that).
 fn lower_hex(digest: &[u8]) -> String {
+    assert!(digest.len() <= 32, "a SHA-256 digest");
+    /// The two hex digits of every byte.
+    const PAIRS: [[u8; 2]; 256] = {
+        const HEX: &[u8; 16] = b"0123456789abcdef";
+        let mut pairs = [[0u8; 2]; 256];
+        let mut b = 0;
+        while b < 256 {
+            pairs[b] = [HEX[b >> 4], HEX[b & 0xf]];
+            b += 1;
+        }
+        pairs
+    };
     let mut text = [0u8; 64];
-    hex::encode_to_slice(digest, &mut text[..2 * digest.len()])
-        .expect("the buffer holds twice the digest");
+    for (pair, &b) in text.chunks_exact_mut(2).zip(digest) {
+        pair.copy_from_slice(&PAIRS[b as usize]);
+    }
     std::str::from_utf8(&text[..2 * digest.len()])
         .expect("hex digits are ASCII")
         .to_owned()
@@ -305,18 +320,33 @@ impl Batch<'_> {
         let mut messages = Vec::with_capacity(self.entries.len() + self.invalid.len());
         // Entries whose subject turned out too long, dead-lettered below.
         let mut too_long = Vec::new();
+        // What every body starts with, written once per batch.
+        let mut head = Vec::with_capacity(40 + event_type.len() + sc.len());
+        head.extend_from_slice(b"{\"event_type\":");
+        write_string(&mut head, event_type);
+        head.extend_from_slice(b",\"server_composition\":");
+        write_string(&mut head, sc);
+        let mut by_status = StatusCache::default();
+        // Where each field of the entry is in its body, when its text there is also its
+        // canonical text (see `CanonicalOrder::write_from`).
+        let mut spans: Vec<Option<Range<usize>>> = Vec::new();
+        // The size of the previous body: the next one is usually about as long.
+        let mut body_hint = head.len() + 64;
         for entry in &self.entries {
             let status = entry.status.as_ref().map_or(NO_STATUS, |s| s.as_str());
-            let status_name = if self.event_type.is_bounces() {
-                bounce_status_name(status)
-            } else {
-                status
-            };
-            let subject = how.template.render(&SubjectValues {
-                event_type,
-                status,
-                status_name,
-                server_composition: sc,
+            let (subject, status_header) = by_status.get(status, || {
+                let status_name = if self.event_type.is_bounces() {
+                    bounce_status_name(status)
+                } else {
+                    status
+                };
+                let subject = how.template.render(&SubjectValues {
+                    event_type,
+                    status,
+                    status_name,
+                    server_composition: sc,
+                });
+                (subject, header_value(status))
             });
             if subject.len() > MAX_SUBJECT_BYTES {
                 let error = format!(
@@ -334,17 +364,8 @@ impl Batch<'_> {
                 continue;
             }
 
-            scratch.clear();
-            canonical.write(&mut scratch, &entry.fields);
-            let mut hasher = id_prefix.clone();
-            hasher.update(&scratch);
-            let msg_id = lower_hex(&hasher.finalize());
-
-            let mut payload = Vec::with_capacity(64 + sc.len() + 64 * entry.fields.0.len());
-            payload.extend_from_slice(b"{\"event_type\":");
-            write_string(&mut payload, event_type);
-            payload.extend_from_slice(b",\"server_composition\":");
-            write_string(&mut payload, sc);
+            let mut payload = Vec::with_capacity(body_hint + 32);
+            payload.extend_from_slice(&head);
             let stamp = how.zone.and_then(|zone| {
                 let stamp = match entry.fields.get("created") {
                     Some(Json::String(created)) => created_at(created, zone),
@@ -359,22 +380,33 @@ impl Batch<'_> {
                 payload.extend_from_slice(b",\"created_at\":");
                 write_string(&mut payload, stamp);
             }
+            spans.clear();
             for (key, value) in &entry.fields.0 {
                 if ADDED_FIELDS.contains(&key.as_ref()) || (stamp.is_some() && key == CREATED_AT) {
+                    spans.push(None);
                     continue;
                 }
                 payload.push(b',');
+                let start = payload.len();
                 write_string(&mut payload, key);
                 payload.push(b':');
                 write_compact(&mut payload, value);
+                spans.push(compact_is_canonical(value).then_some(start..payload.len()));
             }
             payload.push(b'}');
+            body_hint = payload.len();
+
+            scratch.clear();
+            canonical.write_from(&mut scratch, &entry.fields, &payload, &spans);
+            let mut hasher = id_prefix.clone();
+            hasher.update(&scratch);
+            let msg_id = lower_hex(&hasher.finalize());
 
             messages.push(Outgoing {
                 subject,
                 payload: Bytes::from(payload),
                 msg_id,
-                status_header: header_value(status),
+                status_header,
                 error: None,
                 index: entry.index,
             });
@@ -455,7 +487,8 @@ struct CanonicalOrder {
 }
 
 impl CanonicalOrder {
-    fn write(&mut self, out: &mut Vec<u8>, fields: &Members<'_, Json<'_>>) {
+    /// The sorted permutation of `fields`' keys.
+    fn order_of(&mut self, fields: &Members<'_, Json<'_>>) -> &[usize] {
         let same = self.keys.len() == fields.0.len()
             && self.keys.iter().zip(&fields.0).all(|(a, (b, _))| a == b);
         if !same {
@@ -465,7 +498,83 @@ impl CanonicalOrder {
             self.order
                 .sort_by(|&a, &b| keys[a].as_bytes().cmp(keys[b].as_bytes()));
         }
-        write_canonical_members_in(out, fields, &self.order);
+        &self.order
+    }
+
+    #[cfg(test)]
+    fn write(&mut self, out: &mut Vec<u8>, fields: &Members<'_, Json<'_>>) {
+        let order = self.order_of(fields);
+        super::json::write_canonical_members_in(out, fields, order);
+    }
+
+    /// Writes `fields` in canonical form, copying a field's `"key":value` from `body` where
+    /// `spans` has its place there (its compact text is already canonical: the same escaping,
+    /// no object whose keys are out of order) and writing the others.
+    fn write_from(
+        &mut self,
+        out: &mut Vec<u8>,
+        fields: &Members<'_, Json<'_>>,
+        body: &[u8],
+        spans: &[Option<Range<usize>>],
+    ) {
+        let order = self.order_of(fields);
+        out.push(b'{');
+        for (n, &i) in order.iter().enumerate() {
+            if n > 0 {
+                out.push(b',');
+            }
+            match &spans[i] {
+                Some(span) => out.extend_from_slice(&body[span.clone()]),
+                None => {
+                    let (key, value) = &fields.0[i];
+                    write_string(out, key);
+                    out.push(b':');
+                    write_canonical(out, value);
+                }
+            }
+        }
+        out.push(b'}');
+    }
+}
+
+/// Whether `value`'s compact text is also its canonical text: true unless it holds an object
+/// whose keys are not already in sorted order.
+fn compact_is_canonical(value: &Json<'_>) -> bool {
+    match value {
+        Json::Array(items) => items.iter().all(compact_is_canonical),
+        Json::Object(members) => {
+            members
+                .0
+                .windows(2)
+                .all(|w| w[0].0.as_bytes() <= w[1].0.as_bytes())
+                && members.0.iter().all(|(_, v)| compact_is_canonical(v))
+        }
+        _ => true,
+    }
+}
+
+/// The subject and `Cmc-Status` of the statuses met so far in a batch (a batch has a
+/// handful): each is rendered once, not once per entry.
+#[derive(Default)]
+struct StatusCache {
+    seen: Vec<(String, String, String)>,
+}
+
+impl StatusCache {
+    /// At most this many statuses are kept; others are rendered every time.
+    const LIMIT: usize = 16;
+
+    /// `(subject, status header)` of `status`, made by `render` the first time.
+    fn get(&mut self, status: &str, render: impl FnOnce() -> (String, String)) -> (String, String) {
+        if let Some((_, subject, header)) = self.seen.iter().find(|(s, _, _)| s == status) {
+            return (subject.clone(), header.clone());
+        }
+        let (subject, header) = render();
+        if self.seen.len() < Self::LIMIT {
+            self.seen
+                .push((status.to_owned(), subject.clone(), header.clone()));
+        }
+        (subject, header)
     }
 }
 
@@ -879,6 +988,323 @@ mod tests {
             .render(&how, "b")
             .unwrap_err();
         assert_eq!(err.index(), None);
+    }
+
+    pub(super) fn render_reference(
+        this: &Batch<'_>,
+        how: &Render<'_>,
+        batch_id: &str,
+    ) -> Result<OutgoingBatch, PayloadError> {
+        let event_type = this.event_type.as_str();
+        let sc = this.server_composition.as_str();
+        let identity = |extra: Option<&str>| {
+            let mut h = Sha256::new();
+            h.update(sc.as_bytes());
+            h.update([0]);
+            h.update(event_type.as_bytes());
+            h.update([0]);
+            if let Some(extra) = extra {
+                h.update(extra.as_bytes());
+                h.update([0]);
+            }
+            h
+        };
+        let id_prefix = identity(None);
+        let mut scratch = Vec::new();
+        let mut canonical = CanonicalOrder::default();
+        let mut created_unparsed = 0;
+        let mut messages = Vec::with_capacity(this.entries.len() + this.invalid.len());
+        // Entries whose subject turned out too long, dead-lettered below.
+        let mut too_long = Vec::new();
+        for entry in &this.entries {
+            let status = entry.status.as_ref().map_or(NO_STATUS, |s| s.as_str());
+            let status_name = if this.event_type.is_bounces() {
+                bounce_status_name(status)
+            } else {
+                status
+            };
+            let subject = how.template.render(&SubjectValues {
+                event_type,
+                status,
+                status_name,
+                server_composition: sc,
+            });
+            if subject.len() > MAX_SUBJECT_BYTES {
+                let error = format!(
+                    "its subject would be {} bytes long, over the limit of {MAX_SUBJECT_BYTES}",
+                    subject.len()
+                );
+                if how.dead_letter.is_none() {
+                    return Err(PayloadError::invalid_entry(entry.index, error));
+                }
+                too_long.push(InvalidEntry {
+                    index: entry.index,
+                    error,
+                    value: Json::Object(entry.fields.clone()),
+                });
+                continue;
+            }
+
+            scratch.clear();
+            canonical.write(&mut scratch, &entry.fields);
+            let mut hasher = id_prefix.clone();
+            hasher.update(&scratch);
+            let msg_id = lower_hex(&hasher.finalize());
+
+            let mut payload = Vec::with_capacity(64 + sc.len() + 64 * entry.fields.0.len());
+            payload.extend_from_slice(b"{\"event_type\":");
+            write_string(&mut payload, event_type);
+            payload.extend_from_slice(b",\"server_composition\":");
+            write_string(&mut payload, sc);
+            let stamp = how.zone.and_then(|zone| {
+                let stamp = match entry.fields.get("created") {
+                    Some(Json::String(created)) => created_at(created, zone),
+                    _ => None,
+                };
+                if stamp.is_none() {
+                    created_unparsed += 1;
+                }
+                stamp
+            });
+            if let Some(stamp) = &stamp {
+                payload.extend_from_slice(b",\"created_at\":");
+                write_string(&mut payload, stamp);
+            }
+            for (key, value) in &entry.fields.0 {
+                if ADDED_FIELDS.contains(&key.as_ref()) || (stamp.is_some() && key == CREATED_AT) {
+                    continue;
+                }
+                payload.push(b',');
+                write_string(&mut payload, key);
+                payload.push(b':');
+                write_compact(&mut payload, value);
+            }
+            payload.push(b'}');
+
+            messages.push(Outgoing {
+                subject,
+                payload: Bytes::from(payload),
+                msg_id,
+                status_header: header_value(status),
+                error: None,
+                index: entry.index,
+            });
+        }
+
+        let invalid = this.invalid.len() + too_long.len();
+        if invalid > 0 {
+            let template = how.dead_letter.ok_or_else(|| {
+                // Only dead-letter validation keeps invalid entries; reaching this is a bug of
+                // the caller, answered as the first invalid entry.
+                let first = &this.invalid[0];
+                PayloadError::invalid_entry(first.index, first.error.clone())
+            })?;
+            let subject = template.render(&SubjectValues {
+                event_type,
+                status: NO_STATUS,
+                status_name: NO_STATUS,
+                server_composition: sc,
+            });
+            if subject.len() > MAX_SUBJECT_BYTES {
+                return Err(PayloadError::invalid(format!(
+                    "the dead-letter subject would be {} bytes long, over the limit of {MAX_SUBJECT_BYTES}",
+                    subject.len()
+                )));
+            }
+            let dead_prefix = identity(Some("invalid"));
+            for entry in this.invalid.iter().chain(&too_long) {
+                scratch.clear();
+                write_canonical(&mut scratch, &entry.value);
+                let mut hasher = dead_prefix.clone();
+                hasher.update(&scratch);
+                let msg_id = lower_hex(&hasher.finalize());
+
+                let mut payload = Vec::with_capacity(128 + sc.len() + entry.error.len());
+                payload.extend_from_slice(b"{\"event_type\":");
+                write_string(&mut payload, event_type);
+                payload.extend_from_slice(b",\"server_composition\":");
+                write_string(&mut payload, sc);
+                payload
+                    .extend_from_slice(format!(",\"index\":{},\"error\":", entry.index).as_bytes());
+                write_string(&mut payload, &entry.error);
+                payload.extend_from_slice(b",\"entry\":");
+                write_compact(&mut payload, &entry.value);
+                payload.push(b'}');
+
+                messages.push(Outgoing {
+                    subject: subject.clone(),
+                    payload: Bytes::from(payload),
+                    msg_id,
+                    status_header: String::new(),
+                    error: Some(header_value(&entry.error)),
+                    index: entry.index,
+                });
+            }
+            // Entry order on the bus, as for any batch.
+            messages.sort_by_key(|m| m.index);
+        }
+        Ok(OutgoingBatch {
+            batch_id: batch_id.to_owned(),
+            event_type_header: header_value(event_type),
+            server_composition_header: header_value(sc),
+            traceparent: how.traceparent.to_owned(),
+            shape: how.shape,
+            messages,
+            created_unparsed,
+            invalid,
+        })
+    }
+
+    /// A JSON string for `text`: as `serde_json` writes it, or with every character that is
+    /// not alphanumeric ASCII written as a `\uXXXX` escape (as CMC writes `<` and `>`).
+    fn json_text(text: &str, escape_all: bool) -> String {
+        if !escape_all {
+            return serde_json::to_string(text).unwrap();
+        }
+        let mut out = String::from("\"");
+        for unit in text.encode_utf16() {
+            match char::from_u32(u32::from(unit)) {
+                Some(c) if c.is_ascii_alphanumeric() => out.push(c),
+                _ => out.push_str(&format!("\\u{unit:04X}")),
+            }
+        }
+        out.push('"');
+        out
+    }
+
+    fn text_strategy() -> impl Strategy<Value = String> {
+        prop_oneof![
+            "\\PC{0,12}",
+            "[\\x00-\\x1f\"\\\\<>/ a\u{7f}\u{e9}\u{672c}]{0,12}",
+            Just("queued".to_owned()),
+        ]
+    }
+
+    fn value_strategy() -> impl Strategy<Value = String> {
+        let leaf = prop_oneof![
+            (text_strategy(), any::<bool>()).prop_map(|(t, e)| json_text(&t, e)),
+            prop_oneof![
+                "-?(0|[1-9][0-9]{0,3})",
+                "-?(0|[1-9][0-9]{0,2})\\.[0-9]{1,3}",
+                "[1-9]e-?[0-9]"
+            ],
+            Just("null".to_owned()),
+            Just("true".to_owned()),
+            Just("false".to_owned()),
+        ];
+        leaf.prop_recursive(3, 12, 4, |inner| {
+            prop_oneof![
+                prop::collection::vec(inner.clone(), 0..4)
+                    .prop_map(|items| format!("[ {} ]", items.join(" , "))),
+                prop::collection::vec((key_strategy(), inner), 0..4).prop_map(|members| {
+                    let members: Vec<String> = members
+                        .into_iter()
+                        .map(|(k, v)| format!("{k}:{v}"))
+                        .collect();
+                    format!("{{{}}}", members.join(","))
+                }),
+            ]
+        })
+    }
+
+    fn key_strategy() -> impl Strategy<Value = String> {
+        prop_oneof![
+            prop_oneof![
+                Just("status"),
+                Just("event_type"),
+                Just("server_composition"),
+                Just("created_at"),
+                Just("created"),
+                Just("messageId"),
+                Just("b"),
+                Just("a"),
+            ]
+            .prop_map(|k| format!("{k:?}")),
+            (text_strategy(), any::<bool>()).prop_map(|(t, e)| json_text(&t, e)),
+        ]
+    }
+
+    fn entry_text_strategy() -> impl Strategy<Value = String> {
+        prop_oneof![
+            8 => prop::collection::vec(
+                prop_oneof![
+                    3 => (key_strategy(), value_strategy()),
+                    1 => (Just("\"status\"".to_owned()), prop_oneof![
+                        (text_strategy(), any::<bool>()).prop_map(|(t, e)| json_text(&t, e)),
+                        Just("7".to_owned()),
+                        Just("\"2\"".to_owned()),
+                    ]),
+                    1 => (Just("\"created\"".to_owned()), prop_oneof![
+                        Just("\"2023-01-25 14:03:06\"".to_owned()),
+                        Just("\"2024-03-10 02:30:00\"".to_owned()),
+                        Just("\"not a time\"".to_owned()),
+                        Just("3".to_owned()),
+                    ]),
+                ],
+                0..10,
+            )
+            .prop_map(|members| {
+                let members: Vec<String> =
+                    members.into_iter().map(|(k, v)| format!("{k} : {v}")).collect();
+                format!("{{ {} }}", members.join(", "))
+            }),
+            1 => value_strategy(),
+        ]
+    }
+
+    proptest! {
+        #![proptest_config(ProptestConfig::with_cases(512))]
+        /// The renderer gives exactly what the one it replaced gave (kept above as
+        /// `render_reference`): subjects, bodies, ids, headers, errors, for any entries, both
+        /// validation modes, with and without a zone.
+        #[test]
+        fn render_matches_the_reference_renderer(
+            entries in prop::collection::vec(entry_text_strategy(), 0..12),
+            event_type in prop_oneof![Just("deliveries"), Just("bounces"), Just("blocks")],
+            sc in prop_oneof![Just("pro".to_owned()), Just("本番 x".to_owned()), Just("s".repeat(200))],
+            dead_letter in any::<bool>(),
+            zone in prop_oneof![Just(None), Just(Some("Asia/Tokyo")), Just(Some("America/New_York"))],
+            long_template in any::<bool>(),
+        ) {
+            let body = format!(
+                r#"{{"event_type":"{event_type}","server_composition":{},"event":{{"{event_type}":[{}]}}}}"#,
+                serde_json::to_string(&sc).unwrap(),
+                entries.join(",")
+            );
+            let decoded = decode(Some("application/json"), body.as_bytes()).unwrap();
+            let mode = if dead_letter {
+                crate::webhook::InvalidEntries::DeadLetter
+            } else {
+                crate::webhook::InvalidEntries::Reject
+            };
+            let Ok(batch) = decoded.validate_with(mode) else {
+                return Ok(());
+            };
+            let t = if long_template {
+                SubjectTemplate::parse("cmc.{server_composition}.{status_name}.{status}").unwrap()
+            } else {
+                template()
+            };
+            let dl = SubjectTemplate::parse("cmc.invalid.{event_type}").unwrap();
+            let tz = zone.map(|z| TimeZone::get(z).unwrap());
+            let how = Render {
+                dead_letter: dead_letter.then_some(&dl),
+                zone: tz.as_ref(),
+                traceparent: "00-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-01",
+                ..Render::new(&t)
+            };
+            prop_assert_eq!(batch.render(&how, "b-1"), render_reference(&batch, &how, "b-1"));
+        }
+    }
+
+    #[test]
+    fn lower_hex_is_hex_encode() {
+        let digest = Sha256::digest(b"x");
+        assert_eq!(lower_hex(&digest), hex::encode(digest));
+        let all: Vec<u8> = (0..=255).collect();
+        for digest in all.chunks(32) {
+            assert_eq!(lower_hex(digest), hex::encode(digest));
+        }
     }
 
     pub(crate) fn urlencode(s: &str) -> String {

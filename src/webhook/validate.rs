@@ -195,11 +195,23 @@ impl Decoded {
                 json::MAX_DEPTH
             )));
         }
-        let mut reader = serde_json::Deserializer::from_str(event.get());
-        let parsed = EventSeed { name }
-            .deserialize(&mut reader)
-            .and_then(|parsed| reader.end().map(|()| parsed))
-            .map_err(|e| PayloadError::MalformedJson(format!("event is not valid JSON: {e}")))?;
+        // `event` was checked by `serde_json` when it was decoded: read in one pass, and
+        // through `serde_json` again only when that pass finds something to refuse, so that
+        // the refusal says what `serde_json` says.
+        let parsed = match json::member_array_validated(event.get(), name) {
+            Some(found) => found.map(|array| {
+                array.map(|elements| {
+                    elements
+                        .into_iter()
+                        .map(|element| match element {
+                            Ok(fields) => Item::Object(fields),
+                            Err(kind) => Item::Other(kind),
+                        })
+                        .collect()
+                })
+            }),
+            None => event_items(event.get(), name)?,
+        };
         let items = match parsed {
             None => {
                 return Err(PayloadError::invalid(format!(
@@ -271,6 +283,15 @@ impl Decoded {
             invalid,
         })
     }
+}
+
+/// The array under `name` in the `event` object, read through `serde_json` value by value.
+fn event_items<'a>(event: &'a str, name: &str) -> Result<EventItems<'a>, PayloadError> {
+    let mut reader = serde_json::Deserializer::from_str(event);
+    EventSeed { name }
+        .deserialize(&mut reader)
+        .and_then(|parsed| reader.end().map(|()| parsed))
+        .map_err(|e| PayloadError::MalformedJson(format!("event is not valid JSON: {e}")))
 }
 
 /// The raw text of every element of the array under `name` in the `event` object.
@@ -349,6 +370,7 @@ impl<'de> Visitor<'de> for EventSeed<'_> {
 struct ArrayOrKind<'a>(Result<Vec<Item<'a>>, &'static str>);
 
 /// One element of the entries array: an object, or the kind of what it is instead.
+#[derive(Debug, PartialEq, Eq)]
 enum Item<'a> {
     Object(Members<'a, Json<'a>>),
     Other(&'static str),
@@ -665,5 +687,92 @@ mod tests {
             validate_json(body),
             Err(PayloadError::MalformedJson(_))
         ));
+    }
+
+    /// The one-pass read of `event` gives what `serde_json`'s read gives, and leaves to it
+    /// only what it refuses or what is nested too deep.
+    mod one_pass {
+        use super::super::*;
+        use proptest::prelude::*;
+
+        fn scalar() -> impl Strategy<Value = String> {
+            prop_oneof![
+                "\\PC{0,6}".prop_map(|s| serde_json::to_string(&s).unwrap()),
+                Just(r#""\u003Cid\u003E \"[{""#.to_owned()),
+                Just("-1.5e3".to_owned()),
+                Just("0".to_owned()),
+                Just("true".to_owned()),
+                Just("null".to_owned()),
+            ]
+        }
+
+        fn value() -> impl Strategy<Value = String> {
+            scalar().prop_recursive(3, 16, 4, |inner| {
+                prop_oneof![
+                    prop::collection::vec(inner.clone(), 0..4)
+                        .prop_map(|items| format!("[ {} ]", items.join(" ,"))),
+                    prop::collection::vec(
+                        (
+                            prop_oneof![Just("\"a\""), Just("\"b\""), Just("\"\\u0061\"")],
+                            inner
+                        ),
+                        0..4
+                    )
+                    .prop_map(|members| {
+                        let members: Vec<String> = members
+                            .into_iter()
+                            .map(|(k, v)| format!("{k}: {v}"))
+                            .collect();
+                        format!("{{ {} }}", members.join(", "))
+                    }),
+                ]
+            })
+        }
+
+        fn event() -> impl Strategy<Value = String> {
+            let key = prop_oneof![
+                Just("\"deliveries\""),
+                Just("\"deliv\\u0065ries\""),
+                Just("\"bounces\""),
+                Just("\"x\""),
+            ];
+            let array = prop::collection::vec(value(), 0..5)
+                .prop_map(|items| format!("[{}]", items.join(",")));
+            prop::collection::vec((key, prop_oneof![3 => array, 1 => value()]), 0..4).prop_map(
+                |members| {
+                    let members: Vec<String> = members
+                        .into_iter()
+                        .map(|(k, v)| format!(" {k} :{v} "))
+                        .collect();
+                    format!(" {{{}}} ", members.join(","))
+                },
+            )
+        }
+
+        proptest! {
+            #![proptest_config(ProptestConfig::with_cases(1024))]
+            #[test]
+            fn reads_what_serde_reads(event in event()) {
+                let by_serde = event_items(&event, "deliveries");
+                match json::member_array_validated(&event, "deliveries") {
+                    Some(found) => {
+                        let found: EventItems = found.map(|array| {
+                            array.map(|elements| {
+                                elements
+                                    .into_iter()
+                                    .map(|e| match e {
+                                        Ok(fields) => Item::Object(fields),
+                                        Err(kind) => Item::Other(kind),
+                                    })
+                                    .collect()
+                            })
+                        });
+                        prop_assert_eq!(Ok(found), by_serde);
+                    }
+                    // Only what serde refuses is left to it here (nothing nests too deep).
+                    None => prop_assert!(by_serde.is_err(), "{:?}", by_serde),
+                }
+            }
+        }
     }
 }
