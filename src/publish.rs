@@ -117,7 +117,7 @@ pub trait Publish: Clone + Send + Sync + 'static {
     /// Told of the last message of every publication JetStream acknowledged in full (once per
     /// publication, not per message).
     fn note_stored(&self, _sequence: u64, _msg_id: &str) {}
-    /// The latest message [`Publish::note_stored`] was told of, with when.
+    /// The latest message [`Publish::note_stored`] was told of.
     fn last_stored(&self) -> Option<StoredMark> {
         None
     }
@@ -699,25 +699,20 @@ impl Publish for Arc<Publisher> {
     fn note_stored(&self, sequence: u64, msg_id: &str) {
         self.high_sequence.fetch_max(sequence, Ordering::Relaxed);
         // Never waits: a publication that finds another noting skips it, and the mark is a
-        // little older (which only makes a replay longer).
+        // little older (the keeper checks an earlier message).
         let Ok(mut last) = self.last_stored.try_lock() else {
             return;
         };
-        let at_ms = std::time::SystemTime::now()
-            .duration_since(std::time::UNIX_EPOCH)
-            .map_or(0, |d| d.as_millis() as u64);
         match &mut *last {
             Some(mark) => {
                 mark.sequence = sequence;
                 mark.msg_id.clear();
                 mark.msg_id.push_str(msg_id);
-                mark.at_ms = at_ms;
             }
             None => {
                 *last = Some(StoredMark {
                     sequence,
                     msg_id: msg_id.to_owned(),
-                    at_ms,
                 })
             }
         }
@@ -1768,13 +1763,11 @@ pub(crate) mod fake {
         }
 
         fn note_stored(&self, sequence: u64, msg_id: &str) {
-            let at_ms = crate::spool::now_ms();
             let mut s = self.state();
             s.high_sequence = s.high_sequence.max(sequence);
             s.last_stored = Some(StoredMark {
                 sequence,
                 msg_id: msg_id.to_owned(),
-                at_ms,
             });
         }
 

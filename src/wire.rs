@@ -1,7 +1,7 @@
 //! A NATS message as it goes on the wire, shared by every module that builds, spools or
 //! publishes one: [`NatsMessage`], and [`wire_size`], the one count of the bytes NATS holds
 //! against `max_payload`; and [`StoredMark`], one message JetStream acknowledged, which the
-//! publisher notes and the spool keeps. A leaf: it imports nothing from the crate.
+//! publisher notes and the retained log's keeper checks. A leaf: it imports nothing from the crate.
 
 use bytes::Bytes;
 
@@ -45,34 +45,13 @@ pub fn wire_size(headers: impl IntoIterator<Item = (usize, usize)>, payload: usi
     "NATS/1.0\r\n".len() + block + 2 + payload
 }
 
-/// One message JetStream acknowledged: its place in the stream, its `Nats-Msg-Id`, and when
-/// the acknowledgement came (ms since the Unix epoch). A power cut rolls a server's store back
-/// to a moment, keeping a prefix of the stream: if the stream still holds this message at its
-/// sequence after a restart, it kept everything stored before it, and only what was
-/// acknowledged after it can be lost.
+/// One message JetStream acknowledged: its place in the stream and its `Nats-Msg-Id`. The
+/// retained log's keeper asks at its next check whether the stream still holds it there:
+/// another id, or none, means the stream lost its tail since.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct StoredMark {
     pub sequence: u64,
     pub msg_id: String,
-    pub at_ms: u64,
-}
-
-impl StoredMark {
-    /// The form the spool's heartbeat file keeps: `<sequence> <msg id> <at_ms>`.
-    pub fn to_text(&self) -> String {
-        format!("{} {} {}", self.sequence, self.msg_id, self.at_ms)
-    }
-
-    /// Reads [`StoredMark::to_text`]'s form; `None` for anything else (a torn file).
-    pub fn from_text(text: &str) -> Option<StoredMark> {
-        let mut fields = text.split(' ');
-        let mark = StoredMark {
-            sequence: fields.next()?.parse().ok()?,
-            msg_id: fields.next().filter(|id| !id.is_empty())?.to_owned(),
-            at_ms: fields.next()?.parse().ok()?,
-        };
-        fields.next().is_none().then_some(mark)
-    }
 }
 
 #[cfg(test)]
@@ -90,25 +69,5 @@ mod tests {
         assert_eq!(message.wire_size(), block.len() + 2);
         assert_eq!(wire_size([], 7), "NATS/1.0\r\n\r\n".len() + 7);
         assert_eq!(message.header("nats-msg-id"), Some("abc"));
-    }
-
-    #[test]
-    fn a_stored_mark_reads_back_from_its_text_and_a_torn_one_errs_on_the_safe_side() {
-        let mark = StoredMark {
-            sequence: 42,
-            msg_id: "ab12".into(),
-            at_ms: 1_700_000_000_000,
-        };
-        assert_eq!(StoredMark::from_text(&mark.to_text()), Some(mark.clone()));
-        let text = mark.to_text();
-        // Torn anywhere, it is unreadable, or it is the same message acknowledged earlier
-        // (more is published again, never less).
-        for cut in 0..text.len() {
-            if let Some(torn) = StoredMark::from_text(&text[..cut]) {
-                assert_eq!((torn.sequence, &torn.msg_id), (42, &mark.msg_id), "{cut}");
-                assert!(torn.at_ms < mark.at_ms, "{cut}");
-            }
-        }
-        assert_eq!(StoredMark::from_text(&format!("{text} 7")), None);
     }
 }

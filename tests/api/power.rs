@@ -168,17 +168,7 @@ pub(super) async fn post_batches(
         .map(|n| {
             let http = &http;
             async move {
-                let (body, keys) = batch(case, n);
-                let response = http
-                    .post(url)
-                    .header("content-type", "application/json")
-                    .body(body)
-                    .send()
-                    .await
-                    .unwrap_or_else(|e| panic!("{case}: batch {n} not answered: {e}"));
-                let status = response.status();
-                let answer: Value = response.json().await.expect("a JSON body");
-                assert_eq!(status, 200, "{case}: batch {n}: {answer}");
+                let (answer, keys) = post_batch(http, url, case, n).await;
                 let (published, spooled) = match expected {
                     Answer::Published => (PER_BATCH, 0),
                     Answer::Spooled => (0, PER_BATCH),
@@ -198,6 +188,28 @@ pub(super) async fn post_batches(
         .collect::<Vec<_>>()
         .await;
     answered.into_iter().flatten().collect()
+}
+
+/// Posts batch `n` of `case` ([`batch`]) and returns its answer, which must be `200`, and the
+/// keys of its events.
+pub(super) async fn post_batch(
+    http: &reqwest::Client,
+    url: &str,
+    case: &str,
+    n: usize,
+) -> (Value, Vec<String>) {
+    let (body, keys) = batch(case, n);
+    let response = http
+        .post(url)
+        .header("content-type", "application/json")
+        .body(body)
+        .send()
+        .await
+        .unwrap_or_else(|e| panic!("{case}: batch {n} not answered: {e}"));
+    let status = response.status();
+    let answer: Value = response.json().await.expect("a JSON body");
+    assert_eq!(status, 200, "{case}: batch {n}: {answer}");
+    (answer, keys)
 }
 
 /// A JetStream client for reading, reconnecting quickly to any of `urls`.

@@ -23,7 +23,6 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use async_nats::jetstream;
-use serde_json::Value;
 
 use super::*;
 
@@ -35,17 +34,7 @@ async fn retry_batches(url: &str, case: &str, batches: std::ops::Range<usize>) -
     let http = http_client();
     let mut duplicates = 0;
     for n in batches {
-        let (body, _) = batch(case, n);
-        let response = http
-            .post(url)
-            .header("content-type", "application/json")
-            .body(body)
-            .send()
-            .await
-            .unwrap_or_else(|e| panic!("{case}: retry of batch {n} not answered: {e}"));
-        let status = response.status();
-        let answer: Value = response.json().await.expect("a JSON body");
-        assert_eq!(status, 200, "{case}: retry of batch {n}: {answer}");
+        let (answer, _) = post_batch(&http, url, case, n).await;
         assert_eq!(
             answer["spooled"].as_u64().unwrap_or(0),
             0,
